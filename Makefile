@@ -1,0 +1,51 @@
+# cvd — see README.md. `make demo` and `make test` set up everything they need.
+SHELL := /bin/bash
+export PATH := /usr/local/go/bin:$(PATH)
+GO ?= go
+BIN := bin/cvd
+PKGS := ./...
+
+.PHONY: all build test test-short vet fmt deps guest demo bench fuzz clean
+
+all: build
+
+build:
+	CGO_ENABLED=0 $(GO) build -o $(BIN) ./cmd/cvd
+
+deps:
+	@scripts/deps.sh
+
+# The tiny guest (kernel + busybox initramfs) for the libvirt tests, in .cache/guest.
+guest: deps
+	@if [ -x scripts/build-guest.sh ]; then scripts/build-guest.sh; fi
+
+vet:
+	$(GO) vet $(PKGS)
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	  if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+
+# Every test. QEMU (and libvirt, for the hypervisor tests) are required: a test that
+# needs them fails instead of skipping.
+test: deps guest build vet
+	CVD_TEST_REQUIRE=all $(GO) test -count=1 -timeout 60m $(PKGS)
+	@$(MAKE) --no-print-directory fuzz FUZZTIME=10s
+
+test-short: build
+	$(GO) test -short $(PKGS)
+
+# Short fuzzing runs of every parser (longer: make fuzz FUZZTIME=5m).
+FUZZTIME ?= 30s
+fuzz:
+	@for t in $$($(GO) test -list '^Fuzz' ./disk | grep '^Fuzz'); do \
+	  echo "fuzz $$t ($(FUZZTIME))"; \
+	  $(GO) test -run '^$$' -fuzz "^$$t\$$" -fuzztime $(FUZZTIME) ./disk || exit 1; \
+	done
+
+demo: deps guest build
+	scripts/demo.sh
+
+bench: deps build
+	scripts/bench.sh
+
+clean:
+	rm -rf bin .cache/demo .cache/bench

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what cvd's tests, demo and benchmarks need on a fresh Debian machine, with
+# apt-get, only when something is missing. Idempotent; prints nothing when all is there.
+set -euo pipefail
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have qemu-img            || need+=(qemu-utils)
+have qemu-system-x86_64  || need+=(qemu-system-x86)
+have libvirtd            || need+=(libvirt-daemon libvirt-daemon-driver-qemu)
+have virsh               || need+=(libvirt-clients)
+have isoinfo             || need+=(genisoimage)
+have tini                || need+=(tini)
+have rsync               || need+=(rsync)
+have cpio                || need+=(cpio)
+have xz                  || need+=(xz-utils)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "deps: missing packages ${need[*]}; run as root or install them" >&2
+    exit 1
+  fi
+  echo "deps: installing ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# libvirtd looks this user up before it reads qemu.conf.
+id libvirt-qemu >/dev/null 2>&1 || useradd -r -M -s /usr/sbin/nologin libvirt-qemu 2>/dev/null || true
