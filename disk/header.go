@@ -299,11 +299,12 @@ func (h *header) encode(cs int) ([]byte, error) {
 	if h.backingName != "" && h.backingFormat != "" {
 		addExt(extBackingFormat, []byte(h.backingFormat))
 	}
-	if h.version == 3 {
-		addExt(extFeatureNames, featureNameTable())
-	}
 	for _, e := range h.otherExts {
 		addExt(e.typ, e.data)
+	}
+	// The feature-name table is only informative: leave it out of small clusters.
+	if fnt := featureNameTable(); h.version == 3 && int(hl)+len(exts)+8+len(fnt)+8+len(h.backingName) <= cs {
+		addExt(extFeatureNames, fnt)
 	}
 	exts = append(exts, make([]byte, 8)...) // end marker
 	total := int(hl) + len(exts)

@@ -9,11 +9,7 @@ import (
 
 var errTodo = errors.New("disk: not implemented yet")
 
-// Open opens the image at path and its backing chain.
-func Open(path string, opts OpenOptions) (Image, error) { return nil, errTodo }
 
-// Create makes a new qcow2 v3 image and returns it opened read-write with its chain.
-func Create(path string, opts CreateOptions) (Image, error) { return nil, errTodo }
 
 // Layers lists the chain from the top (index 0) down.
 func Layers(img Image) []Image {
@@ -24,8 +20,6 @@ func Layers(img Image) []Image {
 	return out
 }
 
-// MapChain reports which layer serves each part of [off, off+n).
-func MapChain(img Image, off, n int64) ([]ChainExtent, error) { return nil, errTodo }
 
 // CheckResult counts what Check found, with the same meaning as the fields of
 // `qemu-img check --output=json`.
@@ -60,9 +54,6 @@ type ConvertOptions struct {
 // Convert writes the guest view of src into a new image at dst.
 func Convert(ctx context.Context, src Image, dst string, opts ConvertOptions) error { return errTodo }
 
-// Probe names the format of the file at path: qcow2, raw, or an error that wraps
-// ErrUnsupported naming a format cvd does not handle (vmdk, vhdx, vdi, ...).
-func Probe(path string) (Format, error) { return "", errTodo }
 
 // Compare reports the first guest offset where a and b differ, or -1 when they
 // read the same. When sizes differ, the extra part of the larger must read as
