@@ -46,7 +46,8 @@ func CreateFile(path string, opts CreateOptions) error {
 	if cb < minClusterBits || cb > maxClusterBits {
 		return fmt.Errorf("cluster size %d: must be a power of two from 512 to 2 MiB", cs)
 	}
-	h := &header{version: 3, clusterBits: uint32(cb), refcountOrder: 4, headerLen: v3HeaderLen, size: uint64(opts.Size)}
+	// Like QEMU, virtual sizes are whole 512-byte sectors.
+	h := &header{version: 3, clusterBits: uint32(cb), refcountOrder: 4, headerLen: v3HeaderLen, size: uint64(opts.Size+511) &^ 511}
 	switch opts.Compression {
 	case "", "deflate", "zlib":
 	case "zstd":
@@ -71,7 +72,7 @@ func CreateFile(path string, opts CreateOptions) error {
 				bfmt = b.Info().Format
 			}
 			if opts.Size == 0 {
-				h.size = uint64(b.Size())
+				h.size = uint64(b.Size()+511) &^ 511
 			}
 			b.Close()
 		}

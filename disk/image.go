@@ -142,3 +142,12 @@ type CreateOptions struct {
 	// it and to take its size. Empty means the backing file's own directory.
 	AllowedRoots []string
 }
+
+// Layers lists img's chain from the top (index 0) down.
+func Layers(img Image) []Image {
+	var out []Image
+	for l := img; l != nil; l = l.Backing() {
+		out = append(out, l)
+	}
+	return out
+}

@@ -164,10 +164,7 @@ func probe(r io.ReaderAt, size int64) (Format, error) {
 		if t == qcow2.Type || t == raw.Type {
 			continue
 		}
-		img, err := safeOpenWithType(r, t)
-		if img != nil {
-			img.Close()
-		}
+		err := probeType(r, t)
 		if err == nil || !errors.Is(err, image.ErrWrongType) {
 			return "", fmt.Errorf("%w: %s image (convert it to qcow2 or raw with qemu-img convert)", ErrUnsupported, t)
 		}
@@ -175,12 +172,17 @@ func probe(r io.ReaderAt, size int64) (Format, error) {
 	return FormatRaw, nil
 }
 
-// safeOpenWithType guards go-qcow2reader, which can panic on malformed input.
-func safeOpenWithType(r io.ReaderAt, t image.Type) (img image.Image, err error) {
+// probeType asks go-qcow2reader whether r is an image of type t. It guards the
+// library, which can panic on malformed input and returns typed-nil images.
+func probeType(r io.ReaderAt, t image.Type) (err error) {
 	defer func() {
 		if p := recover(); p != nil {
-			img, err = nil, fmt.Errorf("%s probe: %v", t, p)
+			err = fmt.Errorf("%s probe: %v", t, p)
 		}
 	}()
-	return qcow2reader.OpenWithType(r, t)
+	img, err := qcow2reader.OpenWithType(r, t)
+	if err == nil && img != nil {
+		img.Close()
+	}
+	return err
 }
