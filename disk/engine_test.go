@@ -321,3 +321,47 @@ func TestRefcountWidthsAndGrowth(t *testing.T) {
 		})
 	}
 }
+
+// TestSetBacking moves an overlay onto a copy of its backing file; QEMU must see
+// the new name and format and the same guest view.
+func TestSetBacking(t *testing.T) {
+	testutil.NeedQemu(t)
+	dir := t.TempDir()
+	base := filepath.Join(dir, "base.qcow2")
+	testutil.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "8M")
+	qemuIO(t, base, "write -P 7 0 1M")
+	top := filepath.Join(dir, "top.qcow2")
+	img, err := disk.Create(top, disk.CreateOptions{BackingFile: base})
+	if err != nil {
+		t.Fatal(err)
+	}
+	img.WriteAt([]byte("top"), 4<<20)
+	img.Close()
+	copyPath := filepath.Join(dir, "sub", "base-copy.raw")
+	os.MkdirAll(filepath.Dir(copyPath), 0o755)
+	testutil.Run(t, "qemu-img", "convert", "-O", "raw", base, copyPath)
+	if err := disk.SetBacking(top, "sub/base-copy.raw", disk.FormatRaw); err != nil {
+		t.Fatal(err)
+	}
+	testutil.QemuCheck(t, top)
+	out := testutil.Run(t, "qemu-img", "info", "--output=json", top)
+	if !strings.Contains(out, `"backing-filename-format": "raw"`) || !strings.Contains(out, "sub/base-copy.raw") {
+		t.Fatalf("qemu-img info after SetBacking:\n%s", out)
+	}
+	img, err = disk.Open(top, disk.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	if img.Backing().Info().Format != disk.FormatRaw {
+		t.Fatal("backing format not raw")
+	}
+	b := make([]byte, 3)
+	img.ReadAt(b, 0)
+	if b[0] != 7 {
+		t.Fatalf("read through new backing: %v", b)
+	}
+	if err := disk.SetBacking(top, "x", ""); err == nil {
+		t.Fatal("SetBacking without a format succeeded")
+	}
+}
