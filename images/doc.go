@@ -1,4 +1,63 @@
 // Package images is the store: sealed layers with content IDs, the desktop catalog,
 // versions, devices, leases, the cluster-digest index used for dedup, and garbage
 // collection that never removes a layer something still depends on.
+//
+// # Words
+//
+//   - Store: a directory holding layer files, writable tops and cvd.db, a bbolt
+//     database that is the only source of truth about what the store holds. A file
+//     that no record names is not part of the store.
+//   - Layer: a sealed qcow2 file, layers/<id>.qcow2, mode 0444, never written again.
+//     Its backing file name is "<parent-id>.qcow2" (relative, same directory) with the
+//     backing format recorded. Kinds: base (no parent), app, version (both have one).
+//   - Layer ID: the hex SHA-256 of the layer's content, see [ComputeID]: parent ID,
+//     virtual size, cluster size, and for each guest cluster the layer itself
+//     allocates, its index and the SHA-256 of its bytes or "zero". The ID depends on
+//     guest content only, never on the file's byte layout, so a `qemu-img convert`
+//     of a layer keeps it and two hosts holding the same content agree on it.
+//   - Reference (REF): a full ID, a unique ID prefix of at least 4 hex digits
+//     (optionally "sha256:"), or a name with a tag, "win11:2026-11". A bare name
+//     means NAME:latest, or the only tag NAME has.
+//   - Top: a writable qcow2 overlay on a sealed layer: a clone's disk
+//     (clones/<name>.qcow2) or a desktop's own delta (desktops/<name>.system.qcow2).
+//     Its backing file name is "../layers/<id>.qcow2".
+//   - Desktop: a named CVD. Its system disk is a chain base → apps → its own delta;
+//     it may have a user disk with its own chain. Each version records the sealed
+//     layer the system (and user) disk stands on; Head names the current one.
+//   - Clone: a writable top on a sealed chain plus an identity (UUID, MAC, hostname,
+//     cloud-init seed image) that is never synced. See package clone.
+//
+// # Database layout (bbolt, schema version 1)
+//
+//	meta        "schema" → "1"
+//	layers      <id>                      → JSON Layer
+//	names       <name>:<tag>              → <id>
+//	refs        <id> 0x00 <kind> 0x00 <n> → ""   kind: layer | desktop | clone;
+//	                                             "this object stands directly on <id>"
+//	desktops    <name>                    → JSON Desktop (versions inside)
+//	clones      <name>                    → JSON Clone
+//	macs        <mac>                     → <clone name>  (uniqueness of MACs)
+//	pending     <8-byte seq>              → JSON list of files (the journal, below)
+//	devices     reserved for bound devices (issue 6): <device id> → JSON
+//	leases      reserved for leases (issue 6): <desktop name> → JSON
+//	clusters    reserved for the cluster-digest index used for dedup (sync)
+//
+// # Crash safety
+//
+// Every change that makes or removes files goes through the pending journal:
+//
+//   - Create: one transaction records the final paths in pending; the files are
+//     written (a layer under a ".tmp-" name, then fsynced, made read-only and renamed
+//     into place; clone tops directly, they are unnamed until committed); a second
+//     transaction adds the records and drops the pending entry.
+//   - Remove: one transaction deletes the records and records the files in pending;
+//     the files are unlinked; a second transaction drops the pending entry.
+//
+// A process that opens the store read-write holds bbolt's exclusive lock, so it is
+// the only writer. Open then recovers: it unlinks the files of every pending entry
+// (rolling an interrupted create back, or an interrupted removal forward), drops the
+// entries, and removes ".tmp-*" files. After a crash at any moment, no half-made
+// layer or clone is visible and no record names a missing file. [Store.Check]
+// reports what recovery cannot explain: a record without its file, a file without a
+// record, a sealed file that is writable or changed since it was sealed.
 package images

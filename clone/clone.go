@@ -1,0 +1,265 @@
+package clone
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/images"
+	"golang.org/x/sys/unix"
+)
+
+// Options controls Create.
+type Options struct {
+	// Name is the clone's name; with Count > 1 it is a prefix: NAME-01, NAME-02...
+	// (numbers as wide as the largest).
+	Name string
+	// Count is how many clones to make; 0 means 1.
+	Count int
+	// Start is the first number with Count > 1; 0 means 1.
+	Start int
+	// NoSeed skips the cloud-init seed images.
+	NoSeed bool
+	// Workers write clones in parallel; 0 means GOMAXPROCS.
+	Workers int
+	// FsyncEach syncs every file on its own instead of the whole file system once
+	// at the end (syncfs); slower, but it touches only cvd's files.
+	FsyncEach bool
+	// Progress, when set, is called with the clones written and the total.
+	Progress func(done, total int)
+}
+
+// Names returns the clone names Create uses for name, count and start.
+func Names(name string, count, start int) []string {
+	if count <= 1 {
+		return []string{name}
+	}
+	if start <= 0 {
+		start = 1
+	}
+	w := len(strconv.Itoa(start + count - 1))
+	out := make([]string, count)
+	for i := range out {
+		out[i] = fmt.Sprintf("%s-%0*d", name, w, start+i)
+	}
+	return out
+}
+
+// Create makes linked clones of source (a desktop name or a layer reference): for
+// each, a writable qcow2 top whose backing file is the sealed layer, named
+// relative to the store ("../layers/<id>.qcow2") with its format recorded; a user
+// top when the desktop has a user disk; an identity; and a seed image. Either all
+// clones are recorded or none (a crash at any moment leaves none half-made: see
+// package images).
+//
+// The backing chain is opened once, to make a template overlay; each clone's top
+// is then a copy of the template's few non-zero blocks.
+func Create(ctx context.Context, st *images.Store, source string, opts Options) ([]images.Clone, error) {
+	count := max(opts.Count, 1)
+	if opts.Name == "" {
+		return nil, fmt.Errorf("%w: a clone needs a name", images.ErrInvalid)
+	}
+	src, err := st.ResolveCloneSource(source)
+	if err != nil {
+		return nil, err
+	}
+	names := Names(opts.Name, count, opts.Start)
+	used, err := st.CloneNamesFree(names)
+	if err != nil {
+		return nil, err
+	}
+	ids, err := NewIdentities(names, used)
+	if err != nil {
+		return nil, err
+	}
+	dir := st.Path(images.ClonesDir)
+	sysT, err := templateOn(st, dir, src.Layer, 0)
+	if err != nil {
+		return nil, err
+	}
+	var userT *Template
+	if src.HasUser {
+		if userT, err = templateOn(st, dir, src.UserLayer, src.UserSize); err != nil {
+			return nil, err
+		}
+	}
+
+	now := time.Now().UTC().Truncate(time.Second)
+	recs := make([]images.Clone, count)
+	var files []string
+	for i, n := range names {
+		sys, user, seed := images.CloneFiles(n)
+		recs[i] = images.Clone{Name: n, UUID: ids[i].UUID, MAC: ids[i].MAC, Hostname: ids[i].Hostname,
+			Desktop: src.Desktop, Version: src.Version, Layer: src.Layer, Disk: sys, Created: now}
+		files = append(files, sys)
+		if userT != nil {
+			recs[i].UserLayer, recs[i].UserDisk = src.UserLayer, user
+			files = append(files, user)
+		}
+		if !opts.NoSeed {
+			recs[i].Seed = seed
+			files = append(files, seed)
+		}
+	}
+	p, err := st.Begin("clone", files)
+	if err != nil {
+		return nil, err
+	}
+	fail := func(err error) ([]images.Clone, error) {
+		p.Abort()
+		return nil, err
+	}
+
+	// The first clone is written alone and opened with its chain: a wrong template
+	// fails here, not a thousand times.
+	if err := writeClone(st, &recs[0], ids[0], sysT, userT, dir, opts.FsyncEach); err != nil {
+		return fail(err)
+	}
+	img, err := disk.Open(st.Path(recs[0].Disk), disk.OpenOptions{ReadOnly: true, AllowedRoots: []string{st.Dir()}})
+	if err != nil {
+		return fail(fmt.Errorf("clone %s: %w", recs[0].Name, err))
+	}
+	img.Close()
+
+	workers := opts.Workers
+	if workers <= 0 {
+		workers = runtime.GOMAXPROCS(0)
+	}
+	var (
+		next  atomic.Int64
+		done  atomic.Int64
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		first error
+	)
+	next.Store(1)
+	done.Store(1)
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= count {
+					return
+				}
+				err := ctx.Err()
+				if err == nil {
+					err = writeClone(st, &recs[i], ids[i], sysT, userT, dir, opts.FsyncEach)
+				}
+				if err != nil {
+					mu.Lock()
+					if first == nil {
+						first = err
+					}
+					mu.Unlock()
+					next.Store(int64(count))
+					return
+				}
+				d := done.Add(1)
+				if opts.Progress != nil && d%64 == 0 {
+					opts.Progress(int(d), count)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if first != nil {
+		return fail(first)
+	}
+	if opts.Progress != nil {
+		opts.Progress(count, count)
+	}
+	if !opts.FsyncEach {
+		if err := syncFS(dir); err != nil {
+			return fail(err)
+		}
+	}
+	if err := syncDir(dir); err != nil {
+		return fail(err)
+	}
+	if err := st.CommitClones(p, recs); err != nil {
+		return fail(err)
+	}
+	return recs, nil
+}
+
+// templateOn makes the template of a top on layer id ("" for a blank disk of size
+// bytes), to be written in dir.
+func templateOn(st *images.Store, dir, id string, size int64) (*Template, error) {
+	co := disk.CreateOptions{Size: size, AllowedRoots: []string{st.Dir()}}
+	if id != "" {
+		l, err := st.Layer(id)
+		if err != nil {
+			return nil, err
+		}
+		co.Size = l.Size
+		co.BackingFile = st.LayerPath(l.ID)
+		co.BackingFormat = disk.FormatQcow2
+	}
+	if co.Size <= 0 {
+		return nil, errors.New("a blank user disk needs a size")
+	}
+	return NewTemplate(dir, co)
+}
+
+func writeClone(st *images.Store, rec *images.Clone, id Identity, sysT, userT *Template, dir string, fsync bool) error {
+	if err := sysT.Write(st.Path(rec.Disk), fsync); err != nil {
+		return fmt.Errorf("clone %s: %w", rec.Name, err)
+	}
+	if userT != nil {
+		if err := userT.Write(st.Path(rec.UserDisk), fsync); err != nil {
+			return fmt.Errorf("clone %s: %w", rec.Name, err)
+		}
+	}
+	if rec.Seed != "" {
+		p := st.Path(rec.Seed)
+		if err := WriteSeed(p, dir, id); err != nil {
+			return fmt.Errorf("clone %s: %w", rec.Name, err)
+		}
+		if fsync {
+			if err := syncFile(p); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// Remove removes clones and their files; layers are never touched.
+func Remove(st *images.Store, names ...string) ([]images.Clone, error) {
+	return st.RemoveClones(names)
+}
+
+func syncFS(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := unix.Syncfs(int(f.Fd())); err != nil {
+		return fmt.Errorf("syncfs %s: %w", dir, err)
+	}
+	return nil
+}
+
+func syncDir(dir string) error { return syncFile(dir) }
+
+func syncFile(p string) error {
+	f, err := os.Open(p)
+	if err != nil {
+		return err
+	}
+	err = f.Sync()
+	if err2 := f.Close(); err == nil {
+		err = err2
+	}
+	return err
+}

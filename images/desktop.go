@@ -1,0 +1,310 @@
+package images
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sort"
+	"time"
+
+	"github.com/cvd-project/cvd/disk"
+	bolt "go.etcd.io/bbolt"
+)
+
+// Version is one state of a desktop: the sealed layers its disks stand on.
+type Version struct {
+	N       int       `json:"n"`
+	Created time.Time `json:"created"`
+	System  string    `json:"system"`         // layer the system disk stands on (top of base → apps)
+	User    string    `json:"user,omitempty"` // layer the user disk stands on; "" for a blank user disk
+	Note    string    `json:"note,omitempty"` // "create", later "check-in", "recompose", ...
+}
+
+// Desktop is a named CVD.
+type Desktop struct {
+	Name     string    `json:"name"`
+	Created  time.Time `json:"created"`
+	Head     int       `json:"head"` // N of the current version
+	Versions []Version `json:"versions"`
+	// SystemDisk is the desktop's own delta, a writable top on the head's System
+	// layer (store-relative path).
+	SystemDisk string `json:"system_disk"`
+	// UserDisk is the writable top of the user disk ("" when it has none): on the
+	// head's User layer, or a blank disk of UserSize bytes.
+	UserDisk string `json:"user_disk,omitempty"`
+	UserSize int64  `json:"user_size,omitempty"`
+	// Devices and Lease are filled by issue 6 (bound devices, the active lease).
+	Devices []string `json:"devices,omitempty"`
+	Lease   string   `json:"lease,omitempty"`
+}
+
+// HeadVersion is the version Head names.
+func (d *Desktop) HeadVersion() *Version {
+	for i := range d.Versions {
+		if d.Versions[i].N == d.Head {
+			return &d.Versions[i]
+		}
+	}
+	return nil
+}
+
+// DesktopSpec says what a new desktop is made of.
+type DesktopSpec struct {
+	// Base is the base layer. It may be empty when Apps are given: it is then the
+	// base of the first app's chain.
+	Base string
+	// Apps are app layers in order; each must have been captured on the one before
+	// (the first on Base). Putting an app on another parent is a recompose.
+	Apps []string
+	// User is the layer the user disk stands on; when empty and UserSize > 0, the
+	// user disk is a blank disk of UserSize bytes; with neither, there is none.
+	User     string
+	UserSize int64
+}
+
+func desktopFiles(name string) (system, user string) {
+	return DesktopsDir + "/" + name + ".system.qcow2", DesktopsDir + "/" + name + ".user.qcow2"
+}
+
+// CreateDesktop makes a desktop: its first version, and its own writable tops.
+func (s *Store) CreateDesktop(ctx context.Context, name string, spec DesktopSpec) (*Desktop, error) {
+	if err := s.writable(); err != nil {
+		return nil, err
+	}
+	if err := CheckObjectName("desktop", name); err != nil {
+		return nil, err
+	}
+	if spec.Base == "" && len(spec.Apps) == 0 {
+		return nil, fmt.Errorf("%w: a desktop needs a base layer", ErrInvalid)
+	}
+	v := Version{N: 1, Created: s.now().UTC().Truncate(time.Second), Note: "create"}
+	err := s.db.View(func(tx *bolt.Tx) error {
+		if tx.Bucket(bucketDesktops).Get([]byte(name)) != nil {
+			return fmt.Errorf("desktop %s: %w", name, ErrExists)
+		}
+		var top *Layer
+		if spec.Base != "" {
+			id, err := resolveTx(tx, spec.Base)
+			if err != nil {
+				return fmt.Errorf("base: %w", err)
+			}
+			top = getLayer(tx, id)
+			if top == nil || top.Kind != KindBase {
+				return fmt.Errorf("%w: base %s is not a base layer", ErrInvalid, spec.Base)
+			}
+		}
+		for _, a := range spec.Apps {
+			id, err := resolveTx(tx, a)
+			if err != nil {
+				return fmt.Errorf("app: %w", err)
+			}
+			l := getLayer(tx, id)
+			if l == nil {
+				return fmt.Errorf("app %s: %w", a, ErrNotFound)
+			}
+			if top != nil && l.Parent != top.ID {
+				return fmt.Errorf("%w: app %s was captured on layer %s, not on %s (recompose it first)",
+					ErrNoParent, a, shortID(l.Parent), shortID(top.ID))
+			}
+			top = l
+		}
+		chain, err := chainTx(tx, top.ID)
+		if err != nil {
+			return err
+		}
+		if chain[len(chain)-1].Kind != KindBase {
+			return fmt.Errorf("%w: the chain of %s does not end in a base layer", ErrInvalid, shortID(top.ID))
+		}
+		v.System = top.ID
+		if spec.User != "" {
+			id, err := resolveTx(tx, spec.User)
+			if err != nil {
+				return fmt.Errorf("user layer: %w", err)
+			}
+			v.User = id
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("create desktop %s: %w", name, err)
+	}
+	sysRel, userRel := desktopFiles(name)
+	files := []string{sysRel}
+	d := &Desktop{Name: name, Created: v.Created, Head: 1, Versions: []Version{v}, SystemDisk: sysRel}
+	if v.User != "" || spec.UserSize > 0 {
+		files = append(files, userRel)
+		d.UserDisk = userRel
+		d.UserSize = spec.UserSize
+	}
+	for _, f := range files {
+		if _, err := os.Lstat(s.Path(f)); err == nil {
+			return nil, fmt.Errorf("create desktop %s: %s exists without a record (see `cvd store check`)", name, f)
+		}
+	}
+	p, err := s.Begin("desktop create", files)
+	if err != nil {
+		return nil, err
+	}
+	fail := func(err error) (*Desktop, error) {
+		p.Abort()
+		return nil, fmt.Errorf("create desktop %s: %w", name, err)
+	}
+	if err := s.createTop(sysRel, v.System, 0); err != nil {
+		return fail(err)
+	}
+	if d.UserDisk != "" {
+		if err := s.createTop(userRel, v.User, spec.UserSize); err != nil {
+			return fail(err)
+		}
+	}
+	if err := syncDir(s.Path(DesktopsDir)); err != nil {
+		return fail(err)
+	}
+	err = p.commit(func(tx *bolt.Tx) error {
+		if tx.Bucket(bucketDesktops).Get([]byte(name)) != nil {
+			return fmt.Errorf("desktop %s: %w", name, ErrExists)
+		}
+		for _, id := range []string{v.System, v.User} {
+			if id == "" {
+				continue
+			}
+			if getLayer(tx, id) == nil {
+				return fmt.Errorf("layer %s: %w", shortID(id), ErrNotFound)
+			}
+			if err := tx.Bucket(bucketRefs).Put(refKey(id, "desktop", name), nil); err != nil {
+				return err
+			}
+		}
+		if v.User == "" && d.UserDisk != "" && d.UserSize == 0 {
+			return fmt.Errorf("%w: user disk without size", ErrInvalid)
+		}
+		return putJSON(tx.Bucket(bucketDesktops), name, d)
+	})
+	if err != nil {
+		return fail(err)
+	}
+	return d, nil
+}
+
+// createTop writes a writable top at the store-relative path rel: on layer id, or,
+// when id is "", a blank disk of size bytes.
+func (s *Store) createTop(rel, id string, size int64) error {
+	co := disk.CreateOptions{Size: size, AllowedRoots: []string{s.dir}}
+	if id != "" {
+		co.BackingFile = s.LayerPath(id)
+		co.BackingFormat = disk.FormatQcow2
+	}
+	img, err := disk.Create(s.Path(rel), co)
+	if err != nil {
+		return err
+	}
+	err = img.Flush()
+	if err2 := img.Close(); err == nil {
+		err = err2
+	}
+	return err
+}
+
+// Desktops lists the desktops by name.
+func (s *Store) Desktops() ([]Desktop, error) {
+	var out []Desktop
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketDesktops).ForEach(func(k, v []byte) error {
+			var d Desktop
+			if _, err := getJSON(tx.Bucket(bucketDesktops), string(k), &d); err != nil {
+				return err
+			}
+			out = append(out, d)
+			return nil
+		})
+	})
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out, err
+}
+
+// Desktop returns the desktop called name.
+func (s *Store) Desktop(name string) (*Desktop, error) {
+	var d *Desktop
+	err := s.db.View(func(tx *bolt.Tx) error {
+		var err error
+		d, err = getDesktop(tx, name)
+		return err
+	})
+	return d, err
+}
+
+func getDesktop(tx *bolt.Tx, name string) (*Desktop, error) {
+	var d Desktop
+	ok, err := getJSON(tx.Bucket(bucketDesktops), name, &d)
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		return nil, fmt.Errorf("desktop %s: %w", name, ErrNotFound)
+	}
+	return &d, nil
+}
+
+// RemoveDesktop removes a desktop, its tops and its version records (the layers
+// stay; gc removes those nothing else keeps). Clones made from it keep working
+// (they stand on layers, not on the desktop), but removing the desktop under them
+// is refused with a *DependentsError unless withClones, which removes them too.
+func (s *Store) RemoveDesktop(name string, withClones bool) (*Desktop, []Clone, error) {
+	var d *Desktop
+	var gone []Clone
+	err := s.removeJournaled("desktop rm", func(tx *bolt.Tx) ([]string, error) {
+		var err error
+		d, err = getDesktop(tx, name)
+		if err != nil {
+			return nil, err
+		}
+		var clones []Clone
+		err = tx.Bucket(bucketClones).ForEach(func(k, v []byte) error {
+			var c Clone
+			if _, err := getJSON(tx.Bucket(bucketClones), string(k), &c); err != nil {
+				return err
+			}
+			if c.Desktop == name {
+				clones = append(clones, c)
+			}
+			return nil
+		})
+		if err != nil {
+			return nil, err
+		}
+		if len(clones) > 0 && !withClones {
+			e := &DependentsError{What: "desktop " + name}
+			for _, c := range clones {
+				e.Dependents = append(e.Dependents, Dependent{Kind: "clone", Name: c.Name})
+			}
+			return nil, e
+		}
+		var files []string
+		for _, c := range clones {
+			f, err := deleteCloneTx(tx, c.Name)
+			if err != nil {
+				return nil, err
+			}
+			files = append(files, f...)
+		}
+		gone = clones
+		for _, v := range d.Versions {
+			for _, id := range []string{v.System, v.User} {
+				if id != "" {
+					if err := tx.Bucket(bucketRefs).Delete(refKey(id, "desktop", name)); err != nil {
+						return nil, err
+					}
+				}
+			}
+		}
+		files = append(files, d.SystemDisk)
+		if d.UserDisk != "" {
+			files = append(files, d.UserDisk)
+		}
+		return files, tx.Bucket(bucketDesktops).Delete([]byte(name))
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	return d, gone, nil
+}

@@ -1,0 +1,94 @@
+package images
+
+import (
+	"context"
+	"sort"
+	"strings"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+// GCReport says what a garbage collection removed (or, dry, would remove).
+type GCReport struct {
+	DryRun  bool    `json:"dry_run"`
+	Removed []Layer `json:"removed"`
+	Bytes   int64   `json:"bytes"` // file bytes of the removed layers
+	Kept    int     `json:"kept"`  // layers kept
+}
+
+// GC removes every layer that nothing keeps. A layer is kept when it has a name,
+// when a desktop version or a clone stands on it, or when a kept layer stands on
+// it (its ancestors). With dryRun nothing changes.
+func (s *Store) GC(ctx context.Context, dryRun bool) (*GCReport, error) {
+	rep := &GCReport{DryRun: dryRun}
+	mark := func(tx *bolt.Tx) ([]string, error) {
+		rep.Removed, rep.Bytes, rep.Kept = nil, 0, 0
+		layers := map[string]*Layer{}
+		err := tx.Bucket(bucketLayers).ForEach(func(k, v []byte) error {
+			var l Layer
+			if _, err := getJSON(tx.Bucket(bucketLayers), string(k), &l); err != nil {
+				return err
+			}
+			layers[l.ID] = &l
+			return nil
+		})
+		if err != nil {
+			return nil, err
+		}
+		kept := map[string]bool{}
+		var keep func(id string)
+		keep = func(id string) {
+			for id != "" && !kept[id] {
+				kept[id] = true
+				l := layers[id]
+				if l == nil {
+					return
+				}
+				id = l.Parent
+			}
+		}
+		tx.Bucket(bucketNames).ForEach(func(k, v []byte) error { keep(string(v)); return nil })
+		tx.Bucket(bucketRefs).ForEach(func(k, v []byte) error {
+			parts := strings.SplitN(string(k), "\x00", 3)
+			if len(parts) == 3 && parts[1] != "layer" {
+				keep(parts[0])
+			}
+			return nil
+		})
+		var dead []*Layer
+		for id, l := range layers {
+			if kept[id] {
+				rep.Kept++
+			} else {
+				dead = append(dead, l)
+			}
+		}
+		sort.Slice(dead, func(i, j int) bool { return dead[i].ID < dead[j].ID })
+		var files []string
+		for _, l := range dead {
+			rep.Removed = append(rep.Removed, *l)
+			rep.Bytes += l.FileSize
+			files = append(files, l.File)
+		}
+		if dryRun {
+			return files, nil
+		}
+		for _, l := range dead {
+			if err := deleteLayerTx(tx, l); err != nil {
+				return nil, err
+			}
+		}
+		return files, nil
+	}
+	if dryRun {
+		err := s.db.View(func(tx *bolt.Tx) error { _, err := mark(tx); return err })
+		return rep, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if err := s.removeJournaled("gc", mark); err != nil {
+		return nil, err
+	}
+	return rep, nil
+}

@@ -1,0 +1,203 @@
+package images
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"fmt"
+	"hash"
+	"io"
+
+	"github.com/cvd-project/cvd/disk"
+)
+
+// IDVersion names the layer-ID recipe; it is hashed first, so a future recipe
+// cannot collide with this one.
+const IDVersion = "cvd-layer-id v1"
+
+// LayerStats counts what a layer's own content holds.
+type LayerStats struct {
+	Clusters     int64 `json:"clusters"`      // clusters listed in the ID
+	DataClusters int64 `json:"data_clusters"` // of those, clusters that hold non-zero bytes
+	DataBytes    int64 `json:"data_bytes"`
+}
+
+// DigestClusterSize is the cluster size a layer's ID is computed with: the qcow2
+// cluster size of the layer, or 64 KiB for a raw file (which the store keeps as
+// qcow2 with 64 KiB clusters).
+func DigestClusterSize(info disk.Info) int {
+	if info.Format == disk.FormatQcow2 && info.ClusterSize >= 512 {
+		return info.ClusterSize
+	}
+	return disk.DefaultClusterSize
+}
+
+// ComputeID returns the content ID of img's own layer standing on the layer parent
+// ("" for none). Open img with OpenOptions.NoBacking: only clusters the layer
+// itself allocates count.
+//
+// The ID is the hex SHA-256 of IDVersion, the parent ID, the virtual size, the
+// cluster size, and then, in ascending order, for each guest cluster i that the
+// layer allocates (data or zero): i as 8 big-endian bytes, then 'z' if the cluster
+// reads as zeros, or 'd' and the SHA-256 of its bytes (of the part below the
+// virtual size, for a last partial cluster). A data cluster holding only zeros is
+// listed as 'z', so a conversion that turns one into the other keeps the ID. A
+// layer with no parent lists no 'z' clusters at all: with nothing below, a zero
+// cluster reads the same as an unallocated one, and `qemu-img convert` drops them.
+func ComputeID(ctx context.Context, img disk.Image, parent string) (string, LayerStats, error) {
+	cs := DigestClusterSize(img.Info())
+	h := newIDHasher(parent, img.Size(), cs)
+	err := walkLayer(ctx, img, cs, parent != "", func(idx int64, data []byte) error {
+		h.add(idx, data)
+		return nil
+	})
+	if err != nil {
+		return "", LayerStats{}, err
+	}
+	return h.id(), h.stats, nil
+}
+
+type idHasher struct {
+	h     hash.Hash
+	stats LayerStats
+	ent   [8 + 1 + sha256.Size]byte
+}
+
+func newIDHasher(parent string, size int64, cs int) *idHasher {
+	h := &idHasher{h: sha256.New()}
+	fmt.Fprintf(h.h, "%s\nparent %s\nsize %d\ncluster %d\n", IDVersion, parent, size, cs)
+	return h
+}
+
+// add lists cluster idx: data nil means zero.
+func (h *idHasher) add(idx int64, data []byte) {
+	binary.BigEndian.PutUint64(h.ent[:8], uint64(idx))
+	h.stats.Clusters++
+	if data == nil {
+		h.ent[8] = 'z'
+		h.h.Write(h.ent[:9])
+		return
+	}
+	h.stats.DataClusters++
+	h.stats.DataBytes += int64(len(data))
+	h.ent[8] = 'd'
+	sum := sha256.Sum256(data)
+	copy(h.ent[9:], sum[:])
+	h.h.Write(h.ent[:])
+}
+
+func (h *idHasher) id() string { return hex.EncodeToString(h.h.Sum(nil)) }
+
+const (
+	mapWindow = 1 << 30 // guest bytes asked of MapLayer at a time (bounds memory)
+	readChunk = 1 << 20 // bytes read at a time
+)
+
+var zeroChunk = make([]byte, readChunk)
+
+func isZero(b []byte) bool {
+	for len(b) > 0 {
+		n := min(len(b), len(zeroChunk))
+		if !bytes.Equal(b[:n], zeroChunk[:n]) {
+			return false
+		}
+		b = b[n:]
+	}
+	return true
+}
+
+// clusterRun is a run of clusters [first, last] of one state in one layer.
+type clusterRun struct {
+	first, last int64
+	data        bool // else zero
+}
+
+// walkLayer calls fn, in ascending order, for each cluster of size cs that img's own
+// layer allocates, with the cluster's bytes, or nil when it reads as zeros. Without
+// keepZero, clusters that read as zeros are skipped. data is only valid during fn.
+func walkLayer(ctx context.Context, img disk.Image, cs int, keepZero bool, fn func(idx int64, data []byte) error) error {
+	size := img.Size()
+	c := int64(cs)
+	buf := make([]byte, max(readChunk, cs))
+	for win := int64(0); win < size; win += mapWindow {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		n := min(mapWindow, size-win)
+		exts, err := img.MapLayer(win, n)
+		if err != nil {
+			return fmt.Errorf("map layer %s at %#x: %w", img.Info().Path, win, err)
+		}
+		var runs []clusterRun
+		for _, e := range exts {
+			if e.State == disk.Unallocated || e.Len <= 0 {
+				continue
+			}
+			first, last := e.Off/c, (e.Off+e.Len-1)/c
+			data := e.State == disk.Data
+			if k := len(runs) - 1; k >= 0 && runs[k].last >= first {
+				// The first cluster is shared with the run before (an extent finer
+				// than the cluster): data wins over zero.
+				if data && !runs[k].data {
+					if runs[k].first == runs[k].last {
+						runs = runs[:k]
+					} else {
+						runs[k].last--
+					}
+					runs = append(runs, clusterRun{first, first, true})
+				}
+				first = runs[len(runs)-1].last + 1
+				if first > last {
+					continue
+				}
+			}
+			if k := len(runs) - 1; k >= 0 && runs[k].last+1 == first && runs[k].data == data {
+				runs[k].last = last
+			} else {
+				runs = append(runs, clusterRun{first, last, data})
+			}
+		}
+		for _, r := range runs {
+			if !r.data {
+				if !keepZero {
+					continue
+				}
+				for i := r.first; i <= r.last; i++ {
+					if err := fn(i, nil); err != nil {
+						return err
+					}
+				}
+				continue
+			}
+			per := int64(len(buf)) / c
+			for i := r.first; i <= r.last; i += per {
+				if err := ctx.Err(); err != nil {
+					return err
+				}
+				cnt := min(per, r.last-i+1)
+				off := i * c
+				l := min(cnt*c, size-off)
+				if _, err := img.ReadAt(buf[:l], off); err != nil && err != io.EOF {
+					return fmt.Errorf("read %s at %#x: %w", img.Info().Path, off, err)
+				}
+				for j := int64(0); j < cnt; j++ {
+					lo := j * c
+					hi := min(lo+c, l)
+					b := buf[lo:hi]
+					if isZero(b) {
+						if !keepZero {
+							continue
+						}
+						b = nil
+					}
+					if err := fn(i+j, b); err != nil {
+						return err
+					}
+				}
+			}
+		}
+	}
+	return nil
+}
