@@ -1,0 +1,297 @@
+package overlay
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/cvd-project/cvd/disk"
+)
+
+// RebaseOptions controls Rebase.
+type RebaseOptions struct {
+	// Unsafe only rewrites the backing file name and format: the guest view of
+	// the top changes wherever the old and new chains differ.
+	Unsafe bool
+	// AllowedRoots are where the top's old backing chain and the new backing
+	// chain may resolve (see disk.OpenOptions). Empty: the directories of the top
+	// and of the new backing file.
+	AllowedRoots []string
+	// Progress, when set, is called with the candidate clusters done (in guest
+	// bytes) after each chunk. The total is not known in advance: it is -1.
+	Progress func(done, total int64)
+}
+
+// RebaseReport says what a rebase did.
+type RebaseReport struct {
+	Top           string      `json:"top"`
+	OldBacking    string      `json:"old-backing,omitempty"`
+	NewBacking    string      `json:"new-backing,omitempty"`
+	BackingName   string      `json:"backing-name,omitempty"` // as recorded in the top
+	BackingFormat disk.Format `json:"backing-format,omitempty"`
+	Unsafe        bool        `json:"unsafe"`
+	ClusterSize   int64       `json:"cluster-size"`
+	// SharedLayers is how many layers the old and new chains share (never read).
+	SharedLayers int `json:"shared-layers"`
+	// Compared: clusters that a layer of only one chain allocates and the top
+	// does not; each was compared between the old and new chains.
+	Compared int64 `json:"clusters-compared"`
+	// Copied: clusters whose old content differs from the new chain's and was
+	// written into the top as data; Zeroed: those written as zero clusters
+	// (the old content was all zeros), without data.
+	Copied       int64   `json:"clusters-copied"`
+	Zeroed       int64   `json:"clusters-zeroed"`
+	BytesRead    int64   `json:"bytes-read"`
+	BytesWritten int64   `json:"bytes-written"` // guest data bytes written into the top
+	FileBefore   int64   `json:"file-size-before"`
+	FileAfter    int64   `json:"file-size-after"`
+	Seconds      float64 `json:"seconds"`
+}
+
+// Growth is how many bytes the top's file grew.
+func (r *RebaseReport) Growth() int64 { return r.FileAfter - r.FileBefore }
+
+// Rebase changes the backing file of the qcow2 image at top to newBacking ("" for
+// none), keeping what the guest sees in top byte for byte (a safe rebase), and
+// records the new backing file relative to top's directory with its format.
+//
+// Only clusters that a layer of the old chain or of the new chain alone allocates
+// (layers both chains hold are skipped) and that top does not allocate itself are
+// compared; of those, only clusters whose content differs are written into top:
+// as data, or as a zero cluster when the old content is all zeros. The work
+// follows the clusters the differing layers hold, never the virtual size.
+//
+// A crash leaves top on its old backing file with the same guest view (the
+// clusters copied so far read the same through either chain) and no corruption;
+// running Rebase again finishes the job. No layer other than top is written.
+func Rebase(ctx context.Context, top, newBacking string, opts RebaseOptions) (rep *RebaseReport, err error) {
+	start := time.Now()
+	rep = &RebaseReport{Top: top, Unsafe: opts.Unsafe}
+	roots := opts.AllowedRoots
+	if len(roots) == 0 {
+		roots = []string{filepath.Dir(absPath(top))}
+		if newBacking != "" {
+			roots = append(roots, filepath.Dir(absPath(newBacking)))
+		}
+	}
+	f, err := disk.Probe(top)
+	if err != nil {
+		return nil, fmt.Errorf("rebase %s: %w", top, err)
+	}
+	if f != disk.FormatQcow2 {
+		return nil, fmt.Errorf("rebase %s: a %s image has no backing file (only qcow2 does)", top, f)
+	}
+
+	var nb disk.Image
+	if newBacking != "" {
+		if nb, err = disk.Open(newBacking, disk.OpenOptions{ReadOnly: true, AllowedRoots: roots}); err != nil {
+			return nil, fmt.Errorf("rebase %s: new backing: %w", top, err)
+		}
+		defer func() {
+			if cerr := nb.Close(); err == nil && cerr != nil {
+				err = cerr
+			}
+		}()
+		tk := pathKey(top)
+		for _, l := range disk.Layers(nb) {
+			if layerKey(l).same(tk) {
+				return nil, fmt.Errorf("rebase %s onto %s: %w: the new chain contains the top", top, newBacking, disk.ErrBackingLoop)
+			}
+		}
+		rep.NewBacking = nb.Info().Path
+		rep.BackingFormat = nb.Info().Format
+		rep.BackingName = backingName(top, newBacking)
+	}
+
+	t, err := disk.Open(top, disk.OpenOptions{ReadOnly: opts.Unsafe, AllowedRoots: roots, Format: disk.FormatQcow2})
+	if err != nil {
+		return nil, fmt.Errorf("rebase %s: %w", top, err)
+	}
+	closed := false
+	defer func() {
+		if !closed {
+			t.Close()
+		}
+	}()
+	ti := t.Info()
+	rep.ClusterSize = int64(ti.ClusterSize)
+	rep.FileBefore = fileSize(top)
+	if ob := t.Backing(); ob != nil {
+		rep.OldBacking = ob.Info().Path
+	}
+
+	if !opts.Unsafe {
+		if err := safeCopy(ctx, t, nb, rep, opts.Progress); err != nil {
+			return nil, fmt.Errorf("rebase %s: %w", top, err)
+		}
+		if err := t.Flush(); err != nil {
+			return nil, fmt.Errorf("rebase %s: %w", top, err)
+		}
+	}
+	closed = true
+	if err := t.Close(); err != nil {
+		return nil, fmt.Errorf("rebase %s: %w", top, err)
+	}
+	if err := disk.SetBacking(top, rep.BackingName, rep.BackingFormat); err != nil {
+		return nil, fmt.Errorf("rebase %s: %w", top, err)
+	}
+	rep.FileAfter = fileSize(top)
+	rep.Seconds = time.Since(start).Seconds()
+	return rep, nil
+}
+
+// safeCopy writes into t every cluster that t does not allocate and whose content
+// in t's current backing chain differs from the one in nb.
+func safeCopy(ctx context.Context, t, nb disk.Image, rep *RebaseReport, progress func(done, total int64)) error {
+	p := newPair(t.Backing(), nb)
+	rep.SharedLayers = len(p.shared)
+	g := rep.ClusterSize
+	// What the top allocates is its own: it hides both chains.
+	skip := func(w Range) (rangeSet, error) {
+		exts, err := t.MapLayer(w.Off, min(w.End(), t.Size())-w.Off)
+		if err != nil {
+			return nil, err
+		}
+		var s rangeSet
+		for _, e := range exts {
+			if e.State != disk.Unallocated {
+				// Only whole top clusters are its own; a partial one cannot be
+				// (allocation is per cluster), but round inwards to be exact.
+				s.add(e.Off, e.Len)
+			}
+		}
+		return s, nil
+	}
+	w := &runWriter{img: t}
+	var done int64
+	// Without a backing file, the engine leaves an unallocated cluster as it is on
+	// WriteZeroes (it reads as zeros already): such a top gets zero data instead.
+	zeroFlag := t.Backing() != nil && t.Info().Version >= 3
+	var zbuf []byte
+	st, err := p.compare(ctx, g, t.Size(), skip, func(res *chunkResult) error {
+		for i, d := range res.diffs {
+			if res.aZero[i] && !zeroFlag {
+				if int64(len(zbuf)) < d.Len {
+					zbuf = make([]byte, d.Len)
+				}
+				rep.Copied++
+				rep.BytesWritten += d.Len
+				if err := w.add(d, zbuf[:d.Len]); err != nil {
+					return err
+				}
+				continue
+			}
+			if res.aZero[i] {
+				rep.Zeroed++
+				if err := w.add(d, nil); err != nil {
+					return err
+				}
+				continue
+			}
+			rep.Copied++
+			rep.BytesWritten += d.Len
+			if err := w.add(d, res.aData[d.Off-res.r.Off:d.End()-res.r.Off]); err != nil {
+				return err
+			}
+		}
+		// The writer copied what it keeps; res.aData goes back to the pool.
+		done += res.r.Len
+		if progress != nil {
+			progress(done, -1)
+		}
+		return nil
+	})
+	if err == nil {
+		err = w.flush()
+	}
+	rep.Compared, rep.BytesRead = st.Candidates, st.Read
+	return err
+}
+
+// runWriter gathers contiguous clusters into one write (data) or one write-zeroes
+// call, so that a run pays the metadata barriers once.
+type runWriter struct {
+	img  disk.Image
+	off  int64
+	data []byte // pending data run
+	zlen int64  // pending zero run (when data is empty)
+}
+
+const maxRun = 32 << 20
+
+func (w *runWriter) add(r Range, data []byte) error {
+	if data == nil {
+		if len(w.data) > 0 || (w.zlen > 0 && w.off+w.zlen != r.Off) {
+			if err := w.flush(); err != nil {
+				return err
+			}
+		}
+		if w.zlen == 0 {
+			w.off = r.Off
+		}
+		w.zlen += r.Len
+		if w.zlen >= maxRun {
+			return w.flush()
+		}
+		return nil
+	}
+	if w.zlen > 0 || (len(w.data) > 0 && w.off+int64(len(w.data)) != r.Off) {
+		if err := w.flush(); err != nil {
+			return err
+		}
+	}
+	if len(w.data) == 0 {
+		w.off = r.Off
+		if w.data == nil {
+			w.data = make([]byte, 0, maxRun+chunkSize)
+		}
+	}
+	w.data = append(w.data, data...)
+	if len(w.data) >= maxRun {
+		return w.flush()
+	}
+	return nil
+}
+
+func (w *runWriter) flush() error {
+	switch {
+	case len(w.data) > 0:
+		if _, err := w.img.WriteAt(w.data, w.off); err != nil {
+			return err
+		}
+		w.data = w.data[:0]
+	case w.zlen > 0:
+		if err := w.img.WriteZeroes(w.off, w.zlen); err != nil {
+			return err
+		}
+		w.zlen = 0
+	}
+	return nil
+}
+
+// backingName is how top should name backing: relative to top's directory when
+// possible.
+func backingName(top, backing string) string {
+	ab := absPath(backing)
+	if rel, err := filepath.Rel(filepath.Dir(absPath(top)), ab); err == nil {
+		return rel
+	}
+	return ab
+}
+
+func absPath(p string) string {
+	if a, err := filepath.Abs(p); err == nil {
+		return a
+	}
+	return p
+}
+
+func fileSize(p string) int64 {
+	fi, err := os.Stat(p)
+	if err != nil {
+		return 0
+	}
+	return fi.Size()
+}
