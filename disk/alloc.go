@@ -96,7 +96,7 @@ func (q *Qcow2) refBlock(ti int64) ([]byte, int64, error) {
 			return d.buf, off, nil
 		}
 	}
-	if off%q.cs != 0 || off >= q.fileSize {
+	if off < 0 || off%q.cs != 0 || off >= q.fileSize {
 		return nil, 0, formatErr(int64(q.h.refTableOffset)+ti*8, "refcount table entry", "block offset %#x unaligned or past the end of the file", off)
 	}
 	if b := q.rbCache.get(off); b != nil {

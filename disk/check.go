@@ -79,6 +79,11 @@ func (c *checker) ref(off, n int64, what string) {
 	if n <= 0 {
 		return
 	}
+	if off < 0 || off >= q.fileSize || n > q.fileSize-off+q.cs {
+		c.res.Corruptions++
+		c.msg("ERROR %s: range %#x+%d is outside the image file (%d bytes)", what, off, n, q.fileSize)
+		return
+	}
 	first, last := off>>q.cb, (off+n-1)>>q.cb
 	for ci := first; ci <= last; ci++ {
 		if ci<<q.cb >= q.fileSize {
