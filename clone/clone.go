@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -32,6 +34,10 @@ type Options struct {
 	// FsyncEach syncs every file on its own instead of the whole file system once
 	// at the end (syncfs); slower, but it touches only cvd's files.
 	FsyncEach bool
+	// WorkDir is where go-diskfs stages each seed image's two files; empty means a
+	// directory in /dev/shm when it is a writable tmpfs (staging on a disk costs
+	// several metadata writes per clone), else the store's clones directory.
+	WorkDir string
 	// Progress, when set, is called with the clones written and the total.
 	Progress func(done, total int)
 }
@@ -108,6 +114,15 @@ func Create(ctx context.Context, st *images.Store, source string, opts Options) 
 			files = append(files, seed)
 		}
 	}
+	work := dir
+	if !opts.NoSeed {
+		w, cleanup, err := seedWorkDir(opts.WorkDir, dir)
+		if err != nil {
+			return nil, err
+		}
+		defer cleanup()
+		work = w
+	}
 	p, err := st.Begin("clone", files)
 	if err != nil {
 		return nil, err
@@ -119,7 +134,7 @@ func Create(ctx context.Context, st *images.Store, source string, opts Options) 
 
 	// The first clone is written alone and opened with its chain: a wrong template
 	// fails here, not a thousand times.
-	if err := writeClone(st, &recs[0], ids[0], sysT, userT, dir, opts.FsyncEach); err != nil {
+	if err := writeClone(st, &recs[0], ids[0], sysT, userT, work, opts.FsyncEach); err != nil {
 		return fail(err)
 	}
 	img, err := disk.Open(st.Path(recs[0].Disk), disk.OpenOptions{ReadOnly: true, AllowedRoots: []string{st.Dir()}})
@@ -152,7 +167,7 @@ func Create(ctx context.Context, st *images.Store, source string, opts Options) 
 				}
 				err := ctx.Err()
 				if err == nil {
-					err = writeClone(st, &recs[i], ids[i], sysT, userT, dir, opts.FsyncEach)
+					err = writeClone(st, &recs[i], ids[i], sysT, userT, work, opts.FsyncEach)
 				}
 				if err != nil {
 					mu.Lock()
@@ -210,7 +225,7 @@ func templateOn(st *images.Store, dir, id string, size int64) (*Template, error)
 	return NewTemplate(dir, co)
 }
 
-func writeClone(st *images.Store, rec *images.Clone, id Identity, sysT, userT *Template, dir string, fsync bool) error {
+func writeClone(st *images.Store, rec *images.Clone, id Identity, sysT, userT *Template, work string, fsync bool) error {
 	if err := sysT.Write(st.Path(rec.Disk), fsync); err != nil {
 		return fmt.Errorf("clone %s: %w", rec.Name, err)
 	}
@@ -221,7 +236,7 @@ func writeClone(st *images.Store, rec *images.Clone, id Identity, sysT, userT *T
 	}
 	if rec.Seed != "" {
 		p := st.Path(rec.Seed)
-		if err := WriteSeed(p, dir, id); err != nil {
+		if err := WriteSeed(p, work, id); err != nil {
 			return fmt.Errorf("clone %s: %w", rec.Name, err)
 		}
 		if fsync {
@@ -262,4 +277,48 @@ func syncFile(p string) error {
 		err = err2
 	}
 	return err
+}
+
+// shmDir is where seed images are staged when it is a writable directory.
+var shmDir = "/dev/shm"
+
+// seedWorkDir returns the directory seeds are staged in, and a function that
+// removes it. Without a choice, it is a fresh "cvd-seed-<pid>-*" directory in
+// /dev/shm (those of dead processes are removed first), or the store's clones
+// directory, where a crash leaves ".tmp-" entries that the store's recovery
+// removes.
+func seedWorkDir(choice, clonesDir string) (string, func(), error) {
+	if choice != "" {
+		return choice, func() {}, nil
+	}
+	if fi, err := os.Stat(shmDir); err == nil && fi.IsDir() && unix.Access(shmDir, unix.W_OK) == nil {
+		sweepSeedDirs(shmDir)
+		d, err := os.MkdirTemp(shmDir, fmt.Sprintf("cvd-seed-%d-", os.Getpid()))
+		if err == nil {
+			return d, func() { os.RemoveAll(d) }, nil
+		}
+	}
+	return clonesDir, func() {}, nil
+}
+
+// sweepSeedDirs removes the staging directories of processes that are gone.
+func sweepSeedDirs(dir string) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		rest, ok := strings.CutPrefix(e.Name(), "cvd-seed-")
+		if !ok {
+			continue
+		}
+		pidStr, _, _ := strings.Cut(rest, "-")
+		pid, err := strconv.Atoi(pidStr)
+		if err != nil || pid <= 0 {
+			continue
+		}
+		if err := unix.Kill(pid, 0); errors.Is(err, unix.ESRCH) {
+			os.RemoveAll(filepath.Join(dir, e.Name()))
+		}
+	}
 }

@@ -2,11 +2,15 @@ package clone
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
+	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
+	"time"
 
-	"github.com/diskfs/go-diskfs/backend/file"
+	"github.com/diskfs/go-diskfs/backend"
 	"github.com/diskfs/go-diskfs/filesystem/iso9660"
 )
 
@@ -20,67 +24,141 @@ func SeedFiles(id Identity) (metaData, userData []byte) {
 	return metaData, userData
 }
 
-// WriteSeed writes a cloud-init NoCloud seed image at path (which must not exist):
-// ISO 9660 with Rock Ridge names, volume label "cidata", files meta-data and
-// user-data. workDir is where go-diskfs stages the files (a fresh directory is
-// made inside it and removed); the file is not synced.
-func WriteSeed(path, workDir string, id Identity) (err error) {
+// BuildSeed returns a cloud-init NoCloud seed image: ISO 9660 with Rock Ridge and
+// Joliet names, volume label "cidata", files meta-data and user-data, padded to
+// the volume size its primary volume descriptor declares. go-diskfs builds it in
+// memory; workDir is where it stages the two files (in a fresh directory that is
+// removed before BuildSeed returns).
+func BuildSeed(workDir string, id Identity) ([]byte, error) {
 	ws, err := os.MkdirTemp(workDir, ".tmp-seed-")
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer os.RemoveAll(ws)
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+	m := &memStorage{}
+	fsys, err := iso9660.Create(m, 0, 0, 2048, ws)
 	if err != nil {
-		return err
-	}
-	defer func() {
-		if err2 := f.Close(); err == nil {
-			err = err2
-		}
-		if err != nil {
-			os.Remove(path)
-			err = fmt.Errorf("seed image %s: %w", filepath.Base(path), err)
-		}
-	}()
-	fs, err := iso9660.Create(file.New(f, false), 0, 0, 2048, ws)
-	if err != nil {
-		return err
+		return nil, err
 	}
 	meta, user := SeedFiles(id)
 	for _, e := range []struct {
 		name string
 		data []byte
 	}{{"/meta-data", meta}, {"/user-data", user}} {
-		w, err := fs.OpenFile(e.name, os.O_CREATE|os.O_RDWR)
+		w, err := fsys.OpenFile(e.name, os.O_CREATE|os.O_RDWR)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		_, err = w.Write(e.data)
 		if err2 := w.Close(); err == nil {
 			err = err2
 		}
 		if err != nil {
-			return fmt.Errorf("%s: %w", e.name, err)
+			return nil, fmt.Errorf("%s: %w", e.name, err)
 		}
 	}
-	if err := fs.Finalize(iso9660.FinalizeOptions{RockRidge: true, Joliet: true, VolumeIdentifier: SeedLabel}); err != nil {
-		return err
+	if err := fsys.Finalize(iso9660.FinalizeOptions{RockRidge: true, Joliet: true, VolumeIdentifier: SeedLabel}); err != nil {
+		return nil, err
 	}
-	// go-diskfs ends the file after the last byte of the last file; a loop device
+	// go-diskfs ends the image after the last byte of the last file; a loop device
 	// sees whole 512-byte sectors only, so pad to the volume size the primary
 	// volume descriptor declares (whole 2048-byte blocks).
-	var pvd [4]byte
-	if _, err := f.ReadAt(pvd[:], 16*2048+80); err != nil {
-		return fmt.Errorf("read volume size: %w", err)
+	const pvd = 16 * 2048
+	if len(m.b) < pvd+84 {
+		return nil, errors.New("seed image: no primary volume descriptor")
 	}
-	blocks := int64(binary.LittleEndian.Uint32(pvd[:]))
-	fi, err := f.Stat()
+	if want := int(binary.LittleEndian.Uint32(m.b[pvd+80:])) * 2048; len(m.b) < want {
+		m.b = append(m.b, make([]byte, want-len(m.b))...)
+	}
+	return m.b, nil
+}
+
+// WriteSeed writes the seed image of BuildSeed at path, which must not exist. The
+// system area (the first 32 KiB, all zeros) is left as a hole. The file is not
+// synced.
+func WriteSeed(path, workDir string, id Identity) (err error) {
+	b, err := BuildSeed(workDir, id)
+	if err != nil {
+		return fmt.Errorf("seed image %s: %w", filepath.Base(path), err)
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
 		return err
 	}
-	if want := blocks * 2048; fi.Size() < want {
-		return f.Truncate(want)
+	const systemArea = 16 * 2048
+	if _, err = f.WriteAt(b[systemArea:], systemArea); err == nil {
+		err = f.Truncate(int64(len(b)))
+	}
+	if err2 := f.Close(); err == nil {
+		err = err2
+	}
+	if err != nil {
+		os.Remove(path)
+		return fmt.Errorf("seed image %s: %w", filepath.Base(path), err)
 	}
 	return nil
 }
+
+// memStorage is a go-diskfs backend held in memory.
+type memStorage struct {
+	b   []byte
+	off int64
+}
+
+var _ backend.Storage = (*memStorage)(nil)
+
+func (m *memStorage) Stat() (fs.FileInfo, error) { return memInfo{int64(len(m.b))}, nil }
+func (m *memStorage) Read(p []byte) (int, error) {
+	n, err := m.ReadAt(p, m.off)
+	m.off += int64(n)
+	return n, err
+}
+func (m *memStorage) Close() error { return nil }
+func (m *memStorage) ReadAt(p []byte, off int64) (int, error) {
+	if off >= int64(len(m.b)) {
+		return 0, io.EOF
+	}
+	n := copy(p, m.b[off:])
+	if n < len(p) {
+		return n, io.EOF
+	}
+	return n, nil
+}
+func (m *memStorage) WriteAt(p []byte, off int64) (int, error) {
+	if end := off + int64(len(p)); end > int64(len(m.b)) {
+		if end > int64(cap(m.b)) {
+			nb := make([]byte, end, max(end, 2*int64(cap(m.b)), 64<<10))
+			copy(nb, m.b)
+			m.b = nb
+		} else {
+			m.b = m.b[:end]
+		}
+	}
+	return copy(m.b[off:], p), nil
+}
+func (m *memStorage) Seek(off int64, whence int) (int64, error) {
+	switch whence {
+	case io.SeekStart:
+	case io.SeekCurrent:
+		off += m.off
+	case io.SeekEnd:
+		off += int64(len(m.b))
+	}
+	if off < 0 {
+		return 0, errors.New("seek before start")
+	}
+	m.off = off
+	return off, nil
+}
+func (m *memStorage) Sys() (*os.File, error)                  { return nil, backend.ErrNotSuitable }
+func (m *memStorage) Writable() (backend.WritableFile, error) { return m, nil }
+func (m *memStorage) Path() string                            { return "" }
+
+type memInfo struct{ size int64 }
+
+func (i memInfo) Name() string       { return "seed.iso" }
+func (i memInfo) Size() int64        { return i.size }
+func (i memInfo) Mode() fs.FileMode  { return 0o644 }
+func (i memInfo) ModTime() time.Time { return time.Time{} }
+func (i memInfo) IsDir() bool        { return false }
+func (i memInfo) Sys() any           { return nil }

@@ -146,3 +146,42 @@ func TestNames(t *testing.T) {
 		})
 	}
 }
+
+func TestSeedWorkDirSweep(t *testing.T) {
+	dir := t.TempDir()
+	old := shmDir
+	shmDir = dir
+	defer func() { shmDir = old }()
+	dead := filepath.Join(dir, "cvd-seed-999999999-abc")
+	mine := filepath.Join(dir, fmt.Sprintf("cvd-seed-%d-abc", os.Getpid()))
+	other := filepath.Join(dir, "unrelated")
+	for _, d := range []string{dead, mine, other} {
+		os.MkdirAll(filepath.Join(d, "x"), 0o755)
+	}
+	w, cleanup, err := seedWorkDir("", "/nonexistent")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if filepath.Dir(w) != dir {
+		t.Errorf("work dir %s not in %s", w, dir)
+	}
+	if err := WriteSeed(filepath.Join(t.TempDir(), "s.iso"), w, Identity{UUID: "u", Hostname: "h"}); err != nil {
+		t.Fatal(err)
+	}
+	cleanup()
+	if _, err := os.Stat(w); !os.IsNotExist(err) {
+		t.Errorf("work dir left: %v", err)
+	}
+	if _, err := os.Stat(dead); !os.IsNotExist(err) {
+		t.Errorf("a dead process's work dir survived: %v", err)
+	}
+	for _, d := range []string{mine, other} {
+		if _, err := os.Stat(d); err != nil {
+			t.Errorf("%s removed: %v", d, err)
+		}
+	}
+	// A chosen work dir is used as it is.
+	if w, _, _ := seedWorkDir("/somewhere", "/x"); w != "/somewhere" {
+		t.Errorf("chosen work dir: %s", w)
+	}
+}

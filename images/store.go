@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"time"
 
@@ -327,8 +328,11 @@ func (s *Store) recover() error {
 		return fmt.Errorf("recover: %w", err)
 	}
 	if len(temps) > 0 {
-		if err := s.removeFiles(temps); err != nil {
-			return fmt.Errorf("recover: %w", err)
+		// Temporary entries may be directories (seed image work areas).
+		for _, t := range temps {
+			if err := os.RemoveAll(s.Path(t)); err != nil {
+				return fmt.Errorf("recover: %w", err)
+			}
 		}
 		s.recovered = append(s.recovered, fmt.Sprintf("removed %d temporary files of interrupted operations", len(temps)))
 	}
@@ -433,5 +437,8 @@ func allDependents(tx *bolt.Tx, id string) []Dependent {
 			}
 		}
 	}
+	// Layers first, then desktops, then clones (there may be thousands).
+	rank := map[string]int{"layer": 0, "desktop": 1, "clone": 2}
+	sort.SliceStable(out, func(i, j int) bool { return rank[out[i].Kind] < rank[out[j].Kind] })
 	return out
 }

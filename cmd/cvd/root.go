@@ -54,6 +54,11 @@ clusters that changed.
 
 	root.AddCommand(
 		newDiskCommand(g),
+		newLayerCommand(g),
+		newDesktopCommand(g),
+		newCloneCommand(g),
+		newGCCommand(g),
+		newStoreCommand(g),
 	)
 	return root
 }

@@ -1,0 +1,257 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"math"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+
+	"github.com/cvd-project/cvd/images"
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+)
+
+// openStore opens the store named by --store. A read-only open of a store that
+// does not exist yet creates it (an empty store lists nothing).
+func openStore(g *globalOptions, readOnly bool) (*images.Store, error) {
+	if readOnly {
+		if _, err := os.Stat(filepath.Join(g.store, images.DBFile)); err != nil {
+			readOnly = false
+		}
+	}
+	return images.Open(g.store, images.OpenOptions{ReadOnly: readOnly})
+}
+
+// storeError maps store errors to exit codes: bad names and options are usage
+// errors, the rest failures.
+func storeError(err error) error {
+	if err == nil {
+		return nil
+	}
+	if errors.Is(err, images.ErrInvalid) {
+		return &exitError{code: exitUsage, err: err}
+	}
+	return err
+}
+
+func printJSON(out io.Writer, v any) error {
+	enc := json.NewEncoder(out)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func newTable(out io.Writer) *tabwriter.Writer {
+	return tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+}
+
+// fmtBytes prints n in binary units: "64 KiB", "1.5 GiB".
+func fmtBytes(n int64) string {
+	units := []string{"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"}
+	f, i := float64(n), 0
+	for f >= 1024 && i < len(units)-1 {
+		f /= 1024
+		i++
+	}
+	if i == 0 {
+		return fmt.Sprintf("%d B", n)
+	}
+	if f == math.Trunc(f) {
+		return fmt.Sprintf("%.0f %s", f, units[i])
+	}
+	return fmt.Sprintf("%.3g %s", f, units[i])
+}
+
+var byteSizeRE = regexp.MustCompile(`^([0-9]+)([KMGTP]?)(I?B)?$`)
+
+// parseByteSize reads 512, 64K, 10G, 10GiB.
+func parseByteSize(s string) (int64, error) {
+	m := byteSizeRE.FindStringSubmatch(strings.ToUpper(strings.TrimSpace(s)))
+	if m == nil {
+		return 0, &exitError{code: exitUsage, err: fmt.Errorf("invalid size %q (a number with an optional K, M, G, T or P suffix)", s)}
+	}
+	n, err := strconv.ParseInt(m[1], 10, 64)
+	shift := map[string]uint{"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}[m[2]]
+	if err != nil || n > math.MaxInt64>>shift {
+		return 0, &exitError{code: exitUsage, err: fmt.Errorf("invalid size %q: too large", s)}
+	}
+	return n << shift, nil
+}
+
+// progressFunc prints a progress line on stderr when it is a terminal, and
+// nothing in a pipe. done returns the function to call at the end.
+func progressFunc(cmd *cobra.Command, what string) (func(done, total int64), func()) {
+	f, ok := cmd.ErrOrStderr().(*os.File)
+	if !ok || !term.IsTerminal(int(f.Fd())) {
+		return nil, func() {}
+	}
+	shown := false
+	return func(done, total int64) {
+			shown = true
+			pct := 100.0
+			if total > 0 {
+				pct = float64(done) * 100 / float64(total)
+			}
+			fmt.Fprintf(f, "\r%s: %5.1f%%", what, pct)
+		}, func() {
+			if shown {
+				fmt.Fprint(f, "\r\033[K")
+			}
+		}
+}
+
+func newStoreCommand(g *globalOptions) *cobra.Command {
+	c := &cobra.Command{
+		Use:   "store",
+		Short: "Inspect and check the layer store",
+		Long: `The store is a directory (--store, or CVD_STORE) that holds sealed layers
+(layers/<id>.qcow2, read-only), the writable tops of desktops and clones, clone
+seed images, and cvd.db, the database that says what all of them are.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error { return cmd.Help() },
+	}
+	c.AddCommand(newStoreCheckCommand(g), newStoreInfoCommand(g))
+	return c
+}
+
+type storeCheckOptions struct {
+	deep     bool
+	readOnly bool
+}
+
+func newStoreCheckCommand(g *globalOptions) *cobra.Command {
+	opts := &storeCheckOptions{}
+	c := &cobra.Command{
+		Use:   "check",
+		Short: "Report inconsistencies between the store's database and its files",
+		Long: `Check the store: every record's files exist, every file belongs to a record,
+sealed layers are read-only and unchanged since they were sealed (size and
+modification time), every reference names an existing layer, desktop or clone.
+With --deep every layer's ID is recomputed from its content and every image's
+refcounts are checked as qemu-img check does.
+
+Opening the store read-write first finishes or undoes an operation that a crash
+interrupted, and says so; --read-only reports such leftovers instead.
+
+Exit codes: 0 clean, 2 problems found, 1 the check itself failed.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return runStoreCheck(cmd.Context(), g, opts, cmd.OutOrStdout())
+		},
+	}
+	c.Flags().BoolVar(&opts.deep, "deep", false, "also recompute layer IDs and check every image's refcounts")
+	c.Flags().BoolVar(&opts.readOnly, "read-only", false, "open the store read-only: do not recover, report leftovers")
+	return c
+}
+
+func runStoreCheck(ctx context.Context, g *globalOptions, opts *storeCheckOptions, out io.Writer) error {
+	st, err := openStore(g, opts.readOnly)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	rep, err := st.Check(ctx, images.CheckOptions{Deep: opts.deep})
+	if err != nil {
+		return err
+	}
+	if g.json {
+		if err := printJSON(out, rep); err != nil {
+			return err
+		}
+	} else {
+		for _, r := range rep.Recovered {
+			fmt.Fprintln(out, "recovered:", r)
+		}
+		for _, p := range rep.Problems {
+			fmt.Fprintln(out, p)
+		}
+		if rep.OK() {
+			fmt.Fprintf(out, "store %s is clean: %d layers, %d desktops, %d clones\n", st.Dir(), rep.Layers, rep.Desktops, rep.Clones)
+		}
+	}
+	if !rep.OK() {
+		return &exitError{code: exitUsage, err: fmt.Errorf("store check: %d problems", len(rep.Problems)), quiet: g.json}
+	}
+	return nil
+}
+
+func newStoreInfoCommand(g *globalOptions) *cobra.Command {
+	return &cobra.Command{
+		Use:   "info",
+		Short: "Show the store's directory, what it holds and the space it takes",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return runStoreInfo(g, cmd.OutOrStdout())
+		},
+	}
+}
+
+type storeInfo struct {
+	Dir           string `json:"dir"`
+	Layers        int    `json:"layers"`
+	Desktops      int    `json:"desktops"`
+	Clones        int    `json:"clones"`
+	LayerBytes    int64  `json:"layer_bytes"`    // space on disk
+	DesktopBytes  int64  `json:"desktop_bytes"`  // space on disk
+	CloneBytes    int64  `json:"clone_bytes"`    // space on disk
+	DatabaseBytes int64  `json:"database_bytes"` // space on disk
+}
+
+func runStoreInfo(g *globalOptions, out io.Writer) error {
+	st, err := openStore(g, true)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	ls, err := st.Layers()
+	if err != nil {
+		return err
+	}
+	ds, err := st.Desktops()
+	if err != nil {
+		return err
+	}
+	cs, err := st.Clones()
+	if err != nil {
+		return err
+	}
+	info := storeInfo{Dir: st.Dir(), Layers: len(ls), Desktops: len(ds), Clones: len(cs),
+		LayerBytes: diskUsage(st.Path(images.LayersDir)), DesktopBytes: diskUsage(st.Path(images.DesktopsDir)),
+		CloneBytes: diskUsage(st.Path(images.ClonesDir)), DatabaseBytes: diskUsage(st.Path(images.DBFile))}
+	if g.json {
+		return printJSON(out, info)
+	}
+	tw := newTable(out)
+	fmt.Fprintf(tw, "store\t%s\n", info.Dir)
+	fmt.Fprintf(tw, "layers\t%d\t%s\n", info.Layers, fmtBytes(info.LayerBytes))
+	fmt.Fprintf(tw, "desktops\t%d\t%s\n", info.Desktops, fmtBytes(info.DesktopBytes))
+	fmt.Fprintf(tw, "clones\t%d\t%s\n", info.Clones, fmtBytes(info.CloneBytes))
+	fmt.Fprintf(tw, "database\t\t%s\n", fmtBytes(info.DatabaseBytes))
+	return tw.Flush()
+}
+
+// diskUsage is the space the files under p take on disk.
+func diskUsage(p string) int64 {
+	var n int64
+	filepath.WalkDir(p, func(_ string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return nil
+		}
+		if fi, err := d.Info(); err == nil {
+			if s, ok := fi.Sys().(*syscall.Stat_t); ok {
+				n += s.Blocks * 512
+			}
+		}
+		return nil
+	})
+	return n
+}
