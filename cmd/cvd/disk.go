@@ -1,11 +1,186 @@
 package main
 
-import "github.com/spf13/cobra"
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
 
+	"github.com/cvd-project/cvd/disk"
+	"github.com/spf13/cobra"
+)
+
+// newDiskCommand is `cvd disk`: the qemu-img/qemu-io of cvd. Every subcommand
+// opens images through disk.Open with the roots given by --allow-root.
 func newDiskCommand(g *globalOptions) *cobra.Command {
 	c := &cobra.Command{
 		Use:   "disk",
 		Short: "Inspect, create, read and write disk images (the qemu-img/qemu-io of cvd)",
+		Long: `Inspect, create, read and write qcow2 (v2, v3) and raw disk images and their
+backing chains.
+
+A backing file named inside an image is resolved relative to that image's
+directory and must stay inside the image's own directory or a directory given
+with --allow-root; absolute paths and ".." escapes elsewhere are refused.
+Formats cvd does not handle (vmdk, vhdx, vdi, ...) are named and refused:
+convert them first with qemu-img convert -O qcow2.
+
+Sizes and offsets accept the suffixes K, M, G, T, P (powers of 1024): 512, 64K, 10G.
+
+` + exitCodesHelp,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error { return cmd.Help() },
 	}
+	c.PersistentFlags().StringArray("allow-root", nil, "directory that backing files may resolve into (repeatable)")
+	c.AddCommand(
+		newDiskCreateCommand(g),
+		newDiskInfoCommand(g),
+		newDiskMapCommand(g),
+		newDiskCheckCommand(g),
+		newDiskConvertCommand(g),
+		newDiskCompareCommand(g),
+		newDiskReadCommand(g),
+		newDiskWriteCommand(g),
+		newDiskZeroCommand(g),
+		newDiskDiscardCommand(g),
+		newDiskRebaseCommand(g),
+		newDiskDiffCommand(g),
+	)
 	return c
+}
+
+// allowRoots returns the --allow-root values inherited from `cvd disk`.
+func allowRoots(cmd *cobra.Command) []string {
+	if f := cmd.Flags().Lookup("allow-root"); f != nil {
+		if v, err := cmd.Flags().GetStringArray("allow-root"); err == nil {
+			return v
+		}
+	}
+	return nil
+}
+
+// openImage probes path and opens it with its chain. A format cvd does not
+// handle gets a message that names it and says what to do.
+func openImage(path string, opts disk.OpenOptions) (disk.Image, error) {
+	if opts.Format == "" {
+		f, err := probe(path)
+		if err != nil {
+			return nil, err
+		}
+		opts.Format = f
+	}
+	img, err := disk.Open(path, opts)
+	if err != nil {
+		return nil, explainOpenError(path, err)
+	}
+	return img, nil
+}
+
+func probe(path string) (disk.Format, error) {
+	f, err := disk.Probe(path)
+	if err != nil {
+		return "", explainOpenError(path, err)
+	}
+	return f, nil
+}
+
+func explainOpenError(path string, err error) error {
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("%s: no such file", path)
+	case errors.Is(err, disk.ErrUnsupported):
+		return fmt.Errorf("%s: %w (cvd reads and writes qcow2 and raw only; convert it first: qemu-img convert -O qcow2 %s out.qcow2)", path, err, path)
+	case errors.Is(err, disk.ErrBackingEscape):
+		return fmt.Errorf("%s: %w (allow its directory with --allow-root DIR)", path, err)
+	}
+	if strings.Contains(err.Error(), path) {
+		return err
+	}
+	return fmt.Errorf("%s: %w", path, err)
+}
+
+// closeImage closes img and keeps the first error.
+func closeImage(img disk.Image, errp *error) {
+	if err := img.Close(); err != nil && *errp == nil {
+		*errp = err
+	}
+}
+
+// sizeRE is a byte count: a number, an optional binary unit, an optional "B"
+// ("iB" after a unit).
+var sizeRE = regexp.MustCompile(`^([0-9]+(?:\.[0-9]+)?)(?:([KMGTPE])(?:I?B)?|B)?$`)
+
+// parseSize reads a byte count with an optional binary suffix: 512, 64K, 64KiB,
+// 10G, 1.5M, 1T. A bare number is bytes.
+func parseSize(s string) (int64, error) {
+	m := sizeRE.FindStringSubmatch(strings.ToUpper(strings.TrimSpace(s)))
+	if m == nil {
+		return 0, fmt.Errorf("invalid size %q (use a number with an optional K, M, G, T or P suffix)", s)
+	}
+	shift := map[string]uint{"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}[m[2]]
+	if strings.Contains(m[1], ".") {
+		f, err := strconv.ParseFloat(m[1], 64)
+		v := f * float64(uint64(1)<<shift)
+		if err != nil || v >= math.MaxInt64 || v != math.Trunc(v) {
+			return 0, fmt.Errorf("invalid size %q: not a whole number of bytes or too large", s)
+		}
+		return int64(v), nil
+	}
+	n, err := strconv.ParseInt(m[1], 10, 64)
+	if err != nil || n > math.MaxInt64>>shift {
+		return 0, fmt.Errorf("invalid size %q: too large", s)
+	}
+	return n << shift, nil
+}
+
+// humanSize prints n in the largest binary unit that keeps it readable, as
+// qemu-img does: "64 KiB", "10 GiB", "1.5 MiB".
+func humanSize(n int64) string {
+	units := []string{"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"}
+	f := float64(n)
+	i := 0
+	for f >= 1024 && i < len(units)-1 {
+		f /= 1024
+		i++
+	}
+	if i == 0 {
+		return fmt.Sprintf("%d B", n)
+	}
+	if f == math.Trunc(f) {
+		return fmt.Sprintf("%.0f %s", f, units[i])
+	}
+	return fmt.Sprintf("%.3g %s", f, units[i])
+}
+
+// checkRange refuses an access outside the virtual disk before any I/O.
+func checkRange(img disk.Image, off, n int64) error {
+	if off < 0 || n < 0 || off > img.Size() || n > img.Size()-off {
+		return fmt.Errorf("range [%d, %d) is outside the disk (size %d): %w", off, off+n, img.Size(), disk.ErrOutOfRange)
+	}
+	return nil
+}
+
+// writeJSON prints v indented, one document per call.
+func writeJSON(out io.Writer, v any) error {
+	enc := json.NewEncoder(out)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+// parseFormat accepts "qcow2" and "raw" (and "" for probing).
+func parseFormat(s string) (disk.Format, error) {
+	switch strings.ToLower(s) {
+	case "":
+		return "", nil
+	case "qcow2":
+		return disk.FormatQcow2, nil
+	case "raw":
+		return disk.FormatRaw, nil
+	}
+	return "", &exitError{code: exitUsage, err: fmt.Errorf("unknown format %q: cvd handles qcow2 and raw", s)}
 }

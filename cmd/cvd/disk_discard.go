@@ -1,0 +1,57 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+
+	"github.com/cvd-project/cvd/disk"
+	"github.com/spf13/cobra"
+)
+
+type diskDiscardOptions struct {
+	allowRoots []string
+	json       bool
+}
+
+func newDiskDiscardCommand(g *globalOptions) *cobra.Command {
+	opts := &diskDiscardOptions{}
+	c := &cobra.Command{
+		Use:   "discard IMAGE OFFSET LENGTH",
+		Short: "Give a range back: it reads as zeros and frees the clusters it covers",
+		Long: `Discard [OFFSET, OFFSET+LENGTH) of IMAGE: afterwards it reads as zeros, and
+the host clusters of whole guest clusters in the range are freed. Partial
+clusters at the edges are zeroed.`,
+		Example: `  cvd disk discard top.qcow2 0 1G
+  cvd disk discard top.qcow2 64K 64K`,
+		Args: cobra.ExactArgs(3),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			opts.allowRoots = allowRoots(cmd)
+			opts.json = g.json
+			return runDiskDiscard(cmd.Context(), opts, args, cmd.OutOrStdout())
+		},
+	}
+	return c
+}
+
+func runDiskDiscard(ctx context.Context, opts *diskDiscardOptions, args []string, out io.Writer) (err error) {
+	off, n, err := parseOffLen(args[1], args[2])
+	if err != nil {
+		return err
+	}
+	img, err := openImage(args[0], disk.OpenOptions{AllowedRoots: opts.allowRoots})
+	if err != nil {
+		return err
+	}
+	defer closeImage(img, &err)
+	if err := checkRange(img, off, n); err != nil {
+		return err
+	}
+	if err := img.Discard(off, n); err != nil {
+		return fmt.Errorf("discard %s [%d, %d): %w", args[0], off, off+n, err)
+	}
+	if err := img.Flush(); err != nil {
+		return fmt.Errorf("flush %s: %w", args[0], err)
+	}
+	return reportRange(out, opts.json, "discarded", off, n)
+}
