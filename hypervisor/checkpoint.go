@@ -34,7 +34,11 @@ type Checkpoint struct {
 // stopped disks are layered with package disk instead.
 func (c *Conn) Checkpoint(ctx context.Context, name, newTop string) (Checkpoint, error) {
 	const op = "checkpoint"
-	info, err := c.Info(ctx, name)
+	d, err := c.lookup(ctx, op, name)
+	if err != nil {
+		return Checkpoint{}, err
+	}
+	info, err := c.info(ctx, op, d)
 	if err != nil {
 		return Checkpoint{}, err
 	}

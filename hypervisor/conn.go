@@ -157,7 +157,8 @@ func dial(ctx context.Context, t Target) (*libvirt.Libvirt, error) {
 		if r.err != nil {
 			e := wrap(op, "", r.err)
 			var ee *Error
-			if errors.As(e, &ee) && ee.Err == nil && ee.Code != 0 {
+			if errors.As(e, &ee) && ee.Code != 0 && !errors.Is(ee.Err, ErrUnavailable) &&
+				ee.Code != int(libvirt.ErrAuthFailed) && ee.Code != int(libvirt.ErrAuthCancelled) {
 				// libvirtd answered but refused the driver URI.
 				ee.Err = ErrBadURI
 			}

@@ -119,7 +119,12 @@ func wrap(op, dom string, err error) error {
 		return out
 	}
 	if isConnErr(err) {
-		return &Error{Op: op, Domain: dom, Err: ErrUnavailable, Msg: err.Error()}
+		msg := err.Error()
+		if errors.Is(err, libvirt.ErrInterrupted) || errors.Is(err, syscall.EINVAL) {
+			// go-libvirt's words for a socket that closed under it.
+			msg = "the connection to libvirtd was lost (did libvirtd stop?)"
+		}
+		return &Error{Op: op, Domain: dom, Err: ErrUnavailable, Msg: msg}
 	}
 	return &Error{Op: op, Domain: dom, Err: err}
 }
