@@ -161,9 +161,11 @@ func (c *checker) run() {
 }
 
 // walkL1 counts the references of an L1 table's L2 tables and their clusters.
+// Statistics follow qemu-img check: zero clusters that keep their host cluster
+// count as allocated, every compressed cluster counts as fragmented, and
+// contiguity is judged within one L2 table.
 func (c *checker) walkL1(l1 []uint64, active bool) {
 	q := c.q
-	var lastHost int64 = -1
 	for i, e := range l1 {
 		off := int64(e & l1OffsetMask)
 		if off == 0 {
@@ -181,6 +183,7 @@ func (c *checker) walkL1(l1 []uint64, active bool) {
 			c.msg("ERROR reading L2 table at %#x: %v", off, err)
 			continue
 		}
+		var next int64 // next contiguous host offset, per L2 table
 		for j := int64(0); j < q.cs/8; j++ {
 			e := binary.BigEndian.Uint64(tbl[j*8:])
 			gc := int64(i)<<q.l2Bits + j
@@ -194,8 +197,8 @@ func (c *checker) walkL1(l1 []uint64, active bool) {
 				if active {
 					c.res.AllocatedClusters++
 					c.res.CompressedClusters++
+					c.res.FragmentedClusters++
 				}
-				lastHost = -1
 				continue
 			}
 			host := int64(e & l2OffsetMask)
@@ -207,18 +210,17 @@ func (c *checker) walkL1(l1 []uint64, active bool) {
 			if host == 0 {
 				continue
 			}
+			if active {
+				c.res.AllocatedClusters++
+				if next != 0 && host != next {
+					c.res.FragmentedClusters++
+				}
+				next = host + q.cs
+			}
+			c.ref(host, q.cs, "data cluster")
 			if host%q.cs != 0 {
 				c.res.Corruptions++
 				c.msg("ERROR cluster %d: host offset %#x is not cluster-aligned", gc, host)
-				continue
-			}
-			c.ref(host, q.cs, "data cluster")
-			if active && e&oflagZero == 0 {
-				c.res.AllocatedClusters++
-				if lastHost >= 0 && host != lastHost+q.cs {
-					c.res.FragmentedClusters++
-				}
-				lastHost = host
 			}
 		}
 	}
@@ -294,7 +296,7 @@ func (c *checker) checkCopied() {
 		for j := int64(0); j < q.cs/8; j++ {
 			e := binary.BigEndian.Uint64(tbl[j*8:])
 			host := int64(e & l2OffsetMask)
-			if e&oflagCompress != 0 || host == 0 || host%q.cs != 0 || host >= q.fileSize {
+			if e&oflagCompress != 0 || host == 0 || host%q.cs != 0 {
 				continue
 			}
 			rc, err := q.refcount(host >> q.cb)
