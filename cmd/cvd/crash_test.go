@@ -99,9 +99,15 @@ func TestCrashSafety(t *testing.T) {
 		name string
 		args func(i int) []string
 	}{
-		{"import", func(i int) []string { return []string{"layer", "import", src("import", i), "--kind", "base", "--name", fmt.Sprintf("imp:%d", i)} }},
-		{"seal", func(i int) []string { return []string{"layer", "seal", src("seal", i), "--name", fmt.Sprintf("seal:%d", i)} }},
-		{"clone", func(i int) []string { return []string{"clone", "desk", "--name", fmt.Sprintf("c%d", i), "--count", "300"} }},
+		{"import", func(i int) []string {
+			return []string{"layer", "import", src("import", i), "--kind", "base", "--name", fmt.Sprintf("imp:%d", i)}
+		}},
+		{"seal", func(i int) []string {
+			return []string{"layer", "seal", src("seal", i), "--name", fmt.Sprintf("seal:%d", i)}
+		}},
+		{"clone", func(i int) []string {
+			return []string{"clone", "desk", "--name", fmt.Sprintf("c%d", i), "--count", "300"}
+		}},
 	}
 
 	killed, recovered := 0, 0
