@@ -1,0 +1,160 @@
+package syncd
+
+import (
+	"time"
+
+	"github.com/cvd-project/cvd/images"
+)
+
+// The JSON bodies of the HTTP API (see README.md, "Sync API"). Binary bodies (entry
+// lists, missing lists, cluster streams) are described where they are encoded.
+
+// APIVersion prefixes every path.
+const APIVersion = "/v1"
+
+// Disk names: a desktop has a system disk and may have a user disk. In binary
+// bodies a disk is its number.
+const (
+	DiskSystem = "system"
+	DiskUser   = "user"
+)
+
+var diskNames = []string{DiskSystem, DiskUser}
+
+func diskNumber(name string) (byte, bool) {
+	for i, n := range diskNames {
+		if n == name {
+			return byte(i), true
+		}
+	}
+	return 0, false
+}
+
+// LayerInfo describes a sealed layer.
+type LayerInfo struct {
+	ID          string `json:"id"`
+	Parent      string `json:"parent,omitempty"`
+	Kind        string `json:"kind"`
+	Size        int64  `json:"size"`
+	ClusterSize int    `json:"cluster_size"`
+	images.LayerStats
+}
+
+func layerInfo(l *images.Layer) LayerInfo {
+	return LayerInfo{ID: l.ID, Parent: l.Parent, Kind: string(l.Kind), Size: l.Size, ClusterSize: l.ClusterSize, LayerStats: l.LayerStats}
+}
+
+// DiskManifest is one disk of a checked-out version.
+type DiskManifest struct {
+	Name string `json:"name"`
+	// Layers is the disk's chain, top first; empty for a blank disk.
+	Layers []LayerInfo `json:"layers"`
+	// BlankSize is the virtual size of a blank disk (no layers).
+	BlankSize int64 `json:"blank_size,omitempty"`
+}
+
+// Top is the layer the disk's writable top stands on ("" for a blank disk).
+func (d *DiskManifest) Top() string {
+	if len(d.Layers) == 0 {
+		return ""
+	}
+	return d.Layers[0].ID
+}
+
+// Manifest is what a check-out answers: the lease and the version's disks.
+type Manifest struct {
+	Desktop string         `json:"desktop"`
+	Version int            `json:"version"`
+	Lease   Lease          `json:"lease"`
+	Disks   []DiskManifest `json:"disks"`
+	// Sealed is the version the check-out sealed from the server's tops (0: none).
+	Sealed int `json:"sealed,omitempty"`
+	// VMStopped says a running server-side VM was shut down for the check-out.
+	VMStopped bool `json:"vm_stopped,omitempty"`
+}
+
+// CheckoutRequest is the body of POST /v1/desktops/{d}/checkout.
+type CheckoutRequest struct {
+	// TTLSeconds asks for a lease length; 0 means the server's default. The server
+	// caps it at its maximum.
+	TTLSeconds int64 `json:"ttl_seconds,omitempty"`
+}
+
+// LeaseRequest is the body of renew and release.
+type LeaseRequest struct {
+	Lease      string `json:"lease"`
+	TTLSeconds int64  `json:"ttl_seconds,omitempty"`
+}
+
+// DesktopStatus answers GET /v1/desktops/{d}.
+type DesktopStatus struct {
+	Name     string    `json:"name"`
+	Head     int       `json:"head"`
+	Versions []Version `json:"versions"`
+	Lease    *Lease    `json:"lease,omitempty"`
+}
+
+// CheckinDisk declares one disk's changes in a check-in.
+type CheckinDisk struct {
+	Name        string `json:"name"`
+	Parent      string `json:"parent,omitempty"` // the layer the laptop's top stands on
+	Size        int64  `json:"size"`
+	ClusterSize int    `json:"cluster_size"`
+	Entries     int64  `json:"entries"`      // clusters the top allocates
+	DataEntries int64  `json:"data_entries"` // of those, data (not zero)
+	// ExpectID is the ID of the layer the entries make (the hash of the list).
+	ExpectID string `json:"expect_id"`
+}
+
+// CheckinRequest opens (or resumes) a check-in: POST /v1/checkins.
+type CheckinRequest struct {
+	ID      string        `json:"id"` // chosen by the laptop: a hash of what it checks in
+	Desktop string        `json:"desktop"`
+	Lease   string        `json:"lease"`
+	Base    int           `json:"base"` // the version the laptop's tops stand on
+	Disks   []CheckinDisk `json:"disks"`
+	Release bool          `json:"release,omitempty"`
+}
+
+// CheckinStatus answers POST /v1/checkins and GET /v1/checkins/{id}.
+type CheckinStatus struct {
+	ID        string         `json:"id"`
+	State     string         `json:"state"` // receiving, committed
+	Lists     []string       `json:"lists"` // disks whose entry lists the server holds
+	Missing   int64          `json:"missing"`
+	Received  int64          `json:"received_bytes"`
+	Committed *CheckinResult `json:"result,omitempty"`
+}
+
+// CheckinResult answers the commit.
+type CheckinResult struct {
+	Desktop  string            `json:"desktop"`
+	Version  int               `json:"version"`
+	Head     int               `json:"head"`
+	Conflict bool              `json:"conflict,omitempty"`
+	Layers   map[string]string `json:"layers"` // disk → layer of the new version
+	// Bytes is the cluster payload the server received for this check-in (all
+	// rounds); Deduplicated counts clusters it already held.
+	Bytes        int64     `json:"bytes"`
+	Clusters     int64     `json:"clusters"`
+	Deduplicated int64     `json:"deduplicated"`
+	Released     bool      `json:"released,omitempty"`
+	Committed    time.Time `json:"committed"`
+	// ServerSealed is a version made first from server-side changes found on the
+	// server's tops (they made this check-in a conflict).
+	ServerSealed int `json:"server_sealed,omitempty"`
+}
+
+// UploadResult answers POST /v1/checkins/{id}/clusters.
+type UploadResult struct {
+	Clusters int64 `json:"clusters"`
+	Bytes    int64 `json:"bytes"`
+}
+
+// errorBody is every error's JSON body.
+type errorBody struct {
+	Error  string      `json:"error"`
+	Code   string      `json:"code"`
+	Lease  *LeaseError `json:"lease,omitempty"`
+	Status int         `json:"status"`
+}

@@ -1,0 +1,433 @@
+package syncd
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/images"
+)
+
+// CheckinOptions controls a check-in.
+type CheckinOptions struct {
+	// Release gives the lease back once the version is committed, and removes the
+	// desktop from the laptop (its layers stay until gc).
+	Release bool
+}
+
+// CheckinReport says what a check-in did.
+type CheckinReport struct {
+	Desktop      string            `json:"desktop"`
+	Version      int               `json:"version"`
+	Head         int               `json:"head"`
+	Conflict     bool              `json:"conflict,omitempty"`
+	Base         int               `json:"base"`
+	Layers       map[string]string `json:"layers"`
+	Changed      int64             `json:"changed_clusters"` // clusters the tops allocate
+	ChangedBytes int64             `json:"changed_bytes"`    // data bytes of those (zero clusters carry none)
+	Sent         int64             `json:"sent_clusters"`    // clusters sent (this run)
+	Payload      int64             `json:"payload_bytes"`    // cluster stream bytes sent (this run)
+	Metadata     int64             `json:"metadata_bytes"`   // every other HTTP body byte (lists, JSON)
+	Deduplicated int64             `json:"deduplicated"`     // clusters the server took from its own layers
+	Released     bool              `json:"released,omitempty"`
+	Resumed      bool              `json:"resumed,omitempty"`
+	NoChanges    bool              `json:"no_changes,omitempty"`
+	Took         float64           `json:"seconds"`
+	TookUpload   float64           `json:"upload_seconds"`
+}
+
+// diskChanges is what one top holds.
+type diskChanges struct {
+	name  string
+	top   string // absolute path
+	decl  CheckinDisk
+	list  []byte
+	bytes int64
+}
+
+// CheckIn sends the changes of the desktop's tops to the server as a new version
+// and freezes the tops locally as that version (see the package documentation).
+func (l *Laptop) CheckIn(ctx context.Context, desktop string, opts CheckinOptions) (*CheckinReport, error) {
+	start := time.Now()
+	if _, err := l.PurgeExpired(ctx); err != nil {
+		return nil, err
+	}
+	co, err := l.Checkout(desktop)
+	if err != nil {
+		if errors.Is(err, ErrNotCheckedOut) {
+			return nil, fmt.Errorf("%w (it may have expired and been purged)", err)
+		}
+		return nil, err
+	}
+	if co.Offline {
+		return nil, fmt.Errorf("desktop %s was imported from an offline bundle: there is no server to check it in to", desktop)
+	}
+	c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert})
+	if err != nil {
+		return nil, err
+	}
+	rep := &CheckinReport{Desktop: desktop, Base: co.Version, Layers: map[string]string{}}
+	d, err := l.store.Desktop(desktop)
+	if err != nil {
+		return nil, err
+	}
+	var res *CheckinResult
+	if co.Pending != nil && co.Pending.Result != nil {
+		res = co.Pending.Result
+		rep.Resumed = true
+		rep.Base = co.Pending.Base
+	} else {
+		changes, err := l.scanTops(ctx, d, co)
+		if err != nil {
+			return nil, err
+		}
+		var total int64
+		for _, ch := range changes {
+			rep.Changed += ch.decl.Entries
+			rep.ChangedBytes += ch.bytes
+			total += ch.decl.Entries
+		}
+		if total == 0 {
+			rep.NoChanges = true
+			rep.Version, rep.Head = co.Version, co.Version
+			if opts.Release {
+				if err := c.Release(ctx, desktop, co.Lease.ID); err != nil {
+					return nil, err
+				}
+				if err := l.removeCopy(ctx, co); err != nil {
+					return nil, err
+				}
+				rep.Released = true
+			}
+			rep.Took = time.Since(start).Seconds()
+			return rep, nil
+		}
+		// Room for freezing the tops into layers afterwards.
+		if err := checkFree(l.store.Dir(), rep.ChangedBytes+32<<20); err != nil {
+			return nil, err
+		}
+		req := &CheckinRequest{Desktop: desktop, Lease: co.Lease.ID, Base: co.Version, Release: opts.Release}
+		for _, ch := range changes {
+			req.Disks = append(req.Disks, ch.decl)
+		}
+		req.ID = checkinID(req)
+		if co.Pending != nil && co.Pending.ID == req.ID {
+			rep.Resumed = true
+		}
+		co.Pending = &PendingCheckin{ID: req.ID, Base: co.Version, Release: opts.Release}
+		if err := l.putCheckout(co); err != nil {
+			return nil, err
+		}
+		upStart := time.Now()
+		res, err = l.send(ctx, c, req, changes, rep)
+		rep.TookUpload = time.Since(upStart).Seconds()
+		rep.Metadata = c.Sent + c.Received // upload streams are not counted in Sent
+		if err != nil {
+			return nil, err
+		}
+		co.Pending.Result = res
+		if err := l.putCheckout(co); err != nil {
+			return nil, err
+		}
+	}
+	// Freeze: the tops become the version the server committed.
+	if err := l.freeze(ctx, d, co, res); err != nil {
+		return nil, err
+	}
+	rep.Version, rep.Head, rep.Conflict, rep.Deduplicated, rep.Released = res.Version, res.Head, res.Conflict, res.Deduplicated, res.Released
+	for k, v := range res.Layers {
+		rep.Layers[k] = v
+	}
+	co.Version = res.Version
+	co.LastCheckin = l.now().UTC()
+	co.Pending = nil
+	if res.Released {
+		if err := l.removeCopy(ctx, co); err != nil {
+			return nil, err
+		}
+	} else if err := l.putCheckout(co); err != nil {
+		return nil, err
+	}
+	rep.Took = time.Since(start).Seconds()
+	return rep, nil
+}
+
+// checkinID names a check-in by what it sends, so that a rerun of an interrupted
+// one finds it on the server.
+func checkinID(req *CheckinRequest) string {
+	h := sha256.New()
+	b, _ := json.Marshal(struct {
+		D string
+		L string
+		B int
+		K []CheckinDisk
+	}{req.Desktop, req.Lease, req.Base, req.Disks})
+	h.Write(b)
+	return hex.EncodeToString(h.Sum(nil))[:32]
+}
+
+// scanTops lists what each top allocates (MapLayer of the top: no scan of the
+// disk), with each data cluster's digest.
+func (l *Laptop) scanTops(ctx context.Context, d *images.Desktop, co *Checkout) ([]diskChanges, error) {
+	var out []diskChanges
+	for _, dn := range diskNames {
+		rel := d.SystemDisk
+		if dn == DiskUser {
+			rel = d.UserDisk
+		}
+		if rel == "" {
+			continue
+		}
+		parent, ok := co.Layers[dn]
+		if !ok {
+			return nil, fmt.Errorf("desktop %s: the record has no %s disk", d.Name, dn)
+		}
+		path := l.store.Path(rel)
+		img, err := disk.Open(path, disk.OpenOptions{ReadOnly: true, NoBacking: true})
+		if err != nil {
+			return nil, err
+		}
+		info := img.Info()
+		backing := ""
+		if info.BackingName != "" {
+			backing = trimLayerName(info.BackingName)
+		}
+		if backing != parent {
+			img.Close()
+			return nil, fmt.Errorf("desktop %s: the %s top stands on %q, the check-out record says %q", d.Name, dn, short(backing), short(parent))
+		}
+		cs := images.DigestClusterSize(info)
+		ch := diskChanges{name: dn, top: path,
+			decl: CheckinDisk{Name: dn, Parent: parent, Size: img.Size(), ClusterSize: cs}}
+		h := newIDHasher(parent, img.Size(), cs)
+		err = walkClusters(ctx, img, cs, parent != "", 0, func(idx int64, data []byte) error {
+			e := Entry{Index: idx, Zero: data == nil}
+			if data != nil {
+				e.Digest = sha256.Sum256(data)
+				ch.bytes += int64(len(data))
+			}
+			h.add(e)
+			ch.list = appendEntry(ch.list, e)
+			return nil
+		})
+		img.Close()
+		if err != nil {
+			return nil, err
+		}
+		ch.decl.Entries, ch.decl.DataEntries = h.count, h.data
+		if h.count > 0 {
+			ch.decl.ExpectID = h.sum()
+		}
+		out = append(out, ch)
+	}
+	return out, nil
+}
+
+// send runs the exchange: open, entry lists, then rounds of missing → upload →
+// commit, bounded.
+func (l *Laptop) send(ctx context.Context, c *Client, req *CheckinRequest, changes []diskChanges, rep *CheckinReport) (*CheckinResult, error) {
+	st, err := c.OpenCheckin(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	if st.State == stateCommitted && st.Committed != nil {
+		return st.Committed, nil
+	}
+	for _, ch := range changes {
+		if containsString(st.Lists, ch.name) {
+			continue
+		}
+		if _, err := c.PutEntries(ctx, req.ID, ch.name, ch.list); err != nil {
+			return nil, err
+		}
+	}
+	const rounds = 4
+	var lastErr error
+	for range rounds {
+		miss, err := c.Missing(ctx, req.ID)
+		if err != nil {
+			return nil, err
+		}
+		if len(miss) > 0 {
+			if err := l.upload(ctx, c, req.ID, changes, miss, rep); err != nil {
+				if errors.Is(err, ErrDigestMismatch) || errors.Is(err, ErrNoSpace) || errors.Is(err, ErrBadRequest) || ctx.Err() != nil || !retryable(err) {
+					return nil, err
+				}
+				lastErr = err
+				continue
+			}
+		}
+		res, err := c.Commit(ctx, req.ID)
+		if err == nil {
+			return res, nil
+		}
+		if !errors.Is(err, ErrIncomplete) {
+			return nil, err
+		}
+		lastErr = err
+	}
+	return nil, fmt.Errorf("check-in %s did not complete after %d rounds: %w", req.ID, rounds, lastErr)
+}
+
+func containsString(ss []string, s string) bool {
+	for _, x := range ss {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// upload streams the missing clusters, read from the tops.
+func (l *Laptop) upload(ctx context.Context, c *Client, id string, changes []diskChanges, miss []missingItem, rep *CheckinReport) error {
+	imgs := map[byte]disk.Image{}
+	sizes := map[byte]int{}
+	defer func() {
+		for _, im := range imgs {
+			im.Close()
+		}
+	}()
+	var total int64
+	for _, ch := range changes {
+		no, _ := diskNumber(ch.name)
+		img, err := disk.Open(ch.top, disk.OpenOptions{ReadOnly: true, NoBacking: true})
+		if err != nil {
+			return err
+		}
+		imgs[no], sizes[no] = img, ch.decl.ClusterSize
+	}
+	for _, m := range miss {
+		if imgs[m.Disk] == nil {
+			return fmt.Errorf("%w: the server asks for disk %d", errStream, m.Disk)
+		}
+		total += int64(sizes[m.Disk])
+	}
+	l.opts.Progress.Start("check-in "+id[:12], total)
+	defer l.opts.Progress.Done()
+	pr, pw := io.Pipe()
+	var sent int64
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		sw := newStreamWriter(pw)
+		err := encodeOrdered(ctx, func(submit func(byte, int64, []byte) error) error {
+			return readMissingClusters(ctx, imgs, sizes, miss, submit)
+		}, func(ec encodedCluster, _ bool) error {
+			sent++
+			l.opts.Progress.Add(int64(ec.raw))
+			return sw.data(ec)
+		})
+		if err == nil {
+			err = sw.end(sent, nil)
+		}
+		rep.Payload += sw.bytes
+		pw.CloseWithError(err)
+	}()
+	_, err := c.Upload(ctx, id, pr)
+	pr.CloseWithError(io.ErrClosedPipe)
+	<-done
+	rep.Sent += sent
+	return err
+}
+
+// readMissingClusters reads the clusters of miss from the tops, joining runs of
+// neighbours into larger reads, and checks each against its digest (a top that
+// changed since its list was made fails here, before anything is sent).
+func readMissingClusters(ctx context.Context, imgs map[byte]disk.Image, sizes map[byte]int, miss []missingItem,
+	submit func(byte, int64, []byte) error) error {
+	const maxRun = 16
+	buf := make([]byte, 0, maxRun*2<<20)
+	for i := 0; i < len(miss); {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		m := miss[i]
+		cs := int64(sizes[m.Disk])
+		img := imgs[m.Disk]
+		j := i + 1
+		for j < len(miss) && j-i < maxRun && miss[j].Disk == m.Disk && miss[j].Index == miss[j-1].Index+1 {
+			j++
+		}
+		off := m.Index * cs
+		n := min(int64(j-i)*cs, img.Size()-off)
+		if n <= 0 {
+			return fmt.Errorf("%w: cluster %d beyond the disk", errStream, m.Index)
+		}
+		b := buf[:n]
+		if _, err := img.ReadAt(b, off); err != nil && err != io.EOF {
+			return err
+		}
+		for k := i; k < j; k++ {
+			lo := int64(k-i) * cs
+			c := b[lo:min(lo+cs, n)]
+			if sha256.Sum256(c) != miss[k].Digest {
+				return fmt.Errorf("cluster %d changed since the check-in began; run the check-in again", miss[k].Index)
+			}
+			if err := submit(m.Disk, miss[k].Index, c); err != nil {
+				return err
+			}
+		}
+		i = j
+	}
+	return nil
+}
+
+// freeze seals each changed top as the layer the server committed and starts a
+// fresh top on it; an unchanged disk keeps its top.
+func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, res *CheckinResult) error {
+	for _, dn := range diskNames {
+		rel := d.SystemDisk
+		if dn == DiskUser {
+			rel = d.UserDisk
+		}
+		want, ok := res.Layers[dn]
+		if rel == "" || !ok {
+			continue
+		}
+		path := l.store.Path(rel)
+		has, backing, err := topState(path)
+		if err != nil {
+			return err
+		}
+		if backing == want && !has {
+			co.Layers[dn] = want
+			continue // frozen already (a rerun)
+		}
+		if want == co.Layers[dn] {
+			continue // unchanged disk
+		}
+		lay, existed, err := sealTop(ctx, l.store, path, nil, false)
+		if err != nil {
+			return noSpace(fmt.Errorf("freeze the %s top: %w", dn, err))
+		}
+		if lay.ID != want {
+			if !existed {
+				l.store.RemoveLayer(lay.ID)
+			}
+			// The top changed after its list was made: it keeps everything, and the
+			// next check-in sends the rest from the version just committed.
+			l.log.Warn("top changed during the check-in; it stays as it is", "disk", dn)
+			continue
+		}
+		if err := l.store.Tag(lay.ID, laptopName(co.Desktop, dn), true); err != nil {
+			return err
+		}
+		if err := resetTop(l.store, path, lay.ID, 0); err != nil {
+			return err
+		}
+		co.Layers[dn] = lay.ID
+	}
+	return nil
+}
+
+func trimLayerName(backingName string) string {
+	return strings.TrimSuffix(filepath.Base(backingName), ".qcow2")
+}

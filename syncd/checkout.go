@@ -1,0 +1,222 @@
+package syncd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/cvd-project/cvd/images"
+)
+
+// CheckoutOptions controls a check-out.
+type CheckoutOptions struct {
+	// TTL asks for a lease length; 0 takes the server's default.
+	TTL time.Duration
+	// CACert is remembered with the record, for later check-ins.
+	CACert string
+}
+
+// CheckoutReport says what a check-out did.
+type CheckoutReport struct {
+	Desktop       string    `json:"desktop"`
+	Server        string    `json:"server"`
+	Version       int       `json:"version"`
+	Lease         Lease     `json:"lease"`
+	LayersFetched []string  `json:"layers_fetched"`
+	LayersHeld    []string  `json:"layers_held"` // already in the local store
+	Bytes         int64     `json:"bytes"`       // cluster stream bytes received
+	DataBytes     int64     `json:"data_bytes"`  // cluster bytes those streams carried
+	Sealed        int       `json:"sealed,omitempty"`
+	VMStopped     bool      `json:"vm_stopped,omitempty"`
+	Resumed       bool      `json:"resumed,omitempty"`
+	Took          float64   `json:"seconds"`
+	Finished      time.Time `json:"finished"`
+}
+
+// CheckOut checks desktop out from the server c talks to: it takes the lease,
+// fetches the layers the store lacks, and sets the desktop up over fresh tops. A
+// rerun after an interruption fetches only what is still missing.
+func (l *Laptop) CheckOut(ctx context.Context, c *Client, desktop string, opts CheckoutOptions) (*CheckoutReport, error) {
+	start := time.Now()
+	if _, err := l.PurgeExpired(ctx); err != nil {
+		return nil, err
+	}
+	if err := images.CheckObjectName("desktop", desktop); err != nil {
+		return nil, err
+	}
+	prev, err := l.Checkout(desktop)
+	if err != nil && !errors.Is(err, ErrNotCheckedOut) {
+		return nil, err
+	}
+	if prev != nil && prev.Pending != nil {
+		return nil, fmt.Errorf("desktop %s: %w: a check-in is under way; run `cvd checkin %s` first", desktop, ErrLocalChanges, desktop)
+	}
+	// Local tops holding changes of another version must be checked in first.
+	if d, err := l.store.Desktop(desktop); err == nil {
+		for _, rel := range []string{d.SystemDisk, d.UserDisk} {
+			if rel == "" {
+				continue
+			}
+			has, _, err := topState(l.store.Path(rel))
+			if err != nil {
+				return nil, err
+			}
+			if has {
+				return nil, fmt.Errorf("desktop %s: %w: check it in first (`cvd checkin %s`)", desktop, ErrLocalChanges, desktop)
+			}
+		}
+	} else if !errors.Is(err, images.ErrNotFound) {
+		return nil, err
+	}
+
+	m, err := c.Checkout(ctx, desktop, opts.TTL)
+	if err != nil {
+		return nil, err
+	}
+	rep := &CheckoutReport{Desktop: desktop, Server: c.URL(), Version: m.Version, Lease: m.Lease, Sealed: m.Sealed,
+		VMStopped: m.VMStopped, LayersFetched: []string{}, LayersHeld: []string{}}
+	fresh := prev == nil || prev.Lease.ID != m.Lease.ID
+	rep.Resumed = !fresh
+	fail := func(err error) (*CheckoutReport, error) {
+		// A lease this call took and could not use goes back, so that a refused
+		// check-out (a full disk, a tampered stream) leaves the server as it was.
+		if fresh && m.Lease.Granted.After(start.Add(-time.Minute)) && m.Lease.ID != "" {
+			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+			if rerr := c.Release(rctx, desktop, m.Lease.ID); rerr != nil {
+				l.log.Warn("release the lease after a failed check-out", "err", rerr)
+			}
+			cancel()
+		}
+		return nil, err
+	}
+
+	// Which layers are missing, bottom up, and is there room for them?
+	var need []LayerInfo
+	var needBytes, largest int64
+	seen := map[string]bool{}
+	for _, dm := range m.Disks {
+		for i := len(dm.Layers) - 1; i >= 0; i-- {
+			li := dm.Layers[i]
+			if seen[li.ID] {
+				continue
+			}
+			seen[li.ID] = true
+			if _, err := l.store.Layer(li.ID); err == nil {
+				rep.LayersHeld = append(rep.LayersHeld, li.ID)
+				continue
+			}
+			need = append(need, li)
+			needBytes += li.DataBytes
+			largest = max(largest, li.DataBytes)
+		}
+	}
+	if err := checkFree(l.store.Dir(), needBytes+largest+32<<20); err != nil {
+		return fail(err)
+	}
+	for _, li := range need {
+		l.opts.Progress.Start("layer "+short(li.ID), li.DataBytes)
+		n, err := l.fetchLayer(ctx, c, li)
+		l.opts.Progress.Done()
+		rep.Bytes += n
+		if err != nil {
+			return fail(fmt.Errorf("fetch layer %s: %w", short(li.ID), err))
+		}
+		rep.DataBytes += li.DataBytes
+		rep.LayersFetched = append(rep.LayersFetched, li.ID)
+	}
+
+	// The desktop over fresh tops on the manifest's layers.
+	co := &Checkout{Desktop: desktop, Server: c.URL(), Token: c.token, CACert: opts.CACert, Lease: m.Lease,
+		Version: m.Version, Layers: map[string]string{}, BlankSizes: map[string]int64{}, CheckedOut: l.now().UTC()}
+	if prev != nil && !fresh {
+		co.CheckedOut = prev.CheckedOut
+	}
+	for _, dm := range m.Disks {
+		co.Layers[dm.Name] = dm.Top()
+		if dm.Top() == "" {
+			co.BlankSizes[dm.Name] = dm.BlankSize
+		}
+	}
+	if err := l.setupDesktop(ctx, co); err != nil {
+		return fail(err)
+	}
+	if err := l.putCheckout(co); err != nil {
+		return fail(err)
+	}
+	if l.opts.VM != nil {
+		d, err := l.store.Desktop(desktop)
+		if err == nil {
+			user := ""
+			if d.UserDisk != "" {
+				user = l.store.Path(d.UserDisk)
+			}
+			if err := l.opts.VM.DefineDesktop(ctx, desktop, l.store.Path(d.SystemDisk), user); err != nil {
+				l.log.Warn("define the desktop in the local hypervisor", "desktop", desktop, "err", err)
+			}
+		}
+	}
+	rep.Took = time.Since(start).Seconds()
+	rep.Finished = l.now().UTC()
+	return rep, nil
+}
+
+// setupDesktop makes the local desktop stand on co's layers: created the first
+// time, its (empty) tops replaced afterwards. The layers it stands on get sync
+// names that keep them from gc.
+func (l *Laptop) setupDesktop(ctx context.Context, co *Checkout) error {
+	sys := co.Layers[DiskSystem]
+	if sys == "" {
+		return fmt.Errorf("desktop %s: the manifest has no system disk", co.Desktop)
+	}
+	for _, dn := range diskNames {
+		if id := co.Layers[dn]; id != "" {
+			if err := l.store.Tag(id, laptopName(co.Desktop, dn), true); err != nil {
+				return err
+			}
+		}
+	}
+	_, hasUser := co.Layers[DiskUser]
+	d, err := l.store.Desktop(co.Desktop)
+	if errors.Is(err, images.ErrNotFound) {
+		spec := images.DesktopSpec{Apps: []string{sys}}
+		if hasUser {
+			spec.User = co.Layers[DiskUser]
+			if spec.User == "" {
+				spec.UserSize = co.BlankSizes[DiskUser]
+			}
+		}
+		_, err = l.store.CreateDesktop(ctx, co.Desktop, spec)
+		return noSpace(err)
+	}
+	if err != nil {
+		return err
+	}
+	for _, dn := range diskNames {
+		rel := d.SystemDisk
+		if dn == DiskUser {
+			rel = d.UserDisk
+		}
+		_, want := co.Layers[dn]
+		if rel == "" {
+			if want {
+				return fmt.Errorf("desktop %s exists here without a %s disk; remove it (`cvd desktop rm %s`) and check it out again", co.Desktop, dn, co.Desktop)
+			}
+			continue
+		}
+		has, backing, err := topState(l.store.Path(rel))
+		if err != nil {
+			return err
+		}
+		if backing == co.Layers[dn] && !has {
+			continue
+		}
+		if has {
+			return fmt.Errorf("desktop %s: %w on the %s disk", co.Desktop, ErrLocalChanges, dn)
+		}
+		if err := resetTop(l.store, l.store.Path(rel), co.Layers[dn], co.BlankSizes[dn]); err != nil {
+			return err
+		}
+	}
+	return nil
+}

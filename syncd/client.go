@@ -1,0 +1,292 @@
+package syncd
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// Client talks to a sync server as one device.
+type Client struct {
+	base  *url.URL
+	token string
+	hc    *http.Client
+	// Sent and Received count the HTTP body bytes of every request and response.
+	Sent, Received int64
+}
+
+// ClientOptions controls NewClient.
+type ClientOptions struct {
+	// CACert is a PEM file of the certificate authorities to trust for an https
+	// server, in addition to the system's.
+	CACert string
+	// Timeout bounds each request's wait for response headers (default 5 min: a
+	// commit seals the layers before it answers).
+	Timeout time.Duration
+}
+
+// NewClient makes a client for the server at rawURL (http or https) with a device
+// token.
+func NewClient(rawURL, token string, opts ClientOptions) (*Client, error) {
+	u, err := url.Parse(strings.TrimRight(rawURL, "/"))
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return nil, fmt.Errorf("server URL %q: want http://HOST:PORT or https://HOST:PORT", rawURL)
+	}
+	if opts.Timeout == 0 {
+		opts.Timeout = 5 * time.Minute
+	}
+	tr := &http.Transport{
+		Proxy:                 http.ProxyFromEnvironment,
+		DialContext:           (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		TLSHandshakeTimeout:   10 * time.Second,
+		ResponseHeaderTimeout: opts.Timeout,
+		MaxIdleConnsPerHost:   4,
+		DisableCompression:    true, // cluster streams are compressed already
+	}
+	if opts.CACert != "" {
+		pem, err := os.ReadFile(opts.CACert)
+		if err != nil {
+			return nil, err
+		}
+		pool, err := x509.SystemCertPool()
+		if err != nil || pool == nil {
+			pool = x509.NewCertPool()
+		}
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("%s: no PEM certificates", opts.CACert)
+		}
+		tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	}
+	return &Client{base: u, token: token, hc: &http.Client{Transport: tr}}, nil
+}
+
+// URL is the server's base URL.
+func (c *Client) URL() string { return c.base.String() }
+
+// APIError is an error the server answered.
+type APIError struct {
+	Status int
+	Code   string
+	Msg    string
+	Lease  *LeaseError
+}
+
+func (e *APIError) Error() string { return e.Msg }
+
+// Unwrap gives the sentinel the code names, so errors.Is works across the wire.
+func (e *APIError) Unwrap() []error {
+	var out []error
+	if s := sentinelOf(e.Code); s != nil {
+		out = append(out, s)
+	}
+	if e.Lease != nil {
+		out = append(out, e.Lease)
+	}
+	return out
+}
+
+// retryable reports a transient failure worth another attempt.
+func retryable(err error) bool {
+	var ae *APIError
+	if errors.As(err, &ae) {
+		return ae.Status == http.StatusBadGateway || ae.Status == http.StatusServiceUnavailable || ae.Status == http.StatusGatewayTimeout
+	}
+	var ne net.Error
+	return errors.As(err, &ne) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)
+}
+
+// attempts bounds every request loop of the client.
+const attempts = 3
+
+// call sends one request with a replayable body and decodes a JSON answer into
+// out (when not nil). Transient failures are retried a bounded number of times.
+func (c *Client) call(ctx context.Context, method, path string, body []byte, ctype string, out any) error {
+	var err error
+	for i := range attempts {
+		if i > 0 {
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(time.Duration(i*i) * 200 * time.Millisecond):
+			}
+		}
+		var rc io.ReadCloser
+		rc, err = c.send(ctx, method, path, bodyReader(body), int64(len(body)), ctype)
+		if err == nil {
+			err = decodeBody(rc, out, &c.Received)
+			rc.Close()
+		}
+		if err == nil || !retryable(err) || ctx.Err() != nil {
+			return err
+		}
+	}
+	return err
+}
+
+func bodyReader(b []byte) io.Reader {
+	if b == nil {
+		return nil
+	}
+	return bytes.NewReader(b)
+}
+
+func decodeBody(rc io.Reader, out any, count *int64) error {
+	b, err := io.ReadAll(io.LimitReader(rc, 64<<20))
+	*count += int64(len(b))
+	if err != nil {
+		return err
+	}
+	switch v := out.(type) {
+	case nil:
+		return nil
+	case *[]byte:
+		*v = b
+		return nil
+	}
+	if err := json.Unmarshal(b, out); err != nil {
+		return fmt.Errorf("decode the server's answer: %w", err)
+	}
+	return nil
+}
+
+// send issues a request and returns the body of a 2xx answer; other answers become
+// *APIError.
+func (c *Client) send(ctx context.Context, method, path string, body io.Reader, n int64, ctype string) (io.ReadCloser, error) {
+	req, err := http.NewRequestWithContext(ctx, method, c.base.String()+path, body)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Authorization", "Bearer "+c.token)
+	req.Header.Set("User-Agent", "cvd-sync/1")
+	if ctype != "" {
+		req.Header.Set("Content-Type", ctype)
+	}
+	if n >= 0 && body != nil {
+		req.ContentLength = n
+	}
+	resp, err := c.hc.Do(req)
+	if n > 0 {
+		c.Sent += n
+	}
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		return nil, fmt.Errorf("%s %s: %w", method, c.base.Host, err)
+	}
+	if resp.StatusCode/100 == 2 {
+		return resp.Body, nil
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	c.Received += int64(len(b))
+	var eb errorBody
+	ae := &APIError{Status: resp.StatusCode}
+	if json.Unmarshal(b, &eb) == nil && eb.Error != "" {
+		ae.Code, ae.Msg, ae.Lease = eb.Code, "server: "+eb.Error, eb.Lease
+		if ae.Lease != nil {
+			ae.Lease.Err = sentinelOf(eb.Code)
+		}
+	} else {
+		ae.Msg = fmt.Sprintf("server: %s %s: %s", method, path, resp.Status)
+	}
+	return nil, ae
+}
+
+func jsonBody(v any) []byte {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
+// Desktop returns the desktop's versions and lease.
+func (c *Client) Desktop(ctx context.Context, name string) (*DesktopStatus, error) {
+	var out DesktopStatus
+	return &out, c.call(ctx, "GET", "/v1/desktops/"+url.PathEscape(name), nil, "", &out)
+}
+
+// Checkout asks for the desktop's lease and manifest.
+func (c *Client) Checkout(ctx context.Context, name string, ttl time.Duration) (*Manifest, error) {
+	var out Manifest
+	body := jsonBody(CheckoutRequest{TTLSeconds: int64(ttl / time.Second)})
+	return &out, c.call(ctx, "POST", "/v1/desktops/"+url.PathEscape(name)+"/checkout", body, "application/json", &out)
+}
+
+// Renew extends the lease.
+func (c *Client) Renew(ctx context.Context, name, lease string, ttl time.Duration) (*Lease, error) {
+	var out Lease
+	body := jsonBody(LeaseRequest{Lease: lease, TTLSeconds: int64(ttl / time.Second)})
+	return &out, c.call(ctx, "POST", "/v1/desktops/"+url.PathEscape(name)+"/renew", body, "application/json", &out)
+}
+
+// Release gives the lease back.
+func (c *Client) Release(ctx context.Context, name, lease string) error {
+	body := jsonBody(LeaseRequest{Lease: lease})
+	return c.call(ctx, "POST", "/v1/desktops/"+url.PathEscape(name)+"/release", body, "application/json", nil)
+}
+
+// Layer returns a layer's description.
+func (c *Client) Layer(ctx context.Context, id string) (*LayerInfo, error) {
+	var out LayerInfo
+	return &out, c.call(ctx, "GET", "/v1/layers/"+id, nil, "", &out)
+}
+
+// Clusters opens the cluster stream of a layer from index from on.
+func (c *Client) Clusters(ctx context.Context, id string, from int64) (io.ReadCloser, error) {
+	return c.send(ctx, "GET", fmt.Sprintf("/v1/layers/%s/clusters?from=%d", id, from), nil, -1, "")
+}
+
+// OpenCheckin opens or resumes a check-in.
+func (c *Client) OpenCheckin(ctx context.Context, req *CheckinRequest) (*CheckinStatus, error) {
+	var out CheckinStatus
+	return &out, c.call(ctx, "POST", "/v1/checkins", jsonBody(req), "application/json", &out)
+}
+
+// PutEntries sends one disk's entry list.
+func (c *Client) PutEntries(ctx context.Context, id, diskName string, list []byte) (*CheckinStatus, error) {
+	var out CheckinStatus
+	return &out, c.call(ctx, "PUT", "/v1/checkins/"+id+"/entries/"+diskName, list, "application/octet-stream", &out)
+}
+
+// Missing lists the clusters the server still needs.
+func (c *Client) Missing(ctx context.Context, id string) ([]missingItem, error) {
+	var b []byte
+	if err := c.call(ctx, "GET", "/v1/checkins/"+id+"/missing", nil, "", &b); err != nil {
+		return nil, err
+	}
+	var out []missingItem
+	err := readMissing(bytes.NewReader(b), func(m missingItem) error { out = append(out, m); return nil })
+	return out, err
+}
+
+// Upload sends a cluster stream (not retried: the caller asks for what is missing
+// and sends again).
+func (c *Client) Upload(ctx context.Context, id string, body io.Reader) (*UploadResult, error) {
+	rc, err := c.send(ctx, "POST", "/v1/checkins/"+id+"/clusters", body, -1, "application/x-cvd-clusters")
+	if err != nil {
+		return nil, err
+	}
+	defer rc.Close()
+	var out UploadResult
+	return &out, decodeBody(rc, &out, &c.Received)
+}
+
+// Commit asks the server to build and commit the version.
+func (c *Client) Commit(ctx context.Context, id string) (*CheckinResult, error) {
+	var out CheckinResult
+	return &out, c.call(ctx, "POST", "/v1/checkins/"+id+"/commit", nil, "", &out)
+}

@@ -1,0 +1,117 @@
+package syncd
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/http"
+	"syscall"
+
+	"github.com/cvd-project/cvd/images"
+)
+
+// Sentinel errors. Test with errors.Is; a client gets the same sentinel as the server
+// returned (the API carries it as the "code" of the error body).
+var (
+	// ErrUnauthorized: a missing, malformed or wrong device token.
+	ErrUnauthorized = errors.New("unauthorized")
+	// ErrForbidden: the device is not bound to the desktop.
+	ErrForbidden = errors.New("device not bound to desktop")
+	// ErrLeaseHeld: another device holds the desktop's lease. The error is a
+	// *LeaseError that names the holder.
+	ErrLeaseHeld = errors.New("lease held by another device")
+	// ErrLeaseExpired: the caller's lease is past its expiry.
+	ErrLeaseExpired = errors.New("lease expired")
+	// ErrNoLease: the call needs a lease the caller does not hold.
+	ErrNoLease = errors.New("no lease")
+	// ErrDigestMismatch: a cluster's bytes do not match its digest (a tampered or
+	// corrupted transfer). Nothing of it is stored.
+	ErrDigestMismatch = errors.New("cluster digest mismatch")
+	// ErrBadRequest: a malformed request or stream.
+	ErrBadRequest = errors.New("malformed request")
+	// ErrNotFound: no such desktop, layer, version, device or check-in.
+	ErrNotFound = errors.New("not found")
+	// ErrNoSpace: the store's file system is full (on either side).
+	ErrNoSpace = errors.New("no space left on the store's file system")
+	// ErrIncomplete: a commit asked for before every missing cluster arrived.
+	ErrIncomplete = errors.New("check-in incomplete")
+	// ErrLocalChanges: the laptop's copy holds changes that were not checked in.
+	ErrLocalChanges = errors.New("local changes not checked in")
+	// ErrNotCheckedOut: the desktop is not checked out to this store.
+	ErrNotCheckedOut = errors.New("desktop not checked out here")
+	// ErrExpired: the local copy's lease expired; it has been purged.
+	ErrExpired = errors.New("checked-out copy expired")
+)
+
+// LeaseError says who holds a lease.
+type LeaseError struct {
+	Desktop string `json:"desktop"`
+	Holder  string `json:"holder"`  // device name
+	Expires string `json:"expires"` // RFC 3339
+	Err     error  `json:"-"`
+}
+
+func (e *LeaseError) Error() string {
+	return fmt.Sprintf("desktop %s: %v: held by device %s until %s", e.Desktop, e.Err, e.Holder, e.Expires)
+}
+
+// Unwrap gives the sentinel.
+func (e *LeaseError) Unwrap() error { return e.Err }
+
+// errorCodes maps sentinels to the API's error codes and HTTP statuses.
+var errorCodes = []struct {
+	err    error
+	code   string
+	status int
+}{
+	{ErrUnauthorized, "unauthorized", http.StatusUnauthorized},
+	{ErrForbidden, "forbidden", http.StatusForbidden},
+	{ErrLeaseHeld, "lease_held", http.StatusConflict},
+	{ErrLeaseExpired, "lease_expired", http.StatusConflict},
+	{ErrNoLease, "no_lease", http.StatusConflict},
+	{ErrDigestMismatch, "digest_mismatch", http.StatusBadRequest},
+	{errStream, "bad_request", http.StatusBadRequest},
+	{ErrBadRequest, "bad_request", http.StatusBadRequest},
+	{ErrNotFound, "not_found", http.StatusNotFound},
+	{images.ErrNotFound, "not_found", http.StatusNotFound},
+	{ErrNoSpace, "no_space", http.StatusInsufficientStorage},
+	{ErrIncomplete, "incomplete", http.StatusConflict},
+}
+
+func codeOf(err error) (string, int) {
+	for _, c := range errorCodes {
+		if errors.Is(err, c.err) {
+			return c.code, c.status
+		}
+	}
+	return "internal", http.StatusInternalServerError
+}
+
+func sentinelOf(code string) error {
+	for _, c := range errorCodes {
+		if c.code == code {
+			return c.err
+		}
+	}
+	return nil
+}
+
+// noSpace turns ENOSPC and EDQUOT into ErrNoSpace, keeping the message.
+func noSpace(err error) error {
+	if err == nil || errors.Is(err, ErrNoSpace) {
+		return err
+	}
+	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+		return fmt.Errorf("%w: %v", ErrNoSpace, err)
+	}
+	var pe *fs.PathError
+	if errors.As(err, &pe) && (errors.Is(pe.Err, syscall.ENOSPC) || errors.Is(pe.Err, syscall.EDQUOT)) {
+		return fmt.Errorf("%w: %v", ErrNoSpace, err)
+	}
+	return err
+}
+
+// badRequest wraps a decoding error as ErrBadRequest.
+func badRequest(format string, a ...any) error {
+	return fmt.Errorf("%w: %s", ErrBadRequest, fmt.Sprintf(format, a...))
+}

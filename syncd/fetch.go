@@ -1,0 +1,280 @@
+package syncd
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/images"
+)
+
+// A layer is fetched into <store>/sync/fetch/<id>.qcow2, a qcow2 file on its
+// parent in the store, as the cluster stream arrives. Every checkpointInterval of
+// data the file is flushed and <id>.ckpt records the next cluster index and the
+// state of the ID hash; an interrupted fetch asks the server for the stream from
+// there. Once the end frame arrives and the entries hash to the layer's ID, the
+// file is imported into the store, which computes the ID once more.
+
+const checkpointInterval = 64 << 20
+
+type fetchCheckpoint struct {
+	ID    string `json:"id"`
+	Next  int64  `json:"next"`
+	Hash  []byte `json:"hash"`
+	Bytes int64  `json:"bytes"` // stream bytes received so far
+}
+
+// layerFetcher writes one layer's stream into its partial file.
+type layerFetcher struct {
+	l        *Laptop
+	info     LayerInfo
+	path     string
+	ckptPath string
+	img      disk.Image
+	h        *idHasher
+	ck       fetchCheckpoint
+	w        *stageWriter
+	sinceCk  int64
+}
+
+// fetchLayer fetches layer info (whose parent the store holds) and imports it.
+// It returns the stream bytes moved by this call.
+func (l *Laptop) fetchLayer(ctx context.Context, c *Client, info LayerInfo) (int64, error) {
+	if !layerIDRE.MatchString(info.ID) || (info.Parent != "" && !layerIDRE.MatchString(info.Parent)) {
+		return 0, fmt.Errorf("%w: layer id %q", ErrBadRequest, info.ID)
+	}
+	if err := os.MkdirAll(l.fetchDir(), 0o700); err != nil {
+		return 0, noSpace(err)
+	}
+	f := &layerFetcher{l: l, info: info, path: filepath.Join(l.fetchDir(), info.ID+".qcow2"),
+		ckptPath: filepath.Join(l.fetchDir(), info.ID+".ckpt")}
+	if err := f.open(); err != nil {
+		return 0, err
+	}
+	defer f.close()
+	var moved int64
+	var err error
+	for i := range attempts {
+		var n int64
+		var done bool
+		n, done, err = f.fetchFrom(ctx, c)
+		moved += n
+		if done {
+			break
+		}
+		if err == nil {
+			err = fmt.Errorf("%w: layer %s: stream ended early", errStream, short(info.ID))
+		}
+		if ctx.Err() != nil || errors.Is(err, ErrDigestMismatch) || errors.Is(err, ErrNoSpace) || !(retryable(err) || errors.Is(err, errStream)) || i == attempts-1 {
+			return moved, err
+		}
+		l.log.Info("layer stream cut; resuming", "layer", short(info.ID), "at", f.ck.Next, "err", err)
+	}
+	if err != nil {
+		return moved, err
+	}
+	if err := f.finish(ctx); err != nil {
+		return moved, err
+	}
+	return moved, nil
+}
+
+func (f *layerFetcher) open() error {
+	f.h = newIDHasher(f.info.Parent, f.info.Size, f.info.ClusterSize)
+	if b, err := os.ReadFile(f.ckptPath); err == nil {
+		if json.Unmarshal(b, &f.ck) == nil && f.ck.ID == f.info.ID && f.h.restore(f.ck.Hash) == nil {
+			img, err := disk.Open(f.path, disk.OpenOptions{AllowedRoots: []string{f.l.store.Dir()}})
+			if err == nil {
+				f.img = img
+				f.w = &stageWriter{img: img, cs: int64(f.info.ClusterSize)}
+				f.l.log.Info("resuming layer fetch", "layer", short(f.info.ID), "from", f.ck.Next)
+				return nil
+			}
+		}
+	}
+	// Start over.
+	os.Remove(f.ckptPath)
+	os.Remove(f.path)
+	f.h = newIDHasher(f.info.Parent, f.info.Size, f.info.ClusterSize)
+	f.ck = fetchCheckpoint{ID: f.info.ID}
+	co := disk.CreateOptions{Size: f.info.Size, ClusterSize: f.info.ClusterSize, AllowedRoots: []string{f.l.store.Dir()}}
+	if f.info.Parent != "" {
+		co.BackingFile = f.l.store.LayerPath(f.info.Parent)
+		co.BackingFormat = disk.FormatQcow2
+	}
+	img, err := disk.Create(f.path, co)
+	if err != nil {
+		os.Remove(f.path)
+		return noSpace(fmt.Errorf("create %s: %w", f.path, err))
+	}
+	f.img = img
+	f.w = &stageWriter{img: img, cs: int64(f.info.ClusterSize)}
+	return f.checkpoint()
+}
+
+func (f *layerFetcher) close() {
+	if f.img != nil {
+		f.img.Close()
+		f.img = nil
+	}
+}
+
+// checkpoint makes what was written durable and records where to resume.
+func (f *layerFetcher) checkpoint() error {
+	if err := f.w.flush(); err != nil {
+		return err
+	}
+	hs, err := f.h.state()
+	if err != nil {
+		return err
+	}
+	f.ck.Hash = hs
+	b, _ := json.Marshal(f.ck)
+	tmp := f.ckptPath + ".tmp"
+	if err := writeFileSync(tmp, b); err != nil {
+		return noSpace(err)
+	}
+	f.sinceCk = 0
+	return os.Rename(tmp, f.ckptPath)
+}
+
+func writeFileSync(path string, b []byte) error {
+	fh, err := os.OpenFile(path, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = fh.Write(b)
+	if err == nil {
+		err = fh.Sync()
+	}
+	if err2 := fh.Close(); err == nil {
+		err = err2
+	}
+	return err
+}
+
+// fetchFrom reads the stream from the checkpoint on; done means the end frame
+// arrived and the entries hash to the layer's ID.
+func (f *layerFetcher) fetchFrom(ctx context.Context, c *Client) (int64, bool, error) {
+	rc, err := c.Clusters(ctx, f.info.ID, f.ck.Next)
+	if err != nil {
+		return 0, false, err
+	}
+	defer rc.Close()
+	sr := newStreamReader(rc)
+	base := f.ck.Bytes
+	cs := int64(f.info.ClusterSize)
+	clusters := clustersOf(f.info.Size, f.info.ClusterSize)
+	last := f.ck.Next - 1
+	var zStart, zLen int64
+	flushZero := func() error {
+		if zLen == 0 {
+			return nil
+		}
+		f.w.flushBuf()
+		if f.w.err != nil {
+			return f.w.err
+		}
+		off := zStart * cs
+		err := f.img.WriteZeroes(off, min(zLen*cs, f.info.Size-off))
+		zLen = 0
+		return noSpace(err)
+	}
+	progress := f.l.opts.Progress
+	end, endID, err := decodeOrdered(ctx, sr, f.info.Parent != "", func(fr frame, d Digest) error {
+		if fr.idx <= last || fr.idx >= clusters {
+			return fmt.Errorf("%w: cluster %d out of order", errStream, fr.idx)
+		}
+		if exp := min(cs, f.info.Size-fr.idx*cs); fr.n != exp {
+			return fmt.Errorf("%w: cluster %d: %d bytes, want %d", errStream, fr.idx, fr.n, exp)
+		}
+		last = fr.idx
+		return nil
+	}, func(fr frame, d Digest, raw []byte) error {
+		if fr.kind == kindZero {
+			if fr.idx < f.ck.Next || fr.idx+fr.n > clusters {
+				return fmt.Errorf("%w: zero run %d+%d out of order", errStream, fr.idx, fr.n)
+			}
+			for i := int64(0); i < fr.n; i++ {
+				f.h.add(Entry{Index: fr.idx + i, Zero: true})
+			}
+			if zLen > 0 && zStart+zLen == fr.idx {
+				zLen += fr.n
+			} else {
+				if err := flushZero(); err != nil {
+					return err
+				}
+				zStart, zLen = fr.idx, fr.n
+			}
+			f.ck.Next = fr.idx + fr.n
+			return nil
+		}
+		if fr.idx < f.ck.Next {
+			return fmt.Errorf("%w: cluster %d out of order", errStream, fr.idx)
+		}
+		if err := flushZero(); err != nil {
+			return err
+		}
+		f.h.add(Entry{Index: fr.idx, Digest: d})
+		if err := f.w.write(fr.idx, raw); err != nil {
+			return err
+		}
+		f.ck.Next = fr.idx + 1
+		f.sinceCk += int64(len(raw))
+		progress.Add(int64(len(raw)))
+		if f.sinceCk >= checkpointInterval {
+			f.ck.Bytes = base + sr.bytes
+			return f.checkpoint()
+		}
+		return nil
+	})
+	if err == nil {
+		err = flushZero()
+	}
+	moved := sr.bytes
+	f.ck.Bytes = base + moved
+	if cerr := f.checkpoint(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return moved, false, err
+	}
+	if f.h.sum() != f.info.ID || fmt.Sprintf("%x", endID[:]) != f.info.ID {
+		return moved, false, fmt.Errorf("%w: layer %s: the stream's entries hash to %s", ErrDigestMismatch, short(f.info.ID), short(f.h.sum()))
+	}
+	if f.h.count != f.info.Clusters {
+		return moved, false, fmt.Errorf("%w: layer %s: %d entries, the layer has %d", errStream, short(f.info.ID), f.h.count, f.info.Clusters)
+	}
+	if end.idx < 0 {
+		return moved, false, fmt.Errorf("%w: end frame", errStream)
+	}
+	return moved, true, nil
+}
+
+// finish imports the complete file into the store and removes the fetch files.
+func (f *layerFetcher) finish(ctx context.Context) error {
+	if err := f.w.flush(); err != nil {
+		return err
+	}
+	f.close()
+	opts := images.ImportOptions{Kind: images.Kind(f.info.Kind), Parent: f.info.Parent}
+	l, existed, err := f.l.store.Import(ctx, f.path, opts)
+	if err != nil {
+		return noSpace(fmt.Errorf("import fetched layer %s: %w", short(f.info.ID), err))
+	}
+	if l.ID != f.info.ID {
+		if !existed {
+			f.l.store.RemoveLayer(l.ID)
+		}
+		os.Remove(f.path)
+		os.Remove(f.ckptPath)
+		return fmt.Errorf("%w: fetched layer %s imports as %s", ErrDigestMismatch, short(f.info.ID), short(l.ID))
+	}
+	os.Remove(f.path)
+	os.Remove(f.ckptPath)
+	return nil
+}

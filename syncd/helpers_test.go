@@ -1,0 +1,287 @@
+package syncd
+
+import (
+	"context"
+	"io/fs"
+	"math/rand/v2"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/internal/testutil"
+)
+
+const (
+	KiB = int64(1) << 10
+	MiB = int64(1) << 20
+	GiB = int64(1) << 30
+)
+
+// fill returns n bytes: pseudo-random from seed, or a compressible pattern when
+// compressible is set.
+func fill(seed uint64, n int64, compressible bool) []byte {
+	b := make([]byte, n)
+	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
+	if compressible {
+		for i := int64(0); i < n; i += 64 {
+			v := byte(r.IntN(4))
+			for j := i; j < min(i+64, n); j++ {
+				b[j] = v + byte(j%7)
+			}
+		}
+		return b
+	}
+	for i := int64(0); i+8 <= n; i += 8 {
+		x := r.Uint64()
+		for k := 0; k < 8; k++ {
+			b[i+int64(k)] = byte(x >> (8 * k))
+		}
+	}
+	return b
+}
+
+// write is one range written into an image: data, or zeros when zero is set.
+type write struct {
+	off  int64
+	data []byte
+	zero int64
+}
+
+// makeImage writes an image at path (on backing, when given) with ws.
+func makeImage(t testing.TB, path string, size int64, backing string, ws []write) {
+	t.Helper()
+	co := disk.CreateOptions{Size: size, AllowedRoots: []string{filepath.Dir(filepath.Dir(path)), filepath.Dir(path)}}
+	if backing != "" {
+		co.BackingFile, co.BackingFormat, co.Size = backing, disk.FormatQcow2, 0
+		co.AllowedRoots = append(co.AllowedRoots, filepath.Dir(backing))
+	}
+	img, err := disk.Create(path, co)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	applyWrites(t, img, ws)
+}
+
+func applyWrites(t testing.TB, img disk.Image, ws []write) {
+	t.Helper()
+	for _, w := range ws {
+		var err error
+		if w.zero > 0 {
+			err = img.WriteZeroes(w.off, w.zero)
+		} else {
+			_, err = img.WriteAt(w.data, w.off)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := img.Flush(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// world is a server store with a desktop, served on loopback, and a device.
+type world struct {
+	t        *testing.T
+	dir      string
+	store    *images.Store
+	srv      *Server
+	http     *httptest.Server
+	token    string
+	device   *Device
+	desktop  string
+	base     string // layer IDs
+	app      string
+	baseSize int64
+	now      time.Time
+}
+
+type worldSpec struct {
+	baseSize   int64
+	baseWrites []write
+	appWrites  []write
+	userSize   int64
+	// Server-side changes made before the first check-out (sealed by it as a
+	// version): on the system and user tops.
+	sysWrites, userWrites []write
+}
+
+func newWorld(t *testing.T, spec worldSpec) *world {
+	t.Helper()
+	testutil.NeedQemu(t)
+	w := &world{t: t, dir: filepath.Join(t.TempDir(), "server"), desktop: "desk", baseSize: spec.baseSize, now: time.Now()}
+	src := t.TempDir()
+	makeImage(t, filepath.Join(src, "base.qcow2"), spec.baseSize, "", spec.baseWrites)
+	makeImage(t, filepath.Join(src, "app.qcow2"), 0, filepath.Join(src, "base.qcow2"), spec.appWrites)
+	st, err := images.Open(w.dir, images.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.store = st
+	ctx := context.Background()
+	bl, _, err := st.Import(ctx, filepath.Join(src, "base.qcow2"), images.ImportOptions{Names: []string{"base:1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	al, _, err := st.Import(ctx, filepath.Join(src, "app.qcow2"), images.ImportOptions{Parent: bl.ID, Names: []string{"app:1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.base, w.app = bl.ID, al.ID
+	d, err := st.CreateDesktop(ctx, w.desktop, images.DesktopSpec{Base: bl.ID, Apps: []string{al.ID}, UserSize: spec.userSize})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(spec.sysWrites) > 0 {
+		w.writeTop(d.SystemDisk, spec.sysWrites)
+	}
+	if len(spec.userWrites) > 0 {
+		w.writeTop(d.UserDisk, spec.userWrites)
+	}
+	w.start()
+	w.device, w.token, err = w.srv.AddDevice("laptop1", []string{w.desktop})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		w.stop()
+		st.Close()
+		checkAllImages(t, w.dir)
+	})
+	return w
+}
+
+func (w *world) writeTop(rel string, ws []write) {
+	w.t.Helper()
+	img, err := disk.Open(w.store.Path(rel), disk.OpenOptions{AllowedRoots: []string{w.dir}})
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	defer img.Close()
+	applyWrites(w.t, img, ws)
+}
+
+func (w *world) start() {
+	w.t.Helper()
+	srv, err := NewServer(w.store, ServerOptions{Now: func() time.Time { return w.now }})
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	w.srv = srv
+	w.http = httptest.NewServer(srv.Handler())
+}
+
+func (w *world) stop() {
+	if w.http != nil {
+		w.http.Close()
+		w.http = nil
+	}
+	if w.srv != nil {
+		w.srv.Close()
+		w.srv = nil
+	}
+}
+
+func (w *world) client(token string) *Client {
+	w.t.Helper()
+	c, err := NewClient(w.http.URL, token, ClientOptions{})
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	return c
+}
+
+func (w *world) head() (int, *Version) {
+	w.t.Helper()
+	st, err := w.srv.DesktopStatus(w.desktop)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	for i := range st.Versions {
+		if st.Versions[i].N == st.Head {
+			return st.Head, &st.Versions[i]
+		}
+	}
+	w.t.Fatalf("head %d missing", st.Head)
+	return 0, nil
+}
+
+// laptop is a local store.
+type laptop struct {
+	t     *testing.T
+	dir   string
+	store *images.Store
+	lp    *Laptop
+}
+
+func newLaptop(t *testing.T, name string) *laptop {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), name)
+	return openLaptopAt(t, dir)
+}
+
+func openLaptopAt(t *testing.T, dir string) *laptop {
+	t.Helper()
+	st, err := images.Open(dir, images.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lp, err := OpenLaptop(st, LaptopOptions{})
+	if err != nil {
+		st.Close()
+		t.Fatal(err)
+	}
+	l := &laptop{t: t, dir: dir, store: st, lp: lp}
+	t.Cleanup(func() { l.close() })
+	return l
+}
+
+func (l *laptop) close() {
+	if l.lp != nil {
+		l.lp.Close()
+		l.store.Close()
+		checkAllImages(l.t, l.dir)
+		l.lp = nil
+	}
+}
+
+// top returns the absolute path of a disk's top on the laptop.
+func (l *laptop) top(desktop, diskName string) string {
+	l.t.Helper()
+	d, err := l.store.Desktop(desktop)
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	if diskName == DiskUser {
+		return l.store.Path(d.UserDisk)
+	}
+	return l.store.Path(d.SystemDisk)
+}
+
+// checkAllImages runs qemu-img check on every qcow2 file under dir.
+func checkAllImages(t testing.TB, dir string) {
+	t.Helper()
+	filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() && strings.HasSuffix(p, ".qcow2") && !strings.Contains(filepath.Base(p), images.TempPrefix) {
+			testutil.QemuCheck(t, p)
+		}
+		return nil
+	})
+}
+
+// qemuCompare fails unless the two chains read the same through qemu-img.
+func qemuCompare(t testing.TB, a, b string) {
+	t.Helper()
+	out, err := testutil.RunErr("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", a, b)
+	if err != nil {
+		t.Fatalf("qemu-img compare %s %s: %v\n%s", a, b, err, out)
+	}
+}
+
+func exists(p string) bool { _, err := os.Stat(p); return err == nil }

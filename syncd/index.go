@@ -1,0 +1,139 @@
+package syncd
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"fmt"
+	"io"
+
+	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/images"
+	bolt "go.etcd.io/bbolt"
+)
+
+// The cluster-digest index: for every data cluster of every layer the server
+// holds, digest → (layer, guest cluster index) of its first holder. A check-in
+// sends only the clusters whose digests it does not know. Entries are hints: a
+// hit is read back and hashed before it is used, so a stale entry (a layer removed
+// since) costs a resend, never wrong data.
+
+// clusterRef is where a cluster with a known digest can be read.
+type clusterRef struct {
+	Layer string
+	Index int64
+}
+
+func indexValue(layer string, idx int64) ([]byte, error) {
+	raw, err := hex.DecodeString(layer)
+	if err != nil || len(raw) != sha256.Size {
+		return nil, fmt.Errorf("bad layer id %q", layer)
+	}
+	return binary.BigEndian.AppendUint64(raw, uint64(idx)), nil
+}
+
+func parseIndexValue(v []byte) (clusterRef, bool) {
+	if len(v) != sha256.Size+8 {
+		return clusterRef{}, false
+	}
+	return clusterRef{Layer: hex.EncodeToString(v[:sha256.Size]), Index: int64(binary.BigEndian.Uint64(v[sha256.Size:]))}, true
+}
+
+// lookupTx finds a holder of digest d.
+func lookupTx(tx *bolt.Tx, d Digest) (clusterRef, bool) {
+	return parseIndexValue(tx.Bucket(bucketClusters).Get(d[:]))
+}
+
+// indexEntries records entries of layer (first holder wins).
+func indexEntries(tx *bolt.Tx, layer string, ents []Entry) error {
+	b := tx.Bucket(bucketClusters)
+	for _, e := range ents {
+		if e.Zero || b.Get(e.Digest[:]) != nil {
+			continue
+		}
+		v, err := indexValue(layer, e.Index)
+		if err != nil {
+			return err
+		}
+		if err := b.Put(e.Digest[:], v); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func isIndexed(tx *bolt.Tx, layer string) bool {
+	return tx.Bucket(bucketIndexed).Get([]byte(layer)) != nil
+}
+
+func markIndexed(tx *bolt.Tx, layer string, n int64) error {
+	return tx.Bucket(bucketIndexed).Put([]byte(layer), binary.BigEndian.AppendUint64(nil, uint64(n)))
+}
+
+// indexLayerFile reads the data clusters of the layer file at path (its own layer
+// only) and records them under id.
+func (s *state) indexLayerFile(ctx context.Context, id, path string) error {
+	img, err := disk.Open(path, disk.OpenOptions{ReadOnly: true, NoBacking: true})
+	if err != nil {
+		return fmt.Errorf("index layer %s: %w", short(id), err)
+	}
+	defer img.Close()
+	cs := images.DigestClusterSize(img.Info())
+	var batch []Entry
+	var n int64
+	flush := func() error {
+		err := s.update(func(tx *bolt.Tx) error { return indexEntries(tx, id, batch) })
+		batch = batch[:0]
+		return err
+	}
+	err = walkClusters(ctx, img, cs, false, 0, func(idx int64, data []byte) error {
+		batch = append(batch, Entry{Index: idx, Digest: sha256.Sum256(data)})
+		n++
+		if len(batch) == 1<<16 {
+			return flush()
+		}
+		return nil
+	})
+	if err == nil {
+		err = flush()
+	}
+	if err != nil {
+		return fmt.Errorf("index layer %s: %w", short(id), err)
+	}
+	return s.update(func(tx *bolt.Tx) error { return markIndexed(tx, id, n) })
+}
+
+// readCluster reads guest cluster idx of layer file path's own layer and checks
+// it against d.
+func readCluster(path string, idx int64, cs int, d Digest, buf []byte) ([]byte, error) {
+	img, err := disk.Open(path, disk.OpenOptions{ReadOnly: true, NoBacking: true})
+	if err != nil {
+		return nil, err
+	}
+	defer img.Close()
+	return readClusterFrom(img, idx, cs, d, buf)
+}
+
+func readClusterFrom(img disk.Image, idx int64, cs int, d Digest, buf []byte) ([]byte, error) {
+	off := idx * int64(cs)
+	if off >= img.Size() {
+		return nil, fmt.Errorf("cluster %d beyond the end of %s", idx, img.Info().Path)
+	}
+	n := min(int64(cs), img.Size()-off)
+	b := buf[:n]
+	if _, err := img.ReadAt(b, off); err != nil && err != io.EOF {
+		return nil, err
+	}
+	if sha256.Sum256(b) != d {
+		return nil, fmt.Errorf("cluster %d of %s: %w (index entry is stale)", idx, img.Info().Path, ErrDigestMismatch)
+	}
+	return b, nil
+}
+
+func short(id string) string {
+	if len(id) > 12 {
+		return id[:12]
+	}
+	return id
+}

@@ -1,0 +1,237 @@
+package syncd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/cvd-project/cvd/images"
+	bolt "go.etcd.io/bbolt"
+)
+
+// Checkout is a laptop's record of a checked-out desktop.
+type Checkout struct {
+	Desktop string `json:"desktop"`
+	Server  string `json:"server"`
+	Token   string `json:"token"` // the device token (the state file is mode 0600)
+	CACert  string `json:"ca_cert,omitempty"`
+	Lease   Lease  `json:"lease"`
+	// Version is the server version the local tops stand on; Layers the layer
+	// each disk's top stands on ("" for a blank disk).
+	Version     int               `json:"version"`
+	Layers      map[string]string `json:"layers"`
+	BlankSizes  map[string]int64  `json:"blank_sizes,omitempty"`
+	CheckedOut  time.Time         `json:"checked_out"`
+	LastCheckin time.Time         `json:"last_checkin,omitzero"`
+	LastRenew   time.Time         `json:"last_renew,omitzero"`
+	// Pending is a check-in under way (its server-side ID), and its result once
+	// the server committed it but the laptop has not frozen its tops yet.
+	Pending *PendingCheckin `json:"pending,omitempty"`
+	// Offline marks a copy imported from a bundle: no server to renew with.
+	Offline bool `json:"offline,omitempty"`
+}
+
+// PendingCheckin is a check-in that a rerun resumes.
+type PendingCheckin struct {
+	ID      string         `json:"id"`
+	Base    int            `json:"base"`
+	Release bool           `json:"release,omitempty"`
+	Result  *CheckinResult `json:"result,omitempty"`
+}
+
+// Progress shows a transfer; the CLI draws a bar on a terminal. Bytes are payload
+// bytes (as sent or received).
+type Progress interface {
+	Start(what string, total int64)
+	Add(n int64)
+	Done()
+}
+
+type noProgress struct{}
+
+func (noProgress) Start(string, int64) {}
+func (noProgress) Add(int64)           {}
+func (noProgress) Done()               {}
+
+// LaptopOptions controls a Laptop.
+type LaptopOptions struct {
+	Progress Progress
+	Logger   *slog.Logger
+	Now      func() time.Time
+	// VM defines the checked-out desktop in the local hypervisor; nil skips it.
+	VM LocalVM
+}
+
+// LocalVM defines a checked-out desktop on the laptop (the CLI wires it to
+// package hypervisor when libvirt is present).
+type LocalVM interface {
+	// DefineDesktop defines (or redefines) the desktop's VM over its local tops.
+	DefineDesktop(ctx context.Context, desktop string, systemTop, userTop string) error
+	// UndefineDesktop removes it (after a purge or a release).
+	UndefineDesktop(ctx context.Context, desktop string) error
+}
+
+// Laptop is the client side over a local store: check-out, check-in, renew,
+// release, purge.
+type Laptop struct {
+	store *images.Store
+	st    *state
+	opts  LaptopOptions
+	log   *slog.Logger
+}
+
+// OpenLaptop opens syncd's state in a local store.
+func OpenLaptop(store *images.Store, opts LaptopOptions) (*Laptop, error) {
+	if opts.Progress == nil {
+		opts.Progress = noProgress{}
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	st, err := openState(store.Dir(), 0)
+	if err != nil {
+		return nil, err
+	}
+	return &Laptop{store: store, st: st, opts: opts, log: log}, nil
+}
+
+// Close closes syncd's state (not the store).
+func (l *Laptop) Close() error { return l.st.Close() }
+
+func (l *Laptop) now() time.Time { return l.opts.Now() }
+
+// Checkouts lists the desktops checked out to this store.
+func (l *Laptop) Checkouts() ([]Checkout, error) {
+	var out []Checkout
+	err := l.st.view(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketCheckouts).ForEach(func(k, v []byte) error {
+			var c Checkout
+			if _, err := getJSON(tx, bucketCheckouts, string(k), &c); err != nil {
+				return err
+			}
+			out = append(out, c)
+			return nil
+		})
+	})
+	return out, err
+}
+
+// Checkout returns the record of a checked-out desktop.
+func (l *Laptop) Checkout(name string) (*Checkout, error) {
+	var c Checkout
+	var ok bool
+	err := l.st.view(func(tx *bolt.Tx) error {
+		var err error
+		ok, err = getJSON(tx, bucketCheckouts, name, &c)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		return nil, fmt.Errorf("desktop %s: %w", name, ErrNotCheckedOut)
+	}
+	return &c, nil
+}
+
+func (l *Laptop) putCheckout(c *Checkout) error {
+	return l.st.update(func(tx *bolt.Tx) error { return putJSON(tx, bucketCheckouts, c.Desktop, c) })
+}
+
+// PurgeReport says what a purge removed.
+type PurgeReport struct {
+	Desktop string    `json:"desktop"`
+	Expired time.Time `json:"expired"`
+	Reason  string    `json:"reason"`
+}
+
+// PurgeExpired removes every checked-out copy whose lease has expired, whether
+// or not the server can be reached: the desktop, its tops (changes not checked in
+// are lost, by policy) and its record. Its layers lose their sync names; the
+// store's gc removes those nothing else keeps.
+func (l *Laptop) PurgeExpired(ctx context.Context) ([]PurgeReport, error) {
+	cos, err := l.Checkouts()
+	if err != nil {
+		return nil, err
+	}
+	var out []PurgeReport
+	for _, c := range cos {
+		if !c.Lease.Expired(l.now()) {
+			continue
+		}
+		if err := l.removeCopy(ctx, &c); err != nil {
+			return out, err
+		}
+		l.log.Warn("purged expired copy", "desktop", c.Desktop, "expired", c.Lease.Expires)
+		out = append(out, PurgeReport{Desktop: c.Desktop, Expired: c.Lease.Expires, Reason: "lease expired"})
+	}
+	return out, nil
+}
+
+// removeCopy removes a checked-out desktop from the laptop.
+func (l *Laptop) removeCopy(ctx context.Context, c *Checkout) error {
+	if l.opts.VM != nil {
+		if err := l.opts.VM.UndefineDesktop(ctx, c.Desktop); err != nil {
+			l.log.Warn("undefine local VM", "desktop", c.Desktop, "err", err)
+		}
+	}
+	if _, _, err := l.store.RemoveDesktop(c.Desktop, true); err != nil && !errors.Is(err, images.ErrNotFound) {
+		return fmt.Errorf("purge desktop %s: %w", c.Desktop, err)
+	}
+	for _, dn := range diskNames {
+		if err := l.store.Untag(laptopName(c.Desktop, dn)); err != nil && !errors.Is(err, images.ErrNotFound) {
+			return fmt.Errorf("purge desktop %s: %w", c.Desktop, err)
+		}
+	}
+	return l.st.update(func(tx *bolt.Tx) error { return tx.Bucket(bucketCheckouts).Delete([]byte(c.Desktop)) })
+}
+
+// PurgeExpired is Laptop.PurgeExpired for a store directory that may not be open:
+// it costs a stat when nothing was ever checked out to the store. Every cvd command
+// that opens a store calls it first.
+func PurgeExpired(ctx context.Context, storeDir string, logger *slog.Logger) ([]PurgeReport, error) {
+	if _, err := os.Stat(statePath(storeDir)); err != nil {
+		return nil, nil
+	}
+	st, err := openState(storeDir, 0)
+	if err != nil {
+		return nil, err
+	}
+	var expired bool
+	now := time.Now()
+	err = st.view(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketCheckouts).ForEach(func(k, v []byte) error {
+			var c Checkout
+			if _, err := getJSON(tx, bucketCheckouts, string(k), &c); err == nil && c.Lease.Expired(now) {
+				expired = true
+			}
+			return nil
+		})
+	})
+	st.Close()
+	if err != nil || !expired {
+		return nil, err
+	}
+	store, err := images.Open(storeDir, images.OpenOptions{})
+	if err != nil {
+		return nil, err
+	}
+	defer store.Close()
+	lp, err := OpenLaptop(store, LaptopOptions{Logger: logger})
+	if err != nil {
+		return nil, err
+	}
+	defer lp.Close()
+	return lp.PurgeExpired(ctx)
+}
+
+func (l *Laptop) fetchDir() string { return filepath.Join(l.st.dir, fetchDir) }

@@ -1,0 +1,120 @@
+package syncd
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+// Lease is a device's hold on a desktop: while it is active and not expired, no
+// other device can check the desktop out. The laptop purges its copy once Expires
+// has passed, whether or not it can reach the server.
+type Lease struct {
+	ID         string    `json:"id"`
+	Desktop    string    `json:"desktop"`
+	Device     string    `json:"device"` // device ID
+	DeviceName string    `json:"device_name"`
+	Granted    time.Time `json:"granted"`
+	Expires    time.Time `json:"expires"`
+	Version    int       `json:"version"` // the version checked out
+	// State is set in the lease log: active, released, broken (by an administrator
+	// or a removed device), expired (ended past its expiry).
+	State string    `json:"state,omitempty"`
+	Ended time.Time `json:"ended,omitzero"`
+}
+
+// Expired reports whether the lease is past its expiry at now.
+func (l *Lease) Expired(now time.Time) bool { return !now.Before(l.Expires) }
+
+func newLeaseID() string {
+	b := make([]byte, 12)
+	if _, err := rand.Read(b); err != nil {
+		panic(err)
+	}
+	return hex.EncodeToString(b)
+}
+
+func activeLease(tx *bolt.Tx, desktop string) (*Lease, error) {
+	var l Lease
+	ok, err := getJSON(tx, bucketLeases, desktop, &l)
+	if err != nil || !ok {
+		return nil, err
+	}
+	return &l, nil
+}
+
+// endLease moves the active lease l into the log with its end state.
+func endLease(tx *bolt.Tx, l *Lease, st string, now time.Time) error {
+	l.State, l.Ended = st, now.UTC()
+	if err := putJSON(tx, bucketLeaseLog, l.ID, l); err != nil {
+		return err
+	}
+	return tx.Bucket(bucketLeases).Delete([]byte(l.Desktop))
+}
+
+func leaseHeld(l *Lease, err error) error {
+	return &LeaseError{Desktop: l.Desktop, Holder: l.DeviceName, Expires: l.Expires.UTC().Format(time.RFC3339), Err: err}
+}
+
+// grantLease gives dev the lease on desktop for ttl, or renews the one it holds.
+// Another device's unexpired lease refuses it with a *LeaseError.
+func grantLease(tx *bolt.Tx, desktop string, dev *Device, ttl time.Duration, version int, now time.Time) (*Lease, bool, error) {
+	l, err := activeLease(tx, desktop)
+	if err != nil {
+		return nil, false, err
+	}
+	if l != nil {
+		switch {
+		case l.Device != dev.ID && !l.Expired(now):
+			return nil, false, leaseHeld(l, ErrLeaseHeld)
+		case l.Device == dev.ID && !l.Expired(now):
+			l.Expires = now.Add(ttl).UTC()
+			l.Version = version
+			return l, false, putJSON(tx, bucketLeases, desktop, l)
+		default:
+			if err := endLease(tx, l, "expired", now); err != nil {
+				return nil, false, err
+			}
+		}
+	}
+	nl := &Lease{ID: newLeaseID(), Desktop: desktop, Device: dev.ID, DeviceName: dev.Name,
+		Granted: now.UTC(), Expires: now.Add(ttl).UTC(), Version: version, State: "active"}
+	if err := putJSON(tx, bucketLeases, desktop, nl); err != nil {
+		return nil, false, err
+	}
+	return nl, true, putJSON(tx, bucketLeaseLog, nl.ID, nl)
+}
+
+// ownLease returns dev's active, unexpired lease on desktop with ID id.
+func ownLease(tx *bolt.Tx, desktop string, dev *Device, id string, now time.Time) (*Lease, error) {
+	l, err := activeLease(tx, desktop)
+	if err != nil {
+		return nil, err
+	}
+	if l != nil && l.ID == id && l.Device == dev.ID {
+		if l.Expired(now) {
+			return nil, fmt.Errorf("desktop %s: %w at %s: check it out again", desktop, ErrLeaseExpired, l.Expires.Format(time.RFC3339))
+		}
+		return l, nil
+	}
+	var old Lease
+	if ok, err := getJSON(tx, bucketLeaseLog, id, &old); err != nil {
+		return nil, err
+	} else if ok && old.Device == dev.ID && old.Desktop == desktop {
+		switch old.State {
+		case "expired":
+			return nil, fmt.Errorf("desktop %s: %w at %s: check it out again", desktop, ErrLeaseExpired, old.Expires.Format(time.RFC3339))
+		case "broken":
+			return &old, fmt.Errorf("desktop %s: %w: the lease was broken by an administrator", desktop, ErrNoLease)
+		default:
+			return nil, fmt.Errorf("desktop %s: %w: the lease was %s", desktop, ErrNoLease, old.State)
+		}
+	}
+	if l != nil && l.Device != dev.ID && !l.Expired(now) {
+		return nil, leaseHeld(l, ErrLeaseHeld)
+	}
+	return nil, fmt.Errorf("desktop %s: %w held by this device", desktop, ErrNoLease)
+}

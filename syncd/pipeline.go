@@ -1,0 +1,103 @@
+package syncd
+
+import (
+	"context"
+	"runtime"
+	"sync"
+)
+
+// encodeOrdered hashes and compresses clusters on several goroutines and hands them
+// to consume in the order produce submitted them. A zero entry (data nil) passes
+// through. Memory is bounded by a few clusters per worker.
+func encodeOrdered(ctx context.Context, produce func(submit func(diskNo byte, idx int64, data []byte) error) error,
+	consume func(c encodedCluster, zero bool) error) error {
+	workers := max(1, runtime.GOMAXPROCS(0))
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	type job struct {
+		diskNo byte
+		idx    int64
+		raw    []byte
+		zero   bool
+		c      encodedCluster
+		err    error
+		done   chan struct{}
+	}
+	var pool sync.Pool
+	getBuf := func(n int) []byte {
+		if b, ok := pool.Get().(*[]byte); ok && cap(*b) >= n {
+			return (*b)[:n]
+		}
+		return make([]byte, n, max(n, 64<<10))
+	}
+	putBuf := func(b []byte) {
+		if b != nil {
+			pool.Put(&b)
+		}
+	}
+
+	jobs := make(chan *job, workers*2)
+	order := make(chan *job, workers*4)
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := range jobs {
+				if !j.zero {
+					j.c, j.err = encodeCluster(j.diskNo, j.idx, j.raw, getBuf(len(j.raw)))
+				}
+				close(j.done)
+			}
+		}()
+	}
+	prodErr := make(chan error, 1)
+	go func() {
+		defer close(jobs)
+		defer close(order)
+		prodErr <- produce(func(diskNo byte, idx int64, data []byte) error {
+			j := &job{diskNo: diskNo, idx: idx, zero: data == nil, done: make(chan struct{})}
+			if data != nil {
+				j.raw = getBuf(len(data))
+				copy(j.raw, data)
+			}
+			select {
+			case order <- j:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+			select {
+			case jobs <- j:
+			case <-ctx.Done():
+				close(j.done)
+				return ctx.Err()
+			}
+			return nil
+		})
+	}()
+	var err error
+	for j := range order {
+		<-j.done
+		if err == nil {
+			err = j.err
+		}
+		if err == nil {
+			if j.zero {
+				err = consume(encodedCluster{disk: j.diskNo, idx: j.idx}, true)
+			} else {
+				err = consume(j.c, false)
+			}
+		}
+		if err != nil {
+			cancel()
+		}
+		putBuf(j.raw)
+		putBuf(j.c.data)
+	}
+	wg.Wait()
+	if perr := <-prodErr; err == nil {
+		err = perr
+	}
+	return err
+}

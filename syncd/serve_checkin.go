@@ -1,0 +1,823 @@
+package syncd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"sort"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/images"
+	bolt "go.etcd.io/bbolt"
+)
+
+// Session is a check-in on the server: its request, which entry lists arrived,
+// and once committed, its result. Its files live in <store>/sync/sessions/<id>/:
+// <disk>.entries (the list) and <disk>.qcow2, the staging layer on the disk's
+// parent that receives the clusters. The staging layer's own allocation is the
+// record of what arrived: a resumed check-in asks only for the rest.
+type Session struct {
+	CheckinRequest
+	Device     string         `json:"device"`
+	DeviceName string         `json:"device_name"`
+	State      string         `json:"state"` // receiving, committed
+	Created    time.Time      `json:"created"`
+	Lists      []string       `json:"lists"`
+	Received   int64          `json:"received_bytes"`
+	Clusters   int64          `json:"received_clusters"`
+	Result     *CheckinResult `json:"result,omitempty"`
+}
+
+const (
+	stateReceiving = "receiving"
+	stateCommitted = "committed"
+)
+
+// session is an open check-in in memory: its entry lists, loaded once.
+type session struct {
+	mu    sync.Mutex
+	id    string
+	dir   string
+	lists map[string]*diskList
+}
+
+type diskList struct {
+	d       CheckinDisk
+	no      byte
+	entries []Entry
+	byIdx   map[int64]Digest // data entries
+}
+
+var sessionIDRE = regexp.MustCompile(`^[0-9a-f]{32,64}$`)
+
+func (s *Server) sessionDir(id string) string { return s.syncPath(sessionsDir, id) }
+
+// getSession loads the session record.
+func (s *Server) getSession(id string) (*Session, error) {
+	if !sessionIDRE.MatchString(id) {
+		return nil, badRequest("check-in id %q", id)
+	}
+	var se Session
+	var ok bool
+	err := s.st.view(func(tx *bolt.Tx) error {
+		var err error
+		ok, err = getJSON(tx, bucketSessions, id, &se)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		return nil, fmt.Errorf("check-in %s: %w", id, ErrNotFound)
+	}
+	return &se, nil
+}
+
+func (s *Server) putSession(se *Session) error {
+	return s.st.update(func(tx *bolt.Tx) error { return putJSON(tx, bucketSessions, se.ID, se) })
+}
+
+// openSession returns the in-memory session, loading its entry lists.
+func (s *Server) openSession(se *Session) (*session, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if m := s.sessions[se.ID]; m != nil {
+		return m, nil
+	}
+	m := &session{id: se.ID, dir: s.sessionDir(se.ID), lists: map[string]*diskList{}}
+	for _, d := range se.Disks {
+		if !slices.Contains(se.Lists, d.Name) {
+			continue
+		}
+		dl, err := loadList(filepath.Join(m.dir, d.Name+".entries"), d)
+		if err != nil {
+			return nil, err
+		}
+		m.lists[d.Name] = dl
+	}
+	s.sessions[se.ID] = m
+	return m, nil
+}
+
+func (s *Server) dropSession(id string) {
+	s.mu.Lock()
+	delete(s.sessions, id)
+	s.mu.Unlock()
+}
+
+func loadList(path string, d CheckinDisk) (*diskList, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	no, _ := diskNumber(d.Name)
+	dl := &diskList{d: d, no: no, byIdx: map[int64]Digest{}}
+	err = readEntries(f, d.Entries, clustersOf(d.Size, d.ClusterSize), d.Parent != "", func(e Entry) error {
+		dl.entries = append(dl.entries, e)
+		if !e.Zero {
+			dl.byIdx[e.Index] = e.Digest
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("entry list %s: %w", path, err)
+	}
+	return dl, nil
+}
+
+func clustersOf(size int64, cs int) int64 { return (size + int64(cs) - 1) / int64(cs) }
+
+func (s *Server) checkinDesktop(dev *Device, name string) error {
+	if err := images.CheckObjectName("desktop", name); err != nil {
+		return badRequest("%v", err)
+	}
+	if !dev.Bound(name) {
+		return fmt.Errorf("%w: device %s, desktop %s", ErrForbidden, dev.Name, name)
+	}
+	return nil
+}
+
+// leaseForCheckin checks dev's lease: conflict is true for a lease that an
+// administrator broke (the check-in is kept as a conflict version).
+func (s *Server) leaseForCheckin(name string, dev *Device, lease string) (conflict bool, err error) {
+	err = s.st.view(func(tx *bolt.Tx) error {
+		l, err := ownLease(tx, name, dev, lease, s.now())
+		if err != nil && l != nil && l.State == "broken" {
+			conflict = true
+			return nil
+		}
+		return err
+	})
+	return conflict, err
+}
+
+func validCheckin(req *CheckinRequest) error {
+	if !sessionIDRE.MatchString(req.ID) {
+		return badRequest("check-in id %q: want 32-64 hex digits", req.ID)
+	}
+	if req.Base <= 0 {
+		return badRequest("base version %d", req.Base)
+	}
+	if len(req.Disks) == 0 || len(req.Disks) > len(diskNames) {
+		return badRequest("%d disks", len(req.Disks))
+	}
+	seen := map[string]bool{}
+	for _, d := range req.Disks {
+		if _, ok := diskNumber(d.Name); !ok || seen[d.Name] {
+			return badRequest("disk %q", d.Name)
+		}
+		seen[d.Name] = true
+		if d.ClusterSize < 512 || d.ClusterSize > maxClusterSize || d.ClusterSize&(d.ClusterSize-1) != 0 {
+			return badRequest("disk %s: cluster size %d", d.Name, d.ClusterSize)
+		}
+		if d.Size <= 0 || d.Size > 1<<50 {
+			return badRequest("disk %s: size %d", d.Name, d.Size)
+		}
+		if d.Entries < 0 || d.DataEntries < 0 || d.DataEntries > d.Entries || d.Entries > clustersOf(d.Size, d.ClusterSize) {
+			return badRequest("disk %s: %d entries (%d data)", d.Name, d.Entries, d.DataEntries)
+		}
+		if d.Parent != "" && !layerIDRE.MatchString(d.Parent) {
+			return badRequest("disk %s: parent %q", d.Name, d.Parent)
+		}
+		if d.Entries > 0 && !layerIDRE.MatchString(d.ExpectID) {
+			return badRequest("disk %s: expect_id %q", d.Name, d.ExpectID)
+		}
+	}
+	return nil
+}
+
+func sameRequest(a, b *CheckinRequest) bool {
+	return a.ID == b.ID && a.Desktop == b.Desktop && a.Lease == b.Lease && a.Base == b.Base && slices.Equal(a.Disks, b.Disks)
+}
+
+func (s *Server) handleCheckinOpen(w http.ResponseWriter, r *http.Request, dev *Device) error {
+	var req CheckinRequest
+	if err := readJSON(w, r, &req); err != nil {
+		return err
+	}
+	if err := validCheckin(&req); err != nil {
+		return err
+	}
+	if err := s.checkinDesktop(dev, req.Desktop); err != nil {
+		return err
+	}
+	if old, err := s.getSession(req.ID); err == nil {
+		if old.Device != dev.ID || !sameRequest(&old.CheckinRequest, &req) {
+			return badRequest("check-in %s exists with other content", req.ID)
+		}
+		if old.Release != req.Release && old.State == stateReceiving {
+			old.Release = req.Release
+			if err := s.putSession(old); err != nil {
+				return err
+			}
+		}
+		st, err := s.checkinStatus(r.Context(), old)
+		if err != nil {
+			return err
+		}
+		writeJSON(w, http.StatusOK, st)
+		return nil
+	} else if !errors.Is(err, ErrNotFound) {
+		return err
+	}
+	if _, err := s.leaseForCheckin(req.Desktop, dev, req.Lease); err != nil {
+		return err
+	}
+	var need int64
+	for _, d := range req.Disks {
+		if d.Parent != "" {
+			l, err := s.store.Layer(d.Parent)
+			if err != nil {
+				return fmt.Errorf("disk %s: parent layer %s: %w", d.Name, short(d.Parent), ErrNotFound)
+			}
+			if l.ClusterSize != d.ClusterSize && d.Entries > 0 {
+				// The staging layer takes the laptop's cluster size; images seals it
+				// with that size, so the parent's does not have to match.
+				s.log.Debug("check-in cluster size differs from parent", "disk", d.Name)
+			}
+		}
+		need += d.DataEntries * int64(d.ClusterSize)
+	}
+	// The staging layer and the sealed copy both hold the data.
+	if err := checkFree(s.store.Dir(), 2*need+64<<20); err != nil {
+		return err
+	}
+	se := &Session{CheckinRequest: req, Device: dev.ID, DeviceName: dev.Name, State: stateReceiving,
+		Created: s.now().UTC(), Lists: []string{}}
+	if err := os.MkdirAll(s.sessionDir(req.ID), 0o700); err != nil {
+		return noSpace(err)
+	}
+	if err := s.putSession(se); err != nil {
+		return err
+	}
+	s.log.Info("check-in opened", "id", req.ID, "desktop", req.Desktop, "device", dev.Name, "base", req.Base)
+	st, err := s.checkinStatus(r.Context(), se)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusCreated, st)
+	return nil
+}
+
+// checkFree refuses when the file system of dir has less than need bytes free.
+func checkFree(dir string, need int64) error {
+	var fs syscall.Statfs_t
+	if err := syscall.Statfs(dir, &fs); err != nil {
+		return nil // cannot tell; the writes will say
+	}
+	free := int64(fs.Bavail) * int64(fs.Bsize)
+	if free < need {
+		return fmt.Errorf("%w: %s has %d MiB free, this needs %d MiB", ErrNoSpace, dir, free>>20, need>>20)
+	}
+	return nil
+}
+
+func (s *Server) sessionFor(r *http.Request, dev *Device) (*Session, error) {
+	se, err := s.getSession(r.PathValue("id"))
+	if err != nil {
+		return nil, err
+	}
+	if se.Device != dev.ID {
+		return nil, fmt.Errorf("check-in %s: %w", se.ID, ErrNotFound)
+	}
+	return se, nil
+}
+
+func (s *Server) checkinStatus(ctx context.Context, se *Session) (*CheckinStatus, error) {
+	st := &CheckinStatus{ID: se.ID, State: se.State, Lists: se.Lists, Received: se.Received, Committed: se.Result}
+	if se.State == stateReceiving && len(se.Lists) == len(se.Disks) {
+		m, err := s.openSession(se)
+		if err != nil {
+			return nil, err
+		}
+		miss, _, err := s.missing(ctx, se, m)
+		if err != nil {
+			return nil, err
+		}
+		st.Missing = int64(len(miss))
+	}
+	return st, nil
+}
+
+func (s *Server) handleCheckinStatus(w http.ResponseWriter, r *http.Request, dev *Device) error {
+	se, err := s.sessionFor(r, dev)
+	if err != nil {
+		return err
+	}
+	st, err := s.checkinStatus(r.Context(), se)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, st)
+	return nil
+}
+
+// handleEntries stores one disk's entry list after checking it hashes to the
+// declared layer ID, and creates the disk's staging layer.
+func (s *Server) handleEntries(w http.ResponseWriter, r *http.Request, dev *Device) error {
+	se, err := s.sessionFor(r, dev)
+	if err != nil {
+		return err
+	}
+	if se.State != stateReceiving {
+		return badRequest("check-in %s is %s", se.ID, se.State)
+	}
+	name := r.PathValue("disk")
+	i := slices.IndexFunc(se.Disks, func(d CheckinDisk) bool { return d.Name == name })
+	if i < 0 {
+		return badRequest("disk %q is not part of check-in %s", name, se.ID)
+	}
+	d := se.Disks[i]
+	dir := s.sessionDir(se.ID)
+	tmp := filepath.Join(dir, name+".entries.tmp")
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return noSpace(err)
+	}
+	defer os.Remove(tmp)
+	h := newIDHasher(d.Parent, d.Size, d.ClusterSize)
+	var buf []byte
+	body := http.MaxBytesReader(w, r.Body, d.Entries*(9+32)+1)
+	err = readEntries(body, d.Entries, clustersOf(d.Size, d.ClusterSize), d.Parent != "", func(e Entry) error {
+		h.add(e)
+		buf = appendEntry(buf, e)
+		if len(buf) >= 1<<20 {
+			_, err := f.Write(buf)
+			buf = buf[:0]
+			return err
+		}
+		return nil
+	})
+	if err == nil {
+		_, err = f.Write(buf)
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if err2 := f.Close(); err == nil {
+		err = err2
+	}
+	if err != nil {
+		return noSpace(err)
+	}
+	if h.data != d.DataEntries {
+		return badRequest("disk %s: %d data entries, declared %d", name, h.data, d.DataEntries)
+	}
+	if d.Entries > 0 && h.sum() != d.ExpectID {
+		return badRequest("disk %s: the entry list hashes to %s, not the declared %s", name, short(h.sum()), short(d.ExpectID))
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, name+".entries")); err != nil {
+		return err
+	}
+	stage := filepath.Join(dir, name+".qcow2")
+	if _, err := os.Stat(stage); errors.Is(err, os.ErrNotExist) && d.Entries > 0 {
+		co := disk.CreateOptions{Size: d.Size, ClusterSize: d.ClusterSize, AllowedRoots: []string{s.store.Dir()}}
+		if d.Parent != "" {
+			co.BackingFile = s.store.LayerPath(d.Parent)
+			co.BackingFormat = disk.FormatQcow2
+		}
+		tmpStage := stage + ".tmp"
+		os.Remove(tmpStage)
+		if err := disk.CreateFile(tmpStage, co); err != nil {
+			os.Remove(tmpStage)
+			return noSpace(fmt.Errorf("create staging layer: %w", err))
+		}
+		if err := os.Rename(tmpStage, stage); err != nil {
+			return err
+		}
+	}
+	err = s.st.update(func(tx *bolt.Tx) error {
+		var cur Session
+		if _, err := getJSON(tx, bucketSessions, se.ID, &cur); err != nil {
+			return err
+		}
+		if !slices.Contains(cur.Lists, name) {
+			cur.Lists = append(cur.Lists, name)
+			sort.Strings(cur.Lists)
+		}
+		*se = cur
+		return putJSON(tx, bucketSessions, se.ID, &cur)
+	})
+	if err != nil {
+		return err
+	}
+	s.dropSession(se.ID) // reload the lists
+	st, err := s.checkinStatus(r.Context(), se)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, st)
+	return nil
+}
+
+// allocated lists the guest clusters the staging layer of a disk holds.
+type allocSet []clusterRun
+
+func (a allocSet) has(idx int64) bool {
+	i := sort.Search(len(a), func(i int) bool { return a[i].last >= idx })
+	return i < len(a) && a[i].first <= idx
+}
+
+func stageAlloc(path string, cs int) (allocSet, error) {
+	img, err := disk.Open(path, disk.OpenOptions{ReadOnly: true, NoBacking: true})
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, nil
+		}
+		return nil, err
+	}
+	defer img.Close()
+	var out allocSet
+	for win := int64(0); win < img.Size(); win += mapWindow {
+		runs, err := layerRuns(img, win, min(mapWindow, img.Size()-win), int64(cs))
+		if err != nil {
+			return nil, err
+		}
+		for _, r := range runs {
+			if r.data {
+				out = append(out, r)
+			}
+		}
+	}
+	return out, nil
+}
+
+// source says where a data entry's bytes come from at commit.
+type source struct {
+	staged   bool       // received (or copied) into the staging layer at its own index
+	fromDisk string     // a staged cluster of this check-in: disk and index
+	fromIdx  int64      //
+	ref      clusterRef // a layer the server holds (Layer "" when none)
+}
+
+// missing lists the clusters the server still needs: the first occurrence of each
+// digest that is neither staged nor held by a layer of the store. It also reports
+// where each data entry's bytes will come from.
+func (s *Server) missing(ctx context.Context, se *Session, m *session) ([]missingItem, map[string][]source, error) {
+	if err := s.ensureIndexed(ctx); err != nil {
+		return nil, nil, err
+	}
+	var out []missingItem
+	srcs := map[string][]source{}
+	type firstAt struct {
+		disk string
+		idx  int64
+	}
+	seen := map[Digest]firstAt{}
+	for _, d := range se.Disks {
+		dl := m.lists[d.Name]
+		if dl == nil || d.Entries == 0 {
+			continue
+		}
+		alloc, err := stageAlloc(filepath.Join(m.dir, d.Name+".qcow2"), d.ClusterSize)
+		if err != nil {
+			return nil, nil, err
+		}
+		ss := make([]source, len(dl.entries))
+		err = s.st.view(func(tx *bolt.Tx) error {
+			for i, e := range dl.entries {
+				if e.Zero {
+					continue
+				}
+				if alloc.has(e.Index) {
+					ss[i].staged = true
+					if _, ok := seen[e.Digest]; !ok {
+						seen[e.Digest] = firstAt{d.Name, e.Index}
+					}
+					continue
+				}
+				if f, ok := seen[e.Digest]; ok {
+					ss[i].fromDisk, ss[i].fromIdx = f.disk, f.idx
+					continue
+				}
+				if ref, ok := lookupTx(tx, e.Digest); ok {
+					ss[i].ref = ref
+					continue
+				}
+				seen[e.Digest] = firstAt{d.Name, e.Index}
+				out = append(out, missingItem{Disk: dl.no, Index: e.Index, Digest: e.Digest})
+			}
+			return nil
+		})
+		if err != nil {
+			return nil, nil, err
+		}
+		srcs[d.Name] = ss
+	}
+	return out, srcs, nil
+}
+
+func (s *Server) handleMissing(w http.ResponseWriter, r *http.Request, dev *Device) error {
+	se, err := s.sessionFor(r, dev)
+	if err != nil {
+		return err
+	}
+	if se.State != stateReceiving {
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.WriteHeader(http.StatusOK)
+		return nil
+	}
+	if len(se.Lists) != len(se.Disks) {
+		return badRequest("check-in %s: entry lists missing (have %v)", se.ID, se.Lists)
+	}
+	m, err := s.openSession(se)
+	if err != nil {
+		return err
+	}
+	miss, _, err := s.missing(r.Context(), se, m)
+	if err != nil {
+		return err
+	}
+	b := make([]byte, 0, len(miss)*missingItemSize)
+	for _, it := range miss {
+		b = appendMissing(b, it)
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("X-Cvd-Missing", fmt.Sprint(len(miss)))
+	w.WriteHeader(http.StatusOK)
+	_, err = w.Write(b)
+	return err
+}
+
+// handleUpload receives clusters into the staging layers. Every cluster is
+// checked against its digest and against the check-in's lists before it is
+// written; a bad one stops the upload (the clusters before it stay staged).
+func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Device) error {
+	se, err := s.sessionFor(r, dev)
+	if err != nil {
+		return err
+	}
+	if se.State != stateReceiving {
+		return badRequest("check-in %s is %s", se.ID, se.State)
+	}
+	if len(se.Lists) != len(se.Disks) {
+		return badRequest("check-in %s: entry lists missing", se.ID)
+	}
+	m, err := s.openSession(se)
+	if err != nil {
+		return err
+	}
+	if !m.mu.TryLock() {
+		return fmt.Errorf("%w: check-in %s is already receiving an upload", ErrIncomplete, se.ID)
+	}
+	defer m.mu.Unlock()
+	stages := map[byte]*stageWriter{}
+	defer func() {
+		for _, sw := range stages {
+			sw.close()
+		}
+	}()
+	stageFor := func(no byte) (*stageWriter, *diskList, error) {
+		var dl *diskList
+		for _, l := range m.lists {
+			if l.no == no {
+				dl = l
+			}
+		}
+		if dl == nil || dl.d.Entries == 0 {
+			return nil, nil, badRequest("cluster for disk %d, which this check-in does not change", no)
+		}
+		if sw := stages[no]; sw != nil {
+			return sw, dl, nil
+		}
+		img, err := disk.Open(filepath.Join(m.dir, dl.d.Name+".qcow2"), disk.OpenOptions{AllowedRoots: []string{s.store.Dir()}})
+		if err != nil {
+			return nil, nil, err
+		}
+		sw := &stageWriter{img: img, cs: int64(dl.d.ClusterSize)}
+		stages[no] = sw
+		return sw, dl, nil
+	}
+	var res UploadResult
+	body := newStreamReader(r.Body)
+	_, _, err = decodeOrdered(r.Context(), body, false, func(f frame, d Digest) error {
+		_, dl, err := stageFor(f.disk)
+		if err != nil {
+			return err
+		}
+		want, ok := dl.byIdx[f.idx]
+		if !ok || want != d {
+			return badRequest("cluster %d of disk %s is not in the check-in's list", f.idx, dl.d.Name)
+		}
+		if exp := min(int64(dl.d.ClusterSize), dl.d.Size-f.idx*int64(dl.d.ClusterSize)); f.n != exp {
+			return badRequest("cluster %d of disk %s: %d bytes, want %d", f.idx, dl.d.Name, f.n, exp)
+		}
+		return nil
+	}, func(f frame, _ Digest, raw []byte) error {
+		sw, _, err := stageFor(f.disk)
+		if err != nil {
+			return err
+		}
+		res.Clusters++
+		return sw.write(f.idx, raw)
+	})
+	for _, sw := range stages {
+		if ferr := sw.flush(); err == nil {
+			err = ferr
+		}
+	}
+	res.Bytes = body.bytes
+	s.m.bytesReceived.Add(body.bytes)
+	s.m.clustersReceived.Add(res.Clusters)
+	uerr := s.st.update(func(tx *bolt.Tx) error {
+		var cur Session
+		if _, err := getJSON(tx, bucketSessions, se.ID, &cur); err != nil {
+			return err
+		}
+		cur.Received += body.bytes
+		cur.Clusters += res.Clusters
+		return putJSON(tx, bucketSessions, se.ID, &cur)
+	})
+	if err != nil {
+		if errors.Is(err, ErrDigestMismatch) {
+			s.m.digestMismatches.Add(1)
+		}
+		return noSpace(err)
+	}
+	if uerr != nil {
+		return uerr
+	}
+	writeJSON(w, http.StatusOK, res)
+	return nil
+}
+
+// stageWriter writes verified clusters into a staging layer, joining neighbours.
+type stageWriter struct {
+	img  disk.Image
+	cs   int64
+	buf  []byte
+	off  int64
+	err  error
+	done bool
+}
+
+func (w *stageWriter) write(idx int64, raw []byte) error {
+	if w.err != nil {
+		return w.err
+	}
+	off := idx * w.cs
+	if len(w.buf) > 0 && (w.off+int64(len(w.buf)) != off || len(w.buf)+len(raw) > 4<<20) {
+		w.flushBuf()
+	}
+	if len(w.buf) == 0 {
+		w.off = off
+	}
+	w.buf = append(w.buf, raw...)
+	return w.err
+}
+
+func (w *stageWriter) flushBuf() {
+	if len(w.buf) == 0 || w.err != nil {
+		w.buf = w.buf[:0]
+		return
+	}
+	if _, err := w.img.WriteAt(w.buf, w.off); err != nil {
+		w.err = noSpace(fmt.Errorf("write staging layer at %#x: %w", w.off, err))
+	}
+	w.buf = w.buf[:0]
+}
+
+func (w *stageWriter) flush() error {
+	w.flushBuf()
+	if w.err == nil {
+		if err := w.img.Flush(); err != nil {
+			w.err = noSpace(err)
+		}
+	}
+	return w.err
+}
+
+func (w *stageWriter) close() {
+	if !w.done {
+		w.done = true
+		w.img.Close()
+	}
+}
+
+// decodeOrdered reads frames up to the end frame, checks each data frame's header
+// with check, decodes and verifies the clusters on several goroutines and hands
+// them to consume in stream order (a zero run comes as a frame with raw nil, and
+// only when allowZero). It returns the end frame and its ID bytes; a stream
+// without its end frame is an error.
+func decodeOrdered(ctx context.Context, sr *streamReader, allowZero bool, check func(frame, Digest) error,
+	consume func(frame, Digest, []byte) error) (frame, Digest, error) {
+	type job struct {
+		f       frame
+		d       Digest
+		payload []byte
+		raw     []byte
+		err     error
+		done    chan struct{}
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	workers := 2
+	jobs := make(chan *job, workers*2)
+	order := make(chan *job, workers*4)
+	var pool sync.Pool
+	get := func() []byte {
+		if b, ok := pool.Get().(*[]byte); ok {
+			return *b
+		}
+		return make([]byte, 0, 64<<10)
+	}
+	put := func(b []byte) {
+		if b != nil {
+			b = b[:0]
+			pool.Put(&b)
+		}
+	}
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := range jobs {
+				j.raw, j.err = decodeCluster(j.f, j.d, j.payload, get())
+				close(j.done)
+			}
+		}()
+	}
+	var end frame
+	var endID Digest
+	readErr := make(chan error, 1)
+	go func() {
+		defer close(jobs)
+		defer close(order)
+		readErr <- func() error {
+			for {
+				if err := ctx.Err(); err != nil {
+					return err
+				}
+				f, d, payload, err := sr.next(get())
+				if err != nil {
+					return err
+				}
+				j := &job{f: f, d: d, payload: payload, done: make(chan struct{})}
+				switch f.kind {
+				case kindEnd:
+					end, endID = f, d
+					return nil
+				case kindZero:
+					if !allowZero {
+						return badRequest("zero frame in an upload")
+					}
+					close(j.done)
+					select {
+					case order <- j:
+					case <-ctx.Done():
+						return ctx.Err()
+					}
+					continue
+				}
+				if err := check(f, d); err != nil {
+					return err
+				}
+				select {
+				case order <- j:
+				case <-ctx.Done():
+					return ctx.Err()
+				}
+				select {
+				case jobs <- j:
+				case <-ctx.Done():
+					close(j.done)
+					return ctx.Err()
+				}
+			}
+		}()
+	}()
+	var err error
+	for j := range order {
+		<-j.done
+		if err == nil {
+			err = j.err
+		}
+		if err == nil && (j.raw != nil || j.f.kind == kindZero) {
+			err = consume(j.f, j.d, j.raw)
+		}
+		if err != nil {
+			cancel()
+		}
+		put(j.payload)
+		put(j.raw)
+	}
+	wg.Wait()
+	rerr := <-readErr
+	if err != nil {
+		return end, endID, err
+	}
+	if rerr != nil {
+		return end, endID, rerr
+	}
+	return end, endID, nil
+}

@@ -1,0 +1,340 @@
+package syncd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"regexp"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/images"
+	bolt "go.etcd.io/bbolt"
+)
+
+func (s *Server) ttl(sec int64) time.Duration {
+	if sec <= 0 {
+		return s.opts.LeaseTTL
+	}
+	return min(time.Duration(sec)*time.Second, s.opts.MaxLeaseTTL)
+}
+
+func (s *Server) handleCheckout(w http.ResponseWriter, r *http.Request, dev *Device) error {
+	name, err := s.desktopFor(r, dev)
+	if err != nil {
+		return err
+	}
+	var req CheckoutRequest
+	if err := readJSON(w, r, &req); err != nil {
+		return err
+	}
+	m, err := s.Checkout(r.Context(), name, dev, s.ttl(req.TTLSeconds))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, m)
+	return nil
+}
+
+// Checkout gives dev the desktop's lease (renewing the one it holds), stops the
+// server-side VM, seals the server's tops as a new version when they hold data, and
+// returns the manifest of the head version. Another device's unexpired lease
+// refuses it with a *LeaseError and changes nothing.
+func (s *Server) Checkout(ctx context.Context, name string, dev *Device, ttl time.Duration) (*Manifest, error) {
+	unlock := s.lockDesktop(name)
+	defer unlock()
+	now := s.now()
+	// Refuse early, before the VM is touched.
+	err := s.st.view(func(tx *bolt.Tx) error {
+		if _, err := desktopVersions(tx, s.store, name); err != nil {
+			return err
+		}
+		l, err := activeLease(tx, name)
+		if err != nil {
+			return err
+		}
+		if l != nil && l.Device != dev.ID && !l.Expired(now) {
+			return leaseHeld(l, ErrLeaseHeld)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	m := &Manifest{Desktop: name}
+	if s.opts.VM != nil {
+		stopped, err := s.opts.VM.StopDesktop(ctx, name, s.opts.StopTimeout)
+		if err != nil {
+			return nil, fmt.Errorf("desktop %s: stop the server-side VM: %w", name, err)
+		}
+		m.VMStopped = stopped
+		if stopped {
+			s.log.Info("stopped server-side VM for check-out", "desktop", name, "device", dev.Name)
+		}
+	}
+	m.Sealed, err = s.sealServerTops(ctx, name, "check-out seal")
+	if err != nil {
+		return nil, err
+	}
+	var dv *DesktopVersions
+	var fresh bool
+	err = s.st.update(func(tx *bolt.Tx) error {
+		var err error
+		dv, err = desktopVersions(tx, s.store, name)
+		if err != nil {
+			return err
+		}
+		if err := putVersions(tx, dv); err != nil {
+			return err
+		}
+		l, f, err := grantLease(tx, name, dev, ttl, dv.Head, s.now())
+		if err != nil {
+			return err
+		}
+		m.Lease, fresh = *l, f
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	if fresh {
+		s.m.checkouts.Add(1)
+		s.log.Info("lease granted", "desktop", name, "device", dev.Name, "expires", m.Lease.Expires, "version", dv.Head)
+	}
+	m.Version = dv.Head
+	if err := s.fillDisks(m, dv); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// fillDisks lists the chains of the head version's disks.
+func (s *Server) fillDisks(m *Manifest, dv *DesktopVersions) error {
+	head := dv.HeadVersion()
+	for _, dn := range diskNames {
+		id := head.layer(dn)
+		if dn == DiskUser && id == "" && dv.UserDisk == "" {
+			continue
+		}
+		dm := DiskManifest{Name: dn}
+		if id == "" {
+			dm.BlankSize = dv.UserSize
+		} else {
+			chain, err := s.store.Chain(id)
+			if err != nil {
+				return err
+			}
+			for i := range chain {
+				dm.Layers = append(dm.Layers, layerInfo(&chain[i]))
+			}
+		}
+		m.Disks = append(m.Disks, dm)
+	}
+	return nil
+}
+
+func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request, dev *Device) error {
+	name, err := s.desktopFor(r, dev)
+	if err != nil {
+		return err
+	}
+	var req LeaseRequest
+	if err := readJSON(w, r, &req); err != nil {
+		return err
+	}
+	var l *Lease
+	err = s.st.update(func(tx *bolt.Tx) error {
+		var err error
+		l, err = ownLease(tx, name, dev, req.Lease, s.now())
+		if err != nil {
+			return err
+		}
+		l.Expires = s.now().Add(s.ttl(req.TTLSeconds)).UTC()
+		return putJSON(tx, bucketLeases, name, l)
+	})
+	if err != nil {
+		return err
+	}
+	s.log.Info("lease renewed", "desktop", name, "device", dev.Name, "expires", l.Expires)
+	writeJSON(w, http.StatusOK, l)
+	return nil
+}
+
+func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request, dev *Device) error {
+	name, err := s.desktopFor(r, dev)
+	if err != nil {
+		return err
+	}
+	var req LeaseRequest
+	if err := readJSON(w, r, &req); err != nil {
+		return err
+	}
+	err = s.st.update(func(tx *bolt.Tx) error {
+		l, err := ownLease(tx, name, dev, req.Lease, s.now())
+		if err != nil {
+			return err
+		}
+		return endLease(tx, l, "released", s.now())
+	})
+	if err != nil {
+		return err
+	}
+	s.log.Info("lease released", "desktop", name, "device", dev.Name)
+	writeJSON(w, http.StatusOK, map[string]string{"released": req.Lease})
+	return nil
+}
+
+var layerIDRE = regexp.MustCompile(`^[0-9a-f]{64}$`)
+
+// layerFor checks that the layer in the path belongs to a version of a desktop
+// dev is bound to, and returns its record.
+func (s *Server) layerFor(r *http.Request, dev *Device) (*images.Layer, error) {
+	id := r.PathValue("id")
+	if !layerIDRE.MatchString(id) {
+		return nil, badRequest("layer id %q: want 64 hex digits", id)
+	}
+	var tops []string
+	err := s.st.view(func(tx *bolt.Tx) error {
+		for _, name := range dev.Desktops {
+			dv, err := desktopVersions(tx, s.store, name)
+			if err != nil {
+				if errors.Is(err, images.ErrNotFound) {
+					continue
+				}
+				return err
+			}
+			for _, v := range dv.Versions {
+				tops = append(tops, v.System, v.User)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	slices.Sort(tops)
+	tops = slices.Compact(tops)
+	for _, t := range tops {
+		if t == "" {
+			continue
+		}
+		chain, err := s.store.Chain(t)
+		if err != nil {
+			continue
+		}
+		for i := range chain {
+			if chain[i].ID == id {
+				return &chain[i], nil
+			}
+		}
+	}
+	return nil, fmt.Errorf("layer %s: %w among the desktops of device %s", short(id), ErrNotFound, dev.Name)
+}
+
+func (s *Server) handleLayer(w http.ResponseWriter, r *http.Request, dev *Device) error {
+	l, err := s.layerFor(r, dev)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, layerInfo(l))
+	return nil
+}
+
+// handleClusters streams a layer's clusters from index "from" on (see wire.go).
+func (s *Server) handleClusters(w http.ResponseWriter, r *http.Request, dev *Device) error {
+	l, err := s.layerFor(r, dev)
+	if err != nil {
+		return err
+	}
+	var from int64
+	if f := r.URL.Query().Get("from"); f != "" {
+		from, err = strconv.ParseInt(f, 10, 64)
+		if err != nil || from < 0 {
+			return badRequest("from=%q", f)
+		}
+	}
+	img, err := disk.Open(s.store.LayerPath(l.ID), disk.OpenOptions{ReadOnly: true, NoBacking: true})
+	if err != nil {
+		return err
+	}
+	defer img.Close()
+	w.Header().Set("Content-Type", "application/x-cvd-clusters")
+	w.Header().Set("X-Cvd-Layer", l.ID)
+	w.WriteHeader(http.StatusOK)
+	sw := newStreamWriter(w)
+	n, err := writeLayerStream(r.Context(), sw, img, l.ClusterSize, l.Parent != "", from, l.ID)
+	s.m.bytesSent.Add(sw.bytes)
+	s.m.clustersSent.Add(n)
+	if err != nil {
+		// The status is sent: the client sees a stream without its end frame.
+		s.log.Warn("layer stream cut", "layer", short(l.ID), "device", dev.Name, "err", err)
+		return nil
+	}
+	return nil
+}
+
+// writeLayerStream writes img's own clusters from index from on as frames, then the
+// end frame with the layer ID, and returns the number of entries sent.
+func writeLayerStream(ctx context.Context, sw *streamWriter, img disk.Image, cs int, keepZero bool, from int64, id string) (int64, error) {
+	var entries int64
+	var zStart, zLen int64
+	flushZero := func() error {
+		if zLen == 0 {
+			return nil
+		}
+		err := sw.zeros(0, zStart, zLen)
+		zLen = 0
+		return err
+	}
+	err := encodeOrdered(ctx, func(submit func(byte, int64, []byte) error) error {
+		return walkClusters(ctx, img, cs, keepZero, from, func(idx int64, data []byte) error {
+			return submit(0, idx, data)
+		})
+	}, func(c encodedCluster, zero bool) error {
+		entries++
+		if zero {
+			if zLen > 0 && zStart+zLen == c.idx {
+				zLen++
+				return nil
+			}
+			if err := flushZero(); err != nil {
+				return err
+			}
+			zStart, zLen = c.idx, 1
+			return nil
+		}
+		if err := flushZero(); err != nil {
+			return err
+		}
+		return sw.data(c)
+	})
+	if err == nil {
+		err = flushZero()
+	}
+	if err != nil {
+		return entries, err
+	}
+	raw, err := hexID(id)
+	if err != nil {
+		return entries, err
+	}
+	return entries, sw.end(entries, raw)
+}
+
+func hexID(id string) ([]byte, error) {
+	if !layerIDRE.MatchString(id) {
+		return nil, fmt.Errorf("bad layer id %q", id)
+	}
+	b := make([]byte, 32)
+	for i := range b {
+		v, err := strconv.ParseUint(id[2*i:2*i+2], 16, 8)
+		if err != nil {
+			return nil, err
+		}
+		b[i] = byte(v)
+	}
+	return b, nil
+}

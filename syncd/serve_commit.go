@@ -1,0 +1,302 @@
+package syncd
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/images"
+	bolt "go.etcd.io/bbolt"
+)
+
+func (s *Server) handleCommit(w http.ResponseWriter, r *http.Request, dev *Device) error {
+	se, err := s.sessionFor(r, dev)
+	if err != nil {
+		return err
+	}
+	res, err := s.commit(r.Context(), se, dev)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, res)
+	return nil
+}
+
+// commit builds the check-in's layers from the staged clusters and those the
+// store already holds, seals them, checks their IDs against the laptop's, and in
+// one transaction adds the version, moves the head (unless it is a conflict),
+// indexes the new clusters and marks the check-in committed. Until that
+// transaction the desktop's head and versions are as they were.
+func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*CheckinResult, error) {
+	unlock := s.lockDesktop(se.Desktop)
+	defer unlock()
+	se, err := s.getSession(se.ID) // re-read under the lock
+	if err != nil {
+		return nil, err
+	}
+	if se.State == stateCommitted {
+		return se.Result, nil
+	}
+	if len(se.Lists) != len(se.Disks) {
+		return nil, fmt.Errorf("%w: entry lists missing (have %v)", ErrIncomplete, se.Lists)
+	}
+	conflict, err := s.leaseForCheckin(se.Desktop, dev, se.Lease)
+	if err != nil {
+		return nil, err
+	}
+	m, err := s.openSession(se)
+	if err != nil {
+		return nil, err
+	}
+	if !m.mu.TryLock() {
+		return nil, fmt.Errorf("%w: check-in %s is receiving an upload", ErrIncomplete, se.ID)
+	}
+	defer m.mu.Unlock()
+	miss, srcs, err := s.missing(ctx, se, m)
+	if err != nil {
+		return nil, err
+	}
+	if len(miss) > 0 {
+		return nil, fmt.Errorf("%w: %d clusters still missing", ErrIncomplete, len(miss))
+	}
+	res := &CheckinResult{Desktop: se.Desktop, Layers: map[string]string{}, Bytes: se.Received}
+
+	// Server-side changes made while the desktop was out are kept as their own
+	// version first; the check-in then no longer starts from the head.
+	res.ServerSealed, err = s.sealServerTops(ctx, se.Desktop, "server changes during check-out")
+	if err != nil {
+		return nil, err
+	}
+	var dv *DesktopVersions
+	if err := s.st.view(func(tx *bolt.Tx) error {
+		var err error
+		dv, err = desktopVersions(tx, s.store, se.Desktop)
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	if se.Base != dv.Head {
+		conflict = true
+	}
+	nv := Version{N: dv.next(), Created: s.now().UTC().Truncate(time.Second), From: se.Base,
+		Conflict: conflict, Device: dev.Name, Bytes: se.Received, Note: "check-in"}
+	if conflict {
+		nv.Note = "conflict"
+	}
+	if base := dv.Version(se.Base); base != nil {
+		nv.System, nv.User = base.System, base.User
+	}
+	newEntries := map[string][]Entry{}
+	for _, d := range se.Disks {
+		nv.setLayer(d.Name, d.Parent)
+		if d.Entries == 0 {
+			continue
+		}
+		dl := m.lists[d.Name]
+		n, err := s.fillStage(ctx, m, dl, srcs[d.Name])
+		if err != nil {
+			return nil, err
+		}
+		res.Deduplicated += n
+		res.Clusters += d.DataEntries
+		l, existed, err := sealTop(ctx, s.store, filepath.Join(m.dir, d.Name+".qcow2"), []string{serverName(se.Desktop, nv.N, d.Name)}, true)
+		if err != nil {
+			return nil, noSpace(fmt.Errorf("seal the %s disk of check-in %s: %w", d.Name, se.ID, err))
+		}
+		if l.ID != d.ExpectID {
+			if !existed {
+				s.store.RemoveLayer(l.ID)
+			}
+			// A staged cluster does not hold what its list says: start the disk over.
+			os.Remove(filepath.Join(m.dir, d.Name+".qcow2"))
+			s.dropSession(se.ID)
+			return nil, fmt.Errorf("%w: the %s disk sealed as layer %s, the laptop expects %s: its clusters will be asked for again",
+				ErrIncomplete, d.Name, short(l.ID), short(d.ExpectID))
+		}
+		nv.setLayer(d.Name, l.ID)
+		res.Layers[d.Name] = l.ID
+		newEntries[l.ID] = dl.entries
+	}
+	for _, d := range se.Disks {
+		if res.Layers[d.Name] == "" {
+			res.Layers[d.Name] = nv.layer(d.Name)
+		}
+	}
+	res.Version = nv.N
+	res.Conflict = conflict
+	res.Committed = s.now().UTC()
+	err = s.st.update(func(tx *bolt.Tx) error {
+		dv, err := desktopVersions(tx, s.store, se.Desktop)
+		if err != nil {
+			return err
+		}
+		if dv.next() != nv.N {
+			return fmt.Errorf("desktop %s changed during the commit", se.Desktop)
+		}
+		dv.Versions = append(dv.Versions, nv)
+		if !conflict {
+			dv.Head = nv.N
+		}
+		res.Head = dv.Head
+		if err := putVersions(tx, dv); err != nil {
+			return err
+		}
+		for id, ents := range newEntries {
+			if err := indexEntries(tx, id, ents); err != nil {
+				return err
+			}
+			if err := markIndexed(tx, id, int64(len(ents))); err != nil {
+				return err
+			}
+		}
+		if se.Release {
+			if l, err := activeLease(tx, se.Desktop); err != nil {
+				return err
+			} else if l != nil && l.ID == se.Lease {
+				if err := endLease(tx, l, "released", s.now()); err != nil {
+					return err
+				}
+				res.Released = true
+			}
+		}
+		se.State, se.Result = stateCommitted, res
+		return putJSON(tx, bucketSessions, se.ID, se)
+	})
+	if err != nil {
+		return nil, err
+	}
+	s.m.checkins(nv.Note)
+	s.m.clustersDeduplicated.Add(res.Deduplicated)
+	s.log.Info("check-in committed", "desktop", se.Desktop, "device", dev.Name, "version", nv.N,
+		"conflict", conflict, "head", res.Head, "bytes", res.Bytes, "deduplicated", res.Deduplicated)
+	if !conflict {
+		if err := s.resetTops(dv, &nv); err != nil {
+			s.log.Error("reset tops after check-in (the next start of the server retries)", "err", err)
+		}
+	}
+	s.dropSession(se.ID)
+	removeAllQuiet(m.dir)
+	return res, nil
+}
+
+// fillStage completes a disk's staging layer: zero entries, clusters repeated
+// within the check-in, and clusters copied from layers of the store (each read back
+// and checked against its digest). It returns how many clusters came from the
+// store or from repeats. A stale index entry is dropped and reported as
+// ErrIncomplete: the laptop then sends that cluster.
+func (s *Server) fillStage(ctx context.Context, m *session, dl *diskList, ss []source) (int64, error) {
+	cs := dl.d.ClusterSize
+	img, err := disk.Open(filepath.Join(m.dir, dl.d.Name+".qcow2"), disk.OpenOptions{AllowedRoots: []string{s.store.Dir()}})
+	if err != nil {
+		return 0, err
+	}
+	defer img.Close()
+	w := &stageWriter{img: img, cs: int64(cs)}
+	buf := make([]byte, cs)
+	var zStart, zLen, n int64
+	flushZero := func() error {
+		if zLen == 0 {
+			return nil
+		}
+		w.flushBuf()
+		off := zStart * int64(cs)
+		err := img.WriteZeroes(off, min(zLen*int64(cs), img.Size()-off))
+		zLen = 0
+		return noSpace(err)
+	}
+	open := map[string]disk.Image{}
+	defer func() {
+		for _, im := range open {
+			im.Close()
+		}
+	}()
+	var stale []Digest
+	for i, e := range dl.entries {
+		if err := ctx.Err(); err != nil {
+			return 0, err
+		}
+		if e.Zero {
+			if zLen > 0 && zStart+zLen == e.Index {
+				zLen++
+			} else {
+				if err := flushZero(); err != nil {
+					return 0, err
+				}
+				zStart, zLen = e.Index, 1
+			}
+			continue
+		}
+		src := ss[i]
+		if src.staged {
+			continue
+		}
+		if err := flushZero(); err != nil {
+			return 0, err
+		}
+		var data []byte
+		switch {
+		case src.fromDisk != "":
+			w.flushBuf()
+			from := img
+			if src.fromDisk != dl.d.Name {
+				from = open["stage:"+src.fromDisk]
+				if from == nil {
+					from, err = disk.Open(filepath.Join(m.dir, src.fromDisk+".qcow2"), disk.OpenOptions{ReadOnly: true, NoBacking: true})
+					if err != nil {
+						return 0, err
+					}
+					open["stage:"+src.fromDisk] = from
+				}
+			}
+			data, err = readClusterFrom(from, src.fromIdx, cs, e.Digest, buf)
+		case src.ref.Layer != "":
+			from := open[src.ref.Layer]
+			if from == nil {
+				from, err = disk.Open(s.store.LayerPath(src.ref.Layer), disk.OpenOptions{ReadOnly: true, NoBacking: true})
+				if err == nil {
+					open[src.ref.Layer] = from
+				}
+			}
+			if err == nil {
+				data, err = readClusterFrom(from, src.ref.Index, images.DigestClusterSize(from.Info()), e.Digest, buf)
+			}
+			if err != nil {
+				stale = append(stale, e.Digest)
+				err = nil
+				continue
+			}
+		default:
+			return 0, fmt.Errorf("%w: cluster %d of disk %s has no source", ErrIncomplete, e.Index, dl.d.Name)
+		}
+		if err != nil {
+			return 0, err
+		}
+		if len(data) != int(min(int64(cs), dl.d.Size-e.Index*int64(cs))) {
+			return 0, fmt.Errorf("cluster %d of disk %s: source holds %d bytes", e.Index, dl.d.Name, len(data))
+		}
+		if err := w.write(e.Index, data); err != nil {
+			return 0, err
+		}
+		n++
+	}
+	if err := flushZero(); err != nil {
+		return 0, err
+	}
+	if err := w.flush(); err != nil {
+		return 0, err
+	}
+	if len(stale) > 0 {
+		s.st.update(func(tx *bolt.Tx) error {
+			for _, d := range stale {
+				tx.Bucket(bucketClusters).Delete(d[:])
+			}
+			return nil
+		})
+		return 0, fmt.Errorf("%w: %d clusters the index named are gone from the store; they will be asked for", ErrIncomplete, len(stale))
+	}
+	return n, nil
+}

@@ -1,0 +1,332 @@
+package syncd
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/cvd-project/cvd/images"
+	bolt "go.etcd.io/bbolt"
+)
+
+// VMStopper stops a desktop's server-side VM before the desktop is checked out.
+// The CLI wires it to package hypervisor when libvirt is reachable.
+type VMStopper interface {
+	// StopDesktop shuts the desktop's VM down, gracefully and then forced once
+	// timeout has passed. It reports whether a running VM was stopped; a desktop
+	// with no VM is not an error.
+	StopDesktop(ctx context.Context, desktop string, timeout time.Duration) (stopped bool, err error)
+}
+
+// ServerOptions controls a Server.
+type ServerOptions struct {
+	// LeaseTTL is the lease length when a device asks for none (default 7 days);
+	// MaxLeaseTTL caps what a device may ask (default 30 days).
+	LeaseTTL, MaxLeaseTTL time.Duration
+	// VM stops server-side VMs at check-out; nil when there is no hypervisor.
+	VM VMStopper
+	// StopTimeout is the graceful shutdown time before a forced stop (default 60 s).
+	StopTimeout time.Duration
+	// Logger receives one line per request and per state change; nil discards.
+	Logger *slog.Logger
+	// Now is the clock (tests set it).
+	Now func() time.Time
+}
+
+// Server is the data-center side: it serves the HTTP API over a store. It also
+// carries the administrator's operations (devices, versions, rollback), which the
+// CLI calls directly on the store when no server runs.
+type Server struct {
+	store *images.Store
+	st    *state
+	opts  ServerOptions
+	log   *slog.Logger
+	m     *metrics
+
+	mu       sync.Mutex
+	desktops map[string]*sync.Mutex // per-desktop lock of check-out, check-in commit, rollback
+	sessions map[string]*session    // open check-ins
+
+	indexMu   sync.Mutex
+	indexErr  error
+	bgIndex   sync.WaitGroup
+	closeOnce sync.Once
+	cancel    context.CancelFunc
+	bgCtx     context.Context
+}
+
+// NewServer opens syncd's state in the store and starts indexing the store's
+// layers in the background (a check-in waits for it).
+func NewServer(store *images.Store, opts ServerOptions) (*Server, error) {
+	if opts.LeaseTTL == 0 {
+		opts.LeaseTTL = 7 * 24 * time.Hour
+	}
+	if opts.MaxLeaseTTL == 0 {
+		opts.MaxLeaseTTL = 30 * 24 * time.Hour
+	}
+	if opts.StopTimeout == 0 {
+		opts.StopTimeout = 60 * time.Second
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	st, err := openState(store.Dir(), 0)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &Server{store: store, st: st, opts: opts, log: log, m: newMetrics(),
+		desktops: map[string]*sync.Mutex{}, sessions: map[string]*session{}, cancel: cancel, bgCtx: ctx}
+	if err := s.reconcile(ctx); err != nil {
+		st.Close()
+		cancel()
+		return nil, err
+	}
+	s.bgIndex.Add(1)
+	go func() {
+		defer s.bgIndex.Done()
+		if err := s.ensureIndexed(ctx); err != nil && ctx.Err() == nil {
+			s.log.Warn("index layers", "err", err)
+		}
+	}()
+	return s, nil
+}
+
+// Close stops background work and closes syncd's state (not the store).
+func (s *Server) Close() error {
+	var err error
+	s.closeOnce.Do(func() {
+		s.cancel()
+		s.bgIndex.Wait()
+		err = s.st.Close()
+	})
+	return err
+}
+
+func (s *Server) now() time.Time { return s.opts.Now() }
+
+func (s *Server) lockDesktop(name string) func() {
+	s.mu.Lock()
+	m := s.desktops[name]
+	if m == nil {
+		m = &sync.Mutex{}
+		s.desktops[name] = m
+	}
+	s.mu.Unlock()
+	m.Lock()
+	return m.Unlock
+}
+
+// ensureIndexed indexes every layer of the store the cluster index does not cover.
+func (s *Server) ensureIndexed(ctx context.Context) error {
+	s.indexMu.Lock()
+	defer s.indexMu.Unlock()
+	layers, err := s.store.Layers()
+	if err != nil {
+		return err
+	}
+	for _, l := range layers {
+		var done bool
+		s.st.view(func(tx *bolt.Tx) error { done = isIndexed(tx, l.ID); return nil })
+		if done {
+			continue
+		}
+		start := time.Now()
+		if err := s.st.indexLayerFile(ctx, l.ID, s.store.LayerPath(l.ID)); err != nil {
+			return err
+		}
+		s.log.Info("indexed layer", "layer", short(l.ID), "clusters", l.DataClusters, "took", time.Since(start).Round(time.Millisecond))
+	}
+	return nil
+}
+
+// Handler is the HTTP API: /v1/... and /metrics.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	route := func(pattern, name string, h func(w http.ResponseWriter, r *http.Request, dev *Device) error) {
+		mux.HandleFunc(pattern, s.wrap(name, h))
+	}
+	route("GET /v1/desktops/{desktop}", "desktop", s.handleDesktop)
+	route("POST /v1/desktops/{desktop}/checkout", "checkout", s.handleCheckout)
+	route("POST /v1/desktops/{desktop}/renew", "renew", s.handleRenew)
+	route("POST /v1/desktops/{desktop}/release", "release", s.handleRelease)
+	route("GET /v1/layers/{id}", "layer", s.handleLayer)
+	route("GET /v1/layers/{id}/clusters", "clusters", s.handleClusters)
+	route("POST /v1/checkins", "checkin", s.handleCheckinOpen)
+	route("GET /v1/checkins/{id}", "checkin_status", s.handleCheckinStatus)
+	route("PUT /v1/checkins/{id}/entries/{disk}", "entries", s.handleEntries)
+	route("GET /v1/checkins/{id}/missing", "missing", s.handleMissing)
+	route("POST /v1/checkins/{id}/clusters", "upload", s.handleUpload)
+	route("POST /v1/checkins/{id}/commit", "commit", s.handleCommit)
+	mux.HandleFunc("GET /v1/health", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
+	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+		s.writeMetrics(w)
+	})
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		s.m.request("unknown", http.StatusNotFound)
+		writeError(w, fmt.Errorf("%w: no route %s %s", ErrNotFound, r.Method, r.URL.Path))
+	})
+	return mux
+}
+
+// statusWriter remembers the status code written.
+type statusWriter struct {
+	http.ResponseWriter
+	code int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	if w.code == 0 {
+		w.code = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusWriter) Write(b []byte) (int, error) {
+	if w.code == 0 {
+		w.code = http.StatusOK
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+func (w *statusWriter) Flush() {
+	if f, ok := w.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+// wrap authenticates the device token and turns errors into JSON error bodies.
+func (s *Server) wrap(name string, h func(w http.ResponseWriter, r *http.Request, dev *Device) error) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		sw := &statusWriter{ResponseWriter: w}
+		err := func() error {
+			tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+			if !ok {
+				return fmt.Errorf("%w: no bearer token", ErrUnauthorized)
+			}
+			dev, err := s.st.authenticate(strings.TrimSpace(tok))
+			if err != nil {
+				s.m.authFailures.Add(1)
+				return err
+			}
+			return h(sw, r, dev)
+		}()
+		if err != nil {
+			err = noSpace(err)
+			code, _ := codeOf(err)
+			if code == "internal" {
+				s.log.Error("request failed", "route", name, "path", r.URL.Path, "err", err)
+			} else {
+				s.log.Info("request refused", "route", name, "path", r.URL.Path, "err", err)
+			}
+			if sw.code == 0 {
+				writeError(sw, err)
+			}
+		}
+		if sw.code == 0 {
+			sw.WriteHeader(http.StatusNoContent)
+		}
+		s.m.request(name, sw.code)
+		s.m.observe(name, time.Since(start))
+	}
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+func writeError(w http.ResponseWriter, err error) {
+	code, status := codeOf(err)
+	body := errorBody{Error: err.Error(), Code: code, Status: status}
+	var le *LeaseError
+	if errors.As(err, &le) {
+		body.Lease = le
+	}
+	writeJSON(w, status, body)
+}
+
+// maxJSON bounds a JSON request body.
+const maxJSON = 1 << 20
+
+func readJSON(w http.ResponseWriter, r *http.Request, v any) error {
+	if ct := r.Header.Get("Content-Type"); ct != "" && !strings.HasPrefix(ct, "application/json") {
+		return badRequest("content type %q, want application/json", ct)
+	}
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxJSON))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return badRequest("request body: %v", err)
+	}
+	if dec.More() {
+		return badRequest("request body: trailing data")
+	}
+	return nil
+}
+
+// desktopFor checks that dev may use the desktop named in the path.
+func (s *Server) desktopFor(r *http.Request, dev *Device) (string, error) {
+	name := r.PathValue("desktop")
+	if err := images.CheckObjectName("desktop", name); err != nil {
+		return "", badRequest("%v", err)
+	}
+	if !dev.Bound(name) {
+		return "", fmt.Errorf("%w: device %s, desktop %s", ErrForbidden, dev.Name, name)
+	}
+	return name, nil
+}
+
+func (s *Server) handleDesktop(w http.ResponseWriter, r *http.Request, dev *Device) error {
+	name, err := s.desktopFor(r, dev)
+	if err != nil {
+		return err
+	}
+	st, err := s.DesktopStatus(name)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, st)
+	return nil
+}
+
+// DesktopStatus is a desktop's versions and lease.
+func (s *Server) DesktopStatus(name string) (*DesktopStatus, error) {
+	var out *DesktopStatus
+	err := s.st.view(func(tx *bolt.Tx) error {
+		dv, err := desktopVersions(tx, s.store, name)
+		if err != nil {
+			return err
+		}
+		out = &DesktopStatus{Name: name, Head: dv.Head, Versions: dv.Versions}
+		out.Lease, err = activeLease(tx, name)
+		return err
+	})
+	return out, err
+}
+
+// syncPath is a path under <store>/sync.
+func (s *Server) syncPath(elem ...string) string {
+	return filepath.Join(append([]string{s.st.dir}, elem...)...)
+}
+
+func removeAllQuiet(p string) { os.RemoveAll(p) }

@@ -1,0 +1,274 @@
+package syncd
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/images"
+	bolt "go.etcd.io/bbolt"
+)
+
+// A desktop's writable tops (desktops/<name>.system.qcow2, .user.qcow2) always
+// stand on the head version's layers: after sync moves the head it replaces them by
+// fresh, empty tops (see .cache/requests-syncd.md, item 1). A top that holds data is
+// never replaced: it is sealed as a version first.
+
+// serverName is the tag that keeps a version's layer from the store's garbage
+// collection until images records sync's versions itself.
+func serverName(desktop string, n int, diskName string) string {
+	return fmt.Sprintf("%s.sync:v%d.%s", desktop, n, diskName)
+}
+
+// laptopName tags the layer a laptop's top stands on.
+func laptopName(desktop, diskName string) string {
+	return fmt.Sprintf("%s.sync:%s", desktop, diskName)
+}
+
+// topRel returns the store-relative top of a disk ("" when the desktop has none).
+func (dv *DesktopVersions) topRel(diskName string) string {
+	if diskName == DiskSystem {
+		return dv.SystemDisk
+	}
+	return dv.UserDisk
+}
+
+func (v *Version) layer(diskName string) string {
+	if diskName == DiskSystem {
+		return v.System
+	}
+	return v.User
+}
+
+func (v *Version) setLayer(diskName, id string) {
+	if diskName == DiskSystem {
+		v.System = id
+	} else {
+		v.User = id
+	}
+}
+
+// topState opens a top alone and reports whether it allocates anything and the
+// layer ID its backing file names ("" for none).
+func topState(path string) (hasData bool, backing string, err error) {
+	img, err := disk.Open(path, disk.OpenOptions{ReadOnly: true, NoBacking: true})
+	if err != nil {
+		return false, "", err
+	}
+	defer img.Close()
+	if bn := img.Info().BackingName; bn != "" {
+		backing = strings.TrimSuffix(filepath.Base(bn), ".qcow2")
+	}
+	hasData, err = layerHasData(img)
+	return hasData, backing, err
+}
+
+func randHex(n int) string {
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		panic(err)
+	}
+	return hex.EncodeToString(b)
+}
+
+// resetTop replaces the top at path by an empty overlay on layer id of store (or a
+// blank disk of size bytes when id is ""): the new top is written under a temporary
+// name and renamed over the old one.
+func resetTop(store *images.Store, path, id string, size int64) error {
+	tmp := filepath.Join(filepath.Dir(path), images.TempPrefix+randHex(8)+".qcow2")
+	co := disk.CreateOptions{Size: size, AllowedRoots: []string{store.Dir()}}
+	if id != "" {
+		co.BackingFile = store.LayerPath(id)
+		co.BackingFormat = disk.FormatQcow2
+		co.Size = 0
+		l, err := store.Layer(id)
+		if err != nil {
+			return err
+		}
+		co.Size = l.Size
+	}
+	if err := disk.CreateFile(tmp, co); err != nil {
+		os.Remove(tmp)
+		return noSpace(fmt.Errorf("create top %s: %w", filepath.Base(path), err))
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return syncDir(filepath.Dir(path))
+}
+
+func syncDir(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = f.Sync()
+	if err2 := f.Close(); err == nil {
+		err = err2
+	}
+	return err
+}
+
+// sealTop seals the top at path into the store as a layer on the one it stands on
+// (a top without a backing file becomes a layer without a parent).
+func sealTop(ctx context.Context, store *images.Store, path string, names []string, force bool) (*images.Layer, bool, error) {
+	img, err := disk.Open(path, disk.OpenOptions{ReadOnly: true, NoBacking: true})
+	if err != nil {
+		return nil, false, err
+	}
+	backing := img.Info().BackingName
+	img.Close()
+	opts := images.ImportOptions{Names: names, Force: force}
+	if backing == "" {
+		opts.Kind = images.KindBase
+		return store.Import(ctx, path, opts)
+	}
+	return store.Seal(ctx, path, opts)
+}
+
+// sealServerTops seals the desktop's tops that hold data as a new head version
+// (note says why) and resets them. It returns the version, or 0 when the tops were
+// empty. The caller holds the desktop's lock.
+func (s *Server) sealServerTops(ctx context.Context, name, note string) (int, error) {
+	var dv *DesktopVersions
+	if err := s.st.view(func(tx *bolt.Tx) error {
+		var err error
+		dv, err = desktopVersions(tx, s.store, name)
+		return err
+	}); err != nil {
+		return 0, err
+	}
+	head := *dv.HeadVersion()
+	nv := Version{N: dv.next(), Created: s.now().UTC().Truncate(time.Second), System: head.System, User: head.User,
+		Note: note, From: head.N}
+	changed := false
+	for _, dn := range diskNames {
+		rel := dv.topRel(dn)
+		if rel == "" {
+			continue
+		}
+		has, _, err := topState(s.store.Path(rel))
+		if err != nil {
+			return 0, fmt.Errorf("desktop %s: %s top: %w", name, dn, err)
+		}
+		if !has {
+			continue
+		}
+		l, _, err := sealTop(ctx, s.store, s.store.Path(rel), []string{serverName(name, nv.N, dn)}, true)
+		if err != nil {
+			return 0, noSpace(fmt.Errorf("desktop %s: seal %s top: %w", name, dn, err))
+		}
+		nv.setLayer(dn, l.ID)
+		changed = true
+	}
+	if !changed {
+		return 0, nil
+	}
+	err := s.st.update(func(tx *bolt.Tx) error {
+		dv, err := desktopVersions(tx, s.store, name)
+		if err != nil {
+			return err
+		}
+		dv.Versions = append(dv.Versions, nv)
+		dv.Head = nv.N
+		return putVersions(tx, dv)
+	})
+	if err != nil {
+		return 0, err
+	}
+	s.log.Info("sealed server tops", "desktop", name, "version", nv.N, "note", note)
+	if err := s.resetTops(dv, &nv); err != nil {
+		return 0, err
+	}
+	s.indexLater(nv.System, nv.User)
+	return nv.N, nil
+}
+
+// resetTops points the desktop's tops at version v's layers.
+func (s *Server) resetTops(dv *DesktopVersions, v *Version) error {
+	for _, dn := range diskNames {
+		rel := dv.topRel(dn)
+		if rel == "" {
+			continue
+		}
+		size := int64(0)
+		if v.layer(dn) == "" {
+			size = dv.UserSize
+		}
+		if err := resetTop(s.store, s.store.Path(rel), v.layer(dn), size); err != nil {
+			return fmt.Errorf("desktop %s: reset %s top: %w", dv.Name, dn, err)
+		}
+	}
+	return nil
+}
+
+// indexLater indexes new layers in the background.
+func (s *Server) indexLater(ids ...string) {
+	s.bgIndex.Add(1)
+	go func() {
+		defer s.bgIndex.Done()
+		if err := s.ensureIndexed(s.bgCtx); err != nil && s.bgCtx.Err() == nil {
+			s.log.Warn("index layers", "layers", ids, "err", err)
+		}
+	}()
+}
+
+// reconcile finishes what a crash interrupted: tops that do not stand on their
+// desktop's head (a commit that did not reset them) are reset when empty.
+func (s *Server) reconcile(ctx context.Context) error {
+	var dvs []DesktopVersions
+	err := s.st.view(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketVersions).ForEach(func(k, v []byte) error {
+			var dv DesktopVersions
+			if _, err := getJSON(tx, bucketVersions, string(k), &dv); err != nil {
+				return err
+			}
+			dvs = append(dvs, dv)
+			return nil
+		})
+	})
+	if err != nil {
+		return err
+	}
+	for _, dv := range dvs {
+		head := dv.HeadVersion()
+		if head == nil {
+			continue
+		}
+		for _, dn := range diskNames {
+			rel := dv.topRel(dn)
+			if rel == "" {
+				continue
+			}
+			has, backing, err := topState(s.store.Path(rel))
+			if err != nil {
+				s.log.Warn("reconcile: open top", "desktop", dv.Name, "disk", dn, "err", err)
+				continue
+			}
+			if backing == head.layer(dn) {
+				continue
+			}
+			if has {
+				s.log.Warn("reconcile: top holds data and does not stand on the head; it will be sealed at the next check-out",
+					"desktop", dv.Name, "disk", dn)
+				continue
+			}
+			size := int64(0)
+			if head.layer(dn) == "" {
+				size = dv.UserSize
+			}
+			if err := resetTop(s.store, s.store.Path(rel), head.layer(dn), size); err != nil {
+				return err
+			}
+			s.log.Info("reconcile: reset top onto head", "desktop", dv.Name, "disk", dn, "version", head.N)
+		}
+	}
+	return nil
+}
