@@ -29,7 +29,8 @@ type Options struct {
 	Start int
 	// NoSeed skips the cloud-init seed images.
 	NoSeed bool
-	// Workers write clones in parallel; 0 means GOMAXPROCS.
+	// Workers write clones in parallel; 0 means 4 per CPU, at most 16 (the work
+	// waits on file creation in one directory more than it computes).
 	Workers int
 	// FsyncEach syncs every file on its own instead of the whole file system once
 	// at the end (syncfs); slower, but it touches only cvd's files.
@@ -145,7 +146,7 @@ func Create(ctx context.Context, st *images.Store, source string, opts Options) 
 
 	workers := opts.Workers
 	if workers <= 0 {
-		workers = runtime.GOMAXPROCS(0)
+		workers = min(4*runtime.GOMAXPROCS(0), 16)
 	}
 	var (
 		next  atomic.Int64

@@ -342,7 +342,7 @@ type runWriter struct {
 	zOff, zLen int64
 }
 
-const writeChunk = 4 << 20
+const writeChunk = 16 << 20
 
 func (w *runWriter) add(idx int64, data []byte) error {
 	off := idx * w.cs
