@@ -34,10 +34,10 @@
 //
 // # Events and the go-libvirt deadlocks
 //
-// go-libvirt delivers events on a channel that, left undrained or cancelled while
-// events still arrive, wedges the whole connection. Events therefore uses its own
-// connection, always drains, and tears down in the one safe order (disconnect,
-// then cancel). See Events.
+// go-libvirt delivers events on a channel whose subscription, cancelled while
+// events still arrive, wedges the whole connection, and which, left undrained,
+// is never torn down. Events therefore uses its own connection, always drains,
+// and tears down in the one safe order (disconnect, then cancel). See Events.
 //
 // # Errors
 //

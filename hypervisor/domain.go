@@ -115,10 +115,11 @@ func (c *Conn) lookup(ctx context.Context, op, name string) (libvirt.Domain, err
 	return d, err
 }
 
-// Define defines (or redefines) the domain that spec describes, persistently,
-// and returns its XML as libvirt stored it. An empty spec.Type takes
-// c.DomainType(). Redefining a shut-off domain replaces its definition; a name
-// taken by a domain with another UUID gives ErrExists.
+// Define defines (or redefines) the domain that spec describes, persistently.
+// An empty spec.Type takes c.DomainType(). Redefining a domain (same name and
+// UUID) replaces its definition, for a running domain from its next start; a
+// name taken by a domain with another UUID gives ErrExists. DumpXML shows what
+// libvirt stored.
 func (c *Conn) Define(ctx context.Context, spec DomainSpec) error {
 	if spec.Type == "" {
 		spec.Type = c.virt

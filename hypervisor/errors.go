@@ -23,7 +23,8 @@ var (
 	ErrUnavailable = errors.New("libvirtd unavailable")
 	// ErrBadURI: a connection URI this package does not support or cannot parse.
 	ErrBadURI = errors.New("unsupported libvirt URI")
-	// ErrInvalidSpec: a DomainSpec or argument that cannot make a domain.
+	// ErrInvalidSpec: a DomainSpec, domain XML or argument that cannot make a
+	// domain or that libvirt refuses.
 	ErrInvalidSpec = errors.New("invalid domain spec")
 	// ErrExists: a domain of that name exists with another UUID, or a file that
 	// must be new exists.

@@ -51,11 +51,15 @@ const maxQueuedEvents = 4096
 // Events streams the lifecycle events of every domain until ctx ends; then the
 // channel is closed. It also closes if the connection to libvirtd is lost.
 //
-// go-libvirt's event subscription has two ways to wedge a connection: a
-// LifecycleEvents channel nobody drains, and cancelling its context while events
-// still arrive (its forwarding goroutine stops reading, the socket reader blocks
-// pushing the next event, and the deregistration call waits for a reply that
-// reader will never deliver; upstream issue #191). Events avoids both: it
+// go-libvirt's event subscription has two hazards. Cancelling its context while
+// events still arrive wedges the whole connection: the forwarding goroutine shuts
+// its stream down, the socket reader blocks pushing the next event into it, and
+// the deregistration call waits for a reply that reader will never deliver
+// (upstream issue #191; TestEventsRawGoLibvirtControl reproduces it here within a
+// few rounds). And a LifecycleEvents channel nobody drains pins its forwarding
+// goroutine on a send where it cannot see the cancel, so the subscription is never
+// torn down and its queue grows without bound (in this go-libvirt version other
+// calls on the connection still answer). Events avoids both: it
 // subscribes on a connection of its own (never the one c uses), always drains
 // go-libvirt's channel into a bounded queue whether or not the caller reads, and
 // at the end disconnects first and cancels the subscription after. A caller that

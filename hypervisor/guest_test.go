@@ -338,6 +338,7 @@ func TestGuestSingleBootTiming(t *testing.T) {
 // result says so; one that honours it stops gracefully.
 func TestGuestShutdown(t *testing.T) {
 	c := needGuest(t)
+	t.Parallel()
 	base := makeBase(t)
 	for _, tt := range []struct {
 		name   string
@@ -349,6 +350,7 @@ func TestGuestShutdown(t *testing.T) {
 		{"honours-acpi", "cvd.hold=-1 cvd.acpi=1", false, "shutdown"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 			defer cancel()
 			g := newGuest(t, c, base, tt.name, tt.extra)
@@ -402,6 +404,7 @@ func lastBlock(log string) int {
 // and the guest finishes and powers off on its own.
 func TestGuestLiveCheckpoint(t *testing.T) {
 	c := needGuest(t)
+	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	base := makeBase(t)

@@ -135,6 +135,9 @@ func setupGuest() {
 // that needs a libvirtd, and returns a connection closed at cleanup.
 func needLibvirt(t *testing.T) *Conn {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("-short: no libvirtd")
+	}
 	testutil.NeedTool(t, "libvirt", "libvirtd", "virsh", "qemu-system-x86_64")
 	if libvirtErr != nil {
 		if testutil.Required("libvirt") {
