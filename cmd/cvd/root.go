@@ -59,6 +59,7 @@ clusters that changed.
 		newCloneCommand(g),
 		newGCCommand(g),
 		newStoreCommand(g),
+		newRecomposeCommand(g),
 	)
 	return root
 }

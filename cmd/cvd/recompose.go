@@ -1,0 +1,184 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+
+	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/overlay"
+	"github.com/spf13/cobra"
+)
+
+// exitConflicts: recompose left desktops on their chains because their own delta
+// collides with the new layers (policy keep).
+const exitConflicts = 3
+
+type recomposeOptions struct {
+	using   string
+	base    string
+	apps    []string
+	policy  string
+	dryRun  bool
+	workers int
+	json    bool
+}
+
+func newRecomposeCommand(g *globalOptions) *cobra.Command {
+	opts := &recomposeOptions{}
+	c := &cobra.Command{
+		Use:   "recompose DESKTOP... | --using LAYER  --base NEW [--app NEW...]",
+		Short: "Move desktops onto new base and app layers, keeping their own changes",
+		Long: `Move desktops onto a new base layer and/or new app layers. Name the desktops,
+or select with --using every desktop whose system chain holds LAYER. The new
+layers are given as for cvd desktop create: --base, then --app in order, each
+captured on the one before (--base may be left out when --app is given).
+
+For each desktop the plan shows the conflict set: the clusters that changed
+between its old and new base/app layers and that the desktop's own delta (its
+own version layers and its writable top) also holds; and the cost of the move
+(clusters and bytes to read and write). The old and new layers are compared
+once, through their shared ancestry: only clusters the layers that differ
+allocate are read.
+
+Policies:
+  keep     (default) move a desktop with its delta when nothing conflicts; leave
+           a desktop with conflicts where it is and list it
+  refresh  discard the system delta: an empty system top on the new layers
+           (the user disk stays)
+  force    keep the delta over the new layers even where they collide
+
+Applying builds each desktop's new chain beside the old one and switches it in
+one store transaction, recorded as a new version; a crash leaves every desktop
+wholly on its old chain or wholly on its new one. Sealed layers are only read.
+A desktop in use (checked out) is marked to switch at its next start.
+
+Exit codes:
+  0  done (or a dry run)
+  1  a desktop could not be recomposed (the others were)
+  2  usage error
+  3  some desktops were left on their chains because of conflicts (keep)`,
+		Example: `  cvd recompose --using office:2026-11 --app office:2026-12 --dry-run
+  cvd recompose alice bob --base win11:2026-12 --app office:2026-12
+  cvd recompose --using win11:2026-11 --base win11:2026-12 --policy refresh --json`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if (len(args) > 0) == (opts.using != "") {
+				return &exitError{code: exitUsage, err: errors.New("name the desktops, or select them with --using LAYER (not both)")}
+			}
+			if opts.base == "" && len(opts.apps) == 0 {
+				return &exitError{code: exitUsage, err: errors.New("give the new layers: --base NEW and/or --app NEW")}
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			opts.json = g.json
+			return runRecompose(cmd.Context(), g, opts, args, cmd.OutOrStdout())
+		},
+	}
+	f := c.Flags()
+	f.StringVar(&opts.using, "using", "", "recompose every desktop whose system chain holds this layer")
+	f.StringVar(&opts.base, "base", "", "the new base layer")
+	f.StringArrayVar(&opts.apps, "app", nil, "a new app layer, in order (repeatable)")
+	f.StringVar(&opts.policy, "policy", "keep", "what to do with each desktop's own delta: keep, refresh or force")
+	f.BoolVarP(&opts.dryRun, "dry-run", "n", false, "plan and report; change nothing")
+	f.IntVar(&opts.workers, "workers", 2, "desktops planned and applied at once")
+	return c
+}
+
+func runRecompose(ctx context.Context, g *globalOptions, opts *recomposeOptions, args []string, out io.Writer) error {
+	policy, err := overlay.ParsePolicy(opts.policy)
+	if err != nil {
+		return &exitError{code: exitUsage, err: err}
+	}
+	st, err := openStore(g, opts.dryRun)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	rep, rerr := overlay.Recompose(ctx, st, overlay.RecomposeSpec{Desktops: args, Using: opts.using,
+		Base: opts.base, Apps: opts.apps, Policy: policy, DryRun: opts.dryRun, Workers: opts.workers})
+	if rep == nil {
+		return storeError(rerr)
+	}
+	if opts.json {
+		if err := writeJSON(out, rep); err != nil {
+			return err
+		}
+	} else {
+		printRecompose(st, rep, out)
+	}
+	switch {
+	case rerr != nil:
+		return &exitError{code: exitFailure, err: rerr, quiet: opts.json}
+	case rep.LeftConflicts > 0:
+		return &exitError{code: exitConflicts, quiet: true, err: fmt.Errorf("%d desktops left on their chains because of conflicts", rep.LeftConflicts)}
+	}
+	return nil
+}
+
+// layerLabel is a short ID with the layer's names.
+func layerLabel(st *images.Store, id string) string {
+	if id == "" {
+		return "-"
+	}
+	s := images.ShortID(id)
+	if l, err := st.Layer(id); err == nil && len(l.Names) > 0 {
+		s += " (" + strings.Join(l.Names, ", ") + ")"
+	}
+	return s
+}
+
+func printRecompose(st *images.Store, rep *overlay.RecomposeReport, out io.Writer) {
+	mode := "applied"
+	if rep.DryRun {
+		mode = "dry run"
+	}
+	fmt.Fprintf(out, "recompose onto %s — %s, policy %s\n", layerLabel(st, rep.NewLower), mode, rep.Policy)
+	fmt.Fprintf(out, "old and new layers compared: %d diff(s), %s read\n\n", rep.LowerDiffs, humanSize(rep.LowerDiffRead))
+	tw := newTable(out)
+	fmt.Fprintln(tw, "DESKTOP\tFROM\tCHANGED BELOW\tOWN DELTA\tCONFLICTS\tREAD / WRITE\tACTION")
+	for _, p := range rep.Desktops {
+		action := p.Action
+		switch {
+		case p.Error != "":
+			action = "failed: " + p.Error
+		case p.Applied:
+			action += fmt.Sprintf(" → version %d", p.NewVersion)
+		case p.Action == overlay.ActionConflict:
+			action += ": left on its chain"
+		case p.Action == overlay.ActionMark:
+			action += ": in use, switches at its next start"
+		}
+		conf := "0"
+		if p.ConflictClusters > 0 {
+			conf = fmt.Sprintf("%d (%s)", p.ConflictClusters, humanSize(p.ConflictBytes))
+		}
+		cost := "-"
+		if p.Cost.WriteBytes > 0 || p.Cost.ReadBytes > 0 {
+			cost = humanSize(p.Cost.ReadBytes) + " / " + humanSize(p.Cost.WriteBytes)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Desktop, layerLabel(st, p.OldLower),
+			humanSize(p.LowerDiffBytes), humanSize(p.DeltaBytes), conf, cost, action)
+	}
+	tw.Flush()
+	fmt.Fprintf(out, "\n%d to move, %d to refresh, %d left with conflicts, %d in use, %d already there, %d failed",
+		rep.Moved, rep.Refreshed, rep.LeftConflicts, rep.Marked, rep.Unchanged, rep.Failed)
+	fmt.Fprintf(out, "; cost %s read, %s written (plan %.2fs, apply %.2fs)\n",
+		humanSize(rep.Cost.ReadBytes), humanSize(rep.Cost.WriteBytes), rep.PlanSeconds, rep.ApplySeconds)
+	for _, p := range rep.Desktops {
+		if p.Action != overlay.ActionConflict || len(p.Conflicts) == 0 {
+			continue
+		}
+		var rs []string
+		for i, r := range p.Conflicts {
+			if i == 8 {
+				rs = append(rs, fmt.Sprintf("… %d more", len(p.Conflicts)-i))
+				break
+			}
+			rs = append(rs, fmt.Sprintf("%s+%s", humanSize(r.Off), humanSize(r.Len)))
+		}
+		fmt.Fprintf(out, "conflicts of %s: %s\n", p.Desktop, strings.Join(rs, ", "))
+	}
+}

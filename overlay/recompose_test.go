@@ -1,0 +1,335 @@
+package overlay
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/internal/testutil"
+)
+
+// storeLab is a lab with a store in it.
+type storeLab struct {
+	*lab
+	st *images.Store
+}
+
+func newStoreLab(t *testing.T, s uint64) *storeLab {
+	t.Helper()
+	l := newLab(t, s)
+	st, err := images.Open(filepath.Join(l.dir, "store"), images.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	return &storeLab{lab: l, st: st}
+}
+
+// layer imports the layer the file at path holds, on parent ("" for a base).
+func (s *storeLab) layer(path string, kind images.Kind, parent, name string) *images.Layer {
+	s.t.Helper()
+	l, _, err := s.st.Import(context.Background(), path, images.ImportOptions{Kind: kind, Parent: parent, Names: []string{name}})
+	if err != nil {
+		s.t.Fatalf("import %s: %v", path, err)
+	}
+	return l
+}
+
+// appOn makes an app layer on the store layer parent with ops random changes.
+func (s *storeLab) appOn(parent *images.Layer, name string, ops int) *images.Layer {
+	s.t.Helper()
+	p := s.create(name, s.st.LayerPath(parent.ID), 0, 64<<10)
+	s.scribble(p, ops)
+	return s.layer(p, images.KindApp, parent.ID, name)
+}
+
+// fixture: a base, app:1 and app:2 on it, and n desktops on app:1 with random
+// deltas.
+func (s *storeLab) fixture(n int, size int64) (base, app1, app2 *images.Layer, desks []string) {
+	s.t.Helper()
+	bp := s.create("base", "", size, 64<<10)
+	s.scribble(bp, 30)
+	base = s.layer(bp, images.KindBase, "", "base:1")
+	app1 = s.appOn(base, "app:1", 8)
+	app2 = s.appOn(base, "app:2", 8)
+	for i := range n {
+		name := fmt.Sprintf("d%02d", i)
+		d, err := s.st.CreateDesktop(context.Background(), name, images.DesktopSpec{Apps: []string{app1.ID}})
+		if err != nil {
+			s.t.Fatal(err)
+		}
+		if ops := s.rng.IntN(6); ops > 0 {
+			s.scribble(s.st.Path(d.SystemDisk), ops)
+		}
+		desks = append(desks, name)
+	}
+	return
+}
+
+// bruteConflicts: clusters (size g) where the old and new lower chains read
+// differently and one of own allocates something.
+func bruteConflicts(t testing.TB, oldL, newL disk.Image, own []disk.Image, g int64) []Range {
+	t.Helper()
+	end := max(oldL.Size(), newL.Size())
+	bo, bn := make([]byte, g), make([]byte, g)
+	var out []Range
+	for off := int64(0); off < end; off += g {
+		k := min(g, end-off)
+		held := false
+		for _, l := range own {
+			if off >= l.Size() {
+				continue
+			}
+			exts, err := l.MapLayer(off, min(k, l.Size()-off))
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, e := range exts {
+				held = held || e.State != disk.Unallocated
+			}
+		}
+		if !held {
+			continue
+		}
+		if err := readView(oldL, bo[:k], off); err != nil {
+			t.Fatal(err)
+		}
+		if err := readView(newL, bn[:k], off); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(bo[:k], bn[:k]) {
+			out = appendMerged(out, Range{off, k})
+		}
+	}
+	return out
+}
+
+func TestRecomposeConflictSetAgainstBruteForce(t *testing.T) {
+	testutil.NeedQemu(t)
+	shrinkPipeline(t)
+	s := seed(t)
+	ctx := context.Background()
+	for it := range 6 {
+		t.Run(fmt.Sprint(it), func(t *testing.T) {
+			sl := newStoreLab(t, s+uint64(it))
+			_, app1, app2, desks := sl.fixture(5, 16<<20)
+			rep, err := Recompose(ctx, sl.st, RecomposeSpec{Using: app1.ID, Apps: []string{app2.ID}, DryRun: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(rep.Desktops) != len(desks) || rep.LowerDiffs != 1 {
+				t.Fatalf("planned %d desktops with %d lower diffs, want %d and 1", len(rep.Desktops), rep.LowerDiffs, len(desks))
+			}
+			oldL := sl.open(sl.st.LayerPath(app1.ID), true)
+			newL := sl.open(sl.st.LayerPath(app2.ID), true)
+			for _, p := range rep.Desktops {
+				d, err := sl.st.Desktop(p.Desktop)
+				if err != nil {
+					t.Fatal(err)
+				}
+				top := sl.open(sl.st.Path(d.SystemDisk), true)
+				want := bruteConflicts(t, oldL, newL, []disk.Image{top}, p.Granularity)
+				if !slices.Equal(p.Conflicts, want) && !(len(want) == 0 && len(p.Conflicts) == 0) {
+					t.Fatalf("%s: conflicts %v, want %v", p.Desktop, p.Conflicts, want)
+				}
+				wantAction := ActionMove
+				if len(want) > 0 {
+					wantAction = ActionConflict
+				}
+				if p.Action != wantAction || p.Applied {
+					t.Fatalf("%s: action %s (applied %v), want %s, not applied", p.Desktop, p.Action, p.Applied, wantAction)
+				}
+				t.Logf("%s: %d conflicts, delta %d clusters, cost %+v", p.Desktop, p.ConflictClusters, p.DeltaClusters, p.Cost)
+			}
+		})
+	}
+}
+
+// needSwitch skips a test that applies plans while the store cannot switch
+// desktops (images.Store.UpdateDesktop, requested in .cache/requests-overlay.md).
+func needSwitch(t *testing.T, st *images.Store) {
+	t.Helper()
+	if _, ok := any(st).(desktopUpdater); !ok {
+		t.Skip("the store has no UpdateDesktop yet: applying recompose and squash is not possible")
+	}
+}
+
+// expectedMove is what a desktop should show after a move: its top's clusters
+// over the new lower layers (a copy of the top, unsafely rebased with qemu-img,
+// flattened).
+func expectedMove(t *testing.T, sl *storeLab, d *images.Desktop, newLower string) string {
+	t.Helper()
+	cp := filepath.Join(t.TempDir(), "top.qcow2")
+	testutil.Run(t, "cp", sl.st.Path(d.SystemDisk), cp)
+	testutil.Run(t, "qemu-img", "rebase", "-u", "-b", sl.st.LayerPath(newLower), "-F", "qcow2", cp)
+	return flatCopy(t, cp)
+}
+
+func TestRecomposeApply(t *testing.T) {
+	testutil.NeedQemu(t)
+	s := seed(t)
+	ctx := context.Background()
+	for _, policy := range []Policy{PolicyKeep, PolicyForce, PolicyRefresh} {
+		t.Run(string(policy), func(t *testing.T) {
+			sl := newStoreLab(t, s)
+			needSwitch(t, sl.st)
+			_, app1, app2, desks := sl.fixture(6, 16<<20)
+			before := map[string]*images.Desktop{}
+			oldView := map[string]string{}
+			newView := map[string]string{}
+			for _, n := range desks {
+				d, err := sl.st.Desktop(n)
+				if err != nil {
+					t.Fatal(err)
+				}
+				before[n] = d
+				oldView[n] = flatCopy(t, sl.st.Path(d.SystemDisk))
+				newView[n] = expectedMove(t, sl, d, app2.ID)
+			}
+			plan, err := Recompose(ctx, sl.st, RecomposeSpec{Using: app1.ID, Apps: []string{app2.ID}, Policy: policy, DryRun: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			rep, err := Recompose(ctx, sl.st, RecomposeSpec{Using: app1.ID, Apps: []string{app2.ID}, Policy: policy})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i, p := range rep.Desktops {
+				if p.Action != plan.Desktops[i].Action || p.ConflictClusters != plan.Desktops[i].ConflictClusters {
+					t.Fatalf("%s: applied %s with %d conflicts, planned %s with %d", p.Desktop, p.Action, p.ConflictClusters,
+						plan.Desktops[i].Action, plan.Desktops[i].ConflictClusters)
+				}
+				d, err := sl.st.Desktop(p.Desktop)
+				if err != nil {
+					t.Fatal(err)
+				}
+				top := sl.st.Path(d.SystemDisk)
+				testutil.QemuCheck(t, top)
+				switch p.Action {
+				case ActionConflict:
+					if d.Head != before[p.Desktop].Head || d.SystemDisk != before[p.Desktop].SystemDisk || !testutil.QemuCompare(t, top, oldView[p.Desktop]) {
+						t.Fatalf("%s: a desktop with conflicts changed", p.Desktop)
+					}
+				case ActionMove, ActionRefresh:
+					if !p.Applied || d.Head != before[p.Desktop].Head+1 || d.HeadVersion().System != app2.ID {
+						t.Fatalf("%s: not switched: %+v", p.Desktop, d)
+					}
+					if _, err := os.Stat(sl.st.Path(before[p.Desktop].SystemDisk)); err == nil {
+						t.Errorf("%s: the old top is still there", p.Desktop)
+					}
+					want := newView[p.Desktop]
+					if p.Action == ActionRefresh {
+						want = sl.st.LayerPath(app2.ID)
+					}
+					if !testutil.QemuCompare(t, top, want) {
+						t.Fatalf("%s: the new chain does not show the delta over the new layers", p.Desktop)
+					}
+				default:
+					t.Fatalf("%s: action %s", p.Desktop, p.Action)
+				}
+			}
+			checkStore(t, sl.st)
+		})
+	}
+}
+
+// checkStore: the store's check is clean and every layer verifies.
+func checkStore(t *testing.T, st *images.Store) {
+	t.Helper()
+	rep, err := st.Check(context.Background(), images.CheckOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !rep.OK() {
+		t.Fatalf("store check: %v", rep.Problems)
+	}
+	res, err := st.Verify(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range res {
+		if !r.OK {
+			t.Fatalf("layer %s does not verify: %v", r.ID, r.Problems)
+		}
+	}
+}
+
+// versionsFixture: a desktop on app → v1 → v2 → v3 (version layers), with data in
+// its top.
+func versionsFixture(t *testing.T, sl *storeLab) (app *images.Layer, vs []*images.Layer, name string) {
+	t.Helper()
+	bp := sl.create("base", "", 8<<20, 64<<10)
+	sl.scribble(bp, 10)
+	base := sl.layer(bp, images.KindBase, "", "base:1")
+	app = sl.appOn(base, "app:1", 6)
+	parent := app
+	for i := range 3 {
+		p := sl.create(fmt.Sprintf("v%d", i+1), sl.st.LayerPath(parent.ID), 0, 64<<10)
+		sl.scribble(p, 6)
+		parent = sl.layer(p, images.KindVersion, parent.ID, fmt.Sprintf("v:%d", i+1))
+		vs = append(vs, parent)
+	}
+	d, err := sl.st.CreateDesktop(context.Background(), "vd", images.DesktopSpec{Apps: []string{app.ID, vs[0].ID, vs[1].ID, vs[2].ID}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sl.scribble(sl.st.Path(d.SystemDisk), 5)
+	return app, vs, "vd"
+}
+
+func TestSquashPlan(t *testing.T) {
+	testutil.NeedQemu(t)
+	sl := newStoreLab(t, seed(t))
+	_, vs, name := versionsFixture(t, sl)
+	rep, err := Squash(context.Background(), sl.st, name, SquashOptions{Keep: 1, DryRun: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(rep.Kept, []string{vs[2].ID}) || !slices.Equal(rep.Merged, []string{vs[1].ID, vs[0].ID}) || rep.Applied {
+		t.Fatalf("plan %+v", rep)
+	}
+	rep, err = Squash(context.Background(), sl.st, name, SquashOptions{Keep: 2, DryRun: true})
+	if err != nil || rep.Note == "" {
+		t.Fatalf("keep 2 of 3: %+v %v", rep, err)
+	}
+}
+
+func TestSquashApply(t *testing.T) {
+	testutil.NeedQemu(t)
+	sl := newStoreLab(t, seed(t))
+	needSwitch(t, sl.st)
+	app, vs, name := versionsFixture(t, sl)
+	d, _ := sl.st.Desktop(name)
+	view := flatCopy(t, sl.st.Path(d.SystemDisk))
+	for _, keep := range []int{1, 0} {
+		rep, err := Squash(context.Background(), sl.st, name, SquashOptions{Keep: keep})
+		if err != nil {
+			t.Fatal(err)
+		}
+		d, _ := sl.st.Desktop(name)
+		top := sl.st.Path(d.SystemDisk)
+		if !rep.Applied || !testutil.QemuCompare(t, top, view) {
+			t.Fatalf("keep %d: the desktop's view changed: %+v", keep, rep)
+		}
+		chain, err := sl.st.Chain(d.HeadVersion().System)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(chain) != 2+1+keep || chain[1+keep].ID != app.ID {
+			t.Fatalf("keep %d: chain %d layers", keep, len(chain))
+		}
+		testutil.QemuCheck(t, top)
+	}
+	for _, v := range vs {
+		if _, err := sl.st.Layer(v.ID); err != nil {
+			t.Fatalf("squash removed sealed layer %s: %v", v.ID, err)
+		}
+	}
+	checkStore(t, sl.st)
+}
