@@ -50,6 +50,8 @@ Sizes and offsets accept the suffixes K, M, G, T, P (powers of 1024): 512, 64K, 
 		newDiskDiscardCommand(g),
 		newDiskRebaseCommand(g),
 		newDiskDiffCommand(g),
+		newDiskCommitCommand(g),
+		newDiskFlattenCommand(g),
 	)
 	return c
 }
