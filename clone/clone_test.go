@@ -321,3 +321,30 @@ func benchClones(b *testing.B, noSeed bool) {
 
 func BenchmarkCreateDisk(b *testing.B)     { benchClones(b, true) }
 func BenchmarkCreateWithSeed(b *testing.B) { benchClones(b, false) }
+
+// TestConcurrentCreate: two Creates of the same names in one process; one wins,
+// the other fails without removing the winner's files.
+func TestConcurrentCreate(t *testing.T) {
+	f := newFixture(t, "64M", "1M", false)
+	errs := make(chan error, 2)
+	for i := 0; i < 2; i++ {
+		go func() {
+			_, err := Create(context.Background(), f.st, "desk", Options{Name: "same", Count: 200})
+			errs <- err
+		}()
+	}
+	e1, e2 := <-errs, <-errs
+	if (e1 == nil) == (e2 == nil) {
+		t.Fatalf("both or neither succeeded: %v, %v", e1, e2)
+	}
+	for _, e := range []error{e1, e2} {
+		if e != nil && !errors.Is(e, images.ErrExists) && !errors.Is(e, os.ErrExist) {
+			t.Errorf("loser: %v", e)
+		}
+	}
+	cs, _ := f.st.Clones()
+	if len(cs) != 200 {
+		t.Fatalf("%d clones", len(cs))
+	}
+	mustClean(t, f.st)
+}

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 
 	"github.com/cvd-project/cvd/disk"
+	"golang.org/x/sys/unix"
 )
 
 // Template holds the bytes of a fresh qcow2 overlay, made once by disk.CreateFile,
@@ -64,14 +65,15 @@ func NewTemplate(dir string, co disk.CreateOptions) (*Template, error) {
 func (t *Template) Size() int64 { return t.size }
 
 // Write writes the overlay at path, which must not exist. With sync, the file is
-// fsynced before Write returns.
+// fsynced before Write returns. It uses plain system calls: an os.File would
+// register the descriptor with the runtime poller, three more calls per clone.
 func (t *Template) Write(path string, sync bool) (err error) {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	fd, err := unix.Open(path, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_CLOEXEC, 0o644)
 	if err != nil {
-		return err
+		return fmt.Errorf("write %s: %w", filepath.Base(path), &os.PathError{Op: "open", Path: path, Err: err})
 	}
 	defer func() {
-		if err2 := f.Close(); err == nil {
+		if err2 := unix.Close(fd); err == nil && err2 != nil {
 			err = err2
 		}
 		if err != nil {
@@ -80,15 +82,19 @@ func (t *Template) Write(path string, sync bool) (err error) {
 		}
 	}()
 	for _, s := range t.segs {
-		if _, err := f.WriteAt(s.data, s.off); err != nil {
-			return err
+		for b, off := s.data, s.off; len(b) > 0; {
+			n, err := unix.Pwrite(fd, b, off)
+			if err != nil {
+				return err
+			}
+			b, off = b[n:], off+int64(n)
 		}
 	}
-	if err := f.Truncate(t.size); err != nil {
+	if err := unix.Ftruncate(fd, t.size); err != nil {
 		return err
 	}
 	if sync {
-		return f.Sync()
+		return unix.Fsync(fd)
 	}
 	return nil
 }

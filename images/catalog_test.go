@@ -370,3 +370,34 @@ func TestReadOnlyStore(t *testing.T) {
 	}
 	f.s = ro
 }
+
+// TestJournalReservesFiles: a file being made by one operation, or already there,
+// cannot be journaled by another (whose Abort would remove it).
+func TestJournalReservesFiles(t *testing.T) {
+	s := openStore(t)
+	p1, err := s.Begin("clone", []string{"clones/a.qcow2", "clones/b.qcow2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Begin("clone", []string{"clones/b.qcow2"}); !errors.Is(err, ErrExists) {
+		t.Errorf("overlapping Begin: %v", err)
+	}
+	os.WriteFile(s.Path("clones/c.qcow2"), nil, 0o644)
+	if _, err := s.Begin("clone", []string{"clones/c.qcow2"}); !errors.Is(err, ErrExists) {
+		t.Errorf("Begin over an existing file: %v", err)
+	}
+	os.Remove(s.Path("clones/c.qcow2"))
+	os.WriteFile(s.Path("clones/a.qcow2"), nil, 0o644)
+	if err := p1.Abort(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(s.Path("clones/a.qcow2")); !os.IsNotExist(err) {
+		t.Errorf("Abort left its file: %v", err)
+	}
+	p2, err := s.Begin("clone", []string{"clones/b.qcow2"})
+	if err != nil {
+		t.Fatalf("Begin after Abort: %v", err)
+	}
+	p2.Abort()
+	mustClean(t, s)
+}

@@ -240,7 +240,7 @@ func (s *Store) commitLayer(tmp, id string, parent *Layer, kind Kind, size int64
 		if err := checkNames(tx, id, opts.Names, opts.Force); err != nil {
 			return err
 		}
-		key, err := putPending(tx, "import", []string{layerRel(id)}, s.now())
+		key, err := putPending(tx, "import", []string{layerRel(id)}, true, s.now())
 		p = &Pending{s: s, key: key, files: []string{layerRel(id)}}
 		return err
 	})

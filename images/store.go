@@ -185,7 +185,7 @@ func (s *Store) Begin(op string, files []string) (*Pending, error) {
 	p := &Pending{s: s, files: files}
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		var err error
-		p.key, err = putPending(tx, op, files, s.now())
+		p.key, err = putPending(tx, op, files, true, s.now())
 		return err
 	})
 	if err != nil {
@@ -194,8 +194,42 @@ func (s *Store) Begin(op string, files []string) (*Pending, error) {
 	return p, nil
 }
 
-func putPending(tx *bolt.Tx, op string, files []string, now time.Time) ([]byte, error) {
+// putPending journals files; create says they are about to be made (so they must
+// not exist), else removed.
+func putPending(tx *bolt.Tx, op string, files []string, create bool, now time.Time) ([]byte, error) {
 	b := tx.Bucket(bucketPending)
+	// Files to make must not exist: an Abort would remove someone else's.
+	if create {
+		dir := filepath.Dir(tx.DB().Path())
+		for _, f := range files {
+			if _, err := os.Lstat(filepath.Join(dir, filepath.FromSlash(f))); err == nil {
+				return nil, fmt.Errorf("%w: %s", ErrExists, f)
+			}
+		}
+	}
+	// The journal also reserves the files: two operations of one process must not
+	// write (or, aborting, remove) the same file.
+	if k, _ := b.Cursor().First(); k != nil {
+		want := make(map[string]bool, len(files))
+		for _, f := range files {
+			want[f] = true
+		}
+		err := b.ForEach(func(k, v []byte) error {
+			var e pendingEntry
+			if err := json.Unmarshal(v, &e); err != nil {
+				return err
+			}
+			for _, f := range e.Files {
+				if want[f] {
+					return fmt.Errorf("%w: %s is being written by another %s", ErrExists, f, e.Op)
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
 	seq, err := b.NextSequence()
 	if err != nil {
 		return nil, err
@@ -275,7 +309,7 @@ func (s *Store) removeJournaled(op string, fn func(tx *bolt.Tx) ([]string, error
 		if len(files) == 0 {
 			return nil
 		}
-		key, err = putPending(tx, op, files, s.now())
+		key, err = putPending(tx, op, files, false, s.now())
 		return err
 	})
 	if err != nil || key == nil {
