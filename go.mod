@@ -10,6 +10,7 @@ require (
 	github.com/lima-vm/go-qcow2reader v0.7.1
 	github.com/schollz/progressbar/v3 v3.18.0
 	github.com/spf13/cobra v1.10.2
+	github.com/ulikunitz/xz v0.5.17
 	go.etcd.io/bbolt v1.4.0
 	golang.org/x/sys v0.43.0
 	golang.org/x/term v0.40.0

@@ -85,10 +85,12 @@ func (l *Laptop) CheckIn(ctx context.Context, desktop string, opts CheckinOption
 		rep.Resumed = true
 		rep.Base = co.Pending.Base
 	} else {
+		t0 := time.Now()
 		changes, err := l.scanTops(ctx, d, co)
 		if err != nil {
 			return nil, err
 		}
+		l.log.Debug("check-in: scanned tops", "took", time.Since(t0))
 		var total int64
 		for _, ch := range changes {
 			rep.Changed += ch.decl.Entries
@@ -139,9 +141,11 @@ func (l *Laptop) CheckIn(ctx context.Context, desktop string, opts CheckinOption
 		}
 	}
 	// Freeze: the tops become the version the server committed.
+	t0 := time.Now()
 	if err := l.freeze(ctx, d, co, res); err != nil {
 		return nil, err
 	}
+	l.log.Debug("check-in: froze tops", "took", time.Since(t0))
 	rep.Version, rep.Head, rep.Conflict, rep.Deduplicated, rep.Released = res.Version, res.Head, res.Conflict, res.Deduplicated, res.Released
 	for k, v := range res.Layers {
 		rep.Layers[k] = v
@@ -318,9 +322,14 @@ func (l *Laptop) upload(ctx context.Context, c *Client, id string, changes []dis
 	go func() {
 		defer close(done)
 		sw := newStreamWriter(pw)
-		err := encodeOrdered(ctx, func(submit func(byte, int64, []byte) error) error {
+		err := encodeOrdered(ctx, true, func(submit func(byte, int64, []byte) error) error {
 			return readMissingClusters(ctx, imgs, sizes, miss, submit)
 		}, func(ec encodedCluster, _ bool) error {
+			// The encoder hashed the cluster: a top that changed since its list
+			// was made fails here, before the cluster is sent.
+			if m := miss[sent]; ec.disk != m.Disk || ec.idx != m.Index || ec.digest != m.Digest {
+				return fmt.Errorf("cluster %d changed since the check-in began; run the check-in again", ec.idx)
+			}
 			sent++
 			l.opts.Progress.Add(int64(ec.raw))
 			return sw.data(ec)
@@ -338,9 +347,8 @@ func (l *Laptop) upload(ctx context.Context, c *Client, id string, changes []dis
 	return err
 }
 
-// readMissingClusters reads the clusters of miss from the tops, joining runs of
-// neighbours into larger reads, and checks each against its digest (a top that
-// changed since its list was made fails here, before anything is sent).
+// readMissingClusters reads the clusters of miss from the tops, in order, joining
+// runs of neighbours into larger reads.
 func readMissingClusters(ctx context.Context, imgs map[byte]disk.Image, sizes map[byte]int, miss []missingItem,
 	submit func(byte, int64, []byte) error) error {
 	const maxRun = 16
@@ -367,11 +375,7 @@ func readMissingClusters(ctx context.Context, imgs map[byte]disk.Image, sizes ma
 		}
 		for k := i; k < j; k++ {
 			lo := int64(k-i) * cs
-			c := b[lo:min(lo+cs, n)]
-			if sha256.Sum256(c) != miss[k].Digest {
-				return fmt.Errorf("cluster %d changed since the check-in began; run the check-in again", miss[k].Index)
-			}
-			if err := submit(m.Disk, miss[k].Index, c); err != nil {
+			if err := submit(m.Disk, miss[k].Index, b[lo:min(lo+cs, n)]); err != nil {
 				return err
 			}
 		}

@@ -117,6 +117,9 @@ func (f *layerFetcher) open() error {
 }
 
 func (f *layerFetcher) close() {
+	if f.w != nil {
+		f.w.wait()
+	}
 	if f.img != nil {
 		f.img.Close()
 		f.img = nil
@@ -165,7 +168,11 @@ func (f *layerFetcher) fetchFrom(ctx context.Context, c *Client) (int64, bool, e
 		return 0, false, err
 	}
 	defer rc.Close()
-	sr := newStreamReader(rc)
+	return f.consume(ctx, newStreamReader(rc))
+}
+
+// consume writes the frames of sr into the partial layer.
+func (f *layerFetcher) consume(ctx context.Context, sr *streamReader) (int64, bool, error) {
 	base := f.ck.Bytes
 	cs := int64(f.info.ClusterSize)
 	clusters := clustersOf(f.info.Size, f.info.ClusterSize)
@@ -175,7 +182,7 @@ func (f *layerFetcher) fetchFrom(ctx context.Context, c *Client) (int64, bool, e
 		if zLen == 0 {
 			return nil
 		}
-		f.w.flushBuf()
+		f.w.sync()
 		if f.w.err != nil {
 			return f.w.err
 		}

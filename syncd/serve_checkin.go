@@ -598,6 +598,7 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 		return sw, dl, nil
 	}
 	var res UploadResult
+	t0 := time.Now()
 	body := newStreamReader(r.Body)
 	_, _, err = decodeOrdered(r.Context(), body, false, func(f frame, d Digest) error {
 		_, dl, err := stageFor(f.disk)
@@ -626,6 +627,7 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 		}
 	}
 	res.Bytes = body.bytes
+	s.log.Debug("upload received", "clusters", res.Clusters, "bytes", body.bytes, "took", time.Since(t0))
 	s.m.bytesReceived.Add(body.bytes)
 	s.m.clustersReceived.Add(res.Clusters)
 	uerr := s.st.update(func(tx *bolt.Tx) error {
@@ -650,7 +652,8 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 	return nil
 }
 
-// stageWriter writes verified clusters into a staging layer, joining neighbours.
+// stageWriter writes verified clusters into a layer, joining neighbours into
+// batches that a goroutine of its own writes while the next ones are decoded.
 type stageWriter struct {
 	img  disk.Image
 	cs   int64
@@ -658,14 +661,62 @@ type stageWriter struct {
 	off  int64
 	err  error
 	done bool
+
+	q    chan stageBatch
+	wg   sync.WaitGroup
+	mu   sync.Mutex
+	werr error
+	free chan []byte
+}
+
+type stageBatch struct {
+	off int64
+	b   []byte
+}
+
+const (
+	stageBatchSize  = 8 << 20
+	stageBatchDepth = 2
+)
+
+func (w *stageWriter) start() {
+	w.q = make(chan stageBatch, stageBatchDepth)
+	w.free = make(chan []byte, stageBatchDepth+2)
+	w.wg.Add(1)
+	go func() {
+		defer w.wg.Done()
+		for b := range w.q {
+			if w.asyncErr() == nil {
+				if _, err := w.img.WriteAt(b.b, b.off); err != nil {
+					w.mu.Lock()
+					w.werr = noSpace(fmt.Errorf("write at %#x: %w", b.off, err))
+					w.mu.Unlock()
+				}
+			}
+			select {
+			case w.free <- b.b[:0]:
+			default:
+			}
+		}
+	}()
+}
+
+func (w *stageWriter) asyncErr() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.werr
 }
 
 func (w *stageWriter) write(idx int64, raw []byte) error {
 	if w.err != nil {
 		return w.err
 	}
+	if err := w.asyncErr(); err != nil {
+		w.err = err
+		return err
+	}
 	off := idx * w.cs
-	if len(w.buf) > 0 && (w.off+int64(len(w.buf)) != off || len(w.buf)+len(raw) > 4<<20) {
+	if len(w.buf) > 0 && (w.off+int64(len(w.buf)) != off || len(w.buf)+len(raw) > stageBatchSize) {
 		w.flushBuf()
 	}
 	if len(w.buf) == 0 {
@@ -675,28 +726,55 @@ func (w *stageWriter) write(idx int64, raw []byte) error {
 	return w.err
 }
 
+// flushBuf hands the current batch to the writer goroutine (or writes it).
 func (w *stageWriter) flushBuf() {
 	if len(w.buf) == 0 || w.err != nil {
 		w.buf = w.buf[:0]
 		return
 	}
-	if _, err := w.img.WriteAt(w.buf, w.off); err != nil {
-		w.err = noSpace(fmt.Errorf("write staging layer at %#x: %w", w.off, err))
+	if w.q == nil {
+		w.start()
 	}
-	w.buf = w.buf[:0]
+	w.q <- stageBatch{off: w.off, b: w.buf}
+	select {
+	case b := <-w.free:
+		w.buf = b
+	default:
+		w.buf = make([]byte, 0, stageBatchSize)
+	}
+}
+
+// wait lets every handed batch reach the image.
+func (w *stageWriter) wait() error {
+	if w.q != nil {
+		close(w.q)
+		w.wg.Wait()
+		w.q = nil
+	}
+	if err := w.asyncErr(); err != nil && w.err == nil {
+		w.err = err
+	}
+	return w.err
+}
+
+// sync writes everything handed so far and waits for it (no flush of the image).
+func (w *stageWriter) sync() error {
+	w.flushBuf()
+	return w.wait()
 }
 
 func (w *stageWriter) flush() error {
-	w.flushBuf()
-	if w.err == nil {
-		if err := w.img.Flush(); err != nil {
-			w.err = noSpace(err)
-		}
+	if err := w.sync(); err != nil {
+		return err
+	}
+	if err := w.img.Flush(); err != nil {
+		w.err = noSpace(err)
 	}
 	return w.err
 }
 
 func (w *stageWriter) close() {
+	w.wait()
 	if !w.done {
 		w.done = true
 		w.img.Close()

@@ -265,7 +265,7 @@ func (s *Server) handleClusters(w http.ResponseWriter, r *http.Request, dev *Dev
 	w.Header().Set("X-Cvd-Layer", l.ID)
 	w.WriteHeader(http.StatusOK)
 	sw := newStreamWriter(w)
-	n, err := writeLayerStream(r.Context(), sw, img, l.ClusterSize, l.Parent != "", from, l.ID)
+	n, err := writeLayerStream(r.Context(), sw, img, l.ClusterSize, l.Parent != "", from, l.ID, true)
 	s.m.bytesSent.Add(sw.bytes)
 	s.m.clustersSent.Add(n)
 	if err != nil {
@@ -278,7 +278,7 @@ func (s *Server) handleClusters(w http.ResponseWriter, r *http.Request, dev *Dev
 
 // writeLayerStream writes img's own clusters from index from on as frames, then the
 // end frame with the layer ID, and returns the number of entries sent.
-func writeLayerStream(ctx context.Context, sw *streamWriter, img disk.Image, cs int, keepZero bool, from int64, id string) (int64, error) {
+func writeLayerStream(ctx context.Context, sw *streamWriter, img disk.Image, cs int, keepZero bool, from int64, id string, compress bool) (int64, error) {
 	var entries int64
 	var zStart, zLen int64
 	flushZero := func() error {
@@ -289,7 +289,7 @@ func writeLayerStream(ctx context.Context, sw *streamWriter, img disk.Image, cs 
 		zLen = 0
 		return err
 	}
-	err := encodeOrdered(ctx, func(submit func(byte, int64, []byte) error) error {
+	err := encodeOrdered(ctx, compress, func(submit func(byte, int64, []byte) error) error {
 		return walkClusters(ctx, img, cs, keepZero, from, func(idx int64, data []byte) error {
 			return submit(0, idx, data)
 		})

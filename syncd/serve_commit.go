@@ -97,10 +97,12 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*Checkin
 			continue
 		}
 		dl := m.lists[d.Name]
+		t0 := time.Now()
 		n, err := s.fillStage(ctx, m, dl, srcs[d.Name])
 		if err != nil {
 			return nil, err
 		}
+		t1 := time.Now()
 		res.Deduplicated += n
 		res.Clusters += d.DataEntries
 		l, existed, err := sealTop(ctx, s.store, filepath.Join(m.dir, d.Name+".qcow2"), []string{serverName(se.Desktop, nv.N, d.Name)}, true)
@@ -117,6 +119,7 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*Checkin
 			return nil, fmt.Errorf("%w: the %s disk sealed as layer %s, the laptop expects %s: its clusters will be asked for again",
 				ErrIncomplete, d.Name, short(l.ID), short(d.ExpectID))
 		}
+		s.log.Debug("commit: disk sealed", "disk", d.Name, "fill", t1.Sub(t0), "seal", time.Since(t1))
 		nv.setLayer(d.Name, l.ID)
 		res.Layers[d.Name] = l.ID
 		newEntries[l.ID] = dl.entries
@@ -202,7 +205,7 @@ func (s *Server) fillStage(ctx context.Context, m *session, dl *diskList, ss []s
 		if zLen == 0 {
 			return nil
 		}
-		w.flushBuf()
+		w.sync()
 		off := zStart * int64(cs)
 		err := img.WriteZeroes(off, min(zLen*int64(cs), img.Size()-off))
 		zLen = 0
@@ -240,7 +243,7 @@ func (s *Server) fillStage(ctx context.Context, m *session, dl *diskList, ss []s
 		var data []byte
 		switch {
 		case src.fromDisk != "":
-			w.flushBuf()
+			w.sync()
 			from := img
 			if src.fromDisk != dl.d.Name {
 				from = open["stage:"+src.fromDisk]

@@ -40,6 +40,9 @@ type ServerOptions struct {
 	Logger *slog.Logger
 	// Now is the clock (tests set it).
 	Now func() time.Time
+	// Admin skips the background indexing: the Server is used for the
+	// administrator's operations only, not to serve.
+	Admin bool
 }
 
 // Server is the data-center side: it serves the HTTP API over a store. It also
@@ -95,13 +98,9 @@ func NewServer(store *images.Store, opts ServerOptions) (*Server, error) {
 		cancel()
 		return nil, err
 	}
-	s.bgIndex.Add(1)
-	go func() {
-		defer s.bgIndex.Done()
-		if err := s.ensureIndexed(ctx); err != nil && ctx.Err() == nil {
-			s.log.Warn("index layers", "err", err)
-		}
-	}()
+	if !opts.Admin {
+		s.indexLater()
+	}
 	return s, nil
 }
 

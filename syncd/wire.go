@@ -41,6 +41,8 @@ const (
 
 	// maxClusterSize bounds what a frame may carry (qcow2's largest cluster).
 	maxClusterSize = 2 << 20
+	// probeSize is the sample compressed first to spot incompressible data.
+	probeSize = 4 << 10
 )
 
 // ErrStream marks a malformed or truncated cluster stream.
@@ -132,12 +134,25 @@ type encodedCluster struct {
 }
 
 // encodeCluster hashes and compresses one cluster; dst is reused when large enough.
-// Data that does not shrink is sent raw.
-func encodeCluster(diskNo byte, idx int64, raw []byte, dst []byte) (encodedCluster, error) {
+// Data that does not shrink, or compress false, is sent raw.
+func encodeCluster(diskNo byte, idx int64, raw []byte, dst []byte, compress bool) (encodedCluster, error) {
+	ec := encodedCluster{disk: diskNo, idx: idx, digest: sha256.Sum256(raw), raw: len(raw)}
+	if !compress {
+		ec.enc, ec.data = encRaw, append(dst[:0], raw...)
+		return ec, nil
+	}
 	if err := zc.init(); err != nil {
 		return encodedCluster{}, err
 	}
-	ec := encodedCluster{disk: diskNo, idx: idx, digest: sha256.Sum256(raw), raw: len(raw)}
+	if len(raw) >= 4*probeSize {
+		// A sample that does not shrink says the cluster is random-like
+		// (encrypted, already compressed): send it raw without paying for a
+		// full compression attempt.
+		if p := zc.enc.EncodeAll(raw[:probeSize], dst[:0]); len(p) > probeSize*31/32 {
+			ec.enc, ec.data = encRaw, append(dst[:0], raw...)
+			return ec, nil
+		}
+	}
 	out := zc.enc.EncodeAll(raw, dst[:0])
 	if len(out) < len(raw) {
 		ec.enc, ec.data = encZstd, out

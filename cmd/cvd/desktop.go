@@ -23,6 +23,7 @@ history of versions: each records the sealed layers its disks stand on.`,
 		RunE: func(cmd *cobra.Command, args []string) error { return cmd.Help() },
 	}
 	c.AddCommand(newDesktopCreateCommand(g), newDesktopLsCommand(g), newDesktopShowCommand(g), newDesktopRmCommand(g), newDesktopSquashCommand(g))
+	c.AddCommand(newDesktopSyncCommands(g)...)
 	return c
 }
 

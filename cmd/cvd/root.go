@@ -59,6 +59,15 @@ clusters that changed.
 		newCloneCommand(g),
 		newGCCommand(g),
 		newStoreCommand(g),
+		newServeCommand(g),
+		newDeviceCommand(g),
+		newCheckoutCommand(g),
+		newCheckinCommand(g),
+		newReleaseCommand(g),
+		newStatusCommand(g),
+		newAgentCommand(g),
+		newExportCommand(g),
+		newImportCommand(g),
 		newRecomposeCommand(g),
 	)
 	return root

@@ -1,0 +1,111 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/syncd"
+	"github.com/spf13/cobra"
+)
+
+type checkinOptions struct {
+	release bool
+}
+
+func newCheckinCommand(g *globalOptions) *cobra.Command {
+	opts := &checkinOptions{}
+	c := &cobra.Command{
+		Use:   "checkin DESKTOP",
+		Short: "Check a desktop's changes in to its server as a new version",
+		Long: `Check a desktop in: the writable tops made at check-out hold exactly the
+clusters changed since (no scan of the disk). Their digests go to the server,
+which answers which clusters it lacks among every layer it holds; only those are
+sent. The server writes the new version, syncs and seals it, and moves the head
+in one step; until then its head is unchanged. The laptop then freezes its tops
+as the same version and starts fresh ones, so the next check-in is incremental.
+
+An interrupted check-in resumes when run again and sends only what is missing.
+A check-in that does not start from the server's head (a broken lease, a
+rollback) is kept as a conflict version beside the head.
+
+Shut the desktop's VM down first: its tops must not change during the check-in.`,
+		Example: `  cvd checkin alice
+  cvd checkin alice --release --json`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return runCheckin(cmd.Context(), g, opts, args[0], cmd.OutOrStdout(), cmd.ErrOrStderr())
+		},
+	}
+	c.Flags().BoolVar(&opts.release, "release", false, "give the lease back afterwards and remove the local copy")
+	return c
+}
+
+func runCheckin(ctx context.Context, g *globalOptions, opts *checkinOptions, desktop string, out, errOut io.Writer) error {
+	lp, done, err := openLaptop(ctx, g, errOut)
+	if err != nil {
+		return err
+	}
+	defer done()
+	rep, err := lp.CheckIn(ctx, desktop, syncd.CheckinOptions{Release: opts.release})
+	if err != nil {
+		return storeError(err)
+	}
+	if g.json {
+		return printJSON(out, rep)
+	}
+	printCheckinReport(out, rep)
+	return nil
+}
+
+func printCheckinReport(out io.Writer, rep *syncd.CheckinReport) {
+	if rep.NoChanges {
+		fmt.Fprintf(out, "%s: no changes since version %d\n", rep.Desktop, rep.Version)
+		if rep.Released {
+			fmt.Fprintf(out, "  lease released; the local copy is removed\n")
+		}
+		return
+	}
+	what := "head"
+	if rep.Conflict {
+		what = fmt.Sprintf("CONFLICT version beside head %d", rep.Head)
+	}
+	fmt.Fprintf(out, "checked in %s as version %d (%s), from version %d\n", rep.Desktop, rep.Version, what, rep.Base)
+	fmt.Fprintf(out, "  changed %d clusters (%s of data); sent %d clusters, %s payload (%d bytes) + %d bytes metadata; %d deduplicated by the server\n",
+		rep.Changed, fmtBytes(rep.ChangedBytes), rep.Sent, fmtBytes(rep.Payload), rep.Payload, rep.Metadata, rep.Deduplicated)
+	fmt.Fprintf(out, "  took %.2fs (transfer and commit %.2fs)\n", rep.Took, rep.TookUpload)
+	for _, dn := range []string{syncd.DiskSystem, syncd.DiskUser} {
+		if id := rep.Layers[dn]; id != "" {
+			fmt.Fprintf(out, "  %s disk: layer %s\n", dn, images.ShortID(id))
+		}
+	}
+	if rep.Released {
+		fmt.Fprintf(out, "  lease released; the local copy is removed\n")
+	}
+}
+
+// newReleaseCommand is `cvd release`: give a lease back without checking in.
+func newReleaseCommand(g *globalOptions) *cobra.Command {
+	var discard bool
+	c := &cobra.Command{
+		Use:   "release DESKTOP",
+		Short: "Give a checked-out desktop's lease back and remove the local copy (refused with changes not checked in)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			lp, done, err := openLaptop(cmd.Context(), g, cmd.ErrOrStderr())
+			if err != nil {
+				return err
+			}
+			defer done()
+			if err := lp.Release(cmd.Context(), args[0], discard); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "released %s at %s\n", args[0], time.Now().Format(time.RFC3339))
+			return nil
+		},
+	}
+	c.Flags().BoolVar(&discard, "discard", false, "release even with changes that were not checked in (they are lost)")
+	return c
+}

@@ -1,0 +1,220 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/syncd"
+	"github.com/schollz/progressbar/v3"
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+)
+
+type checkoutOptions struct {
+	server string
+	token  string
+	caCert string
+	ttl    time.Duration
+}
+
+func newCheckoutCommand(g *globalOptions) *cobra.Command {
+	opts := &checkoutOptions{}
+	c := &cobra.Command{
+		Use:   "checkout DESKTOP --server URL --token T",
+		Short: "Check a desktop out of a server into the local store, for offline use",
+		Long: `Check a desktop out: the server gives this device the desktop's lease (another
+device's lease refuses it, naming the holder), stops the server-side VM and
+seals its changes; the laptop fetches only the layers its store lacks, as
+compressed, digest-checked cluster streams, and sets the desktop up over fresh
+writable tops. An interrupted check-out resumes where it stopped when run again.
+
+Past the lease's expiry the local copy is purged, even offline: keep ` + "`cvd agent`" + `
+running to renew it, or check in before then.`,
+		Example: `  cvd checkout alice --server https://cvd.example:8470 --token "$TOKEN" --store ~/cvd
+  CVD_TOKEN=... cvd checkout alice --server http://127.0.0.1:8470 --json`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return runCheckout(cmd.Context(), g, opts, args[0], cmd.OutOrStdout(), cmd.ErrOrStderr())
+		},
+	}
+	f := c.Flags()
+	f.StringVar(&opts.server, "server", os.Getenv("CVD_SERVER"), "server URL, http(s)://HOST:PORT (env CVD_SERVER)")
+	f.StringVar(&opts.token, "token", "", "device token from `cvd device add` (env CVD_TOKEN)")
+	f.StringVar(&opts.caCert, "ca-cert", "", "PEM file of a CA to trust for an https server")
+	f.DurationVar(&opts.ttl, "ttl", 0, "lease length to ask for (0: the server's default)")
+	return c
+}
+
+func runCheckout(ctx context.Context, g *globalOptions, opts *checkoutOptions, desktop string, out, errOut io.Writer) error {
+	if opts.token == "" {
+		opts.token = os.Getenv("CVD_TOKEN")
+	}
+	if opts.server == "" || opts.token == "" {
+		return &exitError{code: exitUsage, err: fmt.Errorf("give --server and --token (or CVD_SERVER and CVD_TOKEN)")}
+	}
+	lp, done, err := openLaptop(ctx, g, errOut)
+	if err != nil {
+		return err
+	}
+	defer done()
+	c, err := syncd.NewClient(opts.server, opts.token, syncd.ClientOptions{CACert: opts.caCert})
+	if err != nil {
+		return &exitError{code: exitUsage, err: err}
+	}
+	rep, err := lp.CheckOut(ctx, c, desktop, syncd.CheckoutOptions{TTL: opts.ttl, CACert: opts.caCert})
+	if err != nil {
+		return storeError(err)
+	}
+	if g.json {
+		return printJSON(out, rep)
+	}
+	fmt.Fprintf(out, "checked out %s version %d from %s\n", rep.Desktop, rep.Version, rep.Server)
+	fmt.Fprintf(out, "  lease %s until %s\n", rep.Lease.ID, rep.Lease.Expires.Local().Format(time.RFC3339))
+	fmt.Fprintf(out, "  layers fetched %d, already held %d; received %s (%d bytes) carrying %s of clusters in %.2fs\n",
+		len(rep.LayersFetched), len(rep.LayersHeld), fmtBytes(rep.Bytes), rep.Bytes, fmtBytes(rep.DataBytes), rep.Took)
+	if rep.Sealed > 0 {
+		fmt.Fprintf(out, "  the server sealed its changes as version %d first\n", rep.Sealed)
+	}
+	return nil
+}
+
+// openLaptop opens the local store for a sync command, purging expired copies
+// first.
+func openLaptop(ctx context.Context, g *globalOptions, errOut io.Writer) (*syncd.Laptop, func(), error) {
+	st, err := openStore(g, false)
+	if err != nil {
+		return nil, nil, err
+	}
+	lp, err := syncd.OpenLaptop(st, syncd.LaptopOptions{Progress: newProgress(errOut)})
+	if err != nil {
+		st.Close()
+		return nil, nil, err
+	}
+	purged, err := lp.PurgeExpired(ctx)
+	for _, p := range purged {
+		fmt.Fprintf(errOut, "cvd: purged desktop %s: its lease expired at %s\n", p.Desktop, p.Expired.Local().Format(time.RFC3339))
+	}
+	if err != nil {
+		lp.Close()
+		st.Close()
+		return nil, nil, err
+	}
+	return lp, func() { lp.Close(); st.Close() }, nil
+}
+
+// barProgress draws transfers on a terminal; in a pipe it draws nothing.
+type barProgress struct {
+	w   io.Writer
+	bar *progressbar.ProgressBar
+}
+
+func newProgress(w io.Writer) syncd.Progress {
+	f, ok := w.(*os.File)
+	if !ok || !term.IsTerminal(int(f.Fd())) {
+		return nil
+	}
+	return &barProgress{w: w}
+}
+
+func (p *barProgress) Start(what string, total int64) {
+	p.bar = progressbar.NewOptions64(total,
+		progressbar.OptionSetWriter(p.w),
+		progressbar.OptionSetDescription(what),
+		progressbar.OptionShowBytes(true),
+		progressbar.OptionSetWidth(30),
+		progressbar.OptionThrottle(100*time.Millisecond),
+		progressbar.OptionClearOnFinish(),
+	)
+}
+
+func (p *barProgress) Add(n int64) {
+	if p.bar != nil {
+		p.bar.Add64(n)
+	}
+}
+
+func (p *barProgress) Done() {
+	if p.bar != nil {
+		p.bar.Finish()
+		p.bar = nil
+	}
+}
+
+// newStatusCommand is `cvd status`: the desktops checked out to this store.
+func newStatusCommand(g *globalOptions) *cobra.Command {
+	return &cobra.Command{
+		Use:   "status [DESKTOP]",
+		Short: "Show the desktops checked out to this store: lease, version, pending check-in",
+		Args:  cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			lp, done, err := openLaptop(cmd.Context(), g, cmd.ErrOrStderr())
+			if err != nil {
+				return err
+			}
+			defer done()
+			cos, err := lp.Checkouts()
+			if err != nil {
+				return err
+			}
+			var sel []statusLine
+			for _, co := range cos {
+				if len(args) == 1 && co.Desktop != args[0] {
+					continue
+				}
+				sel = append(sel, statusOf(co))
+			}
+			if len(args) == 1 && len(sel) == 0 {
+				return fmt.Errorf("desktop %s: %w", args[0], syncd.ErrNotCheckedOut)
+			}
+			out := cmd.OutOrStdout()
+			if g.json {
+				if sel == nil {
+					sel = []statusLine{}
+				}
+				return printJSON(out, sel)
+			}
+			tw := newTable(out)
+			fmt.Fprintln(tw, "DESKTOP\tVERSION\tSERVER\tLEASE EXPIRES\tSYSTEM\tUSER\tPENDING")
+			for _, s := range sel {
+				fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%s\n", s.Desktop, s.Version, s.Server,
+					s.Expires.Local().Format(time.RFC3339), images.ShortID(s.Layers[syncd.DiskSystem]),
+					images.ShortID(s.Layers[syncd.DiskUser]), s.Pending)
+			}
+			return tw.Flush()
+		},
+	}
+}
+
+// statusLine is a checked-out desktop as status shows it (no token).
+type statusLine struct {
+	Desktop     string            `json:"desktop"`
+	Server      string            `json:"server"`
+	Version     int               `json:"version"`
+	Lease       string            `json:"lease"`
+	Expires     time.Time         `json:"expires"`
+	Layers      map[string]string `json:"layers"`
+	CheckedOut  time.Time         `json:"checked_out"`
+	LastCheckin time.Time         `json:"last_checkin,omitzero"`
+	Pending     string            `json:"pending,omitempty"`
+	Offline     bool              `json:"offline,omitempty"`
+}
+
+func statusOf(co syncd.Checkout) statusLine {
+	s := statusLine{Desktop: co.Desktop, Server: co.Server, Version: co.Version, Lease: co.Lease.ID, Expires: co.Lease.Expires,
+		Layers: co.Layers, CheckedOut: co.CheckedOut, LastCheckin: co.LastCheckin, Offline: co.Offline}
+	if co.Pending != nil {
+		s.Pending = "check-in " + co.Pending.ID[:12]
+		if co.Pending.Result != nil {
+			s.Pending += fmt.Sprintf(" (committed as version %d, not frozen yet)", co.Pending.Result.Version)
+		}
+	}
+	if s.Server == "" {
+		s.Server = strings.Repeat("-", 1)
+	}
+	return s
+}

@@ -1,0 +1,231 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/syncd"
+	"github.com/spf13/cobra"
+)
+
+// newDeviceCommand is `cvd device`: the laptops that may check desktops out of
+// this store (the server's side).
+func newDeviceCommand(g *globalOptions) *cobra.Command {
+	c := &cobra.Command{
+		Use:   "device",
+		Short: "Register the devices (laptops) that check desktops out, and manage leases",
+		Long: `A device is a laptop bound to desktops. ` + "`cvd device add`" + ` prints its token once:
+the store keeps only its SHA-256. The laptop gives it to ` + "`cvd checkout --token`" + `.
+
+These commands work on the server's store directly: run them while ` + "`cvd serve`" + `
+is stopped (it holds the store while it runs).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error { return cmd.Help() },
+	}
+	c.AddCommand(newDeviceAddCommand(g), newDeviceLsCommand(g), newDeviceRmCommand(g), newDeviceBindCommand(g),
+		newDeviceLeasesCommand(g), newDeviceBreakLeaseCommand(g))
+	return c
+}
+
+// openAdmin opens the store and syncd's state for an administrator's command.
+func openAdmin(g *globalOptions) (*syncd.Server, func(), error) {
+	st, err := openStore(g, false)
+	if err != nil {
+		return nil, nil, err
+	}
+	srv, err := syncd.NewServer(st, syncd.ServerOptions{Admin: true})
+	if err != nil {
+		st.Close()
+		return nil, nil, err
+	}
+	return srv, func() { srv.Close(); st.Close() }, nil
+}
+
+func newDeviceAddCommand(g *globalOptions) *cobra.Command {
+	var desktops []string
+	c := &cobra.Command{
+		Use:     "add NAME --desktop D",
+		Short:   "Register a device bound to desktops and print its token (shown once)",
+		Example: `  TOKEN=$(cvd device add alice-laptop --desktop alice)`,
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if len(desktops) == 0 {
+				return &exitError{code: exitUsage, err: fmt.Errorf("give at least one --desktop")}
+			}
+			srv, done, err := openAdmin(g)
+			if err != nil {
+				return err
+			}
+			defer done()
+			d, tok, err := srv.AddDevice(args[0], desktops)
+			if err != nil {
+				return storeError(err)
+			}
+			out := cmd.OutOrStdout()
+			if g.json {
+				return printJSON(out, struct {
+					Device *syncd.Device `json:"device"`
+					Token  string        `json:"token"`
+				}{d, tok})
+			}
+			fmt.Fprintln(out, tok)
+			fmt.Fprintf(cmd.ErrOrStderr(), "device %s bound to %s; the token above is shown only once\n", d.Name, strings.Join(d.Desktops, ", "))
+			return nil
+		},
+	}
+	c.Flags().StringArrayVar(&desktops, "desktop", nil, "desktop the device may check out (repeatable)")
+	return c
+}
+
+func newDeviceBindCommand(g *globalOptions) *cobra.Command {
+	var desktops []string
+	c := &cobra.Command{
+		Use:   "bind NAME --desktop D",
+		Short: "Bind a device to more desktops",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			srv, done, err := openAdmin(g)
+			if err != nil {
+				return err
+			}
+			defer done()
+			d, err := srv.BindDevice(args[0], desktops)
+			if err != nil {
+				return storeError(err)
+			}
+			if g.json {
+				return printJSON(cmd.OutOrStdout(), d)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "device %s: %s\n", d.Name, strings.Join(d.Desktops, ", "))
+			return nil
+		},
+	}
+	c.Flags().StringArrayVar(&desktops, "desktop", nil, "desktop to bind (repeatable)")
+	return c
+}
+
+func newDeviceLsCommand(g *globalOptions) *cobra.Command {
+	return &cobra.Command{
+		Use:   "ls",
+		Short: "List devices",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			srv, done, err := openAdmin(g)
+			if err != nil {
+				return err
+			}
+			defer done()
+			ds, err := srv.Devices()
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			if g.json {
+				if ds == nil {
+					ds = []syncd.Device{}
+				}
+				return printJSON(out, ds)
+			}
+			tw := newTable(out)
+			fmt.Fprintln(tw, "NAME\tID\tDESKTOPS\tCREATED")
+			for _, d := range ds {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", d.Name, d.ID, strings.Join(d.Desktops, ","), d.Created.Format(time.RFC3339))
+			}
+			return tw.Flush()
+		},
+	}
+}
+
+func newDeviceRmCommand(g *globalOptions) *cobra.Command {
+	return &cobra.Command{
+		Use:   "rm NAME",
+		Short: "Forget a device: its token stops working and a lease it holds is broken",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			srv, done, err := openAdmin(g)
+			if err != nil {
+				return err
+			}
+			defer done()
+			d, err := srv.RemoveDevice(args[0])
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return printJSON(cmd.OutOrStdout(), d)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "removed device %s\n", d.Name)
+			return nil
+		},
+	}
+}
+
+func newDeviceLeasesCommand(g *globalOptions) *cobra.Command {
+	return &cobra.Command{
+		Use:   "leases",
+		Short: "List the desktops' leases",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			srv, done, err := openAdmin(g)
+			if err != nil {
+				return err
+			}
+			defer done()
+			ls, err := srv.Leases()
+			if err != nil {
+				return err
+			}
+			return printLeases(cmd.OutOrStdout(), g, ls)
+		},
+	}
+}
+
+func printLeases(out io.Writer, g *globalOptions, ls []syncd.Lease) error {
+	if g.json {
+		if ls == nil {
+			ls = []syncd.Lease{}
+		}
+		return printJSON(out, ls)
+	}
+	tw := newTable(out)
+	fmt.Fprintln(tw, "DESKTOP\tDEVICE\tVERSION\tEXPIRES\tSTATE")
+	now := time.Now()
+	for _, l := range ls {
+		state := "active"
+		if l.Expired(now) {
+			state = "expired"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", l.Desktop, l.DeviceName, l.Version, l.Expires.Local().Format(time.RFC3339), state)
+	}
+	return tw.Flush()
+}
+
+func newDeviceBreakLeaseCommand(g *globalOptions) *cobra.Command {
+	return &cobra.Command{
+		Use:   "break-lease DESKTOP",
+		Short: "End a desktop's lease whoever holds it (its next check-in becomes a conflict version)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := images.CheckObjectName("desktop", args[0]); err != nil {
+				return storeError(err)
+			}
+			srv, done, err := openAdmin(g)
+			if err != nil {
+				return err
+			}
+			defer done()
+			l, err := srv.BreakLease(args[0])
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return printJSON(cmd.OutOrStdout(), l)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "broke the lease of device %s on desktop %s\n", l.DeviceName, l.Desktop)
+			return nil
+		},
+	}
+}

@@ -1,0 +1,165 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"time"
+
+	"github.com/cvd-project/cvd/hypervisor"
+	"github.com/cvd-project/cvd/syncd"
+	"github.com/spf13/cobra"
+)
+
+type serveOptions struct {
+	listen          string
+	tlsCert, tlsKey string
+	libvirt         string
+	leaseTTL        time.Duration
+	maxLeaseTTL     time.Duration
+	stopTimeout     time.Duration
+}
+
+func newServeCommand(g *globalOptions) *cobra.Command {
+	opts := &serveOptions{}
+	c := &cobra.Command{
+		Use:   "serve --listen ADDR",
+		Short: "Serve the store to laptops: check-out, check-in, leases (HTTP API under /v1)",
+		Long: `Serve the store's desktops to laptops over HTTP(S). Devices are registered
+with ` + "`cvd device add`" + ` and authenticate with their token; every call checks it.
+Prometheus metrics are at /metrics. See README.md, "Sync API".
+
+While it runs, cvd serve holds the store: run the administrator's commands
+(device, desktop versions, rollback) before starting it or after stopping it.
+
+A desktop's server-side VM (the libvirt domain named after the desktop) is shut
+down before a check-out: gracefully, then forced after --stop-timeout. Without a
+reachable libvirtd this step is skipped.`,
+		Example: `  cvd serve --store /srv/cvd --listen 127.0.0.1:8470
+  cvd serve --listen :8471 --tls-cert server.crt --tls-key server.key`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return runServe(cmd.Context(), g, opts, cmd.OutOrStdout(), cmd.ErrOrStderr(), cmd.Flags().Changed("log-level"))
+		},
+	}
+	f := c.Flags()
+	f.StringVar(&opts.listen, "listen", "127.0.0.1:8470", "address to listen on (HOST:PORT; port 0 picks one)")
+	f.StringVar(&opts.tlsCert, "tls-cert", "", "PEM certificate: serve HTTPS")
+	f.StringVar(&opts.tlsKey, "tls-key", "", "PEM private key of --tls-cert")
+	f.StringVar(&opts.libvirt, "libvirt", "", `libvirt URI for stopping server-side VMs ("" = qemu:///system when its socket exists, "none" = never)`)
+	f.DurationVar(&opts.leaseTTL, "lease-ttl", 7*24*time.Hour, "lease length when a device asks for none")
+	f.DurationVar(&opts.maxLeaseTTL, "max-lease-ttl", 30*24*time.Hour, "longest lease a device may ask for")
+	f.DurationVar(&opts.stopTimeout, "stop-timeout", time.Minute, "graceful VM shutdown time before a forced stop")
+	return c
+}
+
+func runServe(ctx context.Context, g *globalOptions, opts *serveOptions, out, errOut io.Writer, logLevelSet bool) error {
+	if (opts.tlsCert == "") != (opts.tlsKey == "") {
+		return &exitError{code: exitUsage, err: fmt.Errorf("give both --tls-cert and --tls-key")}
+	}
+	log := slog.Default()
+	if !logLevelSet {
+		log = slog.New(slog.NewTextHandler(errOut, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	}
+	st, err := openStore(g, false)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	so := syncd.ServerOptions{LeaseTTL: opts.leaseTTL, MaxLeaseTTL: opts.maxLeaseTTL, StopTimeout: opts.stopTimeout, Logger: log}
+	if uri := libvirtURI(opts.libvirt); uri != "" {
+		so.VM = &libvirtVMs{uri: uri, log: log}
+	}
+	srv, err := syncd.NewServer(st, so)
+	if err != nil {
+		return err
+	}
+	defer srv.Close()
+	ln, err := net.Listen("tcp", opts.listen)
+	if err != nil {
+		return err
+	}
+	scheme := "http"
+	if opts.tlsCert != "" {
+		scheme = "https"
+	}
+	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 30 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	fmt.Fprintf(out, "cvd serve: store %s on %s://%s\n", st.Dir(), scheme, ln.Addr())
+	if f, ok := out.(*os.File); ok {
+		f.Sync()
+	}
+	errc := make(chan error, 1)
+	go func() {
+		if opts.tlsCert != "" {
+			errc <- hs.ServeTLS(ln, opts.tlsCert, opts.tlsKey)
+		} else {
+			errc <- hs.Serve(ln)
+		}
+	}()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := hs.Shutdown(sctx); err != nil {
+		hs.Close()
+	}
+	log.Info("stopped")
+	return nil
+}
+
+// libvirtURI picks the libvirt connection for VM stops: none when no libvirtd
+// socket is there (the step is skipped).
+func libvirtURI(flag string) string {
+	switch flag {
+	case "none":
+		return ""
+	case "":
+		if _, err := os.Stat(hypervisor.DefaultSocket); err == nil {
+			return hypervisor.DefaultURI
+		}
+		return ""
+	}
+	return flag
+}
+
+// libvirtVMs stops and defines desktops' VMs through package hypervisor. The
+// domain of a desktop carries the desktop's name.
+type libvirtVMs struct {
+	uri string
+	log *slog.Logger
+}
+
+var _ syncd.VMStopper = (*libvirtVMs)(nil)
+
+// StopDesktop shuts the desktop's domain down; no libvirtd or no domain means
+// nothing runs.
+func (v *libvirtVMs) StopDesktop(ctx context.Context, desktop string, timeout time.Duration) (bool, error) {
+	conn, err := hypervisor.Connect(ctx, v.uri)
+	if err != nil {
+		if errors.Is(err, hypervisor.ErrUnavailable) {
+			v.log.Warn("libvirtd unavailable: not stopping a server-side VM", "desktop", desktop, "err", err)
+			return false, nil
+		}
+		return false, err
+	}
+	defer conn.Close()
+	res, err := conn.Shutdown(ctx, desktop, timeout)
+	if errors.Is(err, hypervisor.ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	if !res.AlreadyOff {
+		v.log.Info("stopped server-side VM", "desktop", desktop, "forced", res.Forced, "took", res.Elapsed)
+	}
+	return !res.AlreadyOff, nil
+}

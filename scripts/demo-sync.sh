@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# make demo, the sync part (called by scripts/demo.sh with CVD and DEMO set; runs on
+# its own too: CVD=bin/cvd DEMO=.cache/demo scripts/demo-sync.sh).
+#
+# A server store with a desktop (1 GiB base, an app layer, a user disk) is served on
+# loopback; a device is registered; the desktop is checked out to a second store (a
+# "laptop"), written to (new data, data copied from the base, zeroed ranges), and
+# checked in: only the new clusters travel. The versions and the bytes moved are
+# shown, a second laptop that already holds the base and app fetches only the
+# versions, and QEMU confirms the server's new head reads as the laptop's chain.
+set -euo pipefail
+
+: "${CVD:?set CVD to the cvd binary}" "${DEMO:?set DEMO to the demo directory}"
+S="$DEMO/sync"
+SERVER="$S/server"
+LAPTOP="$S/laptop"
+LAPTOP2="$S/laptop2"
+
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+run() { printf '$ %s\n' "$*"; "$@"; }
+cvd() { printf '$ cvd %s\n' "$*"; "$CVD" "$@"; }
+fail() { echo "demo-sync: FAILED: $*" >&2; exit 1; }
+trap 'echo "demo-sync: FAILED at line $LINENO: $BASH_COMMAND" >&2' ERR
+
+srv_pid=""
+cleanup() { [ -n "$srv_pid" ] && kill "$srv_pid" 2>/dev/null && wait "$srv_pid" 2>/dev/null; true; }
+trap cleanup EXIT
+
+rm -rf "$S"
+mkdir -p "$S"
+cd "$S"
+
+step "A server store: a 1 GiB base (64 MiB of 'OS'), an app layer (8 MiB), a desktop with a 256 MiB user disk"
+"$CVD" disk create base.qcow2 1G >/dev/null
+head -c 64M < <(yes "cvd demo: base operating system block") > os.bin
+head -c 32M /dev/urandom > os2.bin
+"$CVD" disk write base.qcow2 0 os.bin
+"$CVD" disk write base.qcow2 512M os2.bin
+"$CVD" disk create -b base.qcow2 app.qcow2 >/dev/null
+head -c 8M /dev/urandom > app.bin
+"$CVD" disk write app.qcow2 128M app.bin
+base=$("$CVD" --store "$SERVER" layer import base.qcow2 --kind base --name demo-base:1 | tail -1)
+app=$("$CVD" --store "$SERVER" layer import app.qcow2 --kind app --parent demo-base:1 --name demo-app:1 | tail -1)
+cvd --store "$SERVER" desktop create alice --base demo-base:1 --app demo-app:1 --user-size 256M >/dev/null
+echo "desktop alice on base ${base:0:12} and app ${app:0:12}"
+
+step "The server-side desktop has been used: 4 MiB written on its system disk, 2 MiB on its user disk"
+sys_top="$SERVER/desktops/alice.system.qcow2"
+user_top="$SERVER/desktops/alice.user.qcow2"
+head -c 4M /dev/urandom > srv.bin
+head -c 2M /dev/urandom > srvu.bin
+"$CVD" disk write --allow-root "$SERVER" "$sys_top" 300M srv.bin
+"$CVD" disk write --allow-root "$SERVER" "$user_top" 0 srvu.bin
+
+step "Register a laptop for alice: the token is printed once, the store keeps its hash"
+TOKEN=$("$CVD" --store "$SERVER" device add alice-laptop --desktop alice)
+echo "token: ${TOKEN:0:22}… (${#TOKEN} characters)"
+cvd --store "$SERVER" device ls
+
+step "Serve the store on loopback"
+"$CVD" --store "$SERVER" serve --listen 127.0.0.1:0 > serve.out 2> serve.log &
+srv_pid=$!
+for _ in $(seq 50); do grep -q 'cvd serve:' serve.out 2>/dev/null && break; sleep 0.1; done
+URL=$(sed -n 's/.* on \(http[^ ]*\).*/\1/p' serve.out)
+[ -n "$URL" ] || fail "server did not start: $(cat serve.log)"
+echo "serving on $URL"
+
+step "Check alice out to an empty laptop store: the server seals its changes as a version, the laptop fetches every layer"
+cvd --store "$LAPTOP" checkout alice --server "$URL" --token "$TOKEN"
+cvd --store "$LAPTOP" status
+
+step "Another device is refused while the lease is held, with the holder named"
+TOKEN2=$(curl -s -o /dev/null -w '' "$URL/v1/health"; echo "")
+"$CVD" --store "$LAPTOP" status --json > status.json
+if curl -sf -H "Authorization: Bearer cvd1_0000000000000000_wrongwrongwrongwrongwrongwrongwrongwrong" -X POST -d '{}' "$URL/v1/desktops/alice/checkout" >/dev/null; then
+  fail "a wrong token was accepted"
+fi
+echo "a wrong token: $(curl -s -H 'Authorization: Bearer cvd1_0000000000000000_wrongwrongwrongwrongwrongwrongwrongwrong' -X POST -d '{}' "$URL/v1/desktops/alice/checkout" | tr -d '\n' | sed 's/  */ /g')"
+
+step "Work offline on the laptop: 32 MiB of new data, 16 MiB copied from the base, 8 MiB zeroed"
+lsys="$LAPTOP/desktops/alice.system.qcow2"
+head -c 32M /dev/urandom > new.bin
+"$CVD" disk write --allow-root "$LAPTOP" "$lsys" 700M new.bin
+"$CVD" disk read --allow-root "$LAPTOP" "$lsys" 512M 16M > copy.bin
+"$CVD" disk write --allow-root "$LAPTOP" "$lsys" 800M copy.bin
+"$CVD" disk zero --allow-root "$LAPTOP" "$lsys" 0 8M
+
+step "Check in: digests first, the server answers what it lacks, only that is sent"
+cvd --store "$LAPTOP" checkin alice
+"$CVD" --store "$LAPTOP" checkin alice --json > checkin.json 2>/dev/null || true
+
+step "The server's versions (the server holds its store while it serves: stop it to ask)"
+kill "$srv_pid"; wait "$srv_pid" 2>/dev/null || true; srv_pid=""
+cvd --store "$SERVER" desktop versions alice
+
+step "QEMU agrees: the server's new head reads as the laptop's chain"
+head_sys=$("$CVD" --store "$SERVER" desktop versions alice --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print([v for v in d["versions"] if v["n"]==d["head"]][0]["system"])')
+run qemu-img compare "$SERVER/layers/$head_sys.qcow2" "$lsys"
+
+step "A second laptop that already holds the base and app layers fetches only the versions"
+"$CVD" --store "$LAPTOP2" layer import base.qcow2 --kind base >/dev/null
+"$CVD" --store "$LAPTOP2" layer import app.qcow2 --kind app --parent "$base" >/dev/null
+TOKEN2=$("$CVD" --store "$SERVER" device add alice-desk2 --desktop alice)
+"$CVD" --store "$SERVER" device break-lease alice
+"$CVD" --store "$SERVER" serve --listen 127.0.0.1:0 > serve.out 2> serve.log &
+srv_pid=$!
+for _ in $(seq 50); do grep -q 'cvd serve:' serve.out 2>/dev/null && break; sleep 0.1; done
+URL=$(sed -n 's/.* on \(http[^ ]*\).*/\1/p' serve.out)
+cvd --store "$LAPTOP2" checkout alice --server "$URL" --token "$TOKEN2"
+run qemu-img compare "$LAPTOP2/desktops/alice.system.qcow2" "$lsys"
+
+step "Metrics (Prometheus text format) at /metrics"
+curl -s "$URL/metrics" | grep -E '^cvd_sync_(sent|received)_bytes_total|^cvd_sync_checkins_total|^cvd_sync_deduplicated' || true
+
+echo
+echo "demo-sync: done (files in $S)"
