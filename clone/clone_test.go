@@ -290,6 +290,14 @@ func TestThousandClones(t *testing.T) {
 		}
 		checkSeed(t, f.st.Path(c.Seed), c)
 	}
+	// Every seed carries its own clone's identity.
+	parallel(cs, func(c images.Clone) error {
+		meta, err := testutil.RunErr("isoinfo", "-R", "-i", f.st.Path(c.Seed), "-x", "/meta-data")
+		if want := fmt.Sprintf("instance-id: %s\nlocal-hostname: %s\n", c.UUID, c.Hostname); err != nil || meta != want {
+			return fmt.Errorf("seed of %s: meta-data %q, %v", c.Name, meta, err)
+		}
+		return nil
+	}, t)
 	if !testutil.QemuCompare(t, f.st.Path(cs[count-1].Disk), f.st.LayerPath(f.app.ID)) {
 		t.Error("a clone reads differently from its chain")
 	}
@@ -347,4 +355,35 @@ func TestConcurrentCreate(t *testing.T) {
 		t.Fatalf("%d clones", len(cs))
 	}
 	mustClean(t, f.st)
+}
+
+// parallel runs fn on every clone with 4 workers and reports errors.
+func parallel(cs []images.Clone, fn func(images.Clone) error, t testing.TB) {
+	t.Helper()
+	ch := make(chan images.Clone)
+	errs := make(chan error, len(cs))
+	var wg sync.WaitGroup
+	for w := 0; w < 4; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for c := range ch {
+				if err := fn(c); err != nil {
+					errs <- err
+				}
+			}
+		}()
+	}
+	for _, c := range cs {
+		ch <- c
+	}
+	close(ch)
+	wg.Wait()
+	close(errs)
+	n := 0
+	for err := range errs {
+		if n++; n <= 10 {
+			t.Error(err)
+		}
+	}
 }
