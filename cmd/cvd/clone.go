@@ -35,7 +35,9 @@ cidata, files meta-data and user-data). A desktop with a user disk gives each
 clone a user top too.
 
 With --count K the clones are named NAME-1 ... NAME-K (numbers padded to the
-widest). Either all K are made or none. "cvd clone create" is the same command.`,
+widest). Either all K are made or none. A SOURCE that names both a desktop and a
+layer means the desktop. "cvd clone create" is the same command (use it for a
+desktop called ls, show, rm or create).`,
 		Example: `  cvd clone alice --name alice-vm
   cvd clone kiosk --name kiosk --count 500
   cvd clone ls
