@@ -210,64 +210,62 @@ func safeCopy(ctx context.Context, t, nb disk.Image, rep *RebaseReport, progress
 	return err
 }
 
-// runWriter gathers contiguous clusters into one write (data) or one write-zeroes
-// call, so that a run pays the metadata barriers once.
+// runWriter gathers the clusters to write, merging contiguous ones into runs of
+// data or of zeros, and writes them when they hold maxRun bytes of data (or on
+// flush): one WriteAt or WriteZeroes per run, so that a run pays the metadata
+// barriers once.
 type runWriter struct {
 	img  disk.Image
-	off  int64
-	data []byte // pending data run
-	zlen int64  // pending zero run (when data is empty)
+	runs []pendingRun
+	data []byte // the data of the data runs, in order
+}
+
+type pendingRun struct {
+	off, n int64
+	zero   bool
+	lo     int // data[lo:lo+n] for a data run
 }
 
 const maxRun = 32 << 20
 
 func (w *runWriter) add(r Range, data []byte) error {
-	if data == nil {
-		if len(w.data) > 0 || (w.zlen > 0 && w.off+w.zlen != r.Off) {
-			if err := w.flush(); err != nil {
-				return err
-			}
-		}
-		if w.zlen == 0 {
-			w.off = r.Off
-		}
-		w.zlen += r.Len
-		if w.zlen >= maxRun {
-			return w.flush()
-		}
-		return nil
-	}
-	if w.zlen > 0 || (len(w.data) > 0 && w.off+int64(len(w.data)) != r.Off) {
-		if err := w.flush(); err != nil {
-			return err
+	zero := data == nil
+	if k := len(w.runs); k > 0 {
+		l := &w.runs[k-1]
+		if l.off+l.n == r.Off && l.zero == zero {
+			l.n += r.Len
+			w.data = append(w.data, data...)
+			return w.maybeFlush()
 		}
 	}
-	if len(w.data) == 0 {
-		w.off = r.Off
-		if w.data == nil {
-			w.data = make([]byte, 0, maxRun+chunkSize)
-		}
+	if w.data == nil {
+		w.data = make([]byte, 0, maxRun+chunkSize)
 	}
+	w.runs = append(w.runs, pendingRun{off: r.Off, n: r.Len, zero: zero, lo: len(w.data)})
 	w.data = append(w.data, data...)
-	if len(w.data) >= maxRun {
+	return w.maybeFlush()
+}
+
+func (w *runWriter) maybeFlush() error {
+	if len(w.data) >= maxRun || len(w.runs) >= 4096 {
 		return w.flush()
 	}
 	return nil
 }
 
 func (w *runWriter) flush() error {
-	switch {
-	case len(w.data) > 0:
-		if _, err := w.img.WriteAt(w.data, w.off); err != nil {
+	for _, r := range w.runs {
+		var err error
+		if r.zero {
+			err = w.img.WriteZeroes(r.off, r.n)
+		} else {
+			_, err = w.img.WriteAt(w.data[r.lo:r.lo+int(r.n)], r.off)
+		}
+		if err != nil {
 			return err
 		}
-		w.data = w.data[:0]
-	case w.zlen > 0:
-		if err := w.img.WriteZeroes(w.off, w.zlen); err != nil {
-			return err
-		}
-		w.zlen = 0
 	}
+	w.runs, w.data = w.runs[:0], w.data[:0]
 	return nil
 }
 

@@ -593,6 +593,9 @@ func apply(ctx context.Context, st *images.Store, pl *planner, p *DesktopPlan, p
 	default:
 		return nil
 	}
+	if _, ok := any(st).(desktopUpdater); !ok {
+		return ErrCannotSwitch // before building anything
+	}
 	d, err := st.Desktop(p.Desktop)
 	if err != nil {
 		return err

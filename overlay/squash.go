@@ -94,6 +94,9 @@ func Squash(ctx context.Context, st *images.Store, name string, opts SquashOptio
 		return rep, nil
 	}
 
+	if _, ok := any(st).(desktopUpdater); !ok {
+		return rep, ErrCannotSwitch // before building anything
+	}
 	// The merge: what the old versions hold, as the newest of them shows it.
 	size, cs := dc.top.Size(), dc.own[1+k].Info().ClusterSize
 	merge, err := sealMerged(ctx, st, dc.own[1+k], dc.own[1+k:], dc.oldLower, size, cs)
