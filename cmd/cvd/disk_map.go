@@ -50,14 +50,16 @@ range has present=false, zero=false, data=false, and compressed data carries
 
 // diskMapEntry is one extent of `cvd disk map --json`, keyed as qemu-img map.
 type diskMapEntry struct {
-	Start      int64  `json:"start"`
-	Length     int64  `json:"length"`
-	Depth      int    `json:"depth"`
-	Present    bool   `json:"present"`
-	Zero       bool   `json:"zero"`
-	Data       bool   `json:"data"`
-	Offset     *int64 `json:"offset,omitempty"`
-	Compressed bool   `json:"compressed,omitempty"`
+	Start   int64  `json:"start"`
+	Length  int64  `json:"length"`
+	Depth   int    `json:"depth"`
+	Present bool   `json:"present"`
+	Zero    bool   `json:"zero"`
+	Data    bool   `json:"data"`
+	Offset  *int64 `json:"offset,omitempty"`
+	// Compressed is set with --layer only: the chain map keeps to qemu-img's keys.
+	Compressed bool `json:"compressed,omitempty"`
+	compressed bool
 	file       string
 }
 
@@ -92,7 +94,7 @@ func runDiskMap(ctx context.Context, opts *diskMapOptions, args []string, out io
 	for _, e := range entries {
 		state := "unallocated"
 		switch {
-		case e.Data && e.Compressed:
+		case e.Data && e.compressed:
 			state = "data (compressed)"
 		case e.Data:
 			state = "data"
@@ -132,7 +134,7 @@ func chainMapEntries(img disk.Image) ([]diskMapEntry, error) {
 				return nil, fmt.Errorf("layer %d (%s): %w", ce.Depth, l.Info().Path, err)
 			}
 			for _, le := range clipExtents(lext, ce.Off, ce.Len) {
-				e := diskMapEntry{Start: le.Off, Length: le.Len, Depth: ce.Depth, Present: true, Data: true, Compressed: le.Compressed, file: l.Info().Path}
+				e := diskMapEntry{Start: le.Off, Length: le.Len, Depth: ce.Depth, Present: true, Data: true, compressed: le.Compressed, file: l.Info().Path}
 				if le.State == disk.Data && !le.Compressed && le.HostOff >= 0 {
 					o := le.HostOff
 					e.Offset = &o
@@ -204,7 +206,7 @@ func layerMapEntries(img disk.Image) ([]diskMapEntry, error) {
 		e := diskMapEntry{Start: le.Off, Length: le.Len, file: file}
 		switch le.State {
 		case disk.Data:
-			e.Present, e.Data, e.Compressed = true, true, le.Compressed
+			e.Present, e.Data, e.Compressed, e.compressed = true, true, le.Compressed, le.Compressed
 			if !le.Compressed && le.HostOff >= 0 {
 				o := le.HostOff
 				e.Offset = &o
@@ -226,7 +228,7 @@ func appendMapEntry(entries []diskMapEntry, e diskMapEntry) []diskMapEntry {
 	if n := len(entries); n > 0 {
 		p := &entries[n-1]
 		if p.Start+p.Length == e.Start && p.Depth == e.Depth && p.Present == e.Present &&
-			p.Zero == e.Zero && p.Data == e.Data && p.Compressed == e.Compressed && p.file == e.file &&
+			p.Zero == e.Zero && p.Data == e.Data && p.compressed == e.compressed && p.file == e.file &&
 			((p.Offset == nil && e.Offset == nil) || (p.Offset != nil && e.Offset != nil && *p.Offset+p.Length == *e.Offset)) {
 			p.Length += e.Length
 			return entries

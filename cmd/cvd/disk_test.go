@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -546,4 +547,74 @@ func diskPatchL2(t *testing.T, path string, idx int, v uint64) {
 	if err := os.WriteFile(path, b, 0o644); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestDiskMapJSONMatchesQemu: `cvd disk map --json` prints what
+// `qemu-img map --output=json` prints, key for key, on chains QEMU made.
+func TestDiskMapJSONMatchesQemu(t *testing.T) {
+	testutil.NeedQemu(t)
+	type layer struct {
+		opts string   // qemu-img create -o
+		size string   // "" : the chain's
+		cmds []string // qemu-io commands
+		conv string   // when set, the layer is qemu-img convert -c -o conv of a scratch image
+	}
+	writes := []string{"write -P 1 0 100K", "write -P 2 300K 64K", "write -z 1M 192K", "write -P 3 1500K 1", "discard 2M 128K", "write -P 4 3M 640K"}
+	tests := []struct {
+		name   string
+		size   string
+		layers []layer
+	}{
+		{name: "v3 alone", size: "4M", layers: []layer{{opts: "cluster_size=65536", cmds: writes}}},
+		{name: "v2 alone", size: "4M", layers: []layer{{opts: "compat=0.10,cluster_size=4096", cmds: writes}}},
+		{name: "512B chain", size: "4M", layers: []layer{{opts: "cluster_size=512", cmds: writes[:3]}, {opts: "cluster_size=512", cmds: writes[3:]}}},
+		{name: "zstd compressed under overlay", size: "4M", layers: []layer{{conv: "compression_type=zstd", cmds: writes}, {opts: "cluster_size=65536", cmds: []string{"write -P 9 64K 64K", "write -z 3M 64K"}}}},
+		{name: "shorter backing", size: "8M", layers: []layer{{size: "3800K", cmds: writes}, {size: "5M", opts: "cluster_size=4096", cmds: []string{"write -P 5 4M 4K"}}, {cmds: []string{"write -P 6 7M 1"}}}},
+		{name: "over 4 GiB", size: "6G", layers: []layer{{cmds: []string{"write -P 1 4G 64K", "write -P 2 5G 1M"}}, {opts: "cluster_size=2097152", cmds: []string{"write -P 3 4100M 3M", "write -z 5G 2M"}}}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			var prev string
+			for i, l := range tc.layers {
+				p := filepath.Join(dir, fmt.Sprintf("l%d.qcow2", i))
+				size := tc.size
+				if l.size != "" {
+					size = l.size
+				}
+				if l.conv != "" {
+					src := p + ".src"
+					testutil.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", src, size)
+					diskQemuIO(t, src, l.cmds)
+					testutil.Run(t, "qemu-img", "convert", "-c", "-O", "qcow2", "-o", l.conv, src, p)
+					if prev != "" {
+						testutil.Run(t, "qemu-img", "rebase", "-u", "-b", filepath.Base(prev), "-F", "qcow2", p)
+					}
+				} else {
+					args := []string{"create", "-q", "-f", "qcow2"}
+					if l.opts != "" {
+						args = append(args, "-o", l.opts)
+					}
+					if prev != "" {
+						args = append(args, "-b", filepath.Base(prev), "-F", "qcow2")
+					}
+					testutil.Run(t, "qemu-img", append(args, p, size)...)
+					diskQemuIO(t, p, l.cmds)
+				}
+				prev = p
+			}
+			got := diskMust(t, "disk", "map", "--json", prev)
+			want := testutil.Run(t, "qemu-img", "map", "--output=json", prev)
+			diskSameJSON(t, "chain map", got, want)
+		})
+	}
+}
+
+func diskQemuIO(t *testing.T, path string, cmds []string) {
+	t.Helper()
+	args := []string{}
+	for _, c := range cmds {
+		args = append(args, "-c", c)
+	}
+	testutil.Run(t, "qemu-io", append(args, path)...)
 }
