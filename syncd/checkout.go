@@ -111,7 +111,7 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, desktop string, opts C
 			largest = max(largest, li.DataBytes)
 		}
 	}
-	if err := checkFree(l.store.Dir(), needBytes+largest+32<<20); err != nil {
+	if err := checkFree(l.store.Dir(), needBytes+largest+16<<20); err != nil {
 		return fail(err)
 	}
 	for _, li := range need {

@@ -114,8 +114,13 @@ type worldSpec struct {
 
 func newWorld(t *testing.T, spec worldSpec) *world {
 	t.Helper()
+	return newWorldAt(t, filepath.Join(t.TempDir(), "server"), spec)
+}
+
+func newWorldAt(t *testing.T, dir string, spec worldSpec) *world {
+	t.Helper()
 	testutil.NeedQemu(t)
-	w := &world{t: t, dir: filepath.Join(t.TempDir(), "server"), desktop: "desk", baseSize: spec.baseSize, now: time.Now()}
+	w := &world{t: t, dir: dir, desktop: "desk", baseSize: spec.baseSize, now: time.Now()}
 	src := t.TempDir()
 	makeImage(t, filepath.Join(src, "base.qcow2"), spec.baseSize, "", spec.baseWrites)
 	makeImage(t, filepath.Join(src, "app.qcow2"), 0, filepath.Join(src, "base.qcow2"), spec.appWrites)

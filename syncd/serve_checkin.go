@@ -248,7 +248,7 @@ func (s *Server) handleCheckinOpen(w http.ResponseWriter, r *http.Request, dev *
 		need += d.DataEntries * int64(d.ClusterSize)
 	}
 	// The staging layer and the sealed copy both hold the data.
-	if err := checkFree(s.store.Dir(), 2*need+64<<20); err != nil {
+	if err := checkFree(s.store.Dir(), 2*need+16<<20); err != nil {
 		return err
 	}
 	se := &Session{CheckinRequest: req, Device: dev.ID, DeviceName: dev.Name, State: stateReceiving,

@@ -229,6 +229,10 @@ func (s *Server) wrap(name string, h func(w http.ResponseWriter, r *http.Request
 		}()
 		if err != nil {
 			err = noSpace(err)
+			var mbe *http.MaxBytesError
+			if errors.As(err, &mbe) {
+				err = badRequest("request body over %d bytes", mbe.Limit)
+			}
 			code, _ := codeOf(err)
 			if code == "internal" {
 				s.log.Error("request failed", "route", name, "path", r.URL.Path, "err", err)

@@ -1,0 +1,625 @@
+package syncd
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/internal/testutil"
+)
+
+// smallSpec is a desktop small enough for the refusal tests.
+func smallSpec() worldSpec {
+	return worldSpec{
+		baseSize:   256 * MiB,
+		baseWrites: []write{{off: 0, data: fill(1, 8*MiB, false)}},
+		appWrites:  []write{{off: 32 * MiB, data: fill(3, 2*MiB, false)}},
+		userSize:   64 * MiB,
+	}
+}
+
+// snapshot is what "no change on the server" compares: the head, the versions,
+// the layers, the lease.
+type snapshot struct {
+	head     int
+	versions int
+	layers   []string
+	lease    string
+}
+
+func (w *world) snap() snapshot {
+	w.t.Helper()
+	st, err := w.srv.DesktopStatus(w.desktop)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	ls, err := w.store.Layers()
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	s := snapshot{head: st.Head, versions: len(st.Versions)}
+	for _, l := range ls {
+		s.layers = append(s.layers, l.ID)
+	}
+	slices.Sort(s.layers)
+	if st.Lease != nil {
+		s.lease = st.Lease.ID + "/" + st.Lease.DeviceName
+	}
+	return s
+}
+
+func (w *world) unchanged(before snapshot, what string) {
+	w.t.Helper()
+	after := w.snap()
+	if after.head != before.head || after.versions != before.versions || !slices.Equal(after.layers, before.layers) || after.lease != before.lease {
+		w.t.Errorf("%s changed the server: %+v → %+v", what, before, after)
+	}
+}
+
+func writeTop(t *testing.T, lap *laptop, desktop, diskName string, ws []write) {
+	t.Helper()
+	img, err := disk.Open(lap.top(desktop, diskName), disk.OpenOptions{AllowedRoots: []string{lap.dir}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	applyWrites(t, img, ws)
+}
+
+func TestRefusedWrongToken(t *testing.T) {
+	ctx := context.Background()
+	w := newWorld(t, smallSpec())
+	before := w.snap()
+	id, _ := parseToken(w.token)
+	for _, tok := range []string{
+		tokenPrefix + id + "_" + strings.Repeat("A", 43), // right device, wrong secret
+		tokenPrefix + "0123456789abcdef_" + strings.Repeat("B", 43),
+		"not-a-token",
+		"",
+	} {
+		_, err := w.client(tok).Checkout(ctx, w.desktop, 0)
+		if !errors.Is(err, ErrUnauthorized) {
+			t.Errorf("token %q: %v, want ErrUnauthorized", tok, err)
+		}
+	}
+	w.unchanged(before, "wrong tokens")
+	// A device not bound to the desktop.
+	_, other, err := w.srv.AddDevice("stranger", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before = w.snap()
+	if _, err := w.client(other).Checkout(ctx, w.desktop, 0); !errors.Is(err, ErrForbidden) {
+		t.Errorf("unbound device: %v, want ErrForbidden", err)
+	}
+	w.unchanged(before, "an unbound device")
+	// A removed device's token stops working.
+	if _, err := w.srv.RemoveDevice("stranger"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.client(other).Desktop(ctx, w.desktop); !errors.Is(err, ErrUnauthorized) {
+		t.Errorf("removed device: %v, want ErrUnauthorized", err)
+	}
+}
+
+func TestRefusedOtherDevicesLease(t *testing.T) {
+	ctx := context.Background()
+	w := newWorld(t, smallSpec())
+	lap := newLaptop(t, "laptop")
+	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	_, tok2, err := w.srv.AddDevice("laptop2", []string{w.desktop})
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := w.snap()
+	lap2 := newLaptop(t, "laptop2")
+	_, err = lap2.lp.CheckOut(ctx, w.client(tok2), w.desktop, CheckoutOptions{})
+	var le *LeaseError
+	if !errors.Is(err, ErrLeaseHeld) || !errors.As(err, &le) || le.Holder != "laptop1" || !strings.Contains(err.Error(), "laptop1") {
+		t.Fatalf("second device: %v, want ErrLeaseHeld naming laptop1", err)
+	}
+	t.Logf("refused: %v", err)
+	w.unchanged(before, "another device's check-out")
+	// Nor can it renew or release the holder's lease.
+	co, _ := lap.lp.Checkout(w.desktop)
+	if _, err := w.client(tok2).Renew(ctx, w.desktop, co.Lease.ID, 0); !errors.Is(err, ErrLeaseHeld) {
+		t.Errorf("renew by another device: %v", err)
+	}
+	if err := w.client(tok2).Release(ctx, w.desktop, co.Lease.ID); !errors.Is(err, ErrLeaseHeld) {
+		t.Errorf("release by another device: %v", err)
+	}
+	w.unchanged(before, "another device's renew and release")
+}
+
+func TestRefusedExpiredLease(t *testing.T) {
+	ctx := context.Background()
+	w := newWorld(t, smallSpec())
+	lap := newLaptop(t, "laptop")
+	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{TTL: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	writeTop(t, lap, w.desktop, DiskSystem, []write{{off: 0, data: fill(7, 1*MiB, false)}})
+	w.now = w.now.Add(2 * time.Hour) // the server's clock: the lease is past its expiry
+	before := w.snap()
+	_, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+	if !errors.Is(err, ErrLeaseExpired) {
+		t.Fatalf("check-in after expiry: %v, want ErrLeaseExpired", err)
+	}
+	t.Logf("refused: %v", err)
+	w.unchanged(before, "a check-in with an expired lease")
+	co, _ := lap.lp.Checkout(w.desktop)
+	if _, err := w.client(w.token).Renew(ctx, w.desktop, co.Lease.ID, 0); !errors.Is(err, ErrLeaseExpired) {
+		t.Errorf("renew after expiry: %v", err)
+	}
+	w.unchanged(before, "a renew of an expired lease")
+}
+
+// tamperProxy forwards to target and flips a byte of the first data frame's
+// payload in cluster streams.
+func tamperProxy(t *testing.T, target string) *httptest.Server {
+	u, _ := url.Parse(target)
+	rp := httputil.NewSingleHostReverseProxy(u)
+	var done atomic.Bool
+	rp.ModifyResponse = func(r *http.Response) error {
+		if !strings.HasSuffix(r.Request.URL.Path, "/clusters") || r.StatusCode != 200 || done.Load() {
+			return nil
+		}
+		b, err := io.ReadAll(r.Body)
+		if err != nil {
+			return err
+		}
+		// magic, header, digest: the payload starts at 8+24+32.
+		if len(b) > 8+24+32+10 && b[8] == kindData {
+			b[8+24+32+5] ^= 0xff
+			done.Store(true)
+		}
+		r.Body = io.NopCloser(bytes.NewReader(b))
+		r.ContentLength = int64(len(b))
+		r.Header.Del("Content-Length")
+		return nil
+	}
+	s := httptest.NewServer(rp)
+	t.Cleanup(s.Close)
+	return s
+}
+
+func TestRefusedTamperedCluster(t *testing.T) {
+	ctx := context.Background()
+	w := newWorld(t, smallSpec())
+
+	// On the way down: a check-out through a proxy that alters a cluster.
+	before := w.snap()
+	lap := newLaptop(t, "laptop")
+	proxy := tamperProxy(t, w.http.URL)
+	c, _ := NewClient(proxy.URL, w.token, ClientOptions{})
+	_, err := lap.lp.CheckOut(ctx, c, w.desktop, CheckoutOptions{})
+	if !errors.Is(err, ErrDigestMismatch) {
+		t.Fatalf("tampered check-out: %v, want ErrDigestMismatch", err)
+	}
+	t.Logf("refused: %v", err)
+	w.unchanged(before, "a tampered check-out") // and the lease it took went back
+	if ls, _ := lap.store.Layers(); len(ls) != 0 {
+		t.Errorf("the laptop imported %d layers from a tampered stream", len(ls))
+	}
+
+	// On the way up: an upload whose cluster does not match its digest.
+	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	writeTop(t, lap, w.desktop, DiskSystem, []write{{off: 64 * MiB, data: fill(8, 1*MiB, false)}})
+	co, _ := lap.lp.Checkout(w.desktop)
+	d, _ := lap.store.Desktop(w.desktop)
+	changes, err := lap.lp.scanTops(ctx, d, co)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := &CheckinRequest{Desktop: w.desktop, Lease: co.Lease.ID, Base: co.Version}
+	for _, ch := range changes {
+		req.Disks = append(req.Disks, ch.decl)
+	}
+	req.ID = checkinID(req)
+	cl := w.client(w.token)
+	if _, err := cl.OpenCheckin(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	for _, ch := range changes {
+		if _, err := cl.PutEntries(ctx, req.ID, ch.name, ch.list); err != nil {
+			t.Fatal(err)
+		}
+	}
+	miss, err := cl.Missing(ctx, req.ID)
+	if err != nil || len(miss) != 16 {
+		t.Fatalf("missing %d, %v", len(miss), err)
+	}
+	before = w.snap()
+	raw := fill(8, 64*KiB, false)
+	ec, _ := encodeCluster(miss[0].Disk, miss[0].Index, raw, nil, false)
+	ec.data = append([]byte(nil), ec.data...)
+	ec.data[100] ^= 1 // the digest still names the original
+	var body bytes.Buffer
+	sw := newStreamWriter(&body)
+	sw.data(ec)
+	sw.end(1, nil)
+	_, err = cl.Upload(ctx, req.ID, &body)
+	if !errors.Is(err, ErrDigestMismatch) {
+		t.Fatalf("tampered upload: %v, want ErrDigestMismatch", err)
+	}
+	t.Logf("refused: %v", err)
+	if m2, _ := cl.Missing(ctx, req.ID); len(m2) != len(miss) {
+		t.Errorf("after a tampered upload %d clusters missing, want %d: the bad one was kept", len(m2), len(miss))
+	}
+	if _, err := cl.Commit(ctx, req.ID); !errors.Is(err, ErrIncomplete) {
+		t.Errorf("commit after a tampered upload: %v, want ErrIncomplete", err)
+	}
+	w.unchanged(before, "a tampered upload")
+	// The honest client finishes the same check-in.
+	rep, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Sent != 16 || rep.Version != co.Version+1 {
+		t.Errorf("sent %d clusters, version %d", rep.Sent, rep.Version)
+	}
+}
+
+func TestRefusedMalformedRequests(t *testing.T) {
+	ctx := context.Background()
+	w := newWorld(t, smallSpec())
+	lap := newLaptop(t, "laptop")
+	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	writeTop(t, lap, w.desktop, DiskSystem, []write{{off: 64 * MiB, data: fill(8, 1*MiB, false)}})
+	co, _ := lap.lp.Checkout(w.desktop)
+	d, _ := lap.store.Desktop(w.desktop)
+	changes, err := lap.lp.scanTops(ctx, d, co)
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := &CheckinRequest{Desktop: w.desktop, Lease: co.Lease.ID, Base: co.Version}
+	for _, ch := range changes {
+		good.Disks = append(good.Disks, ch.decl)
+	}
+	good.ID = checkinID(good)
+	before := w.snap()
+
+	do := func(method, path, ctype string, body []byte) (int, string) {
+		req, _ := http.NewRequest(method, w.http.URL+path, bytes.NewReader(body))
+		req.Header.Set("Authorization", "Bearer "+w.token)
+		if ctype != "" {
+			req.Header.Set("Content-Type", ctype)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	bad := func(req CheckinRequest) []byte { b := jsonBody(req); return b }
+	cases := []struct {
+		name, method, path, ctype string
+		body                      []byte
+	}{
+		{"checkout: not JSON", "POST", "/v1/desktops/desk/checkout", "application/json", []byte("{nope")},
+		{"checkout: unknown field", "POST", "/v1/desktops/desk/checkout", "application/json", []byte(`{"ttl_seconds":1,"x":2}`)},
+		{"checkout: trailing data", "POST", "/v1/desktops/desk/checkout", "application/json", []byte(`{} {}`)},
+		{"checkout: wrong type", "POST", "/v1/desktops/desk/checkout", "text/plain", []byte(`{}`)},
+		{"checkout: body over 1 MiB", "POST", "/v1/desktops/desk/checkout", "application/json", append([]byte(`{"ttl_seconds":`), bytes.Repeat([]byte("1"), 2<<20)...)},
+		{"desktop: bad name", "POST", "/v1/desktops/..%2Fetc/checkout", "application/json", []byte(`{}`)},
+		{"layer: bad id", "GET", "/v1/layers/../../etc/passwd", "", nil},
+		{"layer: short id", "GET", "/v1/layers/abcd/clusters", "", nil},
+		{"layer: bad from", "GET", "/v1/layers/" + w.base + "/clusters?from=-3", "", nil},
+		{"check-in: bad id", "POST", "/v1/checkins", "application/json", bad(func() CheckinRequest { r := *good; r.ID = "../x"; return r }())},
+		{"check-in: no disks", "POST", "/v1/checkins", "application/json", bad(func() CheckinRequest { r := *good; r.Disks = nil; return r }())},
+		{"check-in: bad cluster size", "POST", "/v1/checkins", "application/json", bad(func() CheckinRequest {
+			r := *good
+			r.Disks = slices.Clone(r.Disks)
+			r.Disks[0].ClusterSize = 3000
+			return r
+		}())},
+		{"check-in: more entries than clusters", "POST", "/v1/checkins", "application/json", bad(func() CheckinRequest {
+			r := *good
+			r.Disks = slices.Clone(r.Disks)
+			r.Disks[0].Entries = 1 << 40
+			return r
+		}())},
+		{"check-in: unknown disk", "POST", "/v1/checkins", "application/json", bad(func() CheckinRequest {
+			r := *good
+			r.Disks = slices.Clone(r.Disks)
+			r.Disks[0].Name = "swap"
+			return r
+		}())},
+		{"check-in: missing", "GET", "/v1/checkins/" + strings.Repeat("a", 32) + "/missing", "", nil},
+	}
+	for _, c := range cases {
+		code, body := do(c.method, c.path, c.ctype, c.body)
+		if code != http.StatusBadRequest && code != http.StatusNotFound {
+			t.Errorf("%s: HTTP %d %s, want 400 or 404", c.name, code, body)
+		} else if !strings.Contains(body, `"code"`) && code != http.StatusNotFound {
+			t.Errorf("%s: no JSON error body: %s", c.name, body)
+		}
+	}
+	w.unchanged(before, "malformed requests")
+
+	// A well-formed check-in, then malformed lists and streams.
+	cl := w.client(w.token)
+	if _, err := cl.OpenCheckin(ctx, good); err != nil {
+		t.Fatal(err)
+	}
+	list := changes[0].list
+	for _, c := range []struct {
+		name string
+		body []byte
+	}{
+		{"entry list truncated", list[:len(list)-5]},
+		{"entry list with an extra entry", append(slices.Clone(list), appendEntry(nil, Entry{Index: 4000})...)},
+		{"entry list out of order", func() []byte {
+			b := slices.Clone(list)
+			copy(b[:41], list[41:82])
+			copy(b[41:82], list[:41])
+			return b
+		}()},
+		{"entry list of other content", func() []byte {
+			b := slices.Clone(list)
+			b[20] ^= 1
+			return b
+		}()},
+	} {
+		if _, err := cl.PutEntries(ctx, good.ID, DiskSystem, c.body); !errors.Is(err, ErrBadRequest) {
+			t.Errorf("%s: %v, want ErrBadRequest", c.name, err)
+		}
+	}
+	for _, ch := range changes {
+		if _, err := cl.PutEntries(ctx, good.ID, ch.name, ch.list); err != nil {
+			t.Fatal(err)
+		}
+	}
+	miss, _ := cl.Missing(ctx, good.ID)
+	if len(miss) == 0 {
+		t.Fatal("nothing missing")
+	}
+	raw := fill(8, 64*KiB, false)
+	for _, c := range []struct {
+		name string
+		body func() []byte
+	}{
+		{"garbage", func() []byte { return []byte("hello, this is not a cluster stream at all") }},
+		{"truncated stream", func() []byte {
+			var b bytes.Buffer
+			sw := newStreamWriter(&b)
+			ec, _ := encodeCluster(miss[0].Disk, miss[0].Index, raw, nil, true)
+			sw.data(ec)
+			sw.flush()
+			return b.Bytes()
+		}},
+		{"cluster not in the list", func() []byte {
+			var b bytes.Buffer
+			sw := newStreamWriter(&b)
+			ec, _ := encodeCluster(0, 5, raw, nil, true)
+			sw.data(ec)
+			sw.end(1, nil)
+			return b.Bytes()
+		}},
+		{"oversized frame", func() []byte {
+			var b bytes.Buffer
+			sw := newStreamWriter(&b)
+			f := frame{kind: kindData, plen: 1 << 30, idx: miss[0].Index, n: 1 << 30}
+			var h [frameHeader]byte
+			f.put(h[:])
+			sw.write(h[:])
+			sw.flush()
+			return b.Bytes()
+		}},
+		{"zero frame in an upload", func() []byte {
+			var b bytes.Buffer
+			sw := newStreamWriter(&b)
+			sw.zeros(0, 1, 1)
+			sw.end(1, nil)
+			return b.Bytes()
+		}},
+	} {
+		if _, err := cl.Upload(ctx, good.ID, bytes.NewReader(c.body())); !errors.Is(err, ErrBadRequest) {
+			t.Errorf("%s: %v, want ErrBadRequest", c.name, err)
+		}
+	}
+	if _, err := cl.Commit(ctx, good.ID); !errors.Is(err, ErrIncomplete) {
+		t.Errorf("early commit: %v, want ErrIncomplete", err)
+	}
+	w.unchanged(before, "malformed lists and streams")
+	if _, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{}); err != nil {
+		t.Fatalf("the check-in after the malformed ones: %v", err)
+	}
+}
+
+// mountTmpfs mounts a tmpfs of size bytes at a new directory (root only).
+func mountTmpfs(t *testing.T, size int64) string {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "fs")
+	os.MkdirAll(dir, 0o755)
+	out, err := exec.Command("mount", "-t", "tmpfs", "-o", fmt.Sprintf("size=%d", size), "tmpfs", dir).CombinedOutput()
+	if err != nil {
+		if testutil.Required("root") {
+			t.Fatalf("mount tmpfs: %v %s", err, out)
+		}
+		t.Skipf("cannot mount a tmpfs (needs root): %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
+	return dir
+}
+
+func TestRefusedFullDiskServer(t *testing.T) {
+	ctx := context.Background()
+	spec := smallSpec()
+	spec.baseWrites = []write{{off: 0, data: fill(1, 2*MiB, false)}}
+	spec.appWrites = []write{{off: 32 * MiB, data: fill(3, 1*MiB, false)}}
+	fs := mountTmpfs(t, 40*MiB)
+	w := newWorldAt(t, filepath.Join(fs, "server"), spec)
+	lap := newLaptop(t, "laptop")
+	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// More than the server has room for: refused before anything is sent.
+	writeTop(t, lap, w.desktop, DiskSystem, []write{{off: 64 * MiB, data: fill(9, 48*MiB, false)}})
+	before := w.snap()
+	_, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+	if !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("check-in to a full server: %v, want ErrNoSpace", err)
+	}
+	t.Logf("refused: %v", err)
+	w.unchanged(before, "a check-in to a full server")
+
+	// Room at the start, none in the middle: the file system fills up while the
+	// clusters arrive.
+	lap2 := newLaptop(t, "laptop2")
+	_, tok2, _ := w.srv.AddDevice("laptop2", []string{w.desktop})
+	w.srv.BreakLease(w.desktop)
+	if _, err := lap2.lp.CheckOut(ctx, w.client(tok2), w.desktop, CheckoutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	writeTop(t, lap2, w.desktop, DiskSystem, []write{{off: 64 * MiB, data: fill(10, 6*MiB, false)}})
+	before = w.snap()
+	filler := filepath.Join(fs, "filler")
+	lap2.lp.opts.Progress = &fillOnProgress{path: filler, after: 2 * MiB}
+	_, err = lap2.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+	if !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("check-in filling the server's disk: %v, want ErrNoSpace", err)
+	}
+	t.Logf("refused: %v", err)
+	w.unchanged(before, "a check-in that filled the server's disk")
+	// With room again, the same check-in resumes and completes.
+	os.Remove(filler)
+	lap2.lp.opts.Progress = noProgress{}
+	rep, err := lap2.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !rep.Resumed || rep.Payload > 6*MiB+64*KiB {
+		t.Errorf("resumed %v, payload %d: want a resumed check-in sending at most what was missing", rep.Resumed, rep.Payload)
+	}
+}
+
+// fillOnProgress fills the file system of path once after bytes have moved.
+type fillOnProgress struct {
+	path  string
+	after int64
+	n     int64
+	done  bool
+}
+
+func (p *fillOnProgress) Start(string, int64) {}
+func (p *fillOnProgress) Done()               {}
+func (p *fillOnProgress) Add(n int64) {
+	p.n += n
+	if p.n >= p.after && !p.done {
+		p.done = true
+		f, err := os.Create(p.path)
+		if err != nil {
+			return
+		}
+		buf := make([]byte, 1<<20)
+		for {
+			if _, err := f.Write(buf); err != nil {
+				break
+			}
+		}
+		f.Close()
+	}
+}
+
+func TestRefusedFullDiskLaptop(t *testing.T) {
+	ctx := context.Background()
+	spec := smallSpec()
+	spec.baseWrites = []write{{off: 0, data: fill(1, 48*MiB, false)}}
+	w := newWorld(t, spec)
+	fs := mountTmpfs(t, 32*MiB)
+	before := w.snap()
+	lap := openLaptopAt(t, filepath.Join(fs, "laptop"))
+	_, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{})
+	if !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("check-out to a full laptop: %v, want ErrNoSpace", err)
+	}
+	t.Logf("refused: %v", err)
+	w.unchanged(before, "a check-out to a full laptop") // the lease went back
+
+	// Room at the start, none in the middle.
+	fs2 := mountTmpfs(t, 128*MiB)
+	lap2 := openLaptopAt(t, filepath.Join(fs2, "laptop"))
+	lap2.lp.opts.Progress = &fillOnProgress{path: filepath.Join(fs2, "filler"), after: 8 * MiB}
+	_, err = lap2.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{})
+	if !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("check-out filling the laptop's disk: %v, want ErrNoSpace", err)
+	}
+	t.Logf("refused: %v", err)
+	w.unchanged(before, "a check-out that filled the laptop's disk")
+	if ds, _ := lap2.store.Desktops(); len(ds) != 0 {
+		t.Errorf("the full laptop has desktops %v", ds)
+	}
+}
+
+func TestExpiredCopyPurgedOffline(t *testing.T) {
+	ctx := context.Background()
+	w := newWorld(t, smallSpec())
+	lap := newLaptop(t, "laptop")
+	w.now = time.Now()
+	rep, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{TTL: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeTop(t, lap, w.desktop, DiskSystem, []write{{off: 0, data: fill(7, 1*MiB, false)}})
+	w.stop() // the server is gone
+	lap.close()
+	// Not expired yet: nothing happens.
+	if purged, err := PurgeExpired(ctx, lap.dir, nil); err != nil || len(purged) != 0 {
+		t.Fatalf("purge before expiry: %v %v", purged, err)
+	}
+	time.Sleep(time.Until(rep.Lease.Expires) + 100*time.Millisecond)
+	purged, err := PurgeExpired(ctx, lap.dir, nil)
+	if err != nil || len(purged) != 1 || purged[0].Desktop != w.desktop {
+		t.Fatalf("purge after expiry: %v %v", purged, err)
+	}
+	st, err := images.Open(lap.dir, images.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	if _, err := st.Desktop(w.desktop); !errors.Is(err, images.ErrNotFound) {
+		t.Errorf("desktop after purge: %v", err)
+	}
+	for _, f := range []string{"desktops/desk.system.qcow2", "desktops/desk.user.qcow2"} {
+		if exists(st.Path(f)) {
+			t.Errorf("%s is still there", f)
+		}
+	}
+	if ls, _ := st.Layers(); len(ls) == 0 {
+		t.Log("no layers")
+	} else {
+		for _, l := range ls {
+			if len(l.Names) > 0 {
+				t.Errorf("layer %s keeps names %v after the purge", short(l.ID), l.Names)
+			}
+		}
+	}
+	if rep, err := st.GC(ctx, false); err != nil || rep.Kept != 0 {
+		t.Errorf("gc after the purge: kept %d, %v", rep.Kept, err)
+	}
+}
