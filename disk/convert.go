@@ -61,12 +61,12 @@ func Convert(ctx context.Context, src Image, dst string, opts ConvertOptions) (e
 		if err := CreateFile(dst, CreateOptions{Size: size, ClusterSize: cs, Compression: opts.Compress}); err != nil {
 			return err
 		}
-		img, err := Open(dst, OpenOptions{Format: FormatQcow2})
+		// A new file removed on failure: one sync at the end is enough.
+		img, err := Open(dst, OpenOptions{Format: FormatQcow2, NoBarriers: true})
 		if err != nil {
 			os.Remove(dst)
 			return err
 		}
-		img.(*Qcow2).barriers = false // a new file: one sync at the end is enough
 		w = img
 	default:
 		return fmt.Errorf("convert: %w: output format %q", ErrUnsupported, format)

@@ -120,6 +120,10 @@ type OpenOptions struct {
 	// NoBacking opens the top layer alone: reads of unallocated ranges return
 	// zeros. For inspecting one layer (info, check).
 	NoBacking bool
+	// NoBarriers skips the fsyncs that order metadata updates. Only for a file
+	// being built that is thrown away if the process crashes (a temporary file
+	// renamed into place after Flush): a crash may leave it corrupt.
+	NoBarriers bool
 }
 
 // CreateOptions controls Create.

@@ -25,7 +25,7 @@ func Open(path string, opts OpenOptions) (Image, error) {
 	if len(roots) == 0 {
 		roots = []string{filepath.Dir(abs)}
 	}
-	c := chainOpener{maxDepth: opts.MaxDepth, seen: map[string]bool{}, noBacking: opts.NoBacking}
+	c := chainOpener{maxDepth: opts.MaxDepth, seen: map[string]bool{}, noBacking: opts.NoBacking, noBarriers: opts.NoBarriers}
 	if c.maxDepth <= 0 {
 		c.maxDepth = DefaultMaxDepth
 	}
@@ -43,10 +43,11 @@ func Open(path string, opts OpenOptions) (Image, error) {
 }
 
 type chainOpener struct {
-	roots     []string
-	maxDepth  int
-	seen      map[string]bool
-	noBacking bool
+	roots      []string
+	maxDepth   int
+	seen       map[string]bool
+	noBacking  bool
+	noBarriers bool
 }
 
 func (c *chainOpener) open(path string, format Format, readOnly bool, depth int) (Image, error) {
@@ -98,6 +99,7 @@ func (c *chainOpener) open(path string, format Format, readOnly bool, depth int)
 		f.Close()
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
+	q.barriers = !c.noBarriers
 	if q.h.backingName != "" && !c.noBacking {
 		bpath, err := c.resolve(filepath.Dir(path), q.h.backingName)
 		if err != nil {
