@@ -72,6 +72,9 @@ func Commit(ctx context.Context, top string, opts CommitOptions) (rep *CommitRep
 	if len(roots) == 0 {
 		roots = []string{filepath.Dir(absPath(top))}
 	}
+	if isSealed(top, opts.Sealed) {
+		return nil, fmt.Errorf("commit %s: %w: it would be left empty", top, ErrSealed)
+	}
 	t, err := disk.Open(top, disk.OpenOptions{ReadOnly: true, AllowedRoots: roots})
 	if err != nil {
 		return nil, fmt.Errorf("commit %s: %w", top, err)

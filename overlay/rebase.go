@@ -19,6 +19,9 @@ type RebaseOptions struct {
 	// chain may resolve (see disk.OpenOptions). Empty: the directories of the top
 	// and of the new backing file.
 	AllowedRoots []string
+	// Sealed reports layers that must never be written (the store's layers); a
+	// read-only file is always sealed. A sealed top is refused.
+	Sealed func(path string) bool
 	// Progress, when set, is called with the candidate clusters done (in guest
 	// bytes) after each chunk. The total is not known in advance: it is -1.
 	Progress func(done, total int64)
@@ -79,6 +82,9 @@ func Rebase(ctx context.Context, top, newBacking string, opts RebaseOptions) (re
 	f, err := disk.Probe(top)
 	if err != nil {
 		return nil, fmt.Errorf("rebase %s: %w", top, err)
+	}
+	if isSealed(top, opts.Sealed) {
+		return nil, fmt.Errorf("rebase %s: %w: rebase a copy, or an overlay on it", top, ErrSealed)
 	}
 	if f != disk.FormatQcow2 {
 		return nil, fmt.Errorf("rebase %s: a %s image has no backing file (only qcow2 does)", top, f)

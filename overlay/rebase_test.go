@@ -1,6 +1,7 @@
 package overlay
 
 import (
+	"errors"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -246,5 +247,34 @@ func TestRebaseRefusesLoop(t *testing.T) {
 	}
 	if _, err := Rebase(context.Background(), top, top, RebaseOptions{}); err == nil {
 		t.Fatal("rebase of a top onto itself succeeded")
+	}
+}
+
+func TestSealedLayersAreNeverWritten(t *testing.T) {
+	l := newLab(t, 5)
+	base := l.create("base", "", 1<<20, 64<<10)
+	other := l.create("other", "", 1<<20, 64<<10)
+	top := l.create("top", base, 0, 64<<10)
+	l.scribble(top, 4)
+	if err := os.Chmod(top, 0o444); err != nil {
+		t.Fatal(err)
+	}
+	sum := fileSum(t, top)
+	if _, err := Rebase(context.Background(), top, other, RebaseOptions{}); !errors.Is(err, ErrSealed) {
+		t.Fatalf("rebase of a read-only top: %v", err)
+	}
+	if _, err := Rebase(context.Background(), top, other, RebaseOptions{Unsafe: true}); !errors.Is(err, ErrSealed) {
+		t.Fatalf("unsafe rebase of a read-only top: %v", err)
+	}
+	if _, err := Commit(context.Background(), top, CommitOptions{}); !errors.Is(err, ErrSealed) {
+		t.Fatalf("commit of a read-only top: %v", err)
+	}
+	os.Chmod(top, 0o644)
+	store := func(p string) bool { return p == top }
+	if _, err := Rebase(context.Background(), top, other, RebaseOptions{Sealed: store}); !errors.Is(err, ErrSealed) {
+		t.Fatalf("rebase of a store layer: %v", err)
+	}
+	if fileSum(t, top) != sum {
+		t.Fatal("a sealed top was written")
 	}
 }

@@ -65,30 +65,8 @@ func runDiskCommit(ctx context.Context, opts *diskCommitOptions, args []string, 
 	if _, err := probe(top); err != nil {
 		return err
 	}
-	layersDir := ""
-	if opts.store != "" {
-		if abs, err := filepath.Abs(filepath.Join(opts.store, "layers")); err == nil {
-			layersDir = abs
-			if real, err := filepath.EvalSymlinks(abs); err == nil {
-				layersDir = real
-			}
-		}
-	}
-	sealed := func(p string) bool {
-		if layersDir == "" {
-			return false
-		}
-		abs, err := filepath.Abs(p)
-		if err != nil {
-			return false
-		}
-		if real, err := filepath.EvalSymlinks(abs); err == nil {
-			abs = real
-		}
-		return strings.HasPrefix(abs, layersDir+string(filepath.Separator))
-	}
 	rep, err := overlay.Commit(ctx, top, overlay.CommitOptions{Into: opts.into, Output: opts.output,
-		Sealed: sealed, AllowedRoots: opts.allowRoots})
+		Sealed: storeLayer(opts.store), AllowedRoots: opts.allowRoots})
 	if err != nil {
 		return explainOpenError(top, err)
 	}
@@ -105,4 +83,31 @@ func runDiskCommit(ctx context.Context, opts *diskCommitOptions, args []string, 
 	fmt.Fprintf(out, "  clusters written:  %d (%s of data), %d zero clusters\n", rep.Copied, humanSize(rep.BytesWritten), rep.Zeroed)
 	fmt.Fprintf(out, "  %s is now empty on %s (%.3fs)\n", top, map[bool]string{true: rep.NewLayer, false: rep.Target}[rep.Sealed], rep.Seconds)
 	return nil
+}
+
+// storeLayer reports the files inside the store's layers directory: sealed
+// layers that cvd never writes.
+func storeLayer(store string) func(string) bool {
+	layersDir := ""
+	if store != "" {
+		if abs, err := filepath.Abs(filepath.Join(store, "layers")); err == nil {
+			layersDir = abs
+			if real, err := filepath.EvalSymlinks(abs); err == nil {
+				layersDir = real
+			}
+		}
+	}
+	return func(p string) bool {
+		if layersDir == "" {
+			return false
+		}
+		abs, err := filepath.Abs(p)
+		if err != nil {
+			return false
+		}
+		if real, err := filepath.EvalSymlinks(abs); err == nil {
+			abs = real
+		}
+		return strings.HasPrefix(abs, layersDir+string(filepath.Separator))
+	}
 }

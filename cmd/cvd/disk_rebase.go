@@ -14,6 +14,7 @@ type diskRebaseOptions struct {
 	none       bool
 	unsafe     bool
 	allowRoots []string
+	store      string
 	json       bool
 }
 
@@ -37,6 +38,7 @@ changes wherever the chains differ). --none removes the backing file (the safe
 rebase then copies into TOP everything the old chain showed).
 
 The backing file is recorded relative to TOP's directory, with its format.
+A sealed TOP (read-only, or a layer of the store) is refused: it is never written.
 
 Exit codes:
   0  rebased
@@ -49,6 +51,7 @@ Exit codes:
 		RunE: func(cmd *cobra.Command, args []string) error {
 			opts.allowRoots = allowRoots(cmd)
 			opts.json = g.json
+			opts.store = g.store
 			return runDiskRebase(cmd.Context(), opts, args, cmd.OutOrStdout())
 		},
 	}
@@ -72,7 +75,8 @@ func runDiskRebase(ctx context.Context, opts *diskRebaseOptions, args []string, 
 			return err
 		}
 	}
-	rep, err := overlay.Rebase(ctx, top, opts.onto, overlay.RebaseOptions{Unsafe: opts.unsafe, AllowedRoots: opts.allowRoots})
+	rep, err := overlay.Rebase(ctx, top, opts.onto, overlay.RebaseOptions{Unsafe: opts.unsafe,
+		AllowedRoots: opts.allowRoots, Sealed: storeLayer(opts.store)})
 	if err != nil {
 		return explainOpenError(top, err)
 	}

@@ -282,3 +282,21 @@ func TestRecomposeCrash(t *testing.T) {
 		}
 	}
 }
+
+// TestOverlayCommandsDocumented: the overlay commands have a usage line, examples,
+// exit codes in their help and an argument validator.
+func TestOverlayCommandsDocumented(t *testing.T) {
+	for _, path := range [][]string{
+		{"disk", "rebase"}, {"disk", "diff"}, {"disk", "commit"}, {"disk", "flatten"},
+		{"recompose"}, {"desktop", "squash"},
+	} {
+		c, _, err := newRootCommand().Find(path)
+		if err != nil || c.Name() != path[len(path)-1] {
+			t.Errorf("cvd %s: not registered (%v)", strings.Join(path, " "), err)
+			continue
+		}
+		if c.Example == "" || c.Args == nil || c.RunE == nil || c.Short == "" || !strings.Contains(c.Long, "Exit codes:") {
+			t.Errorf("cvd %s: needs Short, Long with exit codes, Example, Args and RunE", strings.Join(path, " "))
+		}
+	}
+}
