@@ -1,10 +1,10 @@
 package overlay
 
 import (
-	"errors"
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"io"
 	"os"
