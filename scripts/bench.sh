@@ -12,7 +12,7 @@
 #   - sparse1t: a 1 TiB chain of four layers with 1,000 scattered 4 KiB writes each.
 # The layers are written by qemu-img, so neither side reads files it wrote itself.
 #
-# Later capabilities add rows: scripts/bench-clone.sh runs at the end when it exists.
+# Later capabilities add rows: scripts/bench-<name>.sh run at the end when they exist.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -179,7 +179,14 @@ echo "cvd vs QEMU $(qemu-img --version | head -1 | awk '{ print $3 }'), best of 
 table | tee "$B/results.txt"
 
 # ---- later rows ------------------------------------------------------------------
-if [ -f "$ROOT/scripts/bench-clone.sh" ]; then
+# Each capability adds its rows as scripts/bench-<name>.sh, run here (with CVD, BENCH
+# and BENCH_RUNS in its environment) when present: clone first, then any other.
+export CVD BENCH="$B" BENCH_RUNS="$RUNS"
+ran=" "
+for f in "$ROOT/scripts/bench-clone.sh" "$ROOT"/scripts/bench-*.sh; do
+  [ -f "$f" ] || continue
+  case "$ran" in *" $f "*) continue ;; esac
+  ran+="$f "
   echo
-  CVD="$CVD" BENCH_DIR="$B" BENCH_RUNS="$RUNS" bash "$ROOT/scripts/bench-clone.sh"
-fi
+  bash "$f"
+done

@@ -79,11 +79,24 @@ else
 fi
 
 # ---- later steps ------------------------------------------------------------------
-# Each capability adds its part as scripts/demo-<name>.sh, called here when present.
-
-if [ -f "$ROOT/scripts/demo-store.sh" ]; then
-  step "The layer store: sealing, content IDs, desktops, linked clones (scripts/demo-store.sh)"
-  bash "$ROOT/scripts/demo-store.sh"
-fi
+# Each capability adds its part as scripts/demo-<name>.sh, run here (with CVD and DEMO
+# in its environment) when present: the known ones in order, then any other.
+ran=" "
+part() {
+  local f="$ROOT/scripts/demo-$1.sh"
+  [ -f "$f" ] || return 0
+  case "$ran" in *" $1 "*) return 0 ;; esac
+  ran+="$1 "
+  step "$2 (scripts/demo-$1.sh)"
+  bash "$f"
+}
+part store "The layer store: content IDs, a desktop, linked clones, seal, gc"
+part sync "Check-out to a laptop and check-in: only the changed clusters travel"
+part recompose "Recompose desktops onto a new app layer"
+for f in "$ROOT"/scripts/demo-*.sh; do
+  [ -e "$f" ] || continue
+  n=${f##*/demo-}
+  part "${n%.sh}" "More: ${n%.sh}"
+done
 
 step "Demo done: the images are in $DEMO"
