@@ -19,7 +19,7 @@ import (
 // there. Once the end frame arrives and the entries hash to the layer's ID, the
 // file is imported into the store, which computes the ID once more.
 
-const checkpointInterval = 64 << 20
+const checkpointInterval = 16 << 20
 
 type fetchCheckpoint struct {
 	ID    string `json:"id"`
