@@ -85,7 +85,7 @@ func layerBacking(id string) string { return "../" + images.LayersDir + "/" + id
 func sealMerged(ctx context.Context, st *images.Store, view disk.Image, own []disk.Image, parent string, size int64, cs int) (string, error) {
 	tmp := st.Path(images.DesktopsDir + "/" + images.TempPrefix + "merge-" + randSuffix() + ".qcow2")
 	defer os.Remove(tmp)
-	img, err := disk.Create(tmp, disk.CreateOptions{Size: size, ClusterSize: cs, BackingFile: st.LayerPath(parent),
+	img, err := createTemp(tmp, disk.CreateOptions{Size: size, ClusterSize: cs, BackingFile: st.LayerPath(parent),
 		BackingFormat: disk.FormatQcow2, AllowedRoots: []string{st.Dir()}})
 	if err != nil {
 		return "", fmt.Errorf("merge layer: %w", err)

@@ -127,7 +127,7 @@ func Commit(ctx context.Context, top string, opts CommitOptions) (rep *CommitRep
 		}
 		rep.NewLayer = out
 		tmp = tempName(out)
-		dest, err = disk.Create(tmp, disk.CreateOptions{Size: t.Size(), ClusterSize: t.Info().ClusterSize,
+		dest, err = createTemp(tmp, disk.CreateOptions{Size: t.Size(), ClusterSize: t.Info().ClusterSize,
 			BackingFile: ti.Path, BackingFormat: ti.Format, AllowedRoots: roots})
 		if err != nil {
 			return nil, fmt.Errorf("commit %s: new layer: %w", top, err)
@@ -277,4 +277,19 @@ func syncDir(dir string) error {
 		err = cerr
 	}
 	return err
+}
+
+// createTemp creates a qcow2 file that is renamed into place (or thrown away)
+// after it is complete, and opens it without write barriers: a crash leaves only
+// a temporary file to delete.
+func createTemp(path string, co disk.CreateOptions) (disk.Image, error) {
+	if err := disk.CreateFile(path, co); err != nil {
+		return nil, err
+	}
+	img, err := disk.Open(path, disk.OpenOptions{Format: disk.FormatQcow2, AllowedRoots: co.AllowedRoots, NoBarriers: true})
+	if err != nil {
+		os.Remove(path)
+		return nil, err
+	}
+	return img, nil
 }

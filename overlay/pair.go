@@ -91,21 +91,30 @@ func cut(own []disk.Image) int64 {
 // cut hides the shared layers in one chain but not in the other. Everything else
 // is served by the same shared layer in both, or reads as zeros in both.
 func (p *pair) candidates(w Range) (rangeSet, error) {
+	own := append(append([]disk.Image(nil), p.ownA...), p.ownB...)
+	maps := make([][]disk.Extent, len(own))
+	errs := make([]error, len(own))
+	var wg sync.WaitGroup
+	for i, l := range own { // one goroutine per layer: mapping walks every L2 entry
+		end := min(w.End(), l.Size())
+		if end <= w.Off {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			maps[i], errs[i] = l.MapLayer(w.Off, end-w.Off)
+		}()
+	}
+	wg.Wait()
 	var s rangeSet
-	for _, own := range [][]disk.Image{p.ownA, p.ownB} {
-		for _, l := range own {
-			end := min(w.End(), l.Size())
-			if end <= w.Off {
-				continue
-			}
-			exts, err := l.MapLayer(w.Off, end-w.Off)
-			if err != nil {
-				return nil, fmt.Errorf("map %s: %w", l.Info().Path, err)
-			}
-			for _, e := range exts {
-				if e.State != disk.Unallocated {
-					s.add(e.Off, e.Len)
-				}
+	for i, exts := range maps {
+		if errs[i] != nil {
+			return nil, fmt.Errorf("map %s: %w", own[i].Info().Path, errs[i])
+		}
+		for _, e := range exts {
+			if e.State != disk.Unallocated {
+				s.add(e.Off, e.Len)
 			}
 		}
 	}

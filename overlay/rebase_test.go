@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/cvd-project/cvd/disk"
@@ -138,9 +139,13 @@ func TestRebaseRandom(t *testing.T) {
 			}
 			ti.Close()
 
-			rep, err := Rebase(ctx, top, nb, RebaseOptions{AllowedRoots: []string{l.dir}})
+			inPlace := it%2 == 1
+			rep, err := Rebase(ctx, top, nb, RebaseOptions{AllowedRoots: []string{l.dir}, InPlace: inPlace})
 			if err != nil {
 				t.Fatalf("rebase %s onto %q: %v", top, nb, err)
+			}
+			if inPlace && rep.Rebuilt {
+				t.Fatal("rebuilt although asked to write in place")
 			}
 			t.Logf("rebase %s onto %q: %+v", filepath.Base(top), filepath.Base(nb), *rep)
 			if rep.Copied != wantData || rep.Zeroed != wantZero {
@@ -150,6 +155,11 @@ func TestRebaseRandom(t *testing.T) {
 				t.Fatalf("guest view of %s changed by the rebase onto %s", top, nb)
 			}
 			after := sums(t, l.dir)
+			for name := range after {
+				if strings.HasPrefix(name, ".tmp-") {
+					t.Errorf("temporary file %s left behind", name)
+				}
+			}
 			for name, sum := range before {
 				if name != filepath.Base(top) && after[name] != sum {
 					t.Errorf("%s changed: only the top may be written", name)
