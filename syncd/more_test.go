@@ -1,0 +1,349 @@
+package syncd
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"io"
+	"log"
+	"math/big"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/internal/testutil"
+)
+
+// The layer-ID recipe syncd re-implements must agree with images.ComputeID, on
+// layers written by QEMU (data, zero clusters, a partial last cluster) and by cvd.
+func TestLayerIDMatchesImages(t *testing.T) {
+	testutil.NeedQemu(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	base := filepath.Join(dir, "base.qcow2")
+	top := filepath.Join(dir, "top.qcow2")
+	testutil.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "100000000") // not a multiple of the cluster size
+	testutil.Run(t, "qemu-io", "-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 99990000 10000", "-c", "write -z 4M 1M", base)
+	testutil.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", base, "-F", "qcow2", top)
+	testutil.Run(t, "qemu-io", "-c", "write -P 0x33 8192 100000", "-c", "write -z 0 4096", "-c", "write -P 0 65536 4096", "-c", "write -P 0x44 99999000 1000", top)
+	for _, c := range []struct {
+		path, parent string
+	}{{base, ""}, {top, "parentid"}} {
+		img, err := disk.Open(c.path, disk.OpenOptions{ReadOnly: true, NoBacking: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, _, err := images.ComputeID(ctx, img, c.parent)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cs := images.DigestClusterSize(img.Info())
+		h := newIDHasher(c.parent, img.Size(), cs)
+		err = walkClusters(ctx, img, cs, c.parent != "", 0, func(idx int64, data []byte) error {
+			e := Entry{Index: idx, Zero: data == nil}
+			if data != nil {
+				e.Digest = sha256Digest(data)
+			}
+			h.add(e)
+			return nil
+		})
+		img.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if h.sum() != want {
+			t.Errorf("%s: syncd computes %s, images %s", filepath.Base(c.path), short(h.sum()), short(want))
+		}
+		// A saved and restored hash state continues the same hash.
+		st, _ := h.state()
+		h2 := newIDHasher("other", 1, 512)
+		if err := h2.restore(st); err != nil || h2.sum() != want {
+			t.Errorf("restored hash: %v", err)
+		}
+	}
+}
+
+func TestConflictAndRollback(t *testing.T) {
+	ctx := context.Background()
+	w := newWorld(t, smallSpec())
+	a := newLaptop(t, "a")
+	if _, err := a.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	writeTop(t, a, w.desktop, DiskSystem, []write{{off: 64 * MiB, data: fill(20, 2*MiB, false)}})
+	// The administrator breaks a's lease; b checks out and in.
+	if _, err := w.srv.BreakLease(w.desktop); err != nil {
+		t.Fatal(err)
+	}
+	_, tokB, _ := w.srv.AddDevice("b", []string{w.desktop})
+	b := newLaptop(t, "b")
+	if _, err := b.lp.CheckOut(ctx, w.client(tokB), w.desktop, CheckoutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	writeTop(t, b, w.desktop, DiskSystem, []write{{off: 80 * MiB, data: fill(21, 1*MiB, false)}})
+	rb, err := b.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	headB, _ := w.head()
+	if headB != rb.Version || rb.Conflict {
+		t.Fatalf("b's check-in: %+v", rb)
+	}
+	// a's check-in is kept as a conflict version beside the head.
+	ra, err := a.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !ra.Conflict || ra.Head != headB || ra.Version != headB+1 {
+		t.Fatalf("a's check-in: %+v, want a conflict version beside head %d", ra, headB)
+	}
+	if n, _ := w.head(); n != headB {
+		t.Fatalf("a conflict moved the head to %d", n)
+	}
+	st, _ := w.srv.Versions(w.desktop)
+	cv := st.Versions[len(st.Versions)-1]
+	if !cv.Conflict || cv.Device != "laptop1" || cv.Note != "conflict" {
+		t.Errorf("conflict version: %+v", cv)
+	}
+	qemuCompare(t, w.store.LayerPath(cv.System), a.top(w.desktop, DiskSystem))
+	// Rolling back to the conflict version makes its layers the head.
+	rv, err := w.srv.Rollback(ctx, w.desktop, cv.N)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, hv := w.head()
+	if n != rv.N || hv.System != cv.System || !strings.HasPrefix(hv.Note, "rollback") {
+		t.Fatalf("after rollback: head %d %+v", n, hv)
+	}
+	d, _ := w.store.Desktop(w.desktop)
+	qemuCompare(t, w.store.Path(d.SystemDisk), a.top(w.desktop, DiskSystem))
+	if _, err := w.srv.Rollback(ctx, w.desktop, 99); !errors.Is(err, ErrNotFound) {
+		t.Errorf("rollback to a missing version: %v", err)
+	}
+}
+
+func TestServerChangesDuringCheckoutMakeAConflict(t *testing.T) {
+	ctx := context.Background()
+	w := newWorld(t, smallSpec())
+	a := newLaptop(t, "a")
+	if _, err := a.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	d, _ := w.store.Desktop(w.desktop)
+	w.writeTop(d.SystemDisk, []write{{off: 100 * MiB, data: fill(30, 1*MiB, false)}}) // someone used the server copy
+	writeTop(t, a, w.desktop, DiskSystem, []write{{off: 64 * MiB, data: fill(31, 1*MiB, false)}})
+	rep, err := a.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, hv := w.head()
+	if !rep.Conflict || n != rep.Head || hv.Note != "server changes during check-out" {
+		t.Fatalf("check-in %+v; head %d %+v", rep, n, hv)
+	}
+}
+
+func TestExportImportBundle(t *testing.T) {
+	ctx := context.Background()
+	spec := smallSpec()
+	spec.baseWrites = []write{{off: 0, data: fill(1, 1*MiB, false)}, {off: 8 * MiB, data: fill(2, 4*MiB, true)}}
+	spec.appWrites = []write{{off: 32 * MiB, data: fill(3, 256*KiB, false)}}
+	spec.sysWrites = []write{{off: 70 * MiB, data: fill(40, 1*MiB, true)}}
+	w := newWorld(t, spec)
+	bundle := filepath.Join(t.TempDir(), "desk.cvdb")
+	rep, err := w.srv.Export(ctx, w.desktop, bundle, ExportOptions{TTL: time.Hour, Device: "laptop1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("bundle: %d layers, %d bytes (%d before xz)", rep.Layers, rep.Bytes, rep.Stream)
+	if rep.Header.Lease == nil {
+		t.Error("export with --device took no lease")
+	}
+	lap := newLaptop(t, "offline")
+	ir, err := lap.lp.ImportBundle(ctx, bundle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, hv := w.head()
+	if ir.Version != rep.Header.Version || len(ir.LayersWritten) != 3 {
+		t.Fatalf("import: %+v", ir)
+	}
+	for _, id := range []string{hv.System, w.base, w.app} {
+		if _, err := lap.store.Layer(id); err != nil {
+			t.Errorf("layer %s not kept under its ID: %v", short(id), err)
+		}
+	}
+	qemuCompare(t, w.store.LayerPath(hv.System), lap.top(w.desktop, DiskSystem))
+	co, err := lap.lp.Checkout(w.desktop)
+	if err != nil || !co.Offline || !co.Lease.Expires.Equal(rep.Header.Expires) {
+		t.Fatalf("record: %+v %v", co, err)
+	}
+	// A second import of the same bundle writes nothing new.
+	ir2, err := lap.lp.ImportBundle(ctx, bundle)
+	if err != nil || len(ir2.LayersWritten) != 0 {
+		t.Fatalf("re-import: %+v %v", ir2, err)
+	}
+	// A damaged bundle is refused and leaves the store as it was.
+	b, _ := os.ReadFile(bundle)
+	b[len(b)/2] ^= 0xff
+	bad := filepath.Join(t.TempDir(), "bad.cvdb")
+	os.WriteFile(bad, b, 0o600)
+	lap2 := newLaptop(t, "offline2")
+	if _, err := lap2.lp.ImportBundle(ctx, bad); err == nil {
+		t.Fatal("a damaged bundle was imported")
+	}
+	if ls, _ := lap2.store.Layers(); len(ls) != 0 {
+		t.Errorf("a damaged bundle left %d layers", len(ls))
+	}
+	// An expired bundle is refused.
+	lap2.lp.opts.Now = func() time.Time { return time.Now().Add(2 * time.Hour) }
+	if _, err := lap2.lp.ImportBundle(ctx, bundle); !errors.Is(err, ErrExpired) {
+		t.Errorf("expired bundle: %v", err)
+	}
+}
+
+func TestMetricsAndTLS(t *testing.T) {
+	ctx := context.Background()
+	w := newWorld(t, smallSpec())
+	// TLS with a self-signed certificate the client is told to trust.
+	certPEM, keyPEM := selfSigned(t)
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca.pem")
+	os.WriteFile(ca, certPEM, 0o600)
+	ts := httptest.NewUnstartedServer(w.srv.Handler())
+	ts.Config.ErrorLog = log.New(io.Discard, "", 0)
+	cert, err := tlsKeyPair(certPEM, keyPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts.TLS = cert
+	ts.StartTLS()
+	defer ts.Close()
+	c, err := NewClient(ts.URL, w.token, ClientOptions{CACert: ca})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lap := newLaptop(t, "laptop")
+	if _, err := lap.lp.CheckOut(ctx, c, w.desktop, CheckoutOptions{CACert: ca}); err != nil {
+		t.Fatal(err)
+	}
+	writeTop(t, lap, w.desktop, DiskSystem, []write{{off: 64 * MiB, data: fill(50, 1*MiB, false)}})
+	if _, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// Without the CA the client refuses the server.
+	bare, _ := NewClient(ts.URL, w.token, ClientOptions{})
+	if _, err := bare.Desktop(ctx, w.desktop); err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Errorf("untrusted certificate: %v", err)
+	}
+	w.client("cvd1_0000000000000000_" + strings.Repeat("x", 43)).Desktop(ctx, w.desktop)
+	resp, err := http.Get(w.http.URL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	m := string(b)
+	for _, want := range []string{
+		"# TYPE cvd_sync_sent_bytes_total counter",
+		`cvd_sync_checkins_total{result="check-in"} 1`,
+		"cvd_sync_checkouts_total 1",
+		"cvd_sync_auth_failures_total 1",
+		"cvd_sync_active_leases 1",
+		`cvd_sync_requests_total{route="commit",code="200"} 1`,
+		`cvd_sync_request_duration_seconds_bucket{route="checkout",le="+Inf"} 1`,
+	} {
+		if !strings.Contains(m, want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+	if strings.Contains(m, "cvd_sync_received_bytes_total 0\n") {
+		t.Error("no bytes received counted")
+	}
+}
+
+func TestAgentRenewsAndChecksIn(t *testing.T) {
+	ctx := context.Background()
+	w := newWorld(t, smallSpec())
+	lap := newLaptop(t, "laptop")
+	rep, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{TTL: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeTop(t, lap, w.desktop, DiskSystem, []write{{off: 64 * MiB, data: fill(60, 1*MiB, false)}})
+	lap.close()
+	w.now = w.now.Add(10 * time.Minute)
+	evs, err := AgentCycle(ctx, lap.dir, AgentOptions{CheckinEvery: time.Nanosecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var renewed, checkedIn bool
+	for _, e := range evs {
+		renewed = renewed || e.Action == "renewed"
+		checkedIn = checkedIn || (e.Action == "checked-in" && !strings.Contains(e.Detail, "no changes"))
+	}
+	if !renewed || !checkedIn {
+		t.Fatalf("agent events %+v", evs)
+	}
+	st, _ := w.srv.DesktopStatus(w.desktop)
+	if !st.Lease.Expires.After(rep.Lease.Expires) {
+		t.Errorf("lease not extended: %v, was %v", st.Lease.Expires, rep.Lease.Expires)
+	}
+	if n, _ := w.head(); n != rep.Version+1 {
+		t.Errorf("head %d after the agent's check-in", n)
+	}
+	// Offline: the server is gone; the agent reports it and keeps the copy.
+	w.stop()
+	evs, err = AgentCycle(ctx, lap.dir, AgentOptions{})
+	if err != nil || len(evs) != 1 || evs[0].Action != "failed" {
+		t.Fatalf("offline agent: %+v %v", evs, err)
+	}
+}
+
+func sha256Digest(b []byte) Digest {
+	var d Digest
+	ec, _ := encodeCluster(0, 0, b, nil, false)
+	d = ec.digest
+	return d
+}
+
+func selfSigned(t *testing.T) (certPEM, keyPEM []byte) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "cvd test"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, DNSNames: []string{"localhost"},
+		KeyUsage: x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign, IsCA: true, BasicConstraintsValid: true,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, _ := x509.MarshalECPrivateKey(key)
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb})
+}
+
+func tlsKeyPair(certPEM, keyPEM []byte) (*tls.Config, error) {
+	c, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		return nil, err
+	}
+	return &tls.Config{Certificates: []tls.Certificate{c}}, nil
+}
