@@ -248,7 +248,7 @@ func TestMetricsAndTLS(t *testing.T) {
 	if _, err := bare.Desktop(ctx, w.desktop); err == nil || !strings.Contains(err.Error(), "certificate") {
 		t.Errorf("untrusted certificate: %v", err)
 	}
-	w.client("cvd1_0000000000000000_" + strings.Repeat("x", 43)).Desktop(ctx, w.desktop)
+	w.client("cvd1_0000000000000000_"+strings.Repeat("x", 43)).Desktop(ctx, w.desktop)
 	resp, err := http.Get(w.http.URL + "/metrics")
 	if err != nil {
 		t.Fatal(err)
