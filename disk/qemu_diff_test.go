@@ -1101,12 +1101,13 @@ type qdWriteCase struct {
 	backing []qdLayer // bottom first; empty: no backing file
 	ops     int
 	fill    int64 // bytes written sequentially first, to grow the metadata
+	growRT  bool  // the refcount table must have grown past one cluster
 }
 
 func TestQemuDiffCvdWrites(t *testing.T) {
 	testutil.NeedQemu(t)
 	tests := []qdWriteCase{
-		{name: "512B alone grows refcount table", size: 24 * qdMiB, cluster: 512, ops: 1500, fill: 12 * qdMiB},
+		{name: "512B alone grows refcount table", size: 24 * qdMiB, cluster: 512, ops: 1500, fill: 12 * qdMiB, growRT: true},
 		{name: "4K alone", size: 16 * qdMiB, cluster: 4096, ops: 1500},
 		{name: "64K alone", size: 32 * qdMiB, cluster: 64 << 10, ops: 800, fill: 8 * qdMiB},
 		{name: "2M alone", size: 64 * qdMiB, cluster: 2 << 20, ops: 400},
@@ -1179,22 +1180,35 @@ func qdRunWriteCase(t *testing.T, tc qdWriteCase) {
 		touched = append(touched, qdApply(t, img, model, rng, o))
 	}
 	// Final pattern writes for qemu-io read -P, and a final zeroed range.
+	// The ranges do not overlap, so each still holds its pattern at the end.
 	var checks []string
-	for range 4 {
+	var final [][2]int64
+	for len(final) < 5 {
 		off, n := qdGenRange(rng, tc.size, cs, nil)
-		pat := byte(rng.IntN(255) + 1)
-		qdApply(t, img, model, rng, qdOp{kind: 'w', off: off, n: n, pat: pat})
+		if slices.ContainsFunc(final, func(r [2]int64) bool { return off < r[0]+r[1] && r[0] < off+n }) {
+			continue
+		}
+		final = append(final, [2]int64{off, n})
+		var pat byte
+		if len(final) < 5 {
+			pat = byte(rng.IntN(255) + 1)
+			qdApply(t, img, model, rng, qdOp{kind: 'w', off: off, n: n, pat: pat})
+		} else {
+			qdApply(t, img, model, rng, qdOp{kind: 'z', off: off, n: n})
+		}
 		checks = append(checks, fmt.Sprintf("read -P %#x %d %d", pat, off, n))
 	}
-	off, n := qdGenRange(rng, tc.size, cs, nil)
-	qdApply(t, img, model, rng, qdOp{kind: 'z', off: off, n: n})
-	checks = append(checks, fmt.Sprintf("read -P 0 %d %d", off, n))
 	if err := img.Close(); err != nil {
 		t.Fatalf("Close: %v", err)
 	}
 
 	testutil.QemuCheck(t, top)
 	qdCompareCheck(t, top)
+	if tc.growRT {
+		if n := binary.BigEndian.Uint32(qdParse(t, top).b[56:]); n < 2 {
+			t.Errorf("refcount table has %d cluster(s): the case did not make it grow", n)
+		}
+	}
 	modelPath := filepath.Join(dir, "model.raw")
 	if err := os.WriteFile(modelPath, model, 0o644); err != nil {
 		t.Fatal(err)
