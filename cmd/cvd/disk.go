@@ -95,6 +95,8 @@ func explainOpenError(path string, err error) error {
 	switch {
 	case errors.Is(err, os.ErrNotExist):
 		return fmt.Errorf("%s: no such file", path)
+	case errors.Is(err, disk.ErrUnsupported) && strings.Contains(err.Error(), "qemu-img convert"):
+		return fmt.Errorf("%s: %w", path, err)
 	case errors.Is(err, disk.ErrUnsupported):
 		return fmt.Errorf("%s: %w (cvd reads and writes qcow2 and raw only; convert it first: qemu-img convert -O qcow2 %s out.qcow2)", path, err, path)
 	case errors.Is(err, disk.ErrBackingEscape):
@@ -162,7 +164,7 @@ func humanSize(n int64) string {
 // checkRange refuses an access outside the virtual disk before any I/O.
 func checkRange(img disk.Image, off, n int64) error {
 	if off < 0 || n < 0 || off > img.Size() || n > img.Size()-off {
-		return fmt.Errorf("range [%d, %d) is outside the disk (size %d): %w", off, off+n, img.Size(), disk.ErrOutOfRange)
+		return fmt.Errorf("%s: range [%d, %d) is outside the disk (size %d): %w", img.Info().Path, off, off+n, img.Size(), disk.ErrOutOfRange)
 	}
 	return nil
 }

@@ -89,9 +89,19 @@ func runDiskMap(ctx context.Context, opts *diskMapOptions, args []string, out io
 		}
 		return writeJSON(out, entries)
 	}
+	// For people, ranges that no layer allocates are one row whatever depth
+	// QEMU would name.
+	var rows []diskMapEntry
+	for _, e := range entries {
+		if n := len(rows); n > 0 && !e.Present && !rows[n-1].Present && rows[n-1].Start+rows[n-1].Length == e.Start {
+			rows[n-1].Length += e.Length
+			continue
+		}
+		rows = append(rows, e)
+	}
 	tw := tabwriter.NewWriter(out, 0, 8, 2, ' ', 0)
 	fmt.Fprintln(tw, "Offset\tLength\tDepth\tState\tMapped to\tFile")
-	for _, e := range entries {
+	for _, e := range rows {
 		state := "unallocated"
 		switch {
 		case e.Data && e.compressed:

@@ -618,3 +618,31 @@ func diskQemuIO(t *testing.T, path string, cmds []string) {
 	}
 	testutil.Run(t, "qemu-io", append(args, path)...)
 }
+
+// TestDiskConvertProgress: the progress bar goes where it is asked to (a
+// terminal, in real use) and nowhere in a pipe.
+func TestDiskConvertProgress(t *testing.T) {
+	dir := t.TempDir()
+	src := filepath.Join(dir, "src.qcow2")
+	diskMust(t, "disk", "create", src, "64M")
+	data := filepath.Join(dir, "data")
+	if err := os.WriteFile(data, bytes.Repeat([]byte("cvd"), 3<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	diskMust(t, "disk", "write", src, "0", data)
+
+	var bar bytes.Buffer
+	opts := &diskConvertOptions{format: "qcow2", progress: &bar}
+	var out bytes.Buffer
+	if err := runDiskConvert(context.Background(), opts, []string{src, filepath.Join(dir, "a.qcow2")}, &out); err != nil {
+		t.Fatal(err)
+	}
+	if bar.Len() == 0 || !strings.Contains(out.String(), "converted") {
+		t.Errorf("progress %q, output %q", bar.String(), out.String())
+	}
+	// Through the command with stderr not a terminal: nothing on stderr.
+	_, errOut, err := diskExec(t, "disk", "convert", src, filepath.Join(dir, "b.qcow2"))
+	if err != nil || errOut != "" {
+		t.Errorf("convert in a pipe: %v, stderr %q", err, errOut)
+	}
+}
