@@ -333,3 +333,119 @@ func TestSquashApply(t *testing.T) {
 	}
 	checkStore(t, sl.st)
 }
+
+// TestBuildNewChains checks the chains recompose and squash build beside the old
+// ones (without switching the desktops): what they show, that they check clean,
+// and that aborting leaves the store clean.
+func TestBuildNewChains(t *testing.T) {
+	testutil.NeedQemu(t)
+	ctx := context.Background()
+	sl := newStoreLab(t, seed(t))
+	app, vs, name := versionsFixture(t, sl)
+	app2 := sl.appOn(&images.Layer{ID: app.Parent}, "app:2", 6)
+	d, err := sl.st.Desktop(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	view := flatCopy(t, sl.st.Path(d.SystemDisk))
+
+	// Recompose (move): the versions merged onto app:2, the top copied on that.
+	want := func() string { // qemu-img: copies of the own layers, unsafely rebased
+		below := sl.st.LayerPath(app2.ID)
+		for _, v := range vs {
+			cp := filepath.Join(t.TempDir(), "v.qcow2")
+			testutil.Run(t, "cp", sl.st.LayerPath(v.ID), cp)
+			os.Chmod(cp, 0o644)
+			testutil.Run(t, "qemu-img", "rebase", "-u", "-b", below, "-F", "qcow2", cp)
+			below = cp
+		}
+		cp := filepath.Join(t.TempDir(), "top.qcow2")
+		testutil.Run(t, "cp", sl.st.Path(d.SystemDisk), cp)
+		testutil.Run(t, "qemu-img", "rebase", "-u", "-b", below, "-F", "qcow2", cp)
+		return flatCopy(t, cp)
+	}()
+	b, err := build(ctx, sl.st, d, app2.ID, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	top := sl.st.Path(b.topRel)
+	chain, err := sl.st.Chain(b.system)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(chain) != 3 || chain[0].Kind != images.KindVersion || chain[1].ID != app2.ID {
+		t.Fatalf("new chain: %d layers", len(chain))
+	}
+	testutil.QemuCheck(t, top)
+	if !testutil.QemuCompare(t, top, want) {
+		t.Fatal("the new chain does not show the delta over app:2")
+	}
+	if err := b.p.Abort(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(top); err == nil {
+		t.Fatal("abort left the new top")
+	}
+
+	// Refresh: an empty top on app:2.
+	b, err = build(ctx, sl.st, d, app2.ID, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !testutil.QemuCompare(t, sl.st.Path(b.topRel), sl.st.LayerPath(app2.ID)) {
+		t.Fatal("refresh does not show app:2")
+	}
+	b.p.Abort()
+
+	// Squash, keeping 1 and 0 versions: the same view on a shorter chain.
+	for _, k := range []int{1, 0} {
+		dc, err := openDesktopChain(sl.st, d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, merge, remade, err := buildSquash(ctx, sl.st, d, dc, k)
+		dc.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		chain, _ := sl.st.Chain(b.system)
+		if len(chain) != 3+k || len(remade) != k || (k == 0 && b.system != merge) {
+			t.Fatalf("keep %d: chain of %d layers", k, len(chain))
+		}
+		testutil.QemuCheck(t, sl.st.Path(b.topRel))
+		if !testutil.QemuCompare(t, sl.st.Path(b.topRel), view) {
+			t.Fatalf("keep %d: the squashed chain shows something else", k)
+		}
+		b.p.Abort()
+	}
+	checkStore(t, sl.st)
+	// The sealed layers were only read.
+	for _, v := range vs {
+		if res, err := sl.st.Verify(ctx, v.ID); err != nil || !res[0].OK {
+			t.Fatalf("layer %s: %v %v", v.ID, res, err)
+		}
+	}
+}
+
+func TestSquashHistory(t *testing.T) {
+	d := &images.Desktop{Head: 4, Versions: []images.Version{
+		{N: 1, System: "app"}, {N: 2, System: "v1"}, {N: 3, System: "v2"}, {N: 4, System: "v3"},
+	}}
+	dropped, remapped := squashHistory(d, []string{"v2", "v1"}, []string{"v3"}, []string{"v3'"}, "M")
+	if !slices.Equal(dropped, []int{2}) || remapped[3] != "M" || remapped[4] != "v3'" || len(remapped) != 2 {
+		t.Fatalf("dropped %v, remapped %v", dropped, remapped)
+	}
+	var got []string
+	for _, v := range d.Versions {
+		got = append(got, fmt.Sprintf("%d:%s", v.N, v.System))
+	}
+	if !slices.Equal(got, []string{"1:app", "3:M", "4:v3'"}) {
+		t.Fatalf("versions %v", got)
+	}
+	// A dry run lists the same without changing the record.
+	d2 := &images.Desktop{Head: 4, Versions: []images.Version{{N: 1, System: "app"}, {N: 2, System: "v1"}, {N: 4, System: "v3"}}}
+	dropped, _ = squashHistory(d2, []string{"v2", "v1"}, []string{"v3"}, nil, "")
+	if !slices.Equal(dropped, []int{2}) || len(d2.Versions) != 3 {
+		t.Fatalf("dry run: dropped %v, versions %v", dropped, d2.Versions)
+	}
+}

@@ -97,37 +97,11 @@ func Squash(ctx context.Context, st *images.Store, name string, opts SquashOptio
 	if _, ok := any(st).(desktopUpdater); !ok {
 		return rep, ErrCannotSwitch // before building anything
 	}
-	// The merge: what the old versions hold, as the newest of them shows it.
-	size, cs := dc.top.Size(), dc.own[1+k].Info().ClusterSize
-	merge, err := sealMerged(ctx, st, dc.own[1+k], dc.own[1+k:], dc.oldLower, size, cs)
+	b, merge, remade, err := buildSquash(ctx, st, d, dc, k)
 	if err != nil {
-		return nil, fmt.Errorf("squash %s: %w", name, err)
-	}
-	rep.Merge = merge
-	parent := merge
-	remade := make([]string, k)
-	for i := k - 1; i >= 0; i-- {
-		l := dc.own[1+i]
-		id, err := sealMerged(ctx, st, l, []disk.Image{l}, parent, size, l.Info().ClusterSize)
-		if err != nil {
-			return nil, fmt.Errorf("squash %s: %w", name, err)
-		}
-		remade[i], parent = id, id
-	}
-	rep.Remade = remade
-
-	b := &built{system: parent, topRel: newTopRel(name)}
-	if b.p, err = st.Begin("squash "+name, []string{b.topRel}); err != nil {
 		return nil, err
 	}
-	if err := copyTop(st.Path(d.SystemDisk), st.Path(b.topRel), parent); err != nil {
-		b.p.Abort()
-		return nil, fmt.Errorf("squash %s: new top: %w", name, err)
-	}
-	if err := syncDir(st.Path(images.DesktopsDir)); err != nil {
-		b.p.Abort()
-		return nil, err
-	}
+	rep.Merge, rep.Remade = merge, remade
 	_, err = switchDesktop(st, b, d, func(x *images.Desktop) error {
 		rep.Dropped, rep.Remapped = squashHistory(x, rep.Merged, rep.Kept, remade, merge)
 		return nil
@@ -180,4 +154,40 @@ func squashHistory(x *images.Desktop, merged, kept, remade []string, merge strin
 		x.Versions = out
 	}
 	return dropped, remapped
+}
+
+// buildSquash makes the squashed chain of d beside its old one: the merge of its
+// own version layers older than the k newest, those k re-made on it, and a copy
+// of its top on the last (journaled by the returned built's Pending).
+func buildSquash(ctx context.Context, st *images.Store, d *images.Desktop, dc *desktopChain, k int) (b *built, merge string, remade []string, err error) {
+	name := d.Name
+	// The merge: what the old versions hold, as the newest of them shows it.
+	size, cs := dc.top.Size(), dc.own[1+k].Info().ClusterSize
+	merge, err = sealMerged(ctx, st, dc.own[1+k], dc.own[1+k:], dc.oldLower, size, cs)
+	if err != nil {
+		return nil, "", nil, fmt.Errorf("squash %s: %w", name, err)
+	}
+	parent := merge
+	remade = make([]string, k)
+	for i := k - 1; i >= 0; i-- {
+		l := dc.own[1+i]
+		id, err := sealMerged(ctx, st, l, []disk.Image{l}, parent, size, l.Info().ClusterSize)
+		if err != nil {
+			return nil, "", nil, fmt.Errorf("squash %s: %w", name, err)
+		}
+		remade[i], parent = id, id
+	}
+	b = &built{system: parent, topRel: newTopRel(name)}
+	if b.p, err = st.Begin("squash "+name, []string{b.topRel}); err != nil {
+		return nil, "", nil, err
+	}
+	if err := copyTop(st.Path(d.SystemDisk), st.Path(b.topRel), parent); err != nil {
+		b.p.Abort()
+		return nil, "", nil, fmt.Errorf("squash %s: new top: %w", name, err)
+	}
+	if err := syncDir(st.Path(images.DesktopsDir)); err != nil {
+		b.p.Abort()
+		return nil, "", nil, err
+	}
+	return b, merge, remade, nil
 }

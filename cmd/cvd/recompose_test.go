@@ -300,3 +300,80 @@ func TestOverlayCommandsDocumented(t *testing.T) {
 		}
 	}
 }
+
+// TestSquashCrash SIGKILLs `cvd desktop squash` at random moments: the desktop
+// must open on a complete chain that shows what it showed before, either the old
+// chain or the squashed one; the store checks clean and every layer verifies.
+func TestSquashCrash(t *testing.T) {
+	dir, store := recomposeFixture(t)
+	// vic: office:1 → three version layers of her own → a top with data.
+	parent := "office:1"
+	for i := 1; i <= 3; i++ {
+		v := filepath.Join(dir, fmt.Sprintf("vic%d.qcow2", i))
+		testutil.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", v, "128M")
+		testutil.Run(t, "qemu-io", "-c", fmt.Sprintf("write -P %d %dM 2M", 0x60+i, 40+i), v)
+		mustCvd(t, store, "layer", "import", v, "--kind", "version", "--parent", parent, "--name", fmt.Sprintf("vic:%d", i))
+		parent = fmt.Sprintf("vic:%d", i)
+	}
+	mustCvd(t, store, "desktop", "create", "vic", "--app", "office:1", "--app", "vic:1", "--app", "vic:2", "--app", "vic:3")
+	testutil.Run(t, "qemu-io", "-c", "write -P 0x70 41M 1M", filepath.Join(store, "desktops", "vic.system.qcow2"))
+	if !storeCanSwitch(t, store) {
+		t.Skip("the store has no UpdateDesktop yet: squash cannot apply, so there is nothing to crash")
+	}
+	view := flatOf(t, store, "desktops/vic.system.qcow2", filepath.Join(dir, "vic.view.qcow2"))
+	bin := buildCvd(t)
+	seedv := uint64(time.Now().UnixNano())
+	t.Logf("seed %d", seedv)
+	rng := rand.New(rand.NewPCG(seedv, 2))
+	for round := 0; ; round++ {
+		cmd := exec.Command(bin, "--store", store, "desktop", "squash", "vic", "--keep", "1")
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+		delay := time.Duration(rng.IntN(250)) * time.Millisecond
+		killed := false
+		var err error
+		select {
+		case err = <-done:
+		case <-time.After(delay):
+			cmd.Process.Signal(syscall.SIGKILL)
+			err = <-done
+			killed = true
+		}
+		st, oerr := images.Open(store, images.OpenOptions{})
+		if oerr != nil {
+			t.Fatal(oerr)
+		}
+		rep, cerr := st.Check(context.Background(), images.CheckOptions{})
+		if cerr != nil || !rep.OK() {
+			t.Fatalf("round %d: store check: %v %v", round, cerr, rep)
+		}
+		res, _ := st.Verify(context.Background())
+		for _, r := range res {
+			if !r.OK {
+				t.Fatalf("round %d: layer %s changed: %v", round, r.ID, r.Problems)
+			}
+		}
+		d, _ := st.Desktop("vic")
+		chain, _ := st.Chain(d.HeadVersion().System)
+		st.Close()
+		if !testutil.QemuCompare(t, filepath.Join(store, d.SystemDisk), view) {
+			t.Fatalf("round %d: vic's view changed (chain of %d layers)", round, len(chain))
+		}
+		t.Logf("round %d: killed %v after %v; chain %d layers", round, killed, delay, len(chain))
+		if !killed {
+			if err != nil {
+				t.Fatalf("squash: %v", err)
+			}
+			if len(chain) != 4 { // base, office:1, merge, vic:3 re-made
+				t.Fatalf("squashed chain has %d layers, want 4", len(chain))
+			}
+			return
+		}
+		if round > 40 {
+			t.Fatal("squash never finished")
+		}
+	}
+}
