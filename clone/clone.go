@@ -41,6 +41,8 @@ type Options struct {
 	WorkDir string
 	// Progress, when set, is called with the clones written and the total.
 	Progress func(done, total int)
+	// Boot, when set, is recorded in every clone: how it boots under libvirt.
+	Boot *images.Boot
 }
 
 // Names returns the clone names Create uses for name, count and start.
@@ -104,7 +106,7 @@ func Create(ctx context.Context, st *images.Store, source string, opts Options) 
 	for i, n := range names {
 		sys, user, seed := images.CloneFiles(n)
 		recs[i] = images.Clone{Name: n, UUID: ids[i].UUID, MAC: ids[i].MAC, Hostname: ids[i].Hostname,
-			Desktop: src.Desktop, Version: src.Version, Layer: src.Layer, Disk: sys, Created: now}
+			Desktop: src.Desktop, Version: src.Version, Layer: src.Layer, Disk: sys, Created: now, Boot: opts.Boot}
 		files = append(files, sys)
 		if userT != nil {
 			recs[i].UserLayer, recs[i].UserDisk = src.UserLayer, user

@@ -128,7 +128,7 @@ func TestCreateClones(t *testing.T) {
 		user   bool
 	}{
 		{"one of a desktop", "desk", Options{Name: "solo"}, f.app.ID, true},
-		{"five of a desktop", "desk", Options{Name: "web", Count: 5}, f.app.ID, true},
+		{"five of a desktop", "desk", Options{Name: "web", Count: 5, Boot: &images.Boot{Kernel: "/k", Cmdline: "x=1", MemoryMiB: 64}}, f.app.ID, true},
 		{"of a layer, no seed", "os:1", Options{Name: "raw", Count: 3, NoSeed: true, FsyncEach: true}, f.base.ID, false},
 	}
 	layerSums := map[string]string{}
@@ -148,6 +148,11 @@ func TestCreateClones(t *testing.T) {
 			for i, c := range cs {
 				if c.Layer != tt.layer || (c.UserDisk != "") != tt.user || (c.Seed != "") == tt.opts.NoSeed {
 					t.Errorf("clone record %+v", c)
+				}
+				if rec, err := f.st.Clone(c.Name); err != nil {
+					t.Error(err)
+				} else if (rec.Boot == nil) != (tt.opts.Boot == nil) || (rec.Boot != nil && *rec.Boot != *tt.opts.Boot) {
+					t.Errorf("clone %s: boot recorded %+v, want %+v", c.Name, rec.Boot, tt.opts.Boot)
 				}
 				p := f.st.Path(c.Disk)
 				paths = append(paths, p)

@@ -143,12 +143,14 @@ func (s *Store) Check(ctx context.Context, opts CheckOptions) (*CheckReport, err
 				return nil
 			}
 			rep.Clones++
-			for _, f := range []string{c.Disk, c.UserDisk, c.Seed} {
+			files := append([]string{c.Disk, c.UserDisk}, c.Checkpoints...)
+			files = append(files, c.UserCheckpoints...)
+			for _, f := range append(files, c.Seed) {
 				if f != "" {
 					known[f] = true
 				}
 			}
-			for _, f := range []string{c.Disk, c.UserDisk} {
+			for _, f := range files {
 				if f != "" {
 					tops = append(tops, f)
 				}

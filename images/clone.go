@@ -3,6 +3,7 @@ package images
 import (
 	"fmt"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -29,6 +30,62 @@ type Clone struct {
 	UserDisk string    `json:"user_disk,omitempty"`
 	Seed     string    `json:"seed,omitempty"`
 	Created  time.Time `json:"created"`
+	// Checkpoints are the former system tops that live checkpoints froze (cvd vm
+	// checkpoint), oldest first, store-relative. They stay in the clones
+	// directory, read-only: Disk stands on the last one, each stands on the one
+	// before, and the first on Layer. UserCheckpoints are the same for UserDisk.
+	Checkpoints     []string `json:"checkpoints,omitempty"`
+	UserCheckpoints []string `json:"user_checkpoints,omitempty"`
+	// Boot is how the clone boots under libvirt; nil boots from its disk with
+	// the hypervisor's defaults.
+	Boot *Boot `json:"boot,omitempty"`
+}
+
+// Boot says how a clone boots under libvirt (cvd provision, cvd vm start). Empty
+// Kernel boots from the system disk (BIOS); a Kernel (absolute path) boots it
+// directly with Initrd and Cmdline, as the tiny test guest does. Zero MemoryMiB
+// or VCPUs take the hypervisor's defaults.
+type Boot struct {
+	Kernel    string `json:"kernel,omitempty"`
+	Initrd    string `json:"initrd,omitempty"`
+	Cmdline   string `json:"cmdline,omitempty"`
+	MemoryMiB uint   `json:"memory_mib,omitempty"`
+	VCPUs     uint   `json:"vcpus,omitempty"`
+}
+
+// SystemChainFiles are the store-relative files of the clone's system disk that
+// are not sealed layers, top first: Disk, then its checkpoints newest first. The
+// sealed chain of Layer follows them.
+func (c *Clone) SystemChainFiles() []string {
+	return append([]string{c.Disk}, reversed(c.Checkpoints)...)
+}
+
+// UserChainFiles is SystemChainFiles for the user disk (nil when there is none).
+func (c *Clone) UserChainFiles() []string {
+	if c.UserDisk == "" {
+		return nil
+	}
+	return append([]string{c.UserDisk}, reversed(c.UserCheckpoints)...)
+}
+
+func reversed(s []string) []string {
+	out := make([]string, len(s))
+	for i, v := range s {
+		out[len(s)-1-i] = v
+	}
+	return out
+}
+
+// CheckpointFile is the store-relative path of the top a clone's disk gets at
+// its n-th live checkpoint (n >= 1): clones/NAME.cpN.qcow2, or
+// clones/NAME.user.cpN.qcow2 for the user disk. Clone names hold no dots, so
+// these never collide with another clone's files.
+func CheckpointFile(name string, n int, user bool) string {
+	p := ClonesDir + "/" + name
+	if user {
+		p += ".user"
+	}
+	return fmt.Sprintf("%s.cp%d.qcow2", p, n)
 }
 
 // CloneFiles are the store-relative paths of a clone's system top, user top and
@@ -236,8 +293,91 @@ func deleteCloneTx(tx *bolt.Tx, name string) ([]string, error) {
 	if c.UserDisk != "" {
 		files = append(files, c.UserDisk)
 	}
+	files = append(files, c.Checkpoints...)
+	files = append(files, c.UserCheckpoints...)
 	if c.Seed != "" {
 		files = append(files, c.Seed)
 	}
 	return files, tx.Bucket(bucketClones).Delete([]byte(name))
+}
+
+// RecordCheckpoint records a live checkpoint of clone name: its current system top
+// is frozen (appended to Checkpoints) and newDisk, a store-relative file that must
+// exist in the clones directory, becomes its top; newUserDisk does the same for
+// the user disk ("" leaves it as it is). The files are not touched: the
+// hypervisor made the new tops. It returns the updated record.
+func (s *Store) RecordCheckpoint(name, newDisk, newUserDisk string) (*Clone, error) {
+	if err := s.writable(); err != nil {
+		return nil, err
+	}
+	var c Clone
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketClones)
+		ok, err := getJSON(b, name, &c)
+		if err != nil {
+			return err
+		}
+		if !ok {
+			return fmt.Errorf("clone %s: %w", name, ErrNotFound)
+		}
+		if newDisk == "" && newUserDisk == "" {
+			return fmt.Errorf("%w: checkpoint of clone %s: no new top", ErrInvalid, name)
+		}
+		if newUserDisk != "" && c.UserDisk == "" {
+			return fmt.Errorf("%w: checkpoint of clone %s: it has no user disk", ErrInvalid, name)
+		}
+		for _, f := range []string{newDisk, newUserDisk} {
+			if f == "" {
+				continue
+			}
+			if !strings.HasPrefix(f, ClonesDir+"/"+name+".") || strings.Contains(f[len(ClonesDir)+1:], "/") {
+				return fmt.Errorf("%w: checkpoint of clone %s: new top %s is not one of its files in %s", ErrInvalid, name, f, ClonesDir)
+			}
+			if slices.Contains(c.Checkpoints, f) || slices.Contains(c.UserCheckpoints, f) || f == c.Disk || f == c.UserDisk {
+				return fmt.Errorf("%w: checkpoint of clone %s: %s is already in its chain", ErrInvalid, name, f)
+			}
+			if _, err := os.Stat(s.Path(f)); err != nil {
+				return fmt.Errorf("checkpoint of clone %s: new top: %w", name, err)
+			}
+		}
+		if newDisk != "" {
+			c.Checkpoints = append(c.Checkpoints, c.Disk)
+			c.Disk = newDisk
+		}
+		if newUserDisk != "" {
+			c.UserCheckpoints = append(c.UserCheckpoints, c.UserDisk)
+			c.UserDisk = newUserDisk
+		}
+		return putJSON(b, name, &c)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+// SetCloneBoot records how the named clones boot (nil: from their disk, with
+// the hypervisor's defaults), in one transaction.
+func (s *Store) SetCloneBoot(boot *Boot, names ...string) error {
+	if err := s.writable(); err != nil {
+		return err
+	}
+	return s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketClones)
+		for _, n := range names {
+			var c Clone
+			ok, err := getJSON(b, n, &c)
+			if err != nil {
+				return err
+			}
+			if !ok {
+				return fmt.Errorf("clone %s: %w", n, ErrNotFound)
+			}
+			c.Boot = boot
+			if err := putJSON(b, n, &c); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
 }

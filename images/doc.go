@@ -25,7 +25,11 @@
 //     it may have a user disk with its own chain. Each version records the sealed
 //     layer the system (and user) disk stands on; Head names the current one.
 //   - Clone: a writable top on a sealed chain plus an identity (UUID, MAC, hostname,
-//     cloud-init seed image) that is never synced. See package clone.
+//     cloud-init seed image) that is never synced. See package clone. A live
+//     checkpoint (cvd vm checkpoint) freezes a clone's top where it is and gives
+//     it a new one, clones/<name>.cpN.qcow2: the record keeps the frozen tops in
+//     order (Clone.Checkpoints), so its chain is Disk → checkpoints → Layer. The
+//     record also says how the clone boots under libvirt (Clone.Boot).
 //
 // # Database layout (bbolt, schema version 1)
 //
