@@ -21,6 +21,9 @@ type CheckinOptions struct {
 	// Release gives the lease back once the version is committed, and removes the
 	// desktop from the laptop (its layers stay until gc).
 	Release bool
+	// Server and CACert replace the ones recorded at check-out (a server that
+	// moved); they are remembered.
+	Server, CACert string
 }
 
 // CheckinReport says what a check-in did.
@@ -69,6 +72,17 @@ func (l *Laptop) CheckIn(ctx context.Context, desktop string, opts CheckinOption
 	}
 	if co.Offline {
 		return nil, fmt.Errorf("desktop %s was imported from an offline bundle: there is no server to check it in to", desktop)
+	}
+	if opts.Server != "" || opts.CACert != "" {
+		if opts.Server != "" {
+			co.Server = opts.Server
+		}
+		if opts.CACert != "" {
+			co.CACert = opts.CACert
+		}
+		if err := l.putCheckout(co); err != nil {
+			return nil, err
+		}
 	}
 	c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert})
 	if err != nil {

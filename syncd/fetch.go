@@ -13,7 +13,9 @@ import (
 )
 
 // A layer is fetched into <store>/sync/fetch/<id>.qcow2, a qcow2 file on its
-// parent in the store, as the cluster stream arrives. Every checkpointInterval of
+// parent in the store, as the cluster stream arrives (written without the disk
+// engine's ordering barriers: it is flushed at each checkpoint, and checked before
+// a resume). Every checkpointInterval of
 // data the file is flushed and <id>.ckpt records the next cluster index and the
 // state of the ID hash; an interrupted fetch asks the server for the stream from
 // there. Once the end frame arrives and the entries hash to the layer's ID, the
@@ -86,8 +88,8 @@ func (l *Laptop) fetchLayer(ctx context.Context, c *Client, info LayerInfo) (int
 func (f *layerFetcher) open() error {
 	f.h = newIDHasher(f.info.Parent, f.info.Size, f.info.ClusterSize)
 	if b, err := os.ReadFile(f.ckptPath); err == nil {
-		if json.Unmarshal(b, &f.ck) == nil && f.ck.ID == f.info.ID && f.h.restore(f.ck.Hash) == nil {
-			img, err := disk.Open(f.path, disk.OpenOptions{AllowedRoots: []string{f.l.store.Dir()}})
+		if json.Unmarshal(b, &f.ck) == nil && f.ck.ID == f.info.ID && f.h.restore(f.ck.Hash) == nil && partialClean(f.path) {
+			img, err := disk.Open(f.path, disk.OpenOptions{AllowedRoots: []string{f.l.store.Dir()}, NoBarriers: true})
 			if err == nil {
 				f.img = img
 				f.w = &stageWriter{img: img, cs: int64(f.info.ClusterSize)}
@@ -106,14 +108,27 @@ func (f *layerFetcher) open() error {
 		co.BackingFile = f.l.store.LayerPath(f.info.Parent)
 		co.BackingFormat = disk.FormatQcow2
 	}
-	img, err := disk.Create(f.path, co)
-	if err != nil {
+	if err := disk.CreateFile(f.path, co); err != nil {
 		os.Remove(f.path)
 		return noSpace(fmt.Errorf("create %s: %w", f.path, err))
+	}
+	img, err := disk.Open(f.path, disk.OpenOptions{AllowedRoots: []string{f.l.store.Dir()}, NoBarriers: true})
+	if err != nil {
+		os.Remove(f.path)
+		return err
 	}
 	f.img = img
 	f.w = &stageWriter{img: img, cs: int64(f.info.ClusterSize)}
 	return f.checkpoint()
+}
+
+// partialClean checks a partial layer left by an interrupted fetch: it is written
+// without the engine's ordering barriers, so a killed fetch may leave it
+// inconsistent after its last checkpoint. Leaks are repaired; anything worse
+// starts the layer over.
+func partialClean(path string) bool {
+	r, err := disk.Check(path, true)
+	return err == nil && r.Corruptions == r.CorruptionsFixed && r.CheckErrors == 0
 }
 
 func (f *layerFetcher) close() {

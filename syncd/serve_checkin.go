@@ -378,20 +378,8 @@ func (s *Server) handleEntries(w http.ResponseWriter, r *http.Request, dev *Devi
 	if err := os.Rename(tmp, filepath.Join(dir, name+".entries")); err != nil {
 		return err
 	}
-	stage := filepath.Join(dir, name+".qcow2")
-	if _, err := os.Stat(stage); errors.Is(err, os.ErrNotExist) && d.Entries > 0 {
-		co := disk.CreateOptions{Size: d.Size, ClusterSize: d.ClusterSize, AllowedRoots: []string{s.store.Dir()}}
-		if d.Parent != "" {
-			co.BackingFile = s.store.LayerPath(d.Parent)
-			co.BackingFormat = disk.FormatQcow2
-		}
-		tmpStage := stage + ".tmp"
-		os.Remove(tmpStage)
-		if err := disk.CreateFile(tmpStage, co); err != nil {
-			os.Remove(tmpStage)
-			return noSpace(fmt.Errorf("create staging layer: %w", err))
-		}
-		if err := os.Rename(tmpStage, stage); err != nil {
+	if d.Entries > 0 {
+		if err := s.createStage(dir, d); err != nil {
 			return err
 		}
 	}
@@ -417,6 +405,38 @@ func (s *Server) handleEntries(w http.ResponseWriter, r *http.Request, dev *Devi
 	}
 	writeJSON(w, http.StatusOK, st)
 	return nil
+}
+
+// createStage makes a disk's staging layer (an overlay on its parent) unless it
+// exists.
+func (s *Server) createStage(dir string, d CheckinDisk) error {
+	stage := filepath.Join(dir, d.Name+".qcow2")
+	if _, err := os.Stat(stage); err == nil {
+		return nil
+	}
+	co := disk.CreateOptions{Size: d.Size, ClusterSize: d.ClusterSize, AllowedRoots: []string{s.store.Dir()}}
+	if d.Parent != "" {
+		co.BackingFile = s.store.LayerPath(d.Parent)
+		co.BackingFormat = disk.FormatQcow2
+	}
+	tmp := stage + ".tmp"
+	os.Remove(tmp)
+	if err := disk.CreateFile(tmp, co); err != nil {
+		os.Remove(tmp)
+		return noSpace(fmt.Errorf("create staging layer: %w", err))
+	}
+	return os.Rename(tmp, stage)
+}
+
+// openStage opens a disk's staging layer for writing, creating it when a restart
+// removed it. It is written without the engine's ordering barriers (one flush per
+// request): the server's restart throws away a staging layer that does not check
+// clean.
+func (s *Server) openStage(dir string, d CheckinDisk) (disk.Image, error) {
+	if err := s.createStage(dir, d); err != nil {
+		return nil, err
+	}
+	return disk.Open(filepath.Join(dir, d.Name+".qcow2"), disk.OpenOptions{AllowedRoots: []string{s.store.Dir()}, NoBarriers: true})
 }
 
 // allocated lists the guest clusters the staging layer of a disk holds.
@@ -589,7 +609,7 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 		if sw := stages[no]; sw != nil {
 			return sw, dl, nil
 		}
-		img, err := disk.Open(filepath.Join(m.dir, dl.d.Name+".qcow2"), disk.OpenOptions{AllowedRoots: []string{s.store.Dir()}})
+		img, err := s.openStage(m.dir, dl.d)
 		if err != nil {
 			return nil, nil, err
 		}

@@ -193,7 +193,7 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*Checkin
 // ErrIncomplete: the laptop then sends that cluster.
 func (s *Server) fillStage(ctx context.Context, m *session, dl *diskList, ss []source) (int64, error) {
 	cs := dl.d.ClusterSize
-	img, err := disk.Open(filepath.Join(m.dir, dl.d.Name+".qcow2"), disk.OpenOptions{AllowedRoots: []string{s.store.Dir()}})
+	img, err := s.openStage(m.dir, dl.d)
 	if err != nil {
 		return 0, err
 	}

@@ -221,8 +221,13 @@ func (s *Server) indexLater(ids ...string) {
 }
 
 // reconcile finishes what a crash interrupted: tops that do not stand on their
-// desktop's head (a commit that did not reset them) are reset when empty.
+// desktop's head (a commit that did not reset them) are reset when empty; staging
+// layers of open check-ins that do not check clean are dropped (their clusters are
+// asked for again); old check-ins are forgotten.
 func (s *Server) reconcile(ctx context.Context) error {
+	if err := s.reconcileSessions(); err != nil {
+		return err
+	}
 	var dvs []DesktopVersions
 	err := s.st.view(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketVersions).ForEach(func(k, v []byte) error {
@@ -271,4 +276,57 @@ func (s *Server) reconcile(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// Check-ins left open longer than sessionMaxAge are removed; committed ones are
+// remembered that long (a rerun of a committed check-in finds its result).
+const sessionMaxAge = 14 * 24 * time.Hour
+
+func (s *Server) reconcileSessions() error {
+	var sessions []Session
+	err := s.st.view(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketSessions).ForEach(func(k, v []byte) error {
+			var se Session
+			if _, err := getJSON(tx, bucketSessions, string(k), &se); err != nil {
+				return err
+			}
+			sessions = append(sessions, se)
+			return nil
+		})
+	})
+	if err != nil {
+		return err
+	}
+	var drop []string
+	for _, se := range sessions {
+		if s.now().Sub(se.Created) > sessionMaxAge {
+			drop = append(drop, se.ID)
+			removeAllQuiet(s.sessionDir(se.ID))
+			continue
+		}
+		if se.State != stateReceiving {
+			continue
+		}
+		for _, d := range se.Disks {
+			p := filepath.Join(s.sessionDir(se.ID), d.Name+".qcow2")
+			if _, err := os.Stat(p); err != nil {
+				continue
+			}
+			if r, err := disk.Check(p, true); err != nil || r.Corruptions > r.CorruptionsFixed || r.CheckErrors > 0 {
+				s.log.Warn("dropping a staging layer that does not check clean", "check-in", se.ID, "disk", d.Name)
+				os.Remove(p)
+			}
+		}
+	}
+	if len(drop) == 0 {
+		return nil
+	}
+	return s.st.update(func(tx *bolt.Tx) error {
+		for _, id := range drop {
+			if err := tx.Bucket(bucketSessions).Delete([]byte(id)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
 }

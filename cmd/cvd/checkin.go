@@ -13,6 +13,8 @@ import (
 
 type checkinOptions struct {
 	release bool
+	server  string
+	caCert  string
 }
 
 func newCheckinCommand(g *globalOptions) *cobra.Command {
@@ -40,6 +42,8 @@ Shut the desktop's VM down first: its tops must not change during the check-in.`
 		},
 	}
 	c.Flags().BoolVar(&opts.release, "release", false, "give the lease back afterwards and remove the local copy")
+	c.Flags().StringVar(&opts.server, "server", "", "the server's URL, when it moved since the check-out (remembered)")
+	c.Flags().StringVar(&opts.caCert, "ca-cert", "", "PEM file of a CA to trust for an https server (remembered)")
 	return c
 }
 
@@ -49,7 +53,7 @@ func runCheckin(ctx context.Context, g *globalOptions, opts *checkinOptions, des
 		return err
 	}
 	defer done()
-	rep, err := lp.CheckIn(ctx, desktop, syncd.CheckinOptions{Release: opts.release})
+	rep, err := lp.CheckIn(ctx, desktop, syncd.CheckinOptions{Release: opts.release, Server: opts.server, CACert: opts.caCert})
 	if err != nil {
 		return storeError(err)
 	}

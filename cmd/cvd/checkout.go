@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"strings"
 	"time"
@@ -90,7 +91,7 @@ func openLaptop(ctx context.Context, g *globalOptions, errOut io.Writer) (*syncd
 	if err != nil {
 		return nil, nil, err
 	}
-	lp, err := syncd.OpenLaptop(st, syncd.LaptopOptions{Progress: newProgress(errOut)})
+	lp, err := syncd.OpenLaptop(st, syncd.LaptopOptions{Progress: newProgress(errOut), Logger: slog.Default()})
 	if err != nil {
 		st.Close()
 		return nil, nil, err
