@@ -154,20 +154,25 @@ func (l *Laptop) CheckIn(ctx context.Context, desktop string, opts CheckinOption
 			return nil, err
 		}
 	}
-	// Freeze: the tops become the version the server committed.
-	t0 := time.Now()
-	if err := l.freeze(ctx, d, co, res); err != nil {
-		return nil, err
+	// A release removes the local copy (the server released the lease, or it was
+	// not this laptop's any more); otherwise the tops become the version the server
+	// committed.
+	release := res.Released || (co.Pending != nil && co.Pending.Release)
+	if !release {
+		t0 := time.Now()
+		if err := l.freeze(ctx, d, co, res); err != nil {
+			return nil, err
+		}
+		l.log.Debug("check-in: froze tops", "took", time.Since(t0))
 	}
-	l.log.Debug("check-in: froze tops", "took", time.Since(t0))
-	rep.Version, rep.Head, rep.Conflict, rep.Deduplicated, rep.Released = res.Version, res.Head, res.Conflict, res.Deduplicated, res.Released
+	rep.Version, rep.Head, rep.Conflict, rep.Deduplicated, rep.Released = res.Version, res.Head, res.Conflict, res.Deduplicated, release
 	for k, v := range res.Layers {
 		rep.Layers[k] = v
 	}
 	co.Version = res.Version
 	co.LastCheckin = l.now().UTC()
 	co.Pending = nil
-	if res.Released {
+	if release {
 		if err := l.removeCopy(ctx, co); err != nil {
 			return nil, err
 		}
