@@ -38,7 +38,7 @@ func copyExtents(ctx context.Context, view disk.Image, own []disk.Image, dst dis
 		}
 	}
 	s = s.normalize()
-	w := &runWriter{img: dst}
+	w := &runWriter{img: dst, direct: true} // dst is a temporary file
 	buf := make([]byte, chunkSize)
 	var written int64
 	for _, r := range s {

@@ -156,7 +156,7 @@ func Commit(ctx context.Context, top string, opts CommitOptions) (rep *CommitRep
 	g := int64(max(dest.Info().ClusterSize, 512))
 	rep.ClusterSize = g
 	p := newPair(t, target)
-	w := &runWriter{img: dest}
+	w := &runWriter{img: dest, direct: rep.Sealed} // a new temporary layer, or the target in place
 	st, err := p.compare(ctx, g, t.Size(), nil, func(res *chunkResult) error {
 		for i, d := range res.diffs {
 			if res.aZero[i] {

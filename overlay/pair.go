@@ -289,9 +289,10 @@ func (p *pair) compareChunk(res *chunkResult, g int64, pool *sync.Pool) {
 
 // compare walks every candidate cluster of [0, limit) at granularity g with
 // parallel readers and calls emit, in guest order, once per chunk that has
-// differing clusters. skip, when not nil, removes ranges from the candidates of a
-// window (a rebase skips what the top allocates). emit must not keep aData.
-func (p *pair) compare(ctx context.Context, g, limit int64, skip func(w Range) (rangeSet, error),
+// differing clusters. skip, when not nil, returns what to remove from the
+// candidates of a window (a rebase skips what the top allocates); it is asked
+// only about the candidate ranges. emit must not keep aData.
+func (p *pair) compare(ctx context.Context, g, limit int64, skip func(cands rangeSet) (rangeSet, error),
 	emit func(res *chunkResult) error) (compareStats, error) {
 	var st compareStats
 	workers := min(4, max(2, runtime.GOMAXPROCS(0)))
@@ -326,7 +327,7 @@ func (p *pair) compare(ctx context.Context, g, limit int64, skip func(w Range) (
 			cands, err := p.candidates(win)
 			if err == nil && skip != nil && len(cands) > 0 {
 				var sk rangeSet
-				if sk, err = skip(win); err == nil {
+				if sk, err = skip(cands); err == nil {
 					cands = cands.subtract(sk.normalize())
 				}
 			}

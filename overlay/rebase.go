@@ -166,7 +166,7 @@ func Rebase(ctx context.Context, top, newBacking string, opts RebaseOptions) (re
 			return nil, fmt.Errorf("rebase %s: %w", top, err)
 		}
 		closed = false
-		if err := safeCopy(ctx, t, nb, rep, opts.Progress); err != nil {
+		if err := safeCopy(ctx, t, nb, rep, rep.Rebuilt, opts.Progress); err != nil {
 			return nil, fmt.Errorf("rebase %s: %w", top, err)
 		}
 		if err := t.Flush(); err != nil {
@@ -192,27 +192,32 @@ func Rebase(ctx context.Context, top, newBacking string, opts RebaseOptions) (re
 
 // safeCopy writes into t every cluster that t does not allocate and whose content
 // in t's current backing chain differs from the one in nb.
-func safeCopy(ctx context.Context, t, nb disk.Image, rep *RebaseReport, progress func(done, total int64)) error {
+func safeCopy(ctx context.Context, t, nb disk.Image, rep *RebaseReport, direct bool, progress func(done, total int64)) error {
 	p := newPair(t.Backing(), nb)
 	rep.SharedLayers = len(p.shared)
 	g := rep.ClusterSize
-	// What the top allocates is its own: it hides both chains.
-	skip := func(w Range) (rangeSet, error) {
-		exts, err := t.MapLayer(w.Off, min(w.End(), t.Size())-w.Off)
-		if err != nil {
-			return nil, err
-		}
+	// What the top allocates is its own: it hides both chains. Only the
+	// candidate ranges are mapped, not the whole top.
+	skip := func(cands rangeSet) (rangeSet, error) {
 		var s rangeSet
-		for _, e := range exts {
-			if e.State != disk.Unallocated {
-				// Only whole top clusters are its own; a partial one cannot be
-				// (allocation is per cluster), but round inwards to be exact.
-				s.add(e.Off, e.Len)
+		for _, c := range cands {
+			end := min(c.End(), t.Size())
+			if end <= c.Off {
+				continue
+			}
+			exts, err := t.MapLayer(c.Off, end-c.Off)
+			if err != nil {
+				return nil, err
+			}
+			for _, e := range exts {
+				if e.State != disk.Unallocated {
+					s.add(e.Off, e.Len)
+				}
 			}
 		}
 		return s, nil
 	}
-	w := &runWriter{img: t}
+	w := &runWriter{img: t, direct: direct}
 	var done int64
 	// Without a backing file, the engine leaves an unallocated cluster as it is on
 	// WriteZeroes (it reads as zeros already): such a top gets zero data instead.
@@ -263,9 +268,12 @@ func safeCopy(ctx context.Context, t, nb disk.Image, rep *RebaseReport, progress
 // flush): one WriteAt or WriteZeroes per run, so that a run pays the metadata
 // barriers once.
 type runWriter struct {
-	img  disk.Image
-	runs []pendingRun
-	data []byte // the data of the data runs, in order
+	img disk.Image
+	// direct writes each piece at once, without copying it: for images opened
+	// without write barriers, where gathering saves nothing.
+	direct bool
+	runs   []pendingRun
+	data   []byte // the data of the data runs, in order
 }
 
 type pendingRun struct {
@@ -277,6 +285,13 @@ type pendingRun struct {
 const maxRun = 32 << 20
 
 func (w *runWriter) add(r Range, data []byte) error {
+	if w.direct {
+		if data == nil {
+			return w.img.WriteZeroes(r.Off, r.Len)
+		}
+		_, err := w.img.WriteAt(data, r.Off)
+		return err
+	}
 	zero := data == nil
 	if k := len(w.runs); k > 0 {
 		l := &w.runs[k-1]
