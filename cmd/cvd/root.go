@@ -69,6 +69,8 @@ clusters that changed.
 		newExportCommand(g),
 		newImportCommand(g),
 		newRecomposeCommand(g),
+		newVMCommand(g),
+		newProvisionCommand(g),
 	)
 	return root
 }

@@ -1,0 +1,268 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/cvd-project/cvd/clone"
+	"github.com/cvd-project/cvd/hypervisor"
+	"github.com/cvd-project/cvd/images"
+	"github.com/spf13/cobra"
+)
+
+type provisionOptions struct {
+	name     string
+	count    int
+	start    int
+	connect  string
+	noStart  bool
+	parallel int
+	boot     bootFlags
+}
+
+func newProvisionCommand(g *globalOptions) *cobra.Command {
+	opts := &provisionOptions{}
+	c := &cobra.Command{
+		Use:   "provision DESKTOP --count N [--name PREFIX]",
+		Short: "Clone a desktop N times, define each clone under libvirt and start it",
+		Long: `Provision in one step: make N linked clones of the desktop (tops and identity
+seeds, as cvd clone), define each as a libvirt domain declaring its whole chain
+(as cvd vm start), and start them, several at a time. Clones are named
+PREFIX-1 ... PREFIX-N (PREFIX defaults to the desktop's name; a single clone is
+named PREFIX). It reports each clone and the time from the command's start to
+all of them running (libvirt's "running": QEMU started, the guest booting), with
+the clones per second, and where the time went: connect, clone, define, start.
+
+libvirtd is reached first, so nothing is cloned when it is down. When defining
+or starting some clone fails, the others still run, cvd names the failures
+and exits 1; the clones stay in the store (cvd vm rm --clone removes them).
+
+` + connectHelp + `
+
+` + bootHelp,
+		Example: `  cvd provision alice --count 50
+  cvd provision kiosk --count 3 --name kiosk-test --memory 128 \
+      --kernel .cache/guest/kernel --initrd .cache/guest/initramfs.cpio.gz \
+      --append "$(cat .cache/guest/cmdline) cvd.pattern=0xa7"
+  cvd provision alice --count 10 --no-start --json`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			opts.boot.noteChanged(cmd)
+			return runProvision(cmd.Context(), g, opts, args, cmd.OutOrStdout())
+		},
+	}
+	f := c.Flags()
+	f.StringVar(&opts.name, "name", "", "clone name prefix (default: the desktop's name)")
+	f.IntVar(&opts.count, "count", 1, "number of clones")
+	f.IntVar(&opts.start, "start", 1, "first clone number")
+	f.StringVar(&opts.connect, "connect", defaultConnect(), "libvirt URI (env CVD_CONNECT, LIBVIRT_DEFAULT_URI)")
+	f.BoolVar(&opts.noStart, "no-start", false, "define the domains without starting them")
+	f.IntVar(&opts.parallel, "parallel", 4, "domains defined and started at once")
+	addBootFlags(c, &opts.boot)
+	return c
+}
+
+// provisionedClone is one clone in cvd provision's report.
+type provisionedClone struct {
+	Name      string  `json:"name"`
+	UUID      string  `json:"uuid"`
+	MAC       string  `json:"mac"`
+	Hostname  string  `json:"hostname"`
+	Disk      string  `json:"disk"`
+	Seed      string  `json:"seed,omitempty"`
+	State     string  `json:"state"`
+	Reason    string  `json:"reason,omitempty"`
+	RunningAt float64 `json:"running_at_s,omitempty"` // seconds from the command's start
+	Error     string  `json:"error,omitempty"`
+}
+
+// provisionTiming says where provision's time went, in seconds from its start.
+type provisionTiming struct {
+	Connect float64 `json:"connect_s"` // reaching libvirtd
+	Clone   float64 `json:"clone_s"`   // tops and seeds written and recorded
+	Define  float64 `json:"define_s"`  // sum over clones of the define calls
+	Start   float64 `json:"start_s"`   // sum over clones of the start calls
+	// Total is from the start to the last clone running (or defined, with
+	// --no-start).
+	Total        float64 `json:"total_s"`
+	ClonesPerSec float64 `json:"clones_per_s"`
+}
+
+type provisionReport struct {
+	Desktop string `json:"desktop"`
+	URI     string `json:"uri"`
+	Count   int    `json:"count"`
+	// Parallel is how many domains were defined and started at once.
+	Parallel int                `json:"parallel"`
+	Started  bool               `json:"started"`
+	Clones   []provisionedClone `json:"clones"`
+	Timing   provisionTiming    `json:"timing"`
+	Failed   int                `json:"failed"`
+}
+
+func runProvision(ctx context.Context, g *globalOptions, opts *provisionOptions, args []string, out io.Writer) error {
+	t0 := time.Now()
+	since := func() float64 { return time.Since(t0).Seconds() }
+	desktop := args[0]
+	if opts.count < 1 {
+		return &exitError{code: exitUsage, err: errors.New("--count must be at least 1")}
+	}
+	if opts.parallel < 1 {
+		return &exitError{code: exitUsage, err: errors.New("--parallel must be at least 1")}
+	}
+	if opts.name == "" {
+		opts.name = desktop
+	}
+	var boot *images.Boot
+	if opts.boot.changed {
+		b, err := opts.boot.apply(nil)
+		if err != nil {
+			return err
+		}
+		boot = b
+	}
+	rep := provisionReport{Desktop: desktop, URI: opts.connect, Count: opts.count, Parallel: opts.parallel, Started: !opts.noStart}
+
+	conn, err := connectLibvirt(ctx, opts.connect)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	rep.Timing.Connect = since()
+
+	// Clones and their specs; the store is closed before libvirt's part so that
+	// other cvd commands are not kept waiting.
+	st, err := openStore(g, false)
+	if err != nil {
+		return err
+	}
+	if _, err := st.Desktop(desktop); err != nil {
+		st.Close()
+		return vmError(fmt.Errorf("%w (cvd provision clones desktops; cvd desktop ls lists them)", err), opts.connect, "")
+	}
+	cs, err := clone.Create(ctx, st, desktop, clone.Options{Name: opts.name, Count: opts.count, Start: opts.start, Boot: boot})
+	if err != nil {
+		st.Close()
+		return storeError(err)
+	}
+	specs := make([]hypervisor.DomainSpec, len(cs))
+	for i := range cs {
+		if specs[i], err = cloneSpec(st, &cs[i]); err != nil {
+			st.Close()
+			return err
+		}
+	}
+	st.Close()
+	rep.Timing.Clone = since() - rep.Timing.Connect
+	if err := os.MkdirAll(filepath.Join(g.store, vmLogsDir), 0o755); err != nil {
+		return err
+	}
+
+	rep.Clones = make([]provisionedClone, len(cs))
+	var (
+		mu               sync.Mutex
+		define, startDur time.Duration
+		wg               sync.WaitGroup
+		next             = make(chan int)
+	)
+	for w := 0; w < min(opts.parallel, len(cs)); w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				pc := &rep.Clones[i]
+				c := cs[i]
+				*pc = provisionedClone{Name: c.Name, UUID: c.UUID, MAC: c.MAC, Hostname: c.Hostname, Disk: specs[i].Disks[0].Chain[0].Path, Seed: specs[i].SeedISO}
+				t := time.Now()
+				err := conn.Define(ctx, specs[i])
+				d := time.Since(t)
+				var s time.Duration
+				if err == nil && !opts.noStart {
+					t = time.Now()
+					err = conn.Start(ctx, c.Name)
+					s = time.Since(t)
+				}
+				if err == nil {
+					pc.RunningAt = since()
+					var st hypervisor.Status
+					if st, err = conn.Status(ctx, c.Name); err == nil {
+						pc.State, pc.Reason = st.State.String(), st.Reason
+					}
+				}
+				if err != nil {
+					pc.Error = vmError(err, opts.connect, c.Name).Error()
+					pc.RunningAt = 0
+				}
+				mu.Lock()
+				define += d
+				startDur += s
+				mu.Unlock()
+			}
+		}()
+	}
+	for i := range cs {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+
+	rep.Timing.Define, rep.Timing.Start = define.Seconds(), startDur.Seconds()
+	for _, pc := range rep.Clones {
+		if pc.Error != "" {
+			rep.Failed++
+		}
+		rep.Timing.Total = max(rep.Timing.Total, pc.RunningAt)
+	}
+	if rep.Timing.Total > 0 {
+		rep.Timing.ClonesPerSec = float64(len(cs)-rep.Failed) / rep.Timing.Total
+	}
+
+	if g.json {
+		if err := printJSON(out, rep); err != nil {
+			return err
+		}
+	} else {
+		printProvision(out, &rep)
+	}
+	if rep.Failed > 0 {
+		return &exitError{code: exitFailure, err: fmt.Errorf("%d of %d clones did not %s (see above); the clones stay in the store: cvd vm rm --clone NAME removes one",
+			rep.Failed, len(cs), map[bool]string{true: "start", false: "get defined"}[!opts.noStart])}
+	}
+	return nil
+}
+
+func printProvision(out io.Writer, rep *provisionReport) {
+	tw := newTable(out)
+	at := "RUNNING AT"
+	if !rep.Started {
+		at = "DEFINED AT"
+	}
+	fmt.Fprintf(tw, "NAME\tSTATE\t%s\tMAC\tUUID\tTOP\n", at)
+	show := len(rep.Clones) <= 20
+	for _, c := range rep.Clones {
+		if c.Error != "" {
+			fmt.Fprintf(tw, "%s\tFAILED\t-\t%s\t%s\t%s\n", c.Name, c.MAC, c.UUID, c.Error)
+			continue
+		}
+		if show {
+			fmt.Fprintf(tw, "%s\t%s\t%.2fs\t%s\t%s\t%s\n", c.Name, c.State, c.RunningAt, c.MAC, c.UUID, c.Disk)
+		}
+	}
+	if !show {
+		fmt.Fprintf(tw, "(%d clones, %d listed: failures only; --json lists all)\n", len(rep.Clones), rep.Failed)
+	}
+	tw.Flush()
+	t := rep.Timing
+	what := "running"
+	if !rep.Started {
+		what = "defined"
+	}
+	fmt.Fprintf(out, "%d of %d clones of %s %s on %s in %.2fs (%.1f clones/s): connect %.2fs, clone %.2fs (tops and seeds), define %.2fs, start %.2fs (define and start: sums over clones, %d at a time)\n",
+		rep.Count-rep.Failed, rep.Count, rep.Desktop, what, rep.URI, t.Total, t.ClonesPerSec, t.Connect, t.Clone, t.Define, t.Start, rep.Parallel)
+}
