@@ -84,6 +84,9 @@ func (l *Laptop) CheckIn(ctx context.Context, desktop string, opts CheckinOption
 			return nil, err
 		}
 	}
+	if r, ok := l.opts.VM.(runningVM); ok && r.Running(ctx, desktop) {
+		return nil, fmt.Errorf("desktop %s: its VM is running: shut it down first (its disks must not change during a check-in)", desktop)
+	}
 	c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert})
 	if err != nil {
 		return nil, err
@@ -164,6 +167,16 @@ func (l *Laptop) CheckIn(ctx context.Context, desktop string, opts CheckinOption
 			return nil, err
 		}
 		l.log.Debug("check-in: froze tops", "took", time.Since(t0))
+		if l.opts.VM != nil {
+			// The chains changed: declare them again.
+			user := ""
+			if d.UserDisk != "" {
+				user = l.store.Path(d.UserDisk)
+			}
+			if err := l.opts.VM.DefineDesktop(ctx, desktop, l.store.Path(d.SystemDisk), user); err != nil {
+				l.log.Warn("redefine the desktop in the local hypervisor", "desktop", desktop, "err", err)
+			}
+		}
 	}
 	rep.Version, rep.Head, rep.Conflict, rep.Deduplicated, rep.Released = res.Version, res.Head, res.Conflict, res.Deduplicated, release
 	for k, v := range res.Layers {

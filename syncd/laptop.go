@@ -76,6 +76,12 @@ type LocalVM interface {
 	UndefineDesktop(ctx context.Context, desktop string) error
 }
 
+// runningVM is the optional capability of a LocalVM to tell whether the desktop's
+// VM runs: a running desktop is not checked in (its tops are being written).
+type runningVM interface {
+	Running(ctx context.Context, desktop string) bool
+}
+
 // Laptop is the client side over a local store: check-out, check-in, renew,
 // release, purge.
 type Laptop struct {

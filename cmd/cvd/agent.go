@@ -46,6 +46,11 @@ a round, so other cvd commands can run in between.`,
 
 func runAgent(ctx context.Context, g *globalOptions, opts *agentOptions, out, errOut io.Writer) error {
 	ao := syncd.AgentOptions{CheckinEvery: opts.checkinEvery, RenewWithin: opts.renewWithin, Logger: slog.Default()}
+	if uri := libvirtURI(""); uri != "" {
+		vms := &libvirtVMs{uri: uri, log: slog.Default()}
+		defer vms.Close()
+		ao.VM, ao.Running = vms, vms.Running
+	}
 	for {
 		evs, err := syncd.AgentCycle(ctx, g.store, ao)
 		if g.json {

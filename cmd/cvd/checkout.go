@@ -91,7 +91,12 @@ func openLaptop(ctx context.Context, g *globalOptions, errOut io.Writer) (*syncd
 	if err != nil {
 		return nil, nil, err
 	}
-	lp, err := syncd.OpenLaptop(st, syncd.LaptopOptions{Progress: newProgress(errOut), Logger: slog.Default()})
+	lo := syncd.LaptopOptions{Progress: newProgress(errOut), Logger: slog.Default()}
+	vms := &libvirtVMs{uri: libvirtURI(""), log: slog.Default()}
+	if vms.uri != "" {
+		lo.VM = vms
+	}
+	lp, err := syncd.OpenLaptop(st, lo)
 	if err != nil {
 		st.Close()
 		return nil, nil, err
@@ -105,7 +110,7 @@ func openLaptop(ctx context.Context, g *globalOptions, errOut io.Writer) (*syncd
 		st.Close()
 		return nil, nil, err
 	}
-	return lp, func() { lp.Close(); st.Close() }, nil
+	return lp, func() { lp.Close(); st.Close(); vms.Close() }, nil
 }
 
 // barProgress draws transfers on a terminal; in a pipe it draws nothing.
