@@ -13,6 +13,8 @@
 # The layers are written by qemu-img, so neither side reads files it wrote itself.
 #
 # Later capabilities add rows: scripts/bench-<name>.sh run at the end when they exist.
+# BENCH_ONLY="disk clone" runs only the parts named (disk is this script's own rows;
+# the others are the <name> of scripts/bench-<name>.sh); empty runs everything.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,6 +26,9 @@ export PATH="/usr/local/go/bin:$PATH"
 for t in qemu-img qemu-io awk dd; do
   command -v "$t" >/dev/null || { echo "bench: $t missing (make bench installs QEMU)" >&2; exit 1; }
 done
+
+ONLY=" ${BENCH_ONLY:-} "
+want() { [ "$ONLY" = "  " ] || [[ "$ONLY" == *" $1 "* ]]; }
 
 rm -rf "$B"
 mkdir -p "$B"
@@ -60,6 +65,7 @@ row() {
 # record NAME CVD_SECONDS QEMU_SECONDS BYTES: a row timed elsewhere.
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$RESULTS"; }
 
+disk_part() {
 # ---- data set ------------------------------------------------------------------
 log "making the 1 GiB data set and the images"
 text() { yes "cvd bench: a line of text that compresses well, like most of a system disk" 2>/dev/null || true; }
@@ -177,6 +183,10 @@ table() {
 echo
 echo "cvd vs QEMU $(qemu-img --version | head -1 | awk '{ print $3 }'), best of $RUNS runs, $(nproc) cores ($(date -u +%Y-%m-%d))"
 table | tee "$B/results.txt"
+}
+if want disk; then
+  disk_part
+fi
 
 # ---- later rows ------------------------------------------------------------------
 # Each capability adds its rows as scripts/bench-<name>.sh, run here (with CVD, BENCH
@@ -185,6 +195,8 @@ export CVD BENCH="$B" BENCH_RUNS="$RUNS"
 ran=" "
 for f in "$ROOT/scripts/bench-clone.sh" "$ROOT"/scripts/bench-*.sh; do
   [ -f "$f" ] || continue
+  n=${f##*/bench-}
+  want "${n%.sh}" || continue
   case "$ran" in *" $f "*) continue ;; esac
   ran+="$f "
   echo
