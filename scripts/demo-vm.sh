@@ -4,8 +4,9 @@
 #
 #   scripts/demo-vm.sh [STORE [DESKTOP]]
 #
-# STORE defaults to $CVD_STORE, else $DEMO/store (made by scripts/demo-store.sh);
-# DESKTOP to $DESKTOP, else alice. When the store has no such desktop, a small one
+# STORE defaults to $VM_DEMO_STORE, else $DEMO/store (made by scripts/demo-store.sh);
+# DESKTOP to $VM_DEMO_DESKTOP, else alice (CVD_STORE is not read: make demo never
+# touches a store of yours). When the store has no such desktop, a small one
 # is made (a 256 MiB base imported as demo-vm:1). The clones boot the tiny guest
 # (scripts/build-guest.sh; guest/init says what it does): it reads its hostname from
 # its cloud-init seed, writes a pattern block at 1 MiB and its hostname at 2 MiB of
@@ -22,8 +23,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CVD=${CVD:-$ROOT/bin/cvd}
 DEMO=${DEMO:-$ROOT/.cache/demo}
-STORE=${1:-${CVD_STORE:-$DEMO/store}}
-DESKTOP=${2:-${DESKTOP:-alice}}
+STORE=${1:-${VM_DEMO_STORE:-$DEMO/store}}
+DESKTOP=${2:-${VM_DEMO_DESKTOP:-alice}}
 GUEST=${CVD_GUEST_DIR:-$ROOT/.cache/guest}
 PREFIX=vm-demo
 export CVD_STORE=$STORE
