@@ -8,7 +8,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -97,6 +99,7 @@ func (l *Laptop) CheckIn(ctx context.Context, desktop string, opts CheckinOption
 		return nil, err
 	}
 	var res *CheckinResult
+	var pre *preSeal
 	if co.Pending != nil && co.Pending.Result != nil {
 		res = co.Pending.Result
 		rep.Resumed = true
@@ -145,11 +148,17 @@ func (l *Laptop) CheckIn(ctx context.Context, desktop string, opts CheckinOption
 		if err := l.putCheckout(co); err != nil {
 			return nil, err
 		}
+		// The laptop seals its tops while the server receives and commits: the
+		// layers are ready (unnamed) when the answer comes.
+		if !opts.Release {
+			pre = l.startPreSeal(ctx, changes)
+		}
 		upStart := time.Now()
 		res, err = l.send(ctx, c, req, changes, rep)
 		rep.TookUpload = time.Since(upStart).Seconds()
 		rep.Metadata = c.Sent + c.Received // upload streams are not counted in Sent
 		if err != nil {
+			pre.discard()
 			return nil, err
 		}
 		co.Pending.Result = res
@@ -163,9 +172,15 @@ func (l *Laptop) CheckIn(ctx context.Context, desktop string, opts CheckinOption
 	release := res.Released || (co.Pending != nil && co.Pending.Release)
 	if !release {
 		t0 := time.Now()
-		if err := l.freeze(ctx, d, co, res); err != nil {
+		pre.wait()
+		if err := l.freeze(ctx, d, co, res, pre); err != nil {
 			return nil, err
 		}
+		var keep []string
+		for _, id := range res.Layers {
+			keep = append(keep, id)
+		}
+		pre.discard(keep...)
 		l.log.Debug("check-in: froze tops", "took", time.Since(t0))
 		if l.opts.VM != nil {
 			// The chains changed: declare them again.
@@ -186,6 +201,7 @@ func (l *Laptop) CheckIn(ctx context.Context, desktop string, opts CheckinOption
 	co.LastCheckin = l.now().UTC()
 	co.Pending = nil
 	if release {
+		pre.discard()
 		if err := l.removeCopy(ctx, co); err != nil {
 			return nil, err
 		}
@@ -416,9 +432,97 @@ func readMissingClusters(ctx context.Context, imgs map[byte]disk.Image, sizes ma
 	return nil
 }
 
+// preSeal seals the changed tops in the background, as unnamed layers.
+type preSeal struct {
+	l      *Laptop
+	done   chan struct{}
+	made   []string             // layers it added (removed again if the check-in fails)
+	sealed map[string]sealedTop // disk → what its top sealed as
+}
+
+// sealedTop is a top sealed ahead: its layer and the file's state before.
+type sealedTop struct {
+	id    string
+	size  int64
+	mtime time.Time
+}
+
+func statTop(path string) (int64, time.Time, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return 0, time.Time{}, err
+	}
+	return fi.Size(), fi.ModTime(), nil
+}
+
+// layerFor returns the layer a top sealed ahead as, when the top has not changed
+// since.
+func (p *preSeal) layerFor(diskName, path string) string {
+	if p == nil {
+		return ""
+	}
+	st, ok := p.sealed[diskName]
+	if !ok {
+		return ""
+	}
+	size, mtime, err := statTop(path)
+	if err != nil || size != st.size || !mtime.Equal(st.mtime) {
+		return ""
+	}
+	return st.id
+}
+
+func (l *Laptop) startPreSeal(ctx context.Context, changes []diskChanges) *preSeal {
+	p := &preSeal{l: l, done: make(chan struct{}), sealed: map[string]sealedTop{}}
+	go func() {
+		defer close(p.done)
+		for _, ch := range changes {
+			if ch.decl.Entries == 0 || ctx.Err() != nil {
+				continue
+			}
+			size, mtime, err := statTop(ch.top)
+			if err != nil {
+				continue
+			}
+			lay, existed, err := sealTop(ctx, l.store, ch.top, nil, false)
+			if err != nil {
+				l.log.Debug("check-in: sealing ahead failed; the freeze seals again", "disk", ch.name, "err", err)
+				continue
+			}
+			if !existed {
+				p.made = append(p.made, lay.ID)
+			}
+			p.sealed[ch.name] = sealedTop{id: lay.ID, size: size, mtime: mtime}
+		}
+	}()
+	return p
+}
+
+func (p *preSeal) wait() {
+	if p != nil {
+		<-p.done
+	}
+}
+
+// discard removes the layers sealed ahead that the check-in does not use.
+func (p *preSeal) discard(keep ...string) {
+	if p == nil {
+		return
+	}
+	<-p.done
+	for _, id := range p.made {
+		if slices.Contains(keep, id) {
+			continue
+		}
+		if _, err := p.l.store.RemoveLayer(id); err != nil {
+			p.l.log.Debug("remove a layer sealed ahead", "layer", short(id), "err", err)
+		}
+	}
+}
+
 // freeze seals each changed top as the layer the server committed and starts a
 // fresh top on it; an unchanged disk keeps its top.
-func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, res *CheckinResult) error {
+func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, res *CheckinResult, pre *preSeal) error {
 	for _, dn := range diskNames {
 		rel := d.SystemDisk
 		if dn == DiskUser {
@@ -440,7 +544,15 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 		if want == co.Layers[dn] {
 			continue // unchanged disk
 		}
-		lay, existed, err := sealTop(ctx, l.store, path, nil, false)
+		var lay *images.Layer
+		var existed bool
+		if id := pre.layerFor(dn, path); id == want {
+			// Sealed ahead while the server committed, and unchanged since.
+			lay, err = l.store.Layer(id)
+			existed = true
+		} else {
+			lay, existed, err = sealTop(ctx, l.store, path, nil, false)
+		}
 		if err != nil {
 			return noSpace(fmt.Errorf("freeze the %s top: %w", dn, err))
 		}
