@@ -297,6 +297,56 @@ func TestVM(t *testing.T) {
 	t.Run("stop", func(t *testing.T) { t.Parallel(); testVMStop(t, env) })
 	t.Run("checkpoint", func(t *testing.T) { t.Parallel(); testVMCheckpoint(t, env) })
 	t.Run("errors", func(t *testing.T) { t.Parallel(); testVMErrors(t, env) })
+	t.Run("define", func(t *testing.T) { t.Parallel(); testVMDefine(t, env) })
+}
+
+// vm start records boot settings in the clone's catalog entry and reuses them;
+// --disk-boot goes back to booting from the disk; --define-only starts nothing.
+func testVMDefine(t *testing.T, env *vmEnv) {
+	s := newVMStore(t, env)
+	s.must("clone", "desk", "--name", "dz")
+	defined := func(wantKernel bool, wantMem string) {
+		t.Helper()
+		x := testutil.Run(t, "virsh", "-c", env.uri, "dumpxml", "--inactive", "dz")
+		var d libvirtxml.Domain
+		if err := d.Unmarshal(x); err != nil {
+			t.Fatal(err)
+		}
+		if (d.OS.Kernel != "") != wantKernel || (!wantKernel && (len(d.OS.BootDevices) != 1 || d.OS.BootDevices[0].Dev != "hd")) {
+			t.Errorf("kernel %q, boot %+v; want kernel: %v", d.OS.Kernel, d.OS.BootDevices, wantKernel)
+		}
+		if got := fmt.Sprintf("%d %s", d.Memory.Value, d.Memory.Unit); got != wantMem {
+			t.Errorf("memory %s, want %s", got, wantMem)
+		}
+	}
+	var r vmStartResult
+	s.mustJSON(&r, "vm", "start", "dz", "--define-only", "--connect", env.uri, "--kernel", env.kernel, "--initrd", env.initrd,
+		"--append", "console=ttyS0 cvd.hold=5", "--memory", "96")
+	t.Cleanup(func() { s.cvd("vm", "rm", "--force", "dz", "--connect", env.uri) })
+	if r.State != "shut off" || r.Kernel == "" || len(r.Disks) != 1 || len(r.Disks[0].Chain) != 2 || r.Seed == "" {
+		t.Errorf("vm start --define-only: %+v", r)
+	}
+	defined(true, "98304 KiB")
+	if c := s.clone("dz"); c.Boot == nil || c.Boot.Cmdline != "console=ttyS0 cvd.hold=5" || c.Boot.MemoryMiB != 96 || c.Boot.Initrd != env.initrd {
+		t.Errorf("boot recorded: %+v", c.Boot)
+	}
+	// No flags: the recorded boot again.
+	s.must("vm", "start", "dz", "--define-only", "--connect", env.uri)
+	defined(true, "98304 KiB")
+	s.must("vm", "start", "dz", "--define-only", "--disk-boot", "--connect", env.uri)
+	defined(false, "98304 KiB")
+	if c := s.clone("dz"); c.Boot == nil || c.Boot.Kernel != "" || c.Boot.Cmdline != "" || c.Boot.MemoryMiB != 96 {
+		t.Errorf("boot after --disk-boot: %+v", c.Boot)
+	}
+	s.fails(exitUsage, `exclude each other`, "vm", "start", "dz", "--disk-boot", "--kernel", env.kernel, "--connect", env.uri)
+	s.fails(exitUsage, `boot file .*: not a readable file`, "vm", "start", "dz", "--kernel", "/nonexistent/vmlinux", "--connect", env.uri)
+	var st vmStatus
+	s.mustJSON(&st, "vm", "status", "dz", "--connect", env.uri)
+	if st.Running || st.State != "shut off" || st.Clone != "dz" {
+		t.Errorf("status after --define-only: %+v", st)
+	}
+	s.must("vm", "rm", "--clone", "dz", "--connect", env.uri)
+	s.must("store", "check")
 }
 
 // Three clones of a desktop: each boots, writes its pattern and its own hostname
