@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cvd-project/cvd/images"
@@ -114,16 +116,53 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, desktop string, opts C
 	if err := checkFree(l.store.Dir(), needBytes+largest+16<<20); err != nil {
 		return fail(err)
 	}
+	// Layers are fetched one after the other, parents first; each is imported
+	// into the store (a copy, in order: a layer needs its parent there) while the
+	// next one arrives.
+	imports := make(chan *layerFetcher, len(need))
+	importErr := make(chan error, 1)
+	var pending sync.WaitGroup
+	var importFailed atomic.Bool
+	go func() {
+		var err error
+		for f := range imports {
+			if err == nil {
+				if err = f.finish(ctx); err != nil {
+					err = fmt.Errorf("import layer %s: %w", short(f.info.ID), err)
+					importFailed.Store(true)
+				}
+			}
+			pending.Done()
+		}
+		importErr <- err
+	}()
+	var fetchErr error
 	for _, li := range need {
+		if li.needsParent() {
+			pending.Wait() // its zero clusters are written over the parent
+		}
+		if importFailed.Load() {
+			break
+		}
 		l.opts.Progress.Start("layer "+short(li.ID), li.DataBytes)
-		n, err := l.fetchLayer(ctx, c, li)
+		f, n, err := l.fetchLayer(ctx, c, li)
 		l.opts.Progress.Done()
 		rep.Bytes += n
 		if err != nil {
-			return fail(fmt.Errorf("fetch layer %s: %w", short(li.ID), err))
+			fetchErr = fmt.Errorf("fetch layer %s: %w", short(li.ID), err)
+			break
 		}
+		pending.Add(1)
+		imports <- f
 		rep.DataBytes += li.DataBytes
 		rep.LayersFetched = append(rep.LayersFetched, li.ID)
+	}
+	close(imports)
+	if err := <-importErr; fetchErr == nil {
+		fetchErr = err
+	}
+	if fetchErr != nil {
+		return fail(fetchErr)
 	}
 
 	// The desktop over fresh tops on the manifest's layers.

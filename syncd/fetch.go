@@ -43,21 +43,24 @@ type layerFetcher struct {
 	sinceCk  int64
 }
 
-// fetchLayer fetches layer info (whose parent the store holds) and imports it.
-// It returns the stream bytes moved by this call.
-func (l *Laptop) fetchLayer(ctx context.Context, c *Client, info LayerInfo) (int64, error) {
+// fetchLayer fetches layer info into its partial file and returns the fetcher,
+// ready for finish (the import, which needs the parent in the store), and the
+// stream bytes moved by this call. The parent need not be in the store yet when
+// the layer has no zero clusters: the partial file is then written without its
+// backing chain (every write covers whole clusters). A zero cluster needs the
+// parent below it (without one it is the same as no cluster at all).
+func (l *Laptop) fetchLayer(ctx context.Context, c *Client, info LayerInfo) (*layerFetcher, int64, error) {
 	if !layerIDRE.MatchString(info.ID) || (info.Parent != "" && !layerIDRE.MatchString(info.Parent)) {
-		return 0, fmt.Errorf("%w: layer id %q", ErrBadRequest, info.ID)
+		return nil, 0, fmt.Errorf("%w: layer id %q", ErrBadRequest, info.ID)
 	}
 	if err := os.MkdirAll(l.fetchDir(), 0o700); err != nil {
-		return 0, noSpace(err)
+		return nil, 0, noSpace(err)
 	}
 	f := &layerFetcher{l: l, info: info, path: filepath.Join(l.fetchDir(), info.ID+".qcow2"),
 		ckptPath: filepath.Join(l.fetchDir(), info.ID+".ckpt")}
 	if err := f.open(); err != nil {
-		return 0, err
+		return nil, 0, err
 	}
-	defer f.close()
 	var moved int64
 	var err error
 	for i := range attempts {
@@ -72,24 +75,28 @@ func (l *Laptop) fetchLayer(ctx context.Context, c *Client, info LayerInfo) (int
 			err = fmt.Errorf("%w: layer %s: stream ended early", errStream, short(info.ID))
 		}
 		if ctx.Err() != nil || errors.Is(err, ErrDigestMismatch) || errors.Is(err, ErrNoSpace) || !(retryable(err) || errors.Is(err, errStream)) || i == attempts-1 {
-			return moved, err
+			f.close()
+			return nil, moved, err
 		}
 		l.log.Info("layer stream cut; resuming", "layer", short(info.ID), "at", f.ck.Next, "err", err)
 	}
 	if err != nil {
-		return moved, err
+		f.close()
+		return nil, moved, err
 	}
-	if err := f.finish(ctx); err != nil {
-		return moved, err
+	if err := f.w.flush(); err != nil {
+		f.close()
+		return nil, moved, err
 	}
-	return moved, nil
+	f.close()
+	return f, moved, nil
 }
 
 func (f *layerFetcher) open() error {
 	f.h = newIDHasher(f.info.Parent, f.info.Size, f.info.ClusterSize)
 	if b, err := os.ReadFile(f.ckptPath); err == nil {
 		if json.Unmarshal(b, &f.ck) == nil && f.ck.ID == f.info.ID && f.h.restore(f.ck.Hash) == nil && partialClean(f.path) {
-			img, err := disk.Open(f.path, disk.OpenOptions{AllowedRoots: []string{f.l.store.Dir()}, NoBarriers: true})
+			img, err := f.openPartial()
 			if err == nil {
 				f.img = img
 				f.w = &stageWriter{img: img, cs: int64(f.info.ClusterSize)}
@@ -103,6 +110,8 @@ func (f *layerFetcher) open() error {
 	os.Remove(f.path)
 	f.h = newIDHasher(f.info.Parent, f.info.Size, f.info.ClusterSize)
 	f.ck = fetchCheckpoint{ID: f.info.ID}
+	// With the size and backing format given, the parent is not opened: it may
+	// still be on its way into the store.
 	co := disk.CreateOptions{Size: f.info.Size, ClusterSize: f.info.ClusterSize, AllowedRoots: []string{f.l.store.Dir()}}
 	if f.info.Parent != "" {
 		co.BackingFile = f.l.store.LayerPath(f.info.Parent)
@@ -112,7 +121,7 @@ func (f *layerFetcher) open() error {
 		os.Remove(f.path)
 		return noSpace(fmt.Errorf("create %s: %w", f.path, err))
 	}
-	img, err := disk.Open(f.path, disk.OpenOptions{AllowedRoots: []string{f.l.store.Dir()}, NoBarriers: true})
+	img, err := f.openPartial()
 	if err != nil {
 		os.Remove(f.path)
 		return err
@@ -121,6 +130,16 @@ func (f *layerFetcher) open() error {
 	f.w = &stageWriter{img: img, cs: int64(f.info.ClusterSize)}
 	return f.checkpoint()
 }
+
+// openPartial opens the partial file for writing: with its parent below when the
+// layer has zero clusters (the parent must be in the store then), alone otherwise.
+func (f *layerFetcher) openPartial() (disk.Image, error) {
+	alone := f.info.Parent == "" || f.info.Clusters == f.info.DataClusters
+	return disk.Open(f.path, disk.OpenOptions{NoBacking: alone, NoBarriers: true, AllowedRoots: []string{f.l.store.Dir()}})
+}
+
+// needsParent reports whether fetching the layer needs its parent in the store.
+func (li *LayerInfo) needsParent() bool { return li.Parent != "" && li.Clusters > li.DataClusters }
 
 // partialClean checks a partial layer left by an interrupted fetch: it is written
 // without the engine's ordering barriers, so a killed fetch may leave it
@@ -277,10 +296,13 @@ func (f *layerFetcher) consume(ctx context.Context, sr *streamReader) (int64, bo
 	return moved, true, nil
 }
 
-// finish imports the complete file into the store and removes the fetch files.
+// finish imports the complete file into the store (which must hold its parent by
+// now) and removes the fetch files.
 func (f *layerFetcher) finish(ctx context.Context) error {
-	if err := f.w.flush(); err != nil {
-		return err
+	if f.w != nil && f.img != nil {
+		if err := f.w.flush(); err != nil {
+			return err
+		}
 	}
 	f.close()
 	opts := images.ImportOptions{Kind: images.Kind(f.info.Kind), Parent: f.info.Parent}

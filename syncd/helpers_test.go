@@ -2,6 +2,7 @@ package syncd
 
 import (
 	"context"
+	"log/slog"
 	"io/fs"
 	"math/rand/v2"
 	"net/http/httptest"
@@ -237,7 +238,7 @@ func openLaptopAt(t *testing.T, dir string) *laptop {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lp, err := OpenLaptop(st, LaptopOptions{})
+	lp, err := OpenLaptop(st, LaptopOptions{Logger: testLogger()})
 	if err != nil {
 		st.Close()
 		t.Fatal(err)
@@ -290,3 +291,10 @@ func qemuCompare(t testing.TB, a, b string) {
 }
 
 func exists(p string) bool { _, err := os.Stat(p); return err == nil }
+
+func testLogger() *slog.Logger {
+	if os.Getenv("CVD_TEST_LOG") == "" {
+		return nil
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
