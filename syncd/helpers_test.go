@@ -2,8 +2,8 @@ package syncd
 
 import (
 	"context"
-	"log/slog"
 	"io/fs"
+	"log/slog"
 	"math/rand/v2"
 	"net/http/httptest"
 	"os"
