@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -645,4 +646,42 @@ func TestDiskConvertProgress(t *testing.T) {
 	if err != nil || errOut != "" {
 		t.Errorf("convert in a pipe: %v, stderr %q", err, errOut)
 	}
+}
+
+// TestDiskReadRangeParallel: the read-ahead workers deliver the chunks in
+// order at any alignment, and stop when the output fails.
+func TestDiskReadRangeParallel(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "a.qcow2")
+	diskMust(t, "disk", "create", "--cluster-size", "4K", img, "13M")
+	data := make([]byte, 13<<20-777)
+	rng := rand.New(rand.NewPCG(7, 7))
+	for i := range data {
+		data[i] = byte(rng.IntN(256))
+	}
+	src := filepath.Join(dir, "data")
+	if err := os.WriteFile(src, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	diskMust(t, "disk", "write", img, "777", src)
+	for _, r := range [][2]int64{{0, 13 << 20}, {777, int64(len(data))}, {1 << 20, 1}, {5<<20 + 3, 6<<20 + 5}} {
+		got, _, err := diskExec(t, "disk", "read", img, diskItoa(r[0]), diskItoa(r[1]))
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := append(make([]byte, 777), data...)[r[0] : r[0]+r[1]]
+		if !bytes.Equal([]byte(got), want) {
+			t.Fatalf("read %v differs", r)
+		}
+	}
+	err := runDiskRead(context.Background(), &diskReadOptions{}, []string{img, "0", "13M"}, diskFailingWriter{})
+	if err == nil || !strings.Contains(err.Error(), "disk full") {
+		t.Fatalf("read into a failing writer: %v", err)
+	}
+}
+
+type diskFailingWriter struct{}
+
+func (w diskFailingWriter) Write(p []byte) (int, error) {
+	return 0, errors.New("disk full")
 }
