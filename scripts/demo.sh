@@ -93,6 +93,7 @@ part() {
 part store "The layer store: content IDs, a desktop, linked clones, seal, gc"
 part sync "Check-out to a laptop and check-in: only the changed clusters travel"
 part recompose "Recompose desktops onto a new app layer"
+part vm "Linked clones of the desktop booted under libvirt"
 for f in "$ROOT"/scripts/demo-*.sh; do
   [ -e "$f" ] || continue
   n=${f##*/demo-}
