@@ -78,6 +78,9 @@ type CheckoutRequest struct {
 	// TTLSeconds asks for a lease length; 0 means the server's default. The server
 	// caps it at its maximum.
 	TTLSeconds int64 `json:"ttl_seconds,omitempty"`
+	// Have lists layers the laptop holds: a layer stream asked for with this
+	// lease sends the clusters they hold as references (R frames).
+	Have []string `json:"have,omitempty"`
 }
 
 // LeaseRequest is the body of renew and release.

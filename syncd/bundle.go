@@ -150,7 +150,7 @@ func (s *Server) Export(ctx context.Context, desktop, path string, opts ExportOp
 				return err
 			}
 			sw := newStreamWriter(cw)
-			_, err = writeLayerStream(ctx, sw, img, li.ClusterSize, li.Parent != "", 0, li.ID, false)
+			_, err = writeLayerStream(ctx, sw, img, li.ClusterSize, li.Parent != "", 0, li.ID, encodeOptions{})
 			img.Close()
 			if err != nil {
 				return err

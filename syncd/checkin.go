@@ -370,7 +370,7 @@ func (l *Laptop) upload(ctx context.Context, c *Client, id string, changes []dis
 	go func() {
 		defer close(done)
 		sw := newStreamWriter(pw)
-		err := encodeOrdered(ctx, true, func(submit func(byte, int64, []byte) error) error {
+		err := encodeOrdered(ctx, encodeOptions{compress: true}, func(submit func(byte, int64, []byte) error) error {
 			return readMissingClusters(ctx, imgs, sizes, miss, submit)
 		}, func(ec encodedCluster, _ bool) error {
 			// The encoder hashed the cluster: a top that changed since its list

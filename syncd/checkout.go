@@ -21,14 +21,16 @@ type CheckoutOptions struct {
 
 // CheckoutReport says what a check-out did.
 type CheckoutReport struct {
-	Desktop       string    `json:"desktop"`
-	Server        string    `json:"server"`
-	Version       int       `json:"version"`
-	Lease         Lease     `json:"lease"`
-	LayersFetched []string  `json:"layers_fetched"`
-	LayersHeld    []string  `json:"layers_held"` // already in the local store
-	Bytes         int64     `json:"bytes"`       // cluster stream bytes received
-	DataBytes     int64     `json:"data_bytes"`  // cluster bytes those streams carried
+	Desktop       string   `json:"desktop"`
+	Server        string   `json:"server"`
+	Version       int      `json:"version"`
+	Lease         Lease    `json:"lease"`
+	LayersFetched []string `json:"layers_fetched"`
+	LayersHeld    []string `json:"layers_held"` // already in the local store
+	Bytes         int64    `json:"bytes"`       // cluster stream bytes received
+	DataBytes     int64    `json:"data_bytes"`  // cluster bytes those streams carried
+	// ClustersByRef came as references to layers the laptop held already.
+	ClustersByRef int64     `json:"clusters_by_reference"`
 	Sealed        int       `json:"sealed,omitempty"`
 	VMStopped     bool      `json:"vm_stopped,omitempty"`
 	Resumed       bool      `json:"resumed,omitempty"`
@@ -72,7 +74,16 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, desktop string, opts C
 		return nil, err
 	}
 
-	m, err := c.Checkout(ctx, desktop, opts.TTL)
+	var have []string
+	if ls, err := l.store.Layers(); err == nil {
+		for _, ly := range ls {
+			have = append(have, ly.ID)
+		}
+	}
+	if len(have) > maxHave {
+		have = have[len(have)-maxHave:]
+	}
+	m, err := c.Checkout(ctx, desktop, opts.TTL, have...)
 	if err != nil {
 		return nil, err
 	}
@@ -136,6 +147,8 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, desktop string, opts C
 		}
 		importErr <- err
 	}()
+	refs := newLocalRefs(l.store)
+	defer refs.close()
 	var fetchErr error
 	for _, li := range need {
 		if li.needsParent() {
@@ -145,13 +158,14 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, desktop string, opts C
 			break
 		}
 		l.opts.Progress.Start("layer "+short(li.ID), li.DataBytes)
-		f, n, err := l.fetchLayer(ctx, c, li)
+		f, n, err := l.fetchLayer(ctx, c, li, m.Lease.ID, refs)
 		l.opts.Progress.Done()
 		rep.Bytes += n
 		if err != nil {
 			fetchErr = fmt.Errorf("fetch layer %s: %w", short(li.ID), err)
 			break
 		}
+		rep.ClustersByRef += f.byRef
 		pending.Add(1)
 		imports <- f
 		rep.DataBytes += li.DataBytes

@@ -219,10 +219,11 @@ func (c *Client) Desktop(ctx context.Context, name string) (*DesktopStatus, erro
 	return &out, c.call(ctx, "GET", "/v1/desktops/"+url.PathEscape(name), nil, "", &out)
 }
 
-// Checkout asks for the desktop's lease and manifest.
-func (c *Client) Checkout(ctx context.Context, name string, ttl time.Duration) (*Manifest, error) {
+// Checkout asks for the desktop's lease and manifest; have lists layers the laptop
+// holds (their clusters then come as references).
+func (c *Client) Checkout(ctx context.Context, name string, ttl time.Duration, have ...string) (*Manifest, error) {
 	var out Manifest
-	body := jsonBody(CheckoutRequest{TTLSeconds: int64(ttl / time.Second)})
+	body := jsonBody(CheckoutRequest{TTLSeconds: int64(ttl / time.Second), Have: have})
 	return &out, c.call(ctx, "POST", "/v1/desktops/"+url.PathEscape(name)+"/checkout", body, "application/json", &out)
 }
 
@@ -245,9 +246,14 @@ func (c *Client) Layer(ctx context.Context, id string) (*LayerInfo, error) {
 	return &out, c.call(ctx, "GET", "/v1/layers/"+id, nil, "", &out)
 }
 
-// Clusters opens the cluster stream of a layer from index from on.
-func (c *Client) Clusters(ctx context.Context, id string, from int64) (io.ReadCloser, error) {
-	return c.send(ctx, "GET", fmt.Sprintf("/v1/layers/%s/clusters?from=%d", id, from), nil, -1, "")
+// Clusters opens the cluster stream of a layer from index from on; with the lease
+// of a check-out that listed what the laptop holds, it may carry references.
+func (c *Client) Clusters(ctx context.Context, id string, from int64, lease string) (io.ReadCloser, error) {
+	q := fmt.Sprintf("/v1/layers/%s/clusters?from=%d", id, from)
+	if lease != "" {
+		q += "&lease=" + url.QueryEscape(lease)
+	}
+	return c.send(ctx, "GET", q, nil, -1, "")
 }
 
 // OpenCheckin opens or resumes a check-in.

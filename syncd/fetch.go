@@ -2,11 +2,15 @@ package syncd
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
@@ -41,6 +45,64 @@ type layerFetcher struct {
 	ck       fetchCheckpoint
 	w        *stageWriter
 	sinceCk  int64
+	// lease asks for references to layers the laptop holds (resolved by refs);
+	// "" after a reference could not be read: the stream is asked again without.
+	lease string
+	refs  *localRefs
+	// byRef counts the clusters that came as references.
+	byRef int64
+}
+
+// errRef: a referenced cluster could not be read from the laptop's own layer.
+var errRef = errors.New("referenced cluster unreadable here")
+
+// localRefs reads referenced clusters from the laptop's layers.
+type localRefs struct {
+	store *images.Store
+	mu    sync.Mutex
+	open  map[string]disk.Image
+}
+
+func newLocalRefs(store *images.Store) *localRefs {
+	return &localRefs{store: store, open: map[string]disk.Image{}}
+}
+
+func (r *localRefs) close() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, img := range r.open {
+		img.Close()
+	}
+	r.open = map[string]disk.Image{}
+}
+
+func (r *localRefs) resolve(f frame, d Digest, body, dst []byte) ([]byte, error) {
+	if len(body) != refBody-sha256.Size {
+		return nil, fmt.Errorf("%w: reference body", errStream)
+	}
+	layer := hex.EncodeToString(body[:sha256.Size])
+	idx := int64(binary.BigEndian.Uint64(body[sha256.Size:]))
+	r.mu.Lock()
+	img := r.open[layer]
+	if img == nil {
+		var err error
+		img, err = disk.Open(r.store.LayerPath(layer), disk.OpenOptions{ReadOnly: true, NoBacking: true})
+		if err != nil {
+			r.mu.Unlock()
+			return nil, fmt.Errorf("%w: layer %s: %v", errRef, short(layer), err)
+		}
+		r.open[layer] = img
+	}
+	r.mu.Unlock()
+	cs := images.DigestClusterSize(img.Info())
+	if cap(dst) < cs {
+		dst = make([]byte, 0, cs)
+	}
+	data, err := readClusterFrom(img, idx, cs, d, dst[:cs])
+	if err != nil || int64(len(data)) != f.n {
+		return nil, fmt.Errorf("%w: cluster %d of layer %s: %v", errRef, idx, short(layer), err)
+	}
+	return data, nil
 }
 
 // fetchLayer fetches layer info into its partial file and returns the fetcher,
@@ -49,7 +111,7 @@ type layerFetcher struct {
 // the layer has no zero clusters: the partial file is then written without its
 // backing chain (every write covers whole clusters). A zero cluster needs the
 // parent below it (without one it is the same as no cluster at all).
-func (l *Laptop) fetchLayer(ctx context.Context, c *Client, info LayerInfo) (*layerFetcher, int64, error) {
+func (l *Laptop) fetchLayer(ctx context.Context, c *Client, info LayerInfo, lease string, refs *localRefs) (*layerFetcher, int64, error) {
 	if !layerIDRE.MatchString(info.ID) || (info.Parent != "" && !layerIDRE.MatchString(info.Parent)) {
 		return nil, 0, fmt.Errorf("%w: layer id %q", ErrBadRequest, info.ID)
 	}
@@ -57,7 +119,7 @@ func (l *Laptop) fetchLayer(ctx context.Context, c *Client, info LayerInfo) (*la
 		return nil, 0, noSpace(err)
 	}
 	f := &layerFetcher{l: l, info: info, path: filepath.Join(l.fetchDir(), info.ID+".qcow2"),
-		ckptPath: filepath.Join(l.fetchDir(), info.ID+".ckpt")}
+		ckptPath: filepath.Join(l.fetchDir(), info.ID+".ckpt"), lease: lease, refs: refs}
 	if err := f.open(); err != nil {
 		return nil, 0, err
 	}
@@ -73,6 +135,11 @@ func (l *Laptop) fetchLayer(ctx context.Context, c *Client, info LayerInfo) (*la
 		}
 		if err == nil {
 			err = fmt.Errorf("%w: layer %s: stream ended early", errStream, short(info.ID))
+		}
+		if errors.Is(err, errRef) && f.lease != "" {
+			l.log.Info("a referenced cluster is unreadable here; asking for the data", "layer", short(info.ID), "err", err)
+			f.lease = ""
+			continue
 		}
 		if ctx.Err() != nil || errors.Is(err, ErrDigestMismatch) || errors.Is(err, ErrNoSpace) || !(retryable(err) || errors.Is(err, errStream)) || i == attempts-1 {
 			f.close()
@@ -197,7 +264,7 @@ func writeFileSync(path string, b []byte) error {
 // fetchFrom reads the stream from the checkpoint on; done means the end frame
 // arrived and the entries hash to the layer's ID.
 func (f *layerFetcher) fetchFrom(ctx context.Context, c *Client) (int64, bool, error) {
-	rc, err := c.Clusters(ctx, f.info.ID, f.ck.Next)
+	rc, err := c.Clusters(ctx, f.info.ID, f.ck.Next, f.lease)
 	if err != nil {
 		return 0, false, err
 	}
@@ -226,7 +293,11 @@ func (f *layerFetcher) consume(ctx context.Context, sr *streamReader) (int64, bo
 		return noSpace(err)
 	}
 	progress := f.l.opts.Progress
-	end, endID, err := decodeOrdered(ctx, sr, f.info.Parent != "", func(fr frame, d Digest) error {
+	var resolve refResolver
+	if f.refs != nil && f.lease != "" {
+		resolve = f.refs.resolve
+	}
+	end, endID, err := decodeOrdered(ctx, sr, f.info.Parent != "", resolve, func(fr frame, d Digest) error {
 		if fr.idx <= last || fr.idx >= clusters {
 			return fmt.Errorf("%w: cluster %d out of order", errStream, fr.idx)
 		}
@@ -261,6 +332,9 @@ func (f *layerFetcher) consume(ctx context.Context, sr *streamReader) (int64, bo
 			return err
 		}
 		f.h.add(Entry{Index: fr.idx, Digest: d})
+		if fr.kind == kindRef {
+			f.byRef++
+		}
 		if err := f.w.write(fr.idx, raw); err != nil {
 			return err
 		}

@@ -314,7 +314,7 @@ func TestAgentRenewsAndChecksIn(t *testing.T) {
 
 func sha256Digest(b []byte) Digest {
 	var d Digest
-	ec, _ := encodeCluster(0, 0, b, nil, false)
+	ec, _ := encodeCluster(0, 0, b, nil, encodeOptions{})
 	d = ec.digest
 	return d
 }
@@ -346,4 +346,54 @@ func tlsKeyPair(certPEM, keyPEM []byte) (*tls.Config, error) {
 		return nil, err
 	}
 	return &tls.Config{Certificates: []tls.Certificate{c}}, nil
+}
+
+// A check-out that says the laptop holds a layer whose clusters it then cannot
+// read gets the data instead: the stream is asked for again without references.
+func TestReferenceFallback(t *testing.T) {
+	ctx := context.Background()
+	spec := smallSpec()
+	base := fill(1, 4*MiB, false)
+	spec.baseWrites = []write{{off: 0, data: base}}
+	spec.appWrites = []write{{off: 32 * MiB, data: base[:2*MiB]}} // the app repeats base clusters
+	w := newWorld(t, spec)
+	if err := w.srv.ensureIndexed(ctx); err != nil { // references come from the index
+		t.Fatal(err)
+	}
+	lap := newLaptop(t, "laptop")
+	c := w.client(w.token)
+	m, err := c.Checkout(ctx, w.desktop, 0, w.base) // claims the base, does not hold it
+	if err != nil {
+		t.Fatal(err)
+	}
+	app := m.Disks[0].Layers[0]
+	if app.ID != w.app {
+		t.Fatalf("top of the system chain %s, want the app", short(app.ID))
+	}
+	refs := newLocalRefs(lap.store)
+	defer refs.close()
+	f, n, err := lap.lp.fetchLayer(ctx, c, app, m.Lease.ID, refs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.byRef != 0 || n < 2*MiB {
+		t.Errorf("%d clusters by reference, %d bytes: want the data after the fallback", f.byRef, n)
+	}
+	os.Remove(f.path) // its parent is not here: it cannot be imported
+	os.Remove(f.ckptPath)
+	// With the base really held, the same clusters come as references.
+	lap2 := newLaptop(t, "laptop2")
+	src := t.TempDir()
+	makeImage(t, filepath.Join(src, "base.qcow2"), spec.baseSize, "", spec.baseWrites)
+	if _, _, err := lap2.store.Import(ctx, filepath.Join(src, "base.qcow2"), images.ImportOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := lap2.lp.CheckOut(ctx, c, w.desktop, CheckoutOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.ClustersByRef != 32 {
+		t.Errorf("%d clusters by reference, want 32", rep.ClustersByRef)
+	}
+	qemuCompare(t, w.store.LayerPath(w.app), lap2.top(w.desktop, DiskSystem))
 }

@@ -9,7 +9,7 @@ import (
 // encodeOrdered hashes and compresses clusters on several goroutines and hands them
 // to consume in the order produce submitted them. A zero entry (data nil) passes
 // through. Memory is bounded by a few clusters per worker.
-func encodeOrdered(ctx context.Context, compress bool, produce func(submit func(diskNo byte, idx int64, data []byte) error) error,
+func encodeOrdered(ctx context.Context, opts encodeOptions, produce func(submit func(diskNo byte, idx int64, data []byte) error) error,
 	consume func(c encodedCluster, zero bool) error) error {
 	workers := max(1, runtime.GOMAXPROCS(0))
 	ctx, cancel := context.WithCancel(ctx)
@@ -46,7 +46,7 @@ func encodeOrdered(ctx context.Context, compress bool, produce func(submit func(
 			defer wg.Done()
 			for j := range jobs {
 				if !j.zero {
-					j.c, j.err = encodeCluster(j.diskNo, j.idx, j.raw, getBuf(len(j.raw)), compress)
+					j.c, j.err = encodeCluster(j.diskNo, j.idx, j.raw, getBuf(len(j.raw)), opts)
 				}
 				close(j.done)
 			}

@@ -251,7 +251,7 @@ func TestRefusedTamperedCluster(t *testing.T) {
 	}
 	before = w.snap()
 	raw := fill(8, 64*KiB, false)
-	ec, _ := encodeCluster(miss[0].Disk, miss[0].Index, raw, nil, false)
+	ec, _ := encodeCluster(miss[0].Disk, miss[0].Index, raw, nil, encodeOptions{})
 	ec.data = append([]byte(nil), ec.data...)
 	ec.data[100] ^= 1 // the digest still names the original
 	var body bytes.Buffer
@@ -407,7 +407,7 @@ func TestRefusedMalformedRequests(t *testing.T) {
 		{"truncated stream", func() []byte {
 			var b bytes.Buffer
 			sw := newStreamWriter(&b)
-			ec, _ := encodeCluster(miss[0].Disk, miss[0].Index, raw, nil, true)
+			ec, _ := encodeCluster(miss[0].Disk, miss[0].Index, raw, nil, encodeOptions{compress: true})
 			sw.data(ec)
 			sw.flush()
 			return b.Bytes()
@@ -415,7 +415,7 @@ func TestRefusedMalformedRequests(t *testing.T) {
 		{"cluster not in the list", func() []byte {
 			var b bytes.Buffer
 			sw := newStreamWriter(&b)
-			ec, _ := encodeCluster(0, 5, raw, nil, true)
+			ec, _ := encodeCluster(0, 5, raw, nil, encodeOptions{compress: true})
 			sw.data(ec)
 			sw.end(1, nil)
 			return b.Bytes()

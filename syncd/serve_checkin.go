@@ -620,7 +620,7 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 	var res UploadResult
 	t0 := time.Now()
 	body := newStreamReader(r.Body)
-	_, _, err = decodeOrdered(r.Context(), body, false, func(f frame, d Digest) error {
+	_, _, err = decodeOrdered(r.Context(), body, false, nil, func(f frame, d Digest) error {
 		_, dl, err := stageFor(f.disk)
 		if err != nil {
 			return err
@@ -801,12 +801,16 @@ func (w *stageWriter) close() {
 	}
 }
 
+// refResolver reads the cluster an R frame names (body: layer ID and index) into
+// dst and checks it against the digest.
+type refResolver func(f frame, d Digest, body, dst []byte) ([]byte, error)
+
 // decodeOrdered reads frames up to the end frame, checks each data frame's header
 // with check, decodes and verifies the clusters on several goroutines and hands
 // them to consume in stream order (a zero run comes as a frame with raw nil, and
 // only when allowZero). It returns the end frame and its ID bytes; a stream
 // without its end frame is an error.
-func decodeOrdered(ctx context.Context, sr *streamReader, allowZero bool, check func(frame, Digest) error,
+func decodeOrdered(ctx context.Context, sr *streamReader, allowZero bool, resolve refResolver, check func(frame, Digest) error,
 	consume func(frame, Digest, []byte) error) (frame, Digest, error) {
 	type job struct {
 		f       frame
@@ -840,7 +844,11 @@ func decodeOrdered(ctx context.Context, sr *streamReader, allowZero bool, check 
 		go func() {
 			defer wg.Done()
 			for j := range jobs {
-				j.raw, j.err = decodeCluster(j.f, j.d, j.payload, get())
+				if j.f.kind == kindRef {
+					j.raw, j.err = resolve(j.f, j.d, j.payload, get())
+				} else {
+					j.raw, j.err = decodeCluster(j.f, j.d, j.payload, get())
+				}
 				close(j.done)
 			}
 		}()
@@ -876,6 +884,10 @@ func decodeOrdered(ctx context.Context, sr *streamReader, allowZero bool, check 
 						return ctx.Err()
 					}
 					continue
+				case kindRef:
+					if resolve == nil {
+						return badRequest("reference frame in a stream that cannot have them")
+					}
 				}
 				if err := check(f, d); err != nil {
 					return err

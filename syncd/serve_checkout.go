@@ -31,12 +31,70 @@ func (s *Server) handleCheckout(w http.ResponseWriter, r *http.Request, dev *Dev
 	if err := readJSON(w, r, &req); err != nil {
 		return err
 	}
+	if len(req.Have) > maxHave {
+		return badRequest("%d layers in have, at most %d", len(req.Have), maxHave)
+	}
 	m, err := s.Checkout(r.Context(), name, dev, s.ttl(req.TTLSeconds))
 	if err != nil {
 		return err
 	}
+	s.rememberHave(m.Lease.ID, dev, req.Have)
 	writeJSON(w, http.StatusOK, m)
 	return nil
+}
+
+// maxHave bounds the layers a check-out may say the laptop holds.
+const maxHave = 100000
+
+// haveSet is what a check-out said the laptop holds, kept in memory for the
+// lease's layer streams (a rerun of the check-out says it again).
+type haveSet struct {
+	device string
+	layers map[string]bool
+}
+
+func (s *Server) rememberHave(lease string, dev *Device, have []string) {
+	set := &haveSet{device: dev.ID, layers: map[string]bool{}}
+	for _, id := range have {
+		if layerIDRE.MatchString(id) {
+			if _, err := s.store.Layer(id); err == nil {
+				set.layers[id] = true
+			}
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.haves == nil {
+		s.haves = map[string]*haveSet{}
+	}
+	if len(set.layers) == 0 {
+		delete(s.haves, lease)
+		return
+	}
+	s.haves[lease] = set
+}
+
+// refsFor returns, for a stream of layer id asked for with lease, the lookup that
+// turns a cluster the laptop holds into a reference; nil when there is none.
+func (s *Server) refsFor(lease string, dev *Device, id string) func(Digest) (clusterRef, bool) {
+	if lease == "" {
+		return nil
+	}
+	s.mu.Lock()
+	set := s.haves[lease]
+	s.mu.Unlock()
+	if set == nil || set.device != dev.ID {
+		return nil
+	}
+	return func(d Digest) (clusterRef, bool) {
+		var ref clusterRef
+		var ok bool
+		s.st.view(func(tx *bolt.Tx) error {
+			ref, ok = lookupTx(tx, d)
+			return nil
+		})
+		return ref, ok && ref.Layer != id && set.layers[ref.Layer]
+	}
 }
 
 // Checkout gives dev the desktop's lease (renewing the one it holds), stops the
@@ -265,7 +323,8 @@ func (s *Server) handleClusters(w http.ResponseWriter, r *http.Request, dev *Dev
 	w.Header().Set("X-Cvd-Layer", l.ID)
 	w.WriteHeader(http.StatusOK)
 	sw := newStreamWriter(w)
-	n, err := writeLayerStream(r.Context(), sw, img, l.ClusterSize, l.Parent != "", from, l.ID, true)
+	opts := encodeOptions{compress: true, refOf: s.refsFor(r.URL.Query().Get("lease"), dev, l.ID)}
+	n, err := writeLayerStream(r.Context(), sw, img, l.ClusterSize, l.Parent != "", from, l.ID, opts)
 	s.m.bytesSent.Add(sw.bytes)
 	s.m.clustersSent.Add(n)
 	if err != nil {
@@ -278,7 +337,7 @@ func (s *Server) handleClusters(w http.ResponseWriter, r *http.Request, dev *Dev
 
 // writeLayerStream writes img's own clusters from index from on as frames, then the
 // end frame with the layer ID, and returns the number of entries sent.
-func writeLayerStream(ctx context.Context, sw *streamWriter, img disk.Image, cs int, keepZero bool, from int64, id string, compress bool) (int64, error) {
+func writeLayerStream(ctx context.Context, sw *streamWriter, img disk.Image, cs int, keepZero bool, from int64, id string, opts encodeOptions) (int64, error) {
 	var entries int64
 	var zStart, zLen int64
 	flushZero := func() error {
@@ -289,7 +348,7 @@ func writeLayerStream(ctx context.Context, sw *streamWriter, img disk.Image, cs 
 		zLen = 0
 		return err
 	}
-	err := encodeOrdered(ctx, compress, func(submit func(byte, int64, []byte) error) error {
+	err := encodeOrdered(ctx, opts, func(submit func(byte, int64, []byte) error) error {
 		return walkClusters(ctx, img, cs, keepZero, from, func(idx int64, data []byte) error {
 			return submit(0, idx, data)
 		})
@@ -308,6 +367,9 @@ func writeLayerStream(ctx context.Context, sw *streamWriter, img disk.Image, cs 
 		}
 		if err := flushZero(); err != nil {
 			return err
+		}
+		if c.ref != nil {
+			return sw.reference(c)
 		}
 		return sw.data(c)
 	})

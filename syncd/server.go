@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -58,6 +59,7 @@ type Server struct {
 	mu       sync.Mutex
 	desktops map[string]*sync.Mutex // per-desktop lock of check-out, check-in commit, rollback
 	sessions map[string]*session    // open check-ins
+	haves    map[string]*haveSet    // lease → layers its laptop holds
 
 	indexMu   sync.Mutex
 	indexErr  error
@@ -137,6 +139,20 @@ func (s *Server) ensureIndexed(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// Parents first: a cluster that a layer repeats from below is found in the
+	// lower layer, which more laptops hold.
+	parent := map[string]string{}
+	for _, l := range layers {
+		parent[l.ID] = l.Parent
+	}
+	depth := func(id string) int {
+		n := 0
+		for p := parent[id]; p != "" && n < 1000; p = parent[p] {
+			n++
+		}
+		return n
+	}
+	sort.SliceStable(layers, func(i, j int) bool { return depth(layers[i].ID) < depth(layers[j].ID) })
 	for _, l := range layers {
 		var done bool
 		s.st.view(func(tx *bolt.Tx) error { done = isIndexed(tx, l.ID); return nil })

@@ -164,7 +164,11 @@ func TestCheckoutCheckinDoneWhen(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("check-out to a store holding base and app: fetched %d layers (%d bytes), held %d", len(co4.LayersFetched), co4.Bytes, len(co4.LayersHeld))
+	t.Logf("check-out to a store holding base and app: fetched %d layers (%d bytes, %d clusters as references), held %d",
+		len(co4.LayersFetched), co4.Bytes, co4.ClustersByRef, len(co4.LayersHeld))
+	if co4.ClustersByRef < 1024 {
+		t.Errorf("%d clusters came as references; the 1024 the laptop copied from the base are held there", co4.ClustersByRef)
+	}
 	if slices.Contains(co4.LayersFetched, w.base) || slices.Contains(co4.LayersFetched, w.app) || len(co4.LayersHeld) != 2 {
 		t.Errorf("fetched %v, held %v: base and app should not move", co4.LayersFetched, co4.LayersHeld)
 	}

@@ -28,6 +28,12 @@ import (
 // A D body is the SHA-256 of the raw cluster (32 bytes) and plen bytes of data; an E
 // body is the ID the entries hash to (32 raw bytes; zero in uploads). A stream
 // without its E frame is truncated.
+//
+// In a layer stream asked for with the lease of a check-out that listed the layers
+// the laptop holds, a data cluster that one of those layers holds too comes as an
+// R frame instead (kind 'R', plen 72, n the raw length): its SHA-256, the holding
+// layer's ID (32 raw bytes) and the cluster's index there (8 bytes). The laptop
+// reads it from its own copy of that layer and checks the digest.
 const (
 	streamMagic = "CVDSTRM1"
 	frameHeader = 24
@@ -35,6 +41,9 @@ const (
 	kindData = 'D'
 	kindZero = 'Z'
 	kindEnd  = 'E'
+	kindRef  = 'R'
+
+	refBody = sha256.Size + sha256.Size + 8
 
 	encRaw  = 0
 	encZstd = 1
@@ -90,6 +99,10 @@ func parseFrame(b []byte) (frame, error) {
 		if f.plen != sha256.Size {
 			return f, fmt.Errorf("%w: end frame", errStream)
 		}
+	case kindRef:
+		if f.plen != refBody || f.n <= 0 || f.n > maxClusterSize {
+			return f, fmt.Errorf("%w: reference frame of %d bytes", errStream, f.n)
+		}
 	default:
 		return f, fmt.Errorf("%w: unknown frame kind %#x", errStream, f.kind)
 	}
@@ -130,14 +143,28 @@ type encodedCluster struct {
 	digest Digest
 	raw    int
 	enc    byte
-	data   []byte // encoded (or raw) bytes
+	data   []byte      // encoded (or raw) bytes
+	ref    *clusterRef // sent as a reference to a layer the receiver holds
+}
+
+// encodeOptions says how clusters are encoded.
+type encodeOptions struct {
+	compress bool
+	// refOf, when set, names a layer the receiver holds with the same cluster.
+	refOf func(Digest) (clusterRef, bool)
 }
 
 // encodeCluster hashes and compresses one cluster; dst is reused when large enough.
 // Data that does not shrink, or compress false, is sent raw.
-func encodeCluster(diskNo byte, idx int64, raw []byte, dst []byte, compress bool) (encodedCluster, error) {
+func encodeCluster(diskNo byte, idx int64, raw []byte, dst []byte, opts encodeOptions) (encodedCluster, error) {
 	ec := encodedCluster{disk: diskNo, idx: idx, digest: sha256.Sum256(raw), raw: len(raw)}
-	if !compress {
+	if opts.refOf != nil {
+		if ref, ok := opts.refOf(ec.digest); ok {
+			ec.ref = &ref
+			return ec, nil
+		}
+	}
+	if !opts.compress {
 		ec.enc, ec.data = encRaw, append(dst[:0], raw...)
 		return ec, nil
 	}
@@ -219,6 +246,20 @@ func (sw *streamWriter) data(c encodedCluster) error {
 	return sw.err
 }
 
+func (sw *streamWriter) reference(c encodedCluster) error {
+	f := frame{kind: kindRef, disk: c.disk, plen: refBody, idx: c.idx, n: int64(c.raw)}
+	f.put(sw.hdr[:])
+	sw.write(sw.hdr[:])
+	sw.write(c.digest[:])
+	id, err := hexID(c.ref.Layer)
+	if err != nil {
+		return err
+	}
+	sw.write(id)
+	sw.write(binary.BigEndian.AppendUint64(nil, uint64(c.ref.Index)))
+	return sw.err
+}
+
 func (sw *streamWriter) zeros(diskNo byte, idx, n int64) error {
 	f := frame{kind: kindZero, disk: diskNo, idx: idx, n: n}
 	f.put(sw.hdr[:])
@@ -286,9 +327,12 @@ func (sr *streamReader) next(payload []byte) (frame, Digest, []byte, error) {
 		return f, d, nil, err
 	}
 	switch f.kind {
-	case kindData:
+	case kindData, kindRef:
 		if err := sr.full(d[:]); err != nil {
 			return f, d, nil, err
+		}
+		if f.kind == kindRef {
+			f.plen -= sha256.Size // what follows the digest
 		}
 		if cap(payload) < int(f.plen) {
 			payload = make([]byte, f.plen)

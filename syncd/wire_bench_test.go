@@ -10,7 +10,7 @@ func BenchmarkEncodeRandom(b *testing.B) {
 	b.SetBytes(int64(len(raw)))
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, err := encodeCluster(0, 1, raw, dst, true); err != nil {
+		if _, err := encodeCluster(0, 1, raw, dst, encodeOptions{compress: true}); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -22,7 +22,7 @@ func BenchmarkEncodeText(b *testing.B) {
 	b.SetBytes(int64(len(raw)))
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, err := encodeCluster(0, 1, raw, dst, true); err != nil {
+		if _, err := encodeCluster(0, 1, raw, dst, encodeOptions{compress: true}); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -30,7 +30,7 @@ func BenchmarkEncodeText(b *testing.B) {
 
 func BenchmarkDecodeText(b *testing.B) {
 	raw := fill(7, 64<<10, true)
-	ec, _ := encodeCluster(0, 1, raw, nil, true)
+	ec, _ := encodeCluster(0, 1, raw, nil, encodeOptions{compress: true})
 	f := frame{kind: kindData, enc: ec.enc, plen: uint32(len(ec.data)), n: int64(len(raw))}
 	dst := make([]byte, 0, 64<<10)
 	b.SetBytes(int64(len(raw)))
