@@ -93,7 +93,7 @@ step "QEMU agrees: the server's new head reads as the laptop's chain"
 head_sys=$("$CVD" --store "$SERVER" desktop versions alice --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print([v for v in d["versions"] if v["n"]==d["head"]][0]["system"])')
 run qemu-img compare "$SERVER/layers/$head_sys.qcow2" "$lsys"
 
-step "A second laptop that already holds the base and app layers fetches only the versions"
+step "A second laptop that already holds the base and app layers fetches only the versions (and reads the clusters copied from the base from its own copy)"
 "$CVD" --store "$LAPTOP2" layer import base.qcow2 --kind base >/dev/null
 "$CVD" --store "$LAPTOP2" layer import app.qcow2 --kind app --parent "$base" >/dev/null
 cvd --store "$SERVER" device break-lease alice

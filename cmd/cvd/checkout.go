@@ -78,6 +78,9 @@ func runCheckout(ctx context.Context, g *globalOptions, opts *checkoutOptions, d
 	fmt.Fprintf(out, "  lease %s until %s\n", rep.Lease.ID, rep.Lease.Expires.Local().Format(time.RFC3339))
 	fmt.Fprintf(out, "  layers fetched %d, already held %d; received %s (%d bytes) carrying %s of clusters in %.2fs\n",
 		len(rep.LayersFetched), len(rep.LayersHeld), fmtBytes(rep.Bytes), rep.Bytes, fmtBytes(rep.DataBytes), rep.Took)
+	if rep.ClustersByRef > 0 {
+		fmt.Fprintf(out, "  %d clusters came as references to layers this store held already\n", rep.ClustersByRef)
+	}
 	if rep.Sealed > 0 {
 		fmt.Fprintf(out, "  the server sealed its changes as version %d first\n", rep.Sealed)
 	}
