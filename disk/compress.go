@@ -23,6 +23,13 @@ var (
 		}
 		return d
 	}}
+	deflateWriters = sync.Pool{New: func() any {
+		w, err := kflate.NewWriterWindow(nil, deflateWindow)
+		if err != nil {
+			panic(err) // only for an invalid window
+		}
+		return w
+	}}
 	zstdEncoders = sync.Pool{New: func() any {
 		e, err := zstd.NewWriter(nil, zstd.WithEncoderConcurrency(1), zstd.WithEncoderLevel(zstd.SpeedFastest),
 			zstd.WithEncoderCRC(false), zstd.WithWindowSize(1<<21))
@@ -67,14 +74,15 @@ func compress(typ uint8, src []byte) ([]byte, error) {
 	switch typ {
 	case compressionDeflate:
 		var b bytes.Buffer
-		w, err := kflate.NewWriterWindow(&b, deflateWindow)
+		b.Grow(len(src) / 2)
+		w := deflateWriters.Get().(*kflate.Writer)
+		w.Reset(&b)
+		_, err := w.Write(src)
+		if err == nil {
+			err = w.Close()
+		}
+		deflateWriters.Put(w)
 		if err != nil {
-			return nil, err
-		}
-		if _, err := w.Write(src); err != nil {
-			return nil, err
-		}
-		if err := w.Close(); err != nil {
 			return nil, err
 		}
 		out = b.Bytes()

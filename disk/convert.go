@@ -99,37 +99,88 @@ func Convert(ctx context.Context, src Image, dst string, opts ConvertOptions) (e
 		}
 		spans = append(spans, [2]int64{s, t})
 	}
-	buf := make([]byte, convertChunk)
-	var done int64
-	for _, sp := range spans {
-		for off := sp[0]; off < sp[1]; {
-			if err := ctx.Err(); err != nil {
-				return err
-			}
-			n := min(int64(len(buf)), sp[1]-off)
-			b := buf[:n]
-			if _, err := src.ReadAt(b, off); err != nil {
-				return fmt.Errorf("read %s at %d: %w", src.Info().Path, off, err)
-			}
-			if q != nil && opts.Compress != "" {
-				err = q.writeCompressedChunk(b, off)
-			} else {
-				err = writeNonZero(w, b, off, unit)
-			}
-			if err != nil {
-				return fmt.Errorf("write %s at %d: %w", dst, off, err)
-			}
-			off += n
-			done += n
-			if opts.Progress != nil {
-				opts.Progress(done, size)
-			}
+	// One goroutine reads the next chunks while this one writes.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	chunks := readChunks(ctx, src, spans)
+	defer func() {
+		cancel()
+		for range chunks { // let the reader finish
 		}
+	}()
+	var done int64
+	for c := range chunks {
+		if c.err != nil {
+			return c.err
+		}
+		if q != nil && opts.Compress != "" {
+			err = q.writeCompressedChunk(c.b, c.off)
+		} else {
+			err = writeNonZero(w, c.b, c.off, max(unit, 4096))
+		}
+		c.release()
+		if err != nil {
+			return fmt.Errorf("write %s at %d: %w", dst, c.off, err)
+		}
+		done += int64(len(c.b))
+		if opts.Progress != nil {
+			opts.Progress(done, size)
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return err
 	}
 	if opts.Progress != nil {
 		opts.Progress(size, size)
 	}
 	return w.Flush()
+}
+
+type chunk struct {
+	b       []byte
+	off     int64
+	err     error
+	release func()
+}
+
+// readChunks reads the spans in convertChunk pieces on its own goroutine, with
+// up to three buffers in flight, and closes the channel when done or cancelled.
+func readChunks(ctx context.Context, src Image, spans [][2]int64) <-chan chunk {
+	const nbuf = 3
+	free := make(chan []byte, nbuf)
+	for range nbuf {
+		free <- make([]byte, convertChunk)
+	}
+	out := make(chan chunk, nbuf-1)
+	go func() {
+		defer close(out)
+		for _, sp := range spans {
+			for off := sp[0]; off < sp[1]; {
+				var buf []byte
+				select {
+				case buf = <-free:
+				case <-ctx.Done():
+					return
+				}
+				n := min(int64(len(buf)), sp[1]-off)
+				b := buf[:n]
+				c := chunk{b: b, off: off, release: func() { free <- buf }}
+				if _, err := src.ReadAt(b, off); err != nil {
+					c.err = fmt.Errorf("read %s at %d: %w", src.Info().Path, off, err)
+				}
+				select {
+				case out <- c:
+				case <-ctx.Done():
+					return
+				}
+				if c.err != nil {
+					return
+				}
+				off += n
+			}
+		}
+	}()
+	return out
 }
 
 // writeNonZero writes the runs of b (at guest offset off) whose units are not all

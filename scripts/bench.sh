@@ -138,15 +138,18 @@ else
   log "go not found: random 4 KiB read row skipped"
 fi
 
+# cvd's convert syncs its output before it returns; qemu-img convert defaults to
+# cache=unsafe (no flush at all), so QEMU runs with -t writeback, which flushes at
+# the end: both rows then measure a durable copy.
 row "convert 4-deep chain to raw" $GiB \
   "rm -f c.raw" "'$CVD' disk convert -q -O raw l3.qcow2 c.raw" \
-  "rm -f q.raw" "qemu-img convert -O raw l3.qcow2 q.raw"
+  "rm -f q.raw" "qemu-img convert -t writeback -O raw l3.qcow2 q.raw"
 row "convert 4-deep chain to qcow2 (flatten)" $GiB \
   "rm -f c.qcow2" "'$CVD' disk convert -q l3.qcow2 c.qcow2" \
-  "rm -f q.qcow2" "qemu-img convert -O qcow2 l3.qcow2 q.qcow2"
+  "rm -f q.qcow2" "qemu-img convert -t writeback -O qcow2 l3.qcow2 q.qcow2"
 row "convert 4-deep chain to qcow2, zstd" $GiB \
   "rm -f cz.qcow2" "'$CVD' disk convert -q -c zstd l3.qcow2 cz.qcow2" \
-  "rm -f qz.qcow2" "qemu-img convert -c -O qcow2 -o compression_type=zstd l3.qcow2 qz.qcow2"
+  "rm -f qz.qcow2" "qemu-img convert -t writeback -c -O qcow2 -o compression_type=zstd l3.qcow2 qz.qcow2"
 row "sequential write 1 GiB into a new qcow2" $GiB \
   "rm -f cw.qcow2; '$CVD' disk create cw.qcow2 1G >/dev/null" "'$CVD' disk write cw.qcow2 0 data.raw" \
   "rm -f qw.qcow2; qemu-img create -q -f qcow2 qw.qcow2 1G" "qemu-io -t writeback -c 'write -s data.raw 0 1G' qw.qcow2"
