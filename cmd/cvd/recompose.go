@@ -53,7 +53,8 @@ Policies:
 Applying builds each desktop's new chain beside the old one and switches it in
 one store transaction, recorded as a new version; a crash leaves every desktop
 wholly on its old chain or wholly on its new one. Sealed layers are only read.
-A desktop in use (checked out) is marked to switch at its next start.
+A desktop in use (checked out) is not moved; marking it to switch at its next
+start needs a store flag that does not exist yet, so it is reported as failed.
 
 Exit codes:
   0  done (or a dry run)
@@ -149,7 +150,7 @@ func printRecompose(st *images.Store, rep *overlay.RecomposeReport, out io.Write
 		case p.Action == overlay.ActionConflict:
 			action += ": left on its chain"
 		case p.Action == overlay.ActionMark:
-			action += ": in use, switches at its next start"
+			action += ": in use, to switch at its next start"
 		}
 		conf := "0"
 		if p.ConflictClusters > 0 {
