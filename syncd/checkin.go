@@ -310,6 +310,12 @@ func (l *Laptop) send(ctx context.Context, c *Client, req *CheckinRequest, chang
 		}
 		if len(miss) > 0 {
 			if err := l.upload(ctx, c, req.ID, changes, miss, rep); err != nil {
+				if errors.Is(err, ErrIncomplete) && ctx.Err() == nil {
+					// The server still finishes an upload of an interrupted run.
+					lastErr = err
+					time.Sleep(500 * time.Millisecond)
+					continue
+				}
 				if errors.Is(err, ErrDigestMismatch) || errors.Is(err, ErrNoSpace) || errors.Is(err, ErrBadRequest) || ctx.Err() != nil || !retryable(err) {
 					return nil, err
 				}
@@ -325,6 +331,7 @@ func (l *Laptop) send(ctx context.Context, c *Client, req *CheckinRequest, chang
 			return nil, err
 		}
 		lastErr = err
+		time.Sleep(200 * time.Millisecond)
 	}
 	return nil, fmt.Errorf("check-in %s did not complete after %d rounds: %w", req.ID, rounds, lastErr)
 }
