@@ -78,10 +78,11 @@ fi
 
 if [ "$applied" = yes ]; then
   step "The moved desktops show their own changes over office:2; bob still shows office:1"
-  run qemu-img info --backing-chain "$(top alice)" | grep -E '^(image|backing file):' || true
-  "$CVD" --json desktop show alice | grep -E '"(head|note)"' || true
-  # alice's own data is where she wrote it, office:2's new data under it
-  run qemu-io -c 'read -P 0x51 3G 2M' -c 'read -P 0x31 512M 16M' -c 'read -P 0x32 2G 24M' "$(run_top=$("$CVD" --json desktop show alice | awk -F'"' '/"system_disk"/ { print $4 }'); echo "$CVD_STORE/$run_top")" | grep -v '^[0-9]' || true
+  systop() { echo "$CVD_STORE/$("$CVD" --json desktop show "$1" | awk -F'"' '/"system_disk"/ { print $4; exit }')"; }
+  run qemu-img info --backing-chain "$(systop alice)" | grep -E '^(image|backing file):' || true
+  "$CVD" --json desktop show alice | grep -E '"(head|note|system_disk)"' || true
+  # alice's own data where she wrote it, office:2's new data under it
+  run qemu-io -c 'read -P 0x51 3G 2M' -c 'read -P 0x31 512M 16M' -c 'read -P 0x32 2G 24M' "$(systop alice)" | grep -v '^[0-9]' || fail "alice does not show her delta over office:2"
   run qemu-img compare "$(top bob)" bob-before.qcow2
 
   step "bob: force keeps his delta over office:2 (his cluster wins where they collide)"
