@@ -118,16 +118,11 @@ func (s *Store) Check(ctx context.Context, opts CheckOptions) (*CheckReport, err
 			if d.HeadVersion() == nil {
 				add(ProblemBadRef, "", "desktop %s: head version %d is missing", d.Name, d.Head)
 			}
-			for _, ver := range d.Versions {
-				for _, id := range []string{ver.System, ver.User} {
-					if id == "" {
-						continue
-					}
-					if lb.Get([]byte(id)) == nil {
-						add(ProblemBadRef, "", "desktop %s version %d: layer %s is missing", d.Name, ver.N, shortID(id))
-					} else if tx.Bucket(bucketRefs).Get(refKey(id, "desktop", d.Name)) == nil {
-						add(ProblemBadRef, "", "desktop %s version %d: layer %s does not list it as a dependent", d.Name, ver.N, shortID(id))
-					}
+			for _, id := range d.layerRefs() {
+				if lb.Get([]byte(id)) == nil {
+					add(ProblemBadRef, "", "desktop %s: layer %s is missing", d.Name, shortID(id))
+				} else if tx.Bucket(bucketRefs).Get(refKey(id, "desktop", d.Name)) == nil {
+					add(ProblemBadRef, "", "desktop %s: layer %s does not list it as a dependent", d.Name, shortID(id))
 				}
 			}
 			return nil

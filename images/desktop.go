@@ -2,6 +2,7 @@ package images
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"sort"
@@ -18,6 +19,22 @@ type Version struct {
 	System  string    `json:"system"`         // layer the system disk stands on (top of base → apps)
 	User    string    `json:"user,omitempty"` // layer the user disk stands on; "" for a blank user disk
 	Note    string    `json:"note,omitempty"` // "create", later "check-in", "recompose", ...
+	// From is the version this one was made from (a check-in's starting point).
+	From int `json:"from,omitempty"`
+	// Conflict marks a check-in that did not start from the head: it is kept
+	// beside the head, which it does not move.
+	Conflict bool   `json:"conflict,omitempty"`
+	Device   string `json:"device,omitempty"` // the device that made it ("" for the server)
+	Bytes    int64  `json:"bytes,omitempty"`  // payload bytes a check-in moved
+}
+
+// PendingSwitch is a recompose planned for a desktop that was in use: it is
+// applied before the desktop next starts.
+type PendingSwitch struct {
+	System    string    `json:"system"`    // the new system layer (kept by refs and gc)
+	FromHead  int       `json:"from_head"` // the head it was planned on
+	Policy    string    `json:"policy"`    // keep | refresh | force
+	Requested time.Time `json:"requested"`
 }
 
 // Desktop is a named CVD.
@@ -36,6 +53,29 @@ type Desktop struct {
 	// Devices and Lease are filled by issue 6 (bound devices, the active lease).
 	Devices []string `json:"devices,omitempty"`
 	Lease   string   `json:"lease,omitempty"`
+	// Switch is a recompose waiting for the desktop's next start.
+	Switch *PendingSwitch `json:"switch,omitempty"`
+}
+
+// layerRefs lists the layers a desktop record keeps: every version's layers and a
+// pending switch's.
+func (d *Desktop) layerRefs() []string {
+	seen := map[string]bool{}
+	var out []string
+	add := func(id string) {
+		if id != "" && !seen[id] {
+			seen[id] = true
+			out = append(out, id)
+		}
+	}
+	for _, v := range d.Versions {
+		add(v.System)
+		add(v.User)
+	}
+	if d.Switch != nil {
+		add(d.Switch.System)
+	}
+	return out
 }
 
 // HeadVersion is the version Head names.
@@ -205,6 +245,117 @@ func (s *Store) createTop(rel, id string, size int64) error {
 	return err
 }
 
+// UpdateDesktop changes the desktop called name in one transaction: fn gets the
+// record as it stands in that transaction and edits it (Versions, Head,
+// SystemDisk, UserDisk, Switch); an error from fn aborts and changes nothing.
+// When p is not nil the same transaction ends p, so the files it journaled (new
+// tops the caller wrote) become the desktop's. In that transaction the desktop's
+// layer refs are recomputed from its versions and pending switch (each layer must
+// exist), and a top file the record named before and no longer names is
+// journaled for removal and unlinked after the commit: a crash leaves either the
+// old record with its files or the new record with its files.
+func (s *Store) UpdateDesktop(p *Pending, name string, fn func(d *Desktop) error) (*Desktop, error) {
+	if err := s.writable(); err != nil {
+		return nil, err
+	}
+	if p != nil && (p.done || p.s != s) {
+		return nil, fmt.Errorf("update desktop %s: %w: the pending operation is finished or of another store", name, ErrInvalid)
+	}
+	var (
+		d       *Desktop
+		dropKey []byte
+		drop    []string
+	)
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		old, err := getDesktop(tx, name)
+		if err != nil {
+			return err
+		}
+		cp, err := copyDesktop(old)
+		if err != nil {
+			return err
+		}
+		if err := fn(cp); err != nil {
+			return err
+		}
+		if cp.Name != name {
+			return fmt.Errorf("%w: a desktop cannot be renamed", ErrInvalid)
+		}
+		if cp.HeadVersion() == nil {
+			return fmt.Errorf("%w: head version %d is not in the history", ErrInvalid, cp.Head)
+		}
+		if cp.SystemDisk == "" {
+			return fmt.Errorf("%w: a desktop needs a system disk", ErrInvalid)
+		}
+		seenN := map[int]bool{}
+		for _, v := range cp.Versions {
+			if seenN[v.N] {
+				return fmt.Errorf("%w: version %d listed twice", ErrInvalid, v.N)
+			}
+			seenN[v.N] = true
+		}
+		for _, id := range cp.layerRefs() {
+			if getLayer(tx, id) == nil {
+				return fmt.Errorf("layer %s: %w", shortID(id), ErrNotFound)
+			}
+		}
+		rb := tx.Bucket(bucketRefs)
+		for _, id := range old.layerRefs() {
+			if err := rb.Delete(refKey(id, "desktop", name)); err != nil {
+				return err
+			}
+		}
+		for _, id := range cp.layerRefs() {
+			if err := rb.Put(refKey(id, "desktop", name), nil); err != nil {
+				return err
+			}
+		}
+		keep := map[string]bool{cp.SystemDisk: true, cp.UserDisk: true}
+		for _, f := range []string{old.SystemDisk, old.UserDisk} {
+			if f != "" && !keep[f] {
+				drop = append(drop, f)
+			}
+		}
+		if len(drop) > 0 {
+			if dropKey, err = putPending(tx, "desktop update", drop, false, s.now()); err != nil {
+				return err
+			}
+		}
+		if p != nil {
+			if err := tx.Bucket(bucketPending).Delete(p.key); err != nil {
+				return err
+			}
+		}
+		d = cp
+		return putJSON(tx.Bucket(bucketDesktops), name, cp)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("update desktop %s: %w", name, err)
+	}
+	if p != nil {
+		p.done = true
+	}
+	if dropKey != nil {
+		if err := s.removeFiles(drop); err != nil {
+			return d, fmt.Errorf("update desktop %s: remove old tops: %w (the store's next open retries)", name, err)
+		}
+		if err := s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketPending).Delete(dropKey) }); err != nil {
+			return d, err
+		}
+	}
+	return d, nil
+}
+
+// copyDesktop is a deep copy through JSON, so fn cannot alter the stored record.
+func copyDesktop(d *Desktop) (*Desktop, error) {
+	b, err := json.Marshal(d)
+	if err != nil {
+		return nil, err
+	}
+	var cp Desktop
+	return &cp, json.Unmarshal(b, &cp)
+}
+
 // Desktops lists the desktops by name.
 func (s *Store) Desktops() ([]Desktop, error) {
 	var out []Desktop
@@ -288,13 +439,9 @@ func (s *Store) RemoveDesktop(name string, withClones bool) (*Desktop, []Clone, 
 			files = append(files, f...)
 		}
 		gone = clones
-		for _, v := range d.Versions {
-			for _, id := range []string{v.System, v.User} {
-				if id != "" {
-					if err := tx.Bucket(bucketRefs).Delete(refKey(id, "desktop", name)); err != nil {
-						return nil, err
-					}
-				}
+		for _, id := range d.layerRefs() {
+			if err := tx.Bucket(bucketRefs).Delete(refKey(id, "desktop", name)); err != nil {
+				return nil, err
 			}
 		}
 		files = append(files, d.SystemDisk)

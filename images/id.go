@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding"
 	"encoding/binary"
 	"encoding/hex"
 	"fmt"
@@ -48,47 +49,78 @@ func DigestClusterSize(info disk.Info) int {
 // cluster reads the same as an unallocated one, and `qemu-img convert` drops them.
 func ComputeID(ctx context.Context, img disk.Image, parent string) (string, LayerStats, error) {
 	cs := DigestClusterSize(img.Info())
-	h := newIDHasher(parent, img.Size(), cs)
-	err := walkLayer(ctx, img, cs, parent != "", func(idx int64, data []byte) error {
-		h.add(idx, data)
+	h := NewIDHasher(parent, img.Size(), cs)
+	err := WalkLayer(ctx, img, cs, parent != "", func(idx int64, data []byte) error {
+		h.AddData(idx, data)
 		return nil
 	})
 	if err != nil {
 		return "", LayerStats{}, err
 	}
-	return h.id(), h.stats, nil
+	return h.Sum(), h.Stats(), nil
 }
 
-type idHasher struct {
+// IDHasher computes a layer ID from its cluster list, in ascending index order,
+// without the layer existing yet (a sync peer predicts the ID of what it sends).
+// Its state can be saved and restored (encoding.BinaryMarshaler) to resume.
+type IDHasher struct {
 	h     hash.Hash
 	stats LayerStats
 	ent   [8 + 1 + sha256.Size]byte
 }
 
-func newIDHasher(parent string, size int64, cs int) *idHasher {
-	h := &idHasher{h: sha256.New()}
+// NewIDHasher starts the ID of a layer on parent ("" for none) of the given
+// virtual size and digest cluster size.
+func NewIDHasher(parent string, size int64, cs int) *IDHasher {
+	h := &IDHasher{h: sha256.New()}
 	fmt.Fprintf(h.h, "%s\nparent %s\nsize %d\ncluster %d\n", IDVersion, parent, size, cs)
 	return h
 }
 
-// add lists cluster idx: data nil means zero.
-func (h *idHasher) add(idx int64, data []byte) {
+// AddData lists cluster idx with its bytes; nil data means a zero cluster.
+func (h *IDHasher) AddData(idx int64, data []byte) {
+	if data == nil {
+		h.Add(idx, nil)
+		return
+	}
+	h.stats.DataBytes += int64(len(data))
+	sum := sha256.Sum256(data)
+	h.Add(idx, &sum)
+}
+
+// Add lists cluster idx by the SHA-256 of its bytes; nil means a zero cluster.
+func (h *IDHasher) Add(idx int64, digest *[sha256.Size]byte) {
 	binary.BigEndian.PutUint64(h.ent[:8], uint64(idx))
 	h.stats.Clusters++
-	if data == nil {
+	if digest == nil {
 		h.ent[8] = 'z'
 		h.h.Write(h.ent[:9])
 		return
 	}
 	h.stats.DataClusters++
-	h.stats.DataBytes += int64(len(data))
 	h.ent[8] = 'd'
-	sum := sha256.Sum256(data)
-	copy(h.ent[9:], sum[:])
+	copy(h.ent[9:], digest[:])
 	h.h.Write(h.ent[:])
 }
 
-func (h *idHasher) id() string { return hex.EncodeToString(h.h.Sum(nil)) }
+// Sum is the layer ID of what was added so far.
+func (h *IDHasher) Sum() string { return hex.EncodeToString(h.h.Sum(nil)) }
+
+// Stats counts what was added (DataBytes only through AddData).
+func (h *IDHasher) Stats() LayerStats { return h.stats }
+
+// MarshalBinary saves the hash state (not the stats) to resume later.
+func (h *IDHasher) MarshalBinary() ([]byte, error) {
+	return h.h.(encoding.BinaryMarshaler).MarshalBinary()
+}
+
+// UnmarshalBinary restores a state saved by MarshalBinary.
+func (h *IDHasher) UnmarshalBinary(b []byte) error {
+	if h.h == nil {
+		h.h = sha256.New()
+	}
+	return h.h.(encoding.BinaryUnmarshaler).UnmarshalBinary(b)
+}
 
 const (
 	mapWindow = 1 << 30 // guest bytes asked of MapLayer at a time (bounds memory)
@@ -114,10 +146,10 @@ type clusterRun struct {
 	data        bool // else zero
 }
 
-// walkLayer calls fn, in ascending order, for each cluster of size cs that img's own
+// WalkLayer calls fn, in ascending order, for each cluster of size cs that img's own
 // layer allocates, with the cluster's bytes, or nil when it reads as zeros. Without
 // keepZero, clusters that read as zeros are skipped. data is only valid during fn.
-func walkLayer(ctx context.Context, img disk.Image, cs int, keepZero bool, fn func(idx int64, data []byte) error) error {
+func WalkLayer(ctx context.Context, img disk.Image, cs int, keepZero bool, fn func(idx int64, data []byte) error) error {
 	size := img.Size()
 	c := int64(cs)
 	buf := make([]byte, max(readChunk, cs))

@@ -87,7 +87,7 @@ func TestWalkLayer(t *testing.T) {
 			}
 			var got []string
 			var sizes []int
-			err := walkLayer(context.Background(), f, c, tt.keepZero, func(idx int64, data []byte) error {
+			err := WalkLayer(context.Background(), f, c, tt.keepZero, func(idx int64, data []byte) error {
 				s := "d"
 				if data == nil {
 					s = "z"
