@@ -365,3 +365,37 @@ func TestSetBacking(t *testing.T) {
 		t.Fatal("SetBacking without a format succeeded")
 	}
 }
+
+// TestZeroClustersSurvivesNewBacking: ZeroClusters marks clusters zero even with
+// no backing file, so a backing file set later does not show through.
+func TestZeroClustersSurvivesNewBacking(t *testing.T) {
+	testutil.NeedQemu(t)
+	dir := t.TempDir()
+	base := filepath.Join(dir, "base.qcow2")
+	testutil.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "4M")
+	qemuIO(t, base, "write -P 9 0 4M")
+	top := filepath.Join(dir, "top.qcow2")
+	img, err := disk.Create(top, disk.CreateOptions{Size: 4 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	z, ok := img.(interface{ ZeroClusters(off, n int64) error })
+	if !ok {
+		t.Fatal("qcow2 image lacks ZeroClusters")
+	}
+	if err := z.ZeroClusters(1<<20, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.WriteZeroes(2<<20, 1<<20); err != nil { // no flag: nothing below
+		t.Fatal(err)
+	}
+	img.Close()
+	if err := disk.SetBacking(top, "base.qcow2", disk.FormatQcow2); err != nil {
+		t.Fatal(err)
+	}
+	testutil.QemuCheck(t, top)
+	raw := rawOf(t, top)
+	if raw[0] != 9 || raw[1<<20] != 0 || raw[2<<20-1] != 0 || raw[2<<20] != 9 {
+		t.Fatalf("bytes at 0, 1M, 2M-1, 2M: %d %d %d %d", raw[0], raw[1<<20], raw[2<<20-1], raw[2<<20])
+	}
+}

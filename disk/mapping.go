@@ -1,6 +1,9 @@
 package disk
 
-import "fmt"
+import (
+	"encoding/binary"
+	"fmt"
+)
 
 // appendExtent adds e to exts, merging it with the last extent when they continue
 // each other.
@@ -30,6 +33,12 @@ func (q *Qcow2) MapLayer(off, n int64) ([]Extent, error) {
 		return nil, err
 	}
 	var exts []Extent
+	scratch, _ := q.scratch.Get().([]byte)
+	defer func() {
+		if scratch != nil {
+			q.scratch.Put(scratch)
+		}
+	}()
 	end := off + n
 	l2Span := q.cs << q.l2Bits
 	for g := off; g < end; {
@@ -40,31 +49,57 @@ func (q *Qcow2) MapLayer(off, n int64) ([]Extent, error) {
 			g = stop
 			continue
 		}
-		gc := g >> q.cb
-		stop := min(end, (gc+1)<<q.cb)
-		e, err := q.l2Entry(gc)
+		// One table lookup, then the entries of this L2 table in the range. A
+		// table not in the cache is read into a scratch buffer: a map of a large
+		// layer would otherwise evict every table the reads are using.
+		tbl, err := q.l2TableScratch(i, &scratch)
 		if err != nil {
 			return nil, err
 		}
-		k, host, err := q.classify(e, gc)
-		if err != nil {
-			return nil, err
+		tEnd := min(end, (i+1)*l2Span)
+		for g < tEnd {
+			gc := g >> q.cb
+			stop := min(tEnd, (gc+1)<<q.cb)
+			e := binary.BigEndian.Uint64(tbl[(gc&q.l2Mask)*8:])
+			k, host, err := q.classify(e, gc)
+			if err != nil {
+				return nil, err
+			}
+			x := Extent{Off: g, Len: stop - g, HostOff: -1}
+			switch k {
+			case kUnalloc:
+				x.State = Unallocated
+			case kZero:
+				x.State = Zero
+			case kNormal:
+				x.State, x.HostOff = Data, host+(g-gc<<q.cb)
+			case kCompressed:
+				x.State, x.Compressed = Data, true
+			}
+			exts = appendExtent(exts, x)
+			g = stop
 		}
-		x := Extent{Off: g, Len: stop - g, HostOff: -1}
-		switch k {
-		case kUnalloc:
-			x.State = Unallocated
-		case kZero:
-			x.State = Zero
-		case kNormal:
-			x.State, x.HostOff = Data, host+(g-gc<<q.cb)
-		case kCompressed:
-			x.State, x.Compressed = Data, true
-		}
-		exts = appendExtent(exts, x)
-		g = stop
 	}
 	return exts, nil
+}
+
+// l2TableScratch returns L2 table i (whose L1 entry is set) from the cache, or
+// read into *scratch without caching it.
+func (q *Qcow2) l2TableScratch(i int64, scratch *[]byte) ([]byte, error) {
+	off := int64(q.l1[i] & l1OffsetMask)
+	if off%q.cs != 0 || off+q.cs > q.fileSize {
+		return nil, formatErr(int64(q.h.l1Offset)+i*8, "L1 entry", "L2 table offset %#x unaligned or past the end of the file", off)
+	}
+	if t := q.l2Cache.get(off); t != nil {
+		return t, nil
+	}
+	if *scratch == nil {
+		*scratch = make([]byte, q.cs)
+	}
+	if _, err := q.f.ReadAt(*scratch, off); err != nil {
+		return nil, fmt.Errorf("read L2 table at %#x: %w", off, err)
+	}
+	return *scratch, nil
 }
 
 // MapChain reports which layer of img's chain serves each part of [off, off+n).

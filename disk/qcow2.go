@@ -53,6 +53,8 @@ type Qcow2 struct {
 	firstErr error // a failed metadata write: later writes are refused
 
 	pendingRefs *pending
+
+	scratch sync.Pool // cluster-sized buffers for reading L2 tables uncached
 }
 
 var _ Image = (*Qcow2)(nil)

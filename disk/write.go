@@ -350,14 +350,29 @@ func (q *Qcow2) oldCluster(gc int64, e uint64, k entryKind, buf []byte) error {
 
 // WriteZeroes makes [off, off+n) read as zeros. Whole clusters become zero
 // clusters (v3) and give back their host clusters; partial ones get zero data.
-func (q *Qcow2) WriteZeroes(off, n int64) error { return q.zeroRange(off, n, false) }
+func (q *Qcow2) WriteZeroes(off, n int64) error { return q.zeroRange(off, n, zeroWrite) }
 
 // Discard makes [off, off+n) read as zeros and frees the host clusters of whole
 // clusters: they become unallocated when nothing lies below, zero clusters when a
 // backing file would otherwise show through.
-func (q *Qcow2) Discard(off, n int64) error { return q.zeroRange(off, n, true) }
+func (q *Qcow2) Discard(off, n int64) error { return q.zeroRange(off, n, zeroDiscard) }
 
-func (q *Qcow2) zeroRange(off, n int64, discard bool) error {
+// ZeroClusters is WriteZeroes that sets the v3 zero flag on every whole cluster
+// of the range even where nothing lies below, so that a backing file given to
+// the image later does not show through (a safe rebase of a standalone image).
+// Found by type assertion: it is not part of Image.
+func (q *Qcow2) ZeroClusters(off, n int64) error { return q.zeroRange(off, n, zeroAlways) }
+
+// zeroMode says what whole clusters become.
+type zeroMode uint8
+
+const (
+	zeroWrite   zeroMode = iota // zero flag where something could show through
+	zeroDiscard                 // unallocated where nothing lies below, else zero flag
+	zeroAlways                  // zero flag (v3)
+)
+
+func (q *Qcow2) zeroRange(off, n int64, mode zeroMode) error {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if err := q.writable(); err != nil {
@@ -397,7 +412,7 @@ func (q *Qcow2) zeroRange(off, n int64, discard bool) error {
 	}
 	for gc := first; gc < last; {
 		stop := min(last, gc+maxBatch>>q.cb)
-		if err := q.zeroClusters(gc, stop, discard); err != nil {
+		if err := q.zeroClusters(gc, stop, mode); err != nil {
 			return err
 		}
 		gc = stop
@@ -420,9 +435,9 @@ func (q *Qcow2) zeroData(off, n int64) error {
 }
 
 // zeroClusters turns guest clusters [gc0, gc1) into zero or unallocated entries.
-func (q *Qcow2) zeroClusters(gc0, gc1 int64, discard bool) error {
+func (q *Qcow2) zeroClusters(gc0, gc1 int64, mode zeroMode) error {
 	want := func(e uint64) uint64 {
-		if q.h.version >= 3 && (q.backing != nil || !discard) {
+		if q.h.version >= 3 && (q.backing != nil || mode != zeroDiscard) {
 			return oflagZero
 		}
 		return 0
@@ -439,7 +454,7 @@ func (q *Qcow2) zeroClusters(gc0, gc1 int64, discard bool) error {
 			return err
 		}
 		w := want(e)
-		if e == w || (e == 0 && q.backing == nil) {
+		if e == w || (e == 0 && q.backing == nil && mode != zeroAlways) {
 			continue // already reads as zeros with nothing held
 		}
 		if q.l1[gc>>q.l2Bits]&l1OffsetMask == 0 {
