@@ -46,7 +46,7 @@ const (
 	ActionMove     = "move"     // onto the new layers with its delta
 	ActionRefresh  = "refresh"  // onto the new layers without its system delta
 	ActionConflict = "conflict" // left where it is: its delta collides (policy keep)
-	ActionMark     = "mark"     // in use: to switch at its next start (needs the store flag, see ErrCannotMark)
+	ActionMark     = "mark"     // in use: marked to switch at its next start (ApplySwitch)
 	ActionNone     = "none"     // already on the new layers
 )
 
@@ -66,9 +66,9 @@ type RecomposeSpec struct {
 	// DryRun plans and reports without changing anything.
 	DryRun bool
 	// InUse reports a desktop whose system top may be open (a running VM, a
-	// check-out): it is not moved now. It is to be marked to switch at its next
-	// start; until the store has that flag, applying reports ErrCannotMark.
-	// Nil means: a desktop with a lease is in use.
+	// check-out): it is not moved now but marked to switch at its next start
+	// (Desktop.Switch, carried out by ApplySwitch). Nil means: a desktop with a
+	// lease is in use.
 	InUse func(d *images.Desktop) (bool, error)
 	// Workers bounds the desktops planned and applied at once (0: 2).
 	Workers int
@@ -456,8 +456,8 @@ func defaultInUse(d *images.Desktop) (bool, error) { return d.Lease != "", nil }
 // its own versions when it has any, a new top) and switches the desktop in one
 // store transaction, recorded as a new version. A crash leaves each desktop
 // wholly on its old chain or wholly on its new one; sealed layers are only read.
-// A desktop in use is not moved: it is to be marked to switch at its next start,
-// which needs a flag the store does not have yet (ErrCannotMark is reported).
+// A desktop in use is not moved: it is marked to switch at its next start
+// (ApplySwitch carries the mark out).
 func Recompose(ctx context.Context, st *images.Store, spec RecomposeSpec) (*RecomposeReport, error) {
 	start := time.Now()
 	policy, err := ParsePolicy(string(spec.Policy))
@@ -591,12 +591,13 @@ func apply(ctx context.Context, st *images.Store, pl *planner, p *DesktopPlan, p
 	switch p.Action {
 	case ActionMove, ActionRefresh:
 	case ActionMark:
-		return fmt.Errorf("desktop %s is in use: %w", p.Desktop, ErrCannotMark)
+		if err := markSwitch(st, p, pl.newLower, policy); err != nil {
+			return err
+		}
+		p.Applied = true
+		return nil
 	default:
 		return nil
-	}
-	if _, ok := any(st).(desktopUpdater); !ok {
-		return ErrCannotSwitch // before building anything
 	}
 	d, err := st.Desktop(p.Desktop)
 	if err != nil {

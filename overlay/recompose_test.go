@@ -151,15 +151,6 @@ func TestRecomposeConflictSetAgainstBruteForce(t *testing.T) {
 	}
 }
 
-// needSwitch skips a test that applies plans while the store cannot switch
-// desktops (images.Store.UpdateDesktop, requested in .cache/requests-overlay.md).
-func needSwitch(t *testing.T, st *images.Store) {
-	t.Helper()
-	if _, ok := any(st).(desktopUpdater); !ok {
-		t.Skip("the store has no UpdateDesktop yet: applying recompose and squash is not possible")
-	}
-}
-
 // expectedMove is what a desktop should show after a move: its top's clusters
 // over the new lower layers (a copy of the top, unsafely rebased with qemu-img,
 // flattened).
@@ -178,7 +169,6 @@ func TestRecomposeApply(t *testing.T) {
 	for _, policy := range []Policy{PolicyKeep, PolicyForce, PolicyRefresh} {
 		t.Run(string(policy), func(t *testing.T) {
 			sl := newStoreLab(t, s)
-			needSwitch(t, sl.st)
 			_, app1, app2, desks := sl.fixture(6, 16<<20)
 			before := map[string]*images.Desktop{}
 			oldView := map[string]string{}
@@ -303,7 +293,6 @@ func TestSquashPlan(t *testing.T) {
 func TestSquashApply(t *testing.T) {
 	testutil.NeedQemu(t)
 	sl := newStoreLab(t, seed(t))
-	needSwitch(t, sl.st)
 	app, vs, name := versionsFixture(t, sl)
 	d, _ := sl.st.Desktop(name)
 	view := flatCopy(t, sl.st.Path(d.SystemDisk))
@@ -448,4 +437,62 @@ func TestSquashHistory(t *testing.T) {
 	if !slices.Equal(dropped, []int{2}) || len(d2.Versions) != 3 {
 		t.Fatalf("dry run: dropped %v, versions %v", dropped, d2.Versions)
 	}
+}
+
+// TestRecomposeMarksInUseAndApplySwitch: desktops in use are not moved but marked;
+// the mark keeps the new layer from gc; ApplySwitch later moves them exactly as
+// a recompose would have, and clears the mark.
+func TestRecomposeMarksInUseAndApplySwitch(t *testing.T) {
+	testutil.NeedQemu(t)
+	ctx := context.Background()
+	sl := newStoreLab(t, seed(t))
+	_, app1, app2, desks := sl.fixture(3, 16<<20)
+	inUse := func(*images.Desktop) (bool, error) { return true, nil }
+	before := map[string]*images.Desktop{}
+	newView := map[string]string{}
+	for _, n := range desks {
+		d, err := sl.st.Desktop(n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		before[n] = d
+		newView[n] = expectedMove(t, sl, d, app2.ID)
+	}
+	rep, err := Recompose(ctx, sl.st, RecomposeSpec{Using: app1.ID, Apps: []string{app2.ID}, Policy: PolicyForce, InUse: inUse})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Marked != len(desks) {
+		t.Fatalf("marked %d of %d: %+v", rep.Marked, len(desks), rep)
+	}
+	for _, n := range desks {
+		d, _ := sl.st.Desktop(n)
+		if d.Switch == nil || d.Switch.System != app2.ID || d.Switch.Policy != string(PolicyForce) {
+			t.Fatalf("%s: mark %+v", n, d.Switch)
+		}
+		if d.Head != before[n].Head || d.SystemDisk != before[n].SystemDisk {
+			t.Fatalf("%s: a desktop in use was moved", n)
+		}
+	}
+	checkStore(t, sl.st)
+	for _, n := range desks {
+		p, err := ApplySwitch(ctx, sl.st, n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p == nil || !p.Applied {
+			t.Fatalf("%s: switch not applied: %+v", n, p)
+		}
+		d, _ := sl.st.Desktop(n)
+		if d.Switch != nil || d.HeadVersion().System != app2.ID {
+			t.Fatalf("%s: after ApplySwitch: %+v", n, d)
+		}
+		if !testutil.QemuCompare(t, sl.st.Path(d.SystemDisk), newView[n]) {
+			t.Fatalf("%s: the switched chain does not show the delta over the new layers", n)
+		}
+		if p, err := ApplySwitch(ctx, sl.st, n); err != nil || p != nil {
+			t.Fatalf("%s: second ApplySwitch: %+v %v", n, p, err)
+		}
+	}
+	checkStore(t, sl.st)
 }

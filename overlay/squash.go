@@ -94,9 +94,6 @@ func Squash(ctx context.Context, st *images.Store, name string, opts SquashOptio
 		return rep, nil
 	}
 
-	if _, ok := any(st).(desktopUpdater); !ok {
-		return rep, ErrCannotSwitch // before building anything
-	}
 	b, merge, remade, err := buildSquash(ctx, st, d, dc, k)
 	if err != nil {
 		return nil, err
