@@ -93,30 +93,24 @@ func (s *Server) Rollback(ctx context.Context, desktop string, to int) (*Version
 	if _, err := s.sealServerTops(ctx, desktop, "server changes before rollback"); err != nil {
 		return nil, err
 	}
-	var nv Version
-	var dv *DesktopVersions
-	err := s.st.update(func(tx *bolt.Tx) error {
-		var err error
-		dv, err = desktopVersions(tx, s.store, desktop)
-		if err != nil {
-			return err
-		}
-		target := dv.Version(to)
-		if target == nil {
-			return fmt.Errorf("desktop %s: version %d: %w", desktop, to, ErrNotFound)
-		}
-		nv = Version{N: dv.next(), Created: s.now().UTC().Truncate(time.Second), System: target.System, User: target.User,
-			Note: fmt.Sprintf("rollback to %d", to), From: dv.Head}
-		dv.Versions = append(dv.Versions, nv)
-		dv.Head = nv.N
-		return putVersions(tx, dv)
-	})
+	dv, err := desktopVersions(s.store, desktop)
 	if err != nil {
 		return nil, err
 	}
-	if err := s.resetTops(dv, &nv); err != nil {
+	target := dv.Version(to)
+	if target == nil {
+		return nil, fmt.Errorf("desktop %s: version %d: %w", desktop, to, ErrNotFound)
+	}
+	nv := Version{Created: s.now().UTC().Truncate(time.Second), System: target.System, User: target.User,
+		Note: fmt.Sprintf("rollback to %d", to), From: dv.Head}
+	dv, v, err := addVersion(s.store, desktop, nv, true)
+	if err != nil {
 		return nil, err
 	}
+	if err := s.resetTops(dv, v); err != nil {
+		return nil, err
+	}
+	nv = *v
 	s.log.Info("rolled back", "desktop", desktop, "to", to, "version", nv.N)
 	return &nv, nil
 }

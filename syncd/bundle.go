@@ -78,16 +78,11 @@ func (s *Server) Export(ctx context.Context, desktop, path string, opts ExportOp
 		return nil, err
 	}
 	h := BundleHeader{Desktop: desktop, Created: s.now().UTC(), Expires: s.now().Add(opts.TTL).UTC()}
-	var dv *DesktopVersions
-	err := s.st.update(func(tx *bolt.Tx) error {
-		var err error
-		dv, err = desktopVersions(tx, s.store, desktop)
-		if err != nil {
-			return err
-		}
-		if err := putVersions(tx, dv); err != nil {
-			return err
-		}
+	dv, err := desktopVersions(s.store, desktop)
+	if err != nil {
+		return nil, err
+	}
+	err = s.st.update(func(tx *bolt.Tx) error {
 		if opts.Device != "" {
 			dev, err := deviceByName(tx, opts.Device)
 			if err != nil {

@@ -528,8 +528,15 @@ func (p *preSeal) discard(keep ...string) {
 }
 
 // freeze seals each changed top as the layer the server committed and starts a
-// fresh top on it; an unchanged disk keeps its top.
+// fresh top on it; an unchanged disk keeps its top. The local catalog records the
+// version (numbered as on the server) before the tops move onto its layers.
 func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, res *CheckinResult, pre *preSeal) error {
+	v := Version{N: res.Version, Created: l.now().UTC().Truncate(time.Second), Note: "check-in", Conflict: res.Conflict,
+		System: co.Layers[DiskSystem], User: co.Layers[DiskUser]}
+	if res.Conflict {
+		v.Note = "conflict"
+	}
+	move := map[string]string{} // disk → layer its top moves onto
 	for _, dn := range diskNames {
 		rel := d.SystemDisk
 		if dn == DiskUser {
@@ -545,8 +552,8 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 			return err
 		}
 		if backing == want && !has {
-			co.Layers[dn] = want
-			continue // frozen already (a rerun)
+			setLayer(&v, dn, want) // frozen already (a rerun)
+			continue
 		}
 		if want == co.Layers[dn] {
 			continue // unchanged disk
@@ -572,13 +579,29 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 			l.log.Warn("top changed during the check-in; it stays as it is", "disk", dn)
 			continue
 		}
-		if err := l.store.Tag(lay.ID, laptopName(co.Desktop, dn), true); err != nil {
+		setLayer(&v, dn, want)
+		move[dn] = want
+	}
+	if err := l.recordVersion(co.Desktop, v, false); err != nil {
+		return err
+	}
+	for _, dn := range diskNames {
+		id, ok := move[dn]
+		if !ok {
+			continue
+		}
+		rel := d.SystemDisk
+		if dn == DiskUser {
+			rel = d.UserDisk
+		}
+		if err := resetTop(l.store, l.store.Path(rel), id, 0); err != nil {
 			return err
 		}
-		if err := resetTop(l.store, path, lay.ID, 0); err != nil {
-			return err
+	}
+	for _, dn := range diskNames {
+		if _, ok := co.Layers[dn]; ok {
+			co.Layers[dn] = layerOf(&v, dn)
 		}
-		co.Layers[dn] = lay.ID
 	}
 	return nil
 }

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -215,21 +217,19 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, desktop string, opts C
 }
 
 // setupDesktop makes the local desktop stand on co's layers: created the first
-// time, its (empty) tops replaced afterwards. The layers it stands on get sync
-// names that keep them from gc.
+// time, its (empty) tops replaced afterwards. Its history in the local catalog
+// mirrors the server's version numbers: the version it stands on is its head.
 func (l *Laptop) setupDesktop(ctx context.Context, co *Checkout) error {
 	sys := co.Layers[DiskSystem]
 	if sys == "" {
 		return fmt.Errorf("desktop %s: the manifest has no system disk", co.Desktop)
 	}
-	for _, dn := range diskNames {
-		if id := co.Layers[dn]; id != "" {
-			if err := l.store.Tag(id, laptopName(co.Desktop, dn), true); err != nil {
-				return err
-			}
-		}
-	}
 	_, hasUser := co.Layers[DiskUser]
+	v := Version{N: co.Version, Created: l.now().UTC().Truncate(time.Second), System: sys, User: co.Layers[DiskUser],
+		Note: "check-out"}
+	if co.Offline {
+		v.Note = "import"
+	}
 	d, err := l.store.Desktop(co.Desktop)
 	if errors.Is(err, images.ErrNotFound) {
 		spec := images.DesktopSpec{Apps: []string{sys}}
@@ -239,10 +239,16 @@ func (l *Laptop) setupDesktop(ctx context.Context, co *Checkout) error {
 				spec.UserSize = co.BlankSizes[DiskUser]
 			}
 		}
-		_, err = l.store.CreateDesktop(ctx, co.Desktop, spec)
-		return noSpace(err)
+		if _, err := l.store.CreateDesktop(ctx, co.Desktop, spec); err != nil {
+			return noSpace(err)
+		}
+		return l.recordVersion(co.Desktop, v, true)
 	}
 	if err != nil {
+		return err
+	}
+	// The layers are referenced before the tops stand on them.
+	if err := l.recordVersion(co.Desktop, v, false); err != nil {
 		return err
 	}
 	for _, dn := range diskNames {
@@ -272,4 +278,21 @@ func (l *Laptop) setupDesktop(ctx context.Context, co *Checkout) error {
 		}
 	}
 	return nil
+}
+
+// recordVersion makes v (numbered as on the server) the local desktop's head:
+// added, or replacing a version of that number; fresh replaces the history the
+// desktop was created with.
+func (l *Laptop) recordVersion(name string, v Version, fresh bool) error {
+	_, err := l.store.UpdateDesktop(nil, name, func(d *images.Desktop) error {
+		if fresh {
+			d.Versions = nil
+		}
+		d.Versions = slices.DeleteFunc(d.Versions, func(x Version) bool { return x.N == v.N })
+		d.Versions = append(d.Versions, v)
+		sort.Slice(d.Versions, func(i, j int) bool { return d.Versions[i].N < d.Versions[j].N })
+		d.Head = v.N
+		return nil
+	})
+	return noSpace(err)
 }

@@ -162,8 +162,8 @@ type PurgeReport struct {
 
 // PurgeExpired removes every checked-out copy whose lease has expired, whether
 // or not the server can be reached: the desktop, its tops (changes not checked in
-// are lost, by policy) and its record. Its layers lose their sync names; the
-// store's gc removes those nothing else keeps.
+// are lost, by policy) and its record. The store's gc removes the layers nothing
+// else keeps.
 func (l *Laptop) PurgeExpired(ctx context.Context) ([]PurgeReport, error) {
 	cos, err := l.Checkouts()
 	if err != nil {
@@ -192,11 +192,6 @@ func (l *Laptop) removeCopy(ctx context.Context, c *Checkout) error {
 	}
 	if _, _, err := l.store.RemoveDesktop(c.Desktop, true); err != nil && !errors.Is(err, images.ErrNotFound) {
 		return fmt.Errorf("purge desktop %s: %w", c.Desktop, err)
-	}
-	for _, dn := range diskNames {
-		if err := l.store.Untag(laptopName(c.Desktop, dn)); err != nil && !errors.Is(err, images.ErrNotFound) {
-			return fmt.Errorf("purge desktop %s: %w", c.Desktop, err)
-		}
 	}
 	return l.st.update(func(tx *bolt.Tx) error { return tx.Bucket(bucketCheckouts).Delete([]byte(c.Desktop)) })
 }

@@ -4,11 +4,9 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
-	"encoding"
 	"encoding/binary"
 	"encoding/hex"
 	"fmt"
-	"hash"
 	"io"
 
 	"github.com/cvd-project/cvd/disk"
@@ -29,43 +27,33 @@ type Entry struct {
 	Digest Digest
 }
 
-// idHasher computes a layer ID the way images.ComputeID does, from the list of
-// entries in ascending index order (see the images package documentation). It
-// re-implements that recipe so that an ID can be predicted before the layer exists
-// (.cache/requests-syncd.md asks images to export it); layerid_test.go checks both
-// agree.
+// idHasher is images.IDHasher fed with Entries, counting them (its saved state
+// carries the counts, which images.IDHasher's does not).
 type idHasher struct {
-	h     hash.Hash
-	ent   [8 + 1 + sha256.Size]byte
-	count int64
-	data  int64
+	h           *images.IDHasher
+	count, data int64
 }
 
 func newIDHasher(parent string, size int64, cs int) *idHasher {
-	h := &idHasher{h: sha256.New()}
-	fmt.Fprintf(h.h, "%s\nparent %s\nsize %d\ncluster %d\n", images.IDVersion, parent, size, cs)
-	return h
+	return &idHasher{h: images.NewIDHasher(parent, size, cs)}
 }
 
 func (h *idHasher) add(e Entry) {
-	binary.BigEndian.PutUint64(h.ent[:8], uint64(e.Index))
 	h.count++
 	if e.Zero {
-		h.ent[8] = 'z'
-		h.h.Write(h.ent[:9])
+		h.h.Add(e.Index, nil)
 		return
 	}
 	h.data++
-	h.ent[8] = 'd'
-	copy(h.ent[9:], e.Digest[:])
-	h.h.Write(h.ent[:])
+	d := [32]byte(e.Digest)
+	h.h.Add(e.Index, &d)
 }
 
-func (h *idHasher) sum() string { return hex.EncodeToString(h.h.Sum(nil)) }
+func (h *idHasher) sum() string { return h.h.Sum() }
 
 // state and restore let a resumed fetch continue the hash where it stopped.
 func (h *idHasher) state() ([]byte, error) {
-	b, err := h.h.(encoding.BinaryMarshaler).MarshalBinary()
+	b, err := h.h.MarshalBinary()
 	if err != nil {
 		return nil, err
 	}
@@ -79,7 +67,7 @@ func (h *idHasher) restore(b []byte) error {
 	n := len(b) - 16
 	h.count = int64(binary.BigEndian.Uint64(b[n:]))
 	h.data = int64(binary.BigEndian.Uint64(b[n+8:]))
-	return h.h.(encoding.BinaryUnmarshaler).UnmarshalBinary(b[:n])
+	return h.h.UnmarshalBinary(b[:n])
 }
 
 const (

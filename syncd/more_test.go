@@ -25,6 +25,7 @@ import (
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/internal/testutil"
+	bolt "go.etcd.io/bbolt"
 )
 
 // The layer-ID recipe syncd re-implements must agree with images.ComputeID, on
@@ -115,7 +116,7 @@ func TestConflictAndRollback(t *testing.T) {
 	}
 	st, _ := w.srv.Versions(w.desktop)
 	cv := st.Versions[len(st.Versions)-1]
-	if !cv.Conflict || cv.Device != "laptop1" || cv.Note != "conflict" {
+	if !cv.Conflict || cv.Device != "laptop1" || !strings.HasPrefix(cv.Note, "conflict ") {
 		t.Errorf("conflict version: %+v", cv)
 	}
 	qemuCompare(t, w.store.LayerPath(cv.System), a.top(w.desktop, DiskSystem))
@@ -396,4 +397,87 @@ func TestReferenceFallback(t *testing.T) {
 		t.Errorf("%d clusters by reference, want 32", rep.ClustersByRef)
 	}
 	qemuCompare(t, w.store.LayerPath(w.app), lap2.top(w.desktop, DiskSystem))
+}
+
+// A commit cut after the catalog took the version (before syncd recorded the
+// check-in as committed) completes when asked again, without a second version.
+func TestCommitCutAfterCatalog(t *testing.T) {
+	ctx := context.Background()
+	w := newWorld(t, smallSpec())
+	lap := newLaptop(t, "laptop")
+	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	writeTop(t, lap, w.desktop, DiskSystem, []write{{off: 64 * MiB, data: fill(70, 1*MiB, false)}})
+	before, _ := w.head()
+	w.srv.failpoint = func(step string) error { return errors.New("cut at " + step) }
+	if _, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{}); err == nil || !strings.Contains(err.Error(), "cut at commit:catalog") {
+		t.Fatalf("cut commit: %v", err)
+	}
+	w.srv.failpoint = nil
+	rep, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, _ := w.srv.Versions(w.desktop)
+	if rep.Version != before+1 || st.Head != before+1 || len(st.Versions) != before+1 {
+		t.Fatalf("after the rerun: report version %d, head %d, %d versions (before: head %d)", rep.Version, st.Head, len(st.Versions), before)
+	}
+	_, hv := w.head()
+	qemuCompare(t, w.store.LayerPath(hv.System), lap.top(w.desktop, DiskSystem))
+	// The laptop's catalog mirrors the server's numbers.
+	d, _ := lap.store.Desktop(w.desktop)
+	if d.Head != rep.Version || d.HeadVersion().System != hv.System {
+		t.Errorf("laptop head %d %+v", d.Head, d.HeadVersion())
+	}
+}
+
+// Versions an earlier syncd kept in its own state move into the catalog.
+func TestMigrateVersionsIntoCatalog(t *testing.T) {
+	w := newWorld(t, smallSpec())
+	w.stop()
+	st, err := openState(w.dir, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	legacy := map[string]any{"name": w.desktop, "head": 2, "versions": []Version{
+		{N: 1, System: w.app, Note: "create"},
+		{N: 2, System: w.app, Note: "check-in 0123456789ab", Device: "old-laptop"},
+	}}
+	st.update(func(tx *bolt.Tx) error { return putJSON(tx, bucketVersions, w.desktop, legacy) })
+	st.Close()
+	w.start()
+	vs, err := w.srv.Versions(w.desktop)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if vs.Head != 2 || len(vs.Versions) != 2 || vs.Versions[1].Device != "old-laptop" {
+		t.Fatalf("after migration: %+v", vs)
+	}
+	w.srv.st.view(func(tx *bolt.Tx) error {
+		if tx.Bucket(bucketVersions).Get([]byte(w.desktop)) != nil {
+			t.Error("the legacy entry is still there")
+		}
+		return nil
+	})
+}
+
+// A fetch's saved hash state carries its entry counts.
+func TestHashStateKeepsCounts(t *testing.T) {
+	h := newIDHasher("", 1<<20, 65536)
+	h.add(Entry{Index: 1, Digest: Digest{1}})
+	h.add(Entry{Index: 2, Zero: true})
+	st, err := h.state()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h2 := newIDHasher("", 1<<20, 65536)
+	if err := h2.restore(st); err != nil {
+		t.Fatal(err)
+	}
+	h.add(Entry{Index: 3, Digest: Digest{3}})
+	h2.add(Entry{Index: 3, Digest: Digest{3}})
+	if h2.count != 3 || h2.data != 2 || h2.sum() != h.sum() {
+		t.Fatalf("restored: %d entries, %d data, %s vs %s", h2.count, h2.data, h2.sum(), h.sum())
+	}
 }

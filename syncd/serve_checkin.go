@@ -235,14 +235,8 @@ func (s *Server) handleCheckinOpen(w http.ResponseWriter, r *http.Request, dev *
 	var need int64
 	for _, d := range req.Disks {
 		if d.Parent != "" {
-			l, err := s.store.Layer(d.Parent)
-			if err != nil {
+			if _, err := s.store.Layer(d.Parent); err != nil {
 				return fmt.Errorf("disk %s: parent layer %s: %w", d.Name, short(d.Parent), ErrNotFound)
-			}
-			if l.ClusterSize != d.ClusterSize && d.Entries > 0 {
-				// The staging layer takes the laptop's cluster size; images seals it
-				// with that size, so the parent's does not have to match.
-				s.log.Debug("check-in cluster size differs from parent", "disk", d.Name)
 			}
 		}
 		need += d.DataEntries * int64(d.ClusterSize)

@@ -106,10 +106,10 @@ func (s *Server) Checkout(ctx context.Context, name string, dev *Device, ttl tim
 	defer unlock()
 	now := s.now()
 	// Refuse early, before the VM is touched.
+	if _, err := desktopVersions(s.store, name); err != nil {
+		return nil, err
+	}
 	err := s.st.view(func(tx *bolt.Tx) error {
-		if _, err := desktopVersions(tx, s.store, name); err != nil {
-			return err
-		}
 		l, err := activeLease(tx, name)
 		if err != nil {
 			return err
@@ -137,17 +137,12 @@ func (s *Server) Checkout(ctx context.Context, name string, dev *Device, ttl tim
 	if err != nil {
 		return nil, err
 	}
-	var dv *DesktopVersions
+	dv, err := desktopVersions(s.store, name)
+	if err != nil {
+		return nil, err
+	}
 	var fresh bool
 	err = s.st.update(func(tx *bolt.Tx) error {
-		var err error
-		dv, err = desktopVersions(tx, s.store, name)
-		if err != nil {
-			return err
-		}
-		if err := putVersions(tx, dv); err != nil {
-			return err
-		}
 		l, f, err := grantLease(tx, name, dev, ttl, dv.Head, s.now())
 		if err != nil {
 			return err
@@ -173,7 +168,7 @@ func (s *Server) Checkout(ctx context.Context, name string, dev *Device, ttl tim
 func (s *Server) fillDisks(m *Manifest, dv *DesktopVersions) error {
 	head := dv.HeadVersion()
 	for _, dn := range diskNames {
-		id := head.layer(dn)
+		id := layerOf(head, dn)
 		if dn == DiskUser && id == "" && dv.UserDisk == "" {
 			continue
 		}
@@ -255,23 +250,17 @@ func (s *Server) layerFor(r *http.Request, dev *Device) (*images.Layer, error) {
 		return nil, badRequest("layer id %q: want 64 hex digits", id)
 	}
 	var tops []string
-	err := s.st.view(func(tx *bolt.Tx) error {
-		for _, name := range dev.Desktops {
-			dv, err := desktopVersions(tx, s.store, name)
-			if err != nil {
-				if errors.Is(err, images.ErrNotFound) {
-					continue
-				}
-				return err
+	for _, name := range dev.Desktops {
+		dv, err := desktopVersions(s.store, name)
+		if err != nil {
+			if errors.Is(err, images.ErrNotFound) {
+				continue
 			}
-			for _, v := range dv.Versions {
-				tops = append(tops, v.System, v.User)
-			}
+			return nil, err
 		}
-		return nil
-	})
-	if err != nil {
-		return nil, err
+		for _, v := range dv.Versions {
+			tops = append(tops, v.System, v.User)
+		}
 	}
 	slices.Sort(tops)
 	tops = slices.Compact(tops)

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/cvd-project/cvd/disk"
@@ -27,10 +28,12 @@ func (s *Server) handleCommit(w http.ResponseWriter, r *http.Request, dev *Devic
 }
 
 // commit builds the check-in's layers from the staged clusters and those the
-// store already holds, seals them, checks their IDs against the laptop's, and in
-// one transaction adds the version, moves the head (unless it is a conflict),
-// indexes the new clusters and marks the check-in committed. Until that
-// transaction the desktop's head and versions are as they were.
+// store already holds, seals them and checks their IDs against the laptop's. Then
+// one transaction of the catalog adds the version and moves the head (unless it is
+// a conflict); until it, the desktop's head and versions are as they were. The
+// version's note names the check-in, so that a commit cut after that transaction
+// completes (indexes the new clusters, marks the check-in committed) when asked
+// again, without a second version.
 func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*CheckinResult, error) {
 	unlock := s.lockDesktop(se.Desktop)
 	defer unlock()
@@ -40,6 +43,18 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*Checkin
 	}
 	if se.State == stateCommitted {
 		return se.Result, nil
+	}
+	dv, err := desktopVersions(s.store, se.Desktop)
+	if err != nil {
+		return nil, err
+	}
+	if v := dv.checkinVersion(se.ID); v != nil {
+		res := &CheckinResult{Desktop: se.Desktop, Version: v.N, Head: dv.Head, Conflict: v.Conflict,
+			Layers: map[string]string{}, Bytes: se.Received, Committed: s.now().UTC()}
+		for _, d := range se.Disks {
+			res.Layers[d.Name] = layerOf(v, d.Name)
+		}
+		return res, s.finishCommit(se, res, nil)
 	}
 	if len(se.Lists) != len(se.Disks) {
 		return nil, fmt.Errorf("%w: entry lists missing (have %v)", ErrIncomplete, se.Lists)
@@ -71,28 +86,23 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*Checkin
 	if err != nil {
 		return nil, err
 	}
-	var dv *DesktopVersions
-	if err := s.st.view(func(tx *bolt.Tx) error {
-		var err error
-		dv, err = desktopVersions(tx, s.store, se.Desktop)
-		return err
-	}); err != nil {
+	if dv, err = desktopVersions(s.store, se.Desktop); err != nil {
 		return nil, err
 	}
 	if se.Base != dv.Head {
 		conflict = true
 	}
-	nv := Version{N: dv.next(), Created: s.now().UTC().Truncate(time.Second), From: se.Base,
-		Conflict: conflict, Device: dev.Name, Bytes: se.Received, Note: "check-in"}
+	nv := Version{Created: s.now().UTC().Truncate(time.Second), From: se.Base,
+		Conflict: conflict, Device: dev.Name, Bytes: se.Received, Note: checkinNote("check-in", se.ID)}
 	if conflict {
-		nv.Note = "conflict"
+		nv.Note = checkinNote("conflict", se.ID)
 	}
 	if base := dv.Version(se.Base); base != nil {
 		nv.System, nv.User = base.System, base.User
 	}
 	newEntries := map[string][]Entry{}
 	for _, d := range se.Disks {
-		nv.setLayer(d.Name, d.Parent)
+		setLayer(&nv, d.Name, d.Parent)
 		if d.Entries == 0 {
 			continue
 		}
@@ -105,7 +115,7 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*Checkin
 		t1 := time.Now()
 		res.Deduplicated += n
 		res.Clusters += d.DataEntries
-		l, existed, err := sealTop(ctx, s.store, filepath.Join(m.dir, d.Name+".qcow2"), []string{serverName(se.Desktop, nv.N, d.Name)}, true)
+		l, existed, err := sealTop(ctx, s.store, filepath.Join(m.dir, d.Name+".qcow2"), nil, false)
 		if err != nil {
 			return nil, noSpace(fmt.Errorf("seal the %s disk of check-in %s: %w", d.Name, se.ID, err))
 		}
@@ -120,34 +130,44 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*Checkin
 				ErrIncomplete, d.Name, short(l.ID), short(d.ExpectID))
 		}
 		s.log.Debug("commit: disk sealed", "disk", d.Name, "fill", t1.Sub(t0), "seal", time.Since(t1))
-		nv.setLayer(d.Name, l.ID)
-		res.Layers[d.Name] = l.ID
+		setLayer(&nv, d.Name, l.ID)
 		newEntries[l.ID] = dl.entries
 	}
+	dv, v, err := addVersion(s.store, se.Desktop, nv, !conflict)
+	if err != nil {
+		return nil, err
+	}
 	for _, d := range se.Disks {
-		if res.Layers[d.Name] == "" {
-			res.Layers[d.Name] = nv.layer(d.Name)
+		res.Layers[d.Name] = layerOf(v, d.Name)
+	}
+	res.Version, res.Head, res.Conflict, res.Committed = v.N, dv.Head, conflict, s.now().UTC()
+	if s.failpoint != nil {
+		if err := s.failpoint("commit:catalog"); err != nil {
+			return nil, err
 		}
 	}
-	res.Version = nv.N
-	res.Conflict = conflict
-	res.Committed = s.now().UTC()
-	err = s.st.update(func(tx *bolt.Tx) error {
-		dv, err := desktopVersions(tx, s.store, se.Desktop)
-		if err != nil {
-			return err
+	if err := s.finishCommit(se, res, newEntries); err != nil {
+		return nil, err
+	}
+	s.m.checkins(strings.Fields(nv.Note)[0])
+	s.m.clustersDeduplicated.Add(res.Deduplicated)
+	s.log.Info("check-in committed", "desktop", se.Desktop, "device", dev.Name, "version", v.N,
+		"conflict", conflict, "head", res.Head, "bytes", res.Bytes, "deduplicated", res.Deduplicated)
+	if !conflict {
+		if err := s.resetTops(dv, v); err != nil {
+			s.log.Error("reset tops after check-in (the next start of the server retries)", "err", err)
 		}
-		if dv.next() != nv.N {
-			return fmt.Errorf("desktop %s changed during the commit", se.Desktop)
-		}
-		dv.Versions = append(dv.Versions, nv)
-		if !conflict {
-			dv.Head = nv.N
-		}
-		res.Head = dv.Head
-		if err := putVersions(tx, dv); err != nil {
-			return err
-		}
+	}
+	s.dropSession(se.ID)
+	removeAllQuiet(m.dir)
+	return res, nil
+}
+
+// finishCommit indexes the new layers' clusters, releases the lease when asked,
+// and marks the check-in committed with its result, in one transaction of syncd's
+// state.
+func (s *Server) finishCommit(se *Session, res *CheckinResult, newEntries map[string][]Entry) error {
+	return s.st.update(func(tx *bolt.Tx) error {
 		for id, ents := range newEntries {
 			if err := indexEntries(tx, id, ents); err != nil {
 				return err
@@ -169,21 +189,6 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*Checkin
 		se.State, se.Result = stateCommitted, res
 		return putJSON(tx, bucketSessions, se.ID, se)
 	})
-	if err != nil {
-		return nil, err
-	}
-	s.m.checkins(nv.Note)
-	s.m.clustersDeduplicated.Add(res.Deduplicated)
-	s.log.Info("check-in committed", "desktop", se.Desktop, "device", dev.Name, "version", nv.N,
-		"conflict", conflict, "head", res.Head, "bytes", res.Bytes, "deduplicated", res.Deduplicated)
-	if !conflict {
-		if err := s.resetTops(dv, &nv); err != nil {
-			s.log.Error("reset tops after check-in (the next start of the server retries)", "err", err)
-		}
-	}
-	s.dropSession(se.ID)
-	removeAllQuiet(m.dir)
-	return res, nil
 }
 
 // fillStage completes a disk's staging layer: zero entries, clusters repeated

@@ -61,6 +61,9 @@ type Server struct {
 	sessions map[string]*session    // open check-ins
 	haves    map[string]*haveSet    // lease → layers its laptop holds
 
+	// failpoint, set by tests, can fail a step by name ("commit:catalog").
+	failpoint func(step string) error
+
 	indexMu   sync.Mutex
 	indexErr  error
 	bgIndex   sync.WaitGroup
@@ -330,13 +333,12 @@ func (s *Server) handleDesktop(w http.ResponseWriter, r *http.Request, dev *Devi
 
 // DesktopStatus is a desktop's versions and lease.
 func (s *Server) DesktopStatus(name string) (*DesktopStatus, error) {
-	var out *DesktopStatus
-	err := s.st.view(func(tx *bolt.Tx) error {
-		dv, err := desktopVersions(tx, s.store, name)
-		if err != nil {
-			return err
-		}
-		out = &DesktopStatus{Name: name, Head: dv.Head, Versions: dv.Versions}
+	dv, err := desktopVersions(s.store, name)
+	if err != nil {
+		return nil, err
+	}
+	out := &DesktopStatus{Name: name, Head: dv.Head, Versions: dv.Versions}
+	err = s.st.view(func(tx *bolt.Tx) error {
 		out.Lease, err = activeLease(tx, name)
 		return err
 	})

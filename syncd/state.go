@@ -26,7 +26,7 @@ var (
 	bucketDevNames  = []byte("devnames")  // device name → device id
 	bucketLeases    = []byte("leases")    // desktop → Lease (the active one)
 	bucketLeaseLog  = []byte("leaselog")  // lease id → Lease with its end state
-	bucketVersions  = []byte("versions")  // desktop → DesktopVersions
+	bucketVersions  = []byte("versions")  // legacy: desktop → versions (moved into the catalog)
 	bucketClusters  = []byte("clusters")  // digest (32 bytes) → layer id (32 bytes) + index (8 bytes)
 	bucketIndexed   = []byte("indexed")   // layer id → number of clusters indexed
 	bucketSessions  = []byte("sessions")  // check-in id → Session
@@ -38,11 +38,11 @@ var (
 
 const stateSchema = "1"
 
-// state is syncd's own database in a store, <store>/sync/syncd.db. It holds what
-// the images store has no place for yet (see .cache/requests-syncd.md): devices,
-// leases, desktop versions made by sync, the cluster-digest index, check-in
-// sessions, and on a laptop the checked-out desktops. Mode 0600: it holds device
-// tokens on a laptop.
+// state is syncd's own database in a store, <store>/sync/syncd.db: devices,
+// leases, the cluster-digest index, check-in sessions, and on a laptop the
+// checked-out desktops (the versions bucket only holds what an earlier syncd kept
+// there, moved into the catalog at the server's start). Mode 0600: it holds
+// device tokens on a laptop.
 type state struct {
 	dir string // <store>/sync
 	db  *bolt.DB

@@ -106,8 +106,8 @@ func TestCheckoutCheckinDoneWhen(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if has || backing != head.layer(dn) {
-			t.Errorf("laptop %s top: data %v, stands on %s, want an empty top on %s", dn, has, short(backing), short(head.layer(dn)))
+		if has || backing != layerOf(head, dn) {
+			t.Errorf("laptop %s top: data %v, stands on %s, want an empty top on %s", dn, has, short(backing), short(layerOf(head, dn)))
 		}
 	}
 	qemuCompare(t, w.store.LayerPath(head.System), lap.top(w.desktop, DiskSystem))

@@ -20,17 +20,6 @@ import (
 // fresh, empty tops (see .cache/requests-syncd.md, item 1). A top that holds data is
 // never replaced: it is sealed as a version first.
 
-// serverName is the tag that keeps a version's layer from the store's garbage
-// collection until images records sync's versions itself.
-func serverName(desktop string, n int, diskName string) string {
-	return fmt.Sprintf("%s.sync:v%d.%s", desktop, n, diskName)
-}
-
-// laptopName tags the layer a laptop's top stands on.
-func laptopName(desktop, diskName string) string {
-	return fmt.Sprintf("%s.sync:%s", desktop, diskName)
-}
-
 // topRel returns the store-relative top of a disk ("" when the desktop has none).
 func (dv *DesktopVersions) topRel(diskName string) string {
 	if diskName == DiskSystem {
@@ -39,14 +28,15 @@ func (dv *DesktopVersions) topRel(diskName string) string {
 	return dv.UserDisk
 }
 
-func (v *Version) layer(diskName string) string {
+// layerOf is the layer a version's disk stands on.
+func layerOf(v *Version, diskName string) string {
 	if diskName == DiskSystem {
 		return v.System
 	}
 	return v.User
 }
 
-func (v *Version) setLayer(diskName, id string) {
+func setLayer(v *Version, diskName, id string) {
 	if diskName == DiskSystem {
 		v.System = id
 	} else {
@@ -137,16 +127,12 @@ func sealTop(ctx context.Context, store *images.Store, path string, names []stri
 // (note says why) and resets them. It returns the version, or 0 when the tops were
 // empty. The caller holds the desktop's lock.
 func (s *Server) sealServerTops(ctx context.Context, name, note string) (int, error) {
-	var dv *DesktopVersions
-	if err := s.st.view(func(tx *bolt.Tx) error {
-		var err error
-		dv, err = desktopVersions(tx, s.store, name)
-		return err
-	}); err != nil {
+	dv, err := desktopVersions(s.store, name)
+	if err != nil {
 		return 0, err
 	}
 	head := *dv.HeadVersion()
-	nv := Version{N: dv.next(), Created: s.now().UTC().Truncate(time.Second), System: head.System, User: head.User,
+	nv := Version{Created: s.now().UTC().Truncate(time.Second), System: head.System, User: head.User,
 		Note: note, From: head.N}
 	changed := false
 	for _, dn := range diskNames {
@@ -161,34 +147,26 @@ func (s *Server) sealServerTops(ctx context.Context, name, note string) (int, er
 		if !has {
 			continue
 		}
-		l, _, err := sealTop(ctx, s.store, s.store.Path(rel), []string{serverName(name, nv.N, dn)}, true)
+		l, _, err := sealTop(ctx, s.store, s.store.Path(rel), nil, false)
 		if err != nil {
 			return 0, noSpace(fmt.Errorf("desktop %s: seal %s top: %w", name, dn, err))
 		}
-		nv.setLayer(dn, l.ID)
+		setLayer(&nv, dn, l.ID)
 		changed = true
 	}
 	if !changed {
 		return 0, nil
 	}
-	err := s.st.update(func(tx *bolt.Tx) error {
-		dv, err := desktopVersions(tx, s.store, name)
-		if err != nil {
-			return err
-		}
-		dv.Versions = append(dv.Versions, nv)
-		dv.Head = nv.N
-		return putVersions(tx, dv)
-	})
+	dv, v, err := addVersion(s.store, name, nv, true)
 	if err != nil {
 		return 0, err
 	}
-	s.log.Info("sealed server tops", "desktop", name, "version", nv.N, "note", note)
-	if err := s.resetTops(dv, &nv); err != nil {
+	s.log.Info("sealed server tops", "desktop", name, "version", v.N, "note", note)
+	if err := s.resetTops(dv, v); err != nil {
 		return 0, err
 	}
-	s.indexLater(nv.System, nv.User)
-	return nv.N, nil
+	s.indexLater(v.System, v.User)
+	return v.N, nil
 }
 
 // resetTops points the desktop's tops at version v's layers.
@@ -199,10 +177,10 @@ func (s *Server) resetTops(dv *DesktopVersions, v *Version) error {
 			continue
 		}
 		size := int64(0)
-		if v.layer(dn) == "" {
+		if layerOf(v, dn) == "" {
 			size = dv.UserSize
 		}
-		if err := resetTop(s.store, s.store.Path(rel), v.layer(dn), size); err != nil {
+		if err := resetTop(s.store, s.store.Path(rel), layerOf(v, dn), size); err != nil {
 			return fmt.Errorf("desktop %s: reset %s top: %w", dv.Name, dn, err)
 		}
 	}
@@ -228,21 +206,15 @@ func (s *Server) reconcile(ctx context.Context) error {
 	if err := s.reconcileSessions(); err != nil {
 		return err
 	}
-	var dvs []DesktopVersions
-	err := s.st.view(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketVersions).ForEach(func(k, v []byte) error {
-			var dv DesktopVersions
-			if _, err := getJSON(tx, bucketVersions, string(k), &dv); err != nil {
-				return err
-			}
-			dvs = append(dvs, dv)
-			return nil
-		})
-	})
+	if err := s.migrateVersions(); err != nil {
+		return err
+	}
+	ds, err := s.store.Desktops()
 	if err != nil {
 		return err
 	}
-	for _, dv := range dvs {
+	for _, d := range ds {
+		dv := versionsOf(&d)
 		head := dv.HeadVersion()
 		if head == nil {
 			continue
@@ -257,7 +229,7 @@ func (s *Server) reconcile(ctx context.Context) error {
 				s.log.Warn("reconcile: open top", "desktop", dv.Name, "disk", dn, "err", err)
 				continue
 			}
-			if backing == head.layer(dn) {
+			if backing == layerOf(head, dn) {
 				continue
 			}
 			if has {
@@ -266,10 +238,10 @@ func (s *Server) reconcile(ctx context.Context) error {
 				continue
 			}
 			size := int64(0)
-			if head.layer(dn) == "" {
+			if layerOf(head, dn) == "" {
 				size = dv.UserSize
 			}
-			if err := resetTop(s.store, s.store.Path(rel), head.layer(dn), size); err != nil {
+			if err := resetTop(s.store, s.store.Path(rel), layerOf(head, dn), size); err != nil {
 				return err
 			}
 			s.log.Info("reconcile: reset top onto head", "desktop", dv.Name, "disk", dn, "version", head.N)

@@ -1,41 +1,36 @@
 package syncd
 
 import (
+	"errors"
 	"fmt"
-	"time"
+	"slices"
+	"sort"
+	"strings"
 
 	"github.com/cvd-project/cvd/images"
 	bolt "go.etcd.io/bbolt"
 )
 
-// Version is one state of a desktop: the sealed layers its disks stand on.
-type Version struct {
-	N       int       `json:"n"`
-	Created time.Time `json:"created"`
-	System  string    `json:"system"`
-	User    string    `json:"user,omitempty"`
-	Note    string    `json:"note,omitempty"` // create, check-out seal, check-in, conflict, rollback to N, ...
-	// From is the version this one was made from; a check-in's base version.
-	From int `json:"from,omitempty"`
-	// Conflict marks a check-in that did not start from the head: it is kept
-	// beside the head, which did not move.
-	Conflict bool   `json:"conflict,omitempty"`
-	Device   string `json:"device,omitempty"` // device name for check-ins
-	// Bytes is the payload a check-in moved (cluster data as sent).
-	Bytes int64 `json:"bytes,omitempty"`
-}
+// Version is one state of a desktop: the sealed layers its disks stand on. The
+// desktop's versions and head live in the images catalog; sync adds check-out
+// seals, check-ins (Note "check-in <id>", or "conflict <id>" beside the head),
+// rollbacks and imports through images.Store.UpdateDesktop.
+type Version = images.Version
 
-// DesktopVersions is a desktop's history as sync keeps it: seeded from the images
-// catalog's record the first time sync touches the desktop, then extended by
-// check-out seals, check-ins and rollbacks (see .cache/requests-syncd.md, item 1).
+// DesktopVersions is a desktop's history and disks as sync uses them.
 type DesktopVersions struct {
 	Name     string    `json:"name"`
 	Head     int       `json:"head"`
 	Versions []Version `json:"versions"`
-	// Disks of the desktop in the images catalog (store-relative tops).
+	// Disks of the desktop (store-relative tops).
 	SystemDisk string `json:"system_disk"`
 	UserDisk   string `json:"user_disk,omitempty"`
 	UserSize   int64  `json:"user_size,omitempty"` // blank user disk size when no user layer
+}
+
+func versionsOf(d *images.Desktop) *DesktopVersions {
+	return &DesktopVersions{Name: d.Name, Head: d.Head, Versions: slices.Clone(d.Versions),
+		SystemDisk: d.SystemDisk, UserDisk: d.UserDisk, UserSize: d.UserSize}
 }
 
 // HeadVersion is the version Head names.
@@ -51,38 +46,112 @@ func (d *DesktopVersions) Version(n int) *Version {
 	return nil
 }
 
-func (d *DesktopVersions) next() int {
+func nextVersion(vs []Version) int {
 	n := 0
-	for _, v := range d.Versions {
+	for _, v := range vs {
 		n = max(n, v.N)
 	}
 	return n + 1
 }
 
-// desktopVersions loads the desktop's versions, seeding them from the catalog.
-func desktopVersions(tx *bolt.Tx, store *images.Store, name string) (*DesktopVersions, error) {
-	var dv DesktopVersions
-	ok, err := getJSON(tx, bucketVersions, name, &dv)
-	if err != nil {
-		return nil, err
-	}
-	if ok {
-		return &dv, nil
-	}
+// desktopVersions reads a desktop's versions from the catalog.
+func desktopVersions(store *images.Store, name string) (*DesktopVersions, error) {
 	d, err := store.Desktop(name)
 	if err != nil {
 		return nil, err
 	}
-	dv = DesktopVersions{Name: d.Name, Head: d.Head, SystemDisk: d.SystemDisk, UserDisk: d.UserDisk, UserSize: d.UserSize}
-	for _, v := range d.Versions {
-		dv.Versions = append(dv.Versions, Version{N: v.N, Created: v.Created, System: v.System, User: v.User, Note: v.Note})
-	}
+	dv := versionsOf(d)
 	if dv.HeadVersion() == nil {
 		return nil, fmt.Errorf("desktop %s: head version %d is missing", name, d.Head)
 	}
-	return &dv, nil
+	return dv, nil
 }
 
-func putVersions(tx *bolt.Tx, dv *DesktopVersions) error {
-	return putJSON(tx, bucketVersions, dv.Name, dv)
+// addVersion appends v to the desktop's versions in one transaction of the
+// catalog (its number is the next free one) and, with setHead, makes it the head.
+// It returns the desktop as it is afterwards and the version added.
+func addVersion(store *images.Store, name string, v Version, setHead bool) (*DesktopVersions, *Version, error) {
+	var added Version
+	d, err := store.UpdateDesktop(nil, name, func(d *images.Desktop) error {
+		v.N = nextVersion(d.Versions)
+		d.Versions = append(d.Versions, v)
+		if setHead {
+			d.Head = v.N
+		}
+		added = v
+		return nil
+	})
+	if err != nil {
+		return nil, nil, noSpace(err)
+	}
+	return versionsOf(d), &added, nil
+}
+
+// checkinNote names a check-in in its version's note, so that a commit cut after
+// the catalog took the version finds it.
+func checkinNote(kind, id string) string { return kind + " " + id[:12] }
+
+// checkinVersion finds the version a check-in made.
+func (d *DesktopVersions) checkinVersion(id string) *Version {
+	for i := range d.Versions {
+		n := d.Versions[i].Note
+		if n == checkinNote("check-in", id) || n == checkinNote("conflict", id) {
+			return &d.Versions[i]
+		}
+	}
+	return nil
+}
+
+// migrateVersions moves versions an earlier syncd kept in its own state into the
+// catalog (once; before images recorded sync's versions itself).
+func (s *Server) migrateVersions() error {
+	type old struct {
+		Head     int       `json:"head"`
+		Versions []Version `json:"versions"`
+	}
+	var names []string
+	olds := map[string]old{}
+	err := s.st.view(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketVersions).ForEach(func(k, v []byte) error {
+			var o old
+			if _, err := getJSON(tx, bucketVersions, string(k), &o); err != nil {
+				return err
+			}
+			names = append(names, string(k))
+			olds[string(k)] = o
+			return nil
+		})
+	})
+	if err != nil || len(names) == 0 {
+		return err
+	}
+	for _, name := range names {
+		o := olds[name]
+		_, err := s.store.UpdateDesktop(nil, name, func(d *images.Desktop) error {
+			for _, v := range o.Versions {
+				if !slices.ContainsFunc(d.Versions, func(x Version) bool { return x.N == v.N }) {
+					d.Versions = append(d.Versions, v)
+				}
+			}
+			sort.Slice(d.Versions, func(i, j int) bool { return d.Versions[i].N < d.Versions[j].N })
+			if slices.ContainsFunc(d.Versions, func(x Version) bool { return x.N == o.Head }) {
+				d.Head = o.Head
+			}
+			return nil
+		})
+		if err != nil && !errors.Is(err, images.ErrNotFound) {
+			s.log.Warn("could not move sync's versions into the catalog; they stay in syncd.db", "desktop", name, "err", err)
+			continue
+		}
+		s.log.Info("moved sync's versions into the catalog", "desktop", name, "versions", len(o.Versions))
+		if err := s.st.update(func(tx *bolt.Tx) error { return tx.Bucket(bucketVersions).Delete([]byte(name)) }); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// isCheckin reports a version a check-in made.
+func isCheckin(v *Version) bool {
+	return strings.HasPrefix(v.Note, "check-in ") || strings.HasPrefix(v.Note, "conflict ")
 }
