@@ -19,7 +19,11 @@ func (s *Server) AddDevice(name string, desktops []string) (*Device, string, err
 			return nil, "", err
 		}
 	}
-	return s.st.addDevice(name, desktops, s.now())
+	dev, tok, err := s.st.addDevice(name, desktops, s.now())
+	if err == nil {
+		s.markCatalog(desktops...)
+	}
+	return dev, tok, err
 }
 
 // BindDevice binds an existing device to more desktops.
@@ -29,12 +33,22 @@ func (s *Server) BindDevice(name string, desktops []string) (*Device, error) {
 			return nil, err
 		}
 	}
-	return s.st.bindDevice(name, desktops)
+	d, err := s.st.bindDevice(name, desktops)
+	if err == nil {
+		s.markCatalog(d.Desktops...)
+	}
+	return d, err
 }
 
 // RemoveDevice forgets a device: its token stops working and a lease it holds is
 // broken.
-func (s *Server) RemoveDevice(name string) (*Device, error) { return s.st.removeDevice(name, s.now()) }
+func (s *Server) RemoveDevice(name string) (*Device, error) {
+	d, err := s.st.removeDevice(name, s.now())
+	if err == nil {
+		s.markCatalog(d.Desktops...)
+	}
+	return d, err
+}
 
 // Devices lists the registered devices.
 func (s *Server) Devices() ([]Device, error) { return s.st.devices() }
@@ -77,6 +91,7 @@ func (s *Server) BreakLease(desktop string) (*Lease, error) {
 		return nil, err
 	}
 	s.log.Info("lease broken", "desktop", desktop, "device", l.DeviceName)
+	s.markCatalog(desktop)
 	return l, nil
 }
 

@@ -103,6 +103,9 @@ func (s *Server) Export(ctx context.Context, desktop, path string, opts ExportOp
 	if err != nil {
 		return nil, err
 	}
+	if h.Lease != nil {
+		s.markCatalog(desktop)
+	}
 	h.Version = dv.Head
 	m := &Manifest{}
 	if err := s.fillDisks(m, dv); err != nil {

@@ -4,8 +4,10 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"slices"
 	"time"
 
+	"github.com/cvd-project/cvd/images"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -117,4 +119,63 @@ func ownLease(tx *bolt.Tx, desktop string, dev *Device, id string, now time.Time
 		return nil, leaseHeld(l, ErrLeaseHeld)
 	}
 	return nil, fmt.Errorf("desktop %s: %w held by this device", desktop, ErrNoLease)
+}
+
+// leaseMark is how the catalog shows a desktop's active lease (Desktop.Lease):
+// "" when none, else "<device> until <expiry>". Other packages (overlay's
+// recompose) take a desktop with a mark as in use.
+func leaseMark(l *Lease, now time.Time) string {
+	if l == nil || l.Expired(now) {
+		return ""
+	}
+	return l.DeviceName + " until " + l.Expires.UTC().Format(time.RFC3339)
+}
+
+// markCatalog writes the desktops' active leases and bound devices into their
+// catalog records, when they changed. Failures are logged: the mark is a hint for
+// other tools, syncd's own state is the authority.
+func (s *Server) markCatalog(desktops ...string) {
+	devs, _ := s.st.devices()
+	for _, name := range desktops {
+		var l *Lease
+		s.st.view(func(tx *bolt.Tx) error {
+			l, _ = activeLease(tx, name)
+			return nil
+		})
+		mark := leaseMark(l, s.now())
+		var bound []string
+		for _, d := range devs {
+			if d.Bound(name) {
+				bound = append(bound, d.Name)
+			}
+		}
+		d, err := s.store.Desktop(name)
+		if err != nil {
+			continue
+		}
+		if d.Lease == mark && slices.Equal(d.Devices, bound) {
+			continue
+		}
+		_, err = s.store.UpdateDesktop(nil, name, func(d *images.Desktop) error {
+			d.Lease, d.Devices = mark, bound
+			return nil
+		})
+		if err != nil {
+			s.log.Warn("mark the lease in the catalog", "desktop", name, "err", err)
+		}
+	}
+}
+
+// markAll refreshes the marks of every desktop (at start, and now and then to
+// clear expired leases).
+func (s *Server) markAll() {
+	ds, err := s.store.Desktops()
+	if err != nil {
+		return
+	}
+	var names []string
+	for _, d := range ds {
+		names = append(names, d.Name)
+	}
+	s.markCatalog(names...)
 }

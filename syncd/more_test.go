@@ -18,6 +18,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -479,5 +480,34 @@ func TestHashStateKeepsCounts(t *testing.T) {
 	h2.add(Entry{Index: 3, Digest: Digest{3}})
 	if h2.count != 3 || h2.data != 2 || h2.sum() != h.sum() {
 		t.Fatalf("restored: %d entries, %d data, %s vs %s", h2.count, h2.data, h2.sum(), h.sum())
+	}
+}
+
+// The catalog shows a desktop's active lease and bound devices (overlay takes a
+// leased desktop as in use).
+func TestCatalogShowsLease(t *testing.T) {
+	ctx := context.Background()
+	w := newWorld(t, smallSpec())
+	d, _ := w.store.Desktop(w.desktop)
+	if d.Lease != "" || !slices.Equal(d.Devices, []string{"laptop1"}) {
+		t.Fatalf("before: lease %q, devices %v", d.Lease, d.Devices)
+	}
+	lap := newLaptop(t, "laptop")
+	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	d, _ = w.store.Desktop(w.desktop)
+	if !strings.HasPrefix(d.Lease, "laptop1 until ") {
+		t.Fatalf("checked out: lease %q", d.Lease)
+	}
+	if err := lap.lp.Release(ctx, w.desktop, false); err != nil {
+		t.Fatal(err)
+	}
+	d, _ = w.store.Desktop(w.desktop)
+	if d.Lease != "" {
+		t.Fatalf("released: lease %q", d.Lease)
+	}
+	if _, err := lap.store.Desktop(w.desktop); !errors.Is(err, images.ErrNotFound) {
+		t.Errorf("the released copy is still on the laptop: %v", err)
 	}
 }

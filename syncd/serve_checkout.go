@@ -153,6 +153,7 @@ func (s *Server) Checkout(ctx context.Context, name string, dev *Device, ttl tim
 	if err != nil {
 		return nil, err
 	}
+	s.markCatalog(name)
 	if fresh {
 		s.m.checkouts.Add(1)
 		s.log.Info("lease granted", "desktop", name, "device", dev.Name, "expires", m.Lease.Expires, "version", dv.Head)
@@ -212,6 +213,7 @@ func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request, dev *Device
 		return err
 	}
 	s.log.Info("lease renewed", "desktop", name, "device", dev.Name, "expires", l.Expires)
+	s.markCatalog(name)
 	writeJSON(w, http.StatusOK, l)
 	return nil
 }
@@ -236,6 +238,7 @@ func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request, dev *Devi
 		return err
 	}
 	s.log.Info("lease released", "desktop", name, "device", dev.Name)
+	s.markCatalog(name)
 	writeJSON(w, http.StatusOK, map[string]string{"released": req.Lease})
 	return nil
 }

@@ -153,6 +153,9 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*Checkin
 	s.m.clustersDeduplicated.Add(res.Deduplicated)
 	s.log.Info("check-in committed", "desktop", se.Desktop, "device", dev.Name, "version", v.N,
 		"conflict", conflict, "head", res.Head, "bytes", res.Bytes, "deduplicated", res.Deduplicated)
+	if res.Released {
+		s.markCatalog(se.Desktop)
+	}
 	if !conflict {
 		if err := s.resetTops(dv, v); err != nil {
 			s.log.Error("reset tops after check-in (the next start of the server retries)", "err", err)
