@@ -175,7 +175,7 @@ func (w *world) writeTop(rel string, ws []write) {
 
 func (w *world) start() {
 	w.t.Helper()
-	srv, err := NewServer(w.store, ServerOptions{Now: func() time.Time { return w.now }})
+	srv, err := NewServer(w.store, ServerOptions{Now: func() time.Time { return w.now }, Logger: testLogger()})
 	if err != nil {
 		w.t.Fatal(err)
 	}
