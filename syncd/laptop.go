@@ -203,8 +203,12 @@ func PurgeExpired(ctx context.Context, storeDir string, logger *slog.Logger) ([]
 	if _, err := os.Stat(statePath(storeDir)); err != nil {
 		return nil, nil
 	}
-	st, err := openState(storeDir, 0)
+	st, err := openState(storeDir, time.Second)
 	if err != nil {
+		if errors.Is(err, errStateBusy) {
+			// Another cvd process (a server, an agent) holds the store: it purges.
+			return nil, nil
+		}
 		return nil, err
 	}
 	var expired bool

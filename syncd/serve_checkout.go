@@ -137,6 +137,11 @@ func (s *Server) Checkout(ctx context.Context, name string, dev *Device, ttl tim
 	if err != nil {
 		return nil, err
 	}
+	if s.opts.BeforeCheckout != nil {
+		if err := s.opts.BeforeCheckout(ctx, name); err != nil {
+			return nil, fmt.Errorf("desktop %s: before check-out: %w", name, err)
+		}
+	}
 	dv, err := desktopVersions(s.store, name)
 	if err != nil {
 		return nil, err

@@ -37,6 +37,11 @@ type ServerOptions struct {
 	VM VMStopper
 	// StopTimeout is the graceful shutdown time before a forced stop (default 60 s).
 	StopTimeout time.Duration
+	// BeforeCheckout runs after the server-side VM is stopped and its tops are
+	// sealed, before the lease is granted: the desktop's next start is on the
+	// laptop. The CLI wires it to overlay.ApplySwitch, which carries out a
+	// recompose marked while the desktop was in use. Nil does nothing.
+	BeforeCheckout func(ctx context.Context, desktop string) error
 	// Logger receives one line per request and per state change; nil discards.
 	Logger *slog.Logger
 	// Now is the clock (tests set it).

@@ -51,6 +51,9 @@ type state struct {
 func statePath(storeDir string) string { return filepath.Join(storeDir, SyncDir, StateFile) }
 
 // openState opens (creating) the state database of the store in storeDir.
+// errStateBusy: another process holds the sync state database.
+var errStateBusy = errors.New("another cvd process holds it")
+
 func openState(storeDir string, timeout time.Duration) (*state, error) {
 	dir := filepath.Join(storeDir, SyncDir)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -62,7 +65,7 @@ func openState(storeDir string, timeout time.Duration) (*state, error) {
 	db, err := bolt.Open(filepath.Join(dir, StateFile), 0o600, &bolt.Options{Timeout: timeout})
 	if err != nil {
 		if errors.Is(err, bolt.ErrTimeout) {
-			return nil, fmt.Errorf("open %s: another cvd process holds it (waited %v)", filepath.Join(dir, StateFile), timeout)
+			return nil, fmt.Errorf("open %s: %w (waited %v)", filepath.Join(dir, StateFile), errStateBusy, timeout)
 		}
 		return nil, noSpace(fmt.Errorf("open %s: %w", filepath.Join(dir, StateFile), err))
 	}

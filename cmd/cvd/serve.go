@@ -15,6 +15,7 @@ import (
 
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/hypervisor"
+	"github.com/cvd-project/cvd/overlay"
 	"github.com/cvd-project/cvd/syncd"
 	"github.com/spf13/cobra"
 )
@@ -74,7 +75,14 @@ func runServe(ctx context.Context, g *globalOptions, opts *serveOptions, out, er
 		return err
 	}
 	defer st.Close()
-	so := syncd.ServerOptions{LeaseTTL: opts.leaseTTL, MaxLeaseTTL: opts.maxLeaseTTL, StopTimeout: opts.stopTimeout, Logger: log}
+	so := syncd.ServerOptions{LeaseTTL: opts.leaseTTL, MaxLeaseTTL: opts.maxLeaseTTL, StopTimeout: opts.stopTimeout, Logger: log,
+		BeforeCheckout: func(ctx context.Context, desktop string) error {
+			p, err := overlay.ApplySwitch(ctx, st, desktop)
+			if p != nil {
+				log.Info("recompose marked on the desktop carried out before its check-out", "desktop", desktop, "action", p.Action, "version", p.NewVersion)
+			}
+			return err
+		}}
 	if uri := libvirtURI(opts.libvirt); uri != "" {
 		vms := &libvirtVMs{uri: uri, log: log}
 		defer vms.Close()

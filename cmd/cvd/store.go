@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/cvd-project/cvd/syncd"
 	"io"
 	"io/fs"
+	"log/slog"
 	"math"
 	"os"
 	"path/filepath"
@@ -24,6 +26,15 @@ import (
 // openStore opens the store named by --store. A read-only open of a store that
 // does not exist yet creates it (an empty store lists nothing).
 func openStore(g *globalOptions, readOnly bool) (*images.Store, error) {
+	// Past its lease's expiry a checked-out copy is purged by every command on
+	// the store, offline too (a stat when nothing was ever checked out).
+	purged, err := syncd.PurgeExpired(context.Background(), g.store, slog.Default())
+	if err != nil {
+		slog.Warn("purge of expired check-outs failed", "store", g.store, "err", err)
+	}
+	for _, p := range purged {
+		slog.Warn("purged a checked-out desktop whose lease expired", "desktop", p.Desktop, "expired", p.Expired, "reason", p.Reason)
+	}
 	if readOnly {
 		if _, err := os.Stat(filepath.Join(g.store, images.DBFile)); err != nil {
 			readOnly = false
