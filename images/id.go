@@ -140,63 +140,84 @@ func isZero(b []byte) bool {
 	return true
 }
 
-// clusterRun is a run of clusters [first, last] of one state in one layer.
-type clusterRun struct {
-	first, last int64
-	data        bool // else zero
+// ClusterRun is a run of clusters [First, Last] of one state in one layer.
+type ClusterRun struct {
+	First, Last int64
+	Data        bool // else zero
+}
+
+// LayerRuns turns img's own MapLayer extents of [win, win+n) into runs of whole
+// clusters of size cs, the way layer IDs list them: a cluster that an extent finer
+// than the cluster touches counts, and data wins over zero.
+func LayerRuns(img disk.Image, win, n, cs int64) ([]ClusterRun, error) {
+	exts, err := img.MapLayer(win, n)
+	if err != nil {
+		return nil, fmt.Errorf("map layer %s at %#x: %w", img.Info().Path, win, err)
+	}
+	var runs []ClusterRun
+	for _, e := range exts {
+		if e.State == disk.Unallocated || e.Len <= 0 {
+			continue
+		}
+		first, last := e.Off/cs, (e.Off+e.Len-1)/cs
+		data := e.State == disk.Data
+		if k := len(runs) - 1; k >= 0 && runs[k].Last >= first {
+			// The first cluster is shared with the run before (an extent finer
+			// than the cluster): data wins over zero.
+			if data && !runs[k].Data {
+				if runs[k].First == runs[k].Last {
+					runs = runs[:k]
+				} else {
+					runs[k].Last--
+				}
+				runs = append(runs, ClusterRun{first, first, true})
+			}
+			first = runs[len(runs)-1].Last + 1
+			if first > last {
+				continue
+			}
+		}
+		if k := len(runs) - 1; k >= 0 && runs[k].Last+1 == first && runs[k].Data == data {
+			runs[k].Last = last
+		} else {
+			runs = append(runs, ClusterRun{first, last, data})
+		}
+	}
+	return runs, nil
 }
 
 // WalkLayer calls fn, in ascending order, for each cluster of size cs that img's own
 // layer allocates, with the cluster's bytes, or nil when it reads as zeros. Without
 // keepZero, clusters that read as zeros are skipped. data is only valid during fn.
+// It lists exactly what ComputeID hashes.
 func WalkLayer(ctx context.Context, img disk.Image, cs int, keepZero bool, fn func(idx int64, data []byte) error) error {
+	return WalkLayerFrom(ctx, img, cs, keepZero, 0, fn)
+}
+
+// WalkLayerFrom is WalkLayer starting at cluster index from (a resumed transfer).
+func WalkLayerFrom(ctx context.Context, img disk.Image, cs int, keepZero bool, from int64, fn func(idx int64, data []byte) error) error {
 	size := img.Size()
 	c := int64(cs)
 	buf := make([]byte, max(readChunk, cs))
-	for win := int64(0); win < size; win += mapWindow {
+	start := from * c / mapWindow * mapWindow
+	for win := start; win < size; win += mapWindow {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		n := min(mapWindow, size-win)
-		exts, err := img.MapLayer(win, n)
+		runs, err := LayerRuns(img, win, min(mapWindow, size-win), c)
 		if err != nil {
-			return fmt.Errorf("map layer %s at %#x: %w", img.Info().Path, win, err)
-		}
-		var runs []clusterRun
-		for _, e := range exts {
-			if e.State == disk.Unallocated || e.Len <= 0 {
-				continue
-			}
-			first, last := e.Off/c, (e.Off+e.Len-1)/c
-			data := e.State == disk.Data
-			if k := len(runs) - 1; k >= 0 && runs[k].last >= first {
-				// The first cluster is shared with the run before (an extent finer
-				// than the cluster): data wins over zero.
-				if data && !runs[k].data {
-					if runs[k].first == runs[k].last {
-						runs = runs[:k]
-					} else {
-						runs[k].last--
-					}
-					runs = append(runs, clusterRun{first, first, true})
-				}
-				first = runs[len(runs)-1].last + 1
-				if first > last {
-					continue
-				}
-			}
-			if k := len(runs) - 1; k >= 0 && runs[k].last+1 == first && runs[k].data == data {
-				runs[k].last = last
-			} else {
-				runs = append(runs, clusterRun{first, last, data})
-			}
+			return err
 		}
 		for _, r := range runs {
-			if !r.data {
+			if r.Last < from {
+				continue
+			}
+			r.First = max(r.First, from)
+			if !r.Data {
 				if !keepZero {
 					continue
 				}
-				for i := r.first; i <= r.last; i++ {
+				for i := r.First; i <= r.Last; i++ {
 					if err := fn(i, nil); err != nil {
 						return err
 					}
@@ -204,11 +225,11 @@ func WalkLayer(ctx context.Context, img disk.Image, cs int, keepZero bool, fn fu
 				continue
 			}
 			per := int64(len(buf)) / c
-			for i := r.first; i <= r.last; i += per {
+			for i := r.First; i <= r.Last; i += per {
 				if err := ctx.Err(); err != nil {
 					return err
 				}
-				cnt := min(per, r.last-i+1)
+				cnt := min(per, r.Last-i+1)
 				off := i * c
 				l := min(cnt*c, size-off)
 				if _, err := img.ReadAt(buf[:l], off); err != nil && err != io.EOF {

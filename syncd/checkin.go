@@ -260,7 +260,7 @@ func (l *Laptop) scanTops(ctx context.Context, d *images.Desktop, co *Checkout) 
 		ch := diskChanges{name: dn, top: path,
 			decl: CheckinDisk{Name: dn, Parent: parent, Size: img.Size(), ClusterSize: cs}}
 		h := newIDHasher(parent, img.Size(), cs)
-		err = walkClusters(ctx, img, cs, parent != "", 0, func(idx int64, data []byte) error {
+		err = images.WalkLayerFrom(ctx, img, cs, parent != "", 0, func(idx int64, data []byte) error {
 			e := Entry{Index: idx, Zero: data == nil}
 			if data != nil {
 				e.Digest = sha256.Sum256(data)

@@ -87,7 +87,7 @@ func (s *state) indexLayerFile(ctx context.Context, id, path string) error {
 		batch = batch[:0]
 		return err
 	}
-	err = walkClusters(ctx, img, cs, false, 0, func(idx int64, data []byte) error {
+	err = images.WalkLayerFrom(ctx, img, cs, false, 0, func(idx int64, data []byte) error {
 		batch = append(batch, Entry{Index: idx, Digest: sha256.Sum256(data)})
 		n++
 		if len(batch) == 1<<16 {

@@ -54,7 +54,7 @@ func TestLayerIDMatchesImages(t *testing.T) {
 		}
 		cs := images.DigestClusterSize(img.Info())
 		h := newIDHasher(c.parent, img.Size(), cs)
-		err = walkClusters(ctx, img, cs, c.parent != "", 0, func(idx int64, data []byte) error {
+		err = images.WalkLayerFrom(ctx, img, cs, c.parent != "", 0, func(idx int64, data []byte) error {
 			e := Entry{Index: idx, Zero: data == nil}
 			if data != nil {
 				e.Digest = sha256Digest(data)

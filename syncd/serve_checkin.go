@@ -434,11 +434,11 @@ func (s *Server) openStage(dir string, d CheckinDisk) (disk.Image, error) {
 }
 
 // allocated lists the guest clusters the staging layer of a disk holds.
-type allocSet []clusterRun
+type allocSet []images.ClusterRun
 
 func (a allocSet) has(idx int64) bool {
-	i := sort.Search(len(a), func(i int) bool { return a[i].last >= idx })
-	return i < len(a) && a[i].first <= idx
+	i := sort.Search(len(a), func(i int) bool { return a[i].Last >= idx })
+	return i < len(a) && a[i].First <= idx
 }
 
 func stageAlloc(path string, cs int) (allocSet, error) {
@@ -452,12 +452,12 @@ func stageAlloc(path string, cs int) (allocSet, error) {
 	defer img.Close()
 	var out allocSet
 	for win := int64(0); win < img.Size(); win += mapWindow {
-		runs, err := layerRuns(img, win, min(mapWindow, img.Size()-win), int64(cs))
+		runs, err := images.LayerRuns(img, win, min(mapWindow, img.Size()-win), int64(cs))
 		if err != nil {
 			return nil, err
 		}
 		for _, r := range runs {
-			if r.data {
+			if r.Data {
 				out = append(out, r)
 			}
 		}

@@ -346,7 +346,7 @@ func writeLayerStream(ctx context.Context, sw *streamWriter, img disk.Image, cs 
 		return err
 	}
 	err := encodeOrdered(ctx, opts, func(submit func(byte, int64, []byte) error) error {
-		return walkClusters(ctx, img, cs, keepZero, from, func(idx int64, data []byte) error {
+		return images.WalkLayerFrom(ctx, img, cs, keepZero, from, func(idx int64, data []byte) error {
 			return submit(0, idx, data)
 		})
 	}, func(c encodedCluster, zero bool) error {
