@@ -110,6 +110,10 @@ type Conn struct {
 	virt    string // domain type for Define when DomainSpec.Type is empty
 	closeMu sync.Mutex
 	closed  bool
+	// defineMu serializes defines: libvirtd 9.0 loads the RelaxNG schema of a
+	// validated define with libxml2 in a way that races with a concurrent one
+	// ("Unable to parse RNG ... is not exported by type library").
+	defineMu sync.Mutex
 }
 
 // Connect connects to the libvirtd that uri names (see ParseURI). A libvirtd that

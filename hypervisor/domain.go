@@ -138,10 +138,32 @@ func (c *Conn) Define(ctx context.Context, spec DomainSpec) error {
 // DefineXML defines a domain from XML (as DomainSpec.XML renders, possibly
 // edited). name is only used in errors.
 func (c *Conn) DefineXML(ctx context.Context, name, domainXML string) error {
-	return c.do(ctx, "define", name, func() error {
-		_, err := c.l.DomainDefineXMLFlags(domainXML, libvirt.DomainDefineValidate)
-		return err
-	})
+	c.defineMu.Lock()
+	defer c.defineMu.Unlock()
+	define := func() error {
+		return c.do(ctx, "define", name, func() error {
+			_, err := c.l.DomainDefineXMLFlags(domainXML, libvirt.DomainDefineValidate)
+			return err
+		})
+	}
+	err := define()
+	for try := 0; err != nil && isSchemaRace(err) && try < 3; try++ {
+		// Another process's define raced the schema load in libvirtd: again.
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(time.Duration(50*(try+1)) * time.Millisecond):
+		}
+		err = define()
+	}
+	return err
+}
+
+// isSchemaRace recognizes libvirtd's error when two validated defines load the
+// domain schema at once.
+func isSchemaRace(err error) bool {
+	msg := err.Error()
+	return strings.Contains(msg, "Unable to parse RNG") || strings.Contains(msg, "is not exported by type library")
 }
 
 // Start boots a defined domain. Starting a running domain gives ErrRunning.

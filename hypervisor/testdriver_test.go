@@ -162,3 +162,27 @@ func TestTestDriverLifecycle(t *testing.T) {
 		t.Errorf("state after undefine: got %v, want ErrNotFound naming %s", err, name)
 	}
 }
+
+// TestConcurrentDefines defines many domains at once on one connection to the
+// real libvirtd (qemu driver, validated XML): libvirtd 9.0 fails some of them
+// with "Unable to parse RNG" when validated defines race; Conn serializes them.
+func TestConcurrentDefines(t *testing.T) {
+	c := needLibvirt(t)
+	base := makeBase(t)
+	const n = 12
+	errs := make(chan error, n)
+	for i := range n {
+		name := uniqueName(fmt.Sprintf("def%d", i))
+		cleanupDomain(t, c, name)
+		go func() {
+			spec := DomainSpec{Name: name, UUID: randomUUID(), MemoryMiB: 64, VCPUs: 1,
+				Disks: []DiskSpec{{Target: "vda", Chain: chain(base)}}}
+			errs <- c.Define(context.Background(), spec)
+		}()
+	}
+	for range n {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+}
