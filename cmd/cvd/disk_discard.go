@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"io"
 
 	"github.com/cvd-project/cvd/disk"
@@ -34,24 +33,6 @@ clusters at the edges are zeroed.`,
 	return c
 }
 
-func runDiskDiscard(ctx context.Context, opts *diskDiscardOptions, args []string, out io.Writer) (err error) {
-	off, n, err := parseOffLen(args[1], args[2])
-	if err != nil {
-		return err
-	}
-	img, err := openImage(args[0], disk.OpenOptions{AllowedRoots: opts.allowRoots})
-	if err != nil {
-		return err
-	}
-	defer closeImage(img, &err)
-	if err := checkRange(img, off, n); err != nil {
-		return err
-	}
-	if err := img.Discard(off, n); err != nil {
-		return fmt.Errorf("discard %s [%d, %d): %w", args[0], off, off+n, err)
-	}
-	if err := img.Flush(); err != nil {
-		return fmt.Errorf("flush %s: %w", args[0], err)
-	}
-	return reportRange(out, opts.json, "discarded", off, n)
+func runDiskDiscard(ctx context.Context, opts *diskDiscardOptions, args []string, out io.Writer) error {
+	return runDiskRangeOp(opts.allowRoots, opts.json, args, out, "discard", "discarded", disk.Image.Discard)
 }

@@ -34,12 +34,19 @@ chain); partial clusters at the edges are written with zeros.`,
 	return c
 }
 
-func runDiskZero(ctx context.Context, opts *diskZeroOptions, args []string, out io.Writer) (err error) {
+func runDiskZero(ctx context.Context, opts *diskZeroOptions, args []string, out io.Writer) error {
+	return runDiskRangeOp(opts.allowRoots, opts.json, args, out, "zero", "zeroed", disk.Image.WriteZeroes)
+}
+
+// runDiskRangeOp runs a range operation (zero, discard) on IMAGE OFFSET LENGTH,
+// flushes, and reports the range.
+func runDiskRangeOp(roots []string, asJSON bool, args []string, out io.Writer, verb, done string,
+	op func(img disk.Image, off, n int64) error) (err error) {
 	off, n, err := parseOffLen(args[1], args[2])
 	if err != nil {
 		return err
 	}
-	img, err := openImage(args[0], disk.OpenOptions{AllowedRoots: opts.allowRoots})
+	img, err := openImage(args[0], disk.OpenOptions{AllowedRoots: roots})
 	if err != nil {
 		return err
 	}
@@ -47,11 +54,11 @@ func runDiskZero(ctx context.Context, opts *diskZeroOptions, args []string, out 
 	if err := checkRange(img, off, n); err != nil {
 		return err
 	}
-	if err := img.WriteZeroes(off, n); err != nil {
-		return fmt.Errorf("zero %s [%d, %d): %w", args[0], off, off+n, err)
+	if err := op(img, off, n); err != nil {
+		return fmt.Errorf("%s %s [%d, %d): %w", verb, args[0], off, off+n, err)
 	}
 	if err := img.Flush(); err != nil {
 		return fmt.Errorf("flush %s: %w", args[0], err)
 	}
-	return reportRange(out, opts.json, "zeroed", off, n)
+	return reportRange(out, asJSON, done, off, n)
 }
