@@ -196,10 +196,11 @@ func (l *Laptop) removeCopy(ctx context.Context, c *Checkout) error {
 	return l.st.update(func(tx *bolt.Tx) error { return tx.Bucket(bucketCheckouts).Delete([]byte(c.Desktop)) })
 }
 
-// PurgeExpired is Laptop.PurgeExpired for a store directory that may not be open:
-// it costs a stat when nothing was ever checked out to the store. Every cvd command
+// PurgeExpired is Laptop.PurgeExpired for a store directory that is not open yet
+// (opts as for OpenLaptop: the VM hook undefines a purged desktop's local VM): it
+// costs a stat when nothing was ever checked out to the store. Every cvd command
 // that opens a store calls it first.
-func PurgeExpired(ctx context.Context, storeDir string, logger *slog.Logger) ([]PurgeReport, error) {
+func PurgeExpired(ctx context.Context, storeDir string, opts LaptopOptions) ([]PurgeReport, error) {
 	if _, err := os.Stat(statePath(storeDir)); err != nil {
 		return nil, nil
 	}
@@ -231,7 +232,7 @@ func PurgeExpired(ctx context.Context, storeDir string, logger *slog.Logger) ([]
 		return nil, err
 	}
 	defer store.Close()
-	lp, err := OpenLaptop(store, LaptopOptions{Logger: logger})
+	lp, err := OpenLaptop(store, opts)
 	if err != nil {
 		return nil, err
 	}

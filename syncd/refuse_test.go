@@ -589,13 +589,17 @@ func TestExpiredCopyPurgedOffline(t *testing.T) {
 	w.stop() // the server is gone
 	lap.close()
 	// Not expired yet: nothing happens.
-	if purged, err := PurgeExpired(ctx, lap.dir, nil); err != nil || len(purged) != 0 {
+	if purged, err := PurgeExpired(ctx, lap.dir, LaptopOptions{}); err != nil || len(purged) != 0 {
 		t.Fatalf("purge before expiry: %v %v", purged, err)
 	}
 	time.Sleep(time.Until(rep.Lease.Expires) + 100*time.Millisecond)
-	purged, err := PurgeExpired(ctx, lap.dir, nil)
+	vm := &recordVM{}
+	purged, err := PurgeExpired(ctx, lap.dir, LaptopOptions{VM: vm})
 	if err != nil || len(purged) != 1 || purged[0].Desktop != w.desktop {
 		t.Fatalf("purge after expiry: %v %v", purged, err)
+	}
+	if len(vm.undefined) != 1 || vm.undefined[0] != w.desktop {
+		t.Errorf("the purge undefined the local VMs %v, want [%s]", vm.undefined, w.desktop)
 	}
 	st, err := images.Open(lap.dir, images.OpenOptions{})
 	if err != nil {
@@ -622,4 +626,16 @@ func TestExpiredCopyPurgedOffline(t *testing.T) {
 	if rep, err := st.GC(ctx, false); err != nil || rep.Kept != 0 {
 		t.Errorf("gc after the purge: kept %d, %v", rep.Kept, err)
 	}
+}
+
+// recordVM is a LocalVM that records what it is asked to undefine.
+type recordVM struct{ undefined []string }
+
+func (v *recordVM) DefineDesktop(ctx context.Context, desktop, systemTop, userTop string) error {
+	return nil
+}
+
+func (v *recordVM) UndefineDesktop(ctx context.Context, desktop string) error {
+	v.undefined = append(v.undefined, desktop)
+	return nil
 }

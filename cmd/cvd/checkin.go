@@ -48,7 +48,7 @@ Shut the desktop's VM down first: its tops must not change during the check-in.`
 }
 
 func runCheckin(ctx context.Context, g *globalOptions, opts *checkinOptions, desktop string, out, errOut io.Writer) error {
-	lp, done, err := openLaptop(ctx, g, errOut)
+	lp, done, err := openLaptop(g, errOut)
 	if err != nil {
 		return err
 	}
@@ -98,7 +98,7 @@ func newReleaseCommand(g *globalOptions) *cobra.Command {
 		Short: "Give a checked-out desktop's lease back and remove the local copy (refused with changes not checked in)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			lp, done, err := openLaptop(cmd.Context(), g, cmd.ErrOrStderr())
+			lp, done, err := openLaptop(g, cmd.ErrOrStderr())
 			if err != nil {
 				return err
 			}

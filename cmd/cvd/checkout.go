@@ -58,7 +58,7 @@ func runCheckout(ctx context.Context, g *globalOptions, opts *checkoutOptions, d
 	if opts.server == "" || opts.token == "" {
 		return &exitError{code: exitUsage, err: fmt.Errorf("give --server and --token (or CVD_SERVER and CVD_TOKEN)")}
 	}
-	lp, done, err := openLaptop(ctx, g, errOut)
+	lp, done, err := openLaptop(g, errOut)
 	if err != nil {
 		return err
 	}
@@ -87,9 +87,9 @@ func runCheckout(ctx context.Context, g *globalOptions, opts *checkoutOptions, d
 	return nil
 }
 
-// openLaptop opens the local store for a sync command, purging expired copies
-// first.
-func openLaptop(ctx context.Context, g *globalOptions, errOut io.Writer) (*syncd.Laptop, func(), error) {
+// openLaptop opens the local store for a sync command (openStore purges expired
+// copies first).
+func openLaptop(g *globalOptions, errOut io.Writer) (*syncd.Laptop, func(), error) {
 	st, err := openStore(g, false)
 	if err != nil {
 		return nil, nil, err
@@ -101,15 +101,6 @@ func openLaptop(ctx context.Context, g *globalOptions, errOut io.Writer) (*syncd
 	}
 	lp, err := syncd.OpenLaptop(st, lo)
 	if err != nil {
-		st.Close()
-		return nil, nil, err
-	}
-	purged, err := lp.PurgeExpired(ctx)
-	for _, p := range purged {
-		fmt.Fprintf(errOut, "cvd: purged desktop %s: its lease expired at %s\n", p.Desktop, p.Expired.Local().Format(time.RFC3339))
-	}
-	if err != nil {
-		lp.Close()
 		st.Close()
 		return nil, nil, err
 	}
@@ -161,7 +152,7 @@ func newStatusCommand(g *globalOptions) *cobra.Command {
 		Short: "Show the desktops checked out to this store: lease, version, pending check-in",
 		Args:  cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			lp, done, err := openLaptop(cmd.Context(), g, cmd.ErrOrStderr())
+			lp, done, err := openLaptop(g, cmd.ErrOrStderr())
 			if err != nil {
 				return err
 			}

@@ -66,7 +66,7 @@ func newImportCommand(g *globalOptions) *cobra.Command {
 		Short: "Read an offline bundle (from `cvd export`) into the local store",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			lp, done, err := openLaptop(cmd.Context(), g, cmd.ErrOrStderr())
+			lp, done, err := openLaptop(g, cmd.ErrOrStderr())
 			if err != nil {
 				return err
 			}

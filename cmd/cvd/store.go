@@ -17,6 +17,7 @@ import (
 	"strings"
 	"syscall"
 	"text/tabwriter"
+	"time"
 
 	"github.com/cvd-project/cvd/images"
 	"github.com/spf13/cobra"
@@ -26,21 +27,33 @@ import (
 // openStore opens the store named by --store. A read-only open of a store that
 // does not exist yet creates it (an empty store lists nothing).
 func openStore(g *globalOptions, readOnly bool) (*images.Store, error) {
-	// Past its lease's expiry a checked-out copy is purged by every command on
-	// the store, offline too (a stat when nothing was ever checked out).
-	purged, err := syncd.PurgeExpired(context.Background(), g.store, slog.Default())
-	if err != nil {
-		slog.Warn("purge of expired check-outs failed", "store", g.store, "err", err)
-	}
-	for _, p := range purged {
-		slog.Warn("purged a checked-out desktop whose lease expired", "desktop", p.Desktop, "expired", p.Expired, "reason", p.Reason)
-	}
+	purgeExpired(g)
 	if readOnly {
 		if _, err := os.Stat(filepath.Join(g.store, images.DBFile)); err != nil {
 			readOnly = false
 		}
 	}
 	return images.Open(g.store, images.OpenOptions{ReadOnly: readOnly})
+}
+
+// purgeExpired removes checked-out copies whose lease has expired: every command
+// on a store does it first, offline too (a stat when nothing was ever checked
+// out). The local VM of a purged desktop is undefined when libvirt is there. A
+// failure is logged, not fatal: the command goes on, and the next one retries.
+func purgeExpired(g *globalOptions) {
+	opts := syncd.LaptopOptions{Logger: slog.Default()}
+	vms := &libvirtVMs{uri: libvirtURI(""), log: slog.Default()}
+	defer vms.Close()
+	if vms.uri != "" {
+		opts.VM = vms
+	}
+	purged, err := syncd.PurgeExpired(context.Background(), g.store, opts)
+	if err != nil {
+		slog.Warn("purge of expired check-outs failed", "store", g.store, "err", err)
+	}
+	for _, p := range purged {
+		slog.Warn("purged a checked-out desktop: its lease expired", "desktop", p.Desktop, "expired", p.Expired.Local().Format(time.RFC3339), "reason", p.Reason)
+	}
 }
 
 // storeError maps store errors to exit codes: bad names and options are usage
