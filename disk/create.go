@@ -146,9 +146,6 @@ func layout(h *header, cs int) (*newLayout, error) {
 	h.refTableClusters = uint32(rt)
 	h.l1Offset = uint64((1 + rt + rb) * int64(cs))
 	h.l1Size = uint32(l1Entries)
-	if h.l1Size == 0 {
-		h.l1Size = 0
-	}
 	hdr, err := h.encode(cs)
 	if err != nil {
 		return nil, err

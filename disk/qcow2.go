@@ -1,7 +1,6 @@
 package disk
 
 import (
-	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -252,7 +251,7 @@ const (
 // classify decodes an L2 entry for guest cluster gc.
 func (q *Qcow2) classify(e uint64, gc int64) (entryKind, int64, error) {
 	if e&oflagCompress != 0 {
-		if q.h.version >= 2 && e&oflagCopied != 0 {
+		if e&oflagCopied != 0 {
 			return 0, 0, formatErr(-1, "L2 entry", "compressed cluster %d has the COPIED flag", gc)
 		}
 		return kCompressed, 0, nil
@@ -445,5 +444,10 @@ func isZero(b []byte) bool {
 		}
 		b = b[8:]
 	}
-	return len(b) == 0 || (b[0] == 0 && bytes.Equal(b, make([]byte, len(b))))
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }

@@ -436,11 +436,10 @@ func (q *Qcow2) zeroData(off, n int64) error {
 
 // zeroClusters turns guest clusters [gc0, gc1) into zero or unallocated entries.
 func (q *Qcow2) zeroClusters(gc0, gc1 int64, mode zeroMode) error {
-	want := func(e uint64) uint64 {
-		if q.h.version >= 3 && (q.backing != nil || mode != zeroDiscard) {
-			return oflagZero
-		}
-		return 0
+	// What every whole cluster of the range becomes.
+	var w uint64
+	if q.h.version >= 3 && (q.backing != nil || mode != zeroDiscard) {
+		w = oflagZero
 	}
 	var need []int64
 	var changed []int64
@@ -453,7 +452,6 @@ func (q *Qcow2) zeroClusters(gc0, gc1 int64, mode zeroMode) error {
 		if _, _, err := q.classify(e, gc); err != nil {
 			return err
 		}
-		w := want(e)
 		if e == w || (e == 0 && q.backing == nil && mode != zeroAlways) {
 			continue // already reads as zeros with nothing held
 		}
@@ -475,8 +473,8 @@ func (q *Qcow2) zeroClusters(gc0, gc1 int64, mode zeroMode) error {
 		}
 	}
 	u := l2Update{q: q}
-	for i, gc := range changed {
-		if err := u.set(gc, want(olds[i])); err != nil {
+	for _, gc := range changed {
+		if err := u.set(gc, w); err != nil {
 			return err
 		}
 	}
