@@ -109,6 +109,21 @@ func explainOpenError(path string, err error) error {
 }
 
 // closeImage closes img and keeps the first error.
+// openImagePair opens two images read-only (compare, diff); when the second
+// does not open, the first is closed again. The caller closes both.
+func openImagePair(a, b string, roots []string) (disk.Image, disk.Image, error) {
+	ia, err := openImage(a, disk.OpenOptions{ReadOnly: true, AllowedRoots: roots})
+	if err != nil {
+		return nil, nil, err
+	}
+	ib, err := openImage(b, disk.OpenOptions{ReadOnly: true, AllowedRoots: roots})
+	if err != nil {
+		ia.Close()
+		return nil, nil, err
+	}
+	return ia, ib, nil
+}
+
 func closeImage(img disk.Image, errp *error) {
 	if err := img.Close(); err != nil && *errp == nil {
 		*errp = err

@@ -41,15 +41,11 @@ Exit codes:
 
 func runDiskCompare(ctx context.Context, opts *diskCompareOptions, args []string, out io.Writer) (err error) {
 	fail := func(err error) error { return &exitError{code: exitUsage, err: err} }
-	a, err := openImage(args[0], disk.OpenOptions{ReadOnly: true, AllowedRoots: opts.allowRoots})
+	a, b, err := openImagePair(args[0], args[1], opts.allowRoots)
 	if err != nil {
 		return fail(err)
 	}
 	defer closeImage(a, &err)
-	b, err := openImage(args[1], disk.OpenOptions{ReadOnly: true, AllowedRoots: opts.allowRoots})
-	if err != nil {
-		return fail(err)
-	}
 	defer closeImage(b, &err)
 
 	off, err := disk.Compare(ctx, a, b)

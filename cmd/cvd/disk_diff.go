@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 
-	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/overlay"
 	"github.com/spf13/cobra"
 )
@@ -49,15 +48,11 @@ Exit codes:
 
 func runDiskDiff(ctx context.Context, opts *diskDiffOptions, args []string, out io.Writer) (err error) {
 	fail := func(err error) error { return &exitError{code: exitUsage, err: err} }
-	a, err := openImage(args[0], disk.OpenOptions{ReadOnly: true, AllowedRoots: opts.allowRoots})
+	a, b, err := openImagePair(args[0], args[1], opts.allowRoots)
 	if err != nil {
 		return fail(err)
 	}
 	defer closeImage(a, &err)
-	b, err := openImage(args[1], disk.OpenOptions{ReadOnly: true, AllowedRoots: opts.allowRoots})
-	if err != nil {
-		return fail(err)
-	}
 	defer closeImage(b, &err)
 
 	rep, err := overlay.DiffStats(ctx, a, b)
