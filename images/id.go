@@ -50,8 +50,8 @@ func DigestClusterSize(info disk.Info) int {
 func ComputeID(ctx context.Context, img disk.Image, parent string) (string, LayerStats, error) {
 	cs := DigestClusterSize(img.Info())
 	h := NewIDHasher(parent, img.Size(), cs)
-	err := WalkLayer(ctx, img, cs, parent != "", func(idx int64, data []byte) error {
-		h.AddData(idx, data)
+	err := SumLayer(ctx, img, cs, parent != "", func(s ClusterSum) error {
+		h.AddSum(s)
 		return nil
 	})
 	if err != nil {

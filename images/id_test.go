@@ -2,6 +2,8 @@ package images
 
 import (
 	"context"
+	"crypto/sha256"
+	"errors"
 	"fmt"
 	"slices"
 	"testing"
@@ -78,6 +80,9 @@ func TestWalkLayer(t *testing.T) {
 			[]string{"1:d"}},
 		{"across the map window", 3 << 30, []disk.Extent{ext(1<<30-c, 2*c, disk.Data)}, nil, true,
 			[]string{fmt.Sprintf("%d:d", (1<<30)/c-1), fmt.Sprintf("%d:d", (1<<30)/c)}},
+		// Many read chunks, runs of both kinds between them: SumLayer's order.
+		{"many chunks", 64 << 20, []disk.Extent{ext(0, 9<<20, disk.Data), ext(9<<20, 3<<20, disk.Zero),
+			ext(12<<20, c, disk.Data), ext(20<<20, 30<<20+4096, disk.Data)}, []int64{5, 100, 399}, true, nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -100,8 +105,29 @@ func TestWalkLayer(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if !slices.Equal(got, tt.want) {
+			if tt.want != nil && !slices.Equal(got, tt.want) {
 				t.Errorf("got %v, want %v", got, tt.want)
+			}
+			// SumLayer lists the same clusters, in order, with their digests.
+			var want []ClusterSum
+			WalkLayer(context.Background(), f, c, tt.keepZero, func(idx int64, data []byte) error {
+				s := ClusterSum{Index: idx, Zero: data == nil, Len: len(data)}
+				if data != nil {
+					s.Digest = sha256.Sum256(data)
+				}
+				want = append(want, s)
+				return nil
+			})
+			var sums []ClusterSum
+			err = SumLayer(context.Background(), f, c, tt.keepZero, func(s ClusterSum) error {
+				sums = append(sums, s)
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Equal(sums, want) {
+				t.Errorf("SumLayer listed %d clusters unlike WalkLayer's %d", len(sums), len(want))
 			}
 			if tt.name == "partial last cluster" && (len(sizes) != 1 || sizes[0] != 4096) {
 				t.Errorf("last cluster read %v bytes, want 4096", sizes)
@@ -140,5 +166,33 @@ func TestComputeIDInputs(t *testing.T) {
 	}
 	if again := id(base(), "p"); again != ref {
 		t.Error("ComputeID is not deterministic")
+	}
+}
+
+// TestSumLayerStops: an error from fn ends the walk with that error (the reader
+// and the hashers stop with it), and so does a cancelled context.
+func TestSumLayerStops(t *testing.T) {
+	f := &fakeImage{size: 256 << 20, exts: []disk.Extent{{Off: 0, Len: 200 << 20, State: disk.Data}}}
+	stop := errors.New("stop")
+	n := 0
+	err := SumLayer(context.Background(), f, 65536, true, func(ClusterSum) error {
+		if n++; n == 3 {
+			return stop
+		}
+		return nil
+	})
+	if !errors.Is(err, stop) || n != 3 {
+		t.Fatalf("err %v after %d clusters, want stop after 3", err, n)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	n = 0
+	err = SumLayer(ctx, f, 65536, true, func(ClusterSum) error {
+		if n++; n == 2 {
+			cancel()
+		}
+		return nil
+	})
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("err %v after a cancel, want context.Canceled", err)
 	}
 }

@@ -113,52 +113,13 @@ func (s *Store) importLayer(ctx context.Context, op, path string, opts ImportOpt
 	defer src.Close()
 	info := src.Info()
 
-	// Find the parent.
-	var parent *Layer
-	err = s.db.View(func(tx *bolt.Tx) error {
-		var pid string
-		switch {
-		case opts.Parent != "":
-			id, err := resolveTx(tx, opts.Parent)
-			if err != nil {
-				return fmt.Errorf("parent: %w", err)
-			}
-			pid = id
-		case info.BackingName != "":
-			id, ok := s.layerForBacking(abs, info.BackingName)
-			if !ok || getLayer(tx, id) == nil {
-				return fmt.Errorf("%w: %s has backing file %q; give the parent layer", ErrNoParent, path, info.BackingName)
-			}
-			pid = id
-		case op == "seal":
-			return fmt.Errorf("%w: %s has no backing file", ErrNoParent, path)
-		}
-		if pid != "" {
-			parent = getLayer(tx, pid)
-			if parent == nil {
-				return fmt.Errorf("parent %s: %w", shortID(pid), ErrNotFound)
-			}
-		}
-		return nil
-	})
+	parent, err := s.findParent(abs, info, opts.Parent, op == "seal")
 	if err != nil {
 		return nil, false, fmt.Errorf("%s %s: %w", op, path, err)
 	}
-	kind := opts.Kind
-	if kind == "" {
-		kind = KindBase
-		if parent != nil {
-			kind = KindApp
-		}
-	}
-	if _, err := ParseKind(string(kind)); err != nil {
-		return nil, false, err
-	}
-	if (kind == KindBase) != (parent == nil) {
-		if parent == nil {
-			return nil, false, fmt.Errorf("%s %s: %w: a %s layer needs a parent", op, path, ErrNoParent, kind)
-		}
-		return nil, false, fmt.Errorf("%s %s: %w: a base layer has no parent", op, path, ErrInvalid)
+	kind, err := kindFor(opts.Kind, KindApp, parent)
+	if err != nil {
+		return nil, false, fmt.Errorf("%s %s: %w", op, path, err)
 	}
 
 	// Copy into a temporary file of the store, hashing as we go.
@@ -182,6 +143,61 @@ func (s *Store) importLayer(ctx context.Context, op, path string, opts ImportOpt
 		return nil, false, fmt.Errorf("%s %s: %w", op, path, err)
 	}
 	return l, existed, nil
+}
+
+// kindFor checks a layer's kind against its parent; empty means base without a
+// parent and withParent with one.
+func kindFor(kind, withParent Kind, parent *Layer) (Kind, error) {
+	if kind == "" {
+		kind = KindBase
+		if parent != nil {
+			kind = withParent
+		}
+	}
+	if _, err := ParseKind(string(kind)); err != nil {
+		return "", err
+	}
+	if (kind == KindBase) != (parent == nil) {
+		if parent == nil {
+			return "", fmt.Errorf("%w: a %s layer needs a parent", ErrNoParent, kind)
+		}
+		return "", fmt.Errorf("%w: a base layer has no parent", ErrInvalid)
+	}
+	return kind, nil
+}
+
+// findParent returns the parent layer of the file at abs: the layer ref names, or
+// else the layer its backing file name designates (nil for no backing file, an
+// error when needBacking).
+func (s *Store) findParent(abs string, info disk.Info, ref string, needBacking bool) (*Layer, error) {
+	var parent *Layer
+	err := s.db.View(func(tx *bolt.Tx) error {
+		var pid string
+		switch {
+		case ref != "":
+			id, err := resolveTx(tx, ref)
+			if err != nil {
+				return fmt.Errorf("parent: %w", err)
+			}
+			pid = id
+		case info.BackingName != "":
+			id, ok := s.layerForBacking(abs, info.BackingName)
+			if !ok || getLayer(tx, id) == nil {
+				return fmt.Errorf("%w: %s has backing file %q; give the parent layer", ErrNoParent, abs, info.BackingName)
+			}
+			pid = id
+		case needBacking:
+			return fmt.Errorf("%w: %s has no backing file", ErrNoParent, abs)
+		}
+		if pid != "" {
+			parent = getLayer(tx, pid)
+			if parent == nil {
+				return fmt.Errorf("parent %s: %w", shortID(pid), ErrNotFound)
+			}
+		}
+		return nil
+	})
+	return parent, err
 }
 
 // writeLayer writes src's own clusters into a new image at tmp and returns its ID.
@@ -234,16 +250,29 @@ func (s *Store) writeLayer(ctx context.Context, src disk.Image, tmp string, co d
 	return h.Sum(), h.Stats(), nil
 }
 
+// commitLayer records layer id, whose file is tmp, a temporary file of the store
+// that it renames into place (removed when the store holds the layer already).
 func (s *Store) commitLayer(tmp, id string, parent *Layer, kind Kind, size int64, cs int, stats LayerStats, source string, opts ImportOptions) (*Layer, bool, error) {
-	var existing *Layer
+	return s.commitLayerWith(id, parent, kind, size, cs, stats, source, opts,
+		func(final string) error { return os.Rename(tmp, final) },
+		func() { os.Remove(tmp) })
+}
+
+// commitLayerWith records layer id under a pending journal entry: place puts its
+// file at final before the record is committed (the journal removes final if the
+// commit does not happen); existing is called instead when the store holds the
+// layer already.
+func (s *Store) commitLayerWith(id string, parent *Layer, kind Kind, size int64, cs int, stats LayerStats, source string, opts ImportOptions,
+	place func(final string) error, existing func()) (*Layer, bool, error) {
+	var have *Layer
 	var p *Pending
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		if l := getLayer(tx, id); l != nil {
-			existing = l
+			have = l
 			if err := putNames(tx, id, opts.Names, opts.Force); err != nil {
 				return err
 			}
-			existing.Names = namesOf(tx, id)
+			have.Names = namesOf(tx, id)
 			return nil
 		}
 		if err := checkNames(tx, id, opts.Names, opts.Force); err != nil {
@@ -256,12 +285,12 @@ func (s *Store) commitLayer(tmp, id string, parent *Layer, kind Kind, size int64
 	if err != nil {
 		return nil, false, err
 	}
-	if existing != nil {
-		os.Remove(tmp)
-		return existing, true, nil
+	if have != nil {
+		existing()
+		return have, true, nil
 	}
 	final := s.LayerPath(id)
-	if err := os.Rename(tmp, final); err != nil {
+	if err := place(final); err != nil {
 		p.Abort()
 		return nil, false, err
 	}
@@ -629,12 +658,12 @@ func (s *Store) verifyLayer(ctx context.Context, l *Layer) VerifyResult {
 	}
 	defer img.Close()
 	info := img.Info()
-	wantBacking := ""
-	if l.Parent != "" {
-		wantBacking = l.Parent + ".qcow2"
+	if l.Parent == "" && info.BackingName != "" {
+		bad("backing file name is %q, want none", info.BackingName)
 	}
-	if info.BackingName != wantBacking {
-		bad("backing file name is %q, want %q", info.BackingName, wantBacking)
+	if l.Parent != "" && info.BackingName != l.Parent+".qcow2" && info.BackingName != "../"+layerRel(l.Parent) {
+		// The second form is an adopted top's (Adopt).
+		bad("backing file name is %q, want %q", info.BackingName, l.Parent+".qcow2")
 	}
 	if l.Parent != "" && info.BackingFormat != disk.FormatQcow2 {
 		bad("backing format is %q, want qcow2", info.BackingFormat)

@@ -89,7 +89,7 @@ func applyWrites(t testing.TB, img disk.Image, ws []write) {
 
 // world is a server store with a desktop, served on loopback, and a device.
 type world struct {
-	t        *testing.T
+	t        testing.TB
 	dir      string
 	store    *images.Store
 	srv      *Server
@@ -113,12 +113,12 @@ type worldSpec struct {
 	sysWrites, userWrites []write
 }
 
-func newWorld(t *testing.T, spec worldSpec) *world {
+func newWorld(t testing.TB, spec worldSpec) *world {
 	t.Helper()
 	return newWorldAt(t, filepath.Join(t.TempDir(), "server"), spec)
 }
 
-func newWorldAt(t *testing.T, dir string, spec worldSpec) *world {
+func newWorldAt(t testing.TB, dir string, spec worldSpec) *world {
 	t.Helper()
 	testutil.NeedQemu(t)
 	w := &world{t: t, dir: dir, desktop: "desk", baseSize: spec.baseSize, now: time.Now()}
@@ -220,19 +220,19 @@ func (w *world) head() (int, *Version) {
 
 // laptop is a local store.
 type laptop struct {
-	t     *testing.T
+	t     testing.TB
 	dir   string
 	store *images.Store
 	lp    *Laptop
 }
 
-func newLaptop(t *testing.T, name string) *laptop {
+func newLaptop(t testing.TB, name string) *laptop {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), name)
 	return openLaptopAt(t, dir)
 }
 
-func openLaptopAt(t *testing.T, dir string) *laptop {
+func openLaptopAt(t testing.TB, dir string) *laptop {
 	t.Helper()
 	st, err := images.Open(dir, images.OpenOptions{})
 	if err != nil {
