@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"iter"
 	"os"
 	"path/filepath"
 	"strings"
@@ -26,6 +28,12 @@ type AdoptOptions struct {
 	// WantID, when set, is the ID the caller expects; a file whose content has
 	// another one is refused with ErrIDMismatch and left as it was.
 	WantID string
+	// Sums, when set, lists the file's clusters as SumLayer would (ascending,
+	// zero clusters only for a layer with a parent), hashed by the caller from
+	// the same bytes it wrote or read: Adopt then checks that the list covers
+	// exactly what the file allocates, and computes the ID from it instead of
+	// reading and hashing the data again.
+	Sums iter.Seq[ClusterSum]
 	// RewriteBacking lets Adopt rewrite the file's backing file name so that it
 	// names the parent from the layers directory. The file then no longer opens
 	// from where it is: set it only for a file the caller gives away.
@@ -115,7 +123,13 @@ func (s *Store) Adopt(ctx context.Context, path string, opts AdoptOptions) (*Lay
 	if parent != nil {
 		parentID = parent.ID
 	}
-	id, stats, err := ComputeID(ctx, img, parentID)
+	var id string
+	var stats LayerStats
+	if opts.Sums != nil {
+		id, stats, err = idFromSums(img, parentID, opts.Sums)
+	} else {
+		id, stats, err = ComputeID(ctx, img, parentID)
+	}
 	if err != nil {
 		return fail(err)
 	}
@@ -151,4 +165,85 @@ func (s *Store) Adopt(ctx context.Context, path string, opts AdoptOptions) (*Lay
 		return fail(err)
 	}
 	return l, existed, nil
+}
+
+// idFromSums computes the ID of img's layer from a caller's list of its clusters,
+// after checking the list against the layer's allocation: every listed cluster is
+// allocated (a listed data cluster as data), and every allocated cluster is listed,
+// except, without a parent, clusters that read as zeros (read to be sure when the
+// file maps them as data).
+func idFromSums(img disk.Image, parent string, sums iter.Seq[ClusterSum]) (string, LayerStats, error) {
+	cs := DigestClusterSize(img.Info())
+	c, size := int64(cs), img.Size()
+	h := NewIDHasher(parent, size, cs)
+	next, stop := iter.Pull(sums)
+	defer stop()
+	cur, ok := next()
+	last := int64(-1)
+	take := func() {
+		h.AddSum(cur)
+		last = cur.Index
+		cur, ok = next()
+	}
+	bad := func(f string, a ...any) error {
+		return fmt.Errorf("%w: the cluster list does not match the file: %s", ErrIDMismatch, fmt.Sprintf(f, a...))
+	}
+	var buf []byte
+	for win := int64(0); win < size; win += mapWindow {
+		runs, err := LayerRuns(img, win, min(mapWindow, size-win), c)
+		if err != nil {
+			return "", LayerStats{}, err
+		}
+		for _, r := range runs {
+			for i := r.First; i <= r.Last; {
+				if ok && cur.Index <= last {
+					return "", LayerStats{}, bad("cluster %d listed out of order", cur.Index)
+				}
+				if ok && cur.Index < i {
+					return "", LayerStats{}, bad("cluster %d is listed but not allocated", cur.Index)
+				}
+				if ok && cur.Index == i {
+					if cur.Zero && parent == "" {
+						return "", LayerStats{}, bad("cluster %d is listed as zero in a layer without a parent", i)
+					}
+					if !cur.Zero && !r.Data {
+						return "", LayerStats{}, bad("cluster %d is listed as data but is a zero cluster", i)
+					}
+					if !cur.Zero && int64(cur.Len) != min(c, size-i*c) {
+						return "", LayerStats{}, bad("cluster %d is listed with %d bytes", i, cur.Len)
+					}
+					take()
+					i++
+					continue
+				}
+				// Allocated, not listed: only a zero-reading cluster of a layer
+				// without a parent. A zero run is skipped whole.
+				if parent != "" {
+					return "", LayerStats{}, bad("cluster %d is allocated but not listed", i)
+				}
+				if !r.Data {
+					i = r.Last + 1
+					if ok && cur.Index <= r.Last {
+						i = cur.Index
+					}
+					continue
+				}
+				n := min(c, size-i*c)
+				if buf == nil {
+					buf = make([]byte, c)
+				}
+				if _, err := img.ReadAt(buf[:n], i*c); err != nil && err != io.EOF {
+					return "", LayerStats{}, err
+				}
+				if !isZero(buf[:n]) {
+					return "", LayerStats{}, bad("cluster %d holds data but is not listed", i)
+				}
+				i++
+			}
+		}
+	}
+	if ok {
+		return "", LayerStats{}, bad("cluster %d is listed but not allocated", cur.Index)
+	}
+	return h.Sum(), h.Stats(), nil
 }

@@ -1,11 +1,13 @@
 package images
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -182,4 +184,108 @@ func leak(t *testing.T, path string) {
 	if !strings.Contains(out, "1 leaked cluster") {
 		t.Fatalf("no leak made: qemu-img check says\n%s", out)
 	}
+}
+
+// TestAdoptSums: a caller's cluster list stands in for reading the file when it
+// matches the file's allocation, and gives the ID a full read gives; a list that
+// leaves out, adds or mislabels a cluster is refused.
+func TestAdoptSums(t *testing.T) {
+	testutil.NeedQemu(t)
+	ctx := context.Background()
+	src := t.TempDir()
+	s := openStore(t)
+	base := importT(t, s, makeImage(t, filepath.Join(src, "base.qcow2"), "32M", "", "write -P 0x11 0 4M"), ImportOptions{})
+	top := adoptTop(t, s, base, s.Path(DesktopsDir), "d.system.qcow2", 0x40)
+	img, err := disk.Open(top, disk.OpenOptions{ReadOnly: true, NoBacking: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, _, err := ComputeID(ctx, img, base.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sums []ClusterSum
+	if err := SumLayer(ctx, img, 65536, true, func(c ClusterSum) error { sums = append(sums, c); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	img.Close()
+	if len(sums) != 6 {
+		t.Fatalf("listed %d clusters, want 6", len(sums))
+	}
+	seq := func(ss []ClusterSum) func(func(ClusterSum) bool) { return slices.Values(ss) }
+	bad := map[string][]ClusterSum{
+		"one left out": slices.Delete(slices.Clone(sums), 3, 4),
+		"one added":    append(slices.Clone(sums), ClusterSum{Index: 200, Len: 65536}),
+		"zero listed as data": func() []ClusterSum {
+			ss := slices.Clone(sums)
+			ss[0] = ClusterSum{Index: ss[0].Index, Len: 65536}
+			return ss
+		}(),
+		"out of order": func() []ClusterSum {
+			ss := slices.Clone(sums)
+			ss[2], ss[3] = ss[3], ss[2]
+			return ss
+		}(),
+		"another digest": func() []ClusterSum {
+			ss := slices.Clone(sums)
+			ss[4].Digest[0] ^= 1
+			return ss
+		}(),
+	}
+	for name, ss := range bad {
+		if _, _, err := s.Adopt(ctx, top, AdoptOptions{WantID: want, Sums: seq(ss)}); !errors.Is(err, ErrIDMismatch) {
+			t.Errorf("%s: adopt gave %v, want ErrIDMismatch", name, err)
+		}
+	}
+	l, _, err := s.Adopt(ctx, top, AdoptOptions{WantID: want, Sums: seq(sums)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.ID != want || l.DataClusters != 4 || l.DataBytes != 4*65536 {
+		t.Errorf("adopted %+v", l)
+	}
+	os.Remove(top)
+	if res, err := s.Verify(ctx, l.ID); err != nil || !res[0].OK {
+		t.Errorf("verify: %+v %v", res, err)
+	}
+
+	// A top without a parent (a blank user disk): zero clusters and data
+	// clusters holding zeros are not listed.
+	user := s.Path(DesktopsDir + "/d.user.qcow2")
+	uimg, err := disk.Create(user, disk.CreateOptions{Size: 8 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, w := range []struct {
+		off int64
+		b   byte
+	}{{0, 0x5a}, {2 << 20, 0}, {5 << 20, 0x5b}} {
+		if _, err := uimg.WriteAt(bytes.Repeat([]byte{w.b}, 65536), w.off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := uimg.WriteZeroes(1<<20, 65536); err != nil {
+		t.Fatal(err)
+	}
+	uwant, _, err := ComputeID(ctx, uimg, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var usums []ClusterSum
+	if err := SumLayer(ctx, uimg, 65536, false, func(c ClusterSum) error { usums = append(usums, c); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	uimg.Close()
+	if len(usums) != 2 {
+		t.Fatalf("listed %d clusters of the user top, want 2", len(usums))
+	}
+	ul, _, err := s.Adopt(ctx, user, AdoptOptions{WantID: uwant, Sums: seq(usums)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ul.ID != uwant || ul.Parent != "" || ul.Kind != KindBase {
+		t.Errorf("adopted user top %+v", ul)
+	}
+	os.Remove(user)
+	mustClean(t, s)
 }

@@ -10,8 +10,8 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/cvd-project/cvd/disk"
@@ -56,6 +56,19 @@ type diskChanges struct {
 	decl  CheckinDisk
 	list  []byte
 	bytes int64
+	stat  os.FileInfo // the top's, before the scan
+}
+
+// unchanged reports whether the top still looks as it did before the scan (size,
+// modification and change times), so that the scan's list describes it.
+func (ch *diskChanges) unchanged() bool {
+	fi, err := os.Stat(ch.top)
+	if err != nil || ch.stat == nil || fi.Size() != ch.stat.Size() || !fi.ModTime().Equal(ch.stat.ModTime()) {
+		return false
+	}
+	a, aok := fi.Sys().(*syscall.Stat_t)
+	b, bok := ch.stat.Sys().(*syscall.Stat_t)
+	return aok && bok && a.Ino == b.Ino && a.Ctim == b.Ctim
 }
 
 // CheckIn sends the changes of the desktop's tops to the server as a new version
@@ -99,14 +112,14 @@ func (l *Laptop) CheckIn(ctx context.Context, desktop string, opts CheckinOption
 		return nil, err
 	}
 	var res *CheckinResult
-	var pre *preSeal
+	var changes []diskChanges // what the scan listed (none when resuming)
 	if co.Pending != nil && co.Pending.Result != nil {
 		res = co.Pending.Result
 		rep.Resumed = true
 		rep.Base = co.Pending.Base
 	} else {
 		t0 := time.Now()
-		changes, err := l.scanTops(ctx, d, co)
+		changes, err = l.scanTops(ctx, d, co)
 		if err != nil {
 			return nil, err
 		}
@@ -148,17 +161,11 @@ func (l *Laptop) CheckIn(ctx context.Context, desktop string, opts CheckinOption
 		if err := l.putCheckout(co); err != nil {
 			return nil, err
 		}
-		// The laptop seals its tops while the server receives and commits: the
-		// layers are ready (unnamed) when the answer comes.
-		if !opts.Release {
-			pre = l.startPreSeal(ctx, changes)
-		}
 		upStart := time.Now()
 		res, err = l.send(ctx, c, req, changes, rep)
 		rep.TookUpload = time.Since(upStart).Seconds()
 		rep.Metadata = c.Sent + c.Received // upload streams are not counted in Sent
 		if err != nil {
-			pre.discard()
 			return nil, err
 		}
 		co.Pending.Result = res
@@ -172,15 +179,9 @@ func (l *Laptop) CheckIn(ctx context.Context, desktop string, opts CheckinOption
 	release := res.Released || (co.Pending != nil && co.Pending.Release)
 	if !release {
 		t0 := time.Now()
-		pre.wait()
-		if err := l.freeze(ctx, d, co, res, pre); err != nil {
+		if err := l.freeze(ctx, d, co, res, changes); err != nil {
 			return nil, err
 		}
-		var keep []string
-		for _, id := range res.Layers {
-			keep = append(keep, id)
-		}
-		pre.discard(keep...)
 		l.log.Debug("check-in: froze tops", "took", time.Since(t0))
 		if l.opts.VM != nil {
 			// The chains changed: declare them again.
@@ -201,7 +202,6 @@ func (l *Laptop) CheckIn(ctx context.Context, desktop string, opts CheckinOption
 	co.LastCheckin = l.now().UTC()
 	co.Pending = nil
 	if release {
-		pre.discard()
 		if err := l.removeCopy(ctx, co); err != nil {
 			return nil, err
 		}
@@ -243,6 +243,10 @@ func (l *Laptop) scanTops(ctx context.Context, d *images.Desktop, co *Checkout) 
 			return nil, fmt.Errorf("desktop %s: the record has no %s disk", d.Name, dn)
 		}
 		path := l.store.Path(rel)
+		st, err := os.Stat(path)
+		if err != nil {
+			return nil, err
+		}
 		img, err := disk.Open(path, disk.OpenOptions{ReadOnly: true, NoBacking: true})
 		if err != nil {
 			return nil, err
@@ -257,15 +261,12 @@ func (l *Laptop) scanTops(ctx context.Context, d *images.Desktop, co *Checkout) 
 			return nil, fmt.Errorf("desktop %s: the %s top stands on %q, the check-out record says %q", d.Name, dn, short(backing), short(parent))
 		}
 		cs := images.DigestClusterSize(info)
-		ch := diskChanges{name: dn, top: path,
+		ch := diskChanges{name: dn, top: path, stat: st,
 			decl: CheckinDisk{Name: dn, Parent: parent, Size: img.Size(), ClusterSize: cs}}
 		h := newIDHasher(parent, img.Size(), cs)
-		err = images.WalkLayerFrom(ctx, img, cs, parent != "", 0, func(idx int64, data []byte) error {
-			e := Entry{Index: idx, Zero: data == nil}
-			if data != nil {
-				e.Digest = sha256.Sum256(data)
-				ch.bytes += int64(len(data))
-			}
+		err = images.SumLayer(ctx, img, cs, parent != "", func(s images.ClusterSum) error {
+			e := Entry{Index: s.Index, Zero: s.Zero, Digest: s.Digest}
+			ch.bytes += int64(s.Len)
 			h.add(e)
 			ch.list = appendEntry(ch.list, e)
 			return nil
@@ -310,6 +311,9 @@ func (l *Laptop) send(ctx context.Context, c *Client, req *CheckinRequest, chang
 		}
 		if len(miss) > 0 {
 			if err := l.upload(ctx, c, req.ID, changes, miss, rep); err != nil {
+				if errors.Is(err, ErrDigestMismatch) {
+					err = fmt.Errorf("%w (a disk changed since the check-in began? run it again)", err)
+				}
 				if errors.Is(err, ErrIncomplete) && ctx.Err() == nil {
 					// The server still finishes an upload of an interrupted run.
 					lastErr = err
@@ -377,13 +381,11 @@ func (l *Laptop) upload(ctx context.Context, c *Client, id string, changes []dis
 	go func() {
 		defer close(done)
 		sw := newStreamWriter(pw)
-		err := encodeOrdered(ctx, encodeOptions{compress: true}, func(submit func(byte, int64, []byte) error) error {
+		err := encodeOrdered(ctx, encodeOptions{compress: true}, func(submit func(byte, int64, []byte, *Digest) error) error {
 			return readMissingClusters(ctx, imgs, sizes, miss, submit)
 		}, func(ec encodedCluster, _ bool) error {
-			// The encoder hashed the cluster: a top that changed since its list
-			// was made fails here, before the cluster is sent.
 			if m := miss[sent]; ec.disk != m.Disk || ec.idx != m.Index || ec.digest != m.Digest {
-				return fmt.Errorf("cluster %d changed since the check-in began; run the check-in again", ec.idx)
+				return fmt.Errorf("cluster %d out of order in the upload", ec.idx)
 			}
 			sent++
 			l.opts.Progress.Add(int64(ec.raw))
@@ -405,7 +407,7 @@ func (l *Laptop) upload(ctx context.Context, c *Client, id string, changes []dis
 // readMissingClusters reads the clusters of miss from the tops, in order, joining
 // runs of neighbours into larger reads.
 func readMissingClusters(ctx context.Context, imgs map[byte]disk.Image, sizes map[byte]int, miss []missingItem,
-	submit func(byte, int64, []byte) error) error {
+	submit func(byte, int64, []byte, *Digest) error) error {
 	const maxRun = 16
 	buf := make([]byte, 0, maxRun*2<<20)
 	for i := 0; i < len(miss); {
@@ -430,7 +432,10 @@ func readMissingClusters(ctx context.Context, imgs map[byte]disk.Image, sizes ma
 		}
 		for k := i; k < j; k++ {
 			lo := int64(k-i) * cs
-			if err := submit(m.Disk, miss[k].Index, b[lo:min(lo+cs, n)]); err != nil {
+			// The digest is the one the scan computed from these bytes; the server
+			// checks every cluster against it (a top that changed since fails
+			// there).
+			if err := submit(m.Disk, miss[k].Index, b[lo:min(lo+cs, n)], &miss[k].Digest); err != nil {
 				return err
 			}
 		}
@@ -439,109 +444,32 @@ func readMissingClusters(ctx context.Context, imgs map[byte]disk.Image, sizes ma
 	return nil
 }
 
-// preSeal seals the changed tops in the background, as unnamed layers.
-type preSeal struct {
-	l      *Laptop
-	done   chan struct{}
-	made   []string             // layers it added (removed again if the check-in fails)
-	sealed map[string]sealedTop // disk → what its top sealed as
-}
-
-// sealedTop is a top sealed ahead: its layer and the file's state before.
-type sealedTop struct {
-	id    string
-	size  int64
-	mtime time.Time
-}
-
-func statTop(path string) (int64, time.Time, error) {
-	fi, err := os.Stat(path)
-	if err != nil {
-		return 0, time.Time{}, err
-	}
-	return fi.Size(), fi.ModTime(), nil
-}
-
-// layerFor returns the layer a top sealed ahead as, when the top has not changed
-// since.
-func (p *preSeal) layerFor(diskName, path string) string {
-	if p == nil {
-		return ""
-	}
-	st, ok := p.sealed[diskName]
-	if !ok {
-		return ""
-	}
-	size, mtime, err := statTop(path)
-	if err != nil || size != st.size || !mtime.Equal(st.mtime) {
-		return ""
-	}
-	return st.id
-}
-
-func (l *Laptop) startPreSeal(ctx context.Context, changes []diskChanges) *preSeal {
-	p := &preSeal{l: l, done: make(chan struct{}), sealed: map[string]sealedTop{}}
-	go func() {
-		defer close(p.done)
-		for _, ch := range changes {
-			if ch.decl.Entries == 0 || ctx.Err() != nil {
-				continue
-			}
-			size, mtime, err := statTop(ch.top)
-			if err != nil {
-				continue
-			}
-			lay, existed, err := sealTop(ctx, l.store, ch.top, nil, false)
-			if err != nil {
-				l.log.Debug("check-in: sealing ahead failed; the freeze seals again", "disk", ch.name, "err", err)
-				continue
-			}
-			if !existed {
-				p.made = append(p.made, lay.ID)
-			}
-			p.sealed[ch.name] = sealedTop{id: lay.ID, size: size, mtime: mtime}
-		}
-	}()
-	return p
-}
-
-func (p *preSeal) wait() {
-	if p != nil {
-		<-p.done
-	}
-}
-
-// discard removes the layers sealed ahead that the check-in does not use.
-func (p *preSeal) discard(keep ...string) {
-	if p == nil {
-		return
-	}
-	<-p.done
-	for _, id := range p.made {
-		if slices.Contains(keep, id) {
-			continue
-		}
-		if _, err := p.l.store.RemoveLayer(id); err != nil {
-			p.l.log.Debug("remove a layer sealed ahead", "layer", short(id), "err", err)
-		}
-	}
-}
-
-// freeze seals each changed top as the layer the server committed and starts a
-// fresh top on it; an unchanged disk keeps its top. The local catalog records the
-// version (numbered as on the server) before the tops move onto its layers.
-func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, res *CheckinResult, pre *preSeal) error {
+// freeze makes each changed top the layer the server committed and starts a
+// fresh top on it; an unchanged disk keeps its top. The top file itself becomes
+// the layer (images.Store.Adopt, which checks its ID against the server's): nothing
+// is copied. The local catalog records the version (numbered as on the server)
+// before the tops move onto its layers; should that fail, the layers just made are
+// removed again and the tops are as they were, for a rerun. A top the scan listed
+// and that has not changed since is not read again: its list gives the ID.
+func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, res *CheckinResult, changes []diskChanges) error {
 	v := Version{N: res.Version, Created: l.now().UTC().Truncate(time.Second), Note: "check-in", Conflict: res.Conflict,
 		System: co.Layers[DiskSystem], User: co.Layers[DiskUser]}
 	if res.Conflict {
 		v.Note = "conflict"
 	}
-	move := map[string]string{} // disk → layer its top moves onto
-	for _, dn := range diskNames {
-		rel := d.SystemDisk
-		if dn == DiskUser {
-			rel = d.UserDisk
+	move := map[string]string{}       // disk → layer its top moves onto
+	var made []string                 // layers adopted by this run
+	modes := map[string]os.FileMode{} // top → its mode before
+	undo := func() {
+		for _, id := range made {
+			l.store.RemoveLayer(id)
 		}
+		for p, m := range modes {
+			os.Chmod(p, m)
+		}
+	}
+	for _, dn := range diskNames {
+		rel := topRel(d, dn)
 		want, ok := res.Layers[dn]
 		if rel == "" || !ok {
 			continue
@@ -549,6 +477,7 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 		path := l.store.Path(rel)
 		has, backing, err := topState(path)
 		if err != nil {
+			undo()
 			return err
 		}
 		if backing == want && !has {
@@ -558,31 +487,46 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 		if want == co.Layers[dn] {
 			continue // unchanged disk
 		}
-		var lay *images.Layer
-		var existed bool
-		if id := pre.layerFor(dn, path); id == want {
-			// Sealed ahead while the server committed, and unchanged since.
-			lay, err = l.store.Layer(id)
-			existed = true
-		} else {
-			lay, existed, err = sealTop(ctx, l.store, path, nil, false)
+		if fi, err := os.Stat(path); err == nil {
+			modes[path] = fi.Mode().Perm()
 		}
-		if err != nil {
-			return noSpace(fmt.Errorf("freeze the %s top: %w", dn, err))
-		}
-		if lay.ID != want {
-			if !existed {
-				l.store.RemoveLayer(lay.ID)
+		aopts := images.AdoptOptions{WantID: want}
+		for i := range changes {
+			if ch := &changes[i]; ch.name == dn && ch.unchanged() {
+				aopts.Sums = entrySums(listEntries(ch.list), ch.decl.Size, ch.decl.ClusterSize)
 			}
+		}
+		lay, existed, err := l.store.Adopt(ctx, path, aopts)
+		if errors.Is(err, images.ErrNotAdoptable) {
+			// A top that does not check clean (a VM killed while it wrote leaves
+			// leaked clusters): seal a copy instead.
+			l.log.Debug("check-in: top not adoptable in place; copying it", "disk", dn, "err", err)
+			lay, existed, err = sealTop(ctx, l.store, path, nil, false)
+			if err == nil && lay.ID != want {
+				if !existed {
+					l.store.RemoveLayer(lay.ID)
+				}
+				err = fmt.Errorf("%w: it has ID %s, expected %s", images.ErrIDMismatch, short(lay.ID), short(want))
+			}
+		}
+		if errors.Is(err, images.ErrIDMismatch) {
 			// The top changed after its list was made: it keeps everything, and the
 			// next check-in sends the rest from the version just committed.
-			l.log.Warn("top changed during the check-in; it stays as it is", "disk", dn)
+			l.log.Warn("top changed during the check-in; it stays as it is", "disk", dn, "err", err)
 			continue
+		}
+		if err != nil {
+			undo()
+			return noSpace(fmt.Errorf("freeze the %s top: %w", dn, err))
+		}
+		if !existed {
+			made = append(made, lay.ID)
 		}
 		setLayer(&v, dn, want)
 		move[dn] = want
 	}
 	if err := l.recordVersion(co.Desktop, v, false); err != nil {
+		undo()
 		return err
 	}
 	for _, dn := range diskNames {
@@ -590,11 +534,7 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 		if !ok {
 			continue
 		}
-		rel := d.SystemDisk
-		if dn == DiskUser {
-			rel = d.UserDisk
-		}
-		if err := resetTop(l.store, l.store.Path(rel), id, 0); err != nil {
+		if err := resetTop(l.store, l.store.Path(topRel(d, dn)), id, 0); err != nil {
 			return err
 		}
 	}
@@ -604,6 +544,15 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 		}
 	}
 	return nil
+}
+
+// topRel is the store-relative path of a disk's top ("" for a desktop without
+// that disk).
+func topRel(d *images.Desktop, dn string) string {
+	if dn == DiskUser {
+		return d.UserDisk
+	}
+	return d.SystemDisk
 }
 
 func trimLayerName(backingName string) string {

@@ -5,6 +5,9 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"iter"
+
+	"github.com/cvd-project/cvd/images"
 )
 
 // Entry lists (PUT /v1/checkins/{id}/entries/{disk}) are the clusters a laptop's
@@ -95,6 +98,41 @@ func readMissing(r io.Reader, fn func(missingItem) error) error {
 		copy(m.Digest[:], b[9:])
 		if err := fn(m); err != nil {
 			return err
+		}
+	}
+}
+
+// entrySums turns a disk's entries into the cluster list images.Adopt takes.
+func entrySums(entries iter.Seq[Entry], size int64, cs int) iter.Seq[images.ClusterSum] {
+	return func(yield func(images.ClusterSum) bool) {
+		for e := range entries {
+			c := images.ClusterSum{Index: e.Index, Zero: e.Zero}
+			if !e.Zero {
+				c.Digest, c.Len = e.Digest, int(min(int64(cs), size-e.Index*int64(cs)))
+			}
+			if !yield(c) {
+				return
+			}
+		}
+	}
+}
+
+// listEntries iterates over an entry list this process encoded (appendEntry).
+func listEntries(list []byte) iter.Seq[Entry] {
+	return func(yield func(Entry) bool) {
+		for len(list) >= 9 {
+			e := Entry{Index: int64(binary.BigEndian.Uint64(list)), Zero: list[8] == 'z'}
+			list = list[9:]
+			if !e.Zero {
+				if len(list) < len(e.Digest) {
+					return
+				}
+				copy(e.Digest[:], list)
+				list = list[len(e.Digest):]
+			}
+			if !yield(e) {
+				return
+			}
 		}
 	}
 }

@@ -9,7 +9,7 @@ import (
 // encodeOrdered hashes and compresses clusters on several goroutines and hands them
 // to consume in the order produce submitted them. A zero entry (data nil) passes
 // through. Memory is bounded by a few clusters per worker.
-func encodeOrdered(ctx context.Context, opts encodeOptions, produce func(submit func(diskNo byte, idx int64, data []byte) error) error,
+func encodeOrdered(ctx context.Context, opts encodeOptions, produce func(submit func(diskNo byte, idx int64, data []byte, known *Digest) error) error,
 	consume func(c encodedCluster, zero bool) error) error {
 	workers := max(1, runtime.GOMAXPROCS(0))
 	ctx, cancel := context.WithCancel(ctx)
@@ -19,6 +19,7 @@ func encodeOrdered(ctx context.Context, opts encodeOptions, produce func(submit 
 		diskNo byte
 		idx    int64
 		raw    []byte
+		known  *Digest
 		zero   bool
 		c      encodedCluster
 		err    error
@@ -46,7 +47,13 @@ func encodeOrdered(ctx context.Context, opts encodeOptions, produce func(submit 
 			defer wg.Done()
 			for j := range jobs {
 				if !j.zero {
-					j.c, j.err = encodeCluster(j.diskNo, j.idx, j.raw, getBuf(len(j.raw)), opts)
+					o := opts
+					o.known = j.known
+					dst := getBuf(len(j.raw))
+					j.c, j.err = encodeCluster(j.diskNo, j.idx, j.raw, dst, o)
+					if sameBuf(j.c.data, j.raw) {
+						putBuf(dst) // sent raw: the encoded bytes are j.raw
+					}
 				}
 				close(j.done)
 			}
@@ -56,8 +63,8 @@ func encodeOrdered(ctx context.Context, opts encodeOptions, produce func(submit 
 	go func() {
 		defer close(jobs)
 		defer close(order)
-		prodErr <- produce(func(diskNo byte, idx int64, data []byte) error {
-			j := &job{diskNo: diskNo, idx: idx, zero: data == nil, done: make(chan struct{})}
+		prodErr <- produce(func(diskNo byte, idx int64, data []byte, known *Digest) error {
+			j := &job{diskNo: diskNo, idx: idx, zero: data == nil, known: known, done: make(chan struct{})}
 			if data != nil {
 				j.raw = getBuf(len(data))
 				copy(j.raw, data)
@@ -92,12 +99,19 @@ func encodeOrdered(ctx context.Context, opts encodeOptions, produce func(submit 
 		if err != nil {
 			cancel()
 		}
+		if !sameBuf(j.c.data, j.raw) {
+			putBuf(j.c.data)
+		}
 		putBuf(j.raw)
-		putBuf(j.c.data)
 	}
 	wg.Wait()
 	if perr := <-prodErr; err == nil {
 		err = perr
 	}
 	return err
+}
+
+// sameBuf reports whether a and b start at the same byte (one buffer).
+func sameBuf(a, b []byte) bool {
+	return len(a) > 0 && len(b) > 0 && &a[0] == &b[0]
 }

@@ -241,8 +241,8 @@ func (s *Server) handleCheckinOpen(w http.ResponseWriter, r *http.Request, dev *
 		}
 		need += d.DataEntries * int64(d.ClusterSize)
 	}
-	// The staging layer and the sealed copy both hold the data.
-	if err := checkFree(s.store.Dir(), 2*need+16<<20); err != nil {
+	// The staging layer holds the data; it becomes the layer (no copy).
+	if err := checkFree(s.store.Dir(), need+16<<20); err != nil {
 		return err
 	}
 	se := &Session{CheckinRequest: req, Device: dev.ID, DeviceName: dev.Name, State: stateReceiving,
@@ -419,7 +419,25 @@ func (s *Server) createStage(dir string, d CheckinDisk) error {
 		os.Remove(tmp)
 		return noSpace(fmt.Errorf("create staging layer: %w", err))
 	}
-	return os.Rename(tmp, stage)
+	if err := os.Rename(tmp, stage); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.fresh[stage] = true
+	s.mu.Unlock()
+	return nil
+}
+
+// freshStage reports whether this process created the staging layer at path (and
+// forgets it when forget is set).
+func (s *Server) freshStage(path string, forget bool) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ok := s.fresh[path]
+	if forget {
+		delete(s.fresh, path)
+	}
+	return ok
 }
 
 // openStage opens a disk's staging layer for writing, creating it when a restart
@@ -430,7 +448,17 @@ func (s *Server) openStage(dir string, d CheckinDisk) (disk.Image, error) {
 	if err := s.createStage(dir, d); err != nil {
 		return nil, err
 	}
-	return disk.Open(filepath.Join(dir, d.Name+".qcow2"), disk.OpenOptions{AllowedRoots: []string{s.store.Dir()}, NoBarriers: true})
+	stage := filepath.Join(dir, d.Name+".qcow2")
+	img, err := disk.Open(stage, disk.OpenOptions{AllowedRoots: []string{s.store.Dir()}, NoBarriers: true})
+	if err != nil && !errors.Is(err, syscall.ENOSPC) {
+		// Left by a commit cut while it made the staging file a layer (its
+		// backing name was rewritten for the layers directory): start it over.
+		s.log.Warn("dropping a staging layer that does not open", "disk", d.Name, "err", err)
+		os.Remove(stage)
+		s.freshStage(stage, true)
+		return nil, fmt.Errorf("%w: the staging layer of disk %s did not open: its clusters will be asked for again", ErrIncomplete, d.Name)
+	}
+	return img, err
 }
 
 // allocated lists the guest clusters the staging layer of a disk holds.
@@ -912,8 +940,10 @@ func decodeOrdered(ctx context.Context, sr *streamReader, allowZero bool, resolv
 		if err != nil {
 			cancel()
 		}
+		if !sameBuf(j.raw, j.payload) {
+			put(j.raw)
+		}
 		put(j.payload)
-		put(j.raw)
 	}
 	wg.Wait()
 	rerr := <-readErr

@@ -345,9 +345,9 @@ func writeLayerStream(ctx context.Context, sw *streamWriter, img disk.Image, cs 
 		zLen = 0
 		return err
 	}
-	err := encodeOrdered(ctx, opts, func(submit func(byte, int64, []byte) error) error {
+	err := encodeOrdered(ctx, opts, func(submit func(byte, int64, []byte, *Digest) error) error {
 		return images.WalkLayerFrom(ctx, img, cs, keepZero, from, func(idx int64, data []byte) error {
-			return submit(0, idx, data)
+			return submit(0, idx, data, nil)
 		})
 	}, func(c encodedCluster, zero bool) error {
 		entries++

@@ -2,10 +2,12 @@ package syncd
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -107,6 +109,14 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*Checkin
 			continue
 		}
 		dl := m.lists[d.Name]
+		if l, err := s.store.Layer(d.ExpectID); err == nil && l.Parent == d.Parent {
+			// The store holds this content already (a commit retried after its
+			// layer was made, or the same changes from elsewhere).
+			res.Clusters += d.DataEntries
+			setLayer(&nv, d.Name, l.ID)
+			newEntries[l.ID] = dl.entries
+			continue
+		}
 		t0 := time.Now()
 		n, err := s.fillStage(ctx, m, dl, srcs[d.Name])
 		if err != nil {
@@ -115,19 +125,9 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*Checkin
 		t1 := time.Now()
 		res.Deduplicated += n
 		res.Clusters += d.DataEntries
-		l, existed, err := sealTop(ctx, s.store, filepath.Join(m.dir, d.Name+".qcow2"), nil, false)
+		l, err := s.sealStage(ctx, m, dl)
 		if err != nil {
-			return nil, noSpace(fmt.Errorf("seal the %s disk of check-in %s: %w", d.Name, se.ID, err))
-		}
-		if l.ID != d.ExpectID {
-			if !existed {
-				s.store.RemoveLayer(l.ID)
-			}
-			// A staged cluster does not hold what its list says: start the disk over.
-			os.Remove(filepath.Join(m.dir, d.Name+".qcow2"))
-			s.dropSession(se.ID)
-			return nil, fmt.Errorf("%w: the %s disk sealed as layer %s, the laptop expects %s: its clusters will be asked for again",
-				ErrIncomplete, d.Name, short(l.ID), short(d.ExpectID))
+			return nil, err
 		}
 		s.log.Debug("commit: disk sealed", "disk", d.Name, "fill", t1.Sub(t0), "seal", time.Since(t1))
 		setLayer(&nv, d.Name, l.ID)
@@ -164,6 +164,47 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*Checkin
 	s.dropSession(se.ID)
 	removeAllQuiet(m.dir)
 	return res, nil
+}
+
+// sealStage makes a disk's completed staging layer the layer the laptop expects.
+// The staging file itself becomes the layer (images.Store.Adopt): nothing is
+// copied. A staging file the store cannot adopt as it is (it does not check
+// clean) is sealed as a copy. A staging layer that does not hold what its list
+// says is removed: its clusters are asked for again.
+func (s *Server) sealStage(ctx context.Context, m *session, dl *diskList) (*images.Layer, error) {
+	d := dl.d
+	stage := filepath.Join(m.dir, d.Name+".qcow2")
+	opts := images.AdoptOptions{WantID: d.ExpectID, RewriteBacking: true}
+	if s.freshStage(stage, false) {
+		opts.Sums = entrySums(slices.Values(dl.entries), d.Size, d.ClusterSize)
+	}
+	l, _, err := s.store.Adopt(ctx, stage, opts)
+	if errors.Is(err, images.ErrNotAdoptable) {
+		s.log.Warn("staging layer not adoptable in place; copying it", "disk", d.Name, "err", err)
+		var existed bool
+		l, existed, err = sealTop(ctx, s.store, stage, nil, false)
+		if err == nil && l.ID != d.ExpectID {
+			if !existed {
+				s.store.RemoveLayer(l.ID)
+			}
+			err = fmt.Errorf("%w: it has ID %s, expected %s", images.ErrIDMismatch, short(l.ID), short(d.ExpectID))
+		}
+	}
+	if errors.Is(err, images.ErrIDMismatch) {
+		// A staged cluster does not hold what its list says: start the disk over.
+		os.Remove(stage)
+		s.freshStage(stage, true)
+		s.dropSession(m.id)
+		return nil, fmt.Errorf("%w: the %s disk: %v: its clusters will be asked for again", ErrIncomplete, d.Name, err)
+	}
+	if err != nil {
+		return nil, noSpace(fmt.Errorf("seal the %s disk of check-in %s: %w", d.Name, m.id, err))
+	}
+	// The layer holds the data now; the staging name (whose backing name Adopt
+	// rewrote for the layers directory) goes.
+	os.Remove(stage)
+	s.freshStage(stage, true)
+	return l, nil
 }
 
 // finishCommit indexes the new layers' clusters, releases the lease when asked,

@@ -65,6 +65,11 @@ type Server struct {
 	desktops map[string]*sync.Mutex // per-desktop lock of check-out, check-in commit, rollback
 	sessions map[string]*session    // open check-ins
 	haves    map[string]*haveSet    // lease → layers its laptop holds
+	// fresh holds the staging layers this process created: every cluster in
+	// them was checked against its digest before this process wrote it, so
+	// their lists can stand in for reading them again at commit. A staging
+	// layer left by an earlier process (a crash may have lost writes) is read.
+	fresh map[string]bool
 
 	// failpoint, set by tests, can fail a step by name ("commit:catalog").
 	failpoint func(step string) error
@@ -102,7 +107,7 @@ func NewServer(store *images.Store, opts ServerOptions) (*Server, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{store: store, st: st, opts: opts, log: log, m: newMetrics(),
-		desktops: map[string]*sync.Mutex{}, sessions: map[string]*session{}, cancel: cancel, bgCtx: ctx}
+		desktops: map[string]*sync.Mutex{}, sessions: map[string]*session{}, fresh: map[string]bool{}, cancel: cancel, bgCtx: ctx}
 	if err := s.reconcile(ctx); err != nil {
 		st.Close()
 		cancel()

@@ -150,14 +150,23 @@ type encodedCluster struct {
 // encodeOptions says how clusters are encoded.
 type encodeOptions struct {
 	compress bool
+	// known, when set, is the cluster's digest, computed by the caller from the
+	// same bytes (the receiver checks it again): the cluster is not hashed again.
+	known *Digest
 	// refOf, when set, names a layer the receiver holds with the same cluster.
 	refOf func(Digest) (clusterRef, bool)
 }
 
 // encodeCluster hashes and compresses one cluster; dst is reused when large enough.
-// Data that does not shrink, or compress false, is sent raw.
+// Data that does not shrink, or compress false, is sent raw: then the encoded
+// data is raw itself, not a copy.
 func encodeCluster(diskNo byte, idx int64, raw []byte, dst []byte, opts encodeOptions) (encodedCluster, error) {
-	ec := encodedCluster{disk: diskNo, idx: idx, digest: sha256.Sum256(raw), raw: len(raw)}
+	ec := encodedCluster{disk: diskNo, idx: idx, raw: len(raw)}
+	if opts.known != nil {
+		ec.digest = *opts.known
+	} else {
+		ec.digest = sha256.Sum256(raw)
+	}
 	if opts.refOf != nil {
 		if ref, ok := opts.refOf(ec.digest); ok {
 			ec.ref = &ref
@@ -165,7 +174,7 @@ func encodeCluster(diskNo byte, idx int64, raw []byte, dst []byte, opts encodeOp
 		}
 	}
 	if !opts.compress {
-		ec.enc, ec.data = encRaw, append(dst[:0], raw...)
+		ec.enc, ec.data = encRaw, raw
 		return ec, nil
 	}
 	if err := zc.init(); err != nil {
@@ -176,7 +185,7 @@ func encodeCluster(diskNo byte, idx int64, raw []byte, dst []byte, opts encodeOp
 		// (encrypted, already compressed): send it raw without paying for a
 		// full compression attempt.
 		if p := zc.enc.EncodeAll(raw[:probeSize], dst[:0]); len(p) > probeSize*31/32 {
-			ec.enc, ec.data = encRaw, append(dst[:0], raw...)
+			ec.enc, ec.data = encRaw, raw
 			return ec, nil
 		}
 	}
@@ -184,20 +193,20 @@ func encodeCluster(diskNo byte, idx int64, raw []byte, dst []byte, opts encodeOp
 	if len(out) < len(raw) {
 		ec.enc, ec.data = encZstd, out
 	} else {
-		ec.enc, ec.data = encRaw, append(out[:0], raw...)
+		ec.enc, ec.data = encRaw, raw
 	}
 	return ec, nil
 }
 
 // decodeCluster decodes one data frame's payload into dst (len n) and checks it
-// against the digest.
+// against the digest. A raw frame's cluster is payload itself, not a copy.
 func decodeCluster(f frame, digest Digest, payload, dst []byte) ([]byte, error) {
 	if err := zc.init(); err != nil {
 		return nil, err
 	}
 	var raw []byte
 	if f.enc == encRaw {
-		raw = append(dst[:0], payload...)
+		raw = payload
 	} else {
 		out, err := zc.dec.DecodeAll(payload, dst[:0])
 		if err != nil {
