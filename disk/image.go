@@ -124,6 +124,13 @@ type OpenOptions struct {
 	// being built that is thrown away if the process crashes (a temporary file
 	// renamed into place after Flush): a crash may leave it corrupt.
 	NoBarriers bool
+	// DirectData writes whole data clusters of the top layer through a second
+	// descriptor opened with O_DIRECT, past the page cache; metadata and
+	// anything unaligned go through the page cache as usual. For bulk writes of
+	// data not read back soon (a layer being received): it spares allocating
+	// and later flushing a page-cache copy. Where the file system refuses
+	// O_DIRECT, writes go through the page cache.
+	DirectData bool
 }
 
 // CreateOptions controls Create.

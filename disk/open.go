@@ -25,7 +25,8 @@ func Open(path string, opts OpenOptions) (Image, error) {
 	if len(roots) == 0 {
 		roots = []string{filepath.Dir(abs)}
 	}
-	c := chainOpener{maxDepth: opts.MaxDepth, seen: map[string]bool{}, noBacking: opts.NoBacking, noBarriers: opts.NoBarriers}
+	c := chainOpener{maxDepth: opts.MaxDepth, seen: map[string]bool{}, noBacking: opts.NoBacking, noBarriers: opts.NoBarriers,
+		directData: opts.DirectData && !opts.ReadOnly}
 	if c.maxDepth <= 0 {
 		c.maxDepth = DefaultMaxDepth
 	}
@@ -48,6 +49,7 @@ type chainOpener struct {
 	seen       map[string]bool
 	noBacking  bool
 	noBarriers bool
+	directData bool // the top's data writes (see OpenOptions.DirectData)
 }
 
 func (c *chainOpener) open(path string, format Format, readOnly bool, depth int) (Image, error) {
@@ -100,14 +102,19 @@ func (c *chainOpener) open(path string, format Format, readOnly bool, depth int)
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	q.barriers = !c.noBarriers
+	if c.directData && depth == 0 && !readOnly {
+		q.direct = openDirect(path) // nil where O_DIRECT is refused
+	}
 	if q.h.backingName != "" && !c.noBacking {
 		bpath, err := c.resolve(filepath.Dir(path), q.h.backingName)
 		if err != nil {
+			q.closeDirect()
 			f.Close()
 			return nil, fmt.Errorf("%s: backing file %q: %w", path, q.h.backingName, err)
 		}
 		b, err := c.open(bpath, Format(q.h.backingFormat), true, depth+1)
 		if err != nil {
+			q.closeDirect()
 			f.Close()
 			return nil, fmt.Errorf("%s: open backing file: %w", path, err)
 		}

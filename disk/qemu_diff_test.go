@@ -1102,6 +1102,7 @@ type qdWriteCase struct {
 	ops     int
 	fill    int64 // bytes written sequentially first, to grow the metadata
 	growRT  bool  // the refcount table must have grown past one cluster
+	direct  bool  // write with OpenOptions.DirectData
 }
 
 func TestQemuDiffCvdWrites(t *testing.T) {
@@ -1119,6 +1120,10 @@ func TestQemuDiffCvdWrites(t *testing.T) {
 		{name: "2M over qemu 64K", size: 64 * qdMiB, cluster: 2 << 20, ops: 400, backing: []qdLayer{{cluster: 64 * qdKiB}}},
 		{name: "64K over shorter raw", size: 16 * qdMiB, cluster: 64 << 10, ops: 800, backing: []qdLayer{{format: "raw", size: 5*qdMiB + 512}}},
 		{name: "4K over shorter qcow2", size: 8 * qdMiB, cluster: 4096, ops: 800, backing: []qdLayer{{size: 3*qdMiB + 4096, cluster: 2 * qdMiB}}},
+		{name: "64K alone, direct data", size: 32 * qdMiB, cluster: 64 << 10, ops: 800, fill: 8 * qdMiB, direct: true},
+		{name: "4K over qemu chain, direct data", size: 8 * qdMiB, cluster: 4096, ops: 1000, direct: true,
+			backing: []qdLayer{{cluster: 64 * qdKiB}, {compat: "0.10", cluster: 512, ops: 100}}},
+		{name: "512B alone, direct data (never aligned)", size: 4 * qdMiB, cluster: 512, ops: 800, direct: true},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -1151,6 +1156,16 @@ func qdRunWriteCase(t *testing.T, tc qdWriteCase) {
 	if err != nil {
 		t.Fatalf("disk.Create: %v", err)
 	}
+	open := disk.OpenOptions{DirectData: tc.direct}
+	if tc.direct {
+		img.Close()
+		if img, err = disk.Open(top, open); err != nil {
+			t.Fatal(err)
+		}
+		if !disk.DirectActive(img) {
+			t.Fatalf("O_DIRECT refused in %s: the test cannot run here", dir)
+		}
+	}
 
 	cs := int64(tc.cluster)
 	// Phase 1: sequential fill, then random operations.
@@ -1160,6 +1175,12 @@ func qdRunWriteCase(t *testing.T, tc qdWriteCase) {
 	ops := qdGenCvdOps(rng, tc.size, cs, tc.ops, nil, nil)
 	for _, o := range ops {
 		touched = append(touched, qdApply(t, img, model, rng, o))
+	}
+	if tc.direct && !disk.DirectActive(img) {
+		t.Error("a direct write failed and the image fell back to the page cache")
+	}
+	if n := disk.DirectWrites(img); tc.direct && (n == 0) != (tc.cluster < 4096) {
+		t.Errorf("%d data writes went through O_DIRECT with %d-byte clusters", n, tc.cluster)
 	}
 	if err := img.Flush(); err != nil {
 		t.Fatalf("Flush: %v", err)
@@ -1171,7 +1192,7 @@ func qdRunWriteCase(t *testing.T, tc qdWriteCase) {
 	qdCompareCheck(t, top)
 
 	// Phase 2: reopen, rewrite what phase 1 wrote (in place), write more.
-	img, err = disk.Open(top, disk.OpenOptions{})
+	img, err = disk.Open(top, open)
 	if err != nil {
 		t.Fatalf("reopen: %v", err)
 	}

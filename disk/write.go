@@ -211,7 +211,7 @@ func (q *Qcow2) writeBatch(p []byte, off int64) error {
 			j++
 		}
 		host := cw[i].host + cw[i].in
-		if _, err := q.f.WriteAt(p[cw[i].lo:cw[j-1].hi], host); err != nil {
+		if err := q.writeData(p[cw[i].lo:cw[j-1].hi], host); err != nil {
 			return fmt.Errorf("write data at %#x: %w", host, err)
 		}
 		i = j
@@ -247,7 +247,7 @@ func (q *Qcow2) writeBatch(p []byte, off int64) error {
 		if runHost < 0 {
 			return nil
 		}
-		if _, err := q.f.WriteAt(p[runLo:runHi], runHost); err != nil {
+		if err := q.writeData(p[runLo:runHi], runHost); err != nil {
 			return fmt.Errorf("write data at %#x: %w", runHost, err)
 		}
 		runHost = -1
@@ -283,7 +283,7 @@ func (q *Qcow2) writeBatch(p []byte, off int64) error {
 			return err
 		}
 		copy(buf[c.in:], p[c.lo:c.hi])
-		if _, err := q.f.WriteAt(buf, c.host); err != nil {
+		if err := q.writeData(buf, c.host); err != nil {
 			return fmt.Errorf("write data at %#x: %w", c.host, err)
 		}
 	}

@@ -33,7 +33,7 @@ func BenchmarkCheckin(b *testing.B) {
 			b.Fatal(err)
 		}
 		for _, mb := range rng.Perm(16 << 10)[:64] {
-			if _, err := img.WriteAt(fill(uint64(i*1000+mb), 1<<20, false), int64(mb)<<20); err != nil {
+			if _, err := img.WriteAt(fill(uint64(i)<<20|uint64(mb), 1<<20, false), int64(mb)<<20); err != nil {
 				b.Fatal(err)
 			}
 		}

@@ -449,7 +449,7 @@ func (s *Server) openStage(dir string, d CheckinDisk) (disk.Image, error) {
 		return nil, err
 	}
 	stage := filepath.Join(dir, d.Name+".qcow2")
-	img, err := disk.Open(stage, disk.OpenOptions{AllowedRoots: []string{s.store.Dir()}, NoBarriers: true})
+	img, err := disk.Open(stage, disk.OpenOptions{AllowedRoots: []string{s.store.Dir()}, NoBarriers: true, DirectData: true})
 	if err != nil && !errors.Is(err, syscall.ENOSPC) {
 		// Left by a commit cut while it made the staging file a layer (its
 		// backing name was rewritten for the layers directory): start it over.
@@ -663,13 +663,14 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 		res.Clusters++
 		return sw.write(f.idx, raw)
 	})
+	t1 := time.Now()
 	for _, sw := range stages {
 		if ferr := sw.flush(); err == nil {
 			err = ferr
 		}
 	}
 	res.Bytes = body.bytes
-	s.log.Debug("upload received", "clusters", res.Clusters, "bytes", body.bytes, "took", time.Since(t0))
+	s.log.Debug("upload received", "clusters", res.Clusters, "bytes", body.bytes, "took", time.Since(t0), "flush", time.Since(t1))
 	s.m.bytesReceived.Add(body.bytes)
 	s.m.clustersReceived.Add(res.Clusters)
 	uerr := s.st.update(func(tx *bolt.Tx) error {
