@@ -28,6 +28,9 @@ vet:
 # needs them fails instead of skipping.
 test: deps guest build vet
 	CVD_TEST_REQUIRE=all $(GO) test -count=1 -timeout 60m $(PKGS)
+	# The packages whose pipelines run on several goroutines, again under the
+	# race detector.
+	CVD_TEST_REQUIRE=all $(GO) test -race -count=1 -timeout 30m ./images ./syncd
 	@$(MAKE) --no-print-directory fuzz FUZZTIME=10s
 
 test-short: build

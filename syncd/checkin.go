@@ -375,12 +375,13 @@ func (l *Laptop) upload(ctx context.Context, c *Client, id string, changes []dis
 	}
 	l.opts.Progress.Start("check-in "+id[:12], total)
 	defer l.opts.Progress.Done()
-	pr, pw := io.Pipe()
+	// The stream is written straight into the connection (funcBody); a
+	// cancelled context stops the encoder when the request ends early.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	var sent int64
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		sw := newStreamWriter(pw)
+	body := newFuncBody(func(w io.Writer) error {
+		sw := newStreamWriter(w)
 		err := encodeOrdered(ctx, encodeOptions{compress: true}, func(submit func(byte, int64, []byte, *Digest) error) error {
 			return readMissingClusters(ctx, imgs, sizes, miss, submit)
 		}, func(ec encodedCluster, _ bool) error {
@@ -395,11 +396,19 @@ func (l *Laptop) upload(ctx context.Context, c *Client, id string, changes []dis
 			err = sw.end(sent, nil)
 		}
 		rep.Payload += sw.bytes
-		pw.CloseWithError(err)
-	}()
-	_, err := c.Upload(ctx, id, pr)
-	pr.CloseWithError(io.ErrClosedPipe)
-	<-done
+		return err
+	})
+	_, err := c.Upload(ctx, id, body)
+	if err != nil {
+		cancel()
+	}
+	// The server's answer says most; else the stream's own error (a read of
+	// the top that failed) says more than the transport's.
+	var ae *APIError
+	if ferr := body.finish(); err != nil && !errors.As(err, &ae) && ferr != nil &&
+		!errors.Is(ferr, errBodyNotRun) && !errors.Is(ferr, context.Canceled) {
+		err = ferr
+	}
 	rep.Sent += sent
 	return err
 }

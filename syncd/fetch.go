@@ -342,7 +342,7 @@ func (f *layerFetcher) consume(ctx context.Context, sr *streamReader) (int64, bo
 		f.sinceCk += int64(len(raw))
 		progress.Add(int64(len(raw)))
 		if f.sinceCk >= checkpointInterval {
-			f.ck.Bytes = base + sr.bytes
+			f.ck.Bytes = base + sr.bytes()
 			return f.checkpoint()
 		}
 		return nil
@@ -350,7 +350,7 @@ func (f *layerFetcher) consume(ctx context.Context, sr *streamReader) (int64, bo
 	if err == nil {
 		err = flushZero()
 	}
-	moved := sr.bytes
+	moved := sr.bytes()
 	f.ck.Bytes = base + moved
 	if cerr := f.checkpoint(); err == nil {
 		err = cerr

@@ -669,16 +669,16 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 			err = ferr
 		}
 	}
-	res.Bytes = body.bytes
-	s.log.Debug("upload received", "clusters", res.Clusters, "bytes", body.bytes, "took", time.Since(t0), "flush", time.Since(t1))
-	s.m.bytesReceived.Add(body.bytes)
+	res.Bytes = body.bytes()
+	s.log.Debug("upload received", "clusters", res.Clusters, "bytes", body.bytes(), "took", time.Since(t0), "flush", time.Since(t1))
+	s.m.bytesReceived.Add(body.bytes())
 	s.m.clustersReceived.Add(res.Clusters)
 	uerr := s.st.update(func(tx *bolt.Tx) error {
 		var cur Session
 		if _, err := getJSON(tx, bucketSessions, se.ID, &cur); err != nil {
 			return err
 		}
-		cur.Received += body.bytes
+		cur.Received += body.bytes()
 		cur.Clusters += res.Clusters
 		return putJSON(tx, bucketSessions, se.ID, &cur)
 	})

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 
 	"github.com/klauspost/compress/zstd"
 )
@@ -297,17 +298,22 @@ func (sw *streamWriter) flush() error {
 type streamReader struct {
 	r     *bufio.Reader
 	hdr   [frameHeader]byte
-	bytes int64
+	n     atomic.Int64 // bytes read (decodeOrdered reads on a goroutine of its own)
 	magic bool
 }
 
+// bytes is how many bytes of the stream were read so far.
+func (sr *streamReader) bytes() int64 { return sr.n.Load() }
+
 func newStreamReader(r io.Reader) *streamReader {
-	return &streamReader{r: bufio.NewReaderSize(r, 256<<10)}
+	// A small buffer: payloads larger than it are read straight into their own
+	// buffers instead of being copied out of it.
+	return &streamReader{r: bufio.NewReaderSize(r, 16<<10)}
 }
 
 func (sr *streamReader) full(b []byte) error {
 	n, err := io.ReadFull(sr.r, b)
-	sr.bytes += int64(n)
+	sr.n.Add(int64(n))
 	if err == io.EOF || err == io.ErrUnexpectedEOF {
 		return fmt.Errorf("%w: truncated", errStream)
 	}
