@@ -95,7 +95,7 @@ co_s=$(calc "$t1 - $t0")
 top="$LAPTOP/desktops/bench.system.qcow2"
 
 best() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == "" || a < b) print a; else print b }'; }
-c_s="" c_up="" c_b="" r_s="" r_b="" q_s="" q_b=""
+c_s="" c_up="" c_b="" r_s="" r_b="" q_s="" q_b="" c_all="" q_all=""
 for ((round = 0; round < RUNS; round++)); do
   log "round $((round + 1))/$RUNS: the server's copies (raw, qcow2) of the laptop's disk before the changes"
   rm -f rsync-srv/disk.raw rsync-srv/disk.qcow2 after.raw after.qcow2
@@ -128,6 +128,7 @@ PY
   s=$(calc "$t1 - $t0")
   b=$(calc "$(json checkin.json '["payload_bytes"]') + $(json checkin.json '["metadata_bytes"]')")
   c_s=$(best "$s" "$c_s"); c_b=$(best "$b" "$c_b"); c_up=$(best "$(json checkin.json '["upload_seconds"]')" "$c_up")
+  c_all="$c_all $(printf '%.3f' "$s")"
   [ "$(json checkin.json '["sent_clusters"]')" = 1024 ] || { echo "bench-sync: the check-in sent $(json checkin.json '["sent_clusters"]') clusters" >&2; exit 1; }
 
   # The raw image is 16 GiB to read on both sides: its rsync runs in one round.
@@ -149,6 +150,7 @@ PY
   s=$(calc "$t1 - $t0")
   b=$(awk -F': ' '/^Total bytes (sent|received)/ { gsub(",", "", $2); n += $2 } END { print n }' rsync-qcow2.txt)
   q_s=$(best "$s" "$q_s"); q_b=$(best "$b" "$q_b")
+  q_all="$q_all $(printf '%.3f' "$s")"
 done
 
 # The server's head reads as the laptop's disk.
@@ -168,5 +170,6 @@ echo "sync: check-in of a 16 GiB disk with 64 MiB changed (64 x 1 MiB random), l
   row "rsync --inplace --no-whole-file, raw 16 GiB" "$r_s" "$r_b" "$(calc "$r_s / $c_s")" "$(calc "$r_b / $c_b")"
   row "rsync --inplace --no-whole-file, qcow2" "$q_s" "$q_b" "$(calc "$q_s / $c_s")" "$(calc "$q_b / $c_b")"
   echo "(time x, bytes x: rsync's over cvd's; above 1 means cvd is faster / moves less)"
+  echo "every round, seconds: cvd checkin$c_all; rsync of the qcow2 image$q_all"
   printf 'check-out of the desktop to an empty laptop: %.3f s, %d bytes on the wire for %d bytes of clusters\n' "$co_s" "$co_bytes" "$co_data"
 } | tee "$W/results.txt"
