@@ -207,19 +207,13 @@ func (s *Server) sealStage(ctx context.Context, m *session, dl *diskList) (*imag
 	return l, nil
 }
 
-// finishCommit indexes the new layers' clusters, releases the lease when asked,
-// and marks the check-in committed with its result, in one transaction of syncd's
-// state.
+// finishCommit releases the lease when asked and marks the check-in committed
+// with its result, in one transaction of syncd's state; then the new layers'
+// clusters are indexed from their lists, in the background (a server stopped
+// before that indexes them from the files at its next check-in).
 func (s *Server) finishCommit(se *Session, res *CheckinResult, newEntries map[string][]Entry) error {
+	defer s.indexEntriesLater(newEntries)
 	return s.st.update(func(tx *bolt.Tx) error {
-		for id, ents := range newEntries {
-			if err := indexEntries(tx, id, ents); err != nil {
-				return err
-			}
-			if err := markIndexed(tx, id, int64(len(ents))); err != nil {
-				return err
-			}
-		}
 		if se.Release {
 			if l, err := activeLease(tx, se.Desktop); err != nil {
 				return err
@@ -233,6 +227,39 @@ func (s *Server) finishCommit(se *Session, res *CheckinResult, newEntries map[st
 		se.State, se.Result = stateCommitted, res
 		return putJSON(tx, bucketSessions, se.ID, se)
 	})
+}
+
+// indexEntriesLater records the clusters of new layers in the index, from the
+// lists they were committed with, on a goroutine: the commit's answer does not
+// wait for it, and the next check-in's search for missing clusters does
+// (ensureIndexed takes the same lock).
+func (s *Server) indexEntriesLater(newEntries map[string][]Entry) {
+	if len(newEntries) == 0 {
+		return
+	}
+	s.bgIndex.Add(1)
+	go func() {
+		defer s.bgIndex.Done()
+		s.indexMu.Lock()
+		defer s.indexMu.Unlock()
+		err := s.st.update(func(tx *bolt.Tx) error {
+			for id, ents := range newEntries {
+				if isIndexed(tx, id) {
+					continue
+				}
+				if err := indexEntries(tx, id, ents); err != nil {
+					return err
+				}
+				if err := markIndexed(tx, id, int64(len(ents))); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			s.log.Warn("index the clusters of new layers (the next check-in indexes them from the files)", "err", err)
+		}
+	}()
 }
 
 // fillStage completes a disk's staging layer: zero entries, clusters repeated
