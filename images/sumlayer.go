@@ -20,7 +20,7 @@ type ClusterSum struct {
 }
 
 // sumChunk is how many bytes SumLayer reads at a time (at least one cluster).
-const sumChunk = 4 << 20
+const sumChunk = 1 << 20
 
 // SumLayer calls fn, in ascending order, for each cluster of size cs that img's own
 // layer allocates, with the SHA-256 of its bytes, or Zero when it reads as zeros
@@ -49,9 +49,26 @@ func SumLayer(ctx context.Context, img disk.Image, cs int, keepZero bool, fn fun
 	defer cancel()
 	c := int64(cs)
 	chunk := max(sumChunk/c, 1)
+	// Read buffers, made as the read-ahead needs them (a small layer needs
+	// few) and reused.
 	bufs := make(chan []byte, 3*workers)
-	for range cap(bufs) {
-		bufs <- make([]byte, chunk*c)
+	made := 0
+	getBuf := func() ([]byte, error) {
+		select {
+		case b := <-bufs:
+			return b, nil
+		default:
+		}
+		if made < cap(bufs) {
+			made++
+			return make([]byte, chunk*c), nil
+		}
+		select {
+		case b := <-bufs:
+			return b, nil
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
 	}
 	jobs := make(chan *job, workers)
 	order := make(chan *job, 2*workers)
@@ -118,11 +135,9 @@ func SumLayer(ctx context.Context, img disk.Image, cs int, keepZero bool, fn fun
 						continue
 					}
 					for i := r.First; i <= r.Last; i += chunk {
-						var buf []byte
-						select {
-						case buf = <-bufs:
-						case <-ctx.Done():
-							return ctx.Err()
+						buf, err := getBuf()
+						if err != nil {
+							return err
 						}
 						last := min(i+chunk-1, r.Last)
 						off := i * c

@@ -418,7 +418,11 @@ func (l *Laptop) upload(ctx context.Context, c *Client, id string, changes []dis
 func readMissingClusters(ctx context.Context, imgs map[byte]disk.Image, sizes map[byte]int, miss []missingItem,
 	submit func(byte, int64, []byte, *Digest) error) error {
 	const maxRun = 16
-	buf := make([]byte, 0, maxRun*2<<20)
+	largest := 0
+	for _, cs := range sizes {
+		largest = max(largest, cs)
+	}
+	buf := make([]byte, 0, maxRun*largest)
 	for i := 0; i < len(miss); {
 		if err := ctx.Err(); err != nil {
 			return err

@@ -25,18 +25,9 @@ func encodeOrdered(ctx context.Context, opts encodeOptions, produce func(submit 
 		err    error
 		done   chan struct{}
 	}
-	var pool sync.Pool
-	getBuf := func(n int) []byte {
-		if b, ok := pool.Get().(*[]byte); ok && cap(*b) >= n {
-			return (*b)[:n]
-		}
-		return make([]byte, n, max(n, 64<<10))
-	}
-	putBuf := func(b []byte) {
-		if b != nil {
-			pool.Put(&b)
-		}
-	}
+	pool := newBufPool(workers*8, 64<<10)
+	getBuf := func(n int) []byte { return pool.get(n) }
+	putBuf := func(b []byte) { pool.put(b) }
 
 	jobs := make(chan *job, workers*2)
 	order := make(chan *job, workers*4)
@@ -114,4 +105,38 @@ func encodeOrdered(ctx context.Context, opts encodeOptions, produce func(submit 
 // sameBuf reports whether a and b start at the same byte (one buffer).
 func sameBuf(a, b []byte) bool {
 	return len(a) > 0 && len(b) > 0 && &a[0] == &b[0]
+}
+
+// bufPool keeps up to a fixed number of buffers for a pipeline's clusters. Unlike
+// a sync.Pool, which a garbage collection empties, it keeps them for the whole
+// stream: a stream of many clusters allocates (and clears) buffers once.
+type bufPool struct {
+	free chan []byte
+	size int
+}
+
+func newBufPool(n, size int) *bufPool {
+	return &bufPool{free: make(chan []byte, n), size: size}
+}
+
+// get returns a buffer of length n.
+func (p *bufPool) get(n int) []byte {
+	select {
+	case b := <-p.free:
+		if cap(b) >= n {
+			return b[:n]
+		}
+	default:
+	}
+	return make([]byte, n, max(n, p.size))
+}
+
+func (p *bufPool) put(b []byte) {
+	if b == nil {
+		return
+	}
+	select {
+	case p.free <- b[:0]:
+	default:
+	}
 }

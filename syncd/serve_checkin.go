@@ -709,7 +709,6 @@ type stageWriter struct {
 	wg   sync.WaitGroup
 	mu   sync.Mutex
 	werr error
-	free chan []byte
 }
 
 type stageBatch struct {
@@ -722,9 +721,12 @@ const (
 	stageBatchDepth = 2
 )
 
+// stageBufs keeps the batch buffers of stage writers from one upload to the next
+// (each is written through O_DIRECT: page-aligned, as large allocations are).
+var stageBufs = newBufPool(2*(stageBatchDepth+2), stageBatchSize)
+
 func (w *stageWriter) start() {
 	w.q = make(chan stageBatch, stageBatchDepth)
-	w.free = make(chan []byte, stageBatchDepth+2)
 	w.wg.Add(1)
 	go func() {
 		defer w.wg.Done()
@@ -736,10 +738,7 @@ func (w *stageWriter) start() {
 					w.mu.Unlock()
 				}
 			}
-			select {
-			case w.free <- b.b[:0]:
-			default:
-			}
+			stageBufs.put(b.b)
 		}
 	}()
 }
@@ -762,6 +761,9 @@ func (w *stageWriter) write(idx int64, raw []byte) error {
 	if len(w.buf) > 0 && (w.off+int64(len(w.buf)) != off || len(w.buf)+len(raw) > stageBatchSize) {
 		w.flushBuf()
 	}
+	if w.buf == nil {
+		w.buf = stageBufs.get(0)
+	}
 	if len(w.buf) == 0 {
 		w.off = off
 	}
@@ -779,12 +781,7 @@ func (w *stageWriter) flushBuf() {
 		w.start()
 	}
 	w.q <- stageBatch{off: w.off, b: w.buf}
-	select {
-	case b := <-w.free:
-		w.buf = b
-	default:
-		w.buf = make([]byte, 0, stageBatchSize)
-	}
+	w.buf = stageBufs.get(0)
 }
 
 // wait lets every handed batch reach the image.
@@ -793,6 +790,10 @@ func (w *stageWriter) wait() error {
 		close(w.q)
 		w.wg.Wait()
 		w.q = nil
+	}
+	if len(w.buf) == 0 && w.buf != nil {
+		stageBufs.put(w.buf)
+		w.buf = nil
 	}
 	if err := w.asyncErr(); err != nil && w.err == nil {
 		w.err = err
@@ -848,19 +849,9 @@ func decodeOrdered(ctx context.Context, sr *streamReader, allowZero bool, resolv
 	workers := 2
 	jobs := make(chan *job, workers*2)
 	order := make(chan *job, workers*4)
-	var pool sync.Pool
-	get := func() []byte {
-		if b, ok := pool.Get().(*[]byte); ok {
-			return *b
-		}
-		return make([]byte, 0, 64<<10)
-	}
-	put := func(b []byte) {
-		if b != nil {
-			b = b[:0]
-			pool.Put(&b)
-		}
-	}
+	pool := newBufPool(workers*8, 64<<10)
+	get := func() []byte { return pool.get(0) }
+	put := func(b []byte) { pool.put(b) }
 	var wg sync.WaitGroup
 	for range workers {
 		wg.Add(1)
