@@ -57,15 +57,7 @@ type AdoptOptions struct {
 //
 // Kind defaults to version for a file with a parent and base without one.
 func (s *Store) Adopt(ctx context.Context, path string, opts AdoptOptions) (*Layer, bool, error) {
-	if err := s.writable(); err != nil {
-		return nil, false, err
-	}
-	for _, nt := range opts.Names {
-		if _, _, err := ParseNameTag(nt); err != nil {
-			return nil, false, err
-		}
-	}
-	abs, err := filepath.Abs(path)
+	abs, err := s.newLayerPath(path, opts.Names)
 	if err != nil {
 		return nil, false, err
 	}

@@ -200,14 +200,7 @@ func TestAdoptSums(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want, _, err := ComputeID(ctx, img, base.ID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var sums []ClusterSum
-	if err := SumLayer(ctx, img, 65536, true, func(c ClusterSum) error { sums = append(sums, c); return nil }); err != nil {
-		t.Fatal(err)
-	}
+	want, sums := idAndSums(t, img, base.ID)
 	img.Close()
 	if len(sums) != 6 {
 		t.Fatalf("listed %d clusters, want 6", len(sums))
@@ -267,14 +260,7 @@ func TestAdoptSums(t *testing.T) {
 	if err := uimg.WriteZeroes(1<<20, 65536); err != nil {
 		t.Fatal(err)
 	}
-	uwant, _, err := ComputeID(ctx, uimg, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var usums []ClusterSum
-	if err := SumLayer(ctx, uimg, 65536, false, func(c ClusterSum) error { usums = append(usums, c); return nil }); err != nil {
-		t.Fatal(err)
-	}
+	uwant, usums := idAndSums(t, uimg, "")
 	uimg.Close()
 	if len(usums) != 2 {
 		t.Fatalf("listed %d clusters of the user top, want 2", len(usums))
@@ -288,4 +274,22 @@ func TestAdoptSums(t *testing.T) {
 	}
 	os.Remove(user)
 	mustClean(t, s)
+}
+
+// idAndSums returns the ID of img's layer on parent and its SumLayer list.
+func idAndSums(t *testing.T, img disk.Image, parent string) (string, []ClusterSum) {
+	t.Helper()
+	ctx := context.Background()
+	id, _, err := ComputeID(ctx, img, parent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sums []ClusterSum
+	if err := SumLayer(ctx, img, DigestClusterSize(img.Info()), parent != "", func(c ClusterSum) error {
+		sums = append(sums, c)
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return id, sums
 }

@@ -93,16 +93,22 @@ func (s *Store) Seal(ctx context.Context, path string, opts ImportOptions) (*Lay
 	return s.importLayer(ctx, "seal", path, opts)
 }
 
-func (s *Store) importLayer(ctx context.Context, op, path string, opts ImportOptions) (*Layer, bool, error) {
+// newLayerPath checks that a layer can be added (a writable store, valid names)
+// and returns the absolute path of the file it comes from.
+func (s *Store) newLayerPath(path string, names []string) (string, error) {
 	if err := s.writable(); err != nil {
-		return nil, false, err
+		return "", err
 	}
-	for _, nt := range opts.Names {
+	for _, nt := range names {
 		if _, _, err := ParseNameTag(nt); err != nil {
-			return nil, false, err
+			return "", err
 		}
 	}
-	abs, err := filepath.Abs(path)
+	return filepath.Abs(path)
+}
+
+func (s *Store) importLayer(ctx context.Context, op, path string, opts ImportOptions) (*Layer, bool, error) {
+	abs, err := s.newLayerPath(path, opts.Names)
 	if err != nil {
 		return nil, false, err
 	}
