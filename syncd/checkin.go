@@ -231,10 +231,7 @@ func checkinID(req *CheckinRequest) string {
 func (l *Laptop) scanTops(ctx context.Context, d *images.Desktop, co *Checkout) ([]diskChanges, error) {
 	var out []diskChanges
 	for _, dn := range diskNames {
-		rel := d.SystemDisk
-		if dn == DiskUser {
-			rel = d.UserDisk
-		}
+		rel := topRel(d, dn)
 		if rel == "" {
 			continue
 		}
@@ -385,7 +382,7 @@ func (l *Laptop) upload(ctx context.Context, c *Client, id string, changes []dis
 		err := encodeOrdered(ctx, encodeOptions{compress: true}, func(submit func(byte, int64, []byte, *Digest) error) error {
 			return readMissingClusters(ctx, imgs, sizes, miss, submit)
 		}, func(ec encodedCluster, _ bool) error {
-			if m := miss[sent]; ec.disk != m.Disk || ec.idx != m.Index || ec.digest != m.Digest {
+			if m := miss[sent]; ec.disk != m.Disk || ec.idx != m.Index {
 				return fmt.Errorf("cluster %d out of order in the upload", ec.idx)
 			}
 			sent++
@@ -509,19 +506,7 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 				aopts.Sums = entrySums(listEntries(ch.list), ch.decl.Size, ch.decl.ClusterSize)
 			}
 		}
-		lay, existed, err := l.store.Adopt(ctx, path, aopts)
-		if errors.Is(err, images.ErrNotAdoptable) {
-			// A top that does not check clean (a VM killed while it wrote leaves
-			// leaked clusters): seal a copy instead.
-			l.log.Debug("check-in: top not adoptable in place; copying it", "disk", dn, "err", err)
-			lay, existed, err = sealTop(ctx, l.store, path, nil, false)
-			if err == nil && lay.ID != want {
-				if !existed {
-					l.store.RemoveLayer(lay.ID)
-				}
-				err = fmt.Errorf("%w: it has ID %s, expected %s", images.ErrIDMismatch, short(lay.ID), short(want))
-			}
-		}
+		lay, existed, err := adoptTop(ctx, l.store, l.log, path, aopts)
 		if errors.Is(err, images.ErrIDMismatch) {
 			// The top changed after its list was made: it keeps everything, and the
 			// next check-in sends the rest from the version just committed.

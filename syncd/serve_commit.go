@@ -178,18 +178,7 @@ func (s *Server) sealStage(ctx context.Context, m *session, dl *diskList) (*imag
 	if s.freshStage(stage, false) {
 		opts.Sums = entrySums(slices.Values(dl.entries), d.Size, d.ClusterSize)
 	}
-	l, _, err := s.store.Adopt(ctx, stage, opts)
-	if errors.Is(err, images.ErrNotAdoptable) {
-		s.log.Warn("staging layer not adoptable in place; copying it", "disk", d.Name, "err", err)
-		var existed bool
-		l, existed, err = sealTop(ctx, s.store, stage, nil, false)
-		if err == nil && l.ID != d.ExpectID {
-			if !existed {
-				s.store.RemoveLayer(l.ID)
-			}
-			err = fmt.Errorf("%w: it has ID %s, expected %s", images.ErrIDMismatch, short(l.ID), short(d.ExpectID))
-		}
-	}
+	l, _, err := adoptTop(ctx, s.store, s.log, stage, opts)
 	if errors.Is(err, images.ErrIDMismatch) {
 		// A staged cluster does not hold what its list says: start the disk over.
 		os.Remove(stage)

@@ -4,7 +4,9 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -104,6 +106,26 @@ func syncDir(dir string) error {
 		err = err2
 	}
 	return err
+}
+
+// adoptTop makes the top at path the layer opts.WantID without copying it
+// (images.Store.Adopt). A top the store cannot take as it is (it does not check
+// clean: a VM killed while it wrote leaves leaked clusters) is sealed as a copy
+// instead, with the same check of its ID (images.ErrIDMismatch).
+func adoptTop(ctx context.Context, store *images.Store, log *slog.Logger, path string, opts images.AdoptOptions) (*images.Layer, bool, error) {
+	l, existed, err := store.Adopt(ctx, path, opts)
+	if !errors.Is(err, images.ErrNotAdoptable) {
+		return l, existed, err
+	}
+	log.Warn("not adoptable in place; copying it", "file", path, "err", err)
+	l, existed, err = sealTop(ctx, store, path, nil, false)
+	if err == nil && l.ID != opts.WantID {
+		if !existed {
+			store.RemoveLayer(l.ID)
+		}
+		return nil, false, fmt.Errorf("%w: it has ID %s, expected %s", images.ErrIDMismatch, short(l.ID), short(opts.WantID))
+	}
+	return l, existed, err
 }
 
 // sealTop seals the top at path into the store as a layer on the one it stands on
