@@ -1,0 +1,226 @@
+package catalog
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+)
+
+// Tx is one transaction. A read error is kept (the first one) and returned by the
+// View or Update that ran the transaction, so Get can stay a one-value call.
+type Tx struct {
+	db       *DB
+	tx       *sql.Tx
+	ctx      context.Context
+	writable bool
+	err      error
+}
+
+// Writable reports whether tx may write.
+func (tx *Tx) Writable() bool { return tx.writable }
+
+func (tx *Tx) fail(err error) error {
+	if tx.err == nil {
+		tx.err = err
+	}
+	return err
+}
+
+// q rewrites "?" placeholders for PostgreSQL ("$1", "$2", …).
+func (tx *Tx) q(query string) string {
+	if tx.db.engine != Postgres {
+		return query
+	}
+	var b strings.Builder
+	n := 0
+	for _, r := range query {
+		if r == '?' {
+			n++
+			b.WriteString("$" + strconv.Itoa(n))
+			continue
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
+}
+
+// Bucket is the named bucket; buckets exist as soon as they hold a record.
+func (tx *Tx) Bucket(name []byte) *Bucket { return &Bucket{tx: tx, name: string(name)} }
+
+// Bucket is a key-ordered set of records within a transaction.
+type Bucket struct {
+	tx   *Tx
+	name string
+}
+
+// Name is the bucket's name.
+func (b *Bucket) Name() string { return b.name }
+
+// Get returns the value at key, or nil when there is none (a record with an empty
+// value is an empty, non-nil slice).
+func (b *Bucket) Get(key []byte) []byte {
+	var v []byte
+	err := b.tx.tx.QueryRowContext(b.tx.ctx, b.tx.q("SELECT v FROM kv WHERE b = ? AND k = ?"), b.name, key).Scan(&v)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil
+	}
+	if err != nil {
+		b.tx.fail(fmt.Errorf("catalog: get %s/%q: %w", b.name, key, err))
+		return nil
+	}
+	if v == nil {
+		v = []byte{}
+	}
+	return v
+}
+
+// Put sets the value at key.
+func (b *Bucket) Put(key, value []byte) error {
+	if !b.tx.writable {
+		return ErrReadOnly
+	}
+	if value == nil {
+		value = []byte{}
+	}
+	_, err := b.tx.tx.ExecContext(b.tx.ctx, b.tx.q("INSERT INTO kv (b, k, v) VALUES (?, ?, ?) ON CONFLICT (b, k) DO UPDATE SET v = excluded.v"),
+		b.name, key, value)
+	if err != nil {
+		return b.tx.fail(fmt.Errorf("catalog: put %s/%q: %w", b.name, key, err))
+	}
+	return nil
+}
+
+// Delete removes the record at key (none is fine).
+func (b *Bucket) Delete(key []byte) error {
+	if !b.tx.writable {
+		return ErrReadOnly
+	}
+	if _, err := b.tx.tx.ExecContext(b.tx.ctx, b.tx.q("DELETE FROM kv WHERE b = ? AND k = ?"), b.name, key); err != nil {
+		return b.tx.fail(fmt.Errorf("catalog: delete %s/%q: %w", b.name, key, err))
+	}
+	return nil
+}
+
+// ForEach calls fn for every record in key order; an error from fn stops it.
+// fn may not change the bucket.
+func (b *Bucket) ForEach(fn func(k, v []byte) error) error {
+	c := b.Cursor()
+	for k, v := c.First(); k != nil; k, v = c.Next() {
+		if err := fn(k, v); err != nil {
+			return err
+		}
+	}
+	return c.err
+}
+
+// Len counts the bucket's records.
+func (b *Bucket) Len() (int, error) {
+	var n int
+	err := b.tx.tx.QueryRowContext(b.tx.ctx, b.tx.q("SELECT COUNT(*) FROM kv WHERE b = ?"), b.name).Scan(&n)
+	if err != nil {
+		return 0, b.tx.fail(fmt.Errorf("catalog: count %s: %w", b.name, err))
+	}
+	return n, nil
+}
+
+// NextSequence returns the bucket's next sequence number (1, 2, …): numbers are
+// never given twice, even by transactions that were rolled back later.
+func (b *Bucket) NextSequence() (uint64, error) {
+	if !b.tx.writable {
+		return 0, ErrReadOnly
+	}
+	var n int64
+	err := b.tx.tx.QueryRowContext(b.tx.ctx,
+		b.tx.q("INSERT INTO seq (b, n) VALUES (?, 1) ON CONFLICT (b) DO UPDATE SET n = seq.n + 1 RETURNING n"), b.name).Scan(&n)
+	if err != nil {
+		return 0, b.tx.fail(fmt.Errorf("catalog: sequence %s: %w", b.name, err))
+	}
+	return uint64(n), nil
+}
+
+// Cursor walks a bucket in key order, a page of records at a time (so memory stays
+// bounded and the transaction's connection is free between pages).
+type Cursor struct {
+	b    *Bucket
+	page []record
+	i    int
+	last []byte // the last key read from the database
+	more bool
+	err  error
+}
+
+type record struct{ k, v []byte }
+
+// cursorPage is how many records a cursor reads at once.
+const cursorPage = 512
+
+// Cursor starts a cursor on the bucket.
+func (b *Bucket) Cursor() *Cursor { return &Cursor{b: b} }
+
+// First moves to the first record; a nil key means the bucket is empty.
+func (c *Cursor) First() (k, v []byte) { return c.Seek(nil) }
+
+// Seek moves to the first record whose key is at least key.
+func (c *Cursor) Seek(key []byte) (k, v []byte) {
+	if key == nil {
+		key = []byte{}
+	}
+	c.page, c.i, c.more = nil, 0, true
+	c.load(">=", key)
+	return c.cur()
+}
+
+// Next moves to the following record; a nil key means the end.
+func (c *Cursor) Next() (k, v []byte) {
+	c.i++
+	if c.i >= len(c.page) && c.more {
+		c.load(">", c.last)
+	}
+	return c.cur()
+}
+
+func (c *Cursor) cur() ([]byte, []byte) {
+	if c.i >= len(c.page) {
+		return nil, nil
+	}
+	return c.page[c.i].k, c.page[c.i].v
+}
+
+func (c *Cursor) load(op string, from []byte) {
+	c.page, c.i = c.page[:0], 0
+	tx := c.b.tx
+	rows, err := tx.tx.QueryContext(tx.ctx,
+		tx.q("SELECT k, v FROM kv WHERE b = ? AND k "+op+" ? ORDER BY k LIMIT "+strconv.Itoa(cursorPage)), c.b.name, from)
+	if err != nil {
+		c.stop(err)
+		return
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var r record
+		if err := rows.Scan(&r.k, &r.v); err != nil {
+			c.stop(err)
+			return
+		}
+		if r.v == nil {
+			r.v = []byte{}
+		}
+		c.page = append(c.page, r)
+	}
+	if err := rows.Err(); err != nil {
+		c.stop(err)
+		return
+	}
+	c.more = len(c.page) == cursorPage
+	if len(c.page) > 0 {
+		c.last = c.page[len(c.page)-1].k
+	}
+}
+
+func (c *Cursor) stop(err error) {
+	c.page, c.more = nil, false
+	c.err = c.b.tx.fail(fmt.Errorf("catalog: scan %s: %w", c.b.name, err))
+}
