@@ -224,3 +224,16 @@ func (c *Cursor) stop(err error) {
 	c.page, c.more = nil, false
 	c.err = c.b.tx.fail(fmt.Errorf("catalog: scan %s: %w", c.b.name, err))
 }
+
+// SetSequence sets the bucket's sequence (a migration carries it over).
+func (b *Bucket) SetSequence(n uint64) error {
+	if !b.tx.writable {
+		return ErrReadOnly
+	}
+	_, err := b.tx.tx.ExecContext(b.tx.ctx,
+		b.tx.q("INSERT INTO seq (b, n) VALUES (?, ?) ON CONFLICT (b) DO UPDATE SET n = excluded.n"), b.name, int64(n))
+	if err != nil {
+		return b.tx.fail(fmt.Errorf("catalog: set sequence %s: %w", b.name, err))
+	}
+	return nil
+}

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/cvd-project/cvd/internal/proc"
 	"io"
 	"io/fs"
 	"os"
@@ -30,7 +31,7 @@ func SeedFiles(id Identity) (metaData, userData []byte) {
 // memory; workDir is where it stages the two files (in a fresh directory that is
 // removed before BuildSeed returns).
 func BuildSeed(workDir string, id Identity) ([]byte, error) {
-	ws, err := os.MkdirTemp(workDir, ".tmp-seed-")
+	ws, err := os.MkdirTemp(workDir, proc.TempPrefix()+"seed-")
 	if err != nil {
 		return nil, err
 	}

@@ -3,6 +3,7 @@ package clone
 import (
 	"bytes"
 	"fmt"
+	"github.com/cvd-project/cvd/internal/proc"
 	"os"
 	"path/filepath"
 
@@ -30,7 +31,7 @@ const templateBlock = 4096
 // name, removed afterwards) and keeps its bytes. Files written from it must live in
 // dir too: a relative backing file name is only right from there.
 func NewTemplate(dir string, co disk.CreateOptions) (*Template, error) {
-	f, err := os.CreateTemp(dir, ".tmp-template-*.qcow2")
+	f, err := os.CreateTemp(dir, proc.TempPrefix()+"template-*.qcow2")
 	if err != nil {
 		return nil, err
 	}

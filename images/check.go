@@ -4,12 +4,13 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/cvd-project/cvd/internal/proc"
 	"os"
 	"sort"
 	"strings"
 
+	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/disk"
-	bolt "go.etcd.io/bbolt"
 )
 
 // Problem is one inconsistency Check found.
@@ -62,14 +63,45 @@ func (r *CheckReport) OK() bool { return len(r.Problems) == 0 }
 // were sealed (size and modification time; Deep recomputes IDs), references point
 // at existing objects.
 func (s *Store) Check(ctx context.Context, opts CheckOptions) (*CheckReport, error) {
+	rep, err := s.check(ctx, opts)
+	if err != nil || rep.OK() {
+		return rep, err
+	}
+	// Other processes work on the store meanwhile: a file problem that a fresh
+	// look at the catalog no longer shows (a clone committed, a desktop removed
+	// after the first look) is not one.
+	again, err := s.check(ctx, CheckOptions{})
+	if err != nil {
+		return nil, err
+	}
+	still := map[Problem]bool{}
+	for _, p := range again.Problems {
+		still[p] = true
+	}
+	kept := rep.Problems[:0]
+	for _, p := range rep.Problems {
+		switch p.Kind {
+		case ProblemStrayFile, ProblemMissingFile, ProblemPending, ProblemTempFile:
+			if !still[p] {
+				continue
+			}
+		}
+		kept = append(kept, p)
+	}
+	rep.Problems = kept
+	return rep, nil
+}
+
+func (s *Store) check(ctx context.Context, opts CheckOptions) (*CheckReport, error) {
 	rep := &CheckReport{Recovered: s.recovered, Problems: []Problem{}}
+	inProgress := map[string]bool{}
 	add := func(kind, path, f string, a ...any) {
 		rep.Problems = append(rep.Problems, Problem{Kind: kind, Path: path, Msg: fmt.Sprintf(f, a...)})
 	}
 	known := map[string]bool{}
 	var layers []Layer
 	var tops []string
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.db.View(func(tx *catalog.Tx) error {
 		lb := tx.Bucket(bucketLayers)
 		err := lb.ForEach(func(k, v []byte) error {
 			var l Layer
@@ -194,6 +226,12 @@ func (s *Store) Check(ctx context.Context, opts CheckOptions) (*CheckReport, err
 		tx.Bucket(bucketPending).ForEach(func(k, v []byte) error {
 			var e pendingEntry
 			json.Unmarshal(v, &e)
+			if e.owner().Alive() {
+				for _, f := range e.Files {
+					inProgress[f] = true // another process is at work on them
+				}
+				return nil
+			}
 			add(ProblemPending, "", "interrupted %s (pid %d) not recovered yet: open the store read-write", e.Op, e.PID)
 			return nil
 		})
@@ -238,8 +276,10 @@ func (s *Store) Check(ctx context.Context, opts CheckOptions) (*CheckReport, err
 			rel := d + "/" + e.Name()
 			switch {
 			case strings.HasPrefix(e.Name(), TempPrefix):
-				add(ProblemTempFile, rel, "temporary file of an interrupted operation")
-			case !known[rel]:
+				if !proc.TempAlive(e.Name()) {
+					add(ProblemTempFile, rel, "temporary file of an interrupted operation")
+				}
+			case !known[rel] && !inProgress[rel]:
 				add(ProblemStrayFile, rel, "no record names this file")
 			}
 		}

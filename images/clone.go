@@ -8,7 +8,7 @@ import (
 	"strings"
 	"time"
 
-	bolt "go.etcd.io/bbolt"
+	"github.com/cvd-project/cvd/catalog"
 )
 
 // Clone is the record of a linked clone. Package clone makes them.
@@ -111,7 +111,7 @@ type CloneSource struct {
 // stands on: for a desktop, the layers of its head version.
 func (s *Store) ResolveCloneSource(ref string) (*CloneSource, error) {
 	var src *CloneSource
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.db.View(func(tx *catalog.Tx) error {
 		if d, err := getDesktop(tx, ref); err == nil {
 			v := d.HeadVersion()
 			if v == nil {
@@ -138,7 +138,7 @@ func (s *Store) ResolveCloneSource(ref string) (*CloneSource, error) {
 // files exist, and returns the MACs in use.
 func (s *Store) CloneNamesFree(names []string) (usedMACs map[string]bool, err error) {
 	usedMACs = map[string]bool{}
-	err = s.db.View(func(tx *bolt.Tx) error {
+	err = s.db.View(func(tx *catalog.Tx) error {
 		b := tx.Bucket(bucketClones)
 		for _, n := range names {
 			if err := CheckObjectName("clone", n); err != nil {
@@ -171,7 +171,7 @@ func (s *Store) CloneNamesFree(names []string) (usedMACs map[string]bool, err er
 // also ends p. Names and MACs are checked again; on error nothing is recorded and
 // the caller should Abort p.
 func (s *Store) CommitClones(p *Pending, clones []Clone) error {
-	return p.commit(func(tx *bolt.Tx) error {
+	return p.commit(func(tx *catalog.Tx) error {
 		cb, mb, rb := tx.Bucket(bucketClones), tx.Bucket(bucketMACs), tx.Bucket(bucketRefs)
 		for i := range clones {
 			c := &clones[i]
@@ -213,7 +213,7 @@ func (s *Store) CommitClones(p *Pending, clones []Clone) error {
 // Clones lists the clones by name.
 func (s *Store) Clones() ([]Clone, error) {
 	var out []Clone
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.db.View(func(tx *catalog.Tx) error {
 		return tx.Bucket(bucketClones).ForEach(func(k, v []byte) error {
 			var c Clone
 			if _, err := getJSON(tx.Bucket(bucketClones), string(k), &c); err != nil {
@@ -230,7 +230,7 @@ func (s *Store) Clones() ([]Clone, error) {
 // Clone returns the clone called name.
 func (s *Store) Clone(name string) (*Clone, error) {
 	var c Clone
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.db.View(func(tx *catalog.Tx) error {
 		ok, err := getJSON(tx.Bucket(bucketClones), name, &c)
 		if err == nil && !ok {
 			err = fmt.Errorf("clone %s: %w", name, ErrNotFound)
@@ -246,7 +246,7 @@ func (s *Store) Clone(name string) (*Clone, error) {
 // RemoveClones removes clones and their files. It never touches a layer.
 func (s *Store) RemoveClones(names []string) ([]Clone, error) {
 	var gone []Clone
-	err := s.removeJournaled("clone rm", func(tx *bolt.Tx) ([]string, error) {
+	err := s.removeJournaled("clone rm", func(tx *catalog.Tx) ([]string, error) {
 		var files []string
 		for _, n := range names {
 			var c Clone
@@ -273,7 +273,7 @@ func (s *Store) RemoveClones(names []string) ([]Clone, error) {
 }
 
 // deleteCloneTx deletes a clone's record, MAC and refs, and returns its files.
-func deleteCloneTx(tx *bolt.Tx, name string) ([]string, error) {
+func deleteCloneTx(tx *catalog.Tx, name string) ([]string, error) {
 	var c Clone
 	ok, err := getJSON(tx.Bucket(bucketClones), name, &c)
 	if err != nil || !ok {
@@ -311,7 +311,7 @@ func (s *Store) RecordCheckpoint(name, newDisk, newUserDisk string) (*Clone, err
 		return nil, err
 	}
 	var c Clone
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.db.Update(func(tx *catalog.Tx) error {
 		b := tx.Bucket(bucketClones)
 		ok, err := getJSON(b, name, &c)
 		if err != nil {
@@ -362,7 +362,7 @@ func (s *Store) SetCloneBoot(boot *Boot, names ...string) error {
 	if err := s.writable(); err != nil {
 		return err
 	}
-	return s.db.Update(func(tx *bolt.Tx) error {
+	return s.db.Update(func(tx *catalog.Tx) error {
 		b := tx.Bucket(bucketClones)
 		for _, n := range names {
 			var c Clone

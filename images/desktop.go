@@ -8,8 +8,8 @@ import (
 	"sort"
 	"time"
 
+	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/disk"
-	bolt "go.etcd.io/bbolt"
 )
 
 // Version is one state of a desktop: the sealed layers its disks stand on.
@@ -118,7 +118,7 @@ func (s *Store) CreateDesktop(ctx context.Context, name string, spec DesktopSpec
 		return nil, fmt.Errorf("%w: a desktop needs a base layer", ErrInvalid)
 	}
 	v := Version{N: 1, Created: s.now().UTC().Truncate(time.Second), Note: "create"}
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.db.View(func(tx *catalog.Tx) error {
 		if tx.Bucket(bucketDesktops).Get([]byte(name)) != nil {
 			return fmt.Errorf("desktop %s: %w", name, ErrExists)
 		}
@@ -200,7 +200,7 @@ func (s *Store) CreateDesktop(ctx context.Context, name string, spec DesktopSpec
 	if err := syncDir(s.Path(DesktopsDir)); err != nil {
 		return fail(err)
 	}
-	err = p.commit(func(tx *bolt.Tx) error {
+	err = p.commit(func(tx *catalog.Tx) error {
 		if tx.Bucket(bucketDesktops).Get([]byte(name)) != nil {
 			return fmt.Errorf("desktop %s: %w", name, ErrExists)
 		}
@@ -266,7 +266,7 @@ func (s *Store) UpdateDesktop(p *Pending, name string, fn func(d *Desktop) error
 		dropKey []byte
 		drop    []string
 	)
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.db.Update(func(tx *catalog.Tx) error {
 		old, err := getDesktop(tx, name)
 		if err != nil {
 			return err
@@ -317,7 +317,7 @@ func (s *Store) UpdateDesktop(p *Pending, name string, fn func(d *Desktop) error
 			}
 		}
 		if len(drop) > 0 {
-			if dropKey, err = putPending(tx, "desktop update", drop, false, s.now()); err != nil {
+			if dropKey, err = putPending(tx, s.dir, "desktop update", drop, false, s.now()); err != nil {
 				return err
 			}
 		}
@@ -339,7 +339,7 @@ func (s *Store) UpdateDesktop(p *Pending, name string, fn func(d *Desktop) error
 		if err := s.removeFiles(drop); err != nil {
 			return d, fmt.Errorf("update desktop %s: remove old tops: %w (the store's next open retries)", name, err)
 		}
-		if err := s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketPending).Delete(dropKey) }); err != nil {
+		if err := s.db.Update(func(tx *catalog.Tx) error { return tx.Bucket(bucketPending).Delete(dropKey) }); err != nil {
 			return d, err
 		}
 	}
@@ -359,7 +359,7 @@ func copyDesktop(d *Desktop) (*Desktop, error) {
 // Desktops lists the desktops by name.
 func (s *Store) Desktops() ([]Desktop, error) {
 	var out []Desktop
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.db.View(func(tx *catalog.Tx) error {
 		return tx.Bucket(bucketDesktops).ForEach(func(k, v []byte) error {
 			var d Desktop
 			if _, err := getJSON(tx.Bucket(bucketDesktops), string(k), &d); err != nil {
@@ -376,7 +376,7 @@ func (s *Store) Desktops() ([]Desktop, error) {
 // Desktop returns the desktop called name.
 func (s *Store) Desktop(name string) (*Desktop, error) {
 	var d *Desktop
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.db.View(func(tx *catalog.Tx) error {
 		var err error
 		d, err = getDesktop(tx, name)
 		return err
@@ -384,7 +384,7 @@ func (s *Store) Desktop(name string) (*Desktop, error) {
 	return d, err
 }
 
-func getDesktop(tx *bolt.Tx, name string) (*Desktop, error) {
+func getDesktop(tx *catalog.Tx, name string) (*Desktop, error) {
 	var d Desktop
 	ok, err := getJSON(tx.Bucket(bucketDesktops), name, &d)
 	if err != nil {
@@ -403,7 +403,7 @@ func getDesktop(tx *bolt.Tx, name string) (*Desktop, error) {
 func (s *Store) RemoveDesktop(name string, withClones bool) (*Desktop, []Clone, error) {
 	var d *Desktop
 	var gone []Clone
-	err := s.removeJournaled("desktop rm", func(tx *bolt.Tx) ([]string, error) {
+	err := s.removeJournaled("desktop rm", func(tx *catalog.Tx) ([]string, error) {
 		var err error
 		d, err = getDesktop(tx, name)
 		if err != nil {

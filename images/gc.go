@@ -5,7 +5,7 @@ import (
 	"sort"
 	"strings"
 
-	bolt "go.etcd.io/bbolt"
+	"github.com/cvd-project/cvd/catalog"
 )
 
 // GCReport says what a garbage collection removed (or, dry, would remove).
@@ -21,7 +21,7 @@ type GCReport struct {
 // it (its ancestors). With dryRun nothing changes.
 func (s *Store) GC(ctx context.Context, dryRun bool) (*GCReport, error) {
 	rep := &GCReport{DryRun: dryRun}
-	mark := func(tx *bolt.Tx) ([]string, error) {
+	mark := func(tx *catalog.Tx) ([]string, error) {
 		rep.Removed, rep.Bytes, rep.Kept = nil, 0, 0
 		layers := map[string]*Layer{}
 		err := tx.Bucket(bucketLayers).ForEach(func(k, v []byte) error {
@@ -81,7 +81,7 @@ func (s *Store) GC(ctx context.Context, dryRun bool) (*GCReport, error) {
 		return files, nil
 	}
 	if dryRun {
-		err := s.db.View(func(tx *bolt.Tx) error { _, err := mark(tx); return err })
+		err := s.db.View(func(tx *catalog.Tx) error { _, err := mark(tx); return err })
 		return rep, err
 	}
 	if err := ctx.Err(); err != nil {

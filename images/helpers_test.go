@@ -2,6 +2,10 @@ package images
 
 import (
 	"context"
+	"encoding/json"
+	"os/exec"
+
+	"github.com/cvd-project/cvd/catalog"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -103,4 +107,34 @@ func layerFiles(t *testing.T, s *Store) []string {
 		out = append(out, e.Name())
 	}
 	return out
+}
+
+// orphanJournal makes the store's journal entries look as if a process that is
+// gone wrote them (recovery leaves a running process's entries alone).
+func orphanJournal(t *testing.T, s *Store) {
+	t.Helper()
+	gone := exec.Command("true")
+	if err := gone.Run(); err != nil {
+		t.Fatal(err)
+	}
+	err := s.db.Update(func(tx *catalog.Tx) error {
+		b := tx.Bucket(bucketPending)
+		type kv struct{ k, v []byte }
+		var all []kv
+		b.ForEach(func(k, v []byte) error { all = append(all, kv{k, v}); return nil })
+		for _, e := range all {
+			var pe pendingEntry
+			if err := json.Unmarshal(e.v, &pe); err != nil {
+				return err
+			}
+			pe.PID = gone.Process.Pid
+			if err := putJSON(b, string(e.k), pe); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 }

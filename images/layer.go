@@ -11,8 +11,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/disk"
-	bolt "go.etcd.io/bbolt"
+	"github.com/cvd-project/cvd/internal/proc"
 )
 
 // Kind is what a layer holds.
@@ -130,7 +131,7 @@ func (s *Store) importLayer(ctx context.Context, op, path string, opts ImportOpt
 
 	// Copy into a temporary file of the store, hashing as we go.
 	cs := DigestClusterSize(info)
-	tmp := filepath.Join(s.Path(LayersDir), TempPrefix+randHex(8)+".qcow2")
+	tmp := filepath.Join(s.Path(LayersDir), proc.TempPrefix()+randHex(8)+".qcow2")
 	co := disk.CreateOptions{Size: src.Size(), ClusterSize: cs, AllowedRoots: []string{s.dir}}
 	parentID := ""
 	if parent != nil {
@@ -177,7 +178,7 @@ func kindFor(kind, withParent Kind, parent *Layer) (Kind, error) {
 // error when needBacking).
 func (s *Store) findParent(abs string, info disk.Info, ref string, needBacking bool) (*Layer, error) {
 	var parent *Layer
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.db.View(func(tx *catalog.Tx) error {
 		var pid string
 		switch {
 		case ref != "":
@@ -272,7 +273,7 @@ func (s *Store) commitLayerWith(id string, parent *Layer, kind Kind, size int64,
 	place func(final string) error, existing func()) (*Layer, bool, error) {
 	var have *Layer
 	var p *Pending
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.db.Update(func(tx *catalog.Tx) error {
 		if l := getLayer(tx, id); l != nil {
 			have = l
 			if err := putNames(tx, id, opts.Names, opts.Force); err != nil {
@@ -284,7 +285,7 @@ func (s *Store) commitLayerWith(id string, parent *Layer, kind Kind, size int64,
 		if err := checkNames(tx, id, opts.Names, opts.Force); err != nil {
 			return err
 		}
-		key, err := putPending(tx, "import", []string{layerRel(id)}, true, s.now())
+		key, err := putPending(tx, s.dir, "import", []string{layerRel(id)}, true, s.now())
 		p = &Pending{s: s, key: key, files: []string{layerRel(id)}}
 		return err
 	})
@@ -315,7 +316,7 @@ func (s *Store) commitLayerWith(id string, parent *Layer, kind Kind, size int64,
 	if parent != nil {
 		l.Parent = parent.ID
 	}
-	err = p.commit(func(tx *bolt.Tx) error {
+	err = p.commit(func(tx *catalog.Tx) error {
 		if l.Parent != "" {
 			if getLayer(tx, l.Parent) == nil {
 				return fmt.Errorf("parent %s: %w", shortID(l.Parent), ErrNotFound)
@@ -340,7 +341,7 @@ func (s *Store) commitLayerWith(id string, parent *Layer, kind Kind, size int64,
 	return l, false, nil
 }
 
-func checkNames(tx *bolt.Tx, id string, nameTags []string, force bool) error {
+func checkNames(tx *catalog.Tx, id string, nameTags []string, force bool) error {
 	if force {
 		return nil
 	}
@@ -471,7 +472,7 @@ func randHex(n int) string {
 	return hex.EncodeToString(b)
 }
 
-func getLayer(tx *bolt.Tx, id string) *Layer {
+func getLayer(tx *catalog.Tx, id string) *Layer {
 	var l Layer
 	ok, err := getJSON(tx.Bucket(bucketLayers), id, &l)
 	if !ok || err != nil {
@@ -483,7 +484,7 @@ func getLayer(tx *bolt.Tx, id string) *Layer {
 // Layers lists every layer, oldest first, with its names.
 func (s *Store) Layers() ([]Layer, error) {
 	var out []Layer
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.db.View(func(tx *catalog.Tx) error {
 		names := allNames(tx)
 		return tx.Bucket(bucketLayers).ForEach(func(k, v []byte) error {
 			var l Layer
@@ -508,7 +509,7 @@ func (s *Store) Layers() ([]Layer, error) {
 // Layer returns the record of the layer ref names.
 func (s *Store) Layer(ref string) (*Layer, error) {
 	var l *Layer
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.db.View(func(tx *catalog.Tx) error {
 		id, err := resolveTx(tx, ref)
 		if err != nil {
 			return err
@@ -526,7 +527,7 @@ func (s *Store) Layer(ref string) (*Layer, error) {
 // Chain returns the layer ref names and its ancestors, top first.
 func (s *Store) Chain(ref string) ([]Layer, error) {
 	var out []Layer
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.db.View(func(tx *catalog.Tx) error {
 		id, err := resolveTx(tx, ref)
 		if err != nil {
 			return err
@@ -537,7 +538,7 @@ func (s *Store) Chain(ref string) ([]Layer, error) {
 	return out, err
 }
 
-func chainTx(tx *bolt.Tx, id string) ([]Layer, error) {
+func chainTx(tx *catalog.Tx, id string) ([]Layer, error) {
 	var out []Layer
 	for cur := id; cur != ""; {
 		l := getLayer(tx, cur)
@@ -557,7 +558,7 @@ func chainTx(tx *bolt.Tx, id string) ([]Layer, error) {
 // Dependents lists everything that stands on the layer ref names, directly or not.
 func (s *Store) Dependents(ref string) ([]Dependent, error) {
 	var out []Dependent
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.db.View(func(tx *catalog.Tx) error {
 		id, err := resolveTx(tx, ref)
 		if err != nil {
 			return err
@@ -572,7 +573,7 @@ func (s *Store) Dependents(ref string) ([]Dependent, error) {
 // a *DependentsError when a layer, desktop or clone stands on it.
 func (s *Store) RemoveLayer(ref string) (*Layer, error) {
 	var removed *Layer
-	err := s.removeJournaled("layer rm", func(tx *bolt.Tx) ([]string, error) {
+	err := s.removeJournaled("layer rm", func(tx *catalog.Tx) ([]string, error) {
 		id, err := resolveTx(tx, ref)
 		if err != nil {
 			return nil, err
@@ -594,7 +595,7 @@ func (s *Store) RemoveLayer(ref string) (*Layer, error) {
 	return removed, nil
 }
 
-func deleteLayerTx(tx *bolt.Tx, l *Layer) error {
+func deleteLayerTx(tx *catalog.Tx, l *Layer) error {
 	for _, n := range namesOf(tx, l.ID) {
 		if err := tx.Bucket(bucketNames).Delete([]byte(n)); err != nil {
 			return err

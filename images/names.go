@@ -6,7 +6,7 @@ import (
 	"sort"
 	"strings"
 
-	bolt "go.etcd.io/bbolt"
+	"github.com/cvd-project/cvd/catalog"
 )
 
 // DefaultTag is the tag of a name given without one.
@@ -61,7 +61,7 @@ func ShortID(id string) string { return shortID(id) }
 // Resolve turns a layer reference (ID, ID prefix, NAME:TAG or NAME) into a full ID.
 func (s *Store) Resolve(ref string) (string, error) {
 	var id string
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.db.View(func(tx *catalog.Tx) error {
 		var err error
 		id, err = resolveTx(tx, ref)
 		return err
@@ -69,7 +69,7 @@ func (s *Store) Resolve(ref string) (string, error) {
 	return id, err
 }
 
-func resolveTx(tx *bolt.Tx, ref string) (string, error) {
+func resolveTx(tx *catalog.Tx, ref string) (string, error) {
 	names := tx.Bucket(bucketNames)
 	if strings.Contains(ref, ":") && !strings.HasPrefix(ref, "sha256:") {
 		if v := names.Get([]byte(ref)); v != nil {
@@ -116,7 +116,7 @@ func resolveTx(tx *bolt.Tx, ref string) (string, error) {
 }
 
 // namesOf lists the NAME:TAGs pointing at id, sorted.
-func namesOf(tx *bolt.Tx, id string) []string {
+func namesOf(tx *catalog.Tx, id string) []string {
 	var out []string
 	tx.Bucket(bucketNames).ForEach(func(k, v []byte) error {
 		if string(v) == id {
@@ -129,7 +129,7 @@ func namesOf(tx *bolt.Tx, id string) []string {
 }
 
 // allNames maps layer IDs to their names.
-func allNames(tx *bolt.Tx) map[string][]string {
+func allNames(tx *catalog.Tx) map[string][]string {
 	out := map[string][]string{}
 	tx.Bucket(bucketNames).ForEach(func(k, v []byte) error {
 		out[string(v)] = append(out[string(v)], string(k))
@@ -140,7 +140,7 @@ func allNames(tx *bolt.Tx) map[string][]string {
 
 // putNames points each NAME:TAG at id. A tag that points at another layer is an
 // error unless move is set.
-func putNames(tx *bolt.Tx, id string, nameTags []string, move bool) error {
+func putNames(tx *catalog.Tx, id string, nameTags []string, move bool) error {
 	b := tx.Bucket(bucketNames)
 	for _, nt := range nameTags {
 		n, t, err := ParseNameTag(nt)
@@ -163,7 +163,7 @@ func (s *Store) Tag(ref, nameTag string, force bool) error {
 	if err := s.writable(); err != nil {
 		return err
 	}
-	return s.db.Update(func(tx *bolt.Tx) error {
+	return s.db.Update(func(tx *catalog.Tx) error {
 		id, err := resolveTx(tx, ref)
 		if err != nil {
 			return err
@@ -181,7 +181,7 @@ func (s *Store) Untag(nameTag string) error {
 	if err != nil {
 		return err
 	}
-	return s.db.Update(func(tx *bolt.Tx) error {
+	return s.db.Update(func(tx *catalog.Tx) error {
 		b := tx.Bucket(bucketNames)
 		key := []byte(n + ":" + t)
 		if b.Get(key) == nil {

@@ -1,27 +1,34 @@
 package images
 
 import (
+	"context"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/url"
 	"os"
 	"path/filepath"
 	"sort"
 	"strings"
 	"time"
 
-	bolt "go.etcd.io/bbolt"
+	"github.com/cvd-project/cvd/catalog"
+	"github.com/cvd-project/cvd/internal/proc"
 )
 
 // Store directories and files, relative to the store directory.
 const (
-	DBFile      = "cvd.db"
+	// CatalogFile is the embedded catalog (SQLite) of a store that names no other.
+	CatalogFile = "catalog.db"
+	// ConfigFile remembers the store's catalog when it is not the embedded one.
+	ConfigFile  = "config.json"
 	LayersDir   = "layers"
 	ClonesDir   = "clones"
 	DesktopsDir = "desktops"
 
-	// TempPrefix starts the name of every file being written; recovery removes them.
+	// TempPrefix starts the name of every file being written; recovery removes
+	// those of processes that are gone.
 	TempPrefix = ".tmp-"
 
 	schemaVersion = "1"
@@ -36,36 +43,82 @@ var (
 	bucketClones   = []byte("clones")
 	bucketMACs     = []byte("macs")
 	bucketPending  = []byte("pending")
-	bucketDevices  = []byte("devices")
-	bucketLeases   = []byte("leases")
-	bucketClusters = []byte("clusters")
-
-	allBuckets = [][]byte{bucketMeta, bucketLayers, bucketNames, bucketRefs, bucketDesktops,
-		bucketClones, bucketMACs, bucketPending, bucketDevices, bucketLeases, bucketClusters}
 )
 
 // OpenOptions controls Open.
 type OpenOptions struct {
-	// ReadOnly opens the database shared and read-only: no change is allowed and
-	// no recovery runs. The store must exist.
+	// ReadOnly opens the store for reading: no change is allowed and no recovery
+	// runs. The store must exist.
 	ReadOnly bool
-	// Timeout bounds the wait for another process that holds the store; 0 means 30 s.
+	// Catalog is the catalog's URL (a file path or postgres://…). Empty means the
+	// one the store's config file names, else the embedded catalog.db. A store
+	// remembers the catalog it was created with; naming another is refused.
+	Catalog string
+	// Timeout bounds a write's wait for writers of other processes; 0 means 30 s.
 	Timeout time.Duration
+	// Context cancels waits for other writers (Ctrl-C); nil is Background.
+	Context context.Context
 }
 
-// Store is an open layer store. Its methods are safe for concurrent use by the
-// goroutines of one process; a read-write Store excludes every other process.
+// Store is an open layer store. Its methods are safe for concurrent use, by the
+// goroutines of one process and by other processes that open the same store:
+// every change is a catalog transaction.
 type Store struct {
 	dir       string
-	db        *bolt.DB
+	db        *catalog.DB
 	readOnly  bool
 	recovered []string
 	now       func() time.Time
 }
 
-// Open opens the store in dir, creating it unless opts.ReadOnly. A read-write open
-// waits for other processes using the store, then recovers from an interrupted
-// operation (see the package documentation); Recovered reports what it did.
+// storeConfig is the store's config file.
+type storeConfig struct {
+	Catalog string `json:"catalog,omitempty"`
+}
+
+// catalogURL chooses the store's catalog (see OpenOptions.Catalog) and tells
+// whether the config file must remember it.
+func catalogURL(dir, want string) (u string, remember bool, err error) {
+	var cfg storeConfig
+	b, err := os.ReadFile(filepath.Join(dir, ConfigFile))
+	switch {
+	case err == nil:
+		if err := json.Unmarshal(b, &cfg); err != nil {
+			return "", false, fmt.Errorf("%s: %w", filepath.Join(dir, ConfigFile), err)
+		}
+	case !errors.Is(err, os.ErrNotExist):
+		return "", false, err
+	}
+	embedded := filepath.Join(dir, CatalogFile)
+	have := cfg.Catalog
+	if have == "" {
+		if _, err := os.Stat(embedded); err == nil || want == "" {
+			have = embedded
+		}
+	}
+	if want == "" || want == have {
+		return have, false, nil
+	}
+	if have != "" {
+		return "", false, fmt.Errorf("%w: the store's catalog is %s, not %s", ErrInvalid, redact(have), redact(want))
+	}
+	if _, _, err := catalog.EngineOf(want); err != nil {
+		return "", false, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	return want, true, nil
+}
+
+func redact(u string) string {
+	if pu, err := url.Parse(u); err == nil && pu.User != nil {
+		return pu.Redacted()
+	}
+	return u
+}
+
+// Open opens the store in dir, creating it unless opts.ReadOnly. A read-write
+// open recovers from operations that processes now gone left unfinished (see the
+// package documentation), and moves a store of the earlier bbolt format into the
+// catalog; Recovered reports what it did.
 func Open(dir string, opts OpenOptions) (*Store, error) {
 	abs, err := filepath.Abs(dir)
 	if err != nil {
@@ -75,47 +128,51 @@ func Open(dir string, opts OpenOptions) (*Store, error) {
 		abs = ev
 	}
 	s := &Store{dir: abs, readOnly: opts.ReadOnly, now: time.Now}
-	if !opts.ReadOnly {
+	if opts.ReadOnly {
+		if _, err := os.Stat(abs); err != nil {
+			return nil, fmt.Errorf("open store %s: %w", abs, err)
+		}
+	} else {
 		for _, d := range []string{"", LayersDir, ClonesDir, DesktopsDir} {
 			if err := os.MkdirAll(filepath.Join(abs, d), 0o755); err != nil {
 				return nil, fmt.Errorf("create store: %w", err)
 			}
 		}
-	} else if _, err := os.Stat(filepath.Join(abs, DBFile)); err != nil {
+	}
+	u, remember, err := catalogURL(abs, opts.Catalog)
+	if err != nil {
 		return nil, fmt.Errorf("open store %s: %w", abs, err)
 	}
-	timeout := opts.Timeout
-	if timeout == 0 {
-		timeout = 30 * time.Second
+	if remember && opts.ReadOnly {
+		return nil, fmt.Errorf("open store %s: %w: no catalog yet", abs, ErrReadOnlyStore)
 	}
-	db, err := bolt.Open(filepath.Join(abs, DBFile), 0o644, &bolt.Options{Timeout: timeout, ReadOnly: opts.ReadOnly})
+	db, err := catalog.Open(u, catalog.Options{ReadOnly: opts.ReadOnly, WriteWait: opts.Timeout, Context: opts.Context})
 	if err != nil {
-		if errors.Is(err, bolt.ErrTimeout) {
-			return nil, fmt.Errorf("open store %s: another process holds it (waited %v)", abs, timeout)
+		if errors.Is(err, catalog.ErrNotExist) {
+			return nil, fmt.Errorf("open store %s: %w (not a cvd store)", abs, err)
 		}
-		return nil, fmt.Errorf("open store database %s: %w", filepath.Join(abs, DBFile), err)
+		return nil, fmt.Errorf("open store %s: %w", abs, err)
 	}
 	s.db = db
+	if remember {
+		if err = writeFileSync(filepath.Join(abs, ConfigFile), storeConfig{Catalog: u}); err != nil {
+			db.Close()
+			return nil, fmt.Errorf("open store %s: remember the catalog: %w", abs, err)
+		}
+	}
 	if opts.ReadOnly {
-		err = db.View(func(tx *bolt.Tx) error {
-			if tx.Bucket(bucketMeta) == nil {
-				return fmt.Errorf("%s is not a cvd store database", filepath.Join(abs, DBFile))
-			}
-			return checkSchema(tx)
-		})
+		err = db.View(checkSchema)
 	} else {
-		err = db.Update(func(tx *bolt.Tx) error {
-			for _, b := range allBuckets {
-				if _, err := tx.CreateBucketIfNotExists(b); err != nil {
-					return err
+		err = s.migrateBolt()
+		if err == nil {
+			err = db.Update(func(tx *catalog.Tx) error {
+				m := tx.Bucket(bucketMeta)
+				if m.Get([]byte("schema")) == nil {
+					return m.Put([]byte("schema"), []byte(schemaVersion))
 				}
-			}
-			m := tx.Bucket(bucketMeta)
-			if m.Get([]byte("schema")) == nil {
-				return m.Put([]byte("schema"), []byte(schemaVersion))
-			}
-			return checkSchema(tx)
-		})
+				return checkSchema(tx)
+			})
+		}
 		if err == nil {
 			err = s.recover()
 		}
@@ -127,13 +184,47 @@ func Open(dir string, opts OpenOptions) (*Store, error) {
 	return s, nil
 }
 
-func checkSchema(tx *bolt.Tx) error {
+func checkSchema(tx *catalog.Tx) error {
 	v := tx.Bucket(bucketMeta).Get([]byte("schema"))
+	if v == nil {
+		return fmt.Errorf("the catalog holds no cvd store (no schema record)")
+	}
 	if string(v) != schemaVersion {
 		return fmt.Errorf("store schema %q is not supported (want %s)", v, schemaVersion)
 	}
 	return nil
 }
+
+// writeFileSync writes v as JSON to path through a synced temporary file.
+func writeFileSync(path string, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(append(b, '\n'))
+	if err == nil {
+		err = f.Sync()
+	}
+	if err2 := f.Close(); err == nil {
+		err = err2
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err == nil {
+		err = syncDir(filepath.Dir(path))
+	}
+	return err
+}
+
+// Catalog is the store's catalog, for packages that keep their own records in
+// it (package syncd).
+func (s *Store) Catalog() *catalog.DB { return s.db }
 
 // Close closes the database.
 func (s *Store) Close() error { return s.db.Close() }
@@ -152,6 +243,9 @@ func layerRel(id string) string { return LayersDir + "/" + id + ".qcow2" }
 // Recovered lists what Open did to recover from an interrupted operation.
 func (s *Store) Recovered() []string { return s.recovered }
 
+// ReadOnly reports whether the store was opened read-only.
+func (s *Store) ReadOnly() bool { return s.readOnly }
+
 func (s *Store) writable() error {
 	if s.readOnly {
 		return ErrReadOnlyStore
@@ -165,6 +259,14 @@ type pendingEntry struct {
 	Files   []string  `json:"files"` // store-relative
 	Started time.Time `json:"started"`
 	PID     int       `json:"pid"`
+	// Host and Start (the process's start time) tell whether the process
+	// that wrote the entry still runs.
+	Host  string `json:"host,omitempty"`
+	Start uint64 `json:"start,omitempty"`
+}
+
+func (e *pendingEntry) owner() proc.Owner {
+	return proc.Owner{Host: e.Host, PID: e.PID, Start: e.Start}
 }
 
 // Pending is an operation whose files are journaled: until it is committed, a crash
@@ -183,9 +285,9 @@ func (s *Store) Begin(op string, files []string) (*Pending, error) {
 		return nil, err
 	}
 	p := &Pending{s: s, files: files}
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.db.Update(func(tx *catalog.Tx) error {
 		var err error
-		p.key, err = putPending(tx, op, files, true, s.now())
+		p.key, err = putPending(tx, s.dir, op, files, true, s.now())
 		return err
 	})
 	if err != nil {
@@ -196,11 +298,10 @@ func (s *Store) Begin(op string, files []string) (*Pending, error) {
 
 // putPending journals files; create says they are about to be made (so they must
 // not exist), else removed.
-func putPending(tx *bolt.Tx, op string, files []string, create bool, now time.Time) ([]byte, error) {
+func putPending(tx *catalog.Tx, dir, op string, files []string, create bool, now time.Time) ([]byte, error) {
 	b := tx.Bucket(bucketPending)
 	// Files to make must not exist: an Abort would remove someone else's.
 	if create {
-		dir := filepath.Dir(tx.DB().Path())
 		for _, f := range files {
 			if _, err := os.Lstat(filepath.Join(dir, filepath.FromSlash(f))); err == nil {
 				return nil, fmt.Errorf("%w: %s", ErrExists, f)
@@ -235,7 +336,7 @@ func putPending(tx *bolt.Tx, op string, files []string, create bool, now time.Ti
 		return nil, err
 	}
 	key := binary.BigEndian.AppendUint64(nil, seq)
-	v, err := json.Marshal(pendingEntry{Op: op, Files: files, Started: now.UTC(), PID: os.Getpid()})
+	v, err := json.Marshal(pendingEntry{Op: op, Files: files, Started: now.UTC(), PID: proc.Self().PID, Host: proc.Self().Host, Start: proc.Self().Start})
 	if err != nil {
 		return nil, err
 	}
@@ -249,18 +350,18 @@ func (p *Pending) Abort() error {
 	}
 	p.done = true
 	err := p.s.removeFiles(p.files)
-	if err2 := p.s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketPending).Delete(p.key) }); err == nil {
+	if err2 := p.s.db.Update(func(tx *catalog.Tx) error { return tx.Bucket(bucketPending).Delete(p.key) }); err == nil {
 		err = err2
 	}
 	return err
 }
 
 // commit runs fn in the transaction that drops the journal entry.
-func (p *Pending) commit(fn func(tx *bolt.Tx) error) error {
+func (p *Pending) commit(fn func(tx *catalog.Tx) error) error {
 	if p.done {
 		return errors.New("operation already finished")
 	}
-	err := p.s.db.Update(func(tx *bolt.Tx) error {
+	err := p.s.db.Update(func(tx *catalog.Tx) error {
 		if err := fn(tx); err != nil {
 			return err
 		}
@@ -294,13 +395,13 @@ func (s *Store) removeFiles(files []string) error {
 
 // removeJournaled removes files whose records tx deletes: the files are journaled
 // in the same transaction, unlinked after it commits, and the entry dropped last.
-func (s *Store) removeJournaled(op string, fn func(tx *bolt.Tx) ([]string, error)) error {
+func (s *Store) removeJournaled(op string, fn func(tx *catalog.Tx) ([]string, error)) error {
 	if err := s.writable(); err != nil {
 		return err
 	}
 	var key []byte
 	var files []string
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.db.Update(func(tx *catalog.Tx) error {
 		var err error
 		files, err = fn(tx)
 		if err != nil {
@@ -309,7 +410,7 @@ func (s *Store) removeJournaled(op string, fn func(tx *bolt.Tx) ([]string, error
 		if len(files) == 0 {
 			return nil
 		}
-		key, err = putPending(tx, op, files, false, s.now())
+		key, err = putPending(tx, s.dir, op, files, false, s.now())
 		return err
 	})
 	if err != nil || key == nil {
@@ -318,7 +419,7 @@ func (s *Store) removeJournaled(op string, fn func(tx *bolt.Tx) ([]string, error
 	if err := s.removeFiles(files); err != nil {
 		return fmt.Errorf("%s: remove files: %w (the store's next open retries)", op, err)
 	}
-	return s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketPending).Delete(key) })
+	return s.db.Update(func(tx *catalog.Tx) error { return tx.Bucket(bucketPending).Delete(key) })
 }
 
 // recover undoes (or completes) interrupted operations: see the package doc.
@@ -328,7 +429,7 @@ func (s *Store) recover() error {
 		e   pendingEntry
 	}
 	var ents []ent
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.db.View(func(tx *catalog.Tx) error {
 		return tx.Bucket(bucketPending).ForEach(func(k, v []byte) error {
 			var e pendingEntry
 			if err := json.Unmarshal(v, &e); err != nil {
@@ -342,6 +443,9 @@ func (s *Store) recover() error {
 		return fmt.Errorf("recover: %w", err)
 	}
 	for _, en := range ents {
+		if en.e.owner().Alive() {
+			continue // another process of this store is at work
+		}
 		var n int
 		for _, f := range en.e.Files {
 			if _, err := os.Lstat(s.Path(f)); err == nil {
@@ -351,7 +455,7 @@ func (s *Store) recover() error {
 		if err := s.removeFiles(en.e.Files); err != nil {
 			return fmt.Errorf("recover interrupted %s: %w", en.e.Op, err)
 		}
-		if err := s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketPending).Delete(en.key) }); err != nil {
+		if err := s.db.Update(func(tx *catalog.Tx) error { return tx.Bucket(bucketPending).Delete(en.key) }); err != nil {
 			return fmt.Errorf("recover: %w", err)
 		}
 		s.recovered = append(s.recovered, fmt.Sprintf("finished interrupted %s (pid %d, %s): removed %d of its %d files",
@@ -385,7 +489,7 @@ func (s *Store) tempFiles() ([]string, error) {
 			return nil, err
 		}
 		for _, e := range ents {
-			if strings.HasPrefix(e.Name(), TempPrefix) {
+			if strings.HasPrefix(e.Name(), TempPrefix) && !proc.TempAlive(e.Name()) {
 				out = append(out, pathJoin(d, e.Name()))
 			}
 		}
@@ -413,18 +517,18 @@ func syncDir(dir string) error {
 }
 
 // getJSON decodes the value at key of bucket b into v; it reports false when absent.
-func getJSON(b *bolt.Bucket, key string, v any) (bool, error) {
+func getJSON(b *catalog.Bucket, key string, v any) (bool, error) {
 	raw := b.Get([]byte(key))
 	if raw == nil {
 		return false, nil
 	}
 	if err := json.Unmarshal(raw, v); err != nil {
-		return true, fmt.Errorf("decode %s %q: %w", b.Tx().DB().Path(), key, err)
+		return true, fmt.Errorf("decode %s %q: %w", b.Name(), key, err)
 	}
 	return true, nil
 }
 
-func putJSON(b *bolt.Bucket, key string, v any) error {
+func putJSON(b *catalog.Bucket, key string, v any) error {
 	raw, err := json.Marshal(v)
 	if err != nil {
 		return err
@@ -438,7 +542,7 @@ func refKey(id, kind, name string) []byte {
 }
 
 // directRefs lists what stands directly on layer id.
-func directRefs(tx *bolt.Tx, id string) []Dependent {
+func directRefs(tx *catalog.Tx, id string) []Dependent {
 	var out []Dependent
 	prefix := []byte(id + "\x00")
 	c := tx.Bucket(bucketRefs).Cursor()
@@ -453,7 +557,7 @@ func directRefs(tx *bolt.Tx, id string) []Dependent {
 
 // allDependents lists everything standing on layer id, directly or through child
 // layers, breadth first.
-func allDependents(tx *bolt.Tx, id string) []Dependent {
+func allDependents(tx *catalog.Tx, id string) []Dependent {
 	var out []Dependent
 	seen := map[Dependent]bool{}
 	queue := []string{id}

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"github.com/cvd-project/cvd/internal/proc"
 	"io"
 	"os"
 	"path"
@@ -83,7 +84,7 @@ func layerBacking(id string) string { return "../" + images.LayersDir + "/" + id
 // sealMerged makes a new sealed version layer on parent holding what the layers
 // own allocate, read through view. It returns the new layer's ID.
 func sealMerged(ctx context.Context, st *images.Store, view disk.Image, own []disk.Image, parent string, size int64, cs int) (string, error) {
-	tmp := st.Path(images.DesktopsDir + "/" + images.TempPrefix + "merge-" + randSuffix() + ".qcow2")
+	tmp := st.Path(images.DesktopsDir + "/" + proc.TempPrefix() + "merge-" + randSuffix() + ".qcow2")
 	defer os.Remove(tmp)
 	img, err := createTemp(tmp, disk.CreateOptions{Size: size, ClusterSize: cs, BackingFile: st.LayerPath(parent),
 		BackingFormat: disk.FormatQcow2, AllowedRoots: []string{st.Dir()}})

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/cvd-project/cvd/internal/proc"
 	"os"
 	"path/filepath"
 	"strings"
@@ -245,7 +246,7 @@ func isSealed(path string, sealed func(string) bool) bool {
 func tempName(path string) string {
 	var b [6]byte
 	rand.Read(b[:])
-	return filepath.Join(filepath.Dir(path), ".tmp-"+filepath.Base(path)+"-"+hex.EncodeToString(b[:]))
+	return filepath.Join(filepath.Dir(path), proc.TempPrefix()+filepath.Base(path)+"-"+hex.EncodeToString(b[:]))
 }
 
 // renameSynced renames a synced file into place and syncs the directory.

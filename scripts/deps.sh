@@ -13,6 +13,8 @@ have tini                || need+=(tini)
 have rsync               || need+=(rsync)
 have cpio                || need+=(cpio)
 have xz                  || need+=(xz-utils)
+# The catalog tests run against a private PostgreSQL cluster (initdb, postgres).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "deps: missing packages ${need[*]}; run as root or install them" >&2

@@ -5,7 +5,7 @@ import (
 	"fmt"
 	"time"
 
-	bolt "go.etcd.io/bbolt"
+	"github.com/cvd-project/cvd/catalog"
 )
 
 // The administrator's operations on the server's store. The CLI calls them on the
@@ -57,7 +57,7 @@ func (s *Server) Devices() ([]Device, error) { return s.st.devices() }
 // desktop).
 func (s *Server) Leases() ([]Lease, error) {
 	var out []Lease
-	err := s.st.view(func(tx *bolt.Tx) error {
+	err := s.st.view(func(tx *catalog.Tx) error {
 		return tx.Bucket(bucketLeases).ForEach(func(k, v []byte) error {
 			var l Lease
 			if _, err := getJSON(tx, bucketLeases, string(k), &l); err != nil {
@@ -76,7 +76,7 @@ func (s *Server) BreakLease(desktop string) (*Lease, error) {
 	unlock := s.lockDesktop(desktop)
 	defer unlock()
 	var l *Lease
-	err := s.st.update(func(tx *bolt.Tx) error {
+	err := s.st.update(func(tx *catalog.Tx) error {
 		var err error
 		l, err = activeLease(tx, desktop)
 		if err != nil {

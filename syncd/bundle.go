@@ -11,9 +11,9 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/disk"
 	"github.com/ulikunitz/xz"
-	bolt "go.etcd.io/bbolt"
 )
 
 // An offline bundle carries a desktop version to a laptop that never reaches the
@@ -82,7 +82,7 @@ func (s *Server) Export(ctx context.Context, desktop, path string, opts ExportOp
 	if err != nil {
 		return nil, err
 	}
-	err = s.st.update(func(tx *bolt.Tx) error {
+	err = s.st.update(func(tx *catalog.Tx) error {
 		if opts.Device != "" {
 			dev, err := deviceByName(tx, opts.Device)
 			if err != nil {

@@ -13,8 +13,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/images"
-	bolt "go.etcd.io/bbolt"
 )
 
 // Device is a host bound to desktops: a laptop that checks them out. The server
@@ -71,7 +71,7 @@ func (s *state) addDevice(name string, desktops []string, now time.Time) (*Devic
 	id, tok := newToken()
 	d := &Device{ID: id, Name: name, Desktops: desktops, TokenHash: hashToken(tok), Created: now.UTC().Truncate(time.Second)}
 	sort.Strings(d.Desktops)
-	err := s.update(func(tx *bolt.Tx) error {
+	err := s.update(func(tx *catalog.Tx) error {
 		if tx.Bucket(bucketDevNames).Get([]byte(name)) != nil {
 			return fmt.Errorf("device %s: %w", name, images.ErrExists)
 		}
@@ -89,7 +89,7 @@ func (s *state) addDevice(name string, desktops []string, now time.Time) (*Devic
 // bindDevice adds desktops to an existing device.
 func (s *state) bindDevice(name string, desktops []string) (*Device, error) {
 	var d *Device
-	err := s.update(func(tx *bolt.Tx) error {
+	err := s.update(func(tx *catalog.Tx) error {
 		var err error
 		d, err = deviceByName(tx, name)
 		if err != nil {
@@ -106,7 +106,7 @@ func (s *state) bindDevice(name string, desktops []string) (*Device, error) {
 	return d, err
 }
 
-func deviceByName(tx *bolt.Tx, name string) (*Device, error) {
+func deviceByName(tx *catalog.Tx, name string) (*Device, error) {
 	id := tx.Bucket(bucketDevNames).Get([]byte(name))
 	if id == nil {
 		return nil, fmt.Errorf("device %s: %w", name, ErrNotFound)
@@ -122,7 +122,7 @@ func deviceByName(tx *bolt.Tx, name string) (*Device, error) {
 // it holds is broken.
 func (s *state) removeDevice(name string, now time.Time) (*Device, error) {
 	var d *Device
-	err := s.update(func(tx *bolt.Tx) error {
+	err := s.update(func(tx *catalog.Tx) error {
 		var err error
 		d, err = deviceByName(tx, name)
 		if err != nil {
@@ -146,7 +146,7 @@ func (s *state) removeDevice(name string, now time.Time) (*Device, error) {
 
 func (s *state) devices() ([]Device, error) {
 	var out []Device
-	err := s.view(func(tx *bolt.Tx) error {
+	err := s.view(func(tx *catalog.Tx) error {
 		return tx.Bucket(bucketDevices).ForEach(func(k, v []byte) error {
 			var d Device
 			if _, err := getJSON(tx, bucketDevices, string(k), &d); err != nil {
@@ -175,7 +175,7 @@ func (s *state) authenticate(tok string) (*Device, error) {
 	}
 	var d Device
 	var found bool
-	err := s.view(func(tx *bolt.Tx) error {
+	err := s.view(func(tx *catalog.Tx) error {
 		var err error
 		found, err = getJSON(tx, bucketDevices, id, &d)
 		return err

@@ -8,9 +8,9 @@ import (
 	"fmt"
 	"io"
 
+	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
-	bolt "go.etcd.io/bbolt"
 )
 
 // The cluster-digest index: for every data cluster of every layer the server
@@ -41,12 +41,12 @@ func parseIndexValue(v []byte) (clusterRef, bool) {
 }
 
 // lookupTx finds a holder of digest d.
-func lookupTx(tx *bolt.Tx, d Digest) (clusterRef, bool) {
+func lookupTx(tx *catalog.Tx, d Digest) (clusterRef, bool) {
 	return parseIndexValue(tx.Bucket(bucketClusters).Get(d[:]))
 }
 
 // indexEntries records entries of layer (first holder wins).
-func indexEntries(tx *bolt.Tx, layer string, ents []Entry) error {
+func indexEntries(tx *catalog.Tx, layer string, ents []Entry) error {
 	b := tx.Bucket(bucketClusters)
 	for _, e := range ents {
 		if e.Zero || b.Get(e.Digest[:]) != nil {
@@ -63,11 +63,11 @@ func indexEntries(tx *bolt.Tx, layer string, ents []Entry) error {
 	return nil
 }
 
-func isIndexed(tx *bolt.Tx, layer string) bool {
+func isIndexed(tx *catalog.Tx, layer string) bool {
 	return tx.Bucket(bucketIndexed).Get([]byte(layer)) != nil
 }
 
-func markIndexed(tx *bolt.Tx, layer string, n int64) error {
+func markIndexed(tx *catalog.Tx, layer string, n int64) error {
 	return tx.Bucket(bucketIndexed).Put([]byte(layer), binary.BigEndian.AppendUint64(nil, uint64(n)))
 }
 
@@ -83,7 +83,7 @@ func (s *state) indexLayerFile(ctx context.Context, id, path string) error {
 	var batch []Entry
 	var n int64
 	flush := func() error {
-		err := s.update(func(tx *bolt.Tx) error { return indexEntries(tx, id, batch) })
+		err := s.update(func(tx *catalog.Tx) error { return indexEntries(tx, id, batch) })
 		batch = batch[:0]
 		return err
 	}
@@ -101,7 +101,7 @@ func (s *state) indexLayerFile(ctx context.Context, id, path string) error {
 	if err != nil {
 		return fmt.Errorf("index layer %s: %w", short(id), err)
 	}
-	return s.update(func(tx *bolt.Tx) error { return markIndexed(tx, id, n) })
+	return s.update(func(tx *catalog.Tx) error { return markIndexed(tx, id, n) })
 }
 
 // readCluster reads guest cluster idx of layer file path's own layer and checks

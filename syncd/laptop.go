@@ -6,12 +6,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"time"
 
+	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/images"
-	bolt "go.etcd.io/bbolt"
 )
 
 // Checkout is a laptop's record of a checked-out desktop.
@@ -103,7 +102,7 @@ func OpenLaptop(store *images.Store, opts LaptopOptions) (*Laptop, error) {
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	st, err := openState(store.Dir(), 0)
+	st, err := openState(store)
 	if err != nil {
 		return nil, err
 	}
@@ -118,7 +117,7 @@ func (l *Laptop) now() time.Time { return l.opts.Now() }
 // Checkouts lists the desktops checked out to this store.
 func (l *Laptop) Checkouts() ([]Checkout, error) {
 	var out []Checkout
-	err := l.st.view(func(tx *bolt.Tx) error {
+	err := l.st.view(func(tx *catalog.Tx) error {
 		return tx.Bucket(bucketCheckouts).ForEach(func(k, v []byte) error {
 			var c Checkout
 			if _, err := getJSON(tx, bucketCheckouts, string(k), &c); err != nil {
@@ -135,7 +134,7 @@ func (l *Laptop) Checkouts() ([]Checkout, error) {
 func (l *Laptop) Checkout(name string) (*Checkout, error) {
 	var c Checkout
 	var ok bool
-	err := l.st.view(func(tx *bolt.Tx) error {
+	err := l.st.view(func(tx *catalog.Tx) error {
 		var err error
 		ok, err = getJSON(tx, bucketCheckouts, name, &c)
 		return err
@@ -150,7 +149,7 @@ func (l *Laptop) Checkout(name string) (*Checkout, error) {
 }
 
 func (l *Laptop) putCheckout(c *Checkout) error {
-	return l.st.update(func(tx *bolt.Tx) error { return putJSON(tx, bucketCheckouts, c.Desktop, c) })
+	return l.st.update(func(tx *catalog.Tx) error { return putJSON(tx, bucketCheckouts, c.Desktop, c) })
 }
 
 // PurgeReport says what a purge removed.
@@ -193,28 +192,18 @@ func (l *Laptop) removeCopy(ctx context.Context, c *Checkout) error {
 	if _, _, err := l.store.RemoveDesktop(c.Desktop, true); err != nil && !errors.Is(err, images.ErrNotFound) {
 		return fmt.Errorf("purge desktop %s: %w", c.Desktop, err)
 	}
-	return l.st.update(func(tx *bolt.Tx) error { return tx.Bucket(bucketCheckouts).Delete([]byte(c.Desktop)) })
+	return l.st.update(func(tx *catalog.Tx) error { return tx.Bucket(bucketCheckouts).Delete([]byte(c.Desktop)) })
 }
 
-// PurgeExpired is Laptop.PurgeExpired for a store directory that is not open yet
-// (opts as for OpenLaptop: the VM hook undefines a purged desktop's local VM): it
-// costs a stat when nothing was ever checked out to the store. Every cvd command
-// that opens a store calls it first.
-func PurgeExpired(ctx context.Context, storeDir string, opts LaptopOptions) ([]PurgeReport, error) {
-	if _, err := os.Stat(statePath(storeDir)); err != nil {
-		return nil, nil
-	}
-	st, err := openState(storeDir, time.Second)
-	if err != nil {
-		if errors.Is(err, errStateBusy) {
-			// Another cvd process (a server, an agent) holds the store: it purges.
-			return nil, nil
-		}
-		return nil, err
-	}
+// PurgeExpired is Laptop.PurgeExpired for an open store (opts as for
+// OpenLaptop: the VM hook undefines a purged desktop's local VM): it costs one
+// read of the catalog when no check-out has expired. A store opened read-only is
+// purged through a read-write handle of its own. Every cvd command that opens a
+// store calls it first.
+func PurgeExpired(ctx context.Context, store *images.Store, opts LaptopOptions) ([]PurgeReport, error) {
 	var expired bool
 	now := time.Now()
-	err = st.view(func(tx *bolt.Tx) error {
+	err := store.Catalog().View(func(tx *catalog.Tx) error {
 		return tx.Bucket(bucketCheckouts).ForEach(func(k, v []byte) error {
 			var c Checkout
 			if _, err := getJSON(tx, bucketCheckouts, string(k), &c); err == nil && c.Lease.Expired(now) {
@@ -223,15 +212,17 @@ func PurgeExpired(ctx context.Context, storeDir string, opts LaptopOptions) ([]P
 			return nil
 		})
 	})
-	st.Close()
 	if err != nil || !expired {
 		return nil, err
 	}
-	store, err := images.Open(storeDir, images.OpenOptions{})
-	if err != nil {
-		return nil, err
+	if store.ReadOnly() {
+		rw, err := images.Open(store.Dir(), images.OpenOptions{})
+		if err != nil {
+			return nil, err
+		}
+		defer rw.Close()
+		store = rw
 	}
-	defer store.Close()
 	lp, err := OpenLaptop(store, opts)
 	if err != nil {
 		return nil, err

@@ -7,8 +7,8 @@ import (
 	"slices"
 	"time"
 
+	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/images"
-	bolt "go.etcd.io/bbolt"
 )
 
 // Lease is a device's hold on a desktop: while it is active and not expired, no
@@ -39,7 +39,7 @@ func newLeaseID() string {
 	return hex.EncodeToString(b)
 }
 
-func activeLease(tx *bolt.Tx, desktop string) (*Lease, error) {
+func activeLease(tx *catalog.Tx, desktop string) (*Lease, error) {
 	var l Lease
 	ok, err := getJSON(tx, bucketLeases, desktop, &l)
 	if err != nil || !ok {
@@ -49,7 +49,7 @@ func activeLease(tx *bolt.Tx, desktop string) (*Lease, error) {
 }
 
 // endLease moves the active lease l into the log with its end state.
-func endLease(tx *bolt.Tx, l *Lease, st string, now time.Time) error {
+func endLease(tx *catalog.Tx, l *Lease, st string, now time.Time) error {
 	l.State, l.Ended = st, now.UTC()
 	if err := putJSON(tx, bucketLeaseLog, l.ID, l); err != nil {
 		return err
@@ -63,7 +63,7 @@ func leaseHeld(l *Lease, err error) error {
 
 // grantLease gives dev the lease on desktop for ttl, or renews the one it holds.
 // Another device's unexpired lease refuses it with a *LeaseError.
-func grantLease(tx *bolt.Tx, desktop string, dev *Device, ttl time.Duration, version int, now time.Time) (*Lease, bool, error) {
+func grantLease(tx *catalog.Tx, desktop string, dev *Device, ttl time.Duration, version int, now time.Time) (*Lease, bool, error) {
 	l, err := activeLease(tx, desktop)
 	if err != nil {
 		return nil, false, err
@@ -91,7 +91,7 @@ func grantLease(tx *bolt.Tx, desktop string, dev *Device, ttl time.Duration, ver
 }
 
 // ownLease returns dev's active, unexpired lease on desktop with ID id.
-func ownLease(tx *bolt.Tx, desktop string, dev *Device, id string, now time.Time) (*Lease, error) {
+func ownLease(tx *catalog.Tx, desktop string, dev *Device, id string, now time.Time) (*Lease, error) {
 	l, err := activeLease(tx, desktop)
 	if err != nil {
 		return nil, err
@@ -138,7 +138,7 @@ func (s *Server) markCatalog(desktops ...string) {
 	devs, _ := s.st.devices()
 	for _, name := range desktops {
 		var l *Lease
-		s.st.view(func(tx *bolt.Tx) error {
+		s.st.view(func(tx *catalog.Tx) error {
 			l, _ = activeLease(tx, name)
 			return nil
 		})

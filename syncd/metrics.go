@@ -8,7 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	bolt "go.etcd.io/bbolt"
+	"github.com/cvd-project/cvd/catalog"
 )
 
 // metrics are the server's counters, written at /metrics in the Prometheus text
@@ -118,7 +118,7 @@ func (s *Server) writeMetrics(w io.Writer) {
 	m.mu.Unlock()
 
 	var leases, devices int64
-	s.st.view(func(tx *bolt.Tx) error {
+	s.st.view(func(tx *catalog.Tx) error {
 		now := s.now()
 		tx.Bucket(bucketLeases).ForEach(func(k, v []byte) error {
 			var l Lease
@@ -127,7 +127,8 @@ func (s *Server) writeMetrics(w io.Writer) {
 			}
 			return nil
 		})
-		devices = int64(tx.Bucket(bucketDevices).Stats().KeyN)
+		n, _ := tx.Bucket(bucketDevices).Len()
+		devices = int64(n)
 		return nil
 	})
 	fmt.Fprintf(w, "# HELP cvd_sync_active_leases Unexpired leases.\n# TYPE cvd_sync_active_leases gauge\ncvd_sync_active_leases %d\n", leases)

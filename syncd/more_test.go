@@ -23,10 +23,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/internal/testutil"
-	bolt "go.etcd.io/bbolt"
 )
 
 // The layer-ID recipe syncd re-implements must agree with images.ComputeID, on
@@ -437,7 +437,7 @@ func TestCommitCutAfterCatalog(t *testing.T) {
 func TestMigrateVersionsIntoCatalog(t *testing.T) {
 	w := newWorld(t, smallSpec())
 	w.stop()
-	st, err := openState(w.dir, 0)
+	st, err := openState(w.store)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -445,7 +445,7 @@ func TestMigrateVersionsIntoCatalog(t *testing.T) {
 		{N: 1, System: w.app, Note: "create"},
 		{N: 2, System: w.app, Note: "check-in 0123456789ab", Device: "old-laptop"},
 	}}
-	st.update(func(tx *bolt.Tx) error { return putJSON(tx, bucketVersions, w.desktop, legacy) })
+	st.update(func(tx *catalog.Tx) error { return putJSON(tx, bucketVersions, w.desktop, legacy) })
 	st.Close()
 	w.start()
 	vs, err := w.srv.Versions(w.desktop)
@@ -455,7 +455,7 @@ func TestMigrateVersionsIntoCatalog(t *testing.T) {
 	if vs.Head != 2 || len(vs.Versions) != 2 || vs.Versions[1].Device != "old-laptop" {
 		t.Fatalf("after migration: %+v", vs)
 	}
-	w.srv.st.view(func(tx *bolt.Tx) error {
+	w.srv.st.view(func(tx *catalog.Tx) error {
 		if tx.Bucket(bucketVersions).Get([]byte(w.desktop)) != nil {
 			t.Error("the legacy entry is still there")
 		}

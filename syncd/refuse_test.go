@@ -589,12 +589,12 @@ func TestExpiredCopyPurgedOffline(t *testing.T) {
 	w.stop() // the server is gone
 	lap.close()
 	// Not expired yet: nothing happens.
-	if purged, err := PurgeExpired(ctx, lap.dir, LaptopOptions{}); err != nil || len(purged) != 0 {
+	if purged, err := purgeAt(t, lap.dir, LaptopOptions{}); err != nil || len(purged) != 0 {
 		t.Fatalf("purge before expiry: %v %v", purged, err)
 	}
 	time.Sleep(time.Until(rep.Lease.Expires) + 100*time.Millisecond)
 	vm := &recordVM{}
-	purged, err := PurgeExpired(ctx, lap.dir, LaptopOptions{VM: vm})
+	purged, err := purgeAt(t, lap.dir, LaptopOptions{VM: vm})
 	if err != nil || len(purged) != 1 || purged[0].Desktop != w.desktop {
 		t.Fatalf("purge after expiry: %v %v", purged, err)
 	}
@@ -638,4 +638,16 @@ func (v *recordVM) DefineDesktop(ctx context.Context, desktop, systemTop, userTo
 func (v *recordVM) UndefineDesktop(ctx context.Context, desktop string) error {
 	v.undefined = append(v.undefined, desktop)
 	return nil
+}
+
+// purgeAt is PurgeExpired on the store in dir, opened read-only as a listing
+// command opens it.
+func purgeAt(t *testing.T, dir string, opts LaptopOptions) ([]PurgeReport, error) {
+	t.Helper()
+	st, err := images.Open(dir, images.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	return PurgeExpired(context.Background(), st, opts)
 }

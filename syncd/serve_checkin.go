@@ -14,9 +14,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
-	bolt "go.etcd.io/bbolt"
 )
 
 // Session is a check-in on the server: its request, which entry lists arrived,
@@ -67,7 +67,7 @@ func (s *Server) getSession(id string) (*Session, error) {
 	}
 	var se Session
 	var ok bool
-	err := s.st.view(func(tx *bolt.Tx) error {
+	err := s.st.view(func(tx *catalog.Tx) error {
 		var err error
 		ok, err = getJSON(tx, bucketSessions, id, &se)
 		return err
@@ -82,7 +82,7 @@ func (s *Server) getSession(id string) (*Session, error) {
 }
 
 func (s *Server) putSession(se *Session) error {
-	return s.st.update(func(tx *bolt.Tx) error { return putJSON(tx, bucketSessions, se.ID, se) })
+	return s.st.update(func(tx *catalog.Tx) error { return putJSON(tx, bucketSessions, se.ID, se) })
 }
 
 // openSession returns the in-memory session, loading its entry lists.
@@ -149,7 +149,7 @@ func (s *Server) checkinDesktop(dev *Device, name string) error {
 // leaseForCheckin checks dev's lease: conflict is true for a lease that an
 // administrator broke (the check-in is kept as a conflict version).
 func (s *Server) leaseForCheckin(name string, dev *Device, lease string) (conflict bool, err error) {
-	err = s.st.view(func(tx *bolt.Tx) error {
+	err = s.st.view(func(tx *catalog.Tx) error {
 		l, err := ownLease(tx, name, dev, lease, s.now())
 		if err != nil && l != nil && l.State == "broken" {
 			conflict = true
@@ -377,7 +377,7 @@ func (s *Server) handleEntries(w http.ResponseWriter, r *http.Request, dev *Devi
 			return err
 		}
 	}
-	err = s.st.update(func(tx *bolt.Tx) error {
+	err = s.st.update(func(tx *catalog.Tx) error {
 		var cur Session
 		if _, err := getJSON(tx, bucketSessions, se.ID, &cur); err != nil {
 			return err
@@ -525,7 +525,7 @@ func (s *Server) missing(ctx context.Context, se *Session, m *session) ([]missin
 			return nil, nil, err
 		}
 		ss := make([]source, len(dl.entries))
-		err = s.st.view(func(tx *bolt.Tx) error {
+		err = s.st.view(func(tx *catalog.Tx) error {
 			for i, e := range dl.entries {
 				if e.Zero {
 					continue
@@ -673,7 +673,7 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 	s.log.Debug("upload received", "clusters", res.Clusters, "bytes", body.bytes(), "took", time.Since(t0), "flush", time.Since(t1))
 	s.m.bytesReceived.Add(body.bytes())
 	s.m.clustersReceived.Add(res.Clusters)
-	uerr := s.st.update(func(tx *bolt.Tx) error {
+	uerr := s.st.update(func(tx *catalog.Tx) error {
 		var cur Session
 		if _, err := getJSON(tx, bucketSessions, se.ID, &cur); err != nil {
 			return err

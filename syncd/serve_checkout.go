@@ -10,9 +10,9 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
-	bolt "go.etcd.io/bbolt"
 )
 
 func (s *Server) ttl(sec int64) time.Duration {
@@ -89,7 +89,7 @@ func (s *Server) refsFor(lease string, dev *Device, id string) func(Digest) (clu
 	return func(d Digest) (clusterRef, bool) {
 		var ref clusterRef
 		var ok bool
-		s.st.view(func(tx *bolt.Tx) error {
+		s.st.view(func(tx *catalog.Tx) error {
 			ref, ok = lookupTx(tx, d)
 			return nil
 		})
@@ -109,7 +109,7 @@ func (s *Server) Checkout(ctx context.Context, name string, dev *Device, ttl tim
 	if _, err := desktopVersions(s.store, name); err != nil {
 		return nil, err
 	}
-	err := s.st.view(func(tx *bolt.Tx) error {
+	err := s.st.view(func(tx *catalog.Tx) error {
 		l, err := activeLease(tx, name)
 		if err != nil {
 			return err
@@ -147,7 +147,7 @@ func (s *Server) Checkout(ctx context.Context, name string, dev *Device, ttl tim
 		return nil, err
 	}
 	var fresh bool
-	err = s.st.update(func(tx *bolt.Tx) error {
+	err = s.st.update(func(tx *catalog.Tx) error {
 		l, f, err := grantLease(tx, name, dev, ttl, dv.Head, s.now())
 		if err != nil {
 			return err
@@ -205,7 +205,7 @@ func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request, dev *Device
 		return err
 	}
 	var l *Lease
-	err = s.st.update(func(tx *bolt.Tx) error {
+	err = s.st.update(func(tx *catalog.Tx) error {
 		var err error
 		l, err = ownLease(tx, name, dev, req.Lease, s.now())
 		if err != nil {
@@ -232,7 +232,7 @@ func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request, dev *Devi
 	if err := readJSON(w, r, &req); err != nil {
 		return err
 	}
-	err = s.st.update(func(tx *bolt.Tx) error {
+	err = s.st.update(func(tx *catalog.Tx) error {
 		l, err := ownLease(tx, name, dev, req.Lease, s.now())
 		if err != nil {
 			return err

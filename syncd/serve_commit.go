@@ -11,9 +11,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
-	bolt "go.etcd.io/bbolt"
 )
 
 func (s *Server) handleCommit(w http.ResponseWriter, r *http.Request, dev *Device) error {
@@ -137,6 +137,7 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*Checkin
 	if err != nil {
 		return nil, err
 	}
+	conflict = v.Conflict
 	for _, d := range se.Disks {
 		res.Layers[d.Name] = layerOf(v, d.Name)
 	}
@@ -202,7 +203,7 @@ func (s *Server) sealStage(ctx context.Context, m *session, dl *diskList) (*imag
 // before that indexes them from the files at its next check-in).
 func (s *Server) finishCommit(se *Session, res *CheckinResult, newEntries map[string][]Entry) error {
 	defer s.indexEntriesLater(newEntries)
-	return s.st.update(func(tx *bolt.Tx) error {
+	return s.st.update(func(tx *catalog.Tx) error {
 		if se.Release {
 			if l, err := activeLease(tx, se.Desktop); err != nil {
 				return err
@@ -231,7 +232,7 @@ func (s *Server) indexEntriesLater(newEntries map[string][]Entry) {
 		defer s.bgIndex.Done()
 		s.indexMu.Lock()
 		defer s.indexMu.Unlock()
-		err := s.st.update(func(tx *bolt.Tx) error {
+		err := s.st.update(func(tx *catalog.Tx) error {
 			for id, ents := range newEntries {
 				if isIndexed(tx, id) {
 					continue
@@ -358,7 +359,7 @@ func (s *Server) fillStage(ctx context.Context, m *session, dl *diskList, ss []s
 		return 0, err
 	}
 	if len(stale) > 0 {
-		s.st.update(func(tx *bolt.Tx) error {
+		s.st.update(func(tx *catalog.Tx) error {
 			for _, d := range stale {
 				tx.Bucket(bucketClusters).Delete(d[:])
 			}

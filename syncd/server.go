@@ -15,8 +15,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/images"
-	bolt "go.etcd.io/bbolt"
 )
 
 // VMStopper stops a desktop's server-side VM before the desktop is checked out.
@@ -46,8 +46,8 @@ type ServerOptions struct {
 	Logger *slog.Logger
 	// Now is the clock (tests set it).
 	Now func() time.Time
-	// Admin skips the background indexing: the Server is used for the
-	// administrator's operations only, not to serve.
+	// Admin skips the start-up repairs and the background work: the Server is
+	// used for the administrator's operations only, beside the serving process.
 	Admin bool
 }
 
@@ -101,19 +101,22 @@ func NewServer(store *images.Store, opts ServerOptions) (*Server, error) {
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	st, err := openState(store.Dir(), 0)
+	st, err := openState(store)
 	if err != nil {
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{store: store, st: st, opts: opts, log: log, m: newMetrics(),
 		desktops: map[string]*sync.Mutex{}, sessions: map[string]*session{}, fresh: map[string]bool{}, cancel: cancel, bgCtx: ctx}
-	if err := s.reconcile(ctx); err != nil {
-		st.Close()
-		cancel()
-		return nil, err
-	}
 	if !opts.Admin {
+		// Only a serving process repairs what an interrupted server left: an
+		// administrator's command runs beside a server whose staging files and
+		// tops it must not touch.
+		if err := s.reconcile(ctx); err != nil {
+			st.Close()
+			cancel()
+			return nil, err
+		}
 		s.indexLater()
 		s.markAll()
 		s.bgIndex.Add(1)
@@ -183,7 +186,7 @@ func (s *Server) ensureIndexed(ctx context.Context) error {
 	sort.SliceStable(layers, func(i, j int) bool { return depth(layers[i].ID) < depth(layers[j].ID) })
 	for _, l := range layers {
 		var done bool
-		s.st.view(func(tx *bolt.Tx) error { done = isIndexed(tx, l.ID); return nil })
+		s.st.view(func(tx *catalog.Tx) error { done = isIndexed(tx, l.ID); return nil })
 		if done {
 			continue
 		}
@@ -363,7 +366,7 @@ func (s *Server) DesktopStatus(name string) (*DesktopStatus, error) {
 		return nil, err
 	}
 	out := &DesktopStatus{Name: name, Head: dv.Head, Versions: dv.Versions}
-	err = s.st.view(func(tx *bolt.Tx) error {
+	err = s.st.view(func(tx *catalog.Tx) error {
 		out.Lease, err = activeLease(tx, name)
 		return err
 	})

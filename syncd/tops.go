@@ -6,15 +6,16 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/cvd-project/cvd/internal/proc"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
+	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
-	bolt "go.etcd.io/bbolt"
 )
 
 // A desktop's writable tops (desktops/<name>.system.qcow2, .user.qcow2) always
@@ -73,7 +74,7 @@ func randHex(n int) string {
 // blank disk of size bytes when id is ""): the new top is written under a temporary
 // name and renamed over the old one.
 func resetTop(store *images.Store, path, id string, size int64) error {
-	tmp := filepath.Join(filepath.Dir(path), images.TempPrefix+randHex(8)+".qcow2")
+	tmp := filepath.Join(filepath.Dir(path), proc.TempPrefix()+randHex(8)+".qcow2")
 	co := disk.CreateOptions{Size: size, AllowedRoots: []string{store.Dir()}}
 	if id != "" {
 		co.BackingFile = store.LayerPath(id)
@@ -278,7 +279,7 @@ const sessionMaxAge = 14 * 24 * time.Hour
 
 func (s *Server) reconcileSessions() error {
 	var sessions []Session
-	err := s.st.view(func(tx *bolt.Tx) error {
+	err := s.st.view(func(tx *catalog.Tx) error {
 		return tx.Bucket(bucketSessions).ForEach(func(k, v []byte) error {
 			var se Session
 			if _, err := getJSON(tx, bucketSessions, string(k), &se); err != nil {
@@ -315,7 +316,7 @@ func (s *Server) reconcileSessions() error {
 	if len(drop) == 0 {
 		return nil
 	}
-	return s.st.update(func(tx *bolt.Tx) error {
+	return s.st.update(func(tx *catalog.Tx) error {
 		for _, id := range drop {
 			if err := tx.Bucket(bucketSessions).Delete([]byte(id)); err != nil {
 				return err

@@ -7,8 +7,8 @@ import (
 	"sort"
 	"strings"
 
+	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/images"
-	bolt "go.etcd.io/bbolt"
 )
 
 // Version is one state of a desktop: the sealed layers its disks stand on. The
@@ -69,10 +69,17 @@ func desktopVersions(store *images.Store, name string) (*DesktopVersions, error)
 
 // addVersion appends v to the desktop's versions in one transaction of the
 // catalog (its number is the next free one) and, with setHead, makes it the head.
-// It returns the desktop as it is afterwards and the version added.
+// A check-in's version (v.From set) moves the head only if the head is still
+// v.From in that transaction: otherwise (another process rolled back or added a
+// version since) it is kept as a conflict. It returns the desktop as it is
+// afterwards and the version added.
 func addVersion(store *images.Store, name string, v Version, setHead bool) (*DesktopVersions, *Version, error) {
 	var added Version
 	d, err := store.UpdateDesktop(nil, name, func(d *images.Desktop) error {
+		if setHead && v.From != 0 && d.Head != v.From {
+			setHead, v.Conflict = false, true
+			v.Note = strings.Replace(v.Note, "check-in ", "conflict ", 1)
+		}
 		v.N = nextVersion(d.Versions)
 		d.Versions = append(d.Versions, v)
 		if setHead {
@@ -111,7 +118,7 @@ func (s *Server) migrateVersions() error {
 	}
 	var names []string
 	olds := map[string]old{}
-	err := s.st.view(func(tx *bolt.Tx) error {
+	err := s.st.view(func(tx *catalog.Tx) error {
 		return tx.Bucket(bucketVersions).ForEach(func(k, v []byte) error {
 			var o old
 			if _, err := getJSON(tx, bucketVersions, string(k), &o); err != nil {
@@ -144,7 +151,7 @@ func (s *Server) migrateVersions() error {
 			continue
 		}
 		s.log.Info("moved sync's versions into the catalog", "desktop", name, "versions", len(o.Versions))
-		if err := s.st.update(func(tx *bolt.Tx) error { return tx.Bucket(bucketVersions).Delete([]byte(name)) }); err != nil {
+		if err := s.st.update(func(tx *catalog.Tx) error { return tx.Bucket(bucketVersions).Delete([]byte(name)) }); err != nil {
 			return err
 		}
 	}

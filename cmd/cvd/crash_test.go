@@ -77,7 +77,7 @@ func TestCrashSafety(t *testing.T) {
 	must("clone", "desk", "--name", "keep", "--count", "5")
 	protected := map[string]string{}
 	filepath.Walk(store, func(p string, fi os.FileInfo, err error) error {
-		if err == nil && fi.Mode().IsRegular() && !strings.HasSuffix(p, images.DBFile) {
+		if err == nil && fi.Mode().IsRegular() && !strings.Contains(filepath.Base(p), images.CatalogFile) {
 			protected[p] = sumFile(t, p)
 		}
 		return nil

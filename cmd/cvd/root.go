@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"log/slog"
@@ -13,6 +14,8 @@ import (
 // globalOptions are the flags every command shares.
 type globalOptions struct {
 	store    string
+	catalog  string
+	ctx      context.Context // the command's: cancelled by Ctrl-C and SIGTERM
 	json     bool
 	logLevel string
 }
@@ -44,11 +47,14 @@ clusters that changed.
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
+			g.ctx = cmd.Context()
 			return setupLogging(cmd.ErrOrStderr(), g.logLevel)
 		},
 	}
 	pf := root.PersistentFlags()
 	pf.StringVar(&g.store, "store", defaultStore(), "store directory (env CVD_STORE)")
+	pf.StringVar(&g.catalog, "catalog", os.Getenv("CVD_CATALOG"),
+		"the store's catalog when it is not the embedded SQLite file: postgres://… (env CVD_CATALOG; remembered by the store)")
 	pf.BoolVar(&g.json, "json", false, "print machine-readable JSON")
 	pf.StringVar(&g.logLevel, "log-level", "warn", "log level: debug, info, warn, error")
 

@@ -38,8 +38,9 @@ func newServeCommand(g *globalOptions) *cobra.Command {
 with ` + "`cvd device add`" + ` and authenticate with their token; every call checks it.
 Prometheus metrics are at /metrics. See README.md, "Sync API".
 
-While it runs, cvd serve holds the store: run the administrator's commands
-(device, desktop versions, rollback) before starting it or after stopping it.
+Every other command works on the store while it serves (the store's catalog is
+shared by every process): devices added or removed, rollbacks and recomposes
+take effect at the server's next request.
 
 A desktop's server-side VM (the libvirt domain named after the desktop) is shut
 down before a check-out: gracefully, then forced after --stop-timeout. Without a
@@ -70,7 +71,11 @@ func runServe(ctx context.Context, g *globalOptions, opts *serveOptions, out, er
 	if !logLevelSet {
 		log = slog.New(slog.NewTextHandler(errOut, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	}
-	st, err := openStore(g, false)
+	// The server's own catalog writes finish after a SIGTERM: only the wait for
+	// the listener follows the command's context.
+	gs := *g
+	gs.ctx = context.Background()
+	st, err := openStore(&gs, false)
 	if err != nil {
 		return err
 	}

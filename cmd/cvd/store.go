@@ -24,30 +24,45 @@ import (
 	"golang.org/x/term"
 )
 
-// openStore opens the store named by --store. A read-only open of a store that
-// does not exist yet creates it (an empty store lists nothing).
+// openStore opens the store named by --store (and --catalog), then purges the
+// check-outs whose lease expired. A read-only command refuses a store directory
+// that does not exist; a store of an earlier release (its bbolt database not
+// yet moved into the catalog) is opened read-write once to move it.
 func openStore(g *globalOptions, readOnly bool) (*images.Store, error) {
-	purgeExpired(g)
 	if readOnly {
-		if _, err := os.Stat(filepath.Join(g.store, images.DBFile)); err != nil {
-			readOnly = false
+		if _, err := os.Stat(g.store); err != nil {
+			return nil, fmt.Errorf("no store at %s: %w", g.store, err)
+		}
+		_, errCat := os.Stat(filepath.Join(g.store, images.CatalogFile))
+		_, errCfg := os.Stat(filepath.Join(g.store, images.ConfigFile))
+		if errCat != nil && errCfg != nil && g.catalog == "" {
+			readOnly = false // nothing to read yet, or an earlier release's store
 		}
 	}
-	return images.Open(g.store, images.OpenOptions{ReadOnly: readOnly})
+	ctx := g.ctx
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	st, err := images.Open(g.store, images.OpenOptions{ReadOnly: readOnly, Catalog: g.catalog, Context: ctx})
+	if err != nil {
+		return nil, err
+	}
+	purgeExpired(g, st)
+	return st, nil
 }
 
 // purgeExpired removes checked-out copies whose lease has expired: every command
 // on a store does it first, offline too (a stat when nothing was ever checked
 // out). The local VM of a purged desktop is undefined when libvirt is there. A
 // failure is logged, not fatal: the command goes on, and the next one retries.
-func purgeExpired(g *globalOptions) {
+func purgeExpired(g *globalOptions, st *images.Store) {
 	opts := syncd.LaptopOptions{Logger: slog.Default()}
 	vms := &libvirtVMs{uri: libvirtURI(""), log: slog.Default()}
 	defer vms.Close()
 	if vms.uri != "" {
 		opts.VM = vms
 	}
-	purged, err := syncd.PurgeExpired(context.Background(), g.store, opts)
+	purged, err := syncd.PurgeExpired(context.Background(), st, opts)
 	if err != nil {
 		slog.Warn("purge of expired check-outs failed", "store", g.store, "err", err)
 	}
@@ -250,7 +265,7 @@ func runStoreInfo(g *globalOptions, out io.Writer) error {
 	}
 	info := storeInfo{Dir: st.Dir(), Layers: len(ls), Desktops: len(ds), Clones: len(cs),
 		LayerBytes: diskUsage(st.Path(images.LayersDir)), DesktopBytes: diskUsage(st.Path(images.DesktopsDir)),
-		CloneBytes: diskUsage(st.Path(images.ClonesDir)), DatabaseBytes: diskUsage(st.Path(images.DBFile))}
+		CloneBytes: diskUsage(st.Path(images.ClonesDir)), DatabaseBytes: diskUsage(st.Catalog().Path())}
 	if g.json {
 		return printJSON(out, info)
 	}
