@@ -28,6 +28,9 @@ vet:
 # needs them fails instead of skipping.
 test: deps guest build vet
 	CVD_TEST_REQUIRE=all $(GO) test -count=1 -timeout 60m $(PKGS)
+	# The store and the sync server again with their catalog on PostgreSQL (a
+	# private cluster that the tests start as the postgres user).
+	CVD_TEST_REQUIRE=all CVD_TEST_CATALOG=postgres $(GO) test -count=1 -timeout 30m ./images ./syncd
 	# The packages whose pipelines run on several goroutines, again under the
 	# race detector.
 	CVD_TEST_REQUIRE=all $(GO) test -race -count=1 -timeout 30m ./images ./syncd

@@ -20,7 +20,7 @@ import (
 func openStore(t *testing.T) *Store {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "store")
-	s, err := Open(dir, OpenOptions{})
+	s, err := Open(dir, OpenOptions{Catalog: testutil.Catalog(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

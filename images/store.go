@@ -71,41 +71,45 @@ type Store struct {
 	now       func() time.Time
 }
 
-// storeConfig is the store's config file.
+// storeConfig is the store's config file: the store's ID (also recorded in its
+// catalog, so that two stores never share one PostgreSQL database by mistake)
+// and its catalog when that is not the embedded one.
 type storeConfig struct {
+	ID      string `json:"id"`
 	Catalog string `json:"catalog,omitempty"`
 }
 
-// catalogURL chooses the store's catalog (see OpenOptions.Catalog) and tells
-// whether the config file must remember it.
-func catalogURL(dir, want string) (u string, remember bool, err error) {
+func readConfig(dir string) (storeConfig, error) {
 	var cfg storeConfig
 	b, err := os.ReadFile(filepath.Join(dir, ConfigFile))
-	switch {
-	case err == nil:
-		if err := json.Unmarshal(b, &cfg); err != nil {
-			return "", false, fmt.Errorf("%s: %w", filepath.Join(dir, ConfigFile), err)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return cfg, nil
 		}
-	case !errors.Is(err, os.ErrNotExist):
-		return "", false, err
+		return cfg, err
 	}
-	embedded := filepath.Join(dir, CatalogFile)
+	if err := json.Unmarshal(b, &cfg); err != nil {
+		return cfg, fmt.Errorf("%s: %w", filepath.Join(dir, ConfigFile), err)
+	}
+	return cfg, nil
+}
+
+// catalogURL chooses the store's catalog (see OpenOptions.Catalog).
+func catalogURL(dir string, cfg storeConfig, want string) (string, error) {
 	have := cfg.Catalog
-	if have == "" {
-		if _, err := os.Stat(embedded); err == nil || want == "" {
-			have = embedded
-		}
+	if have == "" && (want == "" || cfg.ID != "") {
+		have = filepath.Join(dir, CatalogFile)
 	}
 	if want == "" || want == have {
-		return have, false, nil
+		return have, nil
 	}
 	if have != "" {
-		return "", false, fmt.Errorf("%w: the store's catalog is %s, not %s", ErrInvalid, redact(have), redact(want))
+		return "", fmt.Errorf("%w: the store's catalog is %s, not %s", ErrInvalid, redact(have), redact(want))
 	}
 	if _, _, err := catalog.EngineOf(want); err != nil {
-		return "", false, fmt.Errorf("%w: %v", ErrInvalid, err)
+		return "", fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
-	return want, true, nil
+	return want, nil
 }
 
 func redact(u string) string {
@@ -139,12 +143,13 @@ func Open(dir string, opts OpenOptions) (*Store, error) {
 			}
 		}
 	}
-	u, remember, err := catalogURL(abs, opts.Catalog)
+	cfg, err := readConfig(abs)
 	if err != nil {
 		return nil, fmt.Errorf("open store %s: %w", abs, err)
 	}
-	if remember && opts.ReadOnly {
-		return nil, fmt.Errorf("open store %s: %w: no catalog yet", abs, ErrReadOnlyStore)
+	u, err := catalogURL(abs, cfg, opts.Catalog)
+	if err != nil {
+		return nil, fmt.Errorf("open store %s: %w", abs, err)
 	}
 	db, err := catalog.Open(u, catalog.Options{ReadOnly: opts.ReadOnly, WriteWait: opts.Timeout, Context: opts.Context})
 	if err != nil {
@@ -154,24 +159,12 @@ func Open(dir string, opts OpenOptions) (*Store, error) {
 		return nil, fmt.Errorf("open store %s: %w", abs, err)
 	}
 	s.db = db
-	if remember {
-		if err = writeFileSync(filepath.Join(abs, ConfigFile), storeConfig{Catalog: u}); err != nil {
-			db.Close()
-			return nil, fmt.Errorf("open store %s: remember the catalog: %w", abs, err)
-		}
-	}
 	if opts.ReadOnly {
-		err = db.View(checkSchema)
+		err = db.View(func(tx *catalog.Tx) error { return checkSchema(tx, cfg.ID) })
 	} else {
 		err = s.migrateBolt()
 		if err == nil {
-			err = db.Update(func(tx *catalog.Tx) error {
-				m := tx.Bucket(bucketMeta)
-				if m.Get([]byte("schema")) == nil {
-					return m.Put([]byte("schema"), []byte(schemaVersion))
-				}
-				return checkSchema(tx)
-			})
+			err = s.initCatalog(cfg, u)
 		}
 		if err == nil {
 			err = s.recover()
@@ -184,13 +177,57 @@ func Open(dir string, opts OpenOptions) (*Store, error) {
 	return s, nil
 }
 
-func checkSchema(tx *catalog.Tx) error {
-	v := tx.Bucket(bucketMeta).Get([]byte("schema"))
+var keySchema, keyStoreID = []byte("schema"), []byte("store-id")
+
+// checkSchema checks that the catalog holds this store's records in the layout
+// this binary knows.
+func checkSchema(tx *catalog.Tx, id string) error {
+	m := tx.Bucket(bucketMeta)
+	v := m.Get(keySchema)
 	if v == nil {
 		return fmt.Errorf("the catalog holds no cvd store (no schema record)")
 	}
 	if string(v) != schemaVersion {
 		return fmt.Errorf("store schema %q is not supported (want %s)", v, schemaVersion)
+	}
+	if have := m.Get(keyStoreID); have != nil && id != "" && string(have) != id {
+		return fmt.Errorf("%w: the catalog belongs to store %s, this store is %s", ErrInvalid, have, id)
+	}
+	return nil
+}
+
+// initCatalog gives a new store its ID and schema record, and its config file.
+func (s *Store) initCatalog(cfg storeConfig, u string) error {
+	if cfg.ID == "" {
+		cfg.ID = randHex(16)
+	}
+	err := s.db.Update(func(tx *catalog.Tx) error {
+		m := tx.Bucket(bucketMeta)
+		if m.Get(keySchema) == nil {
+			if err := m.Put(keySchema, []byte(schemaVersion)); err != nil {
+				return err
+			}
+		}
+		if have := m.Get(keyStoreID); have == nil {
+			if err := m.Put(keyStoreID, []byte(cfg.ID)); err != nil {
+				return err
+			}
+		} else if s.db.Engine() == catalog.SQLite {
+			cfg.ID = string(have) // the embedded catalog is the store's own
+		}
+		return checkSchema(tx, cfg.ID)
+	})
+	if err != nil {
+		return err
+	}
+	want := storeConfig{ID: cfg.ID}
+	if u != filepath.Join(s.dir, CatalogFile) {
+		want.Catalog = u
+	}
+	if old, _ := readConfig(s.dir); old != want {
+		if err := writeFileSync(filepath.Join(s.dir, ConfigFile), want); err != nil {
+			return fmt.Errorf("write %s: %w", ConfigFile, err)
+		}
 	}
 	return nil
 }

@@ -125,7 +125,7 @@ func newWorldAt(t testing.TB, dir string, spec worldSpec) *world {
 	src := t.TempDir()
 	makeImage(t, filepath.Join(src, "base.qcow2"), spec.baseSize, "", spec.baseWrites)
 	makeImage(t, filepath.Join(src, "app.qcow2"), 0, filepath.Join(src, "base.qcow2"), spec.appWrites)
-	st, err := images.Open(w.dir, images.OpenOptions{})
+	st, err := images.Open(w.dir, images.OpenOptions{Catalog: testutil.Catalog(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

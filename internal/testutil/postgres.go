@@ -171,3 +171,19 @@ func sweepPostgres() {
 		}
 	}
 }
+
+// Catalog is the catalog URL for a store a test makes: "" (the store's embedded
+// SQLite catalog) unless CVD_TEST_CATALOG=postgres, then a new database of the
+// private PostgreSQL cluster. make test runs the store's suites both ways.
+func Catalog(t testing.TB) string {
+	t.Helper()
+	switch v := os.Getenv("CVD_TEST_CATALOG"); v {
+	case "", "sqlite":
+		return ""
+	case "postgres":
+		return Postgres(t)
+	default:
+		t.Fatalf("CVD_TEST_CATALOG=%q: want sqlite or postgres", v)
+		return ""
+	}
+}
