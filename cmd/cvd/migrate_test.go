@@ -66,9 +66,37 @@ func buildRelease(t *testing.T, commit string) string {
 	return bin
 }
 
-// startServe starts `cvd serve` on a free loopback port and returns its URL; the
-// process is stopped with SIGTERM when stop is called or the test ends.
-func startServe(t *testing.T, bin, store string) (string, func()) {
+// serveProc is a `cvd serve` process of a test.
+type serveProc struct {
+	url     string
+	cmd     *exec.Cmd
+	done    chan struct{}
+	stopped bool
+}
+
+// stop ends the server with SIGTERM (SIGKILL after 30 s) and waits for it.
+func (p *serveProc) stop() { p.signal(syscall.SIGTERM) }
+
+// kill ends the server with SIGKILL and waits for it.
+func (p *serveProc) kill() { p.signal(syscall.SIGKILL) }
+
+func (p *serveProc) signal(sig syscall.Signal) {
+	if p.stopped {
+		return
+	}
+	p.stopped = true
+	p.cmd.Process.Signal(sig)
+	select {
+	case <-p.done:
+	case <-time.After(30 * time.Second):
+		p.cmd.Process.Kill()
+		<-p.done
+	}
+}
+
+// startServe starts `cvd serve` on a free loopback port; the server is stopped
+// when the test ends.
+func startServe(t *testing.T, bin, store string) *serveProc {
 	t.Helper()
 	cmd := exec.Command(bin, "--store", store, "serve", "--listen", "127.0.0.1:0", "--libvirt", "none")
 	cmd.Env = append(os.Environ(), "CVD_STORE=", "CVD_CONNECT=")
@@ -81,32 +109,19 @@ func startServe(t *testing.T, bin, store string) (string, func()) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	stopped := false
-	stop := func() {
-		if stopped {
-			return
-		}
-		stopped = true
-		cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(30 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-	}
-	t.Cleanup(stop)
+	p := &serveProc{cmd: cmd, done: make(chan struct{})}
+	go func() { cmd.Wait(); close(p.done) }()
+	t.Cleanup(p.stop)
 	line, err := bufio.NewReader(out).ReadString('\n')
 	m := regexp.MustCompile(`on (https?://\S+)`).FindStringSubmatch(line)
 	if err != nil || m == nil {
-		stop()
+		p.stop()
 		log, _ := os.ReadFile(logf.Name())
 		t.Fatalf("cvd serve did not start: %q %v\n%s", line, err, log)
 	}
 	go io.Copy(io.Discard, out)
-	return m[1], stop
+	p.url = m[1]
+	return p
 }
 
 // TestMigrateBoltStore: a server store and a laptop store written by the bbolt
@@ -152,10 +167,10 @@ func TestMigrateBoltStore(t *testing.T) {
 	if added.Token == "" {
 		t.Fatal("the previous release gave no device token")
 	}
-	oldURL, stopOld := startServe(t, old, srv)
+	oldSrv := startServe(t, old, srv)
 	// The laptop talks to the server through a proxy that fails every commit:
 	// the check-in is uploaded in full and then interrupted.
-	target, _ := url.Parse(oldURL)
+	target, _ := url.Parse(oldSrv.url)
 	rp := httputil.NewSingleHostReverseProxy(target)
 	proxy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method == http.MethodPost && strings.HasSuffix(r.URL.Path, "/commit") {
@@ -176,7 +191,7 @@ func TestMigrateBoltStore(t *testing.T) {
 	if out, err := ci.CombinedOutput(); err == nil {
 		t.Fatalf("the previous release's check-in committed through a proxy that fails commits:\n%s", out)
 	}
-	stopOld()
+	oldSrv.stop()
 	for _, f := range []string{filepath.Join(srv, "cvd.db"), filepath.Join(srv, "sync", "syncd.db"), filepath.Join(lap, "cvd.db"), filepath.Join(lap, "sync", "syncd.db")} {
 		if _, err := os.Stat(f); err != nil {
 			t.Fatalf("the previous release did not write %s: %v", f, err)
@@ -228,10 +243,10 @@ func TestMigrateBoltStore(t *testing.T) {
 	run(bin, lap, "store", "check")
 
 	// The interrupted check-in resumes against this binary's server and commits.
-	newURL, stopNew := startServe(t, bin, srv)
+	newSrv := startServe(t, bin, srv)
 	var rep syncd.CheckinReport
-	runJSON(t, bin, lap, &rep, "checkin", "desk", "--server", newURL)
-	stopNew()
+	runJSON(t, bin, lap, &rep, "checkin", "desk", "--server", newSrv.url)
+	newSrv.stop()
 	t.Logf("after migration: lease %s until %s; resumed check-in sent %d clusters (%d bytes), %d deduplicated",
 		leases[0].DeviceName, leases[0].Expires.Format(time.RFC3339), rep.Sent, rep.Payload, rep.Deduplicated)
 	if !rep.Resumed {
