@@ -217,4 +217,3 @@ func TestServeKilled(t *testing.T) {
 	checkQcow2Under(t, b.lap)
 	mustCvd(t, b.lap, "store", "check")
 }
-
