@@ -4,9 +4,11 @@
 //
 // # Words
 //
-//   - Store: a directory holding layer files, writable tops and cvd.db, a bbolt
-//     database that is the only source of truth about what the store holds. A file
-//     that no record names is not part of the store.
+//   - Store: a directory holding layer files and writable tops, and a catalog
+//     (package catalog: catalog.db, or a PostgreSQL database named in config.json)
+//     that is the only source of truth about what the store holds. A file that no
+//     record names is not part of the store. Several processes use one store at
+//     once; every change is a catalog transaction.
 //   - Layer: a sealed qcow2 file, layers/<id>.qcow2, mode 0444, never written again.
 //     Its backing file name is "<parent-id>.qcow2" (relative, same directory) with the
 //     backing format recorded. Kinds: base (no parent), app, version (both have one).
@@ -31,9 +33,9 @@
 //     order (Clone.Checkpoints), so its chain is Disk → checkpoints → Layer. The
 //     record also says how the clone boots under libvirt (Clone.Boot).
 //
-// # Database layout (bbolt, schema version 1)
+// # Catalog buckets (schema version 1)
 //
-//	meta        "schema" → "1"
+//	meta        "schema" → "1", "store-id" → the store's ID, "migrated-from-bbolt"
 //	layers      <id>                      → JSON Layer
 //	names       <name>:<tag>              → <id>
 //	refs        <id> 0x00 <kind> 0x00 <n> → ""   kind: layer | desktop | clone;
@@ -42,9 +44,10 @@
 //	clones      <name>                    → JSON Clone
 //	macs        <mac>                     → <clone name>  (uniqueness of MACs)
 //	pending     <8-byte seq>              → JSON list of files (the journal, below)
-//	devices     reserved for bound devices (issue 6): <device id> → JSON
-//	leases      reserved for leases (issue 6): <desktop name> → JSON
-//	clusters    reserved for the cluster-digest index used for dedup (sync)
+//
+// Package syncd keeps its records in buckets named "sync.*" of the same catalog.
+// A store of the bbolt releases (cvd.db, sync/syncd.db) is moved into the catalog
+// at its first read-write open, see [LegacyDBFile].
 //
 // # Crash safety
 //
@@ -57,10 +60,12 @@
 //   - Remove: one transaction deletes the records and records the files in pending;
 //     the files are unlinked; a second transaction drops the pending entry.
 //
-// A process that opens the store read-write holds bbolt's exclusive lock, so it is
-// the only writer. Open then recovers: it unlinks the files of every pending entry
-// (rolling an interrupted create back, or an interrupted removal forward), drops the
-// entries, and removes ".tmp-*" files. After a crash at any moment, no half-made
+// Every journal entry names the process that wrote it (host, PID, start time), and
+// every temporary name starts ".tmp-<pid>.<start>-" (package internal/proc). A
+// read-write Open recovers what processes that are gone left: it unlinks the files
+// of their pending entries (rolling an interrupted create back, or an interrupted
+// removal forward), drops the entries, and removes their ".tmp-*" files; the
+// entries and files of running processes are left alone. After a crash at any moment, no half-made
 // layer or clone is visible and no record names a missing file. [Store.Check]
 // reports what recovery cannot explain: a record without its file, a file without a
 // record, a sealed file that is writable or changed since it was sealed.

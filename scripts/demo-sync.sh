@@ -85,9 +85,13 @@ head -c 32M /dev/urandom > new.bin
 step "Check in: digests first, the server answers what it lacks (it holds the copied clusters), only the rest is sent"
 cvd --store "$LAPTOP" checkin alice
 
-step "The server's versions (the server holds its store while it serves: stop it to ask)"
-kill "$srv_pid"; wait "$srv_pid" 2>/dev/null || true; srv_pid=""
+step "While the server serves, the administrator works on the same store from another process: versions, devices, clones, a store check"
 cvd --store "$SERVER" desktop versions alice
+cvd --store "$SERVER" device add alice-tablet --desktop alice >/dev/null
+cvd --store "$SERVER" device ls
+cvd --store "$SERVER" clone alice --name alice-vm --count 3 >/dev/null
+cvd --store "$SERVER" clone ls
+cvd --store "$SERVER" store check
 
 step "QEMU agrees: the server's new head reads as the laptop's chain"
 head_sys=$("$CVD" --store "$SERVER" desktop versions alice --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print([v for v in d["versions"] if v["n"]==d["head"]][0]["system"])')
@@ -96,7 +100,8 @@ run qemu-img compare "$SERVER/layers/$head_sys.qcow2" "$lsys"
 step "A second laptop that already holds the base and app layers fetches only the versions (and reads the clusters copied from the base from its own copy)"
 "$CVD" --store "$LAPTOP2" layer import base.qcow2 --kind base >/dev/null
 "$CVD" --store "$LAPTOP2" layer import app.qcow2 --kind app --parent "$base" >/dev/null
-cvd --store "$SERVER" device break-lease alice
+cvd --store "$SERVER" device break-lease alice   # the server is still serving
+kill "$srv_pid"; wait "$srv_pid" 2>/dev/null || true   # a restart, on another port
 "$CVD" --store "$SERVER" serve --listen 127.0.0.1:0 > serve.out 2> serve.log &
 srv_pid=$!
 for _ in $(seq 50); do grep -q 'cvd serve:' serve.out 2>/dev/null && break; sleep 0.1; done

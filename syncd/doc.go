@@ -28,9 +28,9 @@
 //
 // # Where things live
 //
-// Versions and the head are in the store's catalog (images). syncd's own bbolt file,
-// <store>/sync/syncd.db, holds devices, leases, the cluster index, check-in sessions,
-// and on a laptop the checked-out desktops. Check-ins being received are staged in
+// Versions and the head are in the store's records (images). syncd's own records
+// are in the same catalog, in buckets named "sync.*": devices, leases, the cluster
+// index, check-in sessions, and on a laptop the checked-out desktops. Check-ins being received are staged in
 // <store>/sync/sessions/, layers being fetched in <store>/sync/fetch/; both are
 // written without the disk engine's ordering barriers and checked before reuse.
 package syncd

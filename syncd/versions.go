@@ -147,7 +147,7 @@ func (s *Server) migrateVersions() error {
 			return nil
 		})
 		if err != nil && !errors.Is(err, images.ErrNotFound) {
-			s.log.Warn("could not move sync's versions into the catalog; they stay in syncd.db", "desktop", name, "err", err)
+			s.log.Warn("could not move sync's versions into the catalog; they stay in the sync.versions bucket", "desktop", name, "err", err)
 			continue
 		}
 		s.log.Info("moved sync's versions into the catalog", "desktop", name, "versions", len(o.Versions))

@@ -20,8 +20,8 @@ func newDeviceCommand(g *globalOptions) *cobra.Command {
 		Long: `A device is a laptop bound to desktops. ` + "`cvd device add`" + ` prints its token once:
 the store keeps only its SHA-256. The laptop gives it to ` + "`cvd checkout --token`" + `.
 
-These commands work on the server's store directly: run them while ` + "`cvd serve`" + `
-is stopped (it holds the store while it runs).`,
+These commands work on the server's store directly, also while ` + "`cvd serve`" + `
+runs: the server sees the change at its next request.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error { return cmd.Help() },
 	}

@@ -154,7 +154,8 @@ func newStoreCommand(g *globalOptions) *cobra.Command {
 		Short: "Inspect and check the layer store",
 		Long: `The store is a directory (--store, or CVD_STORE) that holds sealed layers
 (layers/<id>.qcow2, read-only), the writable tops of desktops and clones, clone
-seed images, and cvd.db, the database that says what all of them are.`,
+seed images, and its catalog, the database that says what all of them are
+(catalog.db, SQLite; or PostgreSQL: --catalog, remembered in config.json).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error { return cmd.Help() },
 	}
