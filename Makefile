@@ -9,8 +9,10 @@ PKGS := ./...
 
 all: build
 
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+
 build:
-	CGO_ENABLED=0 $(GO) build -o $(BIN) ./cmd/cvd
+	CGO_ENABLED=0 $(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/cvd
 
 deps:
 	@scripts/deps.sh

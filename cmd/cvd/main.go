@@ -3,11 +3,14 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"runtime/pprof"
+	"slices"
 	"syscall"
 )
 
@@ -21,12 +24,13 @@ func main() {
 			prof = f
 		}
 	}
-	err := newRootCommand().ExecuteContext(ctx)
+	g := &globalOptions{}
+	err := newRootCommandWith(g).ExecuteContext(ctx)
 	stop()
 	if err != nil {
 		var ee *exitError
 		if !(errors.As(err, &ee) && ee.quiet) {
-			fmt.Fprintln(os.Stderr, "cvd:", err)
+			printError(os.Stderr, err, g.json || slices.Contains(os.Args[1:], "--json"))
 		}
 	}
 	if prof != nil {
@@ -34,4 +38,17 @@ func main() {
 		prof.Close()
 	}
 	os.Exit(exitCode(err))
+}
+
+// printError writes a command's error to stderr: a line of text, or with --json
+// one JSON object {"error": message, "exit_code": N} that a script can read.
+func printError(w io.Writer, err error, asJSON bool) {
+	if !asJSON {
+		fmt.Fprintln(w, "cvd:", err)
+		return
+	}
+	json.NewEncoder(w).Encode(struct {
+		Error    string `json:"error"`
+		ExitCode int    `json:"exit_code"`
+	}{err.Error(), exitCode(err)})
 }

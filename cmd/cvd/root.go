@@ -33,8 +33,11 @@ func defaultStore() string {
 	return "cvd-store"
 }
 
-func newRootCommand() *cobra.Command {
-	g := &globalOptions{}
+func newRootCommand() *cobra.Command { return newRootCommandWith(&globalOptions{}) }
+
+// newRootCommandWith builds the command tree over g, which holds the global flags
+// once the command line is parsed.
+func newRootCommandWith(g *globalOptions) *cobra.Command {
 	root := &cobra.Command{
 		Use:   "cvd",
 		Short: "Block-level virtual disks and linked clones for virtual desktops",
@@ -59,6 +62,7 @@ clusters that changed.
 	pf.StringVar(&g.logLevel, "log-level", "warn", "log level: debug, info, warn, error")
 
 	root.AddCommand(
+		newVersionCommand(g),
 		newDiskCommand(g),
 		newLayerCommand(g),
 		newDesktopCommand(g),
