@@ -27,6 +27,8 @@ var (
 	ErrOutOfRange = errors.New("access beyond end of disk")
 	// ErrClosed: use of an image after Close.
 	ErrClosed = errors.New("image is closed")
+	// ErrInUse: another process (a running VM's QEMU) holds the image open.
+	ErrInUse = errors.New("image is open in another process (QEMU holds its lock)")
 )
 
 // FormatError describes a violation of the qcow2 format found at a byte offset of

@@ -100,17 +100,20 @@ func (l *Laptop) CheckIn(ctx context.Context, desktop string, opts CheckinOption
 		}
 	}
 	if r, ok := l.opts.VM.(runningVM); ok && r.Running(ctx, desktop) {
-		return nil, fmt.Errorf("desktop %s: its VM is running: shut it down first (its disks must not change during a check-in)", desktop)
+		return nil, fmt.Errorf("desktop %s: %w: its VM is running: shut it down first (its disks must not change during a check-in)", desktop, ErrInUse)
+	}
+	d, err := l.store.Desktop(desktop)
+	if err != nil {
+		return nil, err
+	}
+	if err := topsNotInUse(l.store, d); err != nil {
+		return nil, err
 	}
 	c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert})
 	if err != nil {
 		return nil, err
 	}
 	rep := &CheckinReport{Desktop: desktop, Base: co.Version, Layers: map[string]string{}}
-	d, err := l.store.Desktop(desktop)
-	if err != nil {
-		return nil, err
-	}
 	var res *CheckinResult
 	var changes []diskChanges // what the scan listed (none when resuming)
 	if co.Pending != nil && co.Pending.Result != nil {

@@ -41,6 +41,9 @@ var (
 	ErrNotCheckedOut = errors.New("desktop not checked out here")
 	// ErrExpired: the local copy's lease expired; it has been purged.
 	ErrExpired = errors.New("checked-out copy expired")
+	// ErrInUse: a desktop's top is open in a running VM (QEMU holds its image
+	// lock): it is not sealed or checked in. Wraps disk.ErrInUse.
+	ErrInUse = errors.New("desktop in use by a running VM")
 )
 
 // LeaseError says who holds a lease.
@@ -76,6 +79,7 @@ var errorCodes = []struct {
 	{images.ErrNotFound, "not_found", http.StatusNotFound},
 	{ErrNoSpace, "no_space", http.StatusInsufficientStorage},
 	{ErrIncomplete, "incomplete", http.StatusConflict},
+	{ErrInUse, "in_use", http.StatusConflict},
 }
 
 func codeOf(err error) (string, int) {

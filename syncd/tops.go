@@ -157,6 +157,11 @@ func (s *Server) sealServerTops(ctx context.Context, name, note string) (int, er
 	head := *dv.HeadVersion()
 	nv := Version{Created: s.now().UTC().Truncate(time.Second), System: head.System, User: head.User,
 		Note: note, From: head.N}
+	if d, err := s.store.Desktop(name); err != nil {
+		return 0, err
+	} else if err := topsNotInUse(s.store, d); err != nil {
+		return 0, err
+	}
 	changed := false
 	for _, dn := range diskNames {
 		rel := dv.topRel(dn)
@@ -190,6 +195,23 @@ func (s *Server) sealServerTops(ctx context.Context, name, note string) (int, er
 	}
 	s.indexLater(v.System, v.User)
 	return v.N, nil
+}
+
+// topsNotInUse refuses (ErrInUse) when a QEMU process holds one of the desktop's
+// tops open: whatever libvirt says, a top a VM still writes is never sealed.
+func topsNotInUse(store *images.Store, d *images.Desktop) error {
+	for _, rel := range []string{d.SystemDisk, d.UserDisk} {
+		if rel == "" {
+			continue
+		}
+		if err := disk.CheckNotInUse(store.Path(rel)); err != nil {
+			if errors.Is(err, disk.ErrInUse) {
+				return fmt.Errorf("desktop %s: %w: %v; shut the VM down first (nothing was changed)", d.Name, ErrInUse, err)
+			}
+			return err
+		}
+	}
+	return nil
 }
 
 // resetTops points the desktop's tops at version v's layers.

@@ -98,7 +98,7 @@ func (p *serveProc) signal(sig syscall.Signal) {
 // when the test ends.
 func startServe(t *testing.T, bin, store string) *serveProc {
 	t.Helper()
-	cmd := exec.Command(bin, "--store", store, "serve", "--listen", "127.0.0.1:0", "--libvirt", "none")
+	cmd := exec.Command(bin, "--store", store, "serve", "--listen", "127.0.0.1:0")
 	cmd.Env = append(os.Environ(), "CVD_STORE=", "CVD_CONNECT=")
 	out, err := cmd.StdoutPipe()
 	if err != nil {

@@ -23,7 +23,7 @@ import (
 type serveOptions struct {
 	listen          string
 	tlsCert, tlsKey string
-	libvirt         string
+	connect         string
 	leaseTTL        time.Duration
 	maxLeaseTTL     time.Duration
 	stopTimeout     time.Duration
@@ -56,7 +56,7 @@ reachable libvirtd this step is skipped.`,
 	f.StringVar(&opts.listen, "listen", "127.0.0.1:8470", "address to listen on (HOST:PORT; port 0 picks one)")
 	f.StringVar(&opts.tlsCert, "tls-cert", "", "PEM certificate: serve HTTPS")
 	f.StringVar(&opts.tlsKey, "tls-key", "", "PEM private key of --tls-cert")
-	f.StringVar(&opts.libvirt, "libvirt", "", `libvirt URI for stopping server-side VMs ("" = qemu:///system when its socket exists, "none" = never)`)
+	f.StringVar(&opts.connect, "connect", "", `libvirt URI for stopping server-side VMs (default: $CVD_CONNECT, else $LIBVIRT_DEFAULT_URI, else qemu:///system when its socket exists; "none" = never)`)
 	f.DurationVar(&opts.leaseTTL, "lease-ttl", 7*24*time.Hour, "lease length when a device asks for none")
 	f.DurationVar(&opts.maxLeaseTTL, "max-lease-ttl", 30*24*time.Hour, "longest lease a device may ask for")
 	f.DurationVar(&opts.stopTimeout, "stop-timeout", time.Minute, "graceful VM shutdown time before a forced stop")
@@ -88,7 +88,7 @@ func runServe(ctx context.Context, g *globalOptions, opts *serveOptions, out, er
 			}
 			return err
 		}}
-	if uri := libvirtURI(opts.libvirt); uri != "" {
+	if uri := libvirtURI(opts.connect); uri != "" {
 		vms := &libvirtVMs{uri: uri, log: log}
 		defer vms.Close()
 		so.VM = vms
@@ -133,13 +133,22 @@ func runServe(ctx context.Context, g *globalOptions, opts *serveOptions, out, er
 	return nil
 }
 
-// libvirtURI picks the libvirt connection for VM stops: none when no libvirtd
-// socket is there (the step is skipped).
+// libvirtURI picks the libvirt connection of the sync commands' VM hooks (serve,
+// checkout, checkin, agent, the expiry purge), as the vm commands pick theirs:
+// the flag, else $CVD_CONNECT, else $LIBVIRT_DEFAULT_URI, else the system
+// libvirtd when its socket is there; "" (the hooks do nothing) otherwise or for
+// "none". Whatever libvirt says, a top that QEMU holds open is never sealed
+// (disk.InUse).
 func libvirtURI(flag string) string {
 	switch flag {
 	case "none":
 		return ""
 	case "":
+		for _, e := range []string{"CVD_CONNECT", "LIBVIRT_DEFAULT_URI"} {
+			if v := os.Getenv(e); v != "" {
+				return v
+			}
+		}
 		if _, err := os.Stat(hypervisor.DefaultSocket); err == nil {
 			return hypervisor.DefaultURI
 		}
