@@ -94,9 +94,10 @@ func printCheckinReport(out io.Writer, rep *syncd.CheckinReport) {
 func newReleaseCommand(g *globalOptions) *cobra.Command {
 	var discard bool
 	c := &cobra.Command{
-		Use:   "release DESKTOP",
-		Short: "Give a checked-out desktop's lease back and remove the local copy (refused with changes not checked in)",
-		Args:  cobra.ExactArgs(1),
+		Use:     "release DESKTOP",
+		Short:   "Give a checked-out desktop's lease back and remove the local copy (refused with changes not checked in)",
+		Example: `  cvd release alice`,
+		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			lp, done, err := openLaptop(g, cmd.ErrOrStderr())
 			if err != nil {

@@ -150,7 +150,9 @@ func newStatusCommand(g *globalOptions) *cobra.Command {
 	return &cobra.Command{
 		Use:   "status [DESKTOP]",
 		Short: "Show the desktops checked out to this store: lease, version, pending check-in",
-		Args:  cobra.MaximumNArgs(1),
+		Example: `  cvd status
+  cvd status alice --json`,
+		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			lp, done, err := openLaptop(g, cmd.ErrOrStderr())
 			if err != nil {

@@ -6,9 +6,11 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/cvd-project/cvd/catalog"
+	"github.com/spf13/cobra"
 )
 
 func TestVersion(t *testing.T) {
@@ -66,4 +68,26 @@ func TestReadOnlyCommandOnMissingStore(t *testing.T) {
 	if _, err := os.Stat(missing); !os.IsNotExist(err) {
 		t.Errorf("the missing store was created: %v", err)
 	}
+}
+
+// TestEveryCommandHasExample: every command that runs something (not a group
+// that only prints its help) has a short line, an example and an argument
+// validator.
+func TestEveryCommandHasExample(t *testing.T) {
+	var walk func(c *cobra.Command)
+	walk = func(c *cobra.Command) {
+		for _, sub := range c.Commands() {
+			if sub.Hidden || sub.Name() == "help" || sub.Name() == "completion" {
+				continue
+			}
+			walk(sub)
+		}
+		if !c.Runnable() || c.HasSubCommands() || c == c.Root() {
+			return
+		}
+		if c.Example == "" || c.Short == "" || c.Args == nil {
+			t.Errorf("cvd %s: needs Short, Example and Args", strings.TrimPrefix(c.CommandPath(), "cvd "))
+		}
+	}
+	walk(newRootCommand())
 }

@@ -49,9 +49,10 @@ desktop called ls, show, rm or create).`,
 	}
 	addCloneCreateFlags(c, opts)
 	create := &cobra.Command{
-		Use:   "create DESKTOP|LAYER --name NAME [--count K]",
-		Short: "Make linked clones (same as cvd clone DESKTOP|LAYER)",
-		Args:  cobra.ExactArgs(1),
+		Use:     "create DESKTOP|LAYER --name NAME [--count K]",
+		Short:   "Make linked clones (same as cvd clone DESKTOP|LAYER)",
+		Example: `  cvd clone create alice --name alice-vm --count 10`,
+		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return runCloneCreate(cmd, g, opts, args[0], cmd.OutOrStdout())
 		},
@@ -111,7 +112,9 @@ func newCloneLsCommand(g *globalOptions) *cobra.Command {
 		Use:     "ls [PATTERN]",
 		Aliases: []string{"list"},
 		Short:   "List clones (optionally those whose name matches a shell pattern)",
-		Args:    cobra.MaximumNArgs(1),
+		Example: `  cvd clone ls
+  cvd clone ls "alice-vm-*" --json`,
+		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return runCloneLs(g, args, desktop, cmd.OutOrStdout())
 		},
@@ -161,9 +164,10 @@ func runCloneLs(g *globalOptions, args []string, desktop string, out io.Writer) 
 
 func newCloneShowCommand(g *globalOptions) *cobra.Command {
 	return &cobra.Command{
-		Use:   "show NAME",
-		Short: "Show a clone: identity, files and chain",
-		Args:  cobra.ExactArgs(1),
+		Use:     "show NAME",
+		Short:   "Show a clone: identity, files and chain",
+		Example: `  cvd clone show alice-vm-01 --json`,
+		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			st, err := openStore(g, true)
 			if err != nil {
@@ -211,6 +215,8 @@ func newCloneRmCommand(g *globalOptions) *cobra.Command {
 	return &cobra.Command{
 		Use:   "rm NAME|PATTERN...",
 		Short: "Remove clones and their files (layers are never touched)",
+		Example: `  cvd clone rm alice-vm-01
+  cvd clone rm "kiosk-*"`,
 		Long: `Remove clones: their records, tops and seed images. A shell pattern ('web-*')
 removes every clone whose name matches it; a plain name must exist.`,
 		Args: cobra.MinimumNArgs(1),

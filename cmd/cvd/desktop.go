@@ -85,7 +85,9 @@ func newDesktopLsCommand(g *globalOptions) *cobra.Command {
 		Use:     "ls",
 		Aliases: []string{"list"},
 		Short:   "List desktops",
-		Args:    cobra.NoArgs,
+		Example: `  cvd desktop ls
+  cvd desktop ls --json`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return runDesktopLs(g, cmd.OutOrStdout())
 		},
@@ -129,7 +131,9 @@ func newDesktopShowCommand(g *globalOptions) *cobra.Command {
 	return &cobra.Command{
 		Use:   "show NAME",
 		Short: "Show a desktop: its disks, the chain of each, its versions",
-		Args:  cobra.ExactArgs(1),
+		Example: `  cvd desktop show alice
+  cvd desktop show alice --json   # absolute paths of its tops`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			st, err := openStore(g, true)
 			if err != nil {
@@ -141,11 +145,28 @@ func newDesktopShowCommand(g *globalOptions) *cobra.Command {
 				return err
 			}
 			if g.json {
-				return printJSON(cmd.OutOrStdout(), d)
+				return printJSON(cmd.OutOrStdout(), desktopJSON(st, d))
 			}
 			return printDesktop(st, d, cmd.OutOrStdout())
 		},
 	}
+}
+
+// desktopView is a desktop as `desktop show --json` gives it: the record, and
+// the absolute paths of its writable tops (a stable way for scripts and
+// `cvd disk` to name the desktop's current disks).
+type desktopView struct {
+	*images.Desktop
+	SystemPath string `json:"system_path"`
+	UserPath   string `json:"user_path,omitempty"`
+}
+
+func desktopJSON(st *images.Store, d *images.Desktop) desktopView {
+	v := desktopView{Desktop: d, SystemPath: st.Path(d.SystemDisk)}
+	if d.UserDisk != "" {
+		v.UserPath = st.Path(d.UserDisk)
+	}
+	return v
 }
 
 func printDesktop(st *images.Store, d *images.Desktop, out io.Writer) error {
@@ -192,6 +213,8 @@ func newDesktopRmCommand(g *globalOptions) *cobra.Command {
 	c := &cobra.Command{
 		Use:   "rm NAME",
 		Short: "Remove a desktop and its own tops (its layers stay until gc)",
+		Example: `  cvd desktop rm alice
+  cvd desktop rm alice --with-clones   # its clones too`,
 		Long: `Remove a desktop, its writable tops and its version records. Its layers stay;
 cvd gc removes those that nothing else keeps. A desktop that clones were made
 from is not removed unless --with-clones, which removes those clones too.`,

@@ -83,9 +83,10 @@ func newDeviceAddCommand(g *globalOptions) *cobra.Command {
 func newDeviceBindCommand(g *globalOptions) *cobra.Command {
 	var desktops []string
 	c := &cobra.Command{
-		Use:   "bind NAME --desktop D",
-		Short: "Bind a device to more desktops",
-		Args:  cobra.ExactArgs(1),
+		Use:     "bind NAME --desktop D",
+		Short:   "Bind a device to more desktops",
+		Example: `  cvd device bind alice-laptop --desktop alice-dev`,
+		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			srv, done, err := openAdmin(g)
 			if err != nil {
@@ -111,7 +112,9 @@ func newDeviceLsCommand(g *globalOptions) *cobra.Command {
 	return &cobra.Command{
 		Use:   "ls",
 		Short: "List devices",
-		Args:  cobra.NoArgs,
+		Example: `  cvd device ls
+  cvd device ls --json`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			srv, done, err := openAdmin(g)
 			if err != nil {
@@ -141,9 +144,10 @@ func newDeviceLsCommand(g *globalOptions) *cobra.Command {
 
 func newDeviceRmCommand(g *globalOptions) *cobra.Command {
 	return &cobra.Command{
-		Use:   "rm NAME",
-		Short: "Forget a device: its token stops working and a lease it holds is broken",
-		Args:  cobra.ExactArgs(1),
+		Use:     "rm NAME",
+		Short:   "Forget a device: its token stops working and a lease it holds is broken",
+		Example: `  cvd device rm alice-laptop`,
+		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			srv, done, err := openAdmin(g)
 			if err != nil {
@@ -165,9 +169,10 @@ func newDeviceRmCommand(g *globalOptions) *cobra.Command {
 
 func newDeviceLeasesCommand(g *globalOptions) *cobra.Command {
 	return &cobra.Command{
-		Use:   "leases",
-		Short: "List the desktops' leases",
-		Args:  cobra.NoArgs,
+		Use:     "leases",
+		Short:   "List the desktops' leases",
+		Example: `  cvd device leases --json`,
+		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			srv, done, err := openAdmin(g)
 			if err != nil {
@@ -205,9 +210,10 @@ func printLeases(out io.Writer, g *globalOptions, ls []syncd.Lease) error {
 
 func newDeviceBreakLeaseCommand(g *globalOptions) *cobra.Command {
 	return &cobra.Command{
-		Use:   "break-lease DESKTOP",
-		Short: "End a desktop's lease whoever holds it (its next check-in becomes a conflict version)",
-		Args:  cobra.ExactArgs(1),
+		Use:     "break-lease DESKTOP",
+		Short:   "End a desktop's lease whoever holds it (its next check-in becomes a conflict version)",
+		Example: `  cvd device break-lease alice`,
+		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := images.CheckObjectName("desktop", args[0]); err != nil {
 				return storeError(err)

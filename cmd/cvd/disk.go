@@ -7,11 +7,13 @@ import (
 	"io"
 	"math"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
 
 	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/images"
 	"github.com/spf13/cobra"
 )
 
@@ -69,6 +71,15 @@ func allowRoots(cmd *cobra.Command) []string {
 // openImage probes path and opens it with its chain. A format cvd does not
 // handle gets a message that names it and says what to do.
 func openImage(path string, opts disk.OpenOptions) (disk.Image, error) {
+	if root := storeRoot(path); root != "" {
+		// A store's tops name their layers as ../layers/<id>.qcow2.
+		opts.AllowedRoots = append(opts.AllowedRoots, root)
+	}
+	if !opts.ReadOnly {
+		if err := refuseSealed(path); err != nil {
+			return nil, err
+		}
+	}
 	if opts.Format == "" {
 		f, err := probe(path)
 		if err != nil {
@@ -202,4 +213,47 @@ func parseFormat(s string) (disk.Format, error) {
 		return disk.FormatRaw, nil
 	}
 	return "", &exitError{code: exitUsage, err: fmt.Errorf("unknown format %q: cvd handles qcow2 and raw", s)}
+}
+
+// storeRoot is the store directory that holds path (a file of its layers/,
+// desktops/ or clones/ directory), or "".
+func storeRoot(path string) string {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return ""
+	}
+	if real, err := filepath.EvalSymlinks(abs); err == nil {
+		abs = real
+	}
+	dir := filepath.Dir(abs)
+	switch filepath.Base(dir) {
+	case images.LayersDir, images.DesktopsDir, images.ClonesDir:
+	default:
+		return ""
+	}
+	root := filepath.Dir(dir)
+	for _, f := range []string{images.CatalogFile, images.ConfigFile, images.LegacyDBFile} {
+		if _, err := os.Stat(filepath.Join(root, f)); err == nil {
+			return root
+		}
+	}
+	return ""
+}
+
+// refuseSealed refuses to write path when it is a sealed layer of a store, or a
+// file without write permission (root could write it; cvd does not).
+func refuseSealed(path string) error {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return explainOpenError(path, err)
+	}
+	if root := storeRoot(path); root != "" && filepath.Base(filepath.Dir(path)) == images.LayersDir {
+		return &exitError{code: exitFailure, err: fmt.Errorf("%s: %w: a sealed layer of store %s is never written "+
+			"(every clone and desktop on it reads it); write a desktop's or a clone's top, or seal a new layer", path, disk.ErrReadOnly, root)}
+	}
+	if fi.Mode().Perm()&0o222 == 0 {
+		return &exitError{code: exitFailure, err: fmt.Errorf("%s: %w: the file is read-only (mode %v); cvd does not write it, "+
+			"also as root (chmod u+w it if it is meant to change)", path, disk.ErrReadOnly, fi.Mode().Perm())}
+	}
+	return nil
 }

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/overlay"
 	"github.com/spf13/cobra"
 )
@@ -65,6 +66,12 @@ func runDiskCommit(ctx context.Context, opts *diskCommitOptions, args []string, 
 	if _, err := probe(top); err != nil {
 		return err
 	}
+	if err := refuseSealed(top); err != nil {
+		return err
+	}
+	if root := storeRoot(top); root != "" {
+		opts.allowRoots = append(opts.allowRoots, root)
+	}
 	rep, err := overlay.Commit(ctx, top, overlay.CommitOptions{Into: opts.into, Output: opts.output,
 		Sealed: storeLayer(opts.store), AllowedRoots: opts.allowRoots})
 	if err != nil {
@@ -98,6 +105,9 @@ func storeLayer(store string) func(string) bool {
 		}
 	}
 	return func(p string) bool {
+		if root := storeRoot(p); root != "" && filepath.Base(filepath.Dir(p)) == images.LayersDir {
+			return true // a layer of any store, --store or not
+		}
 		if layersDir == "" {
 			return false
 		}

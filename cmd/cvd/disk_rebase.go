@@ -75,6 +75,12 @@ func runDiskRebase(ctx context.Context, opts *diskRebaseOptions, args []string, 
 			return err
 		}
 	}
+	if err := refuseSealed(top); err != nil {
+		return err
+	}
+	if root := storeRoot(top); root != "" {
+		opts.allowRoots = append(opts.allowRoots, root)
+	}
 	rep, err := overlay.Rebase(ctx, top, opts.onto, overlay.RebaseOptions{Unsafe: opts.unsafe,
 		AllowedRoots: opts.allowRoots, Sealed: storeLayer(opts.store)})
 	if err != nil {

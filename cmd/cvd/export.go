@@ -62,9 +62,10 @@ would.`,
 
 func newImportCommand(g *globalOptions) *cobra.Command {
 	return &cobra.Command{
-		Use:   "import FILE",
-		Short: "Read an offline bundle (from `cvd export`) into the local store",
-		Args:  cobra.ExactArgs(1),
+		Use:     "import FILE",
+		Short:   "Read an offline bundle (from `cvd export`) into the local store",
+		Example: `  cvd import alice.cvdb --store ~/cvd`,
+		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			lp, done, err := openLaptop(g, cmd.ErrOrStderr())
 			if err != nil {

@@ -15,6 +15,8 @@ func newGCCommand(g *globalOptions) *cobra.Command {
 	c := &cobra.Command{
 		Use:   "gc",
 		Short: "Remove layers that nothing keeps",
+		Example: `  cvd gc --dry-run
+  cvd gc`,
 		Long: `Remove every layer that nothing keeps. A layer is kept when it has a name, when
 a desktop version or a clone stands on it, or when a kept layer stands on it.
 With --dry-run, only list what would go.`,

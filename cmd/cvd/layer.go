@@ -138,7 +138,9 @@ func newLayerLsCommand(g *globalOptions) *cobra.Command {
 		Use:     "ls",
 		Aliases: []string{"list"},
 		Short:   "List layers, oldest first",
-		Args:    cobra.NoArgs,
+		Example: `  cvd layer ls
+  cvd layer ls --json`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return runLayerLs(g, cmd.OutOrStdout())
 		},
@@ -178,7 +180,9 @@ func newLayerShowCommand(g *globalOptions) *cobra.Command {
 	return &cobra.Command{
 		Use:   "show REF",
 		Short: "Show a layer: its record, its chain down to the base, and what depends on it",
-		Args:  cobra.ExactArgs(1),
+		Example: `  cvd layer show win11:2026-11
+  cvd layer show 3f2a --json`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return runLayerShow(g, args[0], cmd.OutOrStdout())
 		},
@@ -244,8 +248,9 @@ func runLayerShow(g *globalOptions, ref string, out io.Writer) error {
 
 func newLayerRmCommand(g *globalOptions) *cobra.Command {
 	return &cobra.Command{
-		Use:   "rm REF...",
-		Short: "Remove layers that nothing depends on",
+		Use:     "rm REF...",
+		Short:   "Remove layers that nothing depends on",
+		Example: `  cvd layer rm office:2025-12`,
 		Long: `Remove layers, their names and files. A layer that a layer, desktop or clone
 stands on, directly or not, is not removed: the command fails and names them.`,
 		Args: cobra.MinimumNArgs(1),
@@ -282,10 +287,13 @@ func newLayerVerifyCommand(g *globalOptions) *cobra.Command {
 	return &cobra.Command{
 		Use:   "verify [REF...]",
 		Short: "Recompute layer IDs from their files and report layers altered behind cvd's back",
+		Example: `  cvd layer verify            # every layer
+  cvd layer verify win11:2026-11`,
 		Long: `Read every layer (or the ones named), recompute its ID from its content, and
 check its backing file name, backing format and read-only mode.
 
 Exit codes: 0 all layers verified, 2 some layer differs from its record.`,
+		Args: cobra.ArbitraryArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return runLayerVerify(cmd.Context(), g, args, cmd.OutOrStdout())
 		},
@@ -333,9 +341,10 @@ func runLayerVerify(ctx context.Context, g *globalOptions, refs []string, out io
 func newLayerTagCommand(g *globalOptions) *cobra.Command {
 	var force bool
 	c := &cobra.Command{
-		Use:   "tag REF NAME:TAG",
-		Short: "Give a layer a name and tag",
-		Args:  cobra.ExactArgs(2),
+		Use:     "tag REF NAME:TAG",
+		Short:   "Give a layer a name and tag",
+		Example: `  cvd layer tag 3f2a win11:stable`,
+		Args:    cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			st, err := openStore(g, false)
 			if err != nil {
@@ -351,9 +360,10 @@ func newLayerTagCommand(g *globalOptions) *cobra.Command {
 
 func newLayerUntagCommand(g *globalOptions) *cobra.Command {
 	return &cobra.Command{
-		Use:   "untag NAME:TAG",
-		Short: "Remove a name; the layer stays until gc finds nothing keeps it",
-		Args:  cobra.ExactArgs(1),
+		Use:     "untag NAME:TAG",
+		Short:   "Remove a name; the layer stays until gc finds nothing keeps it",
+		Example: `  cvd layer untag win11:stable`,
+		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			st, err := openStore(g, false)
 			if err != nil {

@@ -173,6 +173,8 @@ func newStoreCheckCommand(g *globalOptions) *cobra.Command {
 	c := &cobra.Command{
 		Use:   "check",
 		Short: "Report inconsistencies between the store's database and its files",
+		Example: `  cvd store check
+  cvd store check --deep --json`,
 		Long: `Check the store: every record's files exist, every file belongs to a record,
 sealed layers are read-only and unchanged since they were sealed (size and
 modification time), every reference names an existing layer, desktop or clone.
@@ -226,9 +228,10 @@ func runStoreCheck(ctx context.Context, g *globalOptions, opts *storeCheckOption
 
 func newStoreInfoCommand(g *globalOptions) *cobra.Command {
 	return &cobra.Command{
-		Use:   "info",
-		Short: "Show the store's directory, what it holds and the space it takes",
-		Args:  cobra.NoArgs,
+		Use:     "info",
+		Short:   "Show the store's directory, what it holds and the space it takes",
+		Example: `  cvd store info --json`,
+		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return runStoreInfo(g, cmd.OutOrStdout())
 		},

@@ -609,7 +609,9 @@ func newVMLsCommand(g *globalOptions, vo *vmOptions) *cobra.Command {
 		Use:     "ls",
 		Aliases: []string{"list"},
 		Short:   "List cvd's domains (running or not) with their clone and desktop",
-		Args:    cobra.NoArgs,
+		Example: `  cvd vm ls
+  cvd vm ls --json`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return runVMLs(cmd.Context(), g, vo, cmd.OutOrStdout())
 		},
