@@ -132,7 +132,10 @@ func (s *Store) importLayer(ctx context.Context, op, path string, opts ImportOpt
 	// Copy into a temporary file of the store, hashing as we go.
 	cs := DigestClusterSize(info)
 	tmp := filepath.Join(s.Path(LayersDir), proc.TempPrefix()+randHex(8)+".qcow2")
-	co := disk.CreateOptions{Size: src.Size(), ClusterSize: cs, AllowedRoots: []string{s.dir}}
+	// Like QEMU, the layer's virtual size is whole 512-byte sectors (a raw file
+	// of 15 bytes makes a layer of 512, and its ID says so).
+	size := (src.Size() + 511) &^ 511
+	co := disk.CreateOptions{Size: size, ClusterSize: cs, AllowedRoots: []string{s.dir}}
 	parentID := ""
 	if parent != nil {
 		parentID = parent.ID
@@ -144,7 +147,7 @@ func (s *Store) importLayer(ctx context.Context, op, path string, opts ImportOpt
 		os.Remove(tmp)
 		return nil, false, fmt.Errorf("%s %s: %w", op, path, err)
 	}
-	l, existed, err := s.commitLayer(tmp, id, parent, kind, src.Size(), cs, stats, abs, opts)
+	l, existed, err := s.commitLayer(tmp, id, parent, kind, size, cs, stats, abs, opts)
 	if err != nil {
 		os.Remove(tmp)
 		return nil, false, fmt.Errorf("%s %s: %w", op, path, err)
@@ -222,10 +225,15 @@ func (s *Store) writeLayer(ctx context.Context, src disk.Image, tmp string, co d
 	if err != nil {
 		return "", LayerStats{}, fmt.Errorf("open %s: %w", filepath.Base(tmp), err)
 	}
-	h := NewIDHasher(parentID, src.Size(), co.ClusterSize)
+	h := NewIDHasher(parentID, dst.Size(), co.ClusterSize)
 	w := &runWriter{dst: dst, cs: int64(co.ClusterSize)}
 	var last time.Time
 	err = WalkLayer(ctx, src, co.ClusterSize, parentID != "", func(idx int64, data []byte) error {
+		// A source whose size is not whole sectors ends in a short cluster:
+		// the layer holds it padded with zeros to its sector, and so is it hashed.
+		if want := min(int64(co.ClusterSize), dst.Size()-idx*int64(co.ClusterSize)); data != nil && int64(len(data)) < want {
+			data = append(data[:len(data):len(data)], make([]byte, want-int64(len(data)))...)
+		}
 		h.AddData(idx, data)
 		if progress != nil && time.Since(last) > 100*time.Millisecond {
 			last = time.Now()

@@ -3,6 +3,7 @@ package images
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -343,6 +344,40 @@ func TestNames(t *testing.T) {
 		if _, _, err := ParseNameTag(bad); !errors.Is(err, ErrInvalid) {
 			t.Errorf("ParseNameTag(%q) = %v", bad, err)
 		}
+	}
+	mustClean(t, s)
+}
+
+// TestImportRawOddSizes: a raw file whose size is not whole sectors becomes a
+// layer of whole sectors (as QEMU rounds it) that verifies clean and reads as
+// the file, zero-padded.
+func TestImportRawOddSizes(t *testing.T) {
+	testutil.NeedQemu(t)
+	s := openStore(t)
+	for _, n := range []int{1, 15, 511, 513, 65535, 65537} {
+		t.Run(fmt.Sprint(n), func(t *testing.T) {
+			p := filepath.Join(t.TempDir(), "odd.raw")
+			b := make([]byte, n)
+			for i := range b {
+				b[i] = byte(i*7 + n)
+			}
+			os.WriteFile(p, b, 0o644)
+			l, _, err := s.Import(context.Background(), p, ImportOptions{Kind: KindBase})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if want := int64((n + 511) &^ 511); l.Size != want {
+				t.Errorf("layer size %d, want %d", l.Size, want)
+			}
+			res, err := s.Verify(context.Background(), l.ID)
+			if err != nil || len(res) != 1 || !res[0].OK {
+				t.Fatalf("verify right after import: %+v %v", res, err)
+			}
+			out, err := testutil.RunErr("qemu-img", "compare", "-f", "raw", "-F", "qcow2", p, s.LayerPath(l.ID))
+			if err != nil {
+				t.Errorf("qemu-img compare: %v\n%s", err, out)
+			}
+		})
 	}
 	mustClean(t, s)
 }
