@@ -48,6 +48,22 @@ func activeLease(tx *catalog.Tx, desktop string) (*Lease, error) {
 	return &l, nil
 }
 
+// CheckNotHeld refuses (a *LeaseError wrapping ErrLeaseHeld, naming the holder)
+// when a device holds an unexpired lease on the desktop in the store: the
+// desktop is out on that device and must not be removed under it.
+func CheckNotHeld(store *images.Store, desktop string, now time.Time) error {
+	var l *Lease
+	err := store.Catalog().View(func(tx *catalog.Tx) error {
+		var err error
+		l, err = activeLease(tx, desktop)
+		return err
+	})
+	if err != nil || l == nil || l.Expired(now) {
+		return err
+	}
+	return leaseHeld(l, ErrLeaseHeld)
+}
+
 // endLease moves the active lease l into the log with its end state.
 func endLease(tx *catalog.Tx, l *Lease, st string, now time.Time) error {
 	l.State, l.Ended = st, now.UTC()

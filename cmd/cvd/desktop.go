@@ -5,8 +5,10 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"time"
 
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/syncd"
 	"github.com/spf13/cobra"
 )
 
@@ -217,7 +219,9 @@ func newDesktopRmCommand(g *globalOptions) *cobra.Command {
   cvd desktop rm alice --with-clones   # its clones too`,
 		Long: `Remove a desktop, its writable tops and its version records. Its layers stay;
 cvd gc removes those that nothing else keeps. A desktop that clones were made
-from is not removed unless --with-clones, which removes those clones too.`,
+from is not removed unless --with-clones, which removes those clones too. A
+desktop that a device holds (checked out, its lease not expired) is not removed:
+check it in, or break its lease first.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			st, err := openStore(g, false)
@@ -225,6 +229,9 @@ from is not removed unless --with-clones, which removes those clones too.`,
 				return err
 			}
 			defer st.Close()
+			if err := syncd.CheckNotHeld(st, args[0], time.Now()); err != nil {
+				return fmt.Errorf("%w: check it in first, or end the lease with cvd device break-lease %s", err, args[0])
+			}
 			d, clones, err := st.RemoveDesktop(args[0], withClones)
 			if err != nil {
 				return err

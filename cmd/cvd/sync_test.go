@@ -390,3 +390,20 @@ func TestSyncLibvirtHooks(t *testing.T) {
 		t.Fatalf("after undefine: %v", err)
 	}
 }
+
+// TestDesktopRmRefusedWhileHeld: a desktop a device holds is not removed, and the
+// refusal names the holder; once the lease is broken it is.
+func TestDesktopRmRefusedWhileHeld(t *testing.T) {
+	bin := buildCvd(t)
+	s := newSyncServer(t)
+	runJSON(t, bin, filepath.Join(t.TempDir(), "lap"), nil, "checkout", "desk", "--server", s.http.URL, "--token", s.token)
+	_, err := cvdIn(t, s.dir, "desktop", "rm", "desk")
+	if !errors.Is(err, syncd.ErrLeaseHeld) || !strings.Contains(err.Error(), "laptop") {
+		t.Fatalf("desktop rm of a checked-out desktop: %v, want a refusal naming device laptop", err)
+	}
+	if _, err := s.store.Desktop("desk"); err != nil {
+		t.Fatalf("the desktop is gone after the refusal: %v", err)
+	}
+	mustCvd(t, s.dir, "device", "break-lease", "desk")
+	mustCvd(t, s.dir, "desktop", "rm", "desk")
+}
