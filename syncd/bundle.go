@@ -82,6 +82,12 @@ func (s *Server) Export(ctx context.Context, desktop, path string, opts ExportOp
 	if err != nil {
 		return nil, err
 	}
+	// The file first: a bundle that cannot be written takes no lease.
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("export %s: %w", desktop, err)
+	}
+	var prev *Lease // the lease as it was, restored if the export fails
 	err = s.st.update(func(tx *catalog.Tx) error {
 		if opts.Device != "" {
 			dev, err := deviceByName(tx, opts.Device)
@@ -90,6 +96,9 @@ func (s *Server) Export(ctx context.Context, desktop, path string, opts ExportOp
 			}
 			if !dev.Bound(desktop) {
 				return fmt.Errorf("%w: device %s, desktop %s", ErrForbidden, dev.Name, desktop)
+			}
+			if prev, err = activeLease(tx, desktop); err != nil {
+				return err
 			}
 			l, _, err := grantLease(tx, desktop, dev, opts.TTL, dv.Head, s.now())
 			if err != nil {
@@ -101,6 +110,18 @@ func (s *Server) Export(ctx context.Context, desktop, path string, opts ExportOp
 		return nil
 	})
 	if err != nil {
+		f.Close()
+		os.Remove(path)
+		return nil, err
+	}
+	fail := func(err error) (*ExportReport, error) {
+		f.Close()
+		os.Remove(path)
+		if h.Lease != nil {
+			if uerr := s.undoLease(h.Lease, prev); uerr != nil {
+				s.log.Error("export failed and its lease could not be undone", "desktop", desktop, "err", uerr)
+			}
+		}
 		return nil, err
 	}
 	if h.Lease != nil {
@@ -109,7 +130,7 @@ func (s *Server) Export(ctx context.Context, desktop, path string, opts ExportOp
 	h.Version = dv.Head
 	m := &Manifest{}
 	if err := s.fillDisks(m, dv); err != nil {
-		return nil, err
+		return fail(err)
 	}
 	h.Disks = m.Disks
 	skip := map[string]bool{}
@@ -127,10 +148,6 @@ func (s *Server) Export(ctx context.Context, desktop, path string, opts ExportOp
 		}
 	}
 	rep := &ExportReport{Header: h, Layers: len(h.Layers)}
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
-	if err != nil {
-		return nil, err
-	}
 	err = func() error {
 		bw := bufio.NewWriterSize(f, 1<<20)
 		xw, err := xz.WriterConfig{DictCap: 8 << 20}.NewWriter(bw)
@@ -142,6 +159,11 @@ func (s *Server) Export(ctx context.Context, desktop, path string, opts ExportOp
 		cw.Write([]byte(bundleMagic))
 		cw.Write(binary.BigEndian.AppendUint32(nil, uint32(len(hb))))
 		cw.Write(hb)
+		if s.failpoint != nil {
+			if err := s.failpoint("export:write"); err != nil {
+				return err
+			}
+		}
 		for _, li := range h.Layers {
 			img, err := disk.Open(s.store.LayerPath(li.ID), disk.OpenOptions{ReadOnly: true, NoBacking: true})
 			if err != nil {
@@ -170,8 +192,7 @@ func (s *Server) Export(ctx context.Context, desktop, path string, opts ExportOp
 		err = err2
 	}
 	if err != nil {
-		os.Remove(path)
-		return nil, noSpace(fmt.Errorf("export %s: %w", desktop, err))
+		return fail(noSpace(fmt.Errorf("export %s: %w", desktop, err)))
 	}
 	if fi, err := os.Stat(path); err == nil {
 		rep.Bytes = fi.Size()
@@ -332,4 +353,30 @@ func skipStream(sr *streamReader) error {
 			return nil
 		}
 	}
+}
+
+// undoLease puts back the lease that an export granted (l) as it was before
+// (prev, nil for none), unless it changed since.
+func (s *Server) undoLease(l, prev *Lease) error {
+	err := s.st.update(func(tx *catalog.Tx) error {
+		cur, err := activeLease(tx, l.Desktop)
+		if err != nil || cur == nil || cur.ID != l.ID || !cur.Expires.Equal(l.Expires) {
+			return err // someone else changed it meanwhile: leave it
+		}
+		if prev != nil {
+			if err := putJSON(tx, bucketLeases, l.Desktop, prev); err != nil {
+				return err
+			}
+			if prev.ID == l.ID {
+				return nil // a renewal, taken back
+			}
+		} else if err := tx.Bucket(bucketLeases).Delete([]byte(l.Desktop)); err != nil {
+			return err
+		}
+		return tx.Bucket(bucketLeaseLog).Delete([]byte(l.ID))
+	})
+	if err == nil {
+		s.markCatalog(l.Desktop)
+	}
+	return err
 }

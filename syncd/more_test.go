@@ -511,3 +511,62 @@ func TestCatalogShowsLease(t *testing.T) {
 		t.Errorf("the released copy is still on the laptop: %v", err)
 	}
 }
+
+// TestFailedExportTakesNoLease: an export that fails takes no lease and renews
+// none: before the lease (the bundle file exists) and after it (a write fails).
+func TestFailedExportTakesNoLease(t *testing.T) {
+	ctx := context.Background()
+	w := newWorld(t, smallSpec())
+	lease := func() *Lease {
+		t.Helper()
+		st, err := w.srv.DesktopStatus(w.desktop)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.Lease
+	}
+	dir := t.TempDir()
+	exists := filepath.Join(dir, "exists.cvdb")
+	os.WriteFile(exists, []byte("keep me"), 0o644)
+	if _, err := w.srv.Export(ctx, w.desktop, exists, ExportOptions{TTL: time.Hour, Device: "laptop1"}); err == nil {
+		t.Fatal("export over an existing file succeeded")
+	}
+	if b, _ := os.ReadFile(exists); string(b) != "keep me" || lease() != nil {
+		t.Fatalf("after a refused export: file %q, lease %+v", b, lease())
+	}
+	boom := errors.New("injected write failure")
+	w.srv.failpoint = func(step string) error {
+		if step == "export:write" {
+			return boom
+		}
+		return nil
+	}
+	bundle := filepath.Join(dir, "desk.cvdb")
+	if _, err := w.srv.Export(ctx, w.desktop, bundle, ExportOptions{TTL: time.Hour, Device: "laptop1"}); !errors.Is(err, boom) {
+		t.Fatalf("export with a failing write: %v", err)
+	}
+	if l := lease(); l != nil {
+		t.Fatalf("a failed export left a lease: %+v", l)
+	}
+	if _, err := os.Stat(bundle); !os.IsNotExist(err) {
+		t.Errorf("a failed export left its file: %v", err)
+	}
+	// A held lease is not renewed by a failed export.
+	w.srv.failpoint = nil
+	if _, err := w.srv.Export(ctx, w.desktop, bundle, ExportOptions{TTL: time.Hour, Device: "laptop1"}); err != nil {
+		t.Fatal(err)
+	}
+	held := lease()
+	w.srv.failpoint = func(step string) error {
+		if step == "export:write" {
+			return boom
+		}
+		return nil
+	}
+	if _, err := w.srv.Export(ctx, w.desktop, filepath.Join(dir, "again.cvdb"), ExportOptions{TTL: 48 * time.Hour, Device: "laptop1"}); !errors.Is(err, boom) {
+		t.Fatalf("second export: %v", err)
+	}
+	if l := lease(); l == nil || l.ID != held.ID || !l.Expires.Equal(held.Expires) {
+		t.Fatalf("a failed export changed the held lease: %+v, was %+v", l, held)
+	}
+}
