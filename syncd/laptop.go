@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/cvd-project/cvd/catalog"
+	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
 )
 
@@ -232,3 +233,47 @@ func PurgeExpired(ctx context.Context, store *images.Store, opts LaptopOptions) 
 }
 
 func (l *Laptop) fetchDir() string { return filepath.Join(l.st.dir, fetchDir) }
+
+// Unsent is what a laptop's writable top holds that no check-in took yet.
+type Unsent struct {
+	Clusters int64 `json:"clusters"` // clusters the top allocates (data or zero)
+	Bytes    int64 `json:"bytes"`    // guest bytes of its data clusters
+}
+
+// Unsent lists, per disk, the changes in the desktop's local tops not checked in
+// yet: the clusters each top allocates itself. It reads the tops' metadata only.
+func (l *Laptop) Unsent(desktop string) (map[string]Unsent, error) {
+	d, err := l.store.Desktop(desktop)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]Unsent{}
+	for _, dn := range diskNames {
+		rel := topRel(d, dn)
+		if rel == "" {
+			continue
+		}
+		img, err := disk.Open(l.store.Path(rel), disk.OpenOptions{ReadOnly: true, NoBacking: true})
+		if err != nil {
+			return nil, fmt.Errorf("desktop %s: %s top: %w", desktop, dn, err)
+		}
+		cs := int64(img.Info().ClusterSize)
+		var u Unsent
+		for win := int64(0); win < img.Size() && err == nil; win += 1 << 30 {
+			var runs []images.ClusterRun
+			runs, err = images.LayerRuns(img, win, min(1<<30, img.Size()-win), cs)
+			for _, r := range runs {
+				u.Clusters += r.Last - r.First + 1
+				if r.Data {
+					u.Bytes += (r.Last - r.First + 1) * cs
+				}
+			}
+		}
+		img.Close()
+		if err != nil {
+			return nil, err
+		}
+		out[dn] = u
+	}
+	return out, nil
+}

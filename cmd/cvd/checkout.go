@@ -168,7 +168,11 @@ func newStatusCommand(g *globalOptions) *cobra.Command {
 				if len(args) == 1 && co.Desktop != args[0] {
 					continue
 				}
-				sel = append(sel, statusOf(co))
+				s := statusOf(co)
+				if s.Unsent, err = lp.Unsent(co.Desktop); err != nil {
+					return err
+				}
+				sel = append(sel, s)
 			}
 			if len(args) == 1 && len(sel) == 0 {
 				return fmt.Errorf("desktop %s: %w", args[0], syncd.ErrNotCheckedOut)
@@ -181,11 +185,19 @@ func newStatusCommand(g *globalOptions) *cobra.Command {
 				return printJSON(out, sel)
 			}
 			tw := newTable(out)
-			fmt.Fprintln(tw, "DESKTOP\tVERSION\tSERVER\tLEASE EXPIRES\tSYSTEM\tUSER\tPENDING")
+			fmt.Fprintln(tw, "DESKTOP\tVERSION\tSERVER\tLEASE EXPIRES\tSYSTEM\tUSER\tNOT CHECKED IN\tPENDING")
 			for _, s := range sel {
-				fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%s\n", s.Desktop, s.Version, s.Server,
+				var n, b int64
+				for _, u := range s.Unsent {
+					n, b = n+u.Clusters, b+u.Bytes
+				}
+				unsent := "nothing"
+				if n > 0 {
+					unsent = fmt.Sprintf("%d clusters (%s)", n, fmtBytes(b))
+				}
+				fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Desktop, s.Version, s.Server,
 					s.Expires.Local().Format(time.RFC3339), images.ShortID(s.Layers[syncd.DiskSystem]),
-					images.ShortID(s.Layers[syncd.DiskUser]), s.Pending)
+					images.ShortID(s.Layers[syncd.DiskUser]), unsent, s.Pending)
 			}
 			return tw.Flush()
 		},
@@ -204,6 +216,8 @@ type statusLine struct {
 	LastCheckin time.Time         `json:"last_checkin,omitzero"`
 	Pending     string            `json:"pending,omitempty"`
 	Offline     bool              `json:"offline,omitempty"`
+	// Unsent is, per disk, what the local tops hold that no check-in took.
+	Unsent map[string]syncd.Unsent `json:"unsent"`
 }
 
 func statusOf(co syncd.Checkout) statusLine {

@@ -407,3 +407,36 @@ func TestDesktopRmRefusedWhileHeld(t *testing.T) {
 	mustCvd(t, s.dir, "device", "break-lease", "desk")
 	mustCvd(t, s.dir, "desktop", "rm", "desk")
 }
+
+// TestStatusShowsUnsent: cvd status shows the changes a laptop holds that no
+// check-in took yet, and none after the check-in.
+func TestStatusShowsUnsent(t *testing.T) {
+	bin := buildCvd(t)
+	s := newSyncServer(t)
+	lap := filepath.Join(t.TempDir(), "lap")
+	runJSON(t, bin, lap, nil, "checkout", "desk", "--server", s.http.URL, "--token", s.token)
+	unsent := func() (n, b int64) {
+		t.Helper()
+		var st []statusLine
+		runJSON(t, bin, lap, &st, "status", "desk")
+		if len(st) != 1 {
+			t.Fatalf("status: %+v", st)
+		}
+		for _, u := range st[0].Unsent {
+			n, b = n+u.Clusters, b+u.Bytes
+		}
+		return n, b
+	}
+	if n, _ := unsent(); n != 0 {
+		t.Fatalf("right after the check-out: %d clusters not checked in", n)
+	}
+	laptopWrite(t, lap, 5) // 48 MiB new, 16 MiB copied, 8 MiB zeroed
+	n, b := unsent()
+	if n != (48+16+8)<<20/65536 || b != (48+16)<<20 {
+		t.Errorf("after writing: %d clusters, %d bytes not checked in; want %d, %d", n, b, (48+16+8)<<20/65536, (48+16)<<20)
+	}
+	runJSON(t, bin, lap, nil, "checkin", "desk")
+	if n, _ := unsent(); n != 0 {
+		t.Errorf("after the check-in: %d clusters not checked in", n)
+	}
+}
