@@ -455,3 +455,54 @@ func (s *Store) RemoveDesktop(name string, withClones bool) (*Desktop, []Clone, 
 	}
 	return d, gone, nil
 }
+
+// PruneVersions removes the desktop's old version records: it keeps the head,
+// the keep newest versions, and the versions in pinned (a version a device's
+// lease stands on, say); a pending switch keeps its own layer. The layers only
+// the removed versions used are then kept by nothing, and gc frees them. It
+// returns the versions removed (none with dryRun, which only says which).
+func (s *Store) PruneVersions(name string, keep int, dryRun bool, pinned ...int) ([]Version, error) {
+	if keep < 0 {
+		return nil, fmt.Errorf("%w: keep %d versions", ErrInvalid, keep)
+	}
+	var gone []Version
+	plan := func(d *Desktop) []Version {
+		ns := make([]int, 0, len(d.Versions))
+		for _, v := range d.Versions {
+			ns = append(ns, v.N)
+		}
+		sort.Sort(sort.Reverse(sort.IntSlice(ns)))
+		stay := map[int]bool{d.Head: true}
+		for i := 0; i < keep && i < len(ns); i++ {
+			stay[ns[i]] = true
+		}
+		for _, n := range pinned {
+			stay[n] = true
+		}
+		var kept, out []Version
+		for _, v := range d.Versions {
+			if stay[v.N] {
+				kept = append(kept, v)
+			} else {
+				out = append(out, v)
+			}
+		}
+		d.Versions = kept
+		return out
+	}
+	if dryRun {
+		d, err := s.Desktop(name)
+		if err != nil {
+			return nil, err
+		}
+		return plan(d), nil
+	}
+	_, err := s.UpdateDesktop(nil, name, func(d *Desktop) error {
+		gone = plan(d)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return gone, nil
+}

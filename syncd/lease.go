@@ -3,6 +3,7 @@ package syncd
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"slices"
 	"time"
@@ -62,6 +63,33 @@ func CheckNotHeld(store *images.Store, desktop string, now time.Time) error {
 		return err
 	}
 	return leaseHeld(l, ErrLeaseHeld)
+}
+
+// PinnedVersions lists the versions of a desktop that sync still stands on: the
+// version an unexpired lease was granted on (its device's check-in starts
+// there), and the base of every check-in being received. A prune keeps them.
+func PinnedVersions(store *images.Store, desktop string, now time.Time) ([]int, error) {
+	var out []int
+	err := store.Catalog().View(func(tx *catalog.Tx) error {
+		l, err := activeLease(tx, desktop)
+		if err != nil {
+			return err
+		}
+		if l != nil && !l.Expired(now) {
+			out = append(out, l.Version)
+		}
+		return tx.Bucket(bucketSessions).ForEach(func(k, v []byte) error {
+			var se Session
+			if err := json.Unmarshal(v, &se); err != nil {
+				return fmt.Errorf("check-in %s: %w", k, err)
+			}
+			if se.Desktop == desktop && se.State == stateReceiving {
+				out = append(out, se.Base)
+			}
+			return nil
+		})
+	})
+	return out, err
 }
 
 // endLease moves the active lease l into the log with its end state.

@@ -440,3 +440,35 @@ func TestStatusShowsUnsent(t *testing.T) {
 		t.Errorf("after the check-in: %d clusters not checked in", n)
 	}
 }
+
+// TestDesktopPrune: prune keeps the head and the version a device's lease
+// stands on, and removes the rest; gc then runs clean.
+func TestDesktopPrune(t *testing.T) {
+	bin := buildCvd(t)
+	s := newSyncServer(t)
+	lap := filepath.Join(t.TempDir(), "lap")
+	runJSON(t, bin, lap, nil, "checkout", "desk", "--server", s.http.URL, "--token", s.token)
+	leased := s.head().N
+	for seed := range 2 {
+		laptopWrite(t, lap, uint64(seed+20))
+		runJSON(t, bin, lap, nil, "checkin", "desk")
+	}
+	head := s.head().N
+	var rep struct {
+		Removed []syncd.Version `json:"removed"`
+	}
+	if err := json.Unmarshal([]byte(mustCvd(t, s.dir, "--json", "desktop", "prune", "desk", "--keep", "0")), &rep); err != nil {
+		t.Fatal(err)
+	}
+	var versions syncd.DesktopVersions
+	json.Unmarshal([]byte(mustCvd(t, s.dir, "--json", "desktop", "versions", "desk")), &versions)
+	var left []int
+	for _, v := range versions.Versions {
+		left = append(left, v.N)
+	}
+	if fmt.Sprint(left) != fmt.Sprint([]int{leased, head}) || len(rep.Removed) != head-2 {
+		t.Fatalf("after prune --keep 0: versions %v (leased %d, head %d), removed %d", left, leased, head, len(rep.Removed))
+	}
+	mustCvd(t, s.dir, "gc")
+	mustCvd(t, s.dir, "store", "check")
+}
