@@ -9,7 +9,8 @@
 # $BENCH/clone (default .cache/bench/clone), wiped at the start.
 #
 # Environment: CVD (the binary; default bin/cvd), N (clones per cvd run; default
-# 1000), QN (qemu-img runs; default 200), DATA (data in the base; default 1G).
+# 1000), QN (qemu-img runs; default 200), DATA (data in the base; default 1G),
+# STORE_CATALOG (the store's catalog: a postgres:// URL; default its SQLite file).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,6 +26,8 @@ command -v qemu-img >/dev/null || { echo "bench-clone: qemu-img missing: run mak
 rm -rf "$W"
 mkdir -p "$W"
 export CVD_STORE="$W/store"
+# STORE_CATALOG: the store's catalog (postgres://…) instead of its own SQLite file.
+[ -z "${STORE_CATALOG:-}" ] || "$CVD" --catalog "$STORE_CATALOG" gc >/dev/null
 
 now() { date +%s.%N; }
 # du in bytes of the files under a directory (space taken, not apparent size)

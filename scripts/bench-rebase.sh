@@ -94,6 +94,8 @@ diffc=$("$CVD" --json disk diff old.qcow2 new.qcow2 | awk -F': ' '/"clusters"/ {
 # ---- recompose of N desktops ------------------------------------------------------
 log "recompose: a store with the base, office:1, office:2 and $N desktops with 4 MiB each"
 export CVD_STORE="$W/store"
+# STORE_CATALOG: the store's catalog (postgres://…) instead of its own SQLite file.
+[ -z "${STORE_CATALOG:-}" ] || "$CVD" --catalog "$STORE_CATALOG" gc >/dev/null
 "$CVD" layer import base.qcow2 --kind base --name os:1 >/dev/null
 "$CVD" layer import old.qcow2 --kind app --parent os:1 --name office:1 >/dev/null
 "$CVD" layer import new.qcow2 --kind app --parent os:1 --name office:2 >/dev/null

@@ -14,7 +14,8 @@
 # only. Works in $BENCH/sync (default .cache/bench/sync), wiped at the start.
 #
 # Environment: CVD (default bin/cvd), BENCH, BENCH_RUNS, DATA_MIB (data in the base,
-# default 512).
+# default 512), STORE_CATALOG (the server store's catalog: a postgres:// URL),
+# NO_RSYNC=1 (cvd's rows only).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -41,6 +42,8 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2
 trap cleanup EXIT
 
 SERVER="$W/server"
+# STORE_CATALOG: the server store's catalog (postgres://…) instead of its SQLite file.
+[ -z "${STORE_CATALOG:-}" ] || "$CVD" --store "$SERVER" --catalog "$STORE_CATALOG" gc >/dev/null
 LAPTOP="$W/laptop"
 GiB=$((1 << 30))
 MiB=$((1 << 20))
@@ -99,8 +102,10 @@ c_s="" c_up="" c_b="" r_s="" r_b="" q_s="" q_b="" c_all="" q_all=""
 for ((round = 0; round < RUNS; round++)); do
   log "round $((round + 1))/$RUNS: the server's copies (raw, qcow2) of the laptop's disk before the changes"
   rm -f rsync-srv/disk.raw rsync-srv/disk.qcow2 after.raw after.qcow2
+  if [ "${NO_RSYNC:-}" != 1 ]; then
   [ "$round" -gt 0 ] || qemu-img convert -O raw "$top" rsync-srv/disk.raw
   qemu-img convert -O qcow2 "$top" rsync-srv/disk.qcow2
+  fi
 
   log "round $((round + 1)): 64 MiB of new data, 64 writes of 1 MiB scattered over the 16 GiB"
   head -c 64M /dev/urandom > new.bin
@@ -117,8 +122,10 @@ PY
     i=$((i + 1))
   done < offsets
   rm -f chunk.bin new.bin
+  if [ "${NO_RSYNC:-}" != 1 ]; then
   [ "$round" -gt 0 ] || qemu-img convert -O raw "$top" after.raw
   qemu-img convert -O qcow2 "$top" after.qcow2
+  fi
   sync
 
   log "round $((round + 1)): cvd checkin"
@@ -131,6 +138,7 @@ PY
   c_all="$c_all $(printf '%.3f' "$s")"
   [ "$(json checkin.json '["sent_clusters"]')" = 1024 ] || { echo "bench-sync: the check-in sent $(json checkin.json '["sent_clusters"]') clusters" >&2; exit 1; }
 
+  [ "${NO_RSYNC:-}" != 1 ] || continue
   # The raw image is 16 GiB to read on both sides: its rsync runs in one round.
   if [ "$round" -eq 0 ]; then
   log "round $((round + 1)): rsync of the raw image"
@@ -167,8 +175,10 @@ echo "sync: check-in of a 16 GiB disk with 64 MiB changed (64 x 1 MiB random), l
   row() { printf '%-44s %10.3f %14d %12.0f %10s %10s\n' "$1" "$2" "$3" "$(calc "$changed / $2 / 1000000")" "$4" "$5"; }
   row "cvd checkin (whole command)" "$c_s" "$c_b" "1.00" "1.00"
   row "cvd checkin: transfer and commit only" "$c_up" "$c_b" "-" "-"
+  if [ "${NO_RSYNC:-}" != 1 ]; then
   row "rsync --inplace --no-whole-file, raw 16 GiB" "$r_s" "$r_b" "$(calc "$r_s / $c_s")" "$(calc "$r_b / $c_b")"
   row "rsync --inplace --no-whole-file, qcow2" "$q_s" "$q_b" "$(calc "$q_s / $c_s")" "$(calc "$q_b / $c_b")"
+  fi
   echo "(time x, bytes x: rsync's over cvd's; above 1 means cvd is faster / moves less)"
   echo "every round, seconds: cvd checkin$c_all; rsync of the qcow2 image$q_all"
   printf 'check-out of the desktop to an empty laptop: %.3f s, %d bytes on the wire for %d bytes of clusters\n' "$co_s" "$co_bytes" "$co_data"

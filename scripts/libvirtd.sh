@@ -9,7 +9,7 @@
 # Connect with  qemu:///system?socket=DIR/run/libvirt/libvirt-sock  (virsh -c, or
 # hypervisor.Connect). Must run as root.
 #
-# How (see ../shared/notes/ENVIRONMENT.md): libvirtd runs in its own mount namespace
+# How: libvirtd runs in its own mount namespace
 # (unshare -m --propagation private) where private directories under DIR are bound over
 # /etc/libvirt, /run/libvirt, /var/lib/libvirt, /var/log/libvirt and /var/cache/libvirt,
 # so the host's /etc and /run stay untouched and several instances can run side by side.
