@@ -6,11 +6,43 @@ import (
 	"fmt"
 	"os"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/disk"
 )
+
+// VersionKind says how a version was made.
+type VersionKind string
+
+// Version kinds.
+const (
+	VersionCreate    VersionKind = "create"    // the desktop's first version
+	VersionSeal      VersionKind = "seal"      // the server's tops sealed (check-out, export, changes found at a check-in)
+	VersionCheckin   VersionKind = "check-in"  // a device's check-in that moved the head
+	VersionConflict  VersionKind = "conflict"  // a check-in kept beside the head
+	VersionRollback  VersionKind = "rollback"  // the head moved back to an earlier version's layers
+	VersionRecompose VersionKind = "recompose" // the desktop moved onto new base or app layers
+	VersionSquash    VersionKind = "squash"    // a version whose layers a squash merged
+	VersionImport    VersionKind = "import"    // a copy's version taken from a server or a bundle
+)
+
+// kindFromNote gives the kind of a version recorded before versions carried one.
+func kindFromNote(note string) VersionKind {
+	for _, k := range []VersionKind{VersionCreate, VersionCheckin, VersionConflict, VersionRollback, VersionRecompose, VersionSquash, VersionImport} {
+		if strings.HasPrefix(note, string(k)) {
+			return k
+		}
+	}
+	switch {
+	case strings.HasPrefix(note, "check-out") && !strings.Contains(note, "seal"):
+		return VersionImport
+	case strings.Contains(note, "seal"), strings.Contains(note, "server changes"):
+		return VersionSeal
+	}
+	return ""
+}
 
 // Version is one state of a desktop: the sealed layers its disks stand on.
 type Version struct {
@@ -18,7 +50,12 @@ type Version struct {
 	Created time.Time `json:"created"`
 	System  string    `json:"system"`         // layer the system disk stands on (top of base → apps)
 	User    string    `json:"user,omitempty"` // layer the user disk stands on; "" for a blank user disk
-	Note    string    `json:"note,omitempty"` // "create", later "check-in", "recompose", ...
+	// Kind says how the version was made; Checkin is the ID of the check-in that
+	// made it (check-in and conflict versions), so a commit retried after the
+	// catalog took it finds it.
+	Kind    VersionKind `json:"kind,omitempty"`
+	Checkin string      `json:"checkin,omitempty"`
+	Note    string      `json:"note,omitempty"` // free text: "check-out seal from 2", "recompose (keep)", ...
 	// From is the version this one was made from (a check-in's starting point).
 	From int `json:"from,omitempty"`
 	// Conflict marks a check-in that did not start from the head: it is kept
@@ -117,7 +154,7 @@ func (s *Store) CreateDesktop(ctx context.Context, name string, spec DesktopSpec
 	if spec.Base == "" && len(spec.Apps) == 0 {
 		return nil, fmt.Errorf("%w: a desktop needs a base layer", ErrInvalid)
 	}
-	v := Version{N: 1, Created: s.now().UTC().Truncate(time.Second), Note: "create"}
+	v := Version{N: 1, Created: s.now().UTC().Truncate(time.Second), Kind: VersionCreate, Note: "create"}
 	err := s.db.View(func(tx *catalog.Tx) error {
 		if tx.Bucket(bucketDesktops).Get([]byte(name)) != nil {
 			return fmt.Errorf("desktop %s: %w", name, ErrExists)
@@ -365,6 +402,7 @@ func (s *Store) Desktops() ([]Desktop, error) {
 			if _, err := getJSON(tx.Bucket(bucketDesktops), string(k), &d); err != nil {
 				return err
 			}
+			d.fillKinds()
 			out = append(out, d)
 			return nil
 		})
@@ -393,7 +431,17 @@ func getDesktop(tx *catalog.Tx, name string) (*Desktop, error) {
 	if !ok {
 		return nil, fmt.Errorf("desktop %s: %w", name, ErrNotFound)
 	}
+	d.fillKinds()
 	return &d, nil
+}
+
+// fillKinds gives the versions recorded before versions carried a kind theirs.
+func (d *Desktop) fillKinds() {
+	for i := range d.Versions {
+		if d.Versions[i].Kind == "" {
+			d.Versions[i].Kind = kindFromNote(d.Versions[i].Note)
+		}
+	}
 }
 
 // RemoveDesktop removes a desktop, its tops and its version records (the layers

@@ -620,7 +620,7 @@ func apply(ctx context.Context, st *images.Store, pl *planner, p *DesktopPlan, p
 			n = max(n, v.N)
 		}
 		x.Versions = append(x.Versions, images.Version{N: n + 1, Created: time.Now().UTC().Truncate(time.Second),
-			System: b.system, User: h.User, Note: "recompose (" + string(policy) + ")"})
+			System: b.system, User: h.User, Kind: images.VersionRecompose, Note: "recompose (" + string(policy) + ")"})
 		x.Head = n + 1
 		return nil
 	})

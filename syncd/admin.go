@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/cvd-project/cvd/catalog"
+	"github.com/cvd-project/cvd/images"
 )
 
 // The administrator's operations on the server's store. The CLI calls them on the
@@ -117,7 +118,7 @@ func (s *Server) Rollback(ctx context.Context, desktop string, to int) (*Version
 		return nil, fmt.Errorf("desktop %s: version %d: %w", desktop, to, ErrNotFound)
 	}
 	nv := Version{Created: s.now().UTC().Truncate(time.Second), System: target.System, User: target.User,
-		Note: fmt.Sprintf("rollback to %d", to), From: dv.Head}
+		Kind: images.VersionRollback, Note: fmt.Sprintf("rollback to %d", to), From: dv.Head}
 	dv, v, err := addVersion(s.store, desktop, nv, true)
 	if err != nil {
 		return nil, err

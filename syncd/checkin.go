@@ -465,10 +465,13 @@ func readMissingClusters(ctx context.Context, imgs map[byte]disk.Image, sizes ma
 // removed again and the tops are as they were, for a rerun. A top the scan listed
 // and that has not changed since is not read again: its list gives the ID.
 func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, res *CheckinResult, changes []diskChanges) error {
-	v := Version{N: res.Version, Created: l.now().UTC().Truncate(time.Second), Note: "check-in", Conflict: res.Conflict,
-		System: co.Layers[DiskSystem], User: co.Layers[DiskUser]}
+	v := Version{N: res.Version, Created: l.now().UTC().Truncate(time.Second), Kind: images.VersionCheckin, Note: "check-in",
+		Conflict: res.Conflict, System: co.Layers[DiskSystem], User: co.Layers[DiskUser]}
+	if co.Pending != nil {
+		v.Checkin = co.Pending.ID
+	}
 	if res.Conflict {
-		v.Note = "conflict"
+		v.Kind, v.Note = images.VersionConflict, "conflict"
 	}
 	move := map[string]string{}       // disk → layer its top moves onto
 	var made []string                 // layers adopted by this run

@@ -226,7 +226,7 @@ func (l *Laptop) setupDesktop(ctx context.Context, co *Checkout) error {
 	}
 	_, hasUser := co.Layers[DiskUser]
 	v := Version{N: co.Version, Created: l.now().UTC().Truncate(time.Second), System: sys, User: co.Layers[DiskUser],
-		Note: "check-out"}
+		Kind: images.VersionImport, Note: "check-out"}
 	if co.Offline {
 		v.Note = "import"
 	}

@@ -455,6 +455,10 @@ func TestMigrateVersionsIntoCatalog(t *testing.T) {
 	if vs.Head != 2 || len(vs.Versions) != 2 || vs.Versions[1].Device != "old-laptop" {
 		t.Fatalf("after migration: %+v", vs)
 	}
+	// Versions recorded before kinds existed get theirs from the note.
+	if vs.Versions[0].Kind != images.VersionCreate || vs.Versions[1].Kind != images.VersionCheckin {
+		t.Errorf("kinds of legacy versions: %q, %q", vs.Versions[0].Kind, vs.Versions[1].Kind)
+	}
 	w.srv.st.view(func(tx *catalog.Tx) error {
 		if tx.Bucket(bucketVersions).Get([]byte(w.desktop)) != nil {
 			t.Error("the legacy entry is still there")
@@ -568,5 +572,53 @@ func TestFailedExportTakesNoLease(t *testing.T) {
 	}
 	if l := lease(); l == nil || l.ID != held.ID || !l.Expires.Equal(held.Expires) {
 		t.Fatalf("a failed export changed the held lease: %+v, was %+v", l, held)
+	}
+}
+
+// TestVersionKinds: each version says how it was made, and a check-in's version
+// carries the check-in's ID (the laptop's mirror too).
+func TestVersionKinds(t *testing.T) {
+	ctx := context.Background()
+	w := newWorld(t, smallSpec())
+	lap := newLaptop(t, "laptop")
+	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	writeTop(t, lap, w.desktop, DiskSystem, []write{{off: 0, data: fill(9, 1*MiB, false)}})
+	if _, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	_, head := w.head()
+	if head.Kind != images.VersionCheckin || len(head.Checkin) < 12 || !strings.HasSuffix(head.Note, head.Checkin[:12]) {
+		t.Fatalf("check-in version: %+v", head)
+	}
+	ld, _ := lap.store.Desktop(w.desktop)
+	if lv := ld.HeadVersion(); lv.Kind != images.VersionCheckin || lv.Checkin != head.Checkin {
+		t.Errorf("the laptop's mirror: %+v", lv)
+	}
+	if _, err := w.srv.Rollback(ctx, w.desktop, 1); err != nil {
+		t.Fatal(err)
+	}
+	if _, v := w.head(); v.Kind != images.VersionRollback {
+		t.Errorf("rollback version: %+v", v)
+	}
+	// The laptop's next check-in no longer starts from the head: a conflict.
+	writeTop(t, lap, w.desktop, DiskSystem, []write{{off: 2 * MiB, data: fill(10, 1*MiB, false)}})
+	rep, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, _ := w.srv.DesktopStatus(w.desktop)
+	var cv *Version
+	for i := range st.Versions {
+		if st.Versions[i].N == rep.Version {
+			cv = &st.Versions[i]
+		}
+	}
+	if cv == nil || cv.Kind != images.VersionConflict || !cv.Conflict || cv.Checkin == "" {
+		t.Errorf("conflict version: %+v (report %+v)", cv, rep)
+	}
+	if first := st.Versions[0]; first.Kind != images.VersionCreate {
+		t.Errorf("first version: %+v", first)
 	}
 }

@@ -95,9 +95,10 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*Checkin
 		conflict = true
 	}
 	nv := Version{Created: s.now().UTC().Truncate(time.Second), From: se.Base,
-		Conflict: conflict, Device: dev.Name, Bytes: se.Received, Note: checkinNote("check-in", se.ID)}
+		Conflict: conflict, Device: dev.Name, Bytes: se.Received,
+		Kind: images.VersionCheckin, Checkin: se.ID, Note: checkinNote(images.VersionCheckin, se.ID)}
 	if conflict {
-		nv.Note = checkinNote("conflict", se.ID)
+		nv.Kind, nv.Note = images.VersionConflict, checkinNote(images.VersionConflict, se.ID)
 	}
 	if base := dv.Version(se.Base); base != nil {
 		nv.System, nv.User = base.System, base.User

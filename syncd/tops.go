@@ -156,7 +156,7 @@ func (s *Server) sealServerTops(ctx context.Context, name, note string) (int, er
 	}
 	head := *dv.HeadVersion()
 	nv := Version{Created: s.now().UTC().Truncate(time.Second), System: head.System, User: head.User,
-		Note: note, From: head.N}
+		Kind: images.VersionSeal, Note: note, From: head.N}
 	if d, err := s.store.Desktop(name); err != nil {
 		return 0, err
 	} else if err := topsNotInUse(s.store, d); err != nil {

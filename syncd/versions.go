@@ -78,7 +78,9 @@ func addVersion(store *images.Store, name string, v Version, setHead bool) (*Des
 	d, err := store.UpdateDesktop(nil, name, func(d *images.Desktop) error {
 		if setHead && v.From != 0 && d.Head != v.From {
 			setHead, v.Conflict = false, true
-			v.Note = strings.Replace(v.Note, "check-in ", "conflict ", 1)
+			if v.Kind == images.VersionCheckin {
+				v.Kind, v.Note = images.VersionConflict, checkinNote(images.VersionConflict, v.Checkin)
+			}
 		}
 		v.N = nextVersion(d.Versions)
 		d.Versions = append(d.Versions, v)
@@ -94,16 +96,19 @@ func addVersion(store *images.Store, name string, v Version, setHead bool) (*Des
 	return versionsOf(d), &added, nil
 }
 
-// checkinNote names a check-in in its version's note, so that a commit cut after
-// the catalog took the version finds it.
-func checkinNote(kind, id string) string { return kind + " " + id[:12] }
+// checkinNote is a check-in version's note: its kind and the check-in's short ID.
+func checkinNote(kind images.VersionKind, id string) string { return string(kind) + " " + id[:12] }
 
-// checkinVersion finds the version a check-in made.
+// checkinVersion finds the version a check-in made (by its Checkin ID; versions
+// of releases that kept the ID only in the note are found by the note).
 func (d *DesktopVersions) checkinVersion(id string) *Version {
 	for i := range d.Versions {
-		n := d.Versions[i].Note
-		if n == checkinNote("check-in", id) || n == checkinNote("conflict", id) {
-			return &d.Versions[i]
+		v := &d.Versions[i]
+		if v.Checkin == id {
+			return v
+		}
+		if v.Checkin == "" && (v.Note == checkinNote(images.VersionCheckin, id) || v.Note == checkinNote(images.VersionConflict, id)) {
+			return v
 		}
 	}
 	return nil
