@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/cvd-project/cvd/internal/fsutil"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -200,7 +201,7 @@ func Create(ctx context.Context, st *images.Store, source string, opts Options) 
 			return fail(err)
 		}
 	}
-	if err := syncDir(dir); err != nil {
+	if err := fsutil.Sync(dir); err != nil {
 		return fail(err)
 	}
 	if err := st.CommitClones(p, recs); err != nil {
@@ -243,7 +244,7 @@ func writeClone(st *images.Store, rec *images.Clone, id Identity, sysT, userT *T
 			return fmt.Errorf("clone %s: %w", rec.Name, err)
 		}
 		if fsync {
-			if err := syncFile(p); err != nil {
+			if err := fsutil.Sync(p); err != nil {
 				return err
 			}
 		}
@@ -266,20 +267,6 @@ func syncFS(dir string) error {
 		return fmt.Errorf("syncfs %s: %w", dir, err)
 	}
 	return nil
-}
-
-func syncDir(dir string) error { return syncFile(dir) }
-
-func syncFile(p string) error {
-	f, err := os.Open(p)
-	if err != nil {
-		return err
-	}
-	err = f.Sync()
-	if err2 := f.Close(); err == nil {
-		err = err2
-	}
-	return err
 }
 
 // shmDir is where seed images are staged when it is a writable directory.

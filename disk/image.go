@@ -1,6 +1,8 @@
 package disk
 
 import (
+	"errors"
+	"fmt"
 	"io"
 )
 
@@ -161,4 +163,20 @@ func Layers(img Image) []Image {
 		out = append(out, l)
 	}
 	return out
+}
+
+// ReadView fills p with the guest view of img at off: zeros past the end of the
+// disk, or everywhere when img is nil (a chain that does not exist reads as
+// zeros).
+func ReadView(img Image, p []byte, off int64) error {
+	if img == nil || off >= img.Size() {
+		clear(p)
+		return nil
+	}
+	n := min(int64(len(p)), img.Size()-off)
+	if _, err := img.ReadAt(p[:n], off); err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("read %s at %d: %w", img.Info().Path, off, err)
+	}
+	clear(p[n:])
+	return nil
 }

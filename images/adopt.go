@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/cvd-project/cvd/internal/fsutil"
 	"io"
 	"iter"
 	"os"
@@ -147,7 +148,7 @@ func (s *Store) Adopt(ctx context.Context, path string, opts AdoptOptions) (*Lay
 			if err := os.Chmod(final, 0o444); err != nil {
 				return err
 			}
-			return syncFile(final)
+			return fsutil.Sync(final)
 		},
 		func() {})
 	if err != nil {

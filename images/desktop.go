@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/cvd-project/cvd/internal/fsutil"
 	"os"
 	"sort"
 	"strings"
@@ -234,7 +235,7 @@ func (s *Store) CreateDesktop(ctx context.Context, name string, spec DesktopSpec
 			return fail(err)
 		}
 	}
-	if err := syncDir(s.Path(DesktopsDir)); err != nil {
+	if err := fsutil.Sync(s.Path(DesktopsDir)); err != nil {
 		return fail(err)
 	}
 	err = p.commit(func(tx *catalog.Tx) error {

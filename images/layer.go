@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"github.com/cvd-project/cvd/internal/fsutil"
 	"os"
 	"path/filepath"
 	"sort"
@@ -259,7 +260,7 @@ func (s *Store) writeLayer(ctx context.Context, src disk.Image, tmp string, co d
 	if err := os.Chmod(tmp, 0o444); err != nil {
 		return "", LayerStats{}, err
 	}
-	if err := syncFile(tmp); err != nil {
+	if err := fsutil.Sync(tmp); err != nil {
 		return "", LayerStats{}, err
 	}
 	return h.Sum(), h.Stats(), nil
@@ -309,7 +310,7 @@ func (s *Store) commitLayerWith(id string, parent *Layer, kind Kind, size int64,
 		p.Abort()
 		return nil, false, err
 	}
-	if err := syncDir(filepath.Dir(final)); err != nil {
+	if err := fsutil.Sync(filepath.Dir(final)); err != nil {
 		p.Abort()
 		return nil, false, err
 	}
@@ -458,18 +459,6 @@ func (w *runWriter) flush() error {
 		return err
 	}
 	return w.flushZero()
-}
-
-func syncFile(path string) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	err = f.Sync()
-	if err2 := f.Close(); err == nil {
-		err = err2
-	}
-	return err
 }
 
 func randHex(n int) string {

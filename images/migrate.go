@@ -3,6 +3,7 @@ package images
 import (
 	"errors"
 	"fmt"
+	"github.com/cvd-project/cvd/internal/fsutil"
 	"os"
 	"time"
 
@@ -102,5 +103,5 @@ func (s *Store) migrateBolt() error {
 			return fmt.Errorf("migrate: keep %s: %w", rel, err)
 		}
 	}
-	return syncDir(s.dir)
+	return fsutil.Sync(s.dir)
 }

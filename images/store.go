@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/cvd-project/cvd/internal/fsutil"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -254,7 +255,7 @@ func writeFileSync(path string, v any) error {
 		err = os.Rename(tmp, path)
 	}
 	if err == nil {
-		err = syncDir(filepath.Dir(path))
+		err = fsutil.Sync(filepath.Dir(path))
 	}
 	return err
 }
@@ -423,7 +424,7 @@ func (s *Store) removeFiles(files []string) error {
 		dirs[filepath.Dir(p)] = true
 	}
 	for d := range dirs {
-		if err := syncDir(d); err != nil && first == nil {
+		if err := fsutil.Sync(d); err != nil && first == nil {
 			first = err
 		}
 	}
@@ -539,18 +540,6 @@ func pathJoin(dir, name string) string {
 		return name
 	}
 	return dir + "/" + name
-}
-
-func syncDir(dir string) error {
-	f, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = f.Sync()
-	if err2 := f.Close(); err == nil {
-		err = err2
-	}
-	return err
 }
 
 // getJSON decodes the value at key of bucket b into v; it reports false when absent.

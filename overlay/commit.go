@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/cvd-project/cvd/internal/fsutil"
 	"github.com/cvd-project/cvd/internal/proc"
 	"os"
 	"path/filepath"
@@ -128,7 +129,7 @@ func Commit(ctx context.Context, top string, opts CommitOptions) (rep *CommitRep
 		}
 		rep.NewLayer = out
 		tmp = tempName(out)
-		dest, err = createTemp(tmp, disk.CreateOptions{Size: t.Size(), ClusterSize: t.Info().ClusterSize,
+		dest, err = CreateTemp(tmp, disk.CreateOptions{Size: t.Size(), ClusterSize: t.Info().ClusterSize,
 			BackingFile: ti.Path, BackingFormat: ti.Format, AllowedRoots: roots})
 		if err != nil {
 			return nil, fmt.Errorf("commit %s: new layer: %w", top, err)
@@ -265,25 +266,13 @@ func renameSynced(from, to string) error {
 	if err := os.Rename(from, to); err != nil {
 		return err
 	}
-	return syncDir(filepath.Dir(to))
+	return fsutil.Sync(filepath.Dir(to))
 }
 
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
-		err = cerr
-	}
-	return err
-}
-
-// createTemp creates a qcow2 file that is renamed into place (or thrown away)
+// CreateTemp creates a qcow2 file that is renamed into place (or thrown away)
 // after it is complete, and opens it without write barriers: a crash leaves only
 // a temporary file to delete.
-func createTemp(path string, co disk.CreateOptions) (disk.Image, error) {
+func CreateTemp(path string, co disk.CreateOptions) (disk.Image, error) {
 	if err := disk.CreateFile(path, co); err != nil {
 		return nil, err
 	}
@@ -293,4 +282,54 @@ func createTemp(path string, co disk.CreateOptions) (disk.Image, error) {
 		return nil, err
 	}
 	return img, nil
+}
+
+// CopyExtents copies into dst what the layers own allocate, as the guest sees it
+// through view: data as data, ranges that read as zeros as zero clusters. Partial
+// clusters of dst take the rest from dst's backing chain (copy-on-write). It
+// returns the data bytes written.
+func CopyExtents(ctx context.Context, view disk.Image, own []disk.Image, dst disk.Image) (int64, error) {
+	var s RangeSet
+	for _, l := range own {
+		exts, err := l.MapLayer(0, min(l.Size(), dst.Size()))
+		if err != nil {
+			return 0, fmt.Errorf("map %s: %w", l.Info().Path, err)
+		}
+		for _, e := range exts {
+			if e.State != disk.Unallocated {
+				s.Add(e.Off, e.Len)
+			}
+		}
+	}
+	s = s.Normalize()
+	w := &runWriter{img: dst, direct: true} // dst is a temporary file
+	buf := make([]byte, chunkSize)
+	var written int64
+	for _, r := range s {
+		for off := r.Off; off < r.End(); {
+			if err := ctx.Err(); err != nil {
+				return written, err
+			}
+			n := min(int64(len(buf)), r.End()-off)
+			b := buf[:n]
+			if err := disk.ReadView(view, b, off); err != nil {
+				return written, err
+			}
+			var err error
+			if isZero(b) {
+				err = w.add(Range{off, n}, nil)
+			} else {
+				err = w.add(Range{off, n}, b)
+				written += n
+			}
+			if err != nil {
+				return written, err
+			}
+			off += n
+		}
+	}
+	if err := w.flush(); err != nil {
+		return written, err
+	}
+	return written, dst.Flush()
 }

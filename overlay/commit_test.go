@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"github.com/cvd-project/cvd/internal/labtest"
 	"os"
 	"path/filepath"
 	"testing"
@@ -20,10 +21,10 @@ func countDiffering(t testing.TB, a, b disk.Image, size, g int64) int64 {
 	var n int64
 	for off := int64(0); off < size; off += g {
 		k := min(g, size-off)
-		if err := readView(a, ba[:k], off); err != nil {
+		if err := disk.ReadView(a, ba[:k], off); err != nil {
 			t.Fatal(err)
 		}
-		if err := readView(b, bb[:k], off); err != nil {
+		if err := disk.ReadView(b, bb[:k], off); err != nil {
 			t.Fatal(err)
 		}
 		if !bytes.Equal(ba[:k], bb[:k]) {
@@ -36,20 +37,20 @@ func countDiffering(t testing.TB, a, b disk.Image, size, g int64) int64 {
 func TestCommitRandom(t *testing.T) {
 	testutil.NeedQemu(t)
 	shrinkPipeline(t)
-	s := seed(t)
+	s := labtest.Seed(t)
 	ctx := context.Background()
 	for it := range 16 {
 		t.Run(fmt.Sprint(it), func(t *testing.T) {
-			l := newLab(t, s+uint64(it))
-			nodes := randomTree(l, 3+l.rng.IntN(6))
-			top := l.create("top", nodes[l.rng.IntN(len(nodes))], 0, []int{64 << 10, 16 << 10}[l.rng.IntN(2)])
-			l.scribble(top, 1+l.rng.IntN(15))
+			l := labtest.New(t, s+uint64(it))
+			nodes := randomTree(l, 3+l.Rng.IntN(6))
+			top := l.Create("top", nodes[l.Rng.IntN(len(nodes))], 0, []int{64 << 10, 16 << 10}[l.Rng.IntN(2)])
+			l.Scribble(top, 1+l.Rng.IntN(15))
 
-			ti := l.open(top, true)
+			ti := l.Open(top, true)
 			layers := disk.Layers(ti)
-			k := 1 + l.rng.IntN(len(layers)-1)
+			k := 1 + l.Rng.IntN(len(layers)-1)
 			target := layers[k].Info().Path
-			sealed := l.rng.IntN(2) == 0
+			sealed := l.Rng.IntN(2) == 0
 			if sealed {
 				if err := os.Chmod(target, 0o444); err != nil {
 					t.Fatal(err)
@@ -64,11 +65,11 @@ func TestCommitRandom(t *testing.T) {
 				want = countDiffering(t, ti, layers[k], ti.Size(), g)
 			}
 			ti.Close()
-			flat := flatCopy(t, top)
-			before := sums(t, l.dir)
+			flat := labtest.FlatCopy(t, top)
+			before := sums(t, l.Dir)
 
-			out := filepath.Join(l.dir, "committed.qcow2")
-			rep, err := Commit(ctx, top, CommitOptions{Into: target, Output: out, AllowedRoots: []string{l.dir}})
+			out := filepath.Join(l.Dir, "committed.qcow2")
+			rep, err := Commit(ctx, top, CommitOptions{Into: target, Output: out, AllowedRoots: []string{l.Dir}})
 			if !sealed && layers[k].Size() < layers[0].Size() {
 				if err == nil {
 					t.Fatal("commit into a smaller writable target succeeded")
@@ -88,14 +89,14 @@ func TestCommitRandom(t *testing.T) {
 			if !testutil.QemuCompare(t, top, flat) {
 				t.Fatal("the guest view of the top changed")
 			}
-			after := sums(t, l.dir)
+			after := sums(t, l.Dir)
 			for name, sum := range before {
 				changedOK := name == filepath.Base(top) || (!sealed && name == filepath.Base(target))
 				if !changedOK && after[name] != sum {
 					t.Errorf("%s changed", name)
 				}
 			}
-			img := l.open(top, true)
+			img := l.Open(top, true)
 			exts, err := img.MapLayer(0, img.Size())
 			if err != nil {
 				t.Fatal(err)
@@ -116,10 +117,10 @@ func TestCommitRandom(t *testing.T) {
 
 func TestFlatten(t *testing.T) {
 	testutil.NeedQemu(t)
-	s := seed(t)
-	l := newLab(t, s)
+	s := labtest.Seed(t)
+	l := labtest.New(t, s)
 	nodes := randomTree(l, 6)
-	src := l.open(nodes[len(nodes)-1], true)
+	src := l.Open(nodes[len(nodes)-1], true)
 	for _, tc := range []struct {
 		name string
 		opts disk.ConvertOptions
@@ -130,7 +131,7 @@ func TestFlatten(t *testing.T) {
 		{"deflate", disk.ConvertOptions{Compress: "deflate"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			out := filepath.Join(l.dir, "flat-"+tc.name)
+			out := filepath.Join(l.Dir, "flat-"+tc.name)
 			rep, err := Flatten(context.Background(), src, out, tc.opts)
 			if err != nil {
 				t.Fatal(err)

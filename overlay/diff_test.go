@@ -3,6 +3,7 @@ package overlay
 import (
 	"context"
 	"fmt"
+	"github.com/cvd-project/cvd/internal/labtest"
 	"path/filepath"
 	"slices"
 	"testing"
@@ -20,16 +21,16 @@ func shrinkPipeline(t testing.TB) {
 
 // randomTree makes a tree of images: bases with random content and overlays on
 // random earlier images, some with other virtual sizes or cluster sizes.
-func randomTree(l *lab, n int) []string {
-	l.t.Helper()
-	r := l.rng
+func randomTree(l *labtest.Lab, n int) []string {
+	l.T.Helper()
+	r := l.Rng
 	sizes := []int64{3 << 20, 4 << 20, 4<<20 + 512*int64(1+r.IntN(100))}
 	css := []int{64 << 10, 64 << 10, 64 << 10, 16 << 10, 4 << 10}
 	var nodes []string
 	for i := range n {
 		if i == 0 || r.IntN(8) == 0 {
-			p := l.create("base", "", sizes[r.IntN(len(sizes))], css[r.IntN(len(css))])
-			l.scribble(p, 5+r.IntN(20))
+			p := l.Create("base", "", sizes[r.IntN(len(sizes))], css[r.IntN(len(css))])
+			l.Scribble(p, 5+r.IntN(20))
 			nodes = append(nodes, p)
 			continue
 		}
@@ -38,9 +39,9 @@ func randomTree(l *lab, n int) []string {
 		if r.IntN(5) == 0 {
 			size = sizes[r.IntN(len(sizes))]
 		}
-		p := l.create(fmt.Sprintf("ov%d", i), parent, size, css[r.IntN(len(css))])
+		p := l.Create(fmt.Sprintf("ov%d", i), parent, size, css[r.IntN(len(css))])
 		if r.IntN(6) > 0 {
-			l.scribble(p, r.IntN(15))
+			l.Scribble(p, r.IntN(15))
 		}
 		nodes = append(nodes, p)
 	}
@@ -50,14 +51,14 @@ func randomTree(l *lab, n int) []string {
 func TestDiffRandomAgainstBruteForce(t *testing.T) {
 	testutil.NeedQemu(t)
 	shrinkPipeline(t)
-	s := seed(t)
+	s := labtest.Seed(t)
 	for it := range 20 {
 		t.Run(fmt.Sprint(it), func(t *testing.T) {
-			l := newLab(t, s+uint64(it))
-			nodes := randomTree(l, 3+l.rng.IntN(8))
+			l := labtest.New(t, s+uint64(it))
+			nodes := randomTree(l, 3+l.Rng.IntN(8))
 			for range 4 {
-				pa, pb := nodes[l.rng.IntN(len(nodes))], nodes[l.rng.IntN(len(nodes))]
-				a, b := l.open(pa, true), l.open(pb, true)
+				pa, pb := nodes[l.Rng.IntN(len(nodes))], nodes[l.Rng.IntN(len(nodes))]
+				a, b := l.Open(pa, true), l.Open(pb, true)
 				rep, err := DiffStats(context.Background(), a, b)
 				if err != nil {
 					t.Fatalf("diff %s %s: %v", pa, pb, err)
@@ -79,12 +80,12 @@ func TestDiffRandomAgainstBruteForce(t *testing.T) {
 // clusters the overlays allocate, not the base.
 func TestDiffFollowsSharedAncestry(t *testing.T) {
 	testutil.NeedQemu(t)
-	l := newLab(t, 1)
-	base := l.create("base", "", 64<<20, 64<<10)
-	l.scribble(base, 200)
-	a := l.create("a", base, 0, 64<<10)
-	b := l.create("b", base, 0, 64<<10)
-	ia, ib := l.open(a, false), l.open(b, false)
+	l := labtest.New(t, 1)
+	base := l.Create("base", "", 64<<20, 64<<10)
+	l.Scribble(base, 200)
+	a := l.Create("a", base, 0, 64<<10)
+	b := l.Create("b", base, 0, 64<<10)
+	ia, ib := l.Open(a, false), l.Open(b, false)
 	if _, err := ia.WriteAt(make([]byte, 64<<10), 1<<20); err != nil { // zeros over base data, maybe
 		t.Fatal(err)
 	}

@@ -1,8 +1,9 @@
-// Package overlay is the composer: rebase (safe and unsafe), commit, flatten, diff of
-// two chains, squash of versions, and recompose with a conflict report and a cost
-// estimate. Its work follows the clusters the layers really allocate, never the
-// virtual size of a disk. It builds on package disk, and on package images for the
-// operations on desktops (Recompose, Squash).
+// Package overlay is chain algebra on package disk alone: rebase (safe and
+// unsafe), commit, flatten, the diff of two chains (the conflict set's raw
+// material), and the range and copy primitives package desktop builds recompose
+// and squash on. Its work follows the clusters the layers really allocate, never
+// the virtual size of a disk. It knows no store: the operations on desktops are
+// package desktop's.
 //
 // # Words
 //
@@ -16,29 +17,17 @@
 //     one, what the shared layers hold past that cut. These candidates are read
 //     from both chains and compared byte for byte: Diff is exact, and a safe
 //     Rebase writes only clusters whose content really differs.
-//   - Lower layers: a desktop's base and app layers. Its own delta is what sits
-//     above them: its own version layers and its writable top.
-//   - Conflict set: the clusters that changed between a desktop's old and new
-//     lower layers (the Diff of the two, computed once per pair of lower layers,
-//     not once per desktop) and that its own delta also holds. Moving the delta
-//     over the new layers (an unsafe rebase of the delta) would hide the new
-//     layers' content there.
-//   - Policies: keep (move a desktop when its conflict set is empty, else leave
-//     it and list it), refresh (drop the system delta), force (move the delta
-//     even over conflicts; the delta's clusters win).
 //   - Cost: the clusters and bytes an operation reads and writes, reported before
 //     it runs (dry run) and after.
 //
 // # Safety
 //
-// A sealed layer (a file with no write permission, or a layer of the store) is
-// never written: Commit into a sealed layer makes a new layer on it, Squash and
-// Recompose make new layers, and a sealed top is refused by Rebase and Commit.
+// A sealed layer (a file with no write permission, or one the caller's Sealed
+// says is) is never written: Commit into a sealed layer makes a new layer on it,
+// and a sealed top is refused by Rebase and Commit.
 // Files being built (merged layers, rebuilt tops) are written under ".tmp-"
 // names without write barriers, synced, and renamed into place; a crash leaves at
 // most such a file. A safe rebase in place only adds clusters the top did not
 // hold and that read the same through the old chain, then rewrites the header:
-// a crash at any point leaves the same guest view. A desktop is switched to its
-// new chain in one store transaction, so it is always wholly on its old chain or
-// wholly on its new one.
+// a crash at any point leaves the same guest view.
 package overlay

@@ -45,6 +45,10 @@ func pathKey(p string) fileKey {
 	return fileKey{fi: fi, path: p}
 }
 
+// SameFile reports whether the paths a and b name one file (a backing chain may
+// name a layer by another path than the store does).
+func SameFile(a, b string) bool { return pathKey(a).same(pathKey(b)) }
+
 func (k fileKey) same(o fileKey) bool {
 	if k.fi != nil && o.fi != nil {
 		return os.SameFile(k.fi, o.fi)
@@ -90,7 +94,7 @@ func cut(own []disk.Image) int64 {
 // what the layers of either chain alone allocate (data or zero), and where a size
 // cut hides the shared layers in one chain but not in the other. Everything else
 // is served by the same shared layer in both, or reads as zeros in both.
-func (p *pair) candidates(w Range) (rangeSet, error) {
+func (p *pair) candidates(w Range) (RangeSet, error) {
 	own := append(append([]disk.Image(nil), p.ownA...), p.ownB...)
 	maps := make([][]disk.Extent, len(own))
 	errs := make([]error, len(own))
@@ -107,14 +111,14 @@ func (p *pair) candidates(w Range) (rangeSet, error) {
 		}()
 	}
 	wg.Wait()
-	var s rangeSet
+	var s RangeSet
 	for i, exts := range maps {
 		if errs[i] != nil {
 			return nil, fmt.Errorf("map %s: %w", own[i].Info().Path, errs[i])
 		}
 		for _, e := range exts {
 			if e.State != disk.Unallocated {
-				s.add(e.Off, e.Len)
+				s.Add(e.Off, e.Len)
 			}
 		}
 	}
@@ -129,12 +133,12 @@ func (p *pair) candidates(w Range) (rangeSet, error) {
 			}
 			for _, e := range exts {
 				if e.Depth >= 0 && !e.Zero {
-					s.add(e.Off, e.Len)
+					s.Add(e.Off, e.Len)
 				}
 			}
 		}
 	}
-	return s.normalize(), nil
+	return s.Normalize(), nil
 }
 
 // Tuning of the comparison pipeline (variables so that tests can shrink them).
@@ -237,7 +241,7 @@ func (p *pair) compareChunk(res *chunkResult, g int64, pool *sync.Pool) {
 	var bufA, bufB []byte
 	if need(ma, mb) {
 		bufA = pool.Get().([]byte)[:r.Len]
-		if err := readView(p.a, bufA, r.Off); err != nil {
+		if err := disk.ReadView(p.a, bufA, r.Off); err != nil {
 			res.err = err
 			return
 		}
@@ -247,7 +251,7 @@ func (p *pair) compareChunk(res *chunkResult, g int64, pool *sync.Pool) {
 	if need(mb, ma) {
 		bufB = pool.Get().([]byte)[:r.Len]
 		defer pool.Put(bufB[:cap(bufB)])
-		if err := readView(p.b, bufB, r.Off); err != nil {
+		if err := disk.ReadView(p.b, bufB, r.Off); err != nil {
 			res.err = err
 			return
 		}
@@ -292,7 +296,7 @@ func (p *pair) compareChunk(res *chunkResult, g int64, pool *sync.Pool) {
 // differing clusters. skip, when not nil, returns what to remove from the
 // candidates of a window (a rebase skips what the top allocates); it is asked
 // only about the candidate ranges. emit must not keep aData.
-func (p *pair) compare(ctx context.Context, g, limit int64, skip func(cands rangeSet) (rangeSet, error),
+func (p *pair) compare(ctx context.Context, g, limit int64, skip func(cands RangeSet) (RangeSet, error),
 	emit func(res *chunkResult) error) (compareStats, error) {
 	var st compareStats
 	workers := min(4, max(2, runtime.GOMAXPROCS(0)))
@@ -326,16 +330,16 @@ func (p *pair) compare(ctx context.Context, g, limit int64, skip func(cands rang
 			win := Range{w, min(windowSize, limit-w)}
 			cands, err := p.candidates(win)
 			if err == nil && skip != nil && len(cands) > 0 {
-				var sk rangeSet
+				var sk RangeSet
 				if sk, err = skip(cands); err == nil {
-					cands = cands.subtract(sk.normalize())
+					cands = cands.Subtract(sk.Normalize())
 				}
 			}
 			if err != nil {
 				prodErr = err
 				return
 			}
-			for _, c := range cands.align(g, win.Off, win.End()) {
+			for _, c := range cands.Align(g, win.Off, win.End()) {
 				for off := c.Off; off < c.End(); off += chunk {
 					res := &chunkResult{r: Range{off, min(chunk, c.End()-off)}, done: make(chan struct{})}
 					select {

@@ -2,12 +2,8 @@ package overlay
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
-	"io"
 	"slices"
-
-	"github.com/cvd-project/cvd/disk"
 )
 
 // Range is a guest byte range [Off, Off+Len).
@@ -21,17 +17,18 @@ func (r Range) End() int64 { return r.Off + r.Len }
 
 func (r Range) String() string { return fmt.Sprintf("[%d, %d)", r.Off, r.End()) }
 
-// rangeSet is a list of ranges being built; normalize sorts and merges it.
-type rangeSet []Range
+// RangeSet is a list of ranges being built; Normalize sorts and merges it.
+type RangeSet []Range
 
-func (s *rangeSet) add(off, n int64) {
+// Add appends [off, off+n) (nothing when n is not positive).
+func (s *RangeSet) Add(off, n int64) {
 	if n > 0 {
 		*s = append(*s, Range{off, n})
 	}
 }
 
-// normalize sorts the ranges and merges those that overlap or touch.
-func (s rangeSet) normalize() rangeSet {
+// Normalize sorts the ranges and merges those that overlap or touch.
+func (s RangeSet) Normalize() RangeSet {
 	if len(s) < 2 {
 		return s
 	}
@@ -56,9 +53,9 @@ func (s rangeSet) normalize() rangeSet {
 	return out
 }
 
-// align rounds every range out to multiples of g, clips it to [lo, hi), and
+// Align rounds every range out to multiples of g, clips it to [lo, hi), and
 // merges the result (s must be normalized).
-func (s rangeSet) align(g, lo, hi int64) rangeSet {
+func (s RangeSet) Align(g, lo, hi int64) RangeSet {
 	out := s[:0]
 	for _, r := range s {
 		a := max(lo, r.Off/g*g)
@@ -75,9 +72,9 @@ func (s rangeSet) align(g, lo, hi int64) rangeSet {
 	return out
 }
 
-// subtract removes the ranges of t (normalized) from s (normalized).
-func (s rangeSet) subtract(t rangeSet) rangeSet {
-	var out rangeSet
+// Subtract removes the ranges of t (normalized) from s (normalized).
+func (s RangeSet) Subtract(t RangeSet) RangeSet {
+	var out RangeSet
 	j := 0
 	for _, r := range s {
 		off, end := r.Off, r.End()
@@ -104,21 +101,6 @@ func appendMerged(rs []Range, r Range) []Range {
 		return rs
 	}
 	return append(rs, r)
-}
-
-// readView fills p with the guest view of img at off: zeros where img is nil or
-// past its end.
-func readView(img disk.Image, p []byte, off int64) error {
-	if img == nil || off >= img.Size() {
-		clear(p)
-		return nil
-	}
-	n := min(int64(len(p)), img.Size()-off)
-	if _, err := img.ReadAt(p[:n], off); err != nil && !errors.Is(err, io.EOF) {
-		return fmt.Errorf("read %s at %d: %w", img.Info().Path, off, err)
-	}
-	clear(p[n:])
-	return nil
 }
 
 // isZero reports whether b holds only zero bytes.

@@ -198,8 +198,8 @@ func safeCopy(ctx context.Context, t, nb disk.Image, rep *RebaseReport, direct b
 	g := rep.ClusterSize
 	// What the top allocates is its own: it hides both chains. Only the
 	// candidate ranges are mapped, not the whole top.
-	skip := func(cands rangeSet) (rangeSet, error) {
-		var s rangeSet
+	skip := func(cands RangeSet) (RangeSet, error) {
+		var s RangeSet
 		for _, c := range cands {
 			end := min(c.End(), t.Size())
 			if end <= c.Off {
@@ -211,7 +211,7 @@ func safeCopy(ctx context.Context, t, nb disk.Image, rep *RebaseReport, direct b
 			}
 			for _, e := range exts {
 				if e.State != disk.Unallocated {
-					s.add(e.Off, e.Len)
+					s.Add(e.Off, e.Len)
 				}
 			}
 		}

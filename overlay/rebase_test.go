@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"github.com/cvd-project/cvd/internal/labtest"
 	"io"
 	"os"
 	"path/filepath"
@@ -46,19 +47,11 @@ func sums(t testing.TB, dir string) map[string][32]byte {
 	return m
 }
 
-// flatCopy writes the guest view of path into a standalone image with qemu-img.
-func flatCopy(t testing.TB, path string) string {
-	t.Helper()
-	out := filepath.Join(t.TempDir(), "flat-"+filepath.Base(path))
-	testutil.Run(t, "qemu-img", "convert", "-O", "qcow2", path, out)
-	return out
-}
-
 // inChain reports whether the chain of path holds the file of x.
-func inChain(l *lab, path, x string) bool {
-	img, err := disk.Open(path, disk.OpenOptions{ReadOnly: true, AllowedRoots: []string{l.dir}})
+func inChain(l *labtest.Lab, path, x string) bool {
+	img, err := disk.Open(path, disk.OpenOptions{ReadOnly: true, AllowedRoots: []string{l.Dir}})
 	if err != nil {
-		l.t.Fatal(err)
+		l.T.Fatal(err)
 	}
 	defer img.Close()
 	for _, ly := range disk.Layers(img) {
@@ -84,10 +77,10 @@ func expectedCopies(t testing.TB, top disk.Image, nb disk.Image, g int64) (data,
 		if len(exts) != 1 || exts[0].State != disk.Unallocated {
 			continue
 		}
-		if err := readView(ob, bo[:n], off); err != nil {
+		if err := disk.ReadView(ob, bo[:n], off); err != nil {
 			t.Fatal(err)
 		}
-		if err := readView(nb, bn[:n], off); err != nil {
+		if err := disk.ReadView(nb, bn[:n], off); err != nil {
 			t.Fatal(err)
 		}
 		if !bytes.Equal(bo[:n], bn[:n]) {
@@ -104,16 +97,16 @@ func expectedCopies(t testing.TB, top disk.Image, nb disk.Image, g int64) (data,
 func TestRebaseRandom(t *testing.T) {
 	testutil.NeedQemu(t)
 	shrinkPipeline(t)
-	s := seed(t)
+	s := labtest.Seed(t)
 	ctx := context.Background()
 	for it := range 16 {
 		t.Run(fmt.Sprint(it), func(t *testing.T) {
-			l := newLab(t, s+uint64(it))
-			nodes := randomTree(l, 4+l.rng.IntN(7))
+			l := labtest.New(t, s+uint64(it))
+			nodes := randomTree(l, 4+l.Rng.IntN(7))
 			top := nodes[len(nodes)-1]
-			if l.rng.IntN(3) > 0 { // usually a fresh top with a little data
-				top = l.create("top", nodes[l.rng.IntN(len(nodes))], 0, []int{64 << 10, 16 << 10}[l.rng.IntN(2)])
-				l.scribble(top, l.rng.IntN(10))
+			if l.Rng.IntN(3) > 0 { // usually a fresh top with a little data
+				top = l.Create("top", nodes[l.Rng.IntN(len(nodes))], 0, []int{64 << 10, 16 << 10}[l.Rng.IntN(2)])
+				l.Scribble(top, l.Rng.IntN(10))
 			}
 			var onto []string
 			for _, n := range nodes {
@@ -122,16 +115,16 @@ func TestRebaseRandom(t *testing.T) {
 				}
 			}
 			nb := ""
-			if len(onto) > 0 && l.rng.IntN(8) > 0 {
-				nb = onto[l.rng.IntN(len(onto))]
+			if len(onto) > 0 && l.Rng.IntN(8) > 0 {
+				nb = onto[l.Rng.IntN(len(onto))]
 			}
-			flat := flatCopy(t, top)
-			before := sums(t, l.dir)
+			flat := labtest.FlatCopy(t, top)
+			before := sums(t, l.Dir)
 
-			ti := l.open(top, true)
+			ti := l.Open(top, true)
 			var nbi disk.Image
 			if nb != "" {
-				nbi = l.open(nb, true)
+				nbi = l.Open(nb, true)
 			}
 			wantData, wantZero := expectedCopies(t, ti, nbi, int64(ti.Info().ClusterSize))
 			if ti.Backing() == nil { // zeros are written as data there (see safeCopy)
@@ -140,7 +133,7 @@ func TestRebaseRandom(t *testing.T) {
 			ti.Close()
 
 			inPlace := it%2 == 1
-			rep, err := Rebase(ctx, top, nb, RebaseOptions{AllowedRoots: []string{l.dir}, InPlace: inPlace})
+			rep, err := Rebase(ctx, top, nb, RebaseOptions{AllowedRoots: []string{l.Dir}, InPlace: inPlace})
 			if err != nil {
 				t.Fatalf("rebase %s onto %q: %v", top, nb, err)
 			}
@@ -154,7 +147,7 @@ func TestRebaseRandom(t *testing.T) {
 			if !testutil.QemuCompare(t, top, flat) {
 				t.Fatalf("guest view of %s changed by the rebase onto %s", top, nb)
 			}
-			after := sums(t, l.dir)
+			after := sums(t, l.Dir)
 			for name := range after {
 				if strings.HasPrefix(name, ".tmp-") {
 					t.Errorf("temporary file %s left behind", name)
@@ -165,7 +158,7 @@ func TestRebaseRandom(t *testing.T) {
 					t.Errorf("%s changed: only the top may be written", name)
 				}
 			}
-			img := l.open(top, true)
+			img := l.Open(top, true)
 			info := img.Info()
 			if nb == "" {
 				if info.BackingName != "" || img.Backing() != nil {
@@ -181,7 +174,7 @@ func TestRebaseRandom(t *testing.T) {
 			}
 			// Rebasing again onto the same backing finds nothing to copy.
 			img.Close()
-			rep2, err := Rebase(ctx, top, nb, RebaseOptions{AllowedRoots: []string{l.dir}})
+			rep2, err := Rebase(ctx, top, nb, RebaseOptions{AllowedRoots: []string{l.Dir}})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -196,13 +189,13 @@ func TestRebaseRandom(t *testing.T) {
 // data, the top gets zero clusters (no data), and stays readable by QEMU.
 func TestRebaseZeroClusters(t *testing.T) {
 	testutil.NeedQemu(t)
-	l := newLab(t, 2)
-	base := l.create("base", "", 256<<20, 64<<10)
-	newer := l.create("new", base, 0, 64<<10)
-	top := l.create("top", base, 0, 64<<10)
+	l := labtest.New(t, 2)
+	base := l.Create("base", "", 256<<20, 64<<10)
+	newer := l.Create("new", base, 0, 64<<10)
+	top := l.Create("top", base, 0, 64<<10)
 	testutil.Run(t, "qemu-io", "-c", "write -P 0x5a 100M 32M", newer)
 	testutil.Run(t, "qemu-io", "-c", "write -P 0x11 0 1M", top)
-	flat := flatCopy(t, top)
+	flat := labtest.FlatCopy(t, top)
 	rep, err := Rebase(context.Background(), top, newer, RebaseOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -222,11 +215,11 @@ func TestRebaseZeroClusters(t *testing.T) {
 // TestRebaseUnsafe only changes the backing name.
 func TestRebaseUnsafe(t *testing.T) {
 	testutil.NeedQemu(t)
-	l := newLab(t, 3)
-	base := l.create("base", "", 8<<20, 64<<10)
-	other := l.create("other", "", 8<<20, 64<<10)
+	l := labtest.New(t, 3)
+	base := l.Create("base", "", 8<<20, 64<<10)
+	other := l.Create("other", "", 8<<20, 64<<10)
 	testutil.Run(t, "qemu-io", "-c", "write -P 0x22 0 1M", other)
-	top := l.create("top", base, 0, 64<<10)
+	top := l.Create("top", base, 0, 64<<10)
 	sum := fileSum(t, top)
 	rep, err := Rebase(context.Background(), top, other, RebaseOptions{Unsafe: true})
 	if err != nil {
@@ -248,10 +241,10 @@ func TestRebaseUnsafe(t *testing.T) {
 }
 
 func TestRebaseRefusesLoop(t *testing.T) {
-	l := newLab(t, 4)
-	base := l.create("base", "", 1<<20, 64<<10)
-	top := l.create("top", base, 0, 64<<10)
-	over := l.create("over", top, 0, 64<<10)
+	l := labtest.New(t, 4)
+	base := l.Create("base", "", 1<<20, 64<<10)
+	top := l.Create("top", base, 0, 64<<10)
+	over := l.Create("over", top, 0, 64<<10)
 	if _, err := Rebase(context.Background(), top, over, RebaseOptions{}); err == nil {
 		t.Fatal("rebase of a top onto its own overlay succeeded")
 	}
@@ -261,11 +254,11 @@ func TestRebaseRefusesLoop(t *testing.T) {
 }
 
 func TestSealedLayersAreNeverWritten(t *testing.T) {
-	l := newLab(t, 5)
-	base := l.create("base", "", 1<<20, 64<<10)
-	other := l.create("other", "", 1<<20, 64<<10)
-	top := l.create("top", base, 0, 64<<10)
-	l.scribble(top, 4)
+	l := labtest.New(t, 5)
+	base := l.Create("base", "", 1<<20, 64<<10)
+	other := l.Create("other", "", 1<<20, 64<<10)
+	top := l.Create("top", base, 0, 64<<10)
+	l.Scribble(top, 4)
 	if err := os.Chmod(top, 0o444); err != nil {
 		t.Fatal(err)
 	}

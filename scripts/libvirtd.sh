@@ -58,6 +58,15 @@ start() {
 	for t in libvirtd unshare tini setsid; do
 		command -v "$t" >/dev/null || die "$t not found (scripts/deps.sh installs what is needed)"
 	done
+	# cgroup v1: libvirt puts domains under cpuset/machine. Made by libvirt while
+	# several domains start at once, a new machine cpuset can still have no CPUs
+	# or memory nodes when a domain's task is written into it (ENOSPC, "No space
+	# left on device"): make it, filled from the root, before libvirtd starts.
+	local cs=/sys/fs/cgroup/cpuset
+	if [ -f "$cs/cpuset.cpus" ] && mkdir -p "$cs/machine" 2>/dev/null; then
+		[ -n "$(cat "$cs/machine/cpuset.cpus")" ] || cat "$cs/cpuset.cpus" > "$cs/machine/cpuset.cpus" 2>/dev/null || true
+		[ -n "$(cat "$cs/machine/cpuset.mems")" ] || cat "$cs/cpuset.mems" > "$cs/machine/cpuset.mems" 2>/dev/null || true
+	fi
 	local b
 	for b in "${binds[@]}"; do
 		mkdir -p "$dir/${b%%:*}" "${b#*:}"
@@ -152,10 +161,12 @@ stop() {
 	done
 	rm -f "$dir/libvirtd.pid" "$dir/tini.pid" "$sock"
 	# libvirt creates machine cgroups (cgroup v1) and leaves them behind. rmdir only
-	# removes empty ones: those of another libvirtd's running domains stay.
+	# removes empty ones: those of another libvirtd's running domains stay. The
+	# machine directories themselves stay too (another libvirtd may be starting a
+	# domain in them; see start).
 	for d in /sys/fs/cgroup/*/machine /sys/fs/cgroup/*/machine.slice; do
 		[ -d "$d" ] || continue
-		find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null || true
+		find "$d" -mindepth 1 -depth -type d -exec rmdir {} \; 2>/dev/null || true
 	done
 	return 0
 }

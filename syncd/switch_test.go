@@ -7,8 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/images"
-	"github.com/cvd-project/cvd/overlay"
 )
 
 // TestRecomposeMarkedWhileCheckedOut: a recompose requested while a laptop holds
@@ -20,8 +20,8 @@ func TestRecomposeMarkedWhileCheckedOut(t *testing.T) {
 	w := newWorld(t, smallSpec())
 	w.stop()
 	srv, err := NewServer(w.store, ServerOptions{Now: func() time.Time { return w.now }, Logger: testLogger(),
-		BeforeCheckout: func(ctx context.Context, desktop string) error {
-			_, err := overlay.ApplySwitch(ctx, w.store, desktop)
+		BeforeCheckout: func(ctx context.Context, name string) error {
+			_, err := desktop.ApplySwitch(ctx, w.store, name)
 			return err
 		}})
 	if err != nil {
@@ -40,7 +40,7 @@ func TestRecomposeMarkedWhileCheckedOut(t *testing.T) {
 	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	rep, err := overlay.Recompose(ctx, w.store, overlay.RecomposeSpec{Desktops: []string{w.desktop}, Apps: []string{app2.ID}})
+	rep, err := desktop.Recompose(ctx, w.store, desktop.RecomposeSpec{Desktops: []string{w.desktop}, Apps: []string{app2.ID}})
 	if err != nil {
 		t.Fatal(err)
 	}

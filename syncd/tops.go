@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/cvd-project/cvd/internal/fsutil"
 	"github.com/cvd-project/cvd/internal/proc"
 	"log/slog"
 	"os"
@@ -94,19 +95,7 @@ func resetTop(store *images.Store, path, id string, size int64) error {
 		os.Remove(tmp)
 		return err
 	}
-	return syncDir(filepath.Dir(path))
-}
-
-func syncDir(dir string) error {
-	f, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = f.Sync()
-	if err2 := f.Close(); err == nil {
-		err = err2
-	}
-	return err
+	return fsutil.Sync(filepath.Dir(path))
 }
 
 // adoptTop makes the top at path the layer opts.WantID without copying it

@@ -3,12 +3,12 @@ package main
 import (
 	"context"
 	"fmt"
+	"github.com/cvd-project/cvd/desktop"
 	"io"
 	"sort"
 	"strings"
 
 	"github.com/cvd-project/cvd/images"
-	"github.com/cvd-project/cvd/overlay"
 	"github.com/spf13/cobra"
 )
 
@@ -60,7 +60,7 @@ func runDesktopSquash(ctx context.Context, g *globalOptions, opts *desktopSquash
 		return err
 	}
 	defer st.Close()
-	rep, err := overlay.Squash(ctx, st, name, overlay.SquashOptions{Keep: opts.keep, DryRun: opts.dryRun})
+	rep, err := desktop.Squash(ctx, st, name, desktop.SquashOptions{Keep: opts.keep, DryRun: opts.dryRun})
 	if err != nil {
 		return storeError(err)
 	}

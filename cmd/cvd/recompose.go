@@ -4,11 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/cvd-project/cvd/desktop"
 	"io"
 	"strings"
 
 	"github.com/cvd-project/cvd/images"
-	"github.com/cvd-project/cvd/overlay"
 	"github.com/spf13/cobra"
 )
 
@@ -89,7 +89,7 @@ Exit codes:
 }
 
 func runRecompose(ctx context.Context, g *globalOptions, opts *recomposeOptions, args []string, out io.Writer) error {
-	policy, err := overlay.ParsePolicy(opts.policy)
+	policy, err := desktop.ParsePolicy(opts.policy)
 	if err != nil {
 		return &exitError{code: exitUsage, err: err}
 	}
@@ -98,7 +98,7 @@ func runRecompose(ctx context.Context, g *globalOptions, opts *recomposeOptions,
 		return err
 	}
 	defer st.Close()
-	rep, rerr := overlay.Recompose(ctx, st, overlay.RecomposeSpec{Desktops: args, Using: opts.using,
+	rep, rerr := desktop.Recompose(ctx, st, desktop.RecomposeSpec{Desktops: args, Using: opts.using,
 		Base: opts.base, Apps: opts.apps, Policy: policy, DryRun: opts.dryRun, Workers: opts.workers})
 	if rep == nil {
 		return storeError(rerr)
@@ -131,7 +131,7 @@ func layerLabel(st *images.Store, id string) string {
 	return s
 }
 
-func printRecompose(st *images.Store, rep *overlay.RecomposeReport, out io.Writer) {
+func printRecompose(st *images.Store, rep *desktop.RecomposeReport, out io.Writer) {
 	mode := "applied"
 	if rep.DryRun {
 		mode = "dry run"
@@ -147,9 +147,9 @@ func printRecompose(st *images.Store, rep *overlay.RecomposeReport, out io.Write
 			action = "failed: " + p.Error
 		case p.Applied:
 			action += fmt.Sprintf(" → version %d", p.NewVersion)
-		case p.Action == overlay.ActionConflict:
+		case p.Action == desktop.ActionConflict:
 			action += ": left on its chain"
-		case p.Action == overlay.ActionMark:
+		case p.Action == desktop.ActionMark:
 			action += ": in use, to switch at its next start"
 		}
 		conf := "0"
@@ -169,7 +169,7 @@ func printRecompose(st *images.Store, rep *overlay.RecomposeReport, out io.Write
 	fmt.Fprintf(out, "; cost %s read, %s written (plan %.2fs, apply %.2fs)\n",
 		humanSize(rep.Cost.ReadBytes), humanSize(rep.Cost.WriteBytes), rep.PlanSeconds, rep.ApplySeconds)
 	for _, p := range rep.Desktops {
-		if p.Action != overlay.ActionConflict || len(p.Conflicts) == 0 {
+		if p.Action != desktop.ActionConflict || len(p.Conflicts) == 0 {
 			continue
 		}
 		var rs []string

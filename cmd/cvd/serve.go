@@ -13,9 +13,9 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/hypervisor"
-	"github.com/cvd-project/cvd/overlay"
 	"github.com/cvd-project/cvd/syncd"
 	"github.com/spf13/cobra"
 )
@@ -81,10 +81,10 @@ func runServe(ctx context.Context, g *globalOptions, opts *serveOptions, out, er
 	}
 	defer st.Close()
 	so := syncd.ServerOptions{LeaseTTL: opts.leaseTTL, MaxLeaseTTL: opts.maxLeaseTTL, StopTimeout: opts.stopTimeout, Logger: log,
-		BeforeCheckout: func(ctx context.Context, desktop string) error {
-			p, err := overlay.ApplySwitch(ctx, st, desktop)
+		BeforeCheckout: func(ctx context.Context, name string) error {
+			p, err := desktop.ApplySwitch(ctx, st, name)
 			if p != nil {
-				log.Info("recompose marked on the desktop carried out before its check-out", "desktop", desktop, "action", p.Action, "version", p.NewVersion)
+				log.Info("recompose marked on the desktop carried out before its check-out", "desktop", name, "action", p.Action, "version", p.NewVersion)
 			}
 			return err
 		}}

@@ -14,17 +14,20 @@ const module = "github.com/cvd-project/cvd/"
 // (docs/ARCHITECTURE.md, "Packages"). A package not listed may import nothing of
 // the module but internal helpers.
 var allowed = map[string][]string{
-	"cmd/cvd":           {"syncd", "overlay", "clone", "hypervisor", "images", "catalog", "disk", "internal/proc"},
-	"syncd":             {"images", "catalog", "disk", "internal/proc"},
-	"overlay":           {"images", "disk", "internal/proc"},
-	"clone":             {"images", "disk", "internal/proc"},
+	"cmd/cvd":           {"syncd", "desktop", "overlay", "clone", "hypervisor", "images", "catalog", "disk", "internal/proc"},
+	"syncd":             {"images", "catalog", "disk", "internal/proc", "internal/fsutil"},
+	"desktop":           {"overlay", "images", "disk", "internal/proc", "internal/fsutil"},
+	"overlay":           {"disk", "internal/proc", "internal/fsutil"},
+	"clone":             {"images", "disk", "internal/proc", "internal/fsutil"},
 	"hypervisor":        {"disk"},
-	"images":            {"catalog", "disk", "internal/proc"},
+	"images":            {"catalog", "disk", "internal/proc", "internal/fsutil"},
 	"catalog":           {},
 	"disk":              {},
 	"internal/proc":     {},
 	"internal/testutil": {},
 	"internal/layering": {},
+	"internal/fsutil":   {},
+	"internal/labtest":  {"disk", "internal/testutil"},
 }
 
 // TestImportDirection fails when a package imports one it may not (an import

@@ -1,8 +1,10 @@
-package overlay
+package desktop
 
 import (
 	"context"
 	"fmt"
+	"github.com/cvd-project/cvd/overlay"
+	"os"
 	"sort"
 	"strings"
 	"sync"
@@ -112,9 +114,9 @@ type DesktopPlan struct {
 	DeltaBytes    int64 `json:"delta-bytes"`
 	// Conflicts are the clusters that changed between the old and new lower
 	// layers and that the desktop's own delta also holds.
-	Conflicts        []Range `json:"conflicts"`
-	ConflictClusters int64   `json:"conflict-clusters"`
-	ConflictBytes    int64   `json:"conflict-bytes"`
+	Conflicts        []overlay.Range `json:"conflicts"`
+	ConflictClusters int64           `json:"conflict-clusters"`
+	ConflictBytes    int64           `json:"conflict-bytes"`
 	// Cost of applying Action.
 	Cost   Cost   `json:"cost"`
 	Action string `json:"action"`
@@ -152,7 +154,7 @@ type RecomposeReport struct {
 // moves from one to the other.
 type lowerDiff struct {
 	once   sync.Once
-	ranges rangeSet
+	ranges overlay.RangeSet
 	g      int64
 	bytes  int64
 	read   int64
@@ -177,12 +179,12 @@ func (pl *planner) diff(ctx context.Context, oldLower disk.Image, oldID string) 
 	}
 	pl.mu.Unlock()
 	d.once.Do(func() {
-		rep, err := DiffStats(ctx, oldLower, pl.newImg)
+		rep, err := overlay.DiffStats(ctx, oldLower, pl.newImg)
 		if err != nil {
 			d.err = err
 			return
 		}
-		d.ranges, d.g, d.bytes, d.read = rangeSet(rep.Ranges), rep.Granularity, rep.Bytes, rep.BytesRead
+		d.ranges, d.g, d.bytes, d.read = overlay.RangeSet(rep.Ranges), rep.Granularity, rep.Bytes, rep.BytesRead
 	})
 	return d
 }
@@ -221,7 +223,7 @@ func openDesktopChain(st *images.Store, d *images.Desktop) (*desktopChain, error
 		return nil, fmt.Errorf("desktop %s: %w", d.Name, err)
 	}
 	layers := disk.Layers(top)
-	if len(layers) < 2+len(dc.versions) || !layerKey(layers[1]).same(pathKey(st.LayerPath(h.System))) {
+	if len(layers) < 2+len(dc.versions) || !overlay.SameFile(layers[1].Info().Path, st.LayerPath(h.System)) {
 		top.Close()
 		return nil, fmt.Errorf("desktop %s: its system disk %s does not stand on its head layer %s", d.Name, d.SystemDisk, images.ShortID(h.System))
 	}
@@ -235,7 +237,7 @@ func (dc *desktopChain) Close() error { return dc.top.Close() }
 
 // ownAlloc lists what the desktop's own layers allocate (data or zero) and
 // counts their data clusters and bytes (in each layer's clusters).
-func (dc *desktopChain) ownAlloc() (s rangeSet, dataClusters, dataBytes int64, err error) {
+func (dc *desktopChain) ownAlloc() (s overlay.RangeSet, dataClusters, dataBytes int64, err error) {
 	for _, l := range dc.own {
 		exts, err := l.MapLayer(0, l.Size())
 		if err != nil {
@@ -246,24 +248,24 @@ func (dc *desktopChain) ownAlloc() (s rangeSet, dataClusters, dataBytes int64, e
 			if e.State == disk.Unallocated {
 				continue
 			}
-			s.add(e.Off, e.Len)
+			s.Add(e.Off, e.Len)
 			if e.State == disk.Data {
 				dataClusters += (e.Len + cs - 1) / cs
 				dataBytes += e.Len
 			}
 		}
 	}
-	return s.normalize(), dataClusters, dataBytes, nil
+	return s.Normalize(), dataClusters, dataBytes, nil
 }
 
 // intersect returns the ranges both a and b (normalized) cover.
-func intersect(a, b rangeSet) rangeSet {
-	var out rangeSet
+func intersect(a, b overlay.RangeSet) overlay.RangeSet {
+	var out overlay.RangeSet
 	i, j := 0, 0
 	for i < len(a) && j < len(b) {
 		lo, hi := max(a[i].Off, b[j].Off), min(a[i].End(), b[j].End())
 		if lo < hi {
-			out = append(out, Range{lo, hi - lo})
+			out = append(out, overlay.Range{Off: lo, Len: hi - lo})
 		}
 		if a[i].End() < b[j].End() {
 			i++
@@ -280,7 +282,7 @@ func (pl *planner) plan(ctx context.Context, d *images.Desktop, policy Policy, i
 	if h == nil {
 		return nil, fmt.Errorf("desktop %s: no head version", d.Name)
 	}
-	p := &DesktopPlan{Desktop: d.Name, FromHead: d.Head, From: h.System, NewLower: pl.newLower, InUse: inUse, Conflicts: []Range{}}
+	p := &DesktopPlan{Desktop: d.Name, FromHead: d.Head, From: h.System, NewLower: pl.newLower, InUse: inUse, Conflicts: []overlay.Range{}}
 	dc, err := openDesktopChain(pl.st, d)
 	if err != nil {
 		return nil, err
@@ -301,7 +303,7 @@ func (pl *planner) plan(ctx context.Context, d *images.Desktop, policy Policy, i
 		return nil, fmt.Errorf("desktop %s: %w", d.Name, ld.err)
 	}
 	p.Granularity, p.LowerDiffClusters, p.LowerDiffBytes = ld.g, ld.bytes/ld.g, ld.bytes
-	conf := intersect(ld.ranges, own.align(ld.g, 0, max(dc.top.Size(), pl.newImg.Size())))
+	conf := intersect(ld.ranges, own.Align(ld.g, 0, max(dc.top.Size(), pl.newImg.Size())))
 	for _, r := range conf {
 		p.Conflicts = append(p.Conflicts, r)
 		p.ConflictBytes += r.Len
@@ -525,7 +527,7 @@ func Recompose(ctx context.Context, st *images.Store, spec RecomposeSpec) (*Reco
 	}
 	for i, p := range plans {
 		if p == nil {
-			p = &DesktopPlan{Desktop: desks[i].Name, FromHead: desks[i].Head, Conflicts: []Range{}}
+			p = &DesktopPlan{Desktop: desks[i].Name, FromHead: desks[i].Head, Conflicts: []overlay.Range{}}
 		}
 		if errs[i] != nil {
 			p.Error = errs[i].Error()
@@ -629,4 +631,12 @@ func apply(ctx context.Context, st *images.Store, pl *planner, p *DesktopPlan, p
 	}
 	p.Applied, p.NewVersion, p.NewSystem = true, nd.Head, b.system
 	return nil
+}
+
+func fileSize(p string) int64 {
+	fi, err := os.Stat(p)
+	if err != nil {
+		return 0
+	}
+	return fi.Size()
 }

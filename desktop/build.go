@@ -1,11 +1,13 @@
-package overlay
+package desktop
 
 import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"github.com/cvd-project/cvd/internal/fsutil"
 	"github.com/cvd-project/cvd/internal/proc"
+	"github.com/cvd-project/cvd/overlay"
 	"io"
 	"os"
 	"path"
@@ -20,56 +22,6 @@ import (
 // crash is an unreferenced layer that gc removes. A desktop's new top is
 // journaled with Store.Begin and becomes the desktop's only in the transaction
 // that switches it.
-
-// copyExtents copies into dst what the layers own allocate, as the guest sees it
-// through view: data as data, ranges that read as zeros as zero clusters. Partial
-// clusters of dst take the rest from dst's backing chain (copy-on-write). It
-// returns the data bytes written.
-func copyExtents(ctx context.Context, view disk.Image, own []disk.Image, dst disk.Image) (int64, error) {
-	var s rangeSet
-	for _, l := range own {
-		exts, err := l.MapLayer(0, min(l.Size(), dst.Size()))
-		if err != nil {
-			return 0, fmt.Errorf("map %s: %w", l.Info().Path, err)
-		}
-		for _, e := range exts {
-			if e.State != disk.Unallocated {
-				s.add(e.Off, e.Len)
-			}
-		}
-	}
-	s = s.normalize()
-	w := &runWriter{img: dst, direct: true} // dst is a temporary file
-	buf := make([]byte, chunkSize)
-	var written int64
-	for _, r := range s {
-		for off := r.Off; off < r.End(); {
-			if err := ctx.Err(); err != nil {
-				return written, err
-			}
-			n := min(int64(len(buf)), r.End()-off)
-			b := buf[:n]
-			if err := readView(view, b, off); err != nil {
-				return written, err
-			}
-			var err error
-			if isZero(b) {
-				err = w.add(Range{off, n}, nil)
-			} else {
-				err = w.add(Range{off, n}, b)
-				written += n
-			}
-			if err != nil {
-				return written, err
-			}
-			off += n
-		}
-	}
-	if err := w.flush(); err != nil {
-		return written, err
-	}
-	return written, dst.Flush()
-}
 
 // randSuffix is a short random hex string for new file names.
 func randSuffix() string {
@@ -86,12 +38,12 @@ func layerBacking(id string) string { return "../" + images.LayersDir + "/" + id
 func sealMerged(ctx context.Context, st *images.Store, view disk.Image, own []disk.Image, parent string, size int64, cs int) (string, error) {
 	tmp := st.Path(images.DesktopsDir + "/" + proc.TempPrefix() + "merge-" + randSuffix() + ".qcow2")
 	defer os.Remove(tmp)
-	img, err := createTemp(tmp, disk.CreateOptions{Size: size, ClusterSize: cs, BackingFile: st.LayerPath(parent),
+	img, err := overlay.CreateTemp(tmp, disk.CreateOptions{Size: size, ClusterSize: cs, BackingFile: st.LayerPath(parent),
 		BackingFormat: disk.FormatQcow2, AllowedRoots: []string{st.Dir()}})
 	if err != nil {
 		return "", fmt.Errorf("merge layer: %w", err)
 	}
-	_, err = copyExtents(ctx, view, own, img)
+	_, err = overlay.CopyExtents(ctx, view, own, img)
 	if cerr := img.Close(); err == nil {
 		err = cerr
 	}
@@ -183,7 +135,7 @@ func build(ctx context.Context, st *images.Store, d *images.Desktop, newLower st
 	if err != nil {
 		return nil, fmt.Errorf("desktop %s: new top: %w", d.Name, err)
 	}
-	if err := syncDir(st.Path(images.DesktopsDir)); err != nil {
+	if err := fsutil.Sync(st.Path(images.DesktopsDir)); err != nil {
 		return nil, err
 	}
 	b.p = p

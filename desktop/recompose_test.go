@@ -1,9 +1,11 @@
-package overlay
+package desktop
 
 import (
 	"bytes"
 	"context"
 	"fmt"
+	"github.com/cvd-project/cvd/internal/labtest"
+	"github.com/cvd-project/cvd/overlay"
 	"os"
 	"path/filepath"
 	"slices"
@@ -16,45 +18,45 @@ import (
 
 // storeLab is a lab with a store in it.
 type storeLab struct {
-	*lab
+	*labtest.Lab
 	st *images.Store
 }
 
 func newStoreLab(t *testing.T, s uint64) *storeLab {
 	t.Helper()
-	l := newLab(t, s)
-	st, err := images.Open(filepath.Join(l.dir, "store"), images.OpenOptions{})
+	l := labtest.New(t, s)
+	st, err := images.Open(filepath.Join(l.Dir, "store"), images.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	return &storeLab{lab: l, st: st}
+	return &storeLab{Lab: l, st: st}
 }
 
 // layer imports the layer the file at path holds, on parent ("" for a base).
 func (s *storeLab) layer(path string, kind images.Kind, parent, name string) *images.Layer {
-	s.t.Helper()
+	s.T.Helper()
 	l, _, err := s.st.Import(context.Background(), path, images.ImportOptions{Kind: kind, Parent: parent, Names: []string{name}})
 	if err != nil {
-		s.t.Fatalf("import %s: %v", path, err)
+		s.T.Fatalf("import %s: %v", path, err)
 	}
 	return l
 }
 
 // appOn makes an app layer on the store layer parent with ops random changes.
 func (s *storeLab) appOn(parent *images.Layer, name string, ops int) *images.Layer {
-	s.t.Helper()
-	p := s.create(name, s.st.LayerPath(parent.ID), 0, 64<<10)
-	s.scribble(p, ops)
+	s.T.Helper()
+	p := s.Create(name, s.st.LayerPath(parent.ID), 0, 64<<10)
+	s.Scribble(p, ops)
 	return s.layer(p, images.KindApp, parent.ID, name)
 }
 
 // fixture: a base, app:1 and app:2 on it, and n desktops on app:1 with random
 // deltas.
 func (s *storeLab) fixture(n int, size int64) (base, app1, app2 *images.Layer, desks []string) {
-	s.t.Helper()
-	bp := s.create("base", "", size, 64<<10)
-	s.scribble(bp, 30)
+	s.T.Helper()
+	bp := s.Create("base", "", size, 64<<10)
+	s.Scribble(bp, 30)
 	base = s.layer(bp, images.KindBase, "", "base:1")
 	app1 = s.appOn(base, "app:1", 8)
 	app2 = s.appOn(base, "app:2", 8)
@@ -62,10 +64,10 @@ func (s *storeLab) fixture(n int, size int64) (base, app1, app2 *images.Layer, d
 		name := fmt.Sprintf("d%02d", i)
 		d, err := s.st.CreateDesktop(context.Background(), name, images.DesktopSpec{Apps: []string{app1.ID}})
 		if err != nil {
-			s.t.Fatal(err)
+			s.T.Fatal(err)
 		}
-		if ops := s.rng.IntN(6); ops > 0 {
-			s.scribble(s.st.Path(d.SystemDisk), ops)
+		if ops := s.Rng.IntN(6); ops > 0 {
+			s.Scribble(s.st.Path(d.SystemDisk), ops)
 		}
 		desks = append(desks, name)
 	}
@@ -74,11 +76,11 @@ func (s *storeLab) fixture(n int, size int64) (base, app1, app2 *images.Layer, d
 
 // bruteConflicts: clusters (size g) where the old and new lower chains read
 // differently and one of own allocates something.
-func bruteConflicts(t testing.TB, oldL, newL disk.Image, own []disk.Image, g int64) []Range {
+func bruteConflicts(t testing.TB, oldL, newL disk.Image, own []disk.Image, g int64) []overlay.Range {
 	t.Helper()
 	end := max(oldL.Size(), newL.Size())
 	bo, bn := make([]byte, g), make([]byte, g)
-	var out []Range
+	var out overlay.RangeSet
 	for off := int64(0); off < end; off += g {
 		k := min(g, end-off)
 		held := false
@@ -97,23 +99,22 @@ func bruteConflicts(t testing.TB, oldL, newL disk.Image, own []disk.Image, g int
 		if !held {
 			continue
 		}
-		if err := readView(oldL, bo[:k], off); err != nil {
+		if err := disk.ReadView(oldL, bo[:k], off); err != nil {
 			t.Fatal(err)
 		}
-		if err := readView(newL, bn[:k], off); err != nil {
+		if err := disk.ReadView(newL, bn[:k], off); err != nil {
 			t.Fatal(err)
 		}
 		if !bytes.Equal(bo[:k], bn[:k]) {
-			out = appendMerged(out, Range{off, k})
+			out.Add(off, k)
 		}
 	}
-	return out
+	return out.Normalize()
 }
 
 func TestRecomposeConflictSetAgainstBruteForce(t *testing.T) {
 	testutil.NeedQemu(t)
-	shrinkPipeline(t)
-	s := seed(t)
+	s := labtest.Seed(t)
 	ctx := context.Background()
 	for it := range 6 {
 		t.Run(fmt.Sprint(it), func(t *testing.T) {
@@ -126,14 +127,14 @@ func TestRecomposeConflictSetAgainstBruteForce(t *testing.T) {
 			if len(rep.Desktops) != len(desks) || rep.LowerDiffs != 1 {
 				t.Fatalf("planned %d desktops with %d lower diffs, want %d and 1", len(rep.Desktops), rep.LowerDiffs, len(desks))
 			}
-			oldL := sl.open(sl.st.LayerPath(app1.ID), true)
-			newL := sl.open(sl.st.LayerPath(app2.ID), true)
+			oldL := sl.Open(sl.st.LayerPath(app1.ID), true)
+			newL := sl.Open(sl.st.LayerPath(app2.ID), true)
 			for _, p := range rep.Desktops {
 				d, err := sl.st.Desktop(p.Desktop)
 				if err != nil {
 					t.Fatal(err)
 				}
-				top := sl.open(sl.st.Path(d.SystemDisk), true)
+				top := sl.Open(sl.st.Path(d.SystemDisk), true)
 				want := bruteConflicts(t, oldL, newL, []disk.Image{top}, p.Granularity)
 				if !slices.Equal(p.Conflicts, want) && !(len(want) == 0 && len(p.Conflicts) == 0) {
 					t.Fatalf("%s: conflicts %v, want %v", p.Desktop, p.Conflicts, want)
@@ -159,12 +160,12 @@ func expectedMove(t *testing.T, sl *storeLab, d *images.Desktop, newLower string
 	cp := filepath.Join(t.TempDir(), "top.qcow2")
 	testutil.Run(t, "cp", sl.st.Path(d.SystemDisk), cp)
 	testutil.Run(t, "qemu-img", "rebase", "-u", "-b", sl.st.LayerPath(newLower), "-F", "qcow2", cp)
-	return flatCopy(t, cp)
+	return labtest.FlatCopy(t, cp)
 }
 
 func TestRecomposeApply(t *testing.T) {
 	testutil.NeedQemu(t)
-	s := seed(t)
+	s := labtest.Seed(t)
 	ctx := context.Background()
 	for _, policy := range []Policy{PolicyKeep, PolicyForce, PolicyRefresh} {
 		t.Run(string(policy), func(t *testing.T) {
@@ -179,7 +180,7 @@ func TestRecomposeApply(t *testing.T) {
 					t.Fatal(err)
 				}
 				before[n] = d
-				oldView[n] = flatCopy(t, sl.st.Path(d.SystemDisk))
+				oldView[n] = labtest.FlatCopy(t, sl.st.Path(d.SystemDisk))
 				newView[n] = expectedMove(t, sl, d, app2.ID)
 			}
 			plan, err := Recompose(ctx, sl.st, RecomposeSpec{Using: app1.ID, Apps: []string{app2.ID}, Policy: policy, DryRun: true})
@@ -254,14 +255,14 @@ func checkStore(t *testing.T, st *images.Store) {
 // its top.
 func versionsFixture(t *testing.T, sl *storeLab) (app *images.Layer, vs []*images.Layer, name string) {
 	t.Helper()
-	bp := sl.create("base", "", 8<<20, 64<<10)
-	sl.scribble(bp, 10)
+	bp := sl.Create("base", "", 8<<20, 64<<10)
+	sl.Scribble(bp, 10)
 	base := sl.layer(bp, images.KindBase, "", "base:1")
 	app = sl.appOn(base, "app:1", 6)
 	parent := app
 	for i := range 3 {
-		p := sl.create(fmt.Sprintf("v%d", i+1), sl.st.LayerPath(parent.ID), 0, 64<<10)
-		sl.scribble(p, 6)
+		p := sl.Create(fmt.Sprintf("v%d", i+1), sl.st.LayerPath(parent.ID), 0, 64<<10)
+		sl.Scribble(p, 6)
 		parent = sl.layer(p, images.KindVersion, parent.ID, fmt.Sprintf("v:%d", i+1))
 		vs = append(vs, parent)
 	}
@@ -269,13 +270,13 @@ func versionsFixture(t *testing.T, sl *storeLab) (app *images.Layer, vs []*image
 	if err != nil {
 		t.Fatal(err)
 	}
-	sl.scribble(sl.st.Path(d.SystemDisk), 5)
+	sl.Scribble(sl.st.Path(d.SystemDisk), 5)
 	return app, vs, "vd"
 }
 
 func TestSquashPlan(t *testing.T) {
 	testutil.NeedQemu(t)
-	sl := newStoreLab(t, seed(t))
+	sl := newStoreLab(t, labtest.Seed(t))
 	_, vs, name := versionsFixture(t, sl)
 	rep, err := Squash(context.Background(), sl.st, name, SquashOptions{Keep: 1, DryRun: true})
 	if err != nil {
@@ -292,10 +293,10 @@ func TestSquashPlan(t *testing.T) {
 
 func TestSquashApply(t *testing.T) {
 	testutil.NeedQemu(t)
-	sl := newStoreLab(t, seed(t))
+	sl := newStoreLab(t, labtest.Seed(t))
 	app, vs, name := versionsFixture(t, sl)
 	d, _ := sl.st.Desktop(name)
-	view := flatCopy(t, sl.st.Path(d.SystemDisk))
+	view := labtest.FlatCopy(t, sl.st.Path(d.SystemDisk))
 	for _, keep := range []int{1, 0} {
 		rep, err := Squash(context.Background(), sl.st, name, SquashOptions{Keep: keep})
 		if err != nil {
@@ -329,14 +330,14 @@ func TestSquashApply(t *testing.T) {
 func TestBuildNewChains(t *testing.T) {
 	testutil.NeedQemu(t)
 	ctx := context.Background()
-	sl := newStoreLab(t, seed(t))
+	sl := newStoreLab(t, labtest.Seed(t))
 	app, vs, name := versionsFixture(t, sl)
 	app2 := sl.appOn(&images.Layer{ID: app.Parent}, "app:2", 6)
 	d, err := sl.st.Desktop(name)
 	if err != nil {
 		t.Fatal(err)
 	}
-	view := flatCopy(t, sl.st.Path(d.SystemDisk))
+	view := labtest.FlatCopy(t, sl.st.Path(d.SystemDisk))
 
 	// Recompose (move): the versions merged onto app:2, the top copied on that.
 	want := func() string { // qemu-img: copies of the own layers, unsafely rebased
@@ -351,7 +352,7 @@ func TestBuildNewChains(t *testing.T) {
 		cp := filepath.Join(t.TempDir(), "top.qcow2")
 		testutil.Run(t, "cp", sl.st.Path(d.SystemDisk), cp)
 		testutil.Run(t, "qemu-img", "rebase", "-u", "-b", below, "-F", "qcow2", cp)
-		return flatCopy(t, cp)
+		return labtest.FlatCopy(t, cp)
 	}()
 	b, err := build(ctx, sl.st, d, app2.ID, false)
 	if err != nil {
@@ -445,7 +446,7 @@ func TestSquashHistory(t *testing.T) {
 func TestRecomposeMarksInUseAndApplySwitch(t *testing.T) {
 	testutil.NeedQemu(t)
 	ctx := context.Background()
-	sl := newStoreLab(t, seed(t))
+	sl := newStoreLab(t, labtest.Seed(t))
 	_, app1, app2, desks := sl.fixture(3, 16<<20)
 	inUse := func(*images.Desktop) (bool, error) { return true, nil }
 	before := map[string]*images.Desktop{}

@@ -1,8 +1,9 @@
-package overlay
+package desktop
 
 import (
 	"context"
 	"fmt"
+	"github.com/cvd-project/cvd/internal/fsutil"
 	"time"
 
 	"github.com/cvd-project/cvd/disk"
@@ -182,7 +183,7 @@ func buildSquash(ctx context.Context, st *images.Store, d *images.Desktop, dc *d
 		b.p.Abort()
 		return nil, "", nil, fmt.Errorf("squash %s: new top: %w", name, err)
 	}
-	if err := syncDir(st.Path(images.DesktopsDir)); err != nil {
+	if err := fsutil.Sync(st.Path(images.DesktopsDir)); err != nil {
 		b.p.Abort()
 		return nil, "", nil, err
 	}
