@@ -132,6 +132,11 @@ func (db *DB) migrate() error {
 	if db.readOnly {
 		return db.checkVersion()
 	}
+	// Up to date (every open but a store's first): no need for goose.
+	var v int64
+	if err := db.ro.QueryRowContext(db.ctx, "SELECT COALESCE(MAX(version_id), 0) FROM goose_db_version WHERE is_applied").Scan(&v); err == nil && v == Version() {
+		return nil
+	}
 	sub, err := fs.Sub(migrations, "migrations/"+db.engine)
 	if err != nil {
 		return err

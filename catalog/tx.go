@@ -17,6 +17,41 @@ type Tx struct {
 	ctx      context.Context
 	writable bool
 	err      error
+	stmts    map[string]*sql.Stmt // prepared once per transaction (closed with it)
+}
+
+// stmt is the transaction's prepared statement for query ("?" placeholders).
+func (tx *Tx) stmt(query string) (*sql.Stmt, error) {
+	if st := tx.stmts[query]; st != nil {
+		return st, nil
+	}
+	st, err := tx.tx.PrepareContext(tx.ctx, tx.q(query))
+	if err != nil {
+		return nil, err
+	}
+	if tx.stmts == nil {
+		tx.stmts = map[string]*sql.Stmt{}
+	}
+	tx.stmts[query] = st
+	return st, nil
+}
+
+func (tx *Tx) exec(query string, args ...any) (sql.Result, error) {
+	st, err := tx.stmt(query)
+	if err != nil {
+		return nil, err
+	}
+	return st.ExecContext(tx.ctx, args...)
+}
+
+func (tx *Tx) queryRow(query string, args ...any) *sql.Row {
+	st, err := tx.stmt(query)
+	if err != nil {
+		// QueryRowContext on a closed-over error: report through a query that
+		// fails the same way.
+		return tx.tx.QueryRowContext(tx.ctx, tx.q(query), args...)
+	}
+	return st.QueryRowContext(tx.ctx, args...)
 }
 
 // Writable reports whether tx may write.
@@ -63,7 +98,7 @@ func (b *Bucket) Name() string { return b.name }
 // value is an empty, non-nil slice).
 func (b *Bucket) Get(key []byte) []byte {
 	var v []byte
-	err := b.tx.tx.QueryRowContext(b.tx.ctx, b.tx.q("SELECT v FROM kv WHERE b = ? AND k = ?"), b.name, key).Scan(&v)
+	err := b.tx.queryRow("SELECT v FROM kv WHERE b = ? AND k = ?", b.name, key).Scan(&v)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil
 	}
@@ -85,7 +120,7 @@ func (b *Bucket) Put(key, value []byte) error {
 	if value == nil {
 		value = []byte{}
 	}
-	_, err := b.tx.tx.ExecContext(b.tx.ctx, b.tx.q("INSERT INTO kv (b, k, v) VALUES (?, ?, ?) ON CONFLICT (b, k) DO UPDATE SET v = excluded.v"),
+	_, err := b.tx.exec("INSERT INTO kv (b, k, v) VALUES (?, ?, ?) ON CONFLICT (b, k) DO UPDATE SET v = excluded.v",
 		b.name, key, value)
 	if err != nil {
 		return b.tx.fail(fmt.Errorf("catalog: put %s/%q: %w", b.name, key, err))
@@ -93,12 +128,29 @@ func (b *Bucket) Put(key, value []byte) error {
 	return nil
 }
 
+// PutIfAbsent sets the value at key unless the bucket holds the key already, and
+// reports whether it did (one statement: the first writer of a key wins).
+func (b *Bucket) PutIfAbsent(key, value []byte) (bool, error) {
+	if !b.tx.writable {
+		return false, ErrReadOnly
+	}
+	if value == nil {
+		value = []byte{}
+	}
+	res, err := b.tx.exec("INSERT INTO kv (b, k, v) VALUES (?, ?, ?) ON CONFLICT (b, k) DO NOTHING", b.name, key, value)
+	if err != nil {
+		return false, b.tx.fail(fmt.Errorf("catalog: put %s/%q: %w", b.name, key, err))
+	}
+	n, err := res.RowsAffected()
+	return n == 1, err
+}
+
 // Delete removes the record at key (none is fine).
 func (b *Bucket) Delete(key []byte) error {
 	if !b.tx.writable {
 		return ErrReadOnly
 	}
-	if _, err := b.tx.tx.ExecContext(b.tx.ctx, b.tx.q("DELETE FROM kv WHERE b = ? AND k = ?"), b.name, key); err != nil {
+	if _, err := b.tx.exec("DELETE FROM kv WHERE b = ? AND k = ?", b.name, key); err != nil {
 		return b.tx.fail(fmt.Errorf("catalog: delete %s/%q: %w", b.name, key, err))
 	}
 	return nil
@@ -119,7 +171,7 @@ func (b *Bucket) ForEach(fn func(k, v []byte) error) error {
 // Len counts the bucket's records.
 func (b *Bucket) Len() (int, error) {
 	var n int
-	err := b.tx.tx.QueryRowContext(b.tx.ctx, b.tx.q("SELECT COUNT(*) FROM kv WHERE b = ?"), b.name).Scan(&n)
+	err := b.tx.queryRow("SELECT COUNT(*) FROM kv WHERE b = ?", b.name).Scan(&n)
 	if err != nil {
 		return 0, b.tx.fail(fmt.Errorf("catalog: count %s: %w", b.name, err))
 	}
@@ -133,8 +185,7 @@ func (b *Bucket) NextSequence() (uint64, error) {
 		return 0, ErrReadOnly
 	}
 	var n int64
-	err := b.tx.tx.QueryRowContext(b.tx.ctx,
-		b.tx.q("INSERT INTO seq (b, n) VALUES (?, 1) ON CONFLICT (b) DO UPDATE SET n = seq.n + 1 RETURNING n"), b.name).Scan(&n)
+	err := b.tx.queryRow("INSERT INTO seq (b, n) VALUES (?, 1) ON CONFLICT (b) DO UPDATE SET n = seq.n + 1 RETURNING n", b.name).Scan(&n)
 	if err != nil {
 		return 0, b.tx.fail(fmt.Errorf("catalog: sequence %s: %w", b.name, err))
 	}
@@ -192,8 +243,12 @@ func (c *Cursor) cur() ([]byte, []byte) {
 func (c *Cursor) load(op string, from []byte) {
 	c.page, c.i = c.page[:0], 0
 	tx := c.b.tx
-	rows, err := tx.tx.QueryContext(tx.ctx,
-		tx.q("SELECT k, v FROM kv WHERE b = ? AND k "+op+" ? ORDER BY k LIMIT "+strconv.Itoa(cursorPage)), c.b.name, from)
+	st, err := tx.stmt("SELECT k, v FROM kv WHERE b = ? AND k " + op + " ? ORDER BY k LIMIT " + strconv.Itoa(cursorPage))
+	if err != nil {
+		c.stop(err)
+		return
+	}
+	rows, err := st.QueryContext(tx.ctx, c.b.name, from)
 	if err != nil {
 		c.stop(err)
 		return

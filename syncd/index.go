@@ -49,14 +49,14 @@ func lookupTx(tx *catalog.Tx, d Digest) (clusterRef, bool) {
 func indexEntries(tx *catalog.Tx, layer string, ents []Entry) error {
 	b := tx.Bucket(bucketClusters)
 	for _, e := range ents {
-		if e.Zero || b.Get(e.Digest[:]) != nil {
+		if e.Zero {
 			continue
 		}
 		v, err := indexValue(layer, e.Index)
 		if err != nil {
 			return err
 		}
-		if err := b.Put(e.Digest[:], v); err != nil {
+		if _, err := b.PutIfAbsent(e.Digest[:], v); err != nil {
 			return err
 		}
 	}
@@ -70,6 +70,10 @@ func isIndexed(tx *catalog.Tx, layer string) bool {
 func markIndexed(tx *catalog.Tx, layer string, n int64) error {
 	return tx.Bucket(bucketIndexed).Put([]byte(layer), binary.BigEndian.AppendUint64(nil, uint64(n)))
 }
+
+// indexBatch is how many clusters one transaction of the index takes: small
+// enough that other writers (a lease, a clone) wait for it only briefly.
+const indexBatch = 4096
 
 // indexLayerFile reads the data clusters of the layer file at path (its own layer
 // only) and records them under id.
@@ -90,7 +94,7 @@ func (s *state) indexLayerFile(ctx context.Context, id, path string) error {
 	err = images.WalkLayerFrom(ctx, img, cs, false, 0, func(idx int64, data []byte) error {
 		batch = append(batch, Entry{Index: idx, Digest: sha256.Sum256(data)})
 		n++
-		if len(batch) == 1<<16 {
+		if len(batch) == indexBatch {
 			return flush()
 		}
 		return nil
