@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"github.com/cvd-project/cvd/vm"
 	"io"
 	"log/slog"
 	"time"
@@ -46,8 +47,8 @@ a round, so other cvd commands can run in between.`,
 
 func runAgent(ctx context.Context, g *globalOptions, opts *agentOptions, out, errOut io.Writer) error {
 	ao := syncd.AgentOptions{CheckinEvery: opts.checkinEvery, RenewWithin: opts.renewWithin, Logger: slog.Default()}
-	if uri := libvirtURI(""); uri != "" {
-		vms := &libvirtVMs{uri: uri, log: slog.Default()}
+	if uri := vm.HookURI(""); uri != "" {
+		vms := &vm.Desktops{URI: uri, Log: slog.Default()}
 		defer vms.Close()
 		ao.VM, ao.Running = vms, vms.Running
 	}

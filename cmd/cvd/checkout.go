@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"github.com/cvd-project/cvd/vm"
 	"io"
 	"log/slog"
 	"os"
@@ -95,8 +96,8 @@ func openLaptop(g *globalOptions, errOut io.Writer) (*syncd.Laptop, func(), erro
 		return nil, nil, err
 	}
 	lo := syncd.LaptopOptions{Progress: newProgress(errOut), Logger: slog.Default()}
-	vms := &libvirtVMs{uri: libvirtURI(""), log: slog.Default()}
-	if vms.uri != "" {
+	vms := &vm.Desktops{URI: vm.HookURI(""), Log: slog.Default()}
+	if vms.URI != "" {
 		lo.VM = vms
 	}
 	lp, err := syncd.OpenLaptop(st, lo)

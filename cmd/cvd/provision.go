@@ -4,10 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/cvd-project/cvd/vm"
 	"io"
 	"os"
 	"path/filepath"
-	"sync"
 	"time"
 
 	"github.com/cvd-project/cvd/clone"
@@ -61,7 +61,7 @@ and exits 1; the clones stay in the store (cvd vm rm --clone removes them).
 	f.StringVar(&opts.name, "name", "", "clone name prefix (default: the desktop's name)")
 	f.IntVar(&opts.count, "count", 1, "number of clones")
 	f.IntVar(&opts.start, "start", 1, "first clone number")
-	f.StringVar(&opts.connect, "connect", defaultConnect(), "libvirt URI (env CVD_CONNECT, LIBVIRT_DEFAULT_URI)")
+	f.StringVar(&opts.connect, "connect", vm.URI(""), "libvirt URI (env CVD_CONNECT, LIBVIRT_DEFAULT_URI)")
 	f.BoolVar(&opts.noStart, "no-start", false, "define the domains without starting them")
 	f.IntVar(&opts.parallel, "parallel", 4, "domains defined and started at once")
 	addBootFlags(c, &opts.boot)
@@ -153,65 +153,31 @@ func runProvision(ctx context.Context, g *globalOptions, opts *provisionOptions,
 	}
 	specs := make([]hypervisor.DomainSpec, len(cs))
 	for i := range cs {
-		if specs[i], err = cloneSpec(st, &cs[i]); err != nil {
+		if specs[i], err = vm.CloneSpec(st, &cs[i]); err != nil {
 			st.Close()
 			return err
 		}
 	}
 	st.Close()
 	rep.Timing.Clone = since() - rep.Timing.Connect
-	if err := os.MkdirAll(filepath.Join(g.store, vmLogsDir), 0o755); err != nil {
+	if err := os.MkdirAll(filepath.Join(g.store, vm.LogsDir), 0o755); err != nil {
 		return err
 	}
 
+	outs, timing := vm.Provision(ctx, conn, specs, vm.ProvisionOptions{Parallel: opts.parallel, NoStart: opts.noStart})
 	rep.Clones = make([]provisionedClone, len(cs))
-	var (
-		mu               sync.Mutex
-		define, startDur time.Duration
-		wg               sync.WaitGroup
-		next             = make(chan int)
-	)
-	for w := 0; w < min(opts.parallel, len(cs)); w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := range next {
-				pc := &rep.Clones[i]
-				c := cs[i]
-				*pc = provisionedClone{Name: c.Name, UUID: c.UUID, MAC: c.MAC, Hostname: c.Hostname, Disk: specs[i].Disks[0].Chain[0].Path, Seed: specs[i].SeedISO}
-				t := time.Now()
-				err := conn.Define(ctx, specs[i])
-				d := time.Since(t)
-				var s time.Duration
-				if err == nil && !opts.noStart {
-					t = time.Now()
-					err = conn.Start(ctx, c.Name)
-					s = time.Since(t)
-				}
-				if err == nil {
-					pc.RunningAt = since()
-					var st hypervisor.Status
-					if st, err = conn.Status(ctx, c.Name); err == nil {
-						pc.State, pc.Reason = st.State.String(), st.Reason
-					}
-				}
-				if err != nil {
-					pc.Error = vmError(err, opts.connect, c.Name).Error()
-					pc.RunningAt = 0
-				}
-				mu.Lock()
-				define += d
-				startDur += s
-				mu.Unlock()
-			}
-		}()
+	for i, c := range cs {
+		o := outs[i]
+		pc := &rep.Clones[i]
+		*pc = provisionedClone{Name: c.Name, UUID: c.UUID, MAC: c.MAC, Hostname: c.Hostname, Disk: specs[i].Disks[0].Chain[0].Path,
+			Seed: specs[i].SeedISO, State: o.State, Reason: o.Reason}
+		if o.Err != nil {
+			pc.Error = vmError(o.Err, opts.connect, c.Name).Error()
+		} else {
+			pc.RunningAt = rep.Timing.Clone + rep.Timing.Connect + o.RunningAt.Seconds()
+		}
 	}
-	for i := range cs {
-		next <- i
-	}
-	close(next)
-	wg.Wait()
-
+	define, startDur := timing.Define, timing.Start
 	rep.Timing.Define, rep.Timing.Start = define.Seconds(), startDur.Seconds()
 	for _, pc := range rep.Clones {
 		if pc.Error != "" {

@@ -2,20 +2,16 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
+	"github.com/cvd-project/cvd/vm"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
-	"sync"
 	"time"
 
 	"github.com/cvd-project/cvd/desktop"
-	"github.com/cvd-project/cvd/disk"
-	"github.com/cvd-project/cvd/hypervisor"
 	"github.com/cvd-project/cvd/syncd"
 	"github.com/spf13/cobra"
 )
@@ -88,8 +84,8 @@ func runServe(ctx context.Context, g *globalOptions, opts *serveOptions, out, er
 			}
 			return err
 		}}
-	if uri := libvirtURI(opts.connect); uri != "" {
-		vms := &libvirtVMs{uri: uri, log: log}
+	if uri := vm.HookURI(opts.connect); uri != "" {
+		vms := &vm.Desktops{URI: uri, Log: log}
 		defer vms.Close()
 		so.VM = vms
 	}
@@ -133,147 +129,8 @@ func runServe(ctx context.Context, g *globalOptions, opts *serveOptions, out, er
 	return nil
 }
 
-// libvirtURI picks the libvirt connection of the sync commands' VM hooks (serve,
-// checkout, checkin, agent, the expiry purge), as the vm commands pick theirs:
-// the flag, else $CVD_CONNECT, else $LIBVIRT_DEFAULT_URI, else the system
-// libvirtd when its socket is there; "" (the hooks do nothing) otherwise or for
-// "none". Whatever libvirt says, a top that QEMU holds open is never sealed
-// (disk.InUse).
-func libvirtURI(flag string) string {
-	switch flag {
-	case "none":
-		return ""
-	case "":
-		for _, e := range []string{"CVD_CONNECT", "LIBVIRT_DEFAULT_URI"} {
-			if v := os.Getenv(e); v != "" {
-				return v
-			}
-		}
-		if _, err := os.Stat(hypervisor.DefaultSocket); err == nil {
-			return hypervisor.DefaultURI
-		}
-		return ""
-	}
-	return flag
-}
-
-// libvirtVMs stops and defines desktops' VMs through package hypervisor, on one
-// connection opened at first use. The domain of a desktop carries the desktop's
-// name. Without a reachable libvirtd every hook does nothing.
-type libvirtVMs struct {
-	uri string
-	log *slog.Logger
-
-	mu   sync.Mutex
-	conn *hypervisor.Conn
-}
-
-// connect returns the connection, or nil when libvirtd is unavailable.
-func (v *libvirtVMs) connect(ctx context.Context) (*hypervisor.Conn, error) {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	if v.conn != nil {
-		return v.conn, nil
-	}
-	conn, err := hypervisor.Connect(ctx, v.uri)
-	if err != nil {
-		if errors.Is(err, hypervisor.ErrUnavailable) {
-			v.log.Warn("libvirtd unavailable: VM hooks skipped", "uri", v.uri, "err", err)
-			return nil, nil
-		}
-		return nil, err
-	}
-	v.conn = conn
-	return conn, nil
-}
-
-// Close closes the connection.
-func (v *libvirtVMs) Close() error {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	if v.conn == nil {
-		return nil
-	}
-	err := v.conn.Close()
-	v.conn = nil
-	return err
-}
-
+// The sync hooks on a desktop's local VM are package vm's.
 var (
-	_ syncd.VMStopper = (*libvirtVMs)(nil)
-	_ syncd.LocalVM   = (*libvirtVMs)(nil)
+	_ syncd.VMStopper = (*vm.Desktops)(nil)
+	_ syncd.LocalVM   = (*vm.Desktops)(nil)
 )
-
-// DefineDesktop defines (or redefines, keeping its UUID) the desktop's domain over
-// its local tops, declaring every layer of both chains. No libvirtd: nothing to do.
-func (v *libvirtVMs) DefineDesktop(ctx context.Context, desktop, systemTop, userTop string) error {
-	conn, err := v.connect(ctx)
-	if conn == nil || err != nil {
-		return err
-	}
-	spec := hypervisor.DomainSpec{Name: desktop, Metadata: hypervisor.Metadata{Desktop: desktop, Clone: desktop}}
-	if info, err := conn.Info(ctx, desktop); err == nil {
-		spec.UUID = info.UUID
-	}
-	for i, top := range []string{systemTop, userTop} {
-		if top == "" {
-			continue
-		}
-		img, err := disk.Open(top, disk.OpenOptions{ReadOnly: true, AllowedRoots: []string{filepath.Dir(filepath.Dir(top))}})
-		if err != nil {
-			return err
-		}
-		var chain []disk.Info
-		for _, l := range disk.Layers(img) {
-			chain = append(chain, l.Info())
-		}
-		img.Close()
-		spec.Disks = append(spec.Disks, hypervisor.DiskSpec{Chain: chain, Target: []string{"vda", "vdb"}[i]})
-	}
-	return conn.Define(ctx, spec)
-}
-
-// UndefineDesktop removes the desktop's domain (stopping it first).
-func (v *libvirtVMs) UndefineDesktop(ctx context.Context, desktop string) error {
-	conn, err := v.connect(ctx)
-	if conn == nil || err != nil {
-		return err
-	}
-	if _, err := conn.Shutdown(ctx, desktop, 30*time.Second); err != nil && !errors.Is(err, hypervisor.ErrNotFound) {
-		return err
-	}
-	if err := conn.Undefine(ctx, desktop, 0); err != nil && !errors.Is(err, hypervisor.ErrNotFound) {
-		return err
-	}
-	return nil
-}
-
-// Running reports whether the desktop's domain runs (false without libvirtd).
-func (v *libvirtVMs) Running(ctx context.Context, desktop string) bool {
-	conn, err := v.connect(ctx)
-	if conn == nil || err != nil {
-		return false
-	}
-	st, err := conn.State(ctx, desktop)
-	return err == nil && st == hypervisor.StateRunning
-}
-
-// StopDesktop shuts the desktop's domain down; no libvirtd or no domain means
-// nothing runs.
-func (v *libvirtVMs) StopDesktop(ctx context.Context, desktop string, timeout time.Duration) (bool, error) {
-	conn, err := v.connect(ctx)
-	if conn == nil || err != nil {
-		return false, err
-	}
-	res, err := conn.Shutdown(ctx, desktop, timeout)
-	if errors.Is(err, hypervisor.ErrNotFound) {
-		return false, nil
-	}
-	if err != nil {
-		return false, err
-	}
-	if !res.AlreadyOff {
-		v.log.Info("stopped server-side VM", "desktop", desktop, "forced", res.Forced, "took", res.Elapsed)
-	}
-	return !res.AlreadyOff, nil
-}

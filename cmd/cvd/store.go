@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"github.com/cvd-project/cvd/syncd"
+	"github.com/cvd-project/cvd/vm"
 	"io"
 	"io/fs"
 	"log/slog"
@@ -57,9 +58,9 @@ func openStore(g *globalOptions, readOnly bool) (*images.Store, error) {
 // failure is logged, not fatal: the command goes on, and the next one retries.
 func purgeExpired(g *globalOptions, st *images.Store) {
 	opts := syncd.LaptopOptions{Logger: slog.Default()}
-	vms := &libvirtVMs{uri: libvirtURI(""), log: slog.Default()}
+	vms := &vm.Desktops{URI: vm.HookURI(""), Log: slog.Default()}
 	defer vms.Close()
-	if vms.uri != "" {
+	if vms.URI != "" {
 		opts.VM = vms
 	}
 	purged, err := syncd.PurgeExpired(context.Background(), st, opts)

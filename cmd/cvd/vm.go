@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/cvd-project/cvd/vm"
 	"io"
 	"log/slog"
 	"os"
@@ -12,15 +13,10 @@ import (
 	"time"
 
 	"github.com/cvd-project/cvd/clone"
-	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/hypervisor"
 	"github.com/cvd-project/cvd/images"
 	"github.com/spf13/cobra"
 )
-
-// vmLogsDir is where cvd vm keeps each domain's serial console log, inside the store:
-// logs/NAME.serial.log. It is not part of the catalog (store check ignores it).
-const vmLogsDir = "logs"
 
 // connectTimeout bounds reaching libvirtd (the first connection to a fresh
 // libvirtd takes about 1.6 s here while it probes QEMU's capabilities).
@@ -40,16 +36,6 @@ line, memory, vCPUs) is recorded in its catalog entry by cvd provision or by the
 flags of cvd vm start, and reused by every later start; --disk-boot goes back to
 booting from the disk. Disks: vda is the system disk, vdb the user disk when the
 desktop has one, and the seed image (cidata) the next one (vdb, or vdc).`
-
-// defaultConnect is the libvirt URI used when --connect is not given.
-func defaultConnect() string {
-	for _, e := range []string{"CVD_CONNECT", "LIBVIRT_DEFAULT_URI"} {
-		if v := os.Getenv(e); v != "" {
-			return v
-		}
-	}
-	return hypervisor.DefaultURI
-}
 
 // connectLibvirt connects to uri, with errors a user can act on.
 func connectLibvirt(ctx context.Context, uri string) (*hypervisor.Conn, error) {
@@ -128,7 +114,7 @@ STORE/logs/NAME.serial.log.
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error { return cmd.Help() },
 	}
-	c.PersistentFlags().StringVar(&opts.connect, "connect", defaultConnect(), "libvirt URI (env CVD_CONNECT, LIBVIRT_DEFAULT_URI)")
+	c.PersistentFlags().StringVar(&opts.connect, "connect", vm.URI(""), "libvirt URI (env CVD_CONNECT, LIBVIRT_DEFAULT_URI)")
 	c.AddCommand(newVMStartCommand(g, opts), newVMStopCommand(g, opts), newVMStatusCommand(g, opts),
 		newVMLsCommand(g, opts), newVMRmCommand(g, opts), newVMCheckpointCommand(g, opts), newVMWaitCommand(g, opts))
 	return c
@@ -214,112 +200,6 @@ func (b *bootFlags) apply(old *images.Boot) (*images.Boot, error) {
 	return &nb, nil
 }
 
-// vmLayer is one element of a disk's chain in cvd's output.
-type vmLayer struct {
-	Path   string `json:"path"`
-	Format string `json:"format"`
-}
-
-type vmDisk struct {
-	Target   string    `json:"target"`
-	ReadOnly bool      `json:"read_only,omitempty"`
-	Chain    []vmLayer `json:"chain"`
-}
-
-// cloneSpec describes clone c as a domain: its chains from the catalog (the top,
-// frozen checkpoints newest first, then the sealed layers), its seed, identity,
-// boot and cvd's metadata.
-func cloneSpec(st *images.Store, c *images.Clone) (hypervisor.DomainSpec, error) {
-	chain := func(files []string, layer string) ([]disk.Info, error) {
-		var out []disk.Info
-		for _, f := range files {
-			out = append(out, disk.Info{Path: st.Path(f), Format: disk.FormatQcow2})
-		}
-		if layer != "" {
-			ls, err := st.Chain(layer)
-			if err != nil {
-				return nil, fmt.Errorf("clone %s: chain of layer %s: %w", c.Name, images.ShortID(layer), err)
-			}
-			for _, l := range ls {
-				out = append(out, disk.Info{Path: st.Path(l.File), Format: disk.FormatQcow2})
-			}
-		}
-		return out, nil
-	}
-	spec := hypervisor.DomainSpec{
-		Name: c.Name, UUID: c.UUID, MAC: c.MAC,
-		Metadata:  hypervisor.Metadata{Desktop: c.Desktop, Clone: c.Name},
-		SerialLog: filepath.Join(st.Dir(), vmLogsDir, c.Name+".serial.log"),
-	}
-	sys, err := chain(c.SystemChainFiles(), c.Layer)
-	if err != nil {
-		return spec, err
-	}
-	spec.Disks = append(spec.Disks, hypervisor.DiskSpec{Target: "vda", Chain: sys})
-	if c.UserDisk != "" {
-		user, err := chain(c.UserChainFiles(), c.UserLayer)
-		if err != nil {
-			return spec, err
-		}
-		spec.Disks = append(spec.Disks, hypervisor.DiskSpec{Target: "vdb", Chain: user})
-	}
-	for _, d := range spec.Disks {
-		for _, l := range d.Chain {
-			if _, err := os.Stat(l.Path); err != nil {
-				return spec, fmt.Errorf("clone %s: disk %s: %w (see cvd store check)", c.Name, d.Target, err)
-			}
-		}
-	}
-	if c.Seed != "" {
-		spec.SeedISO = st.Path(c.Seed)
-	}
-	if b := c.Boot; b != nil {
-		spec.Kernel, spec.Initrd, spec.Cmdline = b.Kernel, b.Initrd, b.Cmdline
-		spec.MemoryMiB, spec.VCPUs = b.MemoryMiB, b.VCPUs
-	}
-	return spec, nil
-}
-
-// specDisks is the chains of spec in cvd's output form.
-func specDisks(spec hypervisor.DomainSpec) []vmDisk {
-	var out []vmDisk
-	for _, d := range spec.Disks {
-		vd := vmDisk{Target: d.Target}
-		for _, l := range d.Chain {
-			vd.Chain = append(vd.Chain, vmLayer{Path: l.Path, Format: string(l.Format)})
-		}
-		out = append(out, vd)
-	}
-	return out
-}
-
-// relinkCheckpoints rewrites the absolute backing file names libvirt writes into
-// the tops it creates at a checkpoint as names relative to the clones directory
-// (the store stays movable). Only for a domain that is not running; failures are
-// logged, not fatal: an absolute name inside the store is still valid.
-func relinkCheckpoints(spec hypervisor.DomainSpec) {
-	for _, d := range spec.Disks {
-		for i := 0; i+1 < len(d.Chain); i++ {
-			p, below := d.Chain[i].Path, d.Chain[i+1].Path
-			if filepath.Dir(p) != filepath.Dir(below) {
-				break // below is a sealed layer: cvd wrote this name itself
-			}
-			img, err := disk.Open(p, disk.OpenOptions{ReadOnly: true, NoBacking: true})
-			if err != nil {
-				slog.Warn("relink checkpoint top", "file", p, "err", err)
-				continue
-			}
-			name := img.Info().BackingName
-			img.Close()
-			if name == below {
-				if err := disk.SetBacking(p, filepath.Base(below), disk.FormatQcow2); err != nil {
-					slog.Warn("relink checkpoint top", "file", p, "err", err)
-				}
-			}
-		}
-	}
-}
-
 // ---- start ----------------------------------------------------------------------
 
 type vmStartOptions struct {
@@ -328,18 +208,18 @@ type vmStartOptions struct {
 }
 
 type vmStartResult struct {
-	Name      string   `json:"name"`
-	URI       string   `json:"uri"`
-	UUID      string   `json:"uuid"`
-	MAC       string   `json:"mac"`
-	Desktop   string   `json:"desktop,omitempty"`
-	Disks     []vmDisk `json:"disks"`
-	Seed      string   `json:"seed,omitempty"`
-	Kernel    string   `json:"kernel,omitempty"`
-	SerialLog string   `json:"serial_log"`
-	State     string   `json:"state"`
-	Reason    string   `json:"reason"`
-	Seconds   float64  `json:"seconds"`
+	Name      string    `json:"name"`
+	URI       string    `json:"uri"`
+	UUID      string    `json:"uuid"`
+	MAC       string    `json:"mac"`
+	Desktop   string    `json:"desktop,omitempty"`
+	Disks     []vm.Disk `json:"disks"`
+	Seed      string    `json:"seed,omitempty"`
+	Kernel    string    `json:"kernel,omitempty"`
+	SerialLog string    `json:"serial_log"`
+	State     string    `json:"state"`
+	Reason    string    `json:"reason"`
+	Seconds   float64   `json:"seconds"`
 }
 
 func newVMStartCommand(g *globalOptions, vo *vmOptions) *cobra.Command {
@@ -390,7 +270,7 @@ func runVMStart(ctx context.Context, g *globalOptions, vo *vmOptions, opts *vmSt
 			}
 			c.Boot = b
 		}
-		spec, err := cloneSpec(st, c)
+		spec, err := vm.CloneSpec(st, c)
 		return spec, c, err
 	}()
 	if err != nil {
@@ -410,7 +290,7 @@ func runVMStart(ctx context.Context, g *globalOptions, vo *vmOptions, opts *vmSt
 	} else if err != nil && !errors.Is(err, hypervisor.ErrNotFound) {
 		return vmError(err, vo.connect, name)
 	}
-	relinkCheckpoints(spec)
+	vm.RelinkCheckpoints(spec, slog.Default())
 	if err := conn.Define(ctx, spec); err != nil {
 		if errors.Is(err, hypervisor.ErrExists) {
 			return &exitError{code: exitFailure, err: fmt.Errorf("a domain named %q with another UUID exists on %s: it is not clone %s's (%w)", name, vo.connect, name, err)}
@@ -427,7 +307,7 @@ func runVMStart(ctx context.Context, g *globalOptions, vo *vmOptions, opts *vmSt
 		return vmError(err, vo.connect, name)
 	}
 	r := vmStartResult{Name: name, URI: vo.connect, UUID: c.UUID, MAC: c.MAC, Desktop: c.Desktop,
-		Disks: specDisks(spec), Seed: spec.SeedISO, Kernel: spec.Kernel, SerialLog: spec.SerialLog,
+		Disks: vm.SpecDisks(spec), Seed: spec.SeedISO, Kernel: spec.Kernel, SerialLog: spec.SerialLog,
 		State: s.State.String(), Reason: s.Reason, Seconds: time.Since(start).Seconds()}
 	if g.json {
 		return printJSON(out, r)
@@ -448,7 +328,7 @@ func runVMStart(ctx context.Context, g *globalOptions, vo *vmOptions, opts *vmSt
 	return nil
 }
 
-func printVMDisks(out io.Writer, ds []vmDisk) {
+func printVMDisks(out io.Writer, ds []vm.Disk) {
 	for _, d := range ds {
 		var parts []string
 		for _, l := range d.Chain {
@@ -523,24 +403,24 @@ func runVMStop(ctx context.Context, g *globalOptions, vo *vmOptions, opts *vmSto
 // ---- status ---------------------------------------------------------------------
 
 type vmStatus struct {
-	Name    string   `json:"name"`
-	UUID    string   `json:"uuid"`
-	State   string   `json:"state"`
-	Reason  string   `json:"reason"`
-	Running bool     `json:"running"`
-	Managed bool     `json:"managed"`
-	Clone   string   `json:"clone,omitempty"`
-	Desktop string   `json:"desktop,omitempty"`
-	Disks   []vmDisk `json:"disks,omitempty"`
+	Name    string    `json:"name"`
+	UUID    string    `json:"uuid"`
+	State   string    `json:"state"`
+	Reason  string    `json:"reason"`
+	Running bool      `json:"running"`
+	Managed bool      `json:"managed"`
+	Clone   string    `json:"clone,omitempty"`
+	Desktop string    `json:"desktop,omitempty"`
+	Disks   []vm.Disk `json:"disks,omitempty"`
 }
 
 func vmStatusOf(info hypervisor.DomainInfo) vmStatus {
 	s := vmStatus{Name: info.Name, UUID: info.UUID, State: info.Status.State.String(), Reason: info.Status.Reason,
 		Running: info.Status.State.Active(), Managed: info.Managed, Clone: info.Metadata.Clone, Desktop: info.Metadata.Desktop}
 	for _, d := range info.Disks {
-		vd := vmDisk{Target: d.Target, ReadOnly: d.ReadOnly}
+		vd := vm.Disk{Target: d.Target, ReadOnly: d.ReadOnly}
 		for _, l := range d.Chain {
-			vd.Chain = append(vd.Chain, vmLayer{Path: l.Path, Format: l.Format})
+			vd.Chain = append(vd.Chain, vm.Layer{Path: l.Path, Format: l.Format})
 		}
 		s.Disks = append(s.Disks, vd)
 	}
@@ -721,7 +601,7 @@ func runVMRm(ctx context.Context, g *globalOptions, vo *vmOptions, opts *vmRmOpt
 				return vmError(err, vo.connect, name)
 			}
 			r.Undefined = true
-			os.Remove(filepath.Join(g.store, vmLogsDir, name+".serial.log"))
+			os.Remove(filepath.Join(g.store, vm.LogsDir, name+".serial.log"))
 		}
 		if opts.clone {
 			c := name
@@ -824,17 +704,8 @@ func runVMWait(ctx context.Context, g *globalOptions, vo *vmOptions, timeout tim
 // ---- checkpoint -----------------------------------------------------------------
 
 type vmCheckpointResult struct {
-	Name  string             `json:"name"`
-	Disks []vmCheckpointDisk `json:"disks"`
-}
-
-type vmCheckpointDisk struct {
-	Target string `json:"target"`
-	// Frozen is the former top, now read-only under Top, kept in the store's
-	// clones directory and listed in the clone's catalog entry.
-	Frozen string `json:"frozen"`
-	Top    string `json:"top"`
-	N      int    `json:"n"` // the clone's checkpoint number on this disk
+	Name  string              `json:"name"`
+	Disks []vm.CheckpointDisk `json:"disks"`
 }
 
 func newVMCheckpointCommand(g *globalOptions, vo *vmOptions) *cobra.Command {
@@ -870,66 +741,16 @@ func runVMCheckpoint(ctx context.Context, g *globalOptions, vo *vmOptions, args 
 		return err
 	}
 	defer st.Close()
-	c, err := st.Clone(name)
-	if err != nil {
+	disks, err := vm.Checkpoint(ctx, st, conn, name, slog.Default())
+	switch {
+	case errors.Is(err, vm.ErrNotRunning), errors.Is(err, vm.ErrForeignTop):
+		return &exitError{code: exitFailure, err: err}
+	case errors.Is(err, images.ErrNotFound):
 		return vmError(err, vo.connect, "")
-	}
-	info, err := conn.Info(ctx, name)
-	if err != nil {
+	case err != nil:
 		return vmError(err, vo.connect, name)
 	}
-	if !info.Status.State.Active() {
-		return &exitError{code: exitFailure, err: fmt.Errorf("domain %q is %s: a live checkpoint needs a running guest", name, info.Status)}
-	}
-	// The domain must write to the tops the catalog records, else the record
-	// would describe another chain.
-	want := map[string]string{st.Path(c.Disk): images.CheckpointFile(name, len(c.Checkpoints)+1, false)}
-	if c.UserDisk != "" {
-		want[st.Path(c.UserDisk)] = images.CheckpointFile(name, len(c.UserCheckpoints)+1, true)
-	}
-	newTops := map[string]string{}
-	var newSys, newUser string
-	for _, d := range info.Disks {
-		if d.ReadOnly || len(d.Chain) == 0 {
-			continue
-		}
-		rel, ok := want[d.Chain[0].Path]
-		if !ok {
-			return &exitError{code: exitFailure, err: fmt.Errorf("domain %q writes to %s, which is not a top of clone %s (catalog: %s): refusing", name, d.Chain[0].Path, name, st.Path(c.Disk))}
-		}
-		delete(want, d.Chain[0].Path)
-		newTops[d.Target] = st.Path(rel)
-		if rel == images.CheckpointFile(name, len(c.Checkpoints)+1, false) {
-			newSys = rel
-		} else {
-			newUser = rel
-		}
-	}
-	for p := range want {
-		return &exitError{code: exitFailure, err: fmt.Errorf("domain %q does not write to clone %s's top %s: refusing (cvd vm stop, then cvd vm start redefines it)", name, name, p)}
-	}
-	cps, err := conn.CheckpointDisks(ctx, name, newTops)
-	if err != nil {
-		return vmError(err, vo.connect, name)
-	}
-	for _, cp := range cps {
-		// The guest no longer writes it: make that visible.
-		if err := os.Chmod(cp.Frozen, 0o444); err != nil {
-			slog.Warn("make frozen checkpoint read-only", "file", cp.Frozen, "err", err)
-		}
-	}
-	c2, err := st.RecordCheckpoint(name, newSys, newUser)
-	if err != nil {
-		return fmt.Errorf("domain %q now writes to %v, but recording the checkpoint in the catalog failed: %w (the files are in place; cvd store check reports them)", name, newTops, err)
-	}
-	r := vmCheckpointResult{Name: name}
-	for _, cp := range cps {
-		n := len(c2.Checkpoints)
-		if cp.Top == st.Path(newUser) && newUser != "" {
-			n = len(c2.UserCheckpoints)
-		}
-		r.Disks = append(r.Disks, vmCheckpointDisk{Target: cp.Target, Frozen: cp.Frozen, Top: cp.Top, N: n})
-	}
+	r := vmCheckpointResult{Name: name, Disks: disks}
 	if g.json {
 		return printJSON(out, r)
 	}

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"github.com/cvd-project/cvd/vm"
 	"io"
 	"net"
 	"os"
@@ -220,7 +221,7 @@ func (s *vmStore) clone(name string) images.Clone {
 }
 
 func (s *vmStore) serialLog(name string) string {
-	b, _ := os.ReadFile(filepath.Join(s.dir, vmLogsDir, name+".serial.log"))
+	b, _ := os.ReadFile(filepath.Join(s.dir, vm.LogsDir, name+".serial.log"))
 	return string(b)
 }
 

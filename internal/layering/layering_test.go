@@ -14,7 +14,8 @@ const module = "github.com/cvd-project/cvd/"
 // (docs/ARCHITECTURE.md, "Packages"). A package not listed may import nothing of
 // the module but internal helpers.
 var allowed = map[string][]string{
-	"cmd/cvd":           {"syncd", "desktop", "overlay", "clone", "hypervisor", "images", "catalog", "disk", "internal/proc"},
+	"cmd/cvd":           {"syncd", "vm", "desktop", "overlay", "clone", "hypervisor", "images", "catalog", "disk", "internal/proc"},
+	"vm":                {"hypervisor", "images", "disk"},
 	"syncd":             {"images", "catalog", "disk", "internal/proc", "internal/fsutil"},
 	"desktop":           {"overlay", "images", "disk", "internal/proc", "internal/fsutil"},
 	"overlay":           {"disk", "internal/proc", "internal/fsutil"},
