@@ -141,7 +141,7 @@ func Create(ctx context.Context, st *images.Store, source string, opts Options) 
 	if err := writeClone(st, &recs[0], ids[0], sysT, userT, work, opts.FsyncEach); err != nil {
 		return fail(err)
 	}
-	img, err := disk.Open(st.Path(recs[0].Disk), disk.OpenOptions{ReadOnly: true, AllowedRoots: []string{st.Dir()}})
+	img, err := st.OpenTop(recs[0].Disk, true, false)
 	if err != nil {
 		return fail(fmt.Errorf("clone %s: %w", recs[0].Name, err))
 	}

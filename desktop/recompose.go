@@ -218,7 +218,7 @@ func openDesktopChain(st *images.Store, d *images.Desktop) (*desktopChain, error
 		return nil, fmt.Errorf("desktop %s: its chain has no base or app layer", d.Name)
 	}
 	dc.oldLower = chain[i].ID
-	top, err := disk.Open(st.Path(d.SystemDisk), disk.OpenOptions{ReadOnly: true, AllowedRoots: []string{st.Dir()}})
+	top, err := st.OpenTop(d.SystemDisk, true, false)
 	if err != nil {
 		return nil, fmt.Errorf("desktop %s: %w", d.Name, err)
 	}
@@ -479,7 +479,7 @@ func Recompose(ctx context.Context, st *images.Store, spec RecomposeSpec) (*Reco
 		return nil, err
 	}
 	rep := &RecomposeReport{DryRun: spec.DryRun, Policy: policy, NewLower: newLower, Names: nl.Names, Desktops: []DesktopPlan{}}
-	newImg, err := disk.Open(st.LayerPath(newLower), disk.OpenOptions{ReadOnly: true, AllowedRoots: []string{st.Dir()}})
+	newImg, err := st.OpenLayer(newLower, false)
 	if err != nil {
 		return nil, fmt.Errorf("recompose: open %s: %w", images.ShortID(newLower), err)
 	}

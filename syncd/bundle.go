@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/cvd-project/cvd/catalog"
-	"github.com/cvd-project/cvd/disk"
 	"github.com/ulikunitz/xz"
 )
 
@@ -165,7 +164,7 @@ func (s *Server) Export(ctx context.Context, desktop, path string, opts ExportOp
 			}
 		}
 		for _, li := range h.Layers {
-			img, err := disk.Open(s.store.LayerPath(li.ID), disk.OpenOptions{ReadOnly: true, NoBacking: true})
+			img, err := s.store.OpenLayer(li.ID, true)
 			if err != nil {
 				return err
 			}

@@ -86,7 +86,7 @@ func (r *localRefs) resolve(f frame, d Digest, body, dst []byte) ([]byte, error)
 	img := r.open[layer]
 	if img == nil {
 		var err error
-		img, err = disk.Open(r.store.LayerPath(layer), disk.OpenOptions{ReadOnly: true, NoBacking: true})
+		img, err = r.store.OpenLayer(layer, true)
 		if err != nil {
 			r.mu.Unlock()
 			return nil, fmt.Errorf("%w: layer %s: %v", errRef, short(layer), err)

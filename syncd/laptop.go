@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/cvd-project/cvd/catalog"
-	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
 )
 
@@ -253,7 +252,7 @@ func (l *Laptop) Unsent(desktop string) (map[string]Unsent, error) {
 		if rel == "" {
 			continue
 		}
-		img, err := disk.Open(l.store.Path(rel), disk.OpenOptions{ReadOnly: true, NoBacking: true})
+		img, err := l.store.OpenTop(rel, true, true)
 		if err != nil {
 			return nil, fmt.Errorf("desktop %s: %s top: %w", desktop, dn, err)
 		}

@@ -311,7 +311,7 @@ func (s *Server) handleClusters(w http.ResponseWriter, r *http.Request, dev *Dev
 			return badRequest("from=%q", f)
 		}
 	}
-	img, err := disk.Open(s.store.LayerPath(l.ID), disk.OpenOptions{ReadOnly: true, NoBacking: true})
+	img, err := s.store.OpenLayer(l.ID, true)
 	if err != nil {
 		return err
 	}

@@ -326,7 +326,7 @@ func (s *Server) fillStage(ctx context.Context, m *session, dl *diskList, ss []s
 		case src.ref.Layer != "":
 			from := open[src.ref.Layer]
 			if from == nil {
-				from, err = disk.Open(s.store.LayerPath(src.ref.Layer), disk.OpenOptions{ReadOnly: true, NoBacking: true})
+				from, err = s.store.OpenLayer(src.ref.Layer, true)
 				if err == nil {
 					open[src.ref.Layer] = from
 				}
