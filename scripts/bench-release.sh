@@ -10,8 +10,13 @@
 # PREV, go build). Works in $BENCH/release (default .cache/bench/release), wiped at
 # the start. Each part's own output is kept there (prev/, sqlite/, postgres/).
 #
+# The three variants run in turn, ROUNDS times (default 2), and each figure is the
+# best of its rounds: on a small shared machine one run's noise is larger than the
+# differences measured.
+#
 # Environment: CVD (default bin/cvd), BENCH, BENCH_RUNS, PREV (a commit; default the
-# bbolt release), N (desktops recomposed; default 100), CLONES (default 1000).
+# bbolt release), N (desktops recomposed; default 100), CLONES (default 1000),
+# ROUNDS (default 2).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,6 +25,7 @@ BENCH=${BENCH:-$ROOT/.cache/bench}
 PREV=${PREV:-d620107e734a598064ba50a09d6ac03b9a1b6132}
 N=${N:-100}
 CLONES=${CLONES:-1000}
+ROUNDS=${ROUNDS:-2}
 W="$BENCH/release"
 export PATH="/usr/local/go/bin:$PATH"
 log() { printf 'bench-release: %s\n' "$*" >&2; }
@@ -40,32 +46,43 @@ cleanup() { "$ROOT/scripts/postgres.sh" stop "$pg" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 "$ROOT/scripts/postgres.sh" start "$pg" >/dev/null
 
-run() { # run VARIANT BINARY: the three parts with that binary (and catalog)
-  local v=$1 bin=$2 cat=""
-  mkdir -p "$W/$v"
-  [ "$v" != postgres ] || cat=$("$ROOT/scripts/postgres.sh" createdb "$pg" clone)
-  log "$v: clones"
-  CVD=$bin BENCH="$W/$v" N=$CLONES STORE_CATALOG=$cat bash "$ROOT/scripts/bench-clone.sh" > "$W/$v/clone.txt"
-  [ "$v" != postgres ] || cat=$("$ROOT/scripts/postgres.sh" createdb "$pg" sync)
-  log "$v: check-out and check-in"
-  CVD=$bin BENCH="$W/$v" NO_RSYNC=1 STORE_CATALOG=$cat bash "$ROOT/scripts/bench-sync.sh" > "$W/$v/sync.txt" 2>"$W/$v/sync.log"
-  [ "$v" != postgres ] || cat=$("$ROOT/scripts/postgres.sh" createdb "$pg" rebase)
-  log "$v: recompose of $N desktops"
-  CVD=$bin BENCH="$W/$v" N=$N QN=1 STORE_CATALOG=$cat bash "$ROOT/scripts/bench-rebase.sh" > "$W/$v/rebase.txt" 2>"$W/$v/rebase.log"
+run() { # run VARIANT BINARY ROUND: the three parts with that binary (and catalog)
+  local v=$1 bin=$2 r=$3 cat="" o="$W/$1/r$3"
+  mkdir -p "$o"
+  [ "$v" != postgres ] || cat=$("$ROOT/scripts/postgres.sh" createdb "$pg" "clone$r")
+  log "round $r, $v: clones"
+  CVD=$bin BENCH="$o" N=$CLONES STORE_CATALOG=$cat bash "$ROOT/scripts/bench-clone.sh" > "$o/clone.txt"
+  [ "$v" != postgres ] || cat=$("$ROOT/scripts/postgres.sh" createdb "$pg" "sync$r")
+  log "round $r, $v: check-out and check-in"
+  CVD=$bin BENCH="$o" NO_RSYNC=1 STORE_CATALOG=$cat bash "$ROOT/scripts/bench-sync.sh" > "$o/sync.txt" 2>"$o/sync.log"
+  [ "$v" != postgres ] || cat=$("$ROOT/scripts/postgres.sh" createdb "$pg" "rebase$r")
+  log "round $r, $v: recompose of $N desktops"
+  CVD=$bin BENCH="$o" N=$N QN=1 STORE_CATALOG=$cat bash "$ROOT/scripts/bench-rebase.sh" > "$o/rebase.txt" 2>"$o/rebase.log"
+  rm -rf "$o/clone" "$o/sync" "$o/rebase" # the stores: only the reports are kept
 }
-run prev "$W/cvd-prev"
-run sqlite "$CVD"
-run postgres "$CVD"
+for ((r = 1; r <= ROUNDS; r++)); do
+  run prev "$W/cvd-prev" "$r"
+  run sqlite "$CVD" "$r"
+  run postgres "$CVD" "$r"
+done
 
-# Figures out of each part's report.
-clones() { grep "^cvd clone --no-seed" "$W/$1/clone.txt" | awk '{ print $NF }'; }
-seeded() { grep "^cvd clone (tops + seed images)" "$W/$1/clone.txt" | awk '{ print $NF }'; }
-checkin() { grep "^cvd checkin (whole command)" "$W/$1/sync.txt" | awk '{ print $(NF-2) }'; }
-checkout() { sed -n 's/^check-out of the desktop to an empty laptop: \([0-9.]*\) s.*/\1/p' "$W/$1/sync.txt"; }
-recompose() { grep "^recompose $N desktops onto a new app layer (safe)" "$W/$1/rebase.txt" | cut -c53- | awk '{ print $1 }'; }
+# Figures out of each part's reports: the best of the rounds.
+each() { for f in "$W/$1"/r*/"$2"; do "$3" "$f"; done; }
+most() { awk 'NF { if (b == "" || $1 > b) b = $1 } END { print b }'; }
+least() { awk 'NF { if (b == "" || $1 < b) b = $1 } END { print b }'; }
+clones1() { grep "^cvd clone --no-seed" "$1" | awk '{ print $NF }'; }
+seeded1() { grep "^cvd clone (tops + seed images)" "$1" | awk '{ print $NF }'; }
+checkin1() { grep "^cvd checkin (whole command)" "$1" | awk '{ print $(NF-2) }'; }
+checkout1() { sed -n 's/^check-out of the desktop to an empty laptop: \([0-9.]*\) s.*/\1/p' "$1"; }
+recompose1() { grep "^recompose $N desktops onto a new app layer (safe)" "$1" | cut -c53- | awk '{ print $1 }'; }
+clones() { each "$1" clone.txt clones1 | most; }
+seeded() { each "$1" clone.txt seeded1 | most; }
+checkin() { each "$1" sync.txt checkin1 | most; }
+checkout() { each "$1" sync.txt checkout1 | least; }
+recompose() { each "$1" rebase.txt recompose1 | least; }
 
 echo
-echo "this build ($("$CVD" version | awk '{ print $2 }')) vs the previous release (${PREV:0:12}, bbolt), $(nproc) cores ($(date -u +%Y-%m-%d))"
+echo "this build ($("$CVD" version | awk '{ print $2 }')) vs the previous release (${PREV:0:12}, bbolt), best of $ROUNDS rounds, $(nproc) cores ($(date -u +%Y-%m-%d))"
 printf '%-40s %12s %12s %9s %12s %9s\n' "operation" "previous" "SQLite" "ratio" "PostgreSQL" "ratio"
 printf '%-40s %12s %12s %9s %12s %9s\n' "---------" "--------" "------" "-----" "----------" "-----"
 # line NAME UNIT HIGHER_IS_BETTER FN: ratio is this build over the previous in the

@@ -93,3 +93,16 @@ if [ "$applied" = yes ]; then
 fi
 cvd layer verify
 cvd store check
+
+if [ "$applied" = yes ]; then
+  step "The versions on office:1 go with desktop prune (each desktop keeps its head); gc then frees office:1"
+  cvd desktop versions alice
+  for d in $("$CVD" --json desktop ls | awk -F'"' '/"name"/ { print $4 }'); do
+    "$CVD" desktop prune "$d" --keep 0
+  done
+  o1=$("$CVD" --json layer show office:1 | awk -F'"' '/"id"/ { print $4; exit }')
+  cvd layer untag office:1
+  cvd gc
+  [ ! -e "$CVD_STORE/layers/$o1.qcow2" ] || fail "gc kept office:1 (${o1:0:12}) after the prune"
+  cvd store check
+fi

@@ -78,10 +78,11 @@ cvd layer verify
 cvd store check
 cvd store info
 
-step "Tampering with a sealed layer behind cvd's back is caught (on a copy of the store)"
+step "cvd never writes a sealed layer, also as root; tampering behind its back (QEMU here, on a copy of the store) is caught"
+if printf 'tampered' | "$CVD" disk write "$CVD_STORE/layers/$app.qcow2" 33M -; then fail "cvd wrote a sealed layer"; fi
 cp -a "$CVD_STORE" "$DEMO/store-tampered"
 chmod u+w "$DEMO/store-tampered/layers/$app.qcow2"
-printf 'tampered' | "$CVD" disk write "$DEMO/store-tampered/layers/$app.qcow2" 33M -
+run qemu-io -f qcow2 -c "write -P 0x55 33M 64k" "$DEMO/store-tampered/layers/$app.qcow2"
 if "$CVD" --store "$DEMO/store-tampered" layer verify; then fail "tampering not caught"; fi
 rm -rf "$DEMO/store-tampered"
 

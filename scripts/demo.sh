@@ -25,6 +25,7 @@ rm -rf "$DEMO"
 mkdir -p "$DEMO"
 cd "$DEMO"
 
+cvd version
 step "Build a base image: 4 GiB virtual, 64 MiB of an 'operating system' written into it"
 cvd disk create base.qcow2 4G
 head -c 64M < <(yes "cvd demo: base operating system block") > os.bin
