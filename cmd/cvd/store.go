@@ -247,7 +247,8 @@ type storeInfo struct {
 	LayerBytes    int64  `json:"layer_bytes"`    // space on disk
 	DesktopBytes  int64  `json:"desktop_bytes"`  // space on disk
 	CloneBytes    int64  `json:"clone_bytes"`    // space on disk
-	DatabaseBytes int64  `json:"database_bytes"` // space on disk
+	DatabaseBytes int64  `json:"database_bytes"` // space on disk (SQLite: the file and its WAL)
+	Catalog       string `json:"catalog"`        // where the catalog is (a PostgreSQL URL without its password)
 }
 
 func runStoreInfo(g *globalOptions, out io.Writer) error {
@@ -270,7 +271,10 @@ func runStoreInfo(g *globalOptions, out io.Writer) error {
 	}
 	info := storeInfo{Dir: st.Dir(), Layers: len(ls), Desktops: len(ds), Clones: len(cs),
 		LayerBytes: diskUsage(st.Path(images.LayersDir)), DesktopBytes: diskUsage(st.Path(images.DesktopsDir)),
-		CloneBytes: diskUsage(st.Path(images.ClonesDir)), DatabaseBytes: diskUsage(st.Catalog().Path())}
+		CloneBytes: diskUsage(st.Path(images.ClonesDir)), Catalog: st.Catalog().Redacted()}
+	if p := st.Catalog().Path(); p != "" {
+		info.DatabaseBytes = diskUsage(p) + diskUsage(p+"-wal")
+	}
 	if g.json {
 		return printJSON(out, info)
 	}
@@ -279,7 +283,11 @@ func runStoreInfo(g *globalOptions, out io.Writer) error {
 	fmt.Fprintf(tw, "layers\t%d\t%s\n", info.Layers, fmtBytes(info.LayerBytes))
 	fmt.Fprintf(tw, "desktops\t%d\t%s\n", info.Desktops, fmtBytes(info.DesktopBytes))
 	fmt.Fprintf(tw, "clones\t%d\t%s\n", info.Clones, fmtBytes(info.CloneBytes))
-	fmt.Fprintf(tw, "database\t\t%s\n", fmtBytes(info.DatabaseBytes))
+	if info.DatabaseBytes > 0 {
+		fmt.Fprintf(tw, "catalog\t%s\t%s\n", info.Catalog, fmtBytes(info.DatabaseBytes))
+	} else {
+		fmt.Fprintf(tw, "catalog\t%s\n", info.Catalog)
+	}
 	return tw.Flush()
 }
 
