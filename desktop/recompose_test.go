@@ -497,3 +497,84 @@ func TestRecomposeMarksInUseAndApplySwitch(t *testing.T) {
 	}
 	checkStore(t, sl.st)
 }
+
+// TestPrune: old versions go, the head, the newest and the pinned stay, and gc
+// then frees the layers only the pruned versions used.
+func TestPrune(t *testing.T) {
+	testutil.NeedQemu(t)
+	sl := newStoreLab(t, labtest.Seed(t))
+	ctx := context.Background()
+	bp := sl.Create("base", "", 32<<20, 64<<10)
+	sl.Scribble(bp, 5)
+	base := sl.layer(bp, images.KindBase, "", "os:1")
+	// The app's source stands on the base's source (gc removes store layers).
+	ap := sl.Create("app", bp, 0, 64<<10)
+	sl.Scribble(ap, 3)
+	app := sl.layer(ap, images.KindApp, base.ID, "office:1")
+	b2 := sl.Create("base2", "", 32<<20, 64<<10)
+	sl.Scribble(b2, 5)
+	base2 := sl.layer(b2, images.KindBase, "", "os2:1")
+	if _, err := sl.st.CreateDesktop(ctx, "d", images.DesktopSpec{Base: "os2:1"}); err != nil {
+		t.Fatal(err)
+	}
+	// v2 on the app, v3 on its base, v4 back on the second base (where the
+	// desktop's top stands): v4 is the head.
+	for _, l := range []*images.Layer{app, base, base2} {
+		if _, _, err := AddVersion(sl.st, "d", images.Version{System: l.ID}, true); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ns := func(vs []images.Version) []int {
+		var out []int
+		for _, v := range vs {
+			out = append(out, v.N)
+		}
+		return out
+	}
+	tests := []struct {
+		name   string
+		keep   int
+		pinned []int
+		gone   []int
+	}{
+		{"keep 1", 1, nil, []int{1, 2, 3}},
+		{"keep 2", 2, nil, []int{1, 2}},
+		{"pinned", 1, []int{2}, []int{1, 3}},
+		{"keep more than there are", 9, nil, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			gone, err := Prune(sl.st, "d", tt.keep, true, tt.pinned...)
+			if err != nil || fmt.Sprint(ns(gone)) != fmt.Sprint(tt.gone) {
+				t.Errorf("dry run: %v %v, want %v", ns(gone), err, tt.gone)
+			}
+		})
+	}
+	if d, _ := sl.st.Desktop("d"); len(d.Versions) != 4 {
+		t.Fatalf("a dry run changed the versions: %v", ns(d.Versions))
+	}
+	// Without names the old layers are kept by the versions alone.
+	for _, n := range []string{"os:1", "office:1"} {
+		if err := sl.st.Untag(n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if rep, _ := sl.st.GC(ctx, true); len(rep.Removed) != 0 {
+		t.Fatalf("gc before the prune would remove %v", rep.Removed)
+	}
+	gone, err := Prune(sl.st, "d", 1, false)
+	if err != nil || fmt.Sprint(ns(gone)) != "[1 2 3]" {
+		t.Fatalf("prune: %v %v", ns(gone), err)
+	}
+	d, _ := sl.st.Desktop("d")
+	if d.Head != 4 || fmt.Sprint(ns(d.Versions)) != "[4]" {
+		t.Fatalf("after the prune: head %d, versions %v", d.Head, ns(d.Versions))
+	}
+	rep, err := sl.st.GC(ctx, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Removed) != 2 {
+		t.Errorf("gc after the prune removed %v, want the app and its base", rep.Removed)
+	}
+}

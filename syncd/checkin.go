@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/cvd-project/cvd/desktop"
 	"io"
 	"os"
 	"path/filepath"
@@ -538,7 +539,7 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 		if !ok {
 			continue
 		}
-		if err := resetTop(l.store, l.store.Path(topRel(d, dn)), id, 0); err != nil {
+		if err := desktop.ResetTop(l.store, topRel(d, dn), id, 0); err != nil {
 			return err
 		}
 	}

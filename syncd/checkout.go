@@ -4,8 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
-	"sort"
+	"github.com/cvd-project/cvd/desktop"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -273,26 +272,15 @@ func (l *Laptop) setupDesktop(ctx context.Context, co *Checkout) error {
 		if has {
 			return fmt.Errorf("desktop %s: %w on the %s disk", co.Desktop, ErrLocalChanges, dn)
 		}
-		if err := resetTop(l.store, l.store.Path(rel), co.Layers[dn], co.BlankSizes[dn]); err != nil {
+		if err := desktop.ResetTop(l.store, rel, co.Layers[dn], co.BlankSizes[dn]); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// recordVersion makes v (numbered as on the server) the local desktop's head:
-// added, or replacing a version of that number; fresh replaces the history the
-// desktop was created with.
+// recordVersion makes v (numbered as on the server) the local desktop's head
+// (desktop.RecordVersion).
 func (l *Laptop) recordVersion(name string, v Version, fresh bool) error {
-	_, err := l.store.UpdateDesktop(nil, name, func(d *images.Desktop) error {
-		if fresh {
-			d.Versions = nil
-		}
-		d.Versions = slices.DeleteFunc(d.Versions, func(x Version) bool { return x.N == v.N })
-		d.Versions = append(d.Versions, v)
-		sort.Slice(d.Versions, func(i, j int) bool { return d.Versions[i].N < d.Versions[j].N })
-		d.Head = v.N
-		return nil
-	})
-	return noSpace(err)
+	return noSpace(desktop.RecordVersion(l.store, name, v, fresh))
 }

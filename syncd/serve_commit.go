@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/cvd-project/cvd/desktop"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -96,9 +97,9 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*Checkin
 	}
 	nv := Version{Created: s.now().UTC().Truncate(time.Second), From: se.Base,
 		Conflict: conflict, Device: dev.Name, Bytes: se.Received,
-		Kind: images.VersionCheckin, Checkin: se.ID, Note: checkinNote(images.VersionCheckin, se.ID)}
+		Kind: images.VersionCheckin, Checkin: se.ID, Note: desktop.CheckinNote(images.VersionCheckin, se.ID)}
 	if conflict {
-		nv.Kind, nv.Note = images.VersionConflict, checkinNote(images.VersionConflict, se.ID)
+		nv.Kind, nv.Note = images.VersionConflict, desktop.CheckinNote(images.VersionConflict, se.ID)
 	}
 	if base := dv.Version(se.Base); base != nil {
 		nv.System, nv.User = base.System, base.User

@@ -6,8 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"github.com/cvd-project/cvd/internal/fsutil"
-	"github.com/cvd-project/cvd/internal/proc"
+	"github.com/cvd-project/cvd/desktop"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -69,33 +68,6 @@ func randHex(n int) string {
 		panic(err)
 	}
 	return hex.EncodeToString(b)
-}
-
-// resetTop replaces the top at path by an empty overlay on layer id of store (or a
-// blank disk of size bytes when id is ""): the new top is written under a temporary
-// name and renamed over the old one.
-func resetTop(store *images.Store, path, id string, size int64) error {
-	tmp := filepath.Join(filepath.Dir(path), proc.TempPrefix()+randHex(8)+".qcow2")
-	co := disk.CreateOptions{Size: size, AllowedRoots: []string{store.Dir()}}
-	if id != "" {
-		co.BackingFile = store.LayerPath(id)
-		co.BackingFormat = disk.FormatQcow2
-		co.Size = 0
-		l, err := store.Layer(id)
-		if err != nil {
-			return err
-		}
-		co.Size = l.Size
-	}
-	if err := disk.CreateFile(tmp, co); err != nil {
-		os.Remove(tmp)
-		return noSpace(fmt.Errorf("create top %s: %w", filepath.Base(path), err))
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	return fsutil.Sync(filepath.Dir(path))
 }
 
 // adoptTop makes the top at path the layer opts.WantID without copying it
@@ -205,20 +177,8 @@ func topsNotInUse(store *images.Store, d *images.Desktop) error {
 
 // resetTops points the desktop's tops at version v's layers.
 func (s *Server) resetTops(dv *DesktopVersions, v *Version) error {
-	for _, dn := range diskNames {
-		rel := dv.topRel(dn)
-		if rel == "" {
-			continue
-		}
-		size := int64(0)
-		if layerOf(v, dn) == "" {
-			size = dv.UserSize
-		}
-		if err := resetTop(s.store, s.store.Path(rel), layerOf(v, dn), size); err != nil {
-			return fmt.Errorf("desktop %s: reset %s top: %w", dv.Name, dn, err)
-		}
-	}
-	return nil
+	d := &images.Desktop{Name: dv.Name, SystemDisk: dv.SystemDisk, UserDisk: dv.UserDisk, UserSize: dv.UserSize}
+	return noSpace(desktop.ResetTops(s.store, d, *v))
 }
 
 // indexLater indexes new layers in the background.
@@ -275,7 +235,7 @@ func (s *Server) reconcile(ctx context.Context) error {
 			if layerOf(head, dn) == "" {
 				size = dv.UserSize
 			}
-			if err := resetTop(s.store, s.store.Path(rel), layerOf(head, dn), size); err != nil {
+			if err := desktop.ResetTop(s.store, rel, layerOf(head, dn), size); err != nil {
 				return err
 			}
 			s.log.Info("reconcile: reset top onto head", "desktop", dv.Name, "disk", dn, "version", head.N)

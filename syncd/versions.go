@@ -3,6 +3,7 @@ package syncd
 import (
 	"errors"
 	"fmt"
+	"github.com/cvd-project/cvd/desktop"
 	"slices"
 	"sort"
 	"strings"
@@ -46,14 +47,6 @@ func (d *DesktopVersions) Version(n int) *Version {
 	return nil
 }
 
-func nextVersion(vs []Version) int {
-	n := 0
-	for _, v := range vs {
-		n = max(n, v.N)
-	}
-	return n + 1
-}
-
 // desktopVersions reads a desktop's versions from the catalog.
 func desktopVersions(store *images.Store, name string) (*DesktopVersions, error) {
 	d, err := store.Desktop(name)
@@ -67,37 +60,16 @@ func desktopVersions(store *images.Store, name string) (*DesktopVersions, error)
 	return dv, nil
 }
 
-// addVersion appends v to the desktop's versions in one transaction of the
-// catalog (its number is the next free one) and, with setHead, makes it the head.
-// A check-in's version (v.From set) moves the head only if the head is still
-// v.From in that transaction: otherwise (another process rolled back or added a
-// version since) it is kept as a conflict. It returns the desktop as it is
-// afterwards and the version added.
+// addVersion adds v to the desktop's versions through desktop.AddVersion (which
+// keeps a check-in that no longer starts from the head as a conflict) and returns
+// the desktop as it is afterwards and the version added.
 func addVersion(store *images.Store, name string, v Version, setHead bool) (*DesktopVersions, *Version, error) {
-	var added Version
-	d, err := store.UpdateDesktop(nil, name, func(d *images.Desktop) error {
-		if setHead && v.From != 0 && d.Head != v.From {
-			setHead, v.Conflict = false, true
-			if v.Kind == images.VersionCheckin {
-				v.Kind, v.Note = images.VersionConflict, checkinNote(images.VersionConflict, v.Checkin)
-			}
-		}
-		v.N = nextVersion(d.Versions)
-		d.Versions = append(d.Versions, v)
-		if setHead {
-			d.Head = v.N
-		}
-		added = v
-		return nil
-	})
+	d, added, err := desktop.AddVersion(store, name, v, setHead)
 	if err != nil {
 		return nil, nil, noSpace(err)
 	}
 	return versionsOf(d), &added, nil
 }
-
-// checkinNote is a check-in version's note: its kind and the check-in's short ID.
-func checkinNote(kind images.VersionKind, id string) string { return string(kind) + " " + id[:12] }
 
 // checkinVersion finds the version a check-in made (by its Checkin ID; versions
 // of releases that kept the ID only in the note are found by the note).
@@ -107,7 +79,7 @@ func (d *DesktopVersions) checkinVersion(id string) *Version {
 		if v.Checkin == id {
 			return v
 		}
-		if v.Checkin == "" && (v.Note == checkinNote(images.VersionCheckin, id) || v.Note == checkinNote(images.VersionConflict, id)) {
+		if v.Checkin == "" && (v.Note == desktop.CheckinNote(images.VersionCheckin, id) || v.Note == desktop.CheckinNote(images.VersionConflict, id)) {
 			return v
 		}
 	}

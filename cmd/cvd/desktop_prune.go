@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"github.com/cvd-project/cvd/desktop"
 	"time"
 
 	"github.com/cvd-project/cvd/images"
@@ -33,7 +34,7 @@ base layers a recomposed desktop no longer uses, the versions in between.`,
 			if err != nil {
 				return err
 			}
-			gone, err := st.PruneVersions(args[0], keep, dryRun, pinned...)
+			gone, err := desktop.Prune(st, args[0], keep, dryRun, pinned...)
 			if err != nil {
 				return storeError(err)
 			}

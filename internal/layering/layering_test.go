@@ -16,7 +16,7 @@ const module = "github.com/cvd-project/cvd/"
 var allowed = map[string][]string{
 	"cmd/cvd":           {"syncd", "vm", "desktop", "overlay", "clone", "hypervisor", "images", "catalog", "disk", "internal/proc"},
 	"vm":                {"hypervisor", "images", "disk"},
-	"syncd":             {"images", "catalog", "disk", "internal/proc", "internal/fsutil"},
+	"syncd":             {"desktop", "images", "catalog", "disk", "internal/proc", "internal/fsutil"},
 	"desktop":           {"overlay", "images", "disk", "internal/proc", "internal/fsutil"},
 	"overlay":           {"disk", "internal/proc", "internal/fsutil"},
 	"clone":             {"images", "disk", "internal/proc", "internal/fsutil"},
