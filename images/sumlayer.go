@@ -6,9 +6,9 @@ import (
 	"fmt"
 	"io"
 	"runtime"
-	"sync"
 
 	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/internal/ordered"
 )
 
 // ClusterSum is one cluster of a layer walk by SumLayer.
@@ -40,20 +40,16 @@ func SumLayer(ctx context.Context, img disk.Image, cs int, keepZero bool, fn fun
 	}
 	type job struct {
 		first, last int64 // clusters [first, last]
-		zero        bool  // a zero run: nothing read
 		buf         []byte
 		out         []ClusterSum
-		done        chan struct{}
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	c := int64(cs)
 	chunk := max(sumChunk/c, 1)
 	// Read buffers, made as the read-ahead needs them (a small layer needs
 	// few) and reused.
 	bufs := make(chan []byte, 3*workers)
 	made := 0
-	getBuf := func() ([]byte, error) {
+	getBuf := func(ctx context.Context) ([]byte, error) {
 		select {
 		case b := <-bufs:
 			return b, nil
@@ -70,116 +66,74 @@ func SumLayer(ctx context.Context, img disk.Image, cs int, keepZero bool, fn fun
 			return nil, ctx.Err()
 		}
 	}
-	jobs := make(chan *job, workers)
-	order := make(chan *job, 2*workers)
-	var wg sync.WaitGroup
-	for range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for j := range jobs {
-				for i := j.first; i <= j.last; i++ {
-					lo := (i - j.first) * c
-					b := j.buf[lo:min(lo+c, int64(len(j.buf)))]
-					s := ClusterSum{Index: i}
-					if isZero(b) {
-						if !keepZero {
-							continue
-						}
-						s.Zero = true
-					} else {
-						s.Digest, s.Len = sha256.Sum256(b), len(b)
-					}
-					j.out = append(j.out, s)
-				}
-				close(j.done)
+	read := func(ctx context.Context, submit func(*job, bool) error) error {
+		size := img.Size()
+		for win := int64(0); win < size; win += mapWindow {
+			runs, err := LayerRuns(img, win, min(mapWindow, size-win), c)
+			if err != nil {
+				return err
 			}
-		}()
+			for _, r := range runs {
+				if !r.Data {
+					if keepZero {
+						if err := submit(&job{first: r.First, last: r.Last}, true); err != nil {
+							return err
+						}
+					}
+					continue
+				}
+				for i := r.First; i <= r.Last; i += chunk {
+					buf, err := getBuf(ctx)
+					if err != nil {
+						return err
+					}
+					last := min(i+chunk-1, r.Last)
+					off := i * c
+					n := min((last-i+1)*c, size-off)
+					if _, err := img.ReadAt(buf[:n], off); err != nil && err != io.EOF {
+						return fmt.Errorf("read %s at %#x: %w", img.Info().Path, off, err)
+					}
+					if err := submit(&job{first: i, last: last, buf: buf[:n]}, false); err != nil {
+						return err
+					}
+				}
+			}
+		}
+		return nil
 	}
-	readErr := make(chan error, 1)
-	go func() {
-		defer close(jobs)
-		defer close(order)
-		readErr <- func() error {
-			send := func(j *job) error {
-				select {
-				case order <- j:
-				case <-ctx.Done():
-					return ctx.Err()
+	hash := func(j *job) {
+		for i := j.first; i <= j.last; i++ {
+			lo := (i - j.first) * c
+			b := j.buf[lo:min(lo+c, int64(len(j.buf)))]
+			s := ClusterSum{Index: i}
+			if isZero(b) {
+				if !keepZero {
+					continue
 				}
-				if j.zero {
-					close(j.done)
-					return nil
-				}
-				select {
-				case jobs <- j:
-					return nil
-				case <-ctx.Done():
-					close(j.done)
-					return ctx.Err()
-				}
+				s.Zero = true
+			} else {
+				s.Digest, s.Len = sha256.Sum256(b), len(b)
 			}
-			size := img.Size()
-			for win := int64(0); win < size; win += mapWindow {
-				runs, err := LayerRuns(img, win, min(mapWindow, size-win), c)
-				if err != nil {
+			j.out = append(j.out, s)
+		}
+	}
+	return ordered.Run(ctx, workers, 2*workers, read, hash, func(j *job) error {
+		if j.buf == nil { // a zero run: nothing read
+			for i := j.first; i <= j.last; i++ {
+				if err := fn(ClusterSum{Index: i, Zero: true}); err != nil {
 					return err
-				}
-				for _, r := range runs {
-					if !r.Data {
-						if keepZero {
-							if err := send(&job{first: r.First, last: r.Last, zero: true, done: make(chan struct{})}); err != nil {
-								return err
-							}
-						}
-						continue
-					}
-					for i := r.First; i <= r.Last; i += chunk {
-						buf, err := getBuf()
-						if err != nil {
-							return err
-						}
-						last := min(i+chunk-1, r.Last)
-						off := i * c
-						n := min((last-i+1)*c, size-off)
-						if _, err := img.ReadAt(buf[:n], off); err != nil && err != io.EOF {
-							return fmt.Errorf("read %s at %#x: %w", img.Info().Path, off, err)
-						}
-						if err := send(&job{first: i, last: last, buf: buf[:n], done: make(chan struct{})}); err != nil {
-							return err
-						}
-					}
 				}
 			}
 			return nil
-		}()
-	}()
-	var err error
-	for j := range order {
-		<-j.done
-		if err == nil {
-			err = ctx.Err()
 		}
-		if err == nil && j.zero {
-			for i := j.first; i <= j.last && err == nil; i++ {
-				err = fn(ClusterSum{Index: i, Zero: true})
+		defer func() { bufs <- j.buf[:cap(j.buf)] }()
+		for _, s := range j.out {
+			if err := fn(s); err != nil {
+				return err
 			}
 		}
-		for k := 0; k < len(j.out) && err == nil; k++ {
-			err = fn(j.out[k])
-		}
-		if err != nil {
-			cancel()
-		}
-		if j.buf != nil {
-			bufs <- j.buf[:cap(j.buf)]
-		}
-	}
-	wg.Wait()
-	if rerr := <-readErr; err == nil && rerr != nil {
-		err = rerr
-	}
-	return err
+		return nil
+	})
 }
 
 // AddSum lists a cluster of a SumLayer walk.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"github.com/cvd-project/cvd/internal/ordered"
 	"math"
 	"os"
 	"path/filepath"
@@ -161,7 +162,6 @@ type chunkResult struct {
 	aZero []bool // per diff: a's view of it is all zeros
 	read  int64
 	err   error
-	done  chan struct{}
 }
 
 // sideMap tells, per cluster of a chunk, whether a chain maps it as zeros and which
@@ -303,85 +303,46 @@ func (p *pair) compare(ctx context.Context, g, limit int64, skip func(cands Rang
 	chunk := max(g, chunkSize/g*g)
 	pool := &sync.Pool{New: func() any { return make([]byte, chunk) }}
 
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	results := make(chan *chunkResult, workers*2)
-	jobs := make(chan *chunkResult, workers*2)
-	var wg sync.WaitGroup
-	for range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for res := range jobs {
-				if ctx.Err() == nil {
-					p.compareChunk(res, g, pool)
-				} else {
-					res.err = ctx.Err()
-				}
-				close(res.done)
-			}
-		}()
-	}
-	var prodErr error
-	go func() {
-		defer close(results)
-		defer close(jobs)
-		for w := int64(0); w < limit; w += windowSize {
-			win := Range{w, min(windowSize, limit-w)}
-			cands, err := p.candidates(win)
-			if err == nil && skip != nil && len(cands) > 0 {
-				var sk RangeSet
-				if sk, err = skip(cands); err == nil {
-					cands = cands.Subtract(sk.Normalize())
-				}
-			}
-			if err != nil {
-				prodErr = err
-				return
-			}
-			for _, c := range cands.Align(g, win.Off, win.End()) {
-				for off := c.Off; off < c.End(); off += chunk {
-					res := &chunkResult{r: Range{off, min(chunk, c.End()-off)}, done: make(chan struct{})}
-					select {
-					case jobs <- res:
-					case <-ctx.Done():
-						return
+	err := ordered.Run(ctx, workers, workers*2,
+		func(ctx context.Context, submit func(*chunkResult, bool) error) error {
+			for w := int64(0); w < limit; w += windowSize {
+				win := Range{w, min(windowSize, limit-w)}
+				cands, err := p.candidates(win)
+				if err == nil && skip != nil && len(cands) > 0 {
+					var sk RangeSet
+					if sk, err = skip(cands); err == nil {
+						cands = cands.Subtract(sk.Normalize())
 					}
-					select {
-					case results <- res:
-					case <-ctx.Done():
-						return
+				}
+				if err != nil {
+					return err
+				}
+				for _, c := range cands.Align(g, win.Off, win.End()) {
+					for off := c.Off; off < c.End(); off += chunk {
+						if err := submit(&chunkResult{r: Range{off, min(chunk, c.End()-off)}}, false); err != nil {
+							return err
+						}
 					}
 				}
 			}
-		}
-	}()
-	var err error
-	for res := range results {
-		<-res.done
-		if err == nil {
-			err = res.err
-		}
-		if err == nil {
+			return nil
+		},
+		func(res *chunkResult) { p.compareChunk(res, g, pool) },
+		func(res *chunkResult) error {
+			defer func() {
+				if res.aData != nil {
+					pool.Put(res.aData[:cap(res.aData)])
+				}
+			}()
+			if res.err != nil {
+				return res.err
+			}
 			st.Candidates += (res.r.Len + g - 1) / g
 			st.Read += res.read
 			if len(res.diffs) > 0 {
-				err = emit(res)
+				return emit(res)
 			}
-		}
-		if res.aData != nil {
-			pool.Put(res.aData[:cap(res.aData)])
-		}
-		if err != nil {
-			cancel()
-		}
-	}
-	wg.Wait()
-	if err == nil {
-		err = prodErr
-	}
-	if err == nil {
-		err = ctx.Err()
-	}
+			return nil
+		})
 	return st, err
 }

@@ -3,7 +3,8 @@ package syncd
 import (
 	"context"
 	"runtime"
-	"sync"
+
+	"github.com/cvd-project/cvd/internal/ordered"
 )
 
 // encodeOrdered hashes and compresses clusters on several goroutines and hands them
@@ -12,94 +13,50 @@ import (
 func encodeOrdered(ctx context.Context, opts encodeOptions, produce func(submit func(diskNo byte, idx int64, data []byte, known *Digest) error) error,
 	consume func(c encodedCluster, zero bool) error) error {
 	workers := max(1, runtime.GOMAXPROCS(0))
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-
 	type job struct {
 		diskNo byte
 		idx    int64
 		raw    []byte
 		known  *Digest
-		zero   bool
 		c      encodedCluster
 		err    error
-		done   chan struct{}
 	}
 	pool := newBufPool(workers*8, 64<<10)
-	getBuf := func(n int) []byte { return pool.get(n) }
-	putBuf := func(b []byte) { pool.put(b) }
-
-	jobs := make(chan *job, workers*2)
-	order := make(chan *job, workers*4)
-	var wg sync.WaitGroup
-	for range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for j := range jobs {
-				if !j.zero {
-					o := opts
-					o.known = j.known
-					dst := getBuf(len(j.raw))
-					j.c, j.err = encodeCluster(j.diskNo, j.idx, j.raw, dst, o)
-					if sameBuf(j.c.data, j.raw) {
-						putBuf(dst) // sent raw: the encoded bytes are j.raw
-					}
+	return ordered.Run(ctx, workers, workers*4,
+		func(_ context.Context, submit func(*job, bool) error) error {
+			return produce(func(diskNo byte, idx int64, data []byte, known *Digest) error {
+				j := &job{diskNo: diskNo, idx: idx, known: known}
+				if data != nil {
+					j.raw = pool.get(len(data))
+					copy(j.raw, data)
 				}
-				close(j.done)
+				return submit(j, data == nil)
+			})
+		},
+		func(j *job) {
+			o := opts
+			o.known = j.known
+			dst := pool.get(len(j.raw))
+			j.c, j.err = encodeCluster(j.diskNo, j.idx, j.raw, dst, o)
+			if sameBuf(j.c.data, j.raw) {
+				pool.put(dst) // sent raw: the encoded bytes are j.raw
 			}
-		}()
-	}
-	prodErr := make(chan error, 1)
-	go func() {
-		defer close(jobs)
-		defer close(order)
-		prodErr <- produce(func(diskNo byte, idx int64, data []byte, known *Digest) error {
-			j := &job{diskNo: diskNo, idx: idx, zero: data == nil, known: known, done: make(chan struct{})}
-			if data != nil {
-				j.raw = getBuf(len(data))
-				copy(j.raw, data)
+		},
+		func(j *job) error {
+			defer func() {
+				if !sameBuf(j.c.data, j.raw) {
+					pool.put(j.c.data)
+				}
+				pool.put(j.raw)
+			}()
+			if j.err != nil {
+				return j.err
 			}
-			select {
-			case order <- j:
-			case <-ctx.Done():
-				return ctx.Err()
+			if j.raw == nil {
+				return consume(encodedCluster{disk: j.diskNo, idx: j.idx}, true)
 			}
-			select {
-			case jobs <- j:
-			case <-ctx.Done():
-				close(j.done)
-				return ctx.Err()
-			}
-			return nil
+			return consume(j.c, false)
 		})
-	}()
-	var err error
-	for j := range order {
-		<-j.done
-		if err == nil {
-			err = j.err
-		}
-		if err == nil {
-			if j.zero {
-				err = consume(encodedCluster{disk: j.diskNo, idx: j.idx}, true)
-			} else {
-				err = consume(j.c, false)
-			}
-		}
-		if err != nil {
-			cancel()
-		}
-		if !sameBuf(j.c.data, j.raw) {
-			putBuf(j.c.data)
-		}
-		putBuf(j.raw)
-	}
-	wg.Wait()
-	if perr := <-prodErr; err == nil {
-		err = perr
-	}
-	return err
 }
 
 // sameBuf reports whether a and b start at the same byte (one buffer).

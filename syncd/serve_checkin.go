@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/cvd-project/cvd/internal/ordered"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -842,47 +843,22 @@ func decodeOrdered(ctx context.Context, sr *streamReader, allowZero bool, resolv
 		payload []byte
 		raw     []byte
 		err     error
-		done    chan struct{}
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	workers := 2
-	jobs := make(chan *job, workers*2)
-	order := make(chan *job, workers*4)
 	pool := newBufPool(workers*8, 64<<10)
-	get := func() []byte { return pool.get(0) }
-	put := func(b []byte) { pool.put(b) }
-	var wg sync.WaitGroup
-	for range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for j := range jobs {
-				if j.f.kind == kindRef {
-					j.raw, j.err = resolve(j.f, j.d, j.payload, get())
-				} else {
-					j.raw, j.err = decodeCluster(j.f, j.d, j.payload, get())
-				}
-				close(j.done)
-			}
-		}()
-	}
 	var end frame
 	var endID Digest
-	readErr := make(chan error, 1)
-	go func() {
-		defer close(jobs)
-		defer close(order)
-		readErr <- func() error {
+	err := ordered.Run(ctx, workers, workers*4,
+		func(ctx context.Context, submit func(*job, bool) error) error {
 			for {
 				if err := ctx.Err(); err != nil {
 					return err
 				}
-				f, d, payload, err := sr.next(get())
+				f, d, payload, err := sr.next(pool.get(0))
 				if err != nil {
 					return err
 				}
-				j := &job{f: f, d: d, payload: payload, done: make(chan struct{})}
+				j := &job{f: f, d: d, payload: payload}
 				switch f.kind {
 				case kindEnd:
 					end, endID = f, d
@@ -891,11 +867,8 @@ func decodeOrdered(ctx context.Context, sr *streamReader, allowZero bool, resolv
 					if !allowZero {
 						return badRequest("zero frame in an upload")
 					}
-					close(j.done)
-					select {
-					case order <- j:
-					case <-ctx.Done():
-						return ctx.Err()
+					if err := submit(j, true); err != nil {
+						return err
 					}
 					continue
 				case kindRef:
@@ -906,44 +879,32 @@ func decodeOrdered(ctx context.Context, sr *streamReader, allowZero bool, resolv
 				if err := check(f, d); err != nil {
 					return err
 				}
-				select {
-				case order <- j:
-				case <-ctx.Done():
-					return ctx.Err()
-				}
-				select {
-				case jobs <- j:
-				case <-ctx.Done():
-					close(j.done)
-					return ctx.Err()
+				if err := submit(j, false); err != nil {
+					return err
 				}
 			}
-		}()
-	}()
-	var err error
-	for j := range order {
-		<-j.done
-		if err == nil {
-			err = j.err
-		}
-		if err == nil && (j.raw != nil || j.f.kind == kindZero) {
-			err = consume(j.f, j.d, j.raw)
-		}
-		if err != nil {
-			cancel()
-		}
-		if !sameBuf(j.raw, j.payload) {
-			put(j.raw)
-		}
-		put(j.payload)
-	}
-	wg.Wait()
-	rerr := <-readErr
-	if err != nil {
-		return end, endID, err
-	}
-	if rerr != nil {
-		return end, endID, rerr
-	}
-	return end, endID, nil
+		},
+		func(j *job) {
+			if j.f.kind == kindRef {
+				j.raw, j.err = resolve(j.f, j.d, j.payload, pool.get(0))
+			} else {
+				j.raw, j.err = decodeCluster(j.f, j.d, j.payload, pool.get(0))
+			}
+		},
+		func(j *job) error {
+			defer func() {
+				if !sameBuf(j.raw, j.payload) {
+					pool.put(j.raw)
+				}
+				pool.put(j.payload)
+			}()
+			if j.err != nil {
+				return j.err
+			}
+			if j.raw != nil || j.f.kind == kindZero {
+				return consume(j.f, j.d, j.raw)
+			}
+			return nil
+		})
+	return end, endID, err
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/cvd-project/cvd/internal/ordered"
 	"io"
 	"runtime"
 
@@ -54,75 +55,59 @@ func runDiskRead(ctx context.Context, opts *diskReadOptions, args []string, out 
 }
 
 // readRange copies [off, off+n) of img to out in order. Reads run ahead on
-// several goroutines (the image is safe for concurrent reads): worker w reads
-// chunks w, w+workers, ... into its own two buffers, so memory stays at
-// 2 × workers × ioChunk whatever n is, and no worker waits on another's.
+// several goroutines (the image is safe for concurrent reads), in chunks of
+// ioChunk bytes through 2 × workers buffers, so memory stays bounded whatever n
+// is.
 func readRange(ctx context.Context, img disk.Image, off, n int64, out io.Writer) error {
 	chunks := (n + ioChunk - 1) / ioChunk
-	workers := int64(min(runtime.GOMAXPROCS(0), 4))
+	workers := min(runtime.GOMAXPROCS(0), 4)
 	if chunks < 4 {
 		workers = 1
 	}
-	type result struct {
+	type chunk struct {
+		off int64
 		buf []byte
 		err error
 	}
-	// slots[w] carries worker w's chunks in order; free[w] returns its buffers.
-	slots := make([]chan result, workers)
-	free := make([]chan []byte, workers)
-	for i := range slots {
-		slots[i] = make(chan result, 1)
-		free[i] = make(chan []byte, 2)
-		free[i] <- make([]byte, ioChunk)
-		free[i] <- make([]byte, ioChunk)
+	free := make(chan []byte, 2*workers)
+	for range 2 * workers {
+		free <- make([]byte, ioChunk)
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	for w := int64(0); w < workers; w++ {
-		go func() {
-			for i := w; i < chunks; i += workers {
+	return ordered.Run(ctx, workers, 2*workers,
+		func(ctx context.Context, submit func(*chunk, bool) error) error {
+			for i := int64(0); i < chunks; i++ {
 				var buf []byte
 				select {
-				case buf = <-free[w]:
+				case buf = <-free:
 				case <-ctx.Done():
-					return
+					return ctx.Err()
 				}
 				start := off + i*ioChunk
-				p := buf[:min(ioChunk, off+n-start)]
-				m, err := img.ReadAt(p, start)
-				if err != nil && errors.Is(err, io.EOF) && m == len(p) {
-					err = nil
-				}
-				if err != nil {
-					err = fmt.Errorf("read %s at %d: %w", img.Info().Path, start, err)
-				}
-				select {
-				case slots[w] <- result{p, err}:
-				case <-ctx.Done():
-					return
-				}
-				if err != nil {
-					return
+				if err := submit(&chunk{off: start, buf: buf[:min(ioChunk, off+n-start)]}, false); err != nil {
+					return err
 				}
 			}
-		}()
-	}
-	for i := int64(0); i < chunks; i++ {
-		var r result
-		select {
-		case r = <-slots[i%workers]:
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-		if r.err != nil {
-			return r.err
-		}
-		if _, err := out.Write(r.buf); err != nil {
-			return err
-		}
-		free[i%workers] <- r.buf[:cap(r.buf)]
-	}
-	return nil
+			return nil
+		},
+		func(c *chunk) {
+			m, err := img.ReadAt(c.buf, c.off)
+			if err != nil && errors.Is(err, io.EOF) && m == len(c.buf) {
+				err = nil
+			}
+			if err != nil {
+				c.err = fmt.Errorf("read %s at %d: %w", img.Info().Path, c.off, err)
+			}
+		},
+		func(c *chunk) error {
+			if c.err != nil {
+				return c.err
+			}
+			if _, err := out.Write(c.buf); err != nil {
+				return err
+			}
+			free <- c.buf[:cap(c.buf)]
+			return nil
+		})
 }
 
 // parseOffLen reads an OFFSET and LENGTH argument pair.

@@ -14,20 +14,21 @@ const module = "github.com/cvd-project/cvd/"
 // (docs/ARCHITECTURE.md, "Packages"). A package not listed may import nothing of
 // the module but internal helpers.
 var allowed = map[string][]string{
-	"cmd/cvd":           {"syncd", "vm", "desktop", "overlay", "clone", "hypervisor", "images", "catalog", "disk", "internal/proc"},
+	"cmd/cvd":           {"syncd", "vm", "desktop", "overlay", "clone", "hypervisor", "images", "catalog", "disk", "internal/proc", "internal/ordered"},
 	"vm":                {"hypervisor", "images", "disk"},
-	"syncd":             {"desktop", "images", "catalog", "disk", "internal/proc", "internal/fsutil"},
+	"syncd":             {"desktop", "images", "catalog", "disk", "internal/proc", "internal/fsutil", "internal/ordered"},
 	"desktop":           {"overlay", "images", "disk", "internal/proc", "internal/fsutil"},
-	"overlay":           {"disk", "internal/proc", "internal/fsutil"},
+	"overlay":           {"disk", "internal/proc", "internal/fsutil", "internal/ordered"},
 	"clone":             {"images", "disk", "internal/proc", "internal/fsutil"},
 	"hypervisor":        {"disk"},
-	"images":            {"catalog", "disk", "internal/proc", "internal/fsutil"},
+	"images":            {"catalog", "disk", "internal/proc", "internal/fsutil", "internal/ordered"},
 	"catalog":           {},
 	"disk":              {},
 	"internal/proc":     {},
 	"internal/testutil": {},
 	"internal/layering": {},
 	"internal/fsutil":   {},
+	"internal/ordered":  {},
 	"internal/labtest":  {"disk", "internal/testutil"},
 }
 
