@@ -3,6 +3,7 @@ package images
 import (
 	"context"
 	"errors"
+	"github.com/cvd-project/cvd/catalog"
 	"os"
 	"path/filepath"
 	"slices"
@@ -409,4 +410,32 @@ func TestJournalReservesFiles(t *testing.T) {
 	}
 	p2.Abort()
 	mustClean(t, s)
+}
+
+// TestCatalogOfAnotherStore: a store directory refuses a catalog that holds
+// another store's records, and remembers the one it was made with.
+func TestCatalogOfAnotherStore(t *testing.T) {
+	url := testutil.Postgres(t)
+	a, err := Open(filepath.Join(t.TempDir(), "a"), OpenOptions{Catalog: url})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dirA := a.Dir()
+	a.Close()
+	if _, err := Open(filepath.Join(t.TempDir(), "b"), OpenOptions{Catalog: url}); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("a second store on the first one's database: %v", err)
+	}
+	// Reopened without naming it, the store finds its catalog in config.json;
+	// naming another is refused.
+	a, err = Open(dirA, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Catalog().Engine() != catalog.Postgres {
+		t.Errorf("reopened on %s", a.Catalog().Engine())
+	}
+	a.Close()
+	if _, err := Open(dirA, OpenOptions{Catalog: filepath.Join(t.TempDir(), "other.db")}); !errors.Is(err, ErrInvalid) {
+		t.Errorf("naming another catalog: %v", err)
+	}
 }

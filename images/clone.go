@@ -1,6 +1,7 @@
 package images
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"slices"
@@ -173,37 +174,50 @@ func (s *Store) CloneNamesFree(names []string) (usedMACs map[string]bool, err er
 func (s *Store) CommitClones(p *Pending, clones []Clone) error {
 	return p.commit(func(tx *catalog.Tx) error {
 		cb, mb, rb := tx.Bucket(bucketClones), tx.Bucket(bucketMACs), tx.Bucket(bucketRefs)
+		// Clones of one call stand on a few layers and one desktop: each is
+		// looked up once. A clone's record and its MAC are each one statement
+		// that fails when the name or the MAC is taken.
+		seen := map[string]bool{}
+		exists := func(what string, b *catalog.Bucket, key string) bool {
+			k := what + "\x00" + key
+			if _, ok := seen[k]; !ok {
+				seen[k] = b.Get([]byte(key)) != nil
+			}
+			return seen[k]
+		}
 		for i := range clones {
 			c := &clones[i]
 			if err := CheckObjectName("clone", c.Name); err != nil {
 				return err
 			}
-			if cb.Get([]byte(c.Name)) != nil {
-				return fmt.Errorf("clone %s: %w", c.Name, ErrExists)
-			}
-			mac := strings.ToLower(c.MAC)
-			if old := mb.Get([]byte(mac)); old != nil {
-				return fmt.Errorf("MAC %s of clone %s: %w (clone %s)", mac, c.Name, ErrExists, old)
-			}
 			for _, id := range []string{c.Layer, c.UserLayer} {
 				if id == "" {
 					continue
 				}
-				if getLayer(tx, id) == nil {
+				if !exists("layer", tx.Bucket(bucketLayers), id) {
 					return fmt.Errorf("layer %s: %w", shortID(id), ErrNotFound)
 				}
 				if err := rb.Put(refKey(id, "clone", c.Name), nil); err != nil {
 					return err
 				}
 			}
-			if c.Desktop != "" && tx.Bucket(bucketDesktops).Get([]byte(c.Desktop)) == nil {
+			if c.Desktop != "" && !exists("desktop", tx.Bucket(bucketDesktops), c.Desktop) {
 				return fmt.Errorf("desktop %s: %w", c.Desktop, ErrNotFound)
 			}
-			if err := mb.Put([]byte(mac), []byte(c.Name)); err != nil {
+			mac := strings.ToLower(c.MAC)
+			if ok, err := mb.PutIfAbsent([]byte(mac), []byte(c.Name)); err != nil {
+				return err
+			} else if !ok {
+				return fmt.Errorf("MAC %s of clone %s: %w (clone %s)", mac, c.Name, ErrExists, mb.Get([]byte(mac)))
+			}
+			raw, err := json.Marshal(c)
+			if err != nil {
 				return err
 			}
-			if err := putJSON(cb, c.Name, c); err != nil {
+			if ok, err := cb.PutIfAbsent([]byte(c.Name), raw); err != nil {
 				return err
+			} else if !ok {
+				return fmt.Errorf("clone %s: %w", c.Name, ErrExists)
 			}
 		}
 		return nil

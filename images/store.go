@@ -199,10 +199,48 @@ func checkSchema(tx *catalog.Tx, id string) error {
 
 // initCatalog gives a new store its ID and schema record, and its config file.
 func (s *Store) initCatalog(cfg storeConfig, u string) error {
+	// Every open but a store's first finds both records: no write needed.
+	var have []byte
+	err := s.db.View(func(tx *catalog.Tx) error {
+		m := tx.Bucket(bucketMeta)
+		if m.Get(keySchema) == nil {
+			return nil
+		}
+		if have = m.Get(keyStoreID); have != nil {
+			have = append([]byte(nil), have...)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if have != nil && (cfg.ID == string(have) || (cfg.ID == "" && s.db.Engine() == catalog.SQLite)) {
+		cfg.ID = string(have)
+		err = s.db.View(func(tx *catalog.Tx) error { return checkSchema(tx, cfg.ID) })
+	} else {
+		err = s.updateMeta(&cfg)
+	}
+	if err != nil {
+		return err
+	}
+	want := storeConfig{ID: cfg.ID}
+	if u != filepath.Join(s.dir, CatalogFile) {
+		want.Catalog = u
+	}
+	if old, _ := readConfig(s.dir); old != want {
+		if err := writeFileSync(filepath.Join(s.dir, ConfigFile), want); err != nil {
+			return fmt.Errorf("write %s: %w", ConfigFile, err)
+		}
+	}
+	return nil
+}
+
+// updateMeta writes the schema and store-ID records a catalog lacks.
+func (s *Store) updateMeta(cfg *storeConfig) error {
 	if cfg.ID == "" {
 		cfg.ID = randHex(16)
 	}
-	err := s.db.Update(func(tx *catalog.Tx) error {
+	return s.db.Update(func(tx *catalog.Tx) error {
 		m := tx.Bucket(bucketMeta)
 		if m.Get(keySchema) == nil {
 			if err := m.Put(keySchema, []byte(schemaVersion)); err != nil {
@@ -218,19 +256,6 @@ func (s *Store) initCatalog(cfg storeConfig, u string) error {
 		}
 		return checkSchema(tx, cfg.ID)
 	})
-	if err != nil {
-		return err
-	}
-	want := storeConfig{ID: cfg.ID}
-	if u != filepath.Join(s.dir, CatalogFile) {
-		want.Catalog = u
-	}
-	if old, _ := readConfig(s.dir); old != want {
-		if err := writeFileSync(filepath.Join(s.dir, ConfigFile), want); err != nil {
-			return fmt.Errorf("write %s: %w", ConfigFile, err)
-		}
-	}
-	return nil
 }
 
 // writeFileSync writes v as JSON to path through a synced temporary file.
