@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"github.com/cvd-project/cvd/overlay"
-	"os"
 	"sort"
 	"strings"
 	"sync"
@@ -332,7 +331,7 @@ func (pl *planner) plan(ctx context.Context, d *images.Desktop, policy Policy, i
 // as the sealed copy.
 func (dc *desktopChain) moveCost() Cost {
 	var c Cost
-	fs := fileSize(dc.top.Info().Path)
+	fs := overlay.FileSize(dc.top.Info().Path)
 	cs := int64(dc.top.Info().ClusterSize)
 	c.ReadBytes, c.WriteBytes = fs, fs
 	c.ReadClusters, c.WriteClusters = (fs+cs-1)/cs, (fs+cs-1)/cs
@@ -631,12 +630,4 @@ func apply(ctx context.Context, st *images.Store, pl *planner, p *DesktopPlan, p
 	}
 	p.Applied, p.NewVersion, p.NewSystem = true, nd.Head, b.system
 	return nil
-}
-
-func fileSize(p string) int64 {
-	fi, err := os.Stat(p)
-	if err != nil {
-		return 0
-	}
-	return fi.Size()
 }

@@ -47,7 +47,7 @@ func Flatten(ctx context.Context, src disk.Image, out string, opts disk.ConvertO
 	if err := disk.Convert(ctx, src, out, opts); err != nil {
 		return nil, fmt.Errorf("flatten %s: %w", rep.Source, err)
 	}
-	rep.FileSize = fileSize(out)
+	rep.FileSize = FileSize(out)
 	rep.Seconds = time.Since(start).Seconds()
 	return rep, nil
 }

@@ -134,7 +134,7 @@ func Rebase(ctx context.Context, top, newBacking string, opts RebaseOptions) (re
 	}()
 	ti := t.Info()
 	rep.ClusterSize = int64(ti.ClusterSize)
-	rep.FileBefore = fileSize(top)
+	rep.FileBefore = FileSize(top)
 	if ob := t.Backing(); ob != nil {
 		rep.OldBacking = ob.Info().Path
 	}
@@ -185,7 +185,7 @@ func Rebase(ctx context.Context, top, newBacking string, opts RebaseOptions) (re
 			return nil, fmt.Errorf("rebase %s: %w", top, err)
 		}
 	}
-	rep.FileAfter = fileSize(top)
+	rep.FileAfter = FileSize(top)
 	rep.Seconds = time.Since(start).Seconds()
 	return rep, nil
 }
@@ -349,7 +349,8 @@ func absPath(p string) string {
 	return p
 }
 
-func fileSize(p string) int64 {
+// FileSize is the size of the file at p, 0 when it cannot be read.
+func FileSize(p string) int64 {
 	fi, err := os.Stat(p)
 	if err != nil {
 		return 0
@@ -363,7 +364,7 @@ func ownFileBytes(p *pair) int64 {
 	var n int64
 	for _, own := range [][]disk.Image{p.ownA, p.ownB} {
 		for _, l := range own {
-			n += fileSize(l.Info().Path)
+			n += FileSize(l.Info().Path)
 		}
 	}
 	return n
