@@ -44,14 +44,13 @@ func (tx *Tx) exec(query string, args ...any) (sql.Result, error) {
 	return st.ExecContext(tx.ctx, args...)
 }
 
-func (tx *Tx) queryRow(query string, args ...any) *sql.Row {
+// scan runs a one-row query and scans it into dest (sql.ErrNoRows when none).
+func (tx *Tx) scan(query string, args []any, dest ...any) error {
 	st, err := tx.stmt(query)
 	if err != nil {
-		// QueryRowContext on a closed-over error: report through a query that
-		// fails the same way.
-		return tx.tx.QueryRowContext(tx.ctx, tx.q(query), args...)
+		return err
 	}
-	return st.QueryRowContext(tx.ctx, args...)
+	return st.QueryRowContext(tx.ctx, args...).Scan(dest...)
 }
 
 // Writable reports whether tx may write.
@@ -98,7 +97,7 @@ func (b *Bucket) Name() string { return b.name }
 // value is an empty, non-nil slice).
 func (b *Bucket) Get(key []byte) []byte {
 	var v []byte
-	err := b.tx.queryRow("SELECT v FROM kv WHERE b = ? AND k = ?", b.name, key).Scan(&v)
+	err := b.tx.scan("SELECT v FROM kv WHERE b = ? AND k = ?", []any{b.name, key}, &v)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil
 	}
@@ -171,7 +170,7 @@ func (b *Bucket) ForEach(fn func(k, v []byte) error) error {
 // Len counts the bucket's records.
 func (b *Bucket) Len() (int, error) {
 	var n int
-	err := b.tx.queryRow("SELECT COUNT(*) FROM kv WHERE b = ?", b.name).Scan(&n)
+	err := b.tx.scan("SELECT COUNT(*) FROM kv WHERE b = ?", []any{b.name}, &n)
 	if err != nil {
 		return 0, b.tx.fail(fmt.Errorf("catalog: count %s: %w", b.name, err))
 	}
@@ -185,7 +184,7 @@ func (b *Bucket) NextSequence() (uint64, error) {
 		return 0, ErrReadOnly
 	}
 	var n int64
-	err := b.tx.queryRow("INSERT INTO seq (b, n) VALUES (?, 1) ON CONFLICT (b) DO UPDATE SET n = seq.n + 1 RETURNING n", b.name).Scan(&n)
+	err := b.tx.scan("INSERT INTO seq (b, n) VALUES (?, 1) ON CONFLICT (b) DO UPDATE SET n = seq.n + 1 RETURNING n", []any{b.name}, &n)
 	if err != nil {
 		return 0, b.tx.fail(fmt.Errorf("catalog: sequence %s: %w", b.name, err))
 	}

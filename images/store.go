@@ -199,25 +199,20 @@ func checkSchema(tx *catalog.Tx, id string) error {
 
 // initCatalog gives a new store its ID and schema record, and its config file.
 func (s *Store) initCatalog(cfg storeConfig, u string) error {
-	// Every open but a store's first finds both records: no write needed.
-	var have []byte
+	// Every open but a store's first finds both records, in one read: no write.
+	old := cfg
+	done := false
 	err := s.db.View(func(tx *catalog.Tx) error {
 		m := tx.Bucket(bucketMeta)
-		if m.Get(keySchema) == nil {
+		have := m.Get(keyStoreID)
+		if m.Get(keySchema) == nil || have == nil ||
+			!(cfg.ID == string(have) || (cfg.ID == "" && s.db.Engine() == catalog.SQLite)) {
 			return nil
 		}
-		if have = m.Get(keyStoreID); have != nil {
-			have = append([]byte(nil), have...)
-		}
-		return nil
+		cfg.ID, done = string(have), true
+		return checkSchema(tx, cfg.ID)
 	})
-	if err != nil {
-		return err
-	}
-	if have != nil && (cfg.ID == string(have) || (cfg.ID == "" && s.db.Engine() == catalog.SQLite)) {
-		cfg.ID = string(have)
-		err = s.db.View(func(tx *catalog.Tx) error { return checkSchema(tx, cfg.ID) })
-	} else {
+	if err == nil && !done {
 		err = s.updateMeta(&cfg)
 	}
 	if err != nil {
@@ -227,7 +222,7 @@ func (s *Store) initCatalog(cfg storeConfig, u string) error {
 	if u != filepath.Join(s.dir, CatalogFile) {
 		want.Catalog = u
 	}
-	if old, _ := readConfig(s.dir); old != want {
+	if old != want {
 		if err := writeFileSync(filepath.Join(s.dir, ConfigFile), want); err != nil {
 			return fmt.Errorf("write %s: %w", ConfigFile, err)
 		}
