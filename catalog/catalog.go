@@ -57,6 +57,7 @@ type DB struct {
 	readOnly bool
 	wait     time.Duration
 	ctx      context.Context
+	applied  []int64 // the migrations this open applied
 }
 
 // EngineOf tells the engine a catalog URL names, and the data source name for
@@ -158,7 +159,13 @@ func (db *DB) migrate() error {
 	ctx, cancel := context.WithTimeout(db.ctx, db.wait)
 	defer cancel()
 	for try := 0; ; try++ {
-		_, err = p.Up(ctx)
+		var res []*goose.MigrationResult
+		res, err = p.Up(ctx)
+		for _, r := range res {
+			if r.Error == nil {
+				db.applied = append(db.applied, r.Source.Version)
+			}
+		}
 		if err == nil || try == 5 || ctx.Err() != nil {
 			break
 		}
@@ -195,6 +202,10 @@ func (db *DB) checkVersion() error {
 	}
 	return nil
 }
+
+// Applied lists the migrations this open applied (none when the schema was
+// current): a package above moves its records into a new table once.
+func (db *DB) Applied() []int64 { return db.applied }
 
 // Close closes the catalog.
 func (db *DB) Close() error {

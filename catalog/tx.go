@@ -291,3 +291,40 @@ func (b *Bucket) SetSequence(n uint64) error {
 	}
 	return nil
 }
+
+// Exec runs a statement on the schema's typed tables ("?" placeholders, rewritten
+// for the engine; prepared once per transaction) and returns the rows it affected.
+func (tx *Tx) Exec(query string, args ...any) (int64, error) {
+	if !tx.writable {
+		return 0, ErrReadOnly
+	}
+	res, err := tx.exec(query, args...)
+	if err != nil {
+		return 0, tx.fail(fmt.Errorf("catalog: %w", err))
+	}
+	return res.RowsAffected()
+}
+
+// Query runs a query on the schema's typed tables ("?" placeholders) and calls fn
+// for each row with the function that scans it; an error from fn stops it. fn
+// must not use tx: the row set holds the transaction's connection until the end.
+func (tx *Tx) Query(query string, args []any, fn func(scan func(dest ...any) error) error) error {
+	st, err := tx.stmt(query)
+	if err != nil {
+		return tx.fail(fmt.Errorf("catalog: %w", err))
+	}
+	rows, err := st.QueryContext(tx.ctx, args...)
+	if err != nil {
+		return tx.fail(fmt.Errorf("catalog: %w", err))
+	}
+	defer rows.Close()
+	for rows.Next() {
+		if err := fn(rows.Scan); err != nil {
+			return err
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return tx.fail(fmt.Errorf("catalog: %w", err))
+	}
+	return nil
+}

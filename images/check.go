@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"github.com/cvd-project/cvd/internal/proc"
+	"maps"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 
@@ -134,12 +136,20 @@ func (s *Store) check(ctx context.Context, opts CheckOptions) (*CheckReport, err
 			}
 			return nil
 		})
+		versions, err := loadAllVersions(tx)
+		if err != nil {
+			return err
+		}
 		err = tx.Bucket(bucketDesktops).ForEach(func(k, v []byte) error {
 			var d Desktop
 			if err := json.Unmarshal(v, &d); err != nil {
 				add(ProblemBadRef, "", "desktop record %s: %v", k, err)
 				return nil
 			}
+			if len(d.Versions) == 0 {
+				d.Versions = versions[d.Name]
+			}
+			delete(versions, d.Name)
 			rep.Desktops++
 			for _, f := range []string{d.SystemDisk, d.UserDisk} {
 				if f != "" {
@@ -161,6 +171,9 @@ func (s *Store) check(ctx context.Context, opts CheckOptions) (*CheckReport, err
 		})
 		if err != nil {
 			return err
+		}
+		for _, name := range slices.Sorted(maps.Keys(versions)) {
+			add(ProblemBadRef, "", "versions of %s: no such desktop", name)
 		}
 		macs := tx.Bucket(bucketMACs)
 		err = tx.Bucket(bucketClones).ForEach(func(k, v []byte) error {

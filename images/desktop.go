@@ -36,13 +36,12 @@ func kindFromNote(note string) VersionKind {
 			return k
 		}
 	}
-	switch {
-	case strings.HasPrefix(note, "check-out") && !strings.Contains(note, "seal"):
+	if strings.HasPrefix(note, "check-out") && !strings.Contains(note, "seal") {
 		return VersionImport
-	case strings.Contains(note, "seal"), strings.Contains(note, "server changes"):
-		return VersionSeal
 	}
-	return ""
+	// The rest: the seals of the server's tops ("check-out seal", "server
+	// changes before check-in", ...), the only other versions releases made.
+	return VersionSeal
 }
 
 // Version is one state of a desktop: the sealed layers its disks stand on.
@@ -256,7 +255,7 @@ func (s *Store) CreateDesktop(ctx context.Context, name string, spec DesktopSpec
 		if v.User == "" && d.UserDisk != "" && d.UserSize == 0 {
 			return fmt.Errorf("%w: user disk without size", ErrInvalid)
 		}
-		return putJSON(tx.Bucket(bucketDesktops), name, d)
+		return putDesktop(tx, d, nil)
 	})
 	if err != nil {
 		return fail(err)
@@ -305,9 +304,13 @@ func (s *Store) UpdateDesktop(p *Pending, name string, fn func(d *Desktop) error
 		drop    []string
 	)
 	err := s.db.Update(func(tx *catalog.Tx) error {
-		old, err := getDesktop(tx, name)
+		old, legacy, err := readDesktop(tx, name)
 		if err != nil {
 			return err
+		}
+		stored := old.Versions
+		if legacy {
+			stored = nil
 		}
 		cp, err := copyDesktop(old)
 		if err != nil {
@@ -365,7 +368,7 @@ func (s *Store) UpdateDesktop(p *Pending, name string, fn func(d *Desktop) error
 			}
 		}
 		d = cp
-		return putJSON(tx.Bucket(bucketDesktops), name, cp)
+		return putDesktop(tx, cp, stored)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("update desktop %s: %w", name, err)
@@ -398,12 +401,21 @@ func copyDesktop(d *Desktop) (*Desktop, error) {
 func (s *Store) Desktops() ([]Desktop, error) {
 	var out []Desktop
 	err := s.db.View(func(tx *catalog.Tx) error {
+		versions, err := loadAllVersions(tx)
+		if err != nil {
+			return err
+		}
 		return tx.Bucket(bucketDesktops).ForEach(func(k, v []byte) error {
 			var d Desktop
 			if _, err := getJSON(tx.Bucket(bucketDesktops), string(k), &d); err != nil {
 				return err
 			}
-			d.fillKinds()
+			if len(d.Versions) == 0 {
+				d.Versions = versions[d.Name]
+			}
+			for i := range d.Versions {
+				d.Versions[i] = normalVersion(d.Versions[i])
+			}
 			out = append(out, d)
 			return nil
 		})
@@ -424,25 +436,8 @@ func (s *Store) Desktop(name string) (*Desktop, error) {
 }
 
 func getDesktop(tx *catalog.Tx, name string) (*Desktop, error) {
-	var d Desktop
-	ok, err := getJSON(tx.Bucket(bucketDesktops), name, &d)
-	if err != nil {
-		return nil, err
-	}
-	if !ok {
-		return nil, fmt.Errorf("desktop %s: %w", name, ErrNotFound)
-	}
-	d.fillKinds()
-	return &d, nil
-}
-
-// fillKinds gives the versions recorded before versions carried a kind theirs.
-func (d *Desktop) fillKinds() {
-	for i := range d.Versions {
-		if d.Versions[i].Kind == "" {
-			d.Versions[i].Kind = kindFromNote(d.Versions[i].Note)
-		}
-	}
+	d, _, err := readDesktop(tx, name)
+	return d, err
 }
 
 // RemoveDesktop removes a desktop, its tops and its version records (the layers
@@ -497,7 +492,7 @@ func (s *Store) RemoveDesktop(name string, withClones bool) (*Desktop, []Clone, 
 		if d.UserDisk != "" {
 			files = append(files, d.UserDisk)
 		}
-		return files, tx.Bucket(bucketDesktops).Delete([]byte(name))
+		return files, deleteDesktop(tx, name)
 	})
 	if err != nil {
 		return nil, nil, err

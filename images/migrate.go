@@ -91,6 +91,9 @@ func (s *Store) migrateBolt() error {
 					return fmt.Errorf("migrate %s: %w", s.Path(f.rel), err)
 				}
 			}
+			if _, err := moveVersions(ctx); err != nil {
+				return fmt.Errorf("migrate: %w", err)
+			}
 			return ctx.Bucket(bucketMeta).Put(keyMigrated, []byte(s.now().UTC().Format(time.RFC3339)))
 		})
 		if err != nil {
