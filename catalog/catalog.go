@@ -101,7 +101,7 @@ func Open(u string, opts Options) (*DB, error) {
 		// Every connection: WAL (readers never wait for the writer), full sync
 		// at each commit, a short busy wait (Update retries it, honouring its
 		// context). The writer's transactions take the write lock at BEGIN.
-		q := "?_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)&_pragma=busy_timeout(200)"
+		q := "?_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)&_pragma=busy_timeout(200)&_pragma=foreign_keys(1)"
 		if db.ro, err = sql.Open("sqlite", src+q+"&_txlock=deferred"); err != nil {
 			return nil, err
 		}

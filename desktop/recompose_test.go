@@ -520,7 +520,7 @@ func TestPrune(t *testing.T) {
 	// v2 on the app, v3 on its base, v4 back on the second base (where the
 	// desktop's top stands): v4 is the head.
 	for _, l := range []*images.Layer{app, base, base2} {
-		if _, _, err := AddVersion(sl.st, "d", images.Version{System: l.ID}, true); err != nil {
+		if _, _, err := AddVersion(sl.st, "d", images.Version{System: l.ID}, true, 0); err != nil {
 			t.Fatal(err)
 		}
 	}

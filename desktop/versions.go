@@ -19,10 +19,15 @@ import (
 // still v.From in that transaction; otherwise (another process rolled back or
 // added a version since) it is kept beside the head as a conflict. It returns
 // the desktop as it is afterwards and the version added.
-func AddVersion(st *images.Store, name string, v images.Version, setHead bool) (*images.Desktop, images.Version, error) {
+//
+// A fence above 0 is the epoch of the lease a check-in was made under: when the
+// desktop's active lease in that transaction has another epoch (an
+// administrator broke it, another device took the desktop since), the version
+// is kept as a conflict too.
+func AddVersion(st *images.Store, name string, v images.Version, setHead bool, fence int64) (*images.Desktop, images.Version, error) {
 	var added images.Version
 	d, err := st.UpdateDesktop(nil, name, func(d *images.Desktop) error {
-		if setHead && v.From != 0 && d.Head != v.From {
+		if setHead && ((v.From != 0 && d.Head != v.From) || (fence > 0 && d.LeaseEpoch != fence)) {
 			setHead, v.Conflict = false, true
 			if v.Kind == images.VersionCheckin {
 				v.Kind, v.Note = images.VersionConflict, CheckinNote(images.VersionConflict, v.Checkin)

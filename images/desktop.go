@@ -87,9 +87,15 @@ type Desktop struct {
 	// head's User layer, or a blank disk of UserSize bytes.
 	UserDisk string `json:"user_disk,omitempty"`
 	UserSize int64  `json:"user_size,omitempty"`
-	// Devices and Lease are filled by issue 6 (bound devices, the active lease).
+	// Devices (the devices bound to it) and Lease ("<device> until <expiry>"
+	// while a device's lease is active and unexpired) are read from sync's
+	// tables in the catalog with the desktop; they are not part of its record.
 	Devices []string `json:"devices,omitempty"`
 	Lease   string   `json:"lease,omitempty"`
+	// LeaseEpoch is the epoch of the desktop's active lease (expired or not; 0
+	// when none), read with the record in the same transaction: a check-in's
+	// commit compares it with the lease it was made under.
+	LeaseEpoch int64 `json:"lease_epoch,omitempty"`
 	// Switch is a recompose waiting for the desktop's next start.
 	Switch *PendingSwitch `json:"switch,omitempty"`
 }
@@ -405,10 +411,10 @@ func (s *Store) Desktops() ([]Desktop, error) {
 		if err != nil {
 			return err
 		}
-		return tx.Bucket(bucketDesktops).ForEach(func(k, v []byte) error {
+		err = tx.Bucket(bucketDesktops).ForEach(func(k, v []byte) error {
 			var d Desktop
-			if _, err := getJSON(tx.Bucket(bucketDesktops), string(k), &d); err != nil {
-				return err
+			if err := json.Unmarshal(v, &d); err != nil {
+				return fmt.Errorf("desktop %s: %w", k, err)
 			}
 			if len(d.Versions) == 0 {
 				d.Versions = versions[d.Name]
@@ -419,6 +425,14 @@ func (s *Store) Desktops() ([]Desktop, error) {
 			out = append(out, d)
 			return nil
 		})
+		if err != nil {
+			return err
+		}
+		ps := make([]*Desktop, len(out))
+		for i := range out {
+			ps[i] = &out[i]
+		}
+		return fillHolders(tx, ps, "", s.now())
 	})
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out, err
@@ -429,8 +443,10 @@ func (s *Store) Desktop(name string) (*Desktop, error) {
 	var d *Desktop
 	err := s.db.View(func(tx *catalog.Tx) error {
 		var err error
-		d, err = getDesktop(tx, name)
-		return err
+		if d, err = getDesktop(tx, name); err != nil {
+			return err
+		}
+		return fillHolders(tx, []*Desktop{d}, name, s.now())
 	})
 	return d, err
 }

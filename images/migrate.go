@@ -91,7 +91,7 @@ func (s *Store) migrateBolt() error {
 					return fmt.Errorf("migrate %s: %w", s.Path(f.rel), err)
 				}
 			}
-			if _, err := moveVersions(ctx); err != nil {
+			if err := s.moveRecords(ctx); err != nil {
 				return fmt.Errorf("migrate: %w", err)
 			}
 			return ctx.Bucket(bucketMeta).Put(keyMigrated, []byte(s.now().UTC().Format(time.RFC3339)))
@@ -107,4 +107,38 @@ func (s *Store) migrateBolt() error {
 		}
 	}
 	return fsutil.Sync(s.dir)
+}
+
+// A RecordMover moves the records that an earlier layout of the catalog kept as
+// JSON documents (in a bbolt store, or in the catalog's first schema) into the
+// typed tables of the current one, in the transaction it is given, and reports
+// how many it moved. It must be idempotent. The package that owns such records
+// registers its mover from init; Open runs every mover in the transaction that
+// migrates a bbolt store, and after it applied a schema migration.
+type RecordMover func(tx *catalog.Tx) (int, error)
+
+type namedMover struct {
+	what string
+	fn   RecordMover
+}
+
+var movers = []namedMover{{"versions listed in desktop records", moveVersions}}
+
+// RegisterRecordMover adds a mover (call it from init); what names the records.
+func RegisterRecordMover(what string, fn RecordMover) {
+	movers = append(movers, namedMover{what, fn})
+}
+
+// moveRecords runs every mover in tx.
+func (s *Store) moveRecords(tx *catalog.Tx) error {
+	for _, m := range movers {
+		n, err := m.fn(tx)
+		if err != nil {
+			return fmt.Errorf("move %s: %w", m.what, err)
+		}
+		if n > 0 {
+			s.recovered = append(s.recovered, fmt.Sprintf("%s: %d records moved into typed tables", m.what, n))
+		}
+	}
+	return nil
 }

@@ -10,7 +10,6 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
-	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -165,14 +164,8 @@ func Open(dir string, opts OpenOptions) (*Store, error) {
 		err = db.View(func(tx *catalog.Tx) error { return checkSchema(tx, cfg.ID) })
 	} else {
 		err = s.migrateBolt()
-		if err == nil && slices.Contains(db.Applied(), versionsMigration) {
-			err = s.db.Update(func(tx *catalog.Tx) error {
-				n, err := moveVersions(tx)
-				if n > 0 {
-					s.recovered = append(s.recovered, fmt.Sprintf("moved the versions of %d desktops into their table", n))
-				}
-				return err
-			})
+		if err == nil && len(db.Applied()) > 0 {
+			err = s.db.Update(s.moveRecords)
 		}
 		if err == nil {
 			err = s.initCatalog(cfg, u)

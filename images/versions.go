@@ -14,9 +14,6 @@ import (
 // rest (head, tops, pending switch). The functions here are the only ones that
 // read or write that table.
 
-// versionsMigration is the catalog migration that made the versions table.
-const versionsMigration = 2
-
 const versionCols = "n, kind, checkin, created, system_layer, user_layer, from_n, device, bytes, note"
 
 // scanVersion reads one row of versionCols.
@@ -131,6 +128,13 @@ func readDesktop(tx *catalog.Tx, name string) (d *Desktop, legacy bool, err erro
 	if !ok {
 		return nil, false, fmt.Errorf("desktop %s: %w", name, ErrNotFound)
 	}
+	d.Devices, d.Lease = nil, "" // not part of the record (see fillHolders)
+	d.LeaseEpoch = 0
+	err = tx.Query("SELECT epoch FROM leases WHERE desktop = ? AND state = 'active'", []any{name},
+		func(scan func(dest ...any) error) error { return scan(&d.LeaseEpoch) })
+	if err != nil {
+		return nil, false, err
+	}
 	if len(d.Versions) > 0 {
 		for i := range d.Versions {
 			d.Versions[i] = normalVersion(d.Versions[i])
@@ -148,7 +152,7 @@ func putDesktop(tx *catalog.Tx, d *Desktop, stored []Version) error {
 		return err
 	}
 	rec := *d
-	rec.Versions = nil
+	rec.Versions, rec.Devices, rec.Lease, rec.LeaseEpoch = nil, nil, "", 0
 	raw, err := json.Marshal(&rec)
 	if err != nil {
 		return err
@@ -198,4 +202,54 @@ func moveVersions(tx *catalog.Tx) (int, error) {
 		}
 	}
 	return len(names), nil
+}
+
+// fillHolders gives desktops (all of them when name is "", else the one called
+// name) the devices bound to them, the epoch of the active lease, and that
+// lease's holder while it is unexpired at now, from
+// the devices, device_desktops and leases tables that syncd writes.
+func fillHolders(tx *catalog.Tx, ds []*Desktop, name string, now time.Time) error {
+	at := map[string]*Desktop{}
+	for _, d := range ds {
+		d.Devices, d.Lease, d.LeaseEpoch = nil, "", 0
+		at[d.Name] = d
+	}
+	where, args := "", []any(nil)
+	if name != "" {
+		where, args = " AND desktop = ?", []any{name}
+	}
+	err := tx.Query("SELECT desktop, device_name, expires, epoch FROM leases WHERE state = 'active'"+where, args,
+		func(scan func(dest ...any) error) error {
+			var desk, dev string
+			var exp time.Time
+			var epoch int64
+			if err := scan(&desk, &dev, &exp, &epoch); err != nil {
+				return err
+			}
+			if d := at[desk]; d != nil {
+				d.LeaseEpoch = epoch
+				if exp.After(now) {
+					d.Lease = dev + " until " + exp.UTC().Format(time.RFC3339)
+				}
+			}
+			return nil
+		})
+	if err != nil {
+		return err
+	}
+	where, args = "", nil
+	if name != "" {
+		where, args = " WHERE b.desktop = ?", []any{name}
+	}
+	return tx.Query("SELECT b.desktop, v.name FROM device_desktops b JOIN devices v ON v.id = b.device"+where+" ORDER BY v.name", args,
+		func(scan func(dest ...any) error) error {
+			var desk, dev string
+			if err := scan(&desk, &dev); err != nil {
+				return err
+			}
+			if d := at[desk]; d != nil {
+				d.Devices = append(d.Devices, dev)
+			}
+			return nil
+		})
 }

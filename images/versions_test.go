@@ -142,7 +142,8 @@ func TestVersionsMoveIntoTable(t *testing.T) {
 		if err := tx.Bucket(bucketDesktops).Put([]byte("d"), raw); err != nil {
 			return err
 		}
-		for _, q := range []string{"DROP TABLE versions", "DELETE FROM goose_db_version WHERE version_id = 2"} {
+		for _, q := range []string{"DROP TABLE versions", "DROP TABLE leases", "DROP TABLE device_desktops",
+			"DROP TABLE devices", "DELETE FROM goose_db_version WHERE version_id >= 2"} {
 			if _, err := tx.Exec(q); err != nil {
 				return err
 			}
@@ -161,7 +162,7 @@ func TestVersionsMoveIntoTable(t *testing.T) {
 	}
 	f.s = s2
 	defer s2.Close()
-	if rec := strings.Join(s2.Recovered(), "; "); !strings.Contains(rec, "moved the versions of 1 desktops") {
+	if rec := strings.Join(s2.Recovered(), "; "); !strings.Contains(rec, "versions listed in desktop records: 1 records moved") {
 		t.Errorf("recovered: %q", rec)
 	}
 	got, err := s2.Desktop("d")

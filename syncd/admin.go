@@ -20,11 +20,7 @@ func (s *Server) AddDevice(name string, desktops []string) (*Device, string, err
 			return nil, "", err
 		}
 	}
-	dev, tok, err := s.st.addDevice(name, desktops, s.now())
-	if err == nil {
-		s.markCatalog(desktops...)
-	}
-	return dev, tok, err
+	return s.st.addDevice(name, desktops, s.now())
 }
 
 // BindDevice binds an existing device to more desktops.
@@ -34,21 +30,13 @@ func (s *Server) BindDevice(name string, desktops []string) (*Device, error) {
 			return nil, err
 		}
 	}
-	d, err := s.st.bindDevice(name, desktops)
-	if err == nil {
-		s.markCatalog(d.Desktops...)
-	}
-	return d, err
+	return s.st.bindDevice(name, desktops)
 }
 
 // RemoveDevice forgets a device: its token stops working and a lease it holds is
 // broken.
 func (s *Server) RemoveDevice(name string) (*Device, error) {
-	d, err := s.st.removeDevice(name, s.now())
-	if err == nil {
-		s.markCatalog(d.Desktops...)
-	}
-	return d, err
+	return s.st.removeDevice(name, s.now())
 }
 
 // Devices lists the registered devices.
@@ -59,14 +47,9 @@ func (s *Server) Devices() ([]Device, error) { return s.st.devices() }
 func (s *Server) Leases() ([]Lease, error) {
 	var out []Lease
 	err := s.st.view(func(tx *catalog.Tx) error {
-		return tx.Bucket(bucketLeases).ForEach(func(k, v []byte) error {
-			var l Lease
-			if _, err := getJSON(tx, bucketLeases, string(k), &l); err != nil {
-				return err
-			}
-			out = append(out, l)
-			return nil
-		})
+		var err error
+		out, err = queryLeases(tx, "state = 'active'")
+		return err
 	})
 	return out, err
 }
@@ -92,7 +75,6 @@ func (s *Server) BreakLease(desktop string) (*Lease, error) {
 		return nil, err
 	}
 	s.log.Info("lease broken", "desktop", desktop, "device", l.DeviceName)
-	s.markCatalog(desktop)
 	return l, nil
 }
 
@@ -119,7 +101,7 @@ func (s *Server) Rollback(ctx context.Context, desktop string, to int) (*Version
 	}
 	nv := Version{Created: s.now().UTC().Truncate(time.Second), System: target.System, User: target.User,
 		Kind: images.VersionRollback, Note: fmt.Sprintf("rollback to %d", to), From: dv.Head}
-	dv, v, err := addVersion(s.store, desktop, nv, true)
+	dv, v, err := addVersion(s.store, desktop, nv, true, 0)
 	if err != nil {
 		return nil, err
 	}

@@ -123,9 +123,6 @@ func (s *Server) Export(ctx context.Context, desktop, path string, opts ExportOp
 		}
 		return nil, err
 	}
-	if h.Lease != nil {
-		s.markCatalog(desktop)
-	}
 	h.Version = dv.Head
 	m := &Manifest{}
 	if err := s.fillDisks(m, dv); err != nil {
@@ -362,20 +359,18 @@ func (s *Server) undoLease(l, prev *Lease) error {
 		if err != nil || cur == nil || cur.ID != l.ID || !cur.Expires.Equal(l.Expires) {
 			return err // someone else changed it meanwhile: leave it
 		}
-		if prev != nil {
-			if err := putJSON(tx, bucketLeases, l.Desktop, prev); err != nil {
-				return err
-			}
-			if prev.ID == l.ID {
-				return nil // a renewal, taken back
-			}
-		} else if err := tx.Bucket(bucketLeases).Delete([]byte(l.Desktop)); err != nil {
+		if prev != nil && prev.ID == l.ID {
+			return putLease(tx, prev) // a renewal, taken back
+		}
+		// The lease nobody received goes; the one it ended (expired) is back.
+		if _, err := tx.Exec("DELETE FROM leases WHERE id = ?", l.ID); err != nil {
 			return err
 		}
-		return tx.Bucket(bucketLeaseLog).Delete([]byte(l.ID))
+		if prev != nil {
+			prev.State, prev.Ended = "active", time.Time{}
+			return putLease(tx, prev)
+		}
+		return nil
 	})
-	if err == nil {
-		s.markCatalog(l.Desktop)
-	}
 	return err
 }

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"regexp"
 	"slices"
-	"sort"
 	"strings"
 	"time"
 
@@ -62,6 +61,65 @@ func newToken() (id, tok string) {
 	return id, tokenPrefix + id + "_" + base64.RawURLEncoding.EncodeToString(b[8:])
 }
 
+// The devices live in the catalog's devices and device_desktops tables (see
+// catalog/migrations): the functions below are the only ones that touch them.
+
+// queryDevices reads the devices that match where (SQL, "?" placeholders), with
+// the desktops each is bound to.
+func queryDevices(tx *catalog.Tx, where string, args ...any) ([]Device, error) {
+	var out []Device
+	err := tx.Query("SELECT id, name, token_sha256, created FROM devices WHERE "+where+" ORDER BY name", args,
+		func(scan func(dest ...any) error) error {
+			var d Device
+			if err := scan(&d.ID, &d.Name, &d.TokenHash, &d.Created); err != nil {
+				return err
+			}
+			d.Created, d.Desktops = d.Created.UTC(), []string{}
+			out = append(out, d)
+			return nil
+		})
+	if err != nil || len(out) == 0 {
+		return out, err
+	}
+	at := map[string]*Device{}
+	for i := range out {
+		at[out[i].ID] = &out[i]
+	}
+	q, bargs := "SELECT device, desktop FROM device_desktops ORDER BY device, desktop", []any(nil)
+	if len(out) == 1 {
+		q, bargs = "SELECT device, desktop FROM device_desktops WHERE device = ? ORDER BY desktop", []any{out[0].ID}
+	}
+	err = tx.Query(q, bargs, func(scan func(dest ...any) error) error {
+		var dev, desk string
+		if err := scan(&dev, &desk); err != nil {
+			return err
+		}
+		if d := at[dev]; d != nil {
+			d.Desktops = append(d.Desktops, desk)
+		}
+		return nil
+	})
+	return out, err
+}
+
+func oneDevice(tx *catalog.Tx, where string, args ...any) (*Device, error) {
+	ds, err := queryDevices(tx, where, args...)
+	if err != nil || len(ds) == 0 {
+		return nil, err
+	}
+	return &ds[0], nil
+}
+
+// bind records that device id may check out desktops.
+func bind(tx *catalog.Tx, id string, desktops []string) error {
+	for _, dk := range desktops {
+		if _, err := tx.Exec("INSERT INTO device_desktops (device, desktop) VALUES (?, ?) ON CONFLICT DO NOTHING", id, dk); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // addDevice registers a device bound to desktops and returns it with its token,
 // which is shown once and never stored.
 func (s *state) addDevice(name string, desktops []string, now time.Time) (*Device, string, error) {
@@ -69,16 +127,18 @@ func (s *state) addDevice(name string, desktops []string, now time.Time) (*Devic
 		return nil, "", err
 	}
 	id, tok := newToken()
-	d := &Device{ID: id, Name: name, Desktops: desktops, TokenHash: hashToken(tok), Created: now.UTC().Truncate(time.Second)}
-	sort.Strings(d.Desktops)
+	d := &Device{ID: id, Name: name, Desktops: slices.Compact(slices.Sorted(slices.Values(desktops))),
+		TokenHash: hashToken(tok), Created: now.UTC().Truncate(time.Second)}
 	err := s.update(func(tx *catalog.Tx) error {
-		if tx.Bucket(bucketDevNames).Get([]byte(name)) != nil {
+		if old, err := oneDevice(tx, "name = ?", name); err != nil {
+			return err
+		} else if old != nil {
 			return fmt.Errorf("device %s: %w", name, images.ErrExists)
 		}
-		if err := tx.Bucket(bucketDevNames).Put([]byte(name), []byte(id)); err != nil {
+		if err := insertDevice(tx, d); err != nil {
 			return err
 		}
-		return putJSON(tx, bucketDevices, id, d)
+		return bind(tx, d.ID, d.Desktops)
 	})
 	if err != nil {
 		return nil, "", err
@@ -86,36 +146,35 @@ func (s *state) addDevice(name string, desktops []string, now time.Time) (*Devic
 	return d, tok, nil
 }
 
+func insertDevice(tx *catalog.Tx, d *Device) error {
+	_, err := tx.Exec("INSERT INTO devices (id, name, token_sha256, created) VALUES (?, ?, ?, ?)",
+		d.ID, d.Name, d.TokenHash, d.Created.UTC())
+	return err
+}
+
 // bindDevice adds desktops to an existing device.
 func (s *state) bindDevice(name string, desktops []string) (*Device, error) {
 	var d *Device
 	err := s.update(func(tx *catalog.Tx) error {
 		var err error
-		d, err = deviceByName(tx, name)
-		if err != nil {
+		if d, err = deviceByName(tx, name); err != nil {
 			return err
 		}
-		for _, dk := range desktops {
-			if !d.Bound(dk) {
-				d.Desktops = append(d.Desktops, dk)
-			}
+		if err := bind(tx, d.ID, desktops); err != nil {
+			return err
 		}
-		sort.Strings(d.Desktops)
-		return putJSON(tx, bucketDevices, d.ID, d)
+		d, err = deviceByName(tx, name)
+		return err
 	})
 	return d, err
 }
 
 func deviceByName(tx *catalog.Tx, name string) (*Device, error) {
-	id := tx.Bucket(bucketDevNames).Get([]byte(name))
-	if id == nil {
-		return nil, fmt.Errorf("device %s: %w", name, ErrNotFound)
+	d, err := oneDevice(tx, "name = ?", name)
+	if err == nil && d == nil {
+		err = fmt.Errorf("device %s: %w", name, ErrNotFound)
 	}
-	var d Device
-	if ok, err := getJSON(tx, bucketDevices, string(id), &d); err != nil || !ok {
-		return nil, fmt.Errorf("device %s: record missing: %w", name, ErrNotFound)
-	}
-	return &d, nil
+	return d, err
 }
 
 // removeDevice forgets a device; its token stops working at once. An active lease
@@ -124,22 +183,23 @@ func (s *state) removeDevice(name string, now time.Time) (*Device, error) {
 	var d *Device
 	err := s.update(func(tx *catalog.Tx) error {
 		var err error
-		d, err = deviceByName(tx, name)
+		if d, err = deviceByName(tx, name); err != nil {
+			return err
+		}
+		held, err := queryLeases(tx, "device = ? AND state = 'active'", d.ID)
 		if err != nil {
 			return err
 		}
-		for _, dk := range d.Desktops {
-			var l Lease
-			if ok, _ := getJSON(tx, bucketLeases, dk, &l); ok && l.Device == d.ID {
-				if err := endLease(tx, &l, "broken", now); err != nil {
-					return err
-				}
+		for i := range held {
+			if err := endLease(tx, &held[i], "broken", now); err != nil {
+				return err
 			}
 		}
-		if err := tx.Bucket(bucketDevNames).Delete([]byte(name)); err != nil {
+		if _, err := tx.Exec("DELETE FROM device_desktops WHERE device = ?", d.ID); err != nil {
 			return err
 		}
-		return tx.Bucket(bucketDevices).Delete([]byte(d.ID))
+		_, err = tx.Exec("DELETE FROM devices WHERE id = ?", d.ID)
+		return err
 	})
 	return d, err
 }
@@ -147,16 +207,10 @@ func (s *state) removeDevice(name string, now time.Time) (*Device, error) {
 func (s *state) devices() ([]Device, error) {
 	var out []Device
 	err := s.view(func(tx *catalog.Tx) error {
-		return tx.Bucket(bucketDevices).ForEach(func(k, v []byte) error {
-			var d Device
-			if _, err := getJSON(tx, bucketDevices, string(k), &d); err != nil {
-				return err
-			}
-			out = append(out, d)
-			return nil
-		})
+		var err error
+		out, err = queryDevices(tx, "1 = 1")
+		return err
 	})
-	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out, err
 }
 
@@ -173,22 +227,21 @@ func (s *state) authenticate(tok string) (*Device, error) {
 		subtle.ConstantTimeCompare([]byte(h), []byte(dummyHash))
 		return nil, fmt.Errorf("%w: malformed device token", ErrUnauthorized)
 	}
-	var d Device
-	var found bool
+	var d *Device
 	err := s.view(func(tx *catalog.Tx) error {
 		var err error
-		found, err = getJSON(tx, bucketDevices, id, &d)
+		d, err = oneDevice(tx, "id = ?", id)
 		return err
 	})
 	if err != nil {
 		return nil, err
 	}
 	want := dummyHash
-	if found {
+	if d != nil {
 		want = d.TokenHash
 	}
-	if subtle.ConstantTimeCompare([]byte(h), []byte(want)) != 1 || !found {
+	if subtle.ConstantTimeCompare([]byte(h), []byte(want)) != 1 || d == nil {
 		return nil, fmt.Errorf("%w: wrong device token", ErrUnauthorized)
 	}
-	return &d, nil
+	return d, nil
 }

@@ -2,10 +2,10 @@ package syncd
 
 import (
 	"crypto/rand"
+	"database/sql"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"slices"
 	"time"
 
 	"github.com/cvd-project/cvd/catalog"
@@ -23,6 +23,9 @@ type Lease struct {
 	Granted    time.Time `json:"granted"`
 	Expires    time.Time `json:"expires"`
 	Version    int       `json:"version"` // the version checked out
+	// Epoch numbers the desktop's leases (1, 2, ...): the fencing token. A
+	// check-in is taken only under the active lease it started with.
+	Epoch int64 `json:"epoch"`
 	// State is set in the lease log: active, released, broken (by an administrator
 	// or a removed device), expired (ended past its expiry).
 	State string    `json:"state,omitempty"`
@@ -40,13 +43,64 @@ func newLeaseID() string {
 	return hex.EncodeToString(b)
 }
 
-func activeLease(tx *catalog.Tx, desktop string) (*Lease, error) {
-	var l Lease
-	ok, err := getJSON(tx, bucketLeases, desktop, &l)
-	if err != nil || !ok {
+// The leases live in the catalog's leases table (one row per lease granted; see
+// catalog/migrations): the functions below are the only ones that touch it.
+
+const leaseCols = "id, desktop, epoch, device, device_name, granted, expires, version, state, ended"
+
+// leaseTime is t as the catalog keeps it (UTC, to the microsecond: PostgreSQL's
+// precision), so that a lease read back compares equal to the one written.
+func leaseTime(t time.Time) time.Time { return t.UTC().Truncate(time.Microsecond) }
+
+// queryLeases reads the leases that match where (SQL, "?" placeholders).
+func queryLeases(tx *catalog.Tx, where string, args ...any) ([]Lease, error) {
+	var out []Lease
+	err := tx.Query("SELECT "+leaseCols+" FROM leases WHERE "+where+" ORDER BY desktop, epoch", args,
+		func(scan func(dest ...any) error) error {
+			var (
+				l     Lease
+				ended sql.NullTime
+			)
+			if err := scan(&l.ID, &l.Desktop, &l.Epoch, &l.Device, &l.DeviceName, &l.Granted, &l.Expires, &l.Version, &l.State, &ended); err != nil {
+				return err
+			}
+			l.Granted, l.Expires = l.Granted.UTC(), l.Expires.UTC()
+			if ended.Valid {
+				l.Ended = ended.Time.UTC()
+			}
+			out = append(out, l)
+			return nil
+		})
+	return out, err
+}
+
+func oneLease(tx *catalog.Tx, where string, args ...any) (*Lease, error) {
+	ls, err := queryLeases(tx, where, args...)
+	if err != nil || len(ls) == 0 {
 		return nil, err
 	}
-	return &l, nil
+	return &ls[0], nil
+}
+
+// activeLease is the desktop's active lease (expired or not), or nil.
+func activeLease(tx *catalog.Tx, desktop string) (*Lease, error) {
+	return oneLease(tx, "desktop = ? AND state = 'active'", desktop)
+}
+
+// putLease writes l (a new lease, or a change of its expiry, version or state).
+func putLease(tx *catalog.Tx, l *Lease) error {
+	var ended any
+	if !l.Ended.IsZero() {
+		ended = leaseTime(l.Ended)
+	}
+	_, err := tx.Exec("INSERT INTO leases ("+leaseCols+") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"+
+		" ON CONFLICT (id) DO UPDATE SET expires = excluded.expires, version = excluded.version,"+
+		" state = excluded.state, ended = excluded.ended",
+		l.ID, l.Desktop, l.Epoch, l.Device, l.DeviceName, leaseTime(l.Granted), leaseTime(l.Expires), l.Version, l.State, ended)
+	if err != nil {
+		return fmt.Errorf("lease of %s: %w", l.Desktop, err)
+	}
+	return nil
 }
 
 // CheckNotHeld refuses (a *LeaseError wrapping ErrLeaseHeld, naming the holder)
@@ -92,13 +146,10 @@ func PinnedVersions(store *images.Store, desktop string, now time.Time) ([]int, 
 	return out, err
 }
 
-// endLease moves the active lease l into the log with its end state.
+// endLease ends the active lease l with its end state.
 func endLease(tx *catalog.Tx, l *Lease, st string, now time.Time) error {
-	l.State, l.Ended = st, now.UTC()
-	if err := putJSON(tx, bucketLeaseLog, l.ID, l); err != nil {
-		return err
-	}
-	return tx.Bucket(bucketLeases).Delete([]byte(l.Desktop))
+	l.State, l.Ended = st, leaseTime(now)
+	return putLease(tx, l)
 }
 
 func leaseHeld(l *Lease, err error) error {
@@ -117,21 +168,25 @@ func grantLease(tx *catalog.Tx, desktop string, dev *Device, ttl time.Duration, 
 		case l.Device != dev.ID && !l.Expired(now):
 			return nil, false, leaseHeld(l, ErrLeaseHeld)
 		case l.Device == dev.ID && !l.Expired(now):
-			l.Expires = now.Add(ttl).UTC()
+			l.Expires = leaseTime(now.Add(ttl))
 			l.Version = version
-			return l, false, putJSON(tx, bucketLeases, desktop, l)
+			return l, false, putLease(tx, l)
 		default:
 			if err := endLease(tx, l, "expired", now); err != nil {
 				return nil, false, err
 			}
 		}
 	}
-	nl := &Lease{ID: newLeaseID(), Desktop: desktop, Device: dev.ID, DeviceName: dev.Name,
-		Granted: now.UTC(), Expires: now.Add(ttl).UTC(), Version: version, State: "active"}
-	if err := putJSON(tx, bucketLeases, desktop, nl); err != nil {
+	// The new lease's epoch follows every earlier lease of the desktop.
+	var epoch int64
+	err = tx.Query("SELECT COALESCE(MAX(epoch), 0) + 1 FROM leases WHERE desktop = ?", []any{desktop},
+		func(scan func(dest ...any) error) error { return scan(&epoch) })
+	if err != nil {
 		return nil, false, err
 	}
-	return nl, true, putJSON(tx, bucketLeaseLog, nl.ID, nl)
+	nl := &Lease{ID: newLeaseID(), Desktop: desktop, Epoch: epoch, Device: dev.ID, DeviceName: dev.Name,
+		Granted: leaseTime(now), Expires: leaseTime(now.Add(ttl)), Version: version, State: "active"}
+	return nl, true, putLease(tx, nl)
 }
 
 // ownLease returns dev's active, unexpired lease on desktop with ID id.
@@ -146,15 +201,15 @@ func ownLease(tx *catalog.Tx, desktop string, dev *Device, id string, now time.T
 		}
 		return l, nil
 	}
-	var old Lease
-	if ok, err := getJSON(tx, bucketLeaseLog, id, &old); err != nil {
+	old, err := oneLease(tx, "id = ?", id)
+	if err != nil {
 		return nil, err
-	} else if ok && old.Device == dev.ID && old.Desktop == desktop {
+	} else if old != nil && old.Device == dev.ID && old.Desktop == desktop {
 		switch old.State {
 		case "expired":
 			return nil, fmt.Errorf("desktop %s: %w at %s: check it out again", desktop, ErrLeaseExpired, old.Expires.Format(time.RFC3339))
 		case "broken":
-			return &old, fmt.Errorf("desktop %s: %w: the lease was broken by an administrator", desktop, ErrNoLease)
+			return old, fmt.Errorf("desktop %s: %w: the lease was broken by an administrator", desktop, ErrNoLease)
 		default:
 			return nil, fmt.Errorf("desktop %s: %w: the lease was %s", desktop, ErrNoLease, old.State)
 		}
@@ -163,63 +218,4 @@ func ownLease(tx *catalog.Tx, desktop string, dev *Device, id string, now time.T
 		return nil, leaseHeld(l, ErrLeaseHeld)
 	}
 	return nil, fmt.Errorf("desktop %s: %w held by this device", desktop, ErrNoLease)
-}
-
-// leaseMark is how the catalog shows a desktop's active lease (Desktop.Lease):
-// "" when none, else "<device> until <expiry>". Other packages (overlay's
-// recompose) take a desktop with a mark as in use.
-func leaseMark(l *Lease, now time.Time) string {
-	if l == nil || l.Expired(now) {
-		return ""
-	}
-	return l.DeviceName + " until " + l.Expires.UTC().Format(time.RFC3339)
-}
-
-// markCatalog writes the desktops' active leases and bound devices into their
-// catalog records, when they changed. Failures are logged: the mark is a hint for
-// other tools, syncd's own state is the authority.
-func (s *Server) markCatalog(desktops ...string) {
-	devs, _ := s.st.devices()
-	for _, name := range desktops {
-		var l *Lease
-		s.st.view(func(tx *catalog.Tx) error {
-			l, _ = activeLease(tx, name)
-			return nil
-		})
-		mark := leaseMark(l, s.now())
-		var bound []string
-		for _, d := range devs {
-			if d.Bound(name) {
-				bound = append(bound, d.Name)
-			}
-		}
-		d, err := s.store.Desktop(name)
-		if err != nil {
-			continue
-		}
-		if d.Lease == mark && slices.Equal(d.Devices, bound) {
-			continue
-		}
-		_, err = s.store.UpdateDesktop(nil, name, func(d *images.Desktop) error {
-			d.Lease, d.Devices = mark, bound
-			return nil
-		})
-		if err != nil {
-			s.log.Warn("mark the lease in the catalog", "desktop", name, "err", err)
-		}
-	}
-}
-
-// markAll refreshes the marks of every desktop (at start, and now and then to
-// clear expired leases).
-func (s *Server) markAll() {
-	ds, err := s.store.Desktops()
-	if err != nil {
-		return
-	}
-	var names []string
-	for _, d := range ds {
-		names = append(names, d.Name)
-	}
-	s.markCatalog(names...)
 }

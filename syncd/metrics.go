@@ -119,17 +119,10 @@ func (s *Server) writeMetrics(w io.Writer) {
 
 	var leases, devices int64
 	s.st.view(func(tx *catalog.Tx) error {
-		now := s.now()
-		tx.Bucket(bucketLeases).ForEach(func(k, v []byte) error {
-			var l Lease
-			if _, err := getJSON(tx, bucketLeases, string(k), &l); err == nil && !l.Expired(now) {
-				leases++
-			}
-			return nil
-		})
-		n, _ := tx.Bucket(bucketDevices).Len()
-		devices = int64(n)
-		return nil
+		tx.Query("SELECT COUNT(*) FROM leases WHERE state = 'active' AND expires > ?", []any{leaseTime(s.now())},
+			func(scan func(dest ...any) error) error { return scan(&leases) })
+		return tx.Query("SELECT COUNT(*) FROM devices", nil,
+			func(scan func(dest ...any) error) error { return scan(&devices) })
 	})
 	fmt.Fprintf(w, "# HELP cvd_sync_active_leases Unexpired leases.\n# TYPE cvd_sync_active_leases gauge\ncvd_sync_active_leases %d\n", leases)
 	fmt.Fprintf(w, "# HELP cvd_sync_devices Registered devices.\n# TYPE cvd_sync_devices gauge\ncvd_sync_devices %d\n", devices)

@@ -516,6 +516,48 @@ func TestCatalogShowsLease(t *testing.T) {
 	}
 }
 
+// TestLeaseEpochs: every lease of a desktop has the next epoch; the catalog
+// holds at most one active lease per desktop; an expired lease shows in the
+// desktop's record as no lease at once, with nothing to refresh it.
+func TestLeaseEpochs(t *testing.T) {
+	ctx := context.Background()
+	w := newWorld(t, smallSpec())
+	lap := newLaptop(t, "laptop")
+	var epochs []int64
+	for range 2 {
+		rep, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		epochs = append(epochs, rep.Lease.Epoch)
+		if err := lap.lp.Release(ctx, w.desktop, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w.now = time.Now().AddDate(-1, 0, 0) // the server grants a lease that has already expired
+	rep, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	epochs = append(epochs, rep.Lease.Epoch)
+	if !slices.Equal(epochs, []int64{1, 2, 3}) {
+		t.Errorf("epochs of three leases in turn: %v", epochs)
+	}
+	ls, err := w.srv.Leases()
+	if err != nil || len(ls) != 1 || ls[0].Epoch != 3 || ls[0].ID != rep.Lease.ID {
+		t.Fatalf("active leases: %+v (%v)", ls, err)
+	}
+	if d, _ := w.store.Desktop(w.desktop); d.Lease != "" {
+		t.Errorf("an expired lease shows as %q", d.Lease)
+	}
+	second := ls[0]
+	second.ID, second.Epoch = newLeaseID(), 4
+	err = w.srv.st.update(func(tx *catalog.Tx) error { return putLease(tx, &second) })
+	if err == nil {
+		t.Error("the catalog took a second active lease of one desktop")
+	}
+}
+
 // TestFailedExportTakesNoLease: an export that fails takes no lease and renews
 // none: before the lease (the bundle file exists) and after it (a write fails).
 func TestFailedExportTakesNoLease(t *testing.T) {

@@ -148,17 +148,21 @@ func (s *Server) checkinDesktop(dev *Device, name string) error {
 }
 
 // leaseForCheckin checks dev's lease: conflict is true for a lease that an
-// administrator broke (the check-in is kept as a conflict version).
-func (s *Server) leaseForCheckin(name string, dev *Device, lease string) (conflict bool, err error) {
+// administrator broke (the check-in is kept as a conflict version); else epoch
+// is the lease's, the fence of the commit's transaction (desktop.AddVersion).
+func (s *Server) leaseForCheckin(name string, dev *Device, lease string) (conflict bool, epoch int64, err error) {
 	err = s.st.view(func(tx *catalog.Tx) error {
 		l, err := ownLease(tx, name, dev, lease, s.now())
 		if err != nil && l != nil && l.State == "broken" {
 			conflict = true
 			return nil
 		}
+		if l != nil {
+			epoch = l.Epoch
+		}
 		return err
 	})
-	return conflict, err
+	return conflict, epoch, err
 }
 
 func validCheckin(req *CheckinRequest) error {
@@ -230,7 +234,7 @@ func (s *Server) handleCheckinOpen(w http.ResponseWriter, r *http.Request, dev *
 	} else if !errors.Is(err, ErrNotFound) {
 		return err
 	}
-	if _, err := s.leaseForCheckin(req.Desktop, dev, req.Lease); err != nil {
+	if _, _, err := s.leaseForCheckin(req.Desktop, dev, req.Lease); err != nil {
 		return err
 	}
 	var need int64

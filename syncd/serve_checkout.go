@@ -158,7 +158,6 @@ func (s *Server) Checkout(ctx context.Context, name string, dev *Device, ttl tim
 	if err != nil {
 		return nil, err
 	}
-	s.markCatalog(name)
 	if fresh {
 		s.m.checkouts.Add(1)
 		s.log.Info("lease granted", "desktop", name, "device", dev.Name, "expires", m.Lease.Expires, "version", dv.Head)
@@ -211,14 +210,13 @@ func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request, dev *Device
 		if err != nil {
 			return err
 		}
-		l.Expires = s.now().Add(s.ttl(req.TTLSeconds)).UTC()
-		return putJSON(tx, bucketLeases, name, l)
+		l.Expires = leaseTime(s.now().Add(s.ttl(req.TTLSeconds)))
+		return putLease(tx, l)
 	})
 	if err != nil {
 		return err
 	}
 	s.log.Info("lease renewed", "desktop", name, "device", dev.Name, "expires", l.Expires)
-	s.markCatalog(name)
 	writeJSON(w, http.StatusOK, l)
 	return nil
 }
@@ -243,7 +241,6 @@ func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request, dev *Devi
 		return err
 	}
 	s.log.Info("lease released", "desktop", name, "device", dev.Name)
-	s.markCatalog(name)
 	writeJSON(w, http.StatusOK, map[string]string{"released": req.Lease})
 	return nil
 }

@@ -62,7 +62,7 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*Checkin
 	if len(se.Lists) != len(se.Disks) {
 		return nil, fmt.Errorf("%w: entry lists missing (have %v)", ErrIncomplete, se.Lists)
 	}
-	conflict, err := s.leaseForCheckin(se.Desktop, dev, se.Lease)
+	conflict, epoch, err := s.leaseForCheckin(se.Desktop, dev, se.Lease)
 	if err != nil {
 		return nil, err
 	}
@@ -135,7 +135,7 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*Checkin
 		setLayer(&nv, d.Name, l.ID)
 		newEntries[l.ID] = dl.entries
 	}
-	dv, v, err := addVersion(s.store, se.Desktop, nv, !conflict)
+	dv, v, err := addVersion(s.store, se.Desktop, nv, !conflict, epoch)
 	if err != nil {
 		return nil, err
 	}
@@ -156,9 +156,6 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*Checkin
 	s.m.clustersDeduplicated.Add(res.Deduplicated)
 	s.log.Info("check-in committed", "desktop", se.Desktop, "device", dev.Name, "version", v.N,
 		"conflict", conflict, "head", res.Head, "bytes", res.Bytes, "deduplicated", res.Deduplicated)
-	if res.Released {
-		s.markCatalog(se.Desktop)
-	}
 	if !conflict {
 		if err := s.resetTops(dv, v); err != nil {
 			s.log.Error("reset tops after check-in (the next start of the server retries)", "err", err)

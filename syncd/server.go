@@ -118,21 +118,6 @@ func NewServer(store *images.Store, opts ServerOptions) (*Server, error) {
 			return nil, err
 		}
 		s.indexLater()
-		s.markAll()
-		s.bgIndex.Add(1)
-		go func() { // clears the catalog's marks of leases that expire
-			defer s.bgIndex.Done()
-			t := time.NewTicker(time.Minute)
-			defer t.Stop()
-			for {
-				select {
-				case <-ctx.Done():
-					return
-				case <-t.C:
-					s.markAll()
-				}
-			}
-		}()
 	}
 	return s, nil
 }

@@ -20,10 +20,6 @@ const (
 // syncd's buckets in the store's catalog (see package catalog); the names carry
 // the prefix a migrated bbolt syncd.db's buckets get.
 var (
-	bucketDevices   = []byte(images.LegacySyncPrefix + "devices")   // device id → Device
-	bucketDevNames  = []byte(images.LegacySyncPrefix + "devnames")  // device name → device id
-	bucketLeases    = []byte(images.LegacySyncPrefix + "leases")    // desktop → Lease (the active one)
-	bucketLeaseLog  = []byte(images.LegacySyncPrefix + "leaselog")  // lease id → Lease with its end state
 	bucketVersions  = []byte(images.LegacySyncPrefix + "versions")  // legacy: desktop → versions (moved into the desktops' records)
 	bucketClusters  = []byte(images.LegacySyncPrefix + "clusters")  // digest (32 bytes) → layer id (32 bytes) + index (8 bytes)
 	bucketIndexed   = []byte(images.LegacySyncPrefix + "indexed")   // layer id → number of clusters indexed

@@ -146,7 +146,7 @@ func (s *Server) sealServerTops(ctx context.Context, name, note string) (int, er
 	if !changed {
 		return 0, nil
 	}
-	dv, v, err := addVersion(s.store, name, nv, true)
+	dv, v, err := addVersion(s.store, name, nv, true, 0)
 	if err != nil {
 		return 0, err
 	}

@@ -62,9 +62,10 @@ func desktopVersions(store *images.Store, name string) (*DesktopVersions, error)
 
 // addVersion adds v to the desktop's versions through desktop.AddVersion (which
 // keeps a check-in that no longer starts from the head as a conflict) and returns
-// the desktop as it is afterwards and the version added.
-func addVersion(store *images.Store, name string, v Version, setHead bool) (*DesktopVersions, *Version, error) {
-	d, added, err := desktop.AddVersion(store, name, v, setHead)
+// the desktop as it is afterwards and the version added. fence is the epoch of
+// the lease a check-in was made under (0 for none).
+func addVersion(store *images.Store, name string, v Version, setHead bool, fence int64) (*DesktopVersions, *Version, error) {
+	d, added, err := desktop.AddVersion(store, name, v, setHead, fence)
 	if err != nil {
 		return nil, nil, noSpace(err)
 	}
