@@ -3,11 +3,11 @@ package clone
 import (
 	"bytes"
 	"fmt"
-	"github.com/cvd-project/cvd/internal/proc"
 	"os"
 	"path/filepath"
 
 	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/internal/proc"
 	"golang.org/x/sys/unix"
 )
 

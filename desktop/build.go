@@ -5,15 +5,15 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
-	"github.com/cvd-project/cvd/internal/fsutil"
-	"github.com/cvd-project/cvd/internal/proc"
-	"github.com/cvd-project/cvd/overlay"
 	"io"
 	"os"
 	"path"
 
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/internal/fsutil"
+	"github.com/cvd-project/cvd/internal/proc"
+	"github.com/cvd-project/cvd/overlay"
 )
 
 // Building new chains beside the old ones. New layers are sealed into the store

@@ -3,7 +3,6 @@ package desktop
 import (
 	"context"
 	"fmt"
-	"github.com/cvd-project/cvd/overlay"
 	"sort"
 	"strings"
 	"sync"
@@ -11,6 +10,7 @@ import (
 
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/overlay"
 )
 
 // Policy says what Recompose does with a desktop's own system delta.

@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"github.com/cvd-project/cvd/internal/labtest"
-	"github.com/cvd-project/cvd/overlay"
 	"os"
 	"path/filepath"
 	"slices"
@@ -13,7 +11,9 @@ import (
 
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/internal/labtest"
 	"github.com/cvd-project/cvd/internal/testutil"
+	"github.com/cvd-project/cvd/overlay"
 )
 
 // storeLab is a lab with a store in it.

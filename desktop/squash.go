@@ -3,11 +3,11 @@ package desktop
 import (
 	"context"
 	"fmt"
-	"github.com/cvd-project/cvd/internal/fsutil"
 	"time"
 
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/internal/fsutil"
 )
 
 // SquashOptions controls Squash.

@@ -112,3 +112,22 @@ func ResetTops(st *images.Store, d *images.Desktop, v images.Version) error {
 	}
 	return nil
 }
+
+// MergeVersions adds to a desktop the versions of vs whose numbers it does not
+// have (the history an earlier release kept elsewhere), and makes head the head
+// when it is then among them.
+func MergeVersions(st *images.Store, name string, vs []images.Version, head int) error {
+	_, err := st.UpdateDesktop(nil, name, func(d *images.Desktop) error {
+		for _, v := range vs {
+			if !slices.ContainsFunc(d.Versions, func(x images.Version) bool { return x.N == v.N }) {
+				d.Versions = append(d.Versions, v)
+			}
+		}
+		sort.Slice(d.Versions, func(i, j int) bool { return d.Versions[i].N < d.Versions[j].N })
+		if slices.ContainsFunc(d.Versions, func(x images.Version) bool { return x.N == head }) {
+			d.Head = head
+		}
+		return nil
+	})
+	return err
+}

@@ -18,10 +18,9 @@ import (
 	"testing"
 	"time"
 
-	"libvirt.org/go/libvirtxml"
-
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/internal/testutil"
+	"libvirt.org/go/libvirtxml"
 )
 
 // Offsets the tiny guest writes at (guest/init, set on its kernel command line).

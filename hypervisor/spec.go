@@ -8,9 +8,8 @@ import (
 	"regexp"
 	"strings"
 
-	"libvirt.org/go/libvirtxml"
-
 	"github.com/cvd-project/cvd/disk"
+	"libvirt.org/go/libvirtxml"
 )
 
 // MetadataNS is the XML namespace of cvd's element in a domain's <metadata>. A

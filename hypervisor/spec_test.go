@@ -5,9 +5,8 @@ import (
 	"strings"
 	"testing"
 
-	"libvirt.org/go/libvirtxml"
-
 	"github.com/cvd-project/cvd/disk"
+	"libvirt.org/go/libvirtxml"
 )
 
 func chain(paths ...string) []disk.Info {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/cvd-project/cvd/internal/fsutil"
 	"io"
 	"iter"
 	"os"
@@ -12,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/internal/fsutil"
 )
 
 // ErrNotAdoptable: a file that Adopt cannot take as it is (outside the store, not

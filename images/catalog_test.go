@@ -3,13 +3,13 @@ package images
 import (
 	"context"
 	"errors"
-	"github.com/cvd-project/cvd/catalog"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 
+	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/internal/testutil"
 )
 

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"github.com/cvd-project/cvd/internal/proc"
 	"maps"
 	"os"
 	"slices"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/internal/proc"
 )
 
 // Problem is one inconsistency Check found.

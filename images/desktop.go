@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"github.com/cvd-project/cvd/internal/fsutil"
 	"os"
 	"sort"
 	"strings"
@@ -12,6 +11,7 @@ import (
 
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/internal/fsutil"
 )
 
 // VersionKind says how a version was made.

@@ -3,15 +3,14 @@ package images
 import (
 	"context"
 	"encoding/json"
-	"os/exec"
-
-	"github.com/cvd-project/cvd/catalog"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/internal/testutil"
 )
 

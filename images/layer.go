@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
-	"github.com/cvd-project/cvd/internal/fsutil"
 	"os"
 	"path/filepath"
 	"sort"
@@ -14,6 +13,7 @@ import (
 
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/internal/fsutil"
 	"github.com/cvd-project/cvd/internal/proc"
 )
 

@@ -3,11 +3,11 @@ package images
 import (
 	"errors"
 	"fmt"
-	"github.com/cvd-project/cvd/internal/fsutil"
 	"os"
 	"time"
 
 	"github.com/cvd-project/cvd/catalog"
+	"github.com/cvd-project/cvd/internal/fsutil"
 	bolt "go.etcd.io/bbolt"
 )
 

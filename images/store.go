@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/cvd-project/cvd/internal/fsutil"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -15,6 +14,7 @@ import (
 	"time"
 
 	"github.com/cvd-project/cvd/catalog"
+	"github.com/cvd-project/cvd/internal/fsutil"
 	"github.com/cvd-project/cvd/internal/proc"
 )
 

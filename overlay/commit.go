@@ -6,14 +6,14 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"github.com/cvd-project/cvd/internal/fsutil"
-	"github.com/cvd-project/cvd/internal/proc"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
 	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/internal/fsutil"
+	"github.com/cvd-project/cvd/internal/proc"
 )
 
 // ErrSealed: an operation would have to write into a sealed layer.

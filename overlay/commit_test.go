@@ -4,12 +4,12 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"github.com/cvd-project/cvd/internal/labtest"
 	"os"
 	"path/filepath"
 	"testing"
 
 	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/internal/labtest"
 	"github.com/cvd-project/cvd/internal/testutil"
 )
 

@@ -3,11 +3,11 @@ package overlay
 import (
 	"context"
 	"fmt"
-	"github.com/cvd-project/cvd/internal/labtest"
 	"path/filepath"
 	"slices"
 	"testing"
 
+	"github.com/cvd-project/cvd/internal/labtest"
 	"github.com/cvd-project/cvd/internal/testutil"
 )
 

@@ -6,7 +6,6 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"github.com/cvd-project/cvd/internal/labtest"
 	"io"
 	"os"
 	"path/filepath"
@@ -14,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/internal/labtest"
 	"github.com/cvd-project/cvd/internal/testutil"
 )
 

@@ -3,10 +3,9 @@ package syncd
 import (
 	"context"
 	"fmt"
-	"time"
 
 	"github.com/cvd-project/cvd/catalog"
-	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/desktop"
 )
 
 // The administrator's operations on the server's store. The CLI calls them on the
@@ -85,30 +84,17 @@ func (s *Server) Versions(desktop string) (*DesktopStatus, error) { return s.Des
 // version ("rollback to N"): nothing is discarded, and a laptop that checked out an
 // older head checks in as a conflict. Data on the server's tops is sealed as its
 // own version first.
-func (s *Server) Rollback(ctx context.Context, desktop string, to int) (*Version, error) {
-	unlock := s.lockDesktop(desktop)
+func (s *Server) Rollback(ctx context.Context, dk string, to int) (*Version, error) {
+	unlock := s.lockDesktop(dk)
 	defer unlock()
-	if _, err := s.sealServerTops(ctx, desktop, "server changes before rollback"); err != nil {
-		return nil, err
+	sealed, v, err := desktop.Rollback(ctx, s.store, dk, to, s.now())
+	if sealed != nil {
+		s.log.Info("sealed server tops", "desktop", dk, "version", sealed.N, "note", sealed.Note)
+		s.indexLater(sealed.System, sealed.User)
 	}
-	dv, err := desktopVersions(s.store, desktop)
 	if err != nil {
-		return nil, err
+		return nil, noSpace(err)
 	}
-	target := dv.Version(to)
-	if target == nil {
-		return nil, fmt.Errorf("desktop %s: version %d: %w", desktop, to, ErrNotFound)
-	}
-	nv := Version{Created: s.now().UTC().Truncate(time.Second), System: target.System, User: target.User,
-		Kind: images.VersionRollback, Note: fmt.Sprintf("rollback to %d", to), From: dv.Head}
-	dv, v, err := addVersion(s.store, desktop, nv, true, 0)
-	if err != nil {
-		return nil, err
-	}
-	if err := s.resetTops(dv, v); err != nil {
-		return nil, err
-	}
-	nv = *v
-	s.log.Info("rolled back", "desktop", desktop, "to", to, "version", nv.N)
-	return &nv, nil
+	s.log.Info("rolled back", "desktop", dk, "to", to, "version", v.N)
+	return v, nil
 }

@@ -7,12 +7,13 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/images"
 )
 
 // Renew extends the lease of a checked-out desktop (ttl 0: the server's default).
-func (l *Laptop) Renew(ctx context.Context, desktop string, ttl time.Duration) (*Lease, error) {
-	co, err := l.Checkout(desktop)
+func (l *Laptop) Renew(ctx context.Context, name string, ttl time.Duration) (*Lease, error) {
+	co, err := l.Checkout(name)
 	if err != nil {
 		return nil, err
 	}
@@ -20,13 +21,13 @@ func (l *Laptop) Renew(ctx context.Context, desktop string, ttl time.Duration) (
 		if _, err := l.PurgeExpired(ctx); err != nil {
 			return nil, err
 		}
-		return nil, fmt.Errorf("desktop %s: %w at %s; it was purged", desktop, ErrExpired, co.Lease.Expires.Format(time.RFC3339))
+		return nil, fmt.Errorf("desktop %s: %w at %s; it was purged", name, ErrExpired, co.Lease.Expires.Format(time.RFC3339))
 	}
 	c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert})
 	if err != nil {
 		return nil, err
 	}
-	lease, err := c.Renew(ctx, desktop, co.Lease.ID, ttl)
+	lease, err := c.Renew(ctx, name, co.Lease.ID, ttl)
 	if err != nil {
 		return nil, err
 	}
@@ -37,21 +38,21 @@ func (l *Laptop) Renew(ctx context.Context, desktop string, ttl time.Duration) (
 
 // Release gives the lease back without checking in; the local copy is removed
 // (changes not checked in are refused unless discard).
-func (l *Laptop) Release(ctx context.Context, desktop string, discard bool) error {
-	co, err := l.Checkout(desktop)
+func (l *Laptop) Release(ctx context.Context, name string, discard bool) error {
+	co, err := l.Checkout(name)
 	if err != nil {
 		return err
 	}
 	if !discard {
-		if d, err := l.store.Desktop(desktop); err == nil {
+		if d, err := l.store.Desktop(name); err == nil {
 			for _, rel := range []string{d.SystemDisk, d.UserDisk} {
 				if rel == "" {
 					continue
 				}
-				if has, _, err := topState(l.store.Path(rel)); err != nil {
+				if has, _, err := desktop.TopState(l.store.Path(rel)); err != nil {
 					return err
 				} else if has {
-					return fmt.Errorf("desktop %s: %w: check it in with --release instead", desktop, ErrLocalChanges)
+					return fmt.Errorf("desktop %s: %w: check it in with --release instead", name, ErrLocalChanges)
 				}
 			}
 		}
@@ -61,7 +62,7 @@ func (l *Laptop) Release(ctx context.Context, desktop string, discard bool) erro
 		if err != nil {
 			return err
 		}
-		if err := c.Release(ctx, desktop, co.Lease.ID); err != nil && !errors.Is(err, ErrNoLease) && !errors.Is(err, ErrLeaseExpired) {
+		if err := c.Release(ctx, name, co.Lease.ID); err != nil && !errors.Is(err, ErrNoLease) && !errors.Is(err, ErrLeaseExpired) {
 			return err
 		}
 	}

@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/cvd-project/cvd/desktop"
 	"io"
 	"os"
 	"path/filepath"
@@ -15,6 +14,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
 )
@@ -74,12 +74,12 @@ func (ch *diskChanges) unchanged() bool {
 
 // CheckIn sends the changes of the desktop's tops to the server as a new version
 // and freezes the tops locally as that version (see the package documentation).
-func (l *Laptop) CheckIn(ctx context.Context, desktop string, opts CheckinOptions) (*CheckinReport, error) {
+func (l *Laptop) CheckIn(ctx context.Context, name string, opts CheckinOptions) (*CheckinReport, error) {
 	start := time.Now()
 	if _, err := l.PurgeExpired(ctx); err != nil {
 		return nil, err
 	}
-	co, err := l.Checkout(desktop)
+	co, err := l.Checkout(name)
 	if err != nil {
 		if errors.Is(err, ErrNotCheckedOut) {
 			return nil, fmt.Errorf("%w (it may have expired and been purged)", err)
@@ -87,7 +87,7 @@ func (l *Laptop) CheckIn(ctx context.Context, desktop string, opts CheckinOption
 		return nil, err
 	}
 	if co.Offline {
-		return nil, fmt.Errorf("desktop %s was imported from an offline bundle: there is no server to check it in to", desktop)
+		return nil, fmt.Errorf("desktop %s was imported from an offline bundle: there is no server to check it in to", name)
 	}
 	if opts.Server != "" || opts.CACert != "" {
 		if opts.Server != "" {
@@ -100,21 +100,21 @@ func (l *Laptop) CheckIn(ctx context.Context, desktop string, opts CheckinOption
 			return nil, err
 		}
 	}
-	if r, ok := l.opts.VM.(runningVM); ok && r.Running(ctx, desktop) {
-		return nil, fmt.Errorf("desktop %s: %w: its VM is running: shut it down first (its disks must not change during a check-in)", desktop, ErrInUse)
+	if r, ok := l.opts.VM.(runningVM); ok && r.Running(ctx, name) {
+		return nil, fmt.Errorf("desktop %s: %w: its VM is running: shut it down first (its disks must not change during a check-in)", name, ErrInUse)
 	}
-	d, err := l.store.Desktop(desktop)
+	d, err := l.store.Desktop(name)
 	if err != nil {
 		return nil, err
 	}
-	if err := topsNotInUse(l.store, d); err != nil {
+	if err := desktop.CheckNotInUse(l.store, d); err != nil {
 		return nil, err
 	}
 	c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert})
 	if err != nil {
 		return nil, err
 	}
-	rep := &CheckinReport{Desktop: desktop, Base: co.Version, Layers: map[string]string{}}
+	rep := &CheckinReport{Desktop: name, Base: co.Version, Layers: map[string]string{}}
 	var res *CheckinResult
 	var changes []diskChanges // what the scan listed (none when resuming)
 	if co.Pending != nil && co.Pending.Result != nil {
@@ -138,7 +138,7 @@ func (l *Laptop) CheckIn(ctx context.Context, desktop string, opts CheckinOption
 			rep.NoChanges = true
 			rep.Version, rep.Head = co.Version, co.Version
 			if opts.Release {
-				if err := c.Release(ctx, desktop, co.Lease.ID); err != nil {
+				if err := c.Release(ctx, name, co.Lease.ID); err != nil {
 					return nil, err
 				}
 				if err := l.removeCopy(ctx, co); err != nil {
@@ -153,7 +153,7 @@ func (l *Laptop) CheckIn(ctx context.Context, desktop string, opts CheckinOption
 		if err := checkFree(l.store.Dir(), rep.ChangedBytes+32<<20); err != nil {
 			return nil, err
 		}
-		req := &CheckinRequest{Desktop: desktop, Lease: co.Lease.ID, Base: co.Version, Release: opts.Release}
+		req := &CheckinRequest{Desktop: name, Lease: co.Lease.ID, Base: co.Version, Release: opts.Release}
 		for _, ch := range changes {
 			req.Disks = append(req.Disks, ch.decl)
 		}
@@ -193,8 +193,8 @@ func (l *Laptop) CheckIn(ctx context.Context, desktop string, opts CheckinOption
 			if d.UserDisk != "" {
 				user = l.store.Path(d.UserDisk)
 			}
-			if err := l.opts.VM.DefineDesktop(ctx, desktop, l.store.Path(d.SystemDisk), user); err != nil {
-				l.log.Warn("redefine the desktop in the local hypervisor", "desktop", desktop, "err", err)
+			if err := l.opts.VM.DefineDesktop(ctx, name, l.store.Path(d.SystemDisk), user); err != nil {
+				l.log.Warn("redefine the desktop in the local hypervisor", "desktop", name, "err", err)
 			}
 		}
 	}
@@ -492,7 +492,7 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 			continue
 		}
 		path := l.store.Path(rel)
-		has, backing, err := topState(path)
+		has, backing, err := desktop.TopState(path)
 		if err != nil {
 			undo()
 			return err

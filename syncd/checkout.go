@@ -4,11 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/cvd-project/cvd/desktop"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/images"
 )
 
@@ -42,33 +42,33 @@ type CheckoutReport struct {
 // CheckOut checks desktop out from the server c talks to: it takes the lease,
 // fetches the layers the store lacks, and sets the desktop up over fresh tops. A
 // rerun after an interruption fetches only what is still missing.
-func (l *Laptop) CheckOut(ctx context.Context, c *Client, desktop string, opts CheckoutOptions) (*CheckoutReport, error) {
+func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts CheckoutOptions) (*CheckoutReport, error) {
 	start := time.Now()
 	if _, err := l.PurgeExpired(ctx); err != nil {
 		return nil, err
 	}
-	if err := images.CheckObjectName("desktop", desktop); err != nil {
+	if err := images.CheckObjectName("desktop", name); err != nil {
 		return nil, err
 	}
-	prev, err := l.Checkout(desktop)
+	prev, err := l.Checkout(name)
 	if err != nil && !errors.Is(err, ErrNotCheckedOut) {
 		return nil, err
 	}
 	if prev != nil && prev.Pending != nil {
-		return nil, fmt.Errorf("desktop %s: %w: a check-in is under way; run `cvd checkin %s` first", desktop, ErrLocalChanges, desktop)
+		return nil, fmt.Errorf("desktop %s: %w: a check-in is under way; run `cvd checkin %s` first", name, ErrLocalChanges, name)
 	}
 	// Local tops holding changes of another version must be checked in first.
-	if d, err := l.store.Desktop(desktop); err == nil {
+	if d, err := l.store.Desktop(name); err == nil {
 		for _, rel := range []string{d.SystemDisk, d.UserDisk} {
 			if rel == "" {
 				continue
 			}
-			has, _, err := topState(l.store.Path(rel))
+			has, _, err := desktop.TopState(l.store.Path(rel))
 			if err != nil {
 				return nil, err
 			}
 			if has {
-				return nil, fmt.Errorf("desktop %s: %w: check it in first (`cvd checkin %s`)", desktop, ErrLocalChanges, desktop)
+				return nil, fmt.Errorf("desktop %s: %w: check it in first (`cvd checkin %s`)", name, ErrLocalChanges, name)
 			}
 		}
 	} else if !errors.Is(err, images.ErrNotFound) {
@@ -84,11 +84,11 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, desktop string, opts C
 	if len(have) > maxHave {
 		have = have[len(have)-maxHave:]
 	}
-	m, err := c.Checkout(ctx, desktop, opts.TTL, have...)
+	m, err := c.Checkout(ctx, name, opts.TTL, have...)
 	if err != nil {
 		return nil, err
 	}
-	rep := &CheckoutReport{Desktop: desktop, Server: c.URL(), Version: m.Version, Lease: m.Lease, Sealed: m.Sealed,
+	rep := &CheckoutReport{Desktop: name, Server: c.URL(), Version: m.Version, Lease: m.Lease, Sealed: m.Sealed,
 		VMStopped: m.VMStopped, LayersFetched: []string{}, LayersHeld: []string{}}
 	fresh := prev == nil || prev.Lease.ID != m.Lease.ID
 	rep.Resumed = !fresh
@@ -97,7 +97,7 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, desktop string, opts C
 		// check-out (a full disk, a tampered stream) leaves the server as it was.
 		if fresh && m.Lease.Granted.After(start.Add(-time.Minute)) && m.Lease.ID != "" {
 			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-			if rerr := c.Release(rctx, desktop, m.Lease.ID); rerr != nil {
+			if rerr := c.Release(rctx, name, m.Lease.ID); rerr != nil {
 				l.log.Warn("release the lease after a failed check-out", "err", rerr)
 			}
 			cancel()
@@ -181,7 +181,7 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, desktop string, opts C
 	}
 
 	// The desktop over fresh tops on the manifest's layers.
-	co := &Checkout{Desktop: desktop, Server: c.URL(), Token: c.token, CACert: opts.CACert, Lease: m.Lease,
+	co := &Checkout{Desktop: name, Server: c.URL(), Token: c.token, CACert: opts.CACert, Lease: m.Lease,
 		Version: m.Version, Layers: map[string]string{}, BlankSizes: map[string]int64{}, CheckedOut: l.now().UTC()}
 	if prev != nil && !fresh {
 		co.CheckedOut = prev.CheckedOut
@@ -199,14 +199,14 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, desktop string, opts C
 		return fail(err)
 	}
 	if l.opts.VM != nil {
-		d, err := l.store.Desktop(desktop)
+		d, err := l.store.Desktop(name)
 		if err == nil {
 			user := ""
 			if d.UserDisk != "" {
 				user = l.store.Path(d.UserDisk)
 			}
-			if err := l.opts.VM.DefineDesktop(ctx, desktop, l.store.Path(d.SystemDisk), user); err != nil {
-				l.log.Warn("define the desktop in the local hypervisor", "desktop", desktop, "err", err)
+			if err := l.opts.VM.DefineDesktop(ctx, name, l.store.Path(d.SystemDisk), user); err != nil {
+				l.log.Warn("define the desktop in the local hypervisor", "desktop", name, "err", err)
 			}
 		}
 	}
@@ -238,7 +238,7 @@ func (l *Laptop) setupDesktop(ctx context.Context, co *Checkout) error {
 				spec.UserSize = co.BlankSizes[DiskUser]
 			}
 		}
-		if _, err := l.store.CreateDesktop(ctx, co.Desktop, spec); err != nil {
+		if _, err := desktop.Create(ctx, l.store, co.Desktop, spec); err != nil {
 			return noSpace(err)
 		}
 		return l.recordVersion(co.Desktop, v, true)
@@ -262,7 +262,7 @@ func (l *Laptop) setupDesktop(ctx context.Context, co *Checkout) error {
 			}
 			continue
 		}
-		has, backing, err := topState(l.store.Path(rel))
+		has, backing, err := desktop.TopState(l.store.Path(rel))
 		if err != nil {
 			return err
 		}

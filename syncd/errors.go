@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"syscall"
 
+	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/images"
 )
 
@@ -30,7 +31,7 @@ var (
 	// ErrBadRequest: a malformed request or stream.
 	ErrBadRequest = errors.New("malformed request")
 	// ErrNotFound: no such desktop, layer, version, device or check-in.
-	ErrNotFound = errors.New("not found")
+	ErrNotFound = images.ErrNotFound
 	// ErrNoSpace: the store's file system is full (on either side).
 	ErrNoSpace = errors.New("no space left on the store's file system")
 	// ErrIncomplete: a commit asked for before every missing cluster arrived.
@@ -43,7 +44,7 @@ var (
 	ErrExpired = errors.New("checked-out copy expired")
 	// ErrInUse: a desktop's top is open in a running VM (QEMU holds its image
 	// lock): it is not sealed or checked in. Wraps disk.ErrInUse.
-	ErrInUse = errors.New("desktop in use by a running VM")
+	ErrInUse = desktop.ErrInUse
 )
 
 // LeaseError says who holds a lease.
@@ -76,7 +77,6 @@ var errorCodes = []struct {
 	{ErrBadRequest, "bad_request", http.StatusBadRequest},
 	{errStream, "bad_request", http.StatusBadRequest},
 	{ErrNotFound, "not_found", http.StatusNotFound},
-	{images.ErrNotFound, "not_found", http.StatusNotFound},
 	{ErrNoSpace, "no_space", http.StatusInsufficientStorage},
 	{ErrIncomplete, "incomplete", http.StatusConflict},
 	{ErrInUse, "in_use", http.StatusConflict},

@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"fmt"
 
-	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
 )
 
@@ -69,20 +68,3 @@ func (h *idHasher) restore(b []byte) error {
 
 // mapWindow is the guest bytes asked of MapLayer at a time (bounds memory).
 const mapWindow = 1 << 30
-
-// layerHasData reports whether img's own layer allocates anything (data or zero).
-func layerHasData(img disk.Image) (bool, error) {
-	size := img.Size()
-	for win := int64(0); win < size; win += mapWindow {
-		exts, err := img.MapLayer(win, min(mapWindow, size-win))
-		if err != nil {
-			return false, err
-		}
-		for _, e := range exts {
-			if e.State != disk.Unallocated && e.Len > 0 {
-				return true, nil
-			}
-		}
-	}
-	return false, nil
-}

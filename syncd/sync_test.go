@@ -6,6 +6,7 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
 )
@@ -102,7 +103,7 @@ func TestCheckoutCheckinDoneWhen(t *testing.T) {
 	}
 	// The laptop froze its tops as that version and started fresh ones.
 	for _, dn := range diskNames {
-		has, backing, err := topState(lap.top(w.desktop, dn))
+		has, backing, err := desktop.TopState(lap.top(w.desktop, dn))
 		if err != nil {
 			t.Fatal(err)
 		}

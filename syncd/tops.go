@@ -6,22 +6,19 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"github.com/cvd-project/cvd/desktop"
 	"log/slog"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/cvd-project/cvd/catalog"
+	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
 )
 
-// A desktop's writable tops (desktops/<name>.system.qcow2, .user.qcow2) always
-// stand on the head version's layers: after sync moves the head it replaces them by
-// fresh, empty tops (see .cache/requests-syncd.md, item 1). A top that holds data is
-// never replaced: it is sealed as a version first.
+// A desktop's writable tops always stand on the head version's layers (see
+// package desktop: SealTops, ResetTops, RepairTops).
 
 // topRel returns the store-relative top of a disk ("" when the desktop has none).
 func (dv *DesktopVersions) topRel(diskName string) string {
@@ -47,21 +44,6 @@ func setLayer(v *Version, diskName, id string) {
 	}
 }
 
-// topState opens a top alone and reports whether it allocates anything and the
-// layer ID its backing file names ("" for none).
-func topState(path string) (hasData bool, backing string, err error) {
-	img, err := disk.Open(path, disk.OpenOptions{ReadOnly: true, NoBacking: true})
-	if err != nil {
-		return false, "", err
-	}
-	defer img.Close()
-	if bn := img.Info().BackingName; bn != "" {
-		backing = strings.TrimSuffix(filepath.Base(bn), ".qcow2")
-	}
-	hasData, err = layerHasData(img)
-	return hasData, backing, err
-}
-
 func randHex(n int) string {
 	b := make([]byte, n)
 	if _, err := rand.Read(b); err != nil {
@@ -80,7 +62,7 @@ func adoptTop(ctx context.Context, store *images.Store, log *slog.Logger, path s
 		return l, existed, err
 	}
 	log.Warn("not adoptable in place; copying it", "file", path, "err", err)
-	l, existed, err = sealTop(ctx, store, path, nil, false)
+	l, existed, err = desktop.SealTop(ctx, store, path, nil, false)
 	if err == nil && l.ID != opts.WantID {
 		if !existed {
 			store.RemoveLayer(l.ID)
@@ -90,89 +72,17 @@ func adoptTop(ctx context.Context, store *images.Store, log *slog.Logger, path s
 	return l, existed, err
 }
 
-// sealTop seals the top at path into the store as a layer on the one it stands on
-// (a top without a backing file becomes a layer without a parent).
-func sealTop(ctx context.Context, store *images.Store, path string, names []string, force bool) (*images.Layer, bool, error) {
-	img, err := disk.Open(path, disk.OpenOptions{ReadOnly: true, NoBacking: true})
-	if err != nil {
-		return nil, false, err
-	}
-	backing := img.Info().BackingName
-	img.Close()
-	opts := images.ImportOptions{Names: names, Force: force}
-	if backing == "" {
-		opts.Kind = images.KindBase
-		return store.Import(ctx, path, opts)
-	}
-	return store.Seal(ctx, path, opts)
-}
-
 // sealServerTops seals the desktop's tops that hold data as a new head version
-// (note says why) and resets them. It returns the version, or 0 when the tops were
-// empty. The caller holds the desktop's lock.
+// (note says why) and resets them (desktop.SealTops). It returns the version, or
+// 0 when the tops were empty. The caller holds the desktop's lock.
 func (s *Server) sealServerTops(ctx context.Context, name, note string) (int, error) {
-	dv, err := desktopVersions(s.store, name)
-	if err != nil {
-		return 0, err
-	}
-	head := *dv.HeadVersion()
-	nv := Version{Created: s.now().UTC().Truncate(time.Second), System: head.System, User: head.User,
-		Kind: images.VersionSeal, Note: note, From: head.N}
-	if d, err := s.store.Desktop(name); err != nil {
-		return 0, err
-	} else if err := topsNotInUse(s.store, d); err != nil {
-		return 0, err
-	}
-	changed := false
-	for _, dn := range diskNames {
-		rel := dv.topRel(dn)
-		if rel == "" {
-			continue
-		}
-		has, _, err := topState(s.store.Path(rel))
-		if err != nil {
-			return 0, fmt.Errorf("desktop %s: %s top: %w", name, dn, err)
-		}
-		if !has {
-			continue
-		}
-		l, _, err := sealTop(ctx, s.store, s.store.Path(rel), nil, false)
-		if err != nil {
-			return 0, noSpace(fmt.Errorf("desktop %s: seal %s top: %w", name, dn, err))
-		}
-		setLayer(&nv, dn, l.ID)
-		changed = true
-	}
-	if !changed {
-		return 0, nil
-	}
-	dv, v, err := addVersion(s.store, name, nv, true, 0)
-	if err != nil {
-		return 0, err
+	_, v, err := desktop.SealTops(ctx, s.store, name, note, s.now())
+	if err != nil || v == nil {
+		return 0, noSpace(err)
 	}
 	s.log.Info("sealed server tops", "desktop", name, "version", v.N, "note", note)
-	if err := s.resetTops(dv, v); err != nil {
-		return 0, err
-	}
 	s.indexLater(v.System, v.User)
 	return v.N, nil
-}
-
-// topsNotInUse refuses (ErrInUse) when a QEMU process holds one of the desktop's
-// tops open: whatever libvirt says, a top a VM still writes is never sealed.
-func topsNotInUse(store *images.Store, d *images.Desktop) error {
-	for _, rel := range []string{d.SystemDisk, d.UserDisk} {
-		if rel == "" {
-			continue
-		}
-		if err := disk.CheckNotInUse(store.Path(rel)); err != nil {
-			if errors.Is(err, disk.ErrInUse) {
-				return fmt.Errorf("desktop %s: %w: %v; shut the VM down first (nothing was changed)", d.Name, ErrInUse, err)
-			}
-			return err
-		}
-	}
-	return nil
 }
 
 // resetTops points the desktop's tops at version v's layers.
@@ -207,38 +117,17 @@ func (s *Server) reconcile(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	for _, d := range ds {
-		dv := versionsOf(&d)
-		head := dv.HeadVersion()
-		if head == nil {
-			continue
+	for i := range ds {
+		reset, kept, err := desktop.RepairTops(s.store, &ds[i])
+		if err != nil {
+			s.log.Warn("reconcile: tops", "desktop", ds[i].Name, "err", err)
 		}
-		for _, dn := range diskNames {
-			rel := dv.topRel(dn)
-			if rel == "" {
-				continue
-			}
-			has, backing, err := topState(s.store.Path(rel))
-			if err != nil {
-				s.log.Warn("reconcile: open top", "desktop", dv.Name, "disk", dn, "err", err)
-				continue
-			}
-			if backing == layerOf(head, dn) {
-				continue
-			}
-			if has {
-				s.log.Warn("reconcile: top holds data and does not stand on the head; it will be sealed at the next check-out",
-					"desktop", dv.Name, "disk", dn)
-				continue
-			}
-			size := int64(0)
-			if layerOf(head, dn) == "" {
-				size = dv.UserSize
-			}
-			if err := desktop.ResetTop(s.store, rel, layerOf(head, dn), size); err != nil {
-				return err
-			}
-			s.log.Info("reconcile: reset top onto head", "desktop", dv.Name, "disk", dn, "version", head.N)
+		for _, dn := range reset {
+			s.log.Info("reconcile: reset top onto head", "desktop", ds[i].Name, "disk", dn, "version", ds[i].Head)
+		}
+		for _, dn := range kept {
+			s.log.Warn("reconcile: top holds data and does not stand on the head; it will be sealed at the next check-out",
+				"desktop", ds[i].Name, "disk", dn)
 		}
 	}
 	return nil

@@ -3,12 +3,11 @@ package syncd
 import (
 	"errors"
 	"fmt"
-	"github.com/cvd-project/cvd/desktop"
 	"slices"
-	"sort"
 	"strings"
 
 	"github.com/cvd-project/cvd/catalog"
+	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/images"
 )
 
@@ -112,18 +111,7 @@ func (s *Server) migrateVersions() error {
 	}
 	for _, name := range names {
 		o := olds[name]
-		_, err := s.store.UpdateDesktop(nil, name, func(d *images.Desktop) error {
-			for _, v := range o.Versions {
-				if !slices.ContainsFunc(d.Versions, func(x Version) bool { return x.N == v.N }) {
-					d.Versions = append(d.Versions, v)
-				}
-			}
-			sort.Slice(d.Versions, func(i, j int) bool { return d.Versions[i].N < d.Versions[j].N })
-			if slices.ContainsFunc(d.Versions, func(x Version) bool { return x.N == o.Head }) {
-				d.Head = o.Head
-			}
-			return nil
-		})
+		err := desktop.MergeVersions(s.store, name, o.Versions, o.Head)
 		if err != nil && !errors.Is(err, images.ErrNotFound) {
 			s.log.Warn("could not move sync's versions into the catalog; they stay in the sync.versions bucket", "desktop", name, "err", err)
 			continue

@@ -3,12 +3,12 @@ package main
 import (
 	"context"
 	"fmt"
-	"github.com/cvd-project/cvd/vm"
 	"io"
 	"log/slog"
 	"time"
 
 	"github.com/cvd-project/cvd/syncd"
+	"github.com/cvd-project/cvd/vm"
 	"github.com/spf13/cobra"
 )
 

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"github.com/cvd-project/cvd/vm"
 	"io"
 	"log/slog"
 	"os"
@@ -12,6 +11,7 @@ import (
 
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/syncd"
+	"github.com/cvd-project/cvd/vm"
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
 	"golang.org/x/term"

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/syncd"
 	"github.com/spf13/cobra"
@@ -72,7 +73,7 @@ func runDesktopCreate(ctx context.Context, g *globalOptions, opts *desktopCreate
 		return err
 	}
 	defer st.Close()
-	d, err := st.CreateDesktop(ctx, name, spec)
+	d, err := desktop.Create(ctx, st, name, spec)
 	if err != nil {
 		return storeError(err)
 	}

@@ -2,9 +2,9 @@ package main
 
 import (
 	"fmt"
-	"github.com/cvd-project/cvd/desktop"
 	"time"
 
+	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/syncd"
 	"github.com/spf13/cobra"

@@ -3,11 +3,11 @@ package main
 import (
 	"context"
 	"fmt"
-	"github.com/cvd-project/cvd/desktop"
 	"io"
 	"sort"
 	"strings"
 
+	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/images"
 	"github.com/spf13/cobra"
 )

@@ -4,11 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/cvd-project/cvd/internal/ordered"
 	"io"
 	"runtime"
 
 	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/internal/ordered"
 	"github.com/spf13/cobra"
 )
 

@@ -4,10 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/cvd-project/cvd/desktop"
 	"io"
 	"strings"
 
+	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/images"
 	"github.com/spf13/cobra"
 )

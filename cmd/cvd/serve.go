@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"github.com/cvd-project/cvd/vm"
 	"io"
 	"log/slog"
 	"net"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/syncd"
+	"github.com/cvd-project/cvd/vm"
 	"github.com/spf13/cobra"
 )
 

@@ -5,8 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/cvd-project/cvd/syncd"
-	"github.com/cvd-project/cvd/vm"
 	"io"
 	"io/fs"
 	"log/slog"
@@ -21,6 +19,8 @@ import (
 	"time"
 
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/syncd"
+	"github.com/cvd-project/cvd/vm"
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 )

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/cvd-project/cvd/vm"
 	"io"
 	"log/slog"
 	"os"
@@ -15,6 +14,7 @@ import (
 	"github.com/cvd-project/cvd/clone"
 	"github.com/cvd-project/cvd/hypervisor"
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/vm"
 	"github.com/spf13/cobra"
 )
 
