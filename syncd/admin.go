@@ -93,7 +93,7 @@ func (s *Server) Rollback(ctx context.Context, dk string, to int) (*Version, err
 		s.indexLater(sealed.System, sealed.User)
 	}
 	if err != nil {
-		return nil, noSpace(err)
+		return nil, NoSpace(err)
 	}
 	s.log.Info("rolled back", "desktop", dk, "to", to, "version", v.N)
 	return v, nil

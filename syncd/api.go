@@ -19,10 +19,10 @@ const (
 	DiskUser   = "user"
 )
 
-var diskNames = []string{DiskSystem, DiskUser}
+var DiskNames = []string{DiskSystem, DiskUser}
 
-func diskNumber(name string) (byte, bool) {
-	for i, n := range diskNames {
+func DiskNumber(name string) (byte, bool) {
+	for i, n := range DiskNames {
 		if n == name {
 			return byte(i), true
 		}
@@ -40,7 +40,7 @@ type LayerInfo struct {
 	images.LayerStats
 }
 
-func layerInfo(l *images.Layer) LayerInfo {
+func LayerInfoOf(l *images.Layer) LayerInfo {
 	return LayerInfo{ID: l.ID, Parent: l.Parent, Kind: string(l.Kind), Size: l.Size, ClusterSize: l.ClusterSize, LayerStats: l.LayerStats}
 }
 
@@ -154,8 +154,8 @@ type UploadResult struct {
 	Bytes    int64 `json:"bytes"`
 }
 
-// errorBody is every error's JSON body.
-type errorBody struct {
+// ErrorBody is every error's JSON body.
+type ErrorBody struct {
 	Error  string      `json:"error"`
 	Code   string      `json:"code"`
 	Lease  *LeaseError `json:"lease,omitempty"`

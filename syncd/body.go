@@ -6,7 +6,7 @@ import (
 	"sync"
 )
 
-// funcBody is a request body that a function writes. HTTP/1.1's transport
+// FuncBody is a request body that a function writes. HTTP/1.1's transport
 // copies a body that is an io.WriterTo by calling WriteTo with the connection's
 // chunk writer, so the stream goes from the encoder into the connection in the
 // encoder's own writes, without a pipe and a copy between them. Read (HTTP/2,
@@ -14,7 +14,7 @@ import (
 //
 // The function runs at most once. After the request returns, finish waits for
 // it to end (or keeps it from starting) and returns its error.
-type funcBody struct {
+type FuncBody struct {
 	fn func(w io.Writer) error
 
 	mu      sync.Mutex
@@ -25,14 +25,14 @@ type funcBody struct {
 	written int64
 }
 
-var errBodyNotRun = errors.New("request ended before its body was written")
+var ErrBodyNotRun = errors.New("request ended before its body was written")
 
-func newFuncBody(fn func(w io.Writer) error) *funcBody {
-	return &funcBody{fn: fn, done: make(chan struct{})}
+func NewFuncBody(fn func(w io.Writer) error) *FuncBody {
+	return &FuncBody{fn: fn, done: make(chan struct{})}
 }
 
 // start moves the body to running; false when it ran or finish came first.
-func (b *funcBody) start() bool {
+func (b *FuncBody) start() bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.state != 0 {
@@ -42,7 +42,7 @@ func (b *funcBody) start() bool {
 	return true
 }
 
-func (b *funcBody) run(w io.Writer) error {
+func (b *FuncBody) run(w io.Writer) error {
 	err := b.fn(w)
 	b.mu.Lock()
 	b.err, b.state = err, 2
@@ -52,9 +52,9 @@ func (b *funcBody) run(w io.Writer) error {
 }
 
 // WriteTo writes the body into w (the transport's chunk writer).
-func (b *funcBody) WriteTo(w io.Writer) (int64, error) {
+func (b *FuncBody) WriteTo(w io.Writer) (int64, error) {
 	if !b.start() {
-		return 0, errBodyNotRun
+		return 0, ErrBodyNotRun
 	}
 	cw := &countingWriter{w: w}
 	err := b.run(cw)
@@ -62,7 +62,7 @@ func (b *funcBody) WriteTo(w io.Writer) (int64, error) {
 }
 
 // Read reads the body through a pipe fed by the function.
-func (b *funcBody) Read(p []byte) (int, error) {
+func (b *FuncBody) Read(p []byte) (int, error) {
 	b.mu.Lock()
 	if b.pr == nil && b.state == 0 {
 		pr, pw := io.Pipe()
@@ -72,21 +72,21 @@ func (b *funcBody) Read(p []byte) (int, error) {
 	pr := b.pr
 	b.mu.Unlock()
 	if pr == nil {
-		return 0, errBodyNotRun
+		return 0, ErrBodyNotRun
 	}
 	return pr.Read(p)
 }
 
-// finish, called once the request returned, waits for a running function (a
+// Finish, called once the request returned, waits for a running function (a
 // pipe's reader goes away first, so that it cannot block) and returns its error;
 // a body never started stays so.
-func (b *funcBody) finish() error {
+func (b *FuncBody) Finish() error {
 	b.mu.Lock()
 	switch b.state {
 	case 0:
 		b.state = 2
 		b.mu.Unlock()
-		return errBodyNotRun
+		return ErrBodyNotRun
 	case 2:
 		b.mu.Unlock()
 		return b.err

@@ -36,14 +36,14 @@ func TestFuncBody(t *testing.T) {
 
 	// Through WriteTo: the request's body is never Read.
 	var reads int
-	b := newFuncBody(write)
+	b := NewFuncBody(write)
 	req, _ := http.NewRequest("POST", srv.URL+"/take", &readCounter{b, &reads})
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
 	resp.Body.Close()
-	if err := b.finish(); err != nil {
+	if err := b.Finish(); err != nil {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(got, payload) {
@@ -54,17 +54,17 @@ func TestFuncBody(t *testing.T) {
 	}
 
 	// Read gives the same bytes.
-	b = newFuncBody(write)
+	b = NewFuncBody(write)
 	all, err := io.ReadAll(b)
 	if err != nil || !bytes.Equal(all, payload) {
 		t.Fatalf("Read: %d bytes, %v", len(all), err)
 	}
-	if err := b.finish(); err != nil {
+	if err := b.Finish(); err != nil {
 		t.Fatal(err)
 	}
 
 	// Refused early: finish returns, whatever the writer was doing.
-	b = newFuncBody(func(w io.Writer) error {
+	b = NewFuncBody(func(w io.Writer) error {
 		for {
 			if _, err := w.Write(payload); err != nil {
 				return err
@@ -82,7 +82,7 @@ func TestFuncBody(t *testing.T) {
 		}
 	}
 	finished := make(chan error, 1)
-	go func() { finished <- b.finish() }()
+	go func() { finished <- b.Finish() }()
 	select {
 	case <-finished:
 	case <-time.After(15 * time.Second):
@@ -91,18 +91,18 @@ func TestFuncBody(t *testing.T) {
 
 	// Never sent: it never runs.
 	ran := false
-	b = newFuncBody(func(io.Writer) error { ran = true; return nil })
-	if err := b.finish(); !errors.Is(err, errBodyNotRun) || ran {
+	b = NewFuncBody(func(io.Writer) error { ran = true; return nil })
+	if err := b.Finish(); !errors.Is(err, ErrBodyNotRun) || ran {
 		t.Errorf("finish of an unsent body: %v, ran %v", err, ran)
 	}
-	if _, err := b.WriteTo(io.Discard); !errors.Is(err, errBodyNotRun) || ran {
+	if _, err := b.WriteTo(io.Discard); !errors.Is(err, ErrBodyNotRun) || ran {
 		t.Errorf("WriteTo after finish: %v, ran %v", err, ran)
 	}
 }
 
 // readCounter passes WriteTo through and counts Reads.
 type readCounter struct {
-	b     *funcBody
+	b     *FuncBody
 	reads *int
 }
 

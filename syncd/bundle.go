@@ -165,8 +165,8 @@ func (s *Server) Export(ctx context.Context, desktop, path string, opts ExportOp
 			if err != nil {
 				return err
 			}
-			sw := newStreamWriter(cw)
-			_, err = writeLayerStream(ctx, sw, img, li.ClusterSize, li.Parent != "", 0, li.ID, encodeOptions{})
+			sw := NewStreamWriter(cw)
+			_, err = writeLayerStream(ctx, sw, img, li.ClusterSize, li.Parent != "", 0, li.ID, EncodeOptions{})
 			img.Close()
 			if err != nil {
 				return err
@@ -188,7 +188,7 @@ func (s *Server) Export(ctx context.Context, desktop, path string, opts ExportOp
 		err = err2
 	}
 	if err != nil {
-		return fail(noSpace(fmt.Errorf("export %s: %w", desktop, err)))
+		return fail(NoSpace(fmt.Errorf("export %s: %w", desktop, err)))
 	}
 	if fi, err := os.Stat(path); err == nil {
 		rep.Bytes = fi.Size()
@@ -271,13 +271,13 @@ func (l *Laptop) ImportBundle(ctx context.Context, path string) (*ImportReport, 
 		return nil, err
 	}
 	if err := os.MkdirAll(l.fetchDir(), 0o700); err != nil {
-		return nil, noSpace(err)
+		return nil, NoSpace(err)
 	}
 	for _, li := range h.Layers {
 		if !layerIDRE.MatchString(li.ID) || (li.Parent != "" && !layerIDRE.MatchString(li.Parent)) {
 			return nil, fmt.Errorf("%w: bundle layer id %q", ErrBadRequest, li.ID)
 		}
-		sr := newStreamReader(br)
+		sr := NewStreamReader(br)
 		if _, err := l.store.Layer(li.ID); err == nil {
 			// Held already: read past its stream.
 			if err := skipStream(sr); err != nil {
@@ -296,7 +296,7 @@ func (l *Laptop) ImportBundle(ctx context.Context, path string) (*ImportReport, 
 		_, done, err := fl.consume(ctx, sr)
 		l.opts.Progress.Done()
 		if err == nil && !done {
-			err = fmt.Errorf("%w: layer %s incomplete", errStream, short(li.ID))
+			err = fmt.Errorf("%w: layer %s incomplete", ErrStream, short(li.ID))
 		}
 		if err == nil {
 			err = fl.finish(ctx)
@@ -337,15 +337,15 @@ func (l *Laptop) ImportBundle(ctx context.Context, path string) (*ImportReport, 
 }
 
 // skipStream reads a cluster stream to its end frame.
-func skipStream(sr *streamReader) error {
+func skipStream(sr *StreamReader) error {
 	var buf []byte
 	for {
-		f, _, p, err := sr.next(buf)
+		f, _, p, err := sr.Next(buf)
 		if err != nil {
 			return err
 		}
 		buf = p
-		if f.kind == kindEnd {
+		if f.Kind == KindEnd {
 			return nil
 		}
 	}

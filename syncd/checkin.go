@@ -234,7 +234,7 @@ func checkinID(req *CheckinRequest) string {
 // disk), with each data cluster's digest.
 func (l *Laptop) scanTops(ctx context.Context, d *images.Desktop, co *Checkout) ([]diskChanges, error) {
 	var out []diskChanges
-	for _, dn := range diskNames {
+	for _, dn := range DiskNames {
 		rel := topRel(d, dn)
 		if rel == "" {
 			continue
@@ -264,21 +264,21 @@ func (l *Laptop) scanTops(ctx context.Context, d *images.Desktop, co *Checkout) 
 		cs := images.DigestClusterSize(info)
 		ch := diskChanges{name: dn, top: path, stat: st,
 			decl: CheckinDisk{Name: dn, Parent: parent, Size: img.Size(), ClusterSize: cs}}
-		h := newIDHasher(parent, img.Size(), cs)
+		h := NewIDHasher(parent, img.Size(), cs)
 		err = images.SumLayer(ctx, img, cs, parent != "", func(s images.ClusterSum) error {
 			e := Entry{Index: s.Index, Zero: s.Zero, Digest: s.Digest}
 			ch.bytes += int64(s.Len)
-			h.add(e)
-			ch.list = appendEntry(ch.list, e)
+			h.Add(e)
+			ch.list = AppendEntry(ch.list, e)
 			return nil
 		})
 		img.Close()
 		if err != nil {
 			return nil, err
 		}
-		ch.decl.Entries, ch.decl.DataEntries = h.count, h.data
-		if h.count > 0 {
-			ch.decl.ExpectID = h.sum()
+		ch.decl.Entries, ch.decl.DataEntries = h.Count, h.Data
+		if h.Count > 0 {
+			ch.decl.ExpectID = h.Sum()
 		}
 		out = append(out, ch)
 	}
@@ -351,7 +351,7 @@ func containsString(ss []string, s string) bool {
 }
 
 // upload streams the missing clusters, read from the tops.
-func (l *Laptop) upload(ctx context.Context, c *Client, id string, changes []diskChanges, miss []missingItem, rep *CheckinReport) error {
+func (l *Laptop) upload(ctx context.Context, c *Client, id string, changes []diskChanges, miss []MissingItem, rep *CheckinReport) error {
 	imgs := map[byte]disk.Image{}
 	sizes := map[byte]int{}
 	defer func() {
@@ -361,7 +361,7 @@ func (l *Laptop) upload(ctx context.Context, c *Client, id string, changes []dis
 	}()
 	var total int64
 	for _, ch := range changes {
-		no, _ := diskNumber(ch.name)
+		no, _ := DiskNumber(ch.name)
 		img, err := disk.Open(ch.top, disk.OpenOptions{ReadOnly: true, NoBacking: true})
 		if err != nil {
 			return err
@@ -370,7 +370,7 @@ func (l *Laptop) upload(ctx context.Context, c *Client, id string, changes []dis
 	}
 	for _, m := range miss {
 		if imgs[m.Disk] == nil {
-			return fmt.Errorf("%w: the server asks for disk %d", errStream, m.Disk)
+			return fmt.Errorf("%w: the server asks for disk %d", ErrStream, m.Disk)
 		}
 		total += int64(sizes[m.Disk])
 	}
@@ -381,22 +381,22 @@ func (l *Laptop) upload(ctx context.Context, c *Client, id string, changes []dis
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var sent int64
-	body := newFuncBody(func(w io.Writer) error {
-		sw := newStreamWriter(w)
-		err := encodeOrdered(ctx, encodeOptions{compress: true}, func(submit func(byte, int64, []byte, *Digest) error) error {
+	body := NewFuncBody(func(w io.Writer) error {
+		sw := NewStreamWriter(w)
+		err := EncodeOrdered(ctx, EncodeOptions{Compress: true}, func(submit func(byte, int64, []byte, *Digest) error) error {
 			return readMissingClusters(ctx, imgs, sizes, miss, submit)
-		}, func(ec encodedCluster, _ bool) error {
-			if m := miss[sent]; ec.disk != m.Disk || ec.idx != m.Index {
-				return fmt.Errorf("cluster %d out of order in the upload", ec.idx)
+		}, func(ec EncodedCluster, _ bool) error {
+			if m := miss[sent]; ec.Disk != m.Disk || ec.Idx != m.Index {
+				return fmt.Errorf("cluster %d out of order in the upload", ec.Idx)
 			}
 			sent++
-			l.opts.Progress.Add(int64(ec.raw))
-			return sw.data(ec)
+			l.opts.Progress.Add(int64(ec.Raw))
+			return sw.Data(ec)
 		})
 		if err == nil {
-			err = sw.end(sent, nil)
+			err = sw.End(sent, nil)
 		}
-		rep.Payload += sw.bytes
+		rep.Payload += sw.Bytes
 		return err
 	})
 	_, err := c.Upload(ctx, id, body)
@@ -406,8 +406,8 @@ func (l *Laptop) upload(ctx context.Context, c *Client, id string, changes []dis
 	// The server's answer says most; else the stream's own error (a read of
 	// the top that failed) says more than the transport's.
 	var ae *APIError
-	if ferr := body.finish(); err != nil && !errors.As(err, &ae) && ferr != nil &&
-		!errors.Is(ferr, errBodyNotRun) && !errors.Is(ferr, context.Canceled) {
+	if ferr := body.Finish(); err != nil && !errors.As(err, &ae) && ferr != nil &&
+		!errors.Is(ferr, ErrBodyNotRun) && !errors.Is(ferr, context.Canceled) {
 		err = ferr
 	}
 	rep.Sent += sent
@@ -416,7 +416,7 @@ func (l *Laptop) upload(ctx context.Context, c *Client, id string, changes []dis
 
 // readMissingClusters reads the clusters of miss from the tops, in order, joining
 // runs of neighbours into larger reads.
-func readMissingClusters(ctx context.Context, imgs map[byte]disk.Image, sizes map[byte]int, miss []missingItem,
+func readMissingClusters(ctx context.Context, imgs map[byte]disk.Image, sizes map[byte]int, miss []MissingItem,
 	submit func(byte, int64, []byte, *Digest) error) error {
 	const maxRun = 16
 	largest := 0
@@ -438,7 +438,7 @@ func readMissingClusters(ctx context.Context, imgs map[byte]disk.Image, sizes ma
 		off := m.Index * cs
 		n := min(int64(j-i)*cs, img.Size()-off)
 		if n <= 0 {
-			return fmt.Errorf("%w: cluster %d beyond the disk", errStream, m.Index)
+			return fmt.Errorf("%w: cluster %d beyond the disk", ErrStream, m.Index)
 		}
 		b := buf[:n]
 		if _, err := img.ReadAt(b, off); err != nil && err != io.EOF {
@@ -485,7 +485,7 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 			os.Chmod(p, m)
 		}
 	}
-	for _, dn := range diskNames {
+	for _, dn := range DiskNames {
 		rel := topRel(d, dn)
 		want, ok := res.Layers[dn]
 		if rel == "" || !ok {
@@ -510,7 +510,7 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 		aopts := images.AdoptOptions{WantID: want}
 		for i := range changes {
 			if ch := &changes[i]; ch.name == dn && ch.unchanged() {
-				aopts.Sums = entrySums(listEntries(ch.list), ch.decl.Size, ch.decl.ClusterSize)
+				aopts.Sums = EntrySums(ListEntries(ch.list), ch.decl.Size, ch.decl.ClusterSize)
 			}
 		}
 		lay, existed, err := adoptTop(ctx, l.store, l.log, path, aopts)
@@ -522,7 +522,7 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 		}
 		if err != nil {
 			undo()
-			return noSpace(fmt.Errorf("freeze the %s top: %w", dn, err))
+			return NoSpace(fmt.Errorf("freeze the %s top: %w", dn, err))
 		}
 		if !existed {
 			made = append(made, lay.ID)
@@ -534,7 +534,7 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 		undo()
 		return err
 	}
-	for _, dn := range diskNames {
+	for _, dn := range DiskNames {
 		id, ok := move[dn]
 		if !ok {
 			continue
@@ -543,7 +543,7 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 			return err
 		}
 	}
-	for _, dn := range diskNames {
+	for _, dn := range DiskNames {
 		if _, ok := co.Layers[dn]; ok {
 			co.Layers[dn] = layerOf(&v, dn)
 		}

@@ -239,7 +239,7 @@ func (l *Laptop) setupDesktop(ctx context.Context, co *Checkout) error {
 			}
 		}
 		if _, err := desktop.Create(ctx, l.store, co.Desktop, spec); err != nil {
-			return noSpace(err)
+			return NoSpace(err)
 		}
 		return l.recordVersion(co.Desktop, v, true)
 	}
@@ -250,7 +250,7 @@ func (l *Laptop) setupDesktop(ctx context.Context, co *Checkout) error {
 	if err := l.recordVersion(co.Desktop, v, false); err != nil {
 		return err
 	}
-	for _, dn := range diskNames {
+	for _, dn := range DiskNames {
 		rel := d.SystemDisk
 		if dn == DiskUser {
 			rel = d.UserDisk
@@ -282,5 +282,5 @@ func (l *Laptop) setupDesktop(ctx context.Context, co *Checkout) error {
 // recordVersion makes v (numbered as on the server) the local desktop's head
 // (desktop.RecordVersion).
 func (l *Laptop) recordVersion(name string, v Version, fresh bool) error {
-	return noSpace(desktop.RecordVersion(l.store, name, v, fresh))
+	return NoSpace(desktop.RecordVersion(l.store, name, v, fresh))
 }

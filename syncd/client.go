@@ -88,7 +88,7 @@ func (e *APIError) Error() string { return e.Msg }
 // Unwrap gives the sentinel the code names, so errors.Is works across the wire.
 func (e *APIError) Unwrap() []error {
 	var out []error
-	if s := sentinelOf(e.Code); s != nil {
+	if s := SentinelOf(e.Code); s != nil {
 		out = append(out, s)
 	}
 	if e.Lease != nil {
@@ -192,12 +192,12 @@ func (c *Client) send(ctx context.Context, method, path string, body io.Reader, 
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	c.Received += int64(len(b))
-	var eb errorBody
+	var eb ErrorBody
 	ae := &APIError{Status: resp.StatusCode}
 	if json.Unmarshal(b, &eb) == nil && eb.Error != "" {
 		ae.Code, ae.Msg, ae.Lease = eb.Code, "server: "+eb.Error, eb.Lease
 		if ae.Lease != nil {
-			ae.Lease.Err = sentinelOf(eb.Code)
+			ae.Lease.Err = SentinelOf(eb.Code)
 		}
 	} else {
 		ae.Msg = fmt.Sprintf("server: %s %s: %s", method, path, resp.Status)
@@ -269,13 +269,13 @@ func (c *Client) PutEntries(ctx context.Context, id, diskName string, list []byt
 }
 
 // Missing lists the clusters the server still needs.
-func (c *Client) Missing(ctx context.Context, id string) ([]missingItem, error) {
+func (c *Client) Missing(ctx context.Context, id string) ([]MissingItem, error) {
 	var b []byte
 	if err := c.call(ctx, "GET", "/v1/checkins/"+id+"/missing", nil, "", &b); err != nil {
 		return nil, err
 	}
-	var out []missingItem
-	err := readMissing(bytes.NewReader(b), func(m missingItem) error { out = append(out, m); return nil })
+	var out []MissingItem
+	err := ReadMissing(bytes.NewReader(b), func(m MissingItem) error { out = append(out, m); return nil })
 	return out, err
 }
 

@@ -75,14 +75,14 @@ var errorCodes = []struct {
 	{ErrNoLease, "no_lease", http.StatusConflict},
 	{ErrDigestMismatch, "digest_mismatch", http.StatusBadRequest},
 	{ErrBadRequest, "bad_request", http.StatusBadRequest},
-	{errStream, "bad_request", http.StatusBadRequest},
+	{ErrStream, "bad_request", http.StatusBadRequest},
 	{ErrNotFound, "not_found", http.StatusNotFound},
 	{ErrNoSpace, "no_space", http.StatusInsufficientStorage},
 	{ErrIncomplete, "incomplete", http.StatusConflict},
 	{ErrInUse, "in_use", http.StatusConflict},
 }
 
-func codeOf(err error) (string, int) {
+func CodeOf(err error) (string, int) {
 	for _, c := range errorCodes {
 		if errors.Is(err, c.err) {
 			return c.code, c.status
@@ -91,7 +91,7 @@ func codeOf(err error) (string, int) {
 	return "internal", http.StatusInternalServerError
 }
 
-func sentinelOf(code string) error {
+func SentinelOf(code string) error {
 	for _, c := range errorCodes {
 		if c.code == code {
 			return c.err
@@ -100,8 +100,8 @@ func sentinelOf(code string) error {
 	return nil
 }
 
-// noSpace turns ENOSPC and EDQUOT into ErrNoSpace, keeping the message.
-func noSpace(err error) error {
+// NoSpace turns ENOSPC and EDQUOT into ErrNoSpace, keeping the message.
+func NoSpace(err error) error {
 	if err == nil || errors.Is(err, ErrNoSpace) {
 		return err
 	}
@@ -115,7 +115,7 @@ func noSpace(err error) error {
 	return err
 }
 
-// badRequest wraps a decoding error as ErrBadRequest.
-func badRequest(format string, a ...any) error {
+// BadRequest wraps a decoding error as ErrBadRequest.
+func BadRequest(format string, a ...any) error {
 	return fmt.Errorf("%w: %s", ErrBadRequest, fmt.Sprintf(format, a...))
 }

@@ -41,7 +41,7 @@ type layerFetcher struct {
 	path     string
 	ckptPath string
 	img      disk.Image
-	h        *idHasher
+	h        *IDHasher
 	ck       fetchCheckpoint
 	w        *stageWriter
 	sinceCk  int64
@@ -76,9 +76,9 @@ func (r *localRefs) close() {
 	r.open = map[string]disk.Image{}
 }
 
-func (r *localRefs) resolve(f frame, d Digest, body, dst []byte) ([]byte, error) {
-	if len(body) != refBody-sha256.Size {
-		return nil, fmt.Errorf("%w: reference body", errStream)
+func (r *localRefs) resolve(f Frame, d Digest, body, dst []byte) ([]byte, error) {
+	if len(body) != RefBody-sha256.Size {
+		return nil, fmt.Errorf("%w: reference body", ErrStream)
 	}
 	layer := hex.EncodeToString(body[:sha256.Size])
 	idx := int64(binary.BigEndian.Uint64(body[sha256.Size:]))
@@ -99,7 +99,7 @@ func (r *localRefs) resolve(f frame, d Digest, body, dst []byte) ([]byte, error)
 		dst = make([]byte, 0, cs)
 	}
 	data, err := readClusterFrom(img, idx, cs, d, dst[:cs])
-	if err != nil || int64(len(data)) != f.n {
+	if err != nil || int64(len(data)) != f.N {
 		return nil, fmt.Errorf("%w: cluster %d of layer %s: %v", errRef, idx, short(layer), err)
 	}
 	return data, nil
@@ -116,7 +116,7 @@ func (l *Laptop) fetchLayer(ctx context.Context, c *Client, info LayerInfo, leas
 		return nil, 0, fmt.Errorf("%w: layer id %q", ErrBadRequest, info.ID)
 	}
 	if err := os.MkdirAll(l.fetchDir(), 0o700); err != nil {
-		return nil, 0, noSpace(err)
+		return nil, 0, NoSpace(err)
 	}
 	f := &layerFetcher{l: l, info: info, path: filepath.Join(l.fetchDir(), info.ID+".qcow2"),
 		ckptPath: filepath.Join(l.fetchDir(), info.ID+".ckpt"), lease: lease, refs: refs}
@@ -134,14 +134,14 @@ func (l *Laptop) fetchLayer(ctx context.Context, c *Client, info LayerInfo, leas
 			break
 		}
 		if err == nil {
-			err = fmt.Errorf("%w: layer %s: stream ended early", errStream, short(info.ID))
+			err = fmt.Errorf("%w: layer %s: stream ended early", ErrStream, short(info.ID))
 		}
 		if errors.Is(err, errRef) && f.lease != "" {
 			l.log.Info("a referenced cluster is unreadable here; asking for the data", "layer", short(info.ID), "err", err)
 			f.lease = ""
 			continue
 		}
-		if ctx.Err() != nil || errors.Is(err, ErrDigestMismatch) || errors.Is(err, ErrNoSpace) || !(retryable(err) || errors.Is(err, errStream)) || i == attempts-1 {
+		if ctx.Err() != nil || errors.Is(err, ErrDigestMismatch) || errors.Is(err, ErrNoSpace) || !(retryable(err) || errors.Is(err, ErrStream)) || i == attempts-1 {
 			f.close()
 			return nil, moved, err
 		}
@@ -160,9 +160,9 @@ func (l *Laptop) fetchLayer(ctx context.Context, c *Client, info LayerInfo, leas
 }
 
 func (f *layerFetcher) open() error {
-	f.h = newIDHasher(f.info.Parent, f.info.Size, f.info.ClusterSize)
+	f.h = NewIDHasher(f.info.Parent, f.info.Size, f.info.ClusterSize)
 	if b, err := os.ReadFile(f.ckptPath); err == nil {
-		if json.Unmarshal(b, &f.ck) == nil && f.ck.ID == f.info.ID && f.h.restore(f.ck.Hash) == nil && partialClean(f.path) {
+		if json.Unmarshal(b, &f.ck) == nil && f.ck.ID == f.info.ID && f.h.Restore(f.ck.Hash) == nil && partialClean(f.path) {
 			img, err := f.openPartial()
 			if err == nil {
 				f.img = img
@@ -175,7 +175,7 @@ func (f *layerFetcher) open() error {
 	// Start over.
 	os.Remove(f.ckptPath)
 	os.Remove(f.path)
-	f.h = newIDHasher(f.info.Parent, f.info.Size, f.info.ClusterSize)
+	f.h = NewIDHasher(f.info.Parent, f.info.Size, f.info.ClusterSize)
 	f.ck = fetchCheckpoint{ID: f.info.ID}
 	// With the size and backing format given, the parent is not opened: it may
 	// still be on its way into the store.
@@ -186,7 +186,7 @@ func (f *layerFetcher) open() error {
 	}
 	if err := disk.CreateFile(f.path, co); err != nil {
 		os.Remove(f.path)
-		return noSpace(fmt.Errorf("create %s: %w", f.path, err))
+		return NoSpace(fmt.Errorf("create %s: %w", f.path, err))
 	}
 	img, err := f.openPartial()
 	if err != nil {
@@ -232,7 +232,7 @@ func (f *layerFetcher) checkpoint() error {
 	if err := f.w.flush(); err != nil {
 		return err
 	}
-	hs, err := f.h.state()
+	hs, err := f.h.State()
 	if err != nil {
 		return err
 	}
@@ -240,7 +240,7 @@ func (f *layerFetcher) checkpoint() error {
 	b, _ := json.Marshal(f.ck)
 	tmp := f.ckptPath + ".tmp"
 	if err := writeFileSync(tmp, b); err != nil {
-		return noSpace(err)
+		return NoSpace(err)
 	}
 	f.sinceCk = 0
 	return os.Rename(tmp, f.ckptPath)
@@ -269,11 +269,11 @@ func (f *layerFetcher) fetchFrom(ctx context.Context, c *Client) (int64, bool, e
 		return 0, false, err
 	}
 	defer rc.Close()
-	return f.consume(ctx, newStreamReader(rc))
+	return f.consume(ctx, NewStreamReader(rc))
 }
 
 // consume writes the frames of sr into the partial layer.
-func (f *layerFetcher) consume(ctx context.Context, sr *streamReader) (int64, bool, error) {
+func (f *layerFetcher) consume(ctx context.Context, sr *StreamReader) (int64, bool, error) {
 	base := f.ck.Bytes
 	cs := int64(f.info.ClusterSize)
 	clusters := clustersOf(f.info.Size, f.info.ClusterSize)
@@ -290,59 +290,59 @@ func (f *layerFetcher) consume(ctx context.Context, sr *streamReader) (int64, bo
 		off := zStart * cs
 		err := f.img.WriteZeroes(off, min(zLen*cs, f.info.Size-off))
 		zLen = 0
-		return noSpace(err)
+		return NoSpace(err)
 	}
 	progress := f.l.opts.Progress
-	var resolve refResolver
+	var resolve RefResolver
 	if f.refs != nil && f.lease != "" {
 		resolve = f.refs.resolve
 	}
-	end, endID, err := decodeOrdered(ctx, sr, f.info.Parent != "", resolve, func(fr frame, d Digest) error {
-		if fr.idx <= last || fr.idx >= clusters {
-			return fmt.Errorf("%w: cluster %d out of order", errStream, fr.idx)
+	end, endID, err := DecodeOrdered(ctx, sr, f.info.Parent != "", resolve, func(fr Frame, d Digest) error {
+		if fr.Idx <= last || fr.Idx >= clusters {
+			return fmt.Errorf("%w: cluster %d out of order", ErrStream, fr.Idx)
 		}
-		if exp := min(cs, f.info.Size-fr.idx*cs); fr.n != exp {
-			return fmt.Errorf("%w: cluster %d: %d bytes, want %d", errStream, fr.idx, fr.n, exp)
+		if exp := min(cs, f.info.Size-fr.Idx*cs); fr.N != exp {
+			return fmt.Errorf("%w: cluster %d: %d bytes, want %d", ErrStream, fr.Idx, fr.N, exp)
 		}
-		last = fr.idx
+		last = fr.Idx
 		return nil
-	}, func(fr frame, d Digest, raw []byte) error {
-		if fr.kind == kindZero {
-			if fr.idx < f.ck.Next || fr.idx+fr.n > clusters {
-				return fmt.Errorf("%w: zero run %d+%d out of order", errStream, fr.idx, fr.n)
+	}, func(fr Frame, d Digest, raw []byte) error {
+		if fr.Kind == KindZero {
+			if fr.Idx < f.ck.Next || fr.Idx+fr.N > clusters {
+				return fmt.Errorf("%w: zero run %d+%d out of order", ErrStream, fr.Idx, fr.N)
 			}
-			for i := int64(0); i < fr.n; i++ {
-				f.h.add(Entry{Index: fr.idx + i, Zero: true})
+			for i := int64(0); i < fr.N; i++ {
+				f.h.Add(Entry{Index: fr.Idx + i, Zero: true})
 			}
-			if zLen > 0 && zStart+zLen == fr.idx {
-				zLen += fr.n
+			if zLen > 0 && zStart+zLen == fr.Idx {
+				zLen += fr.N
 			} else {
 				if err := flushZero(); err != nil {
 					return err
 				}
-				zStart, zLen = fr.idx, fr.n
+				zStart, zLen = fr.Idx, fr.N
 			}
-			f.ck.Next = fr.idx + fr.n
+			f.ck.Next = fr.Idx + fr.N
 			return nil
 		}
-		if fr.idx < f.ck.Next {
-			return fmt.Errorf("%w: cluster %d out of order", errStream, fr.idx)
+		if fr.Idx < f.ck.Next {
+			return fmt.Errorf("%w: cluster %d out of order", ErrStream, fr.Idx)
 		}
 		if err := flushZero(); err != nil {
 			return err
 		}
-		f.h.add(Entry{Index: fr.idx, Digest: d})
-		if fr.kind == kindRef {
+		f.h.Add(Entry{Index: fr.Idx, Digest: d})
+		if fr.Kind == KindRef {
 			f.byRef++
 		}
-		if err := f.w.write(fr.idx, raw); err != nil {
+		if err := f.w.write(fr.Idx, raw); err != nil {
 			return err
 		}
-		f.ck.Next = fr.idx + 1
+		f.ck.Next = fr.Idx + 1
 		f.sinceCk += int64(len(raw))
 		progress.Add(int64(len(raw)))
 		if f.sinceCk >= checkpointInterval {
-			f.ck.Bytes = base + sr.bytes()
+			f.ck.Bytes = base + sr.Bytes()
 			return f.checkpoint()
 		}
 		return nil
@@ -350,7 +350,7 @@ func (f *layerFetcher) consume(ctx context.Context, sr *streamReader) (int64, bo
 	if err == nil {
 		err = flushZero()
 	}
-	moved := sr.bytes()
+	moved := sr.Bytes()
 	f.ck.Bytes = base + moved
 	if cerr := f.checkpoint(); err == nil {
 		err = cerr
@@ -358,14 +358,14 @@ func (f *layerFetcher) consume(ctx context.Context, sr *streamReader) (int64, bo
 	if err != nil {
 		return moved, false, err
 	}
-	if f.h.sum() != f.info.ID || fmt.Sprintf("%x", endID[:]) != f.info.ID {
-		return moved, false, fmt.Errorf("%w: layer %s: the stream's entries hash to %s", ErrDigestMismatch, short(f.info.ID), short(f.h.sum()))
+	if f.h.Sum() != f.info.ID || fmt.Sprintf("%x", endID[:]) != f.info.ID {
+		return moved, false, fmt.Errorf("%w: layer %s: the stream's entries hash to %s", ErrDigestMismatch, short(f.info.ID), short(f.h.Sum()))
 	}
-	if f.h.count != f.info.Clusters {
-		return moved, false, fmt.Errorf("%w: layer %s: %d entries, the layer has %d", errStream, short(f.info.ID), f.h.count, f.info.Clusters)
+	if f.h.Count != f.info.Clusters {
+		return moved, false, fmt.Errorf("%w: layer %s: %d entries, the layer has %d", ErrStream, short(f.info.ID), f.h.Count, f.info.Clusters)
 	}
-	if end.idx < 0 {
-		return moved, false, fmt.Errorf("%w: end frame", errStream)
+	if end.Idx < 0 {
+		return moved, false, fmt.Errorf("%w: end frame", ErrStream)
 	}
 	return moved, true, nil
 }
@@ -382,7 +382,7 @@ func (f *layerFetcher) finish(ctx context.Context) error {
 	opts := images.ImportOptions{Kind: images.Kind(f.info.Kind), Parent: f.info.Parent}
 	l, existed, err := f.l.store.Import(ctx, f.path, opts)
 	if err != nil {
-		return noSpace(fmt.Errorf("import fetched layer %s: %w", short(f.info.ID), err))
+		return NoSpace(fmt.Errorf("import fetched layer %s: %w", short(f.info.ID), err))
 	}
 	if l.ID != f.info.ID {
 		if !existed {

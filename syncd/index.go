@@ -19,8 +19,8 @@ import (
 // hit is read back and hashed before it is used, so a stale entry (a layer removed
 // since) costs a resend, never wrong data.
 
-// clusterRef is where a cluster with a known digest can be read.
-type clusterRef struct {
+// ClusterRef is where a cluster with a known digest can be read.
+type ClusterRef struct {
 	Layer string
 	Index int64
 }
@@ -33,15 +33,15 @@ func indexValue(layer string, idx int64) ([]byte, error) {
 	return binary.BigEndian.AppendUint64(raw, uint64(idx)), nil
 }
 
-func parseIndexValue(v []byte) (clusterRef, bool) {
+func parseIndexValue(v []byte) (ClusterRef, bool) {
 	if len(v) != sha256.Size+8 {
-		return clusterRef{}, false
+		return ClusterRef{}, false
 	}
-	return clusterRef{Layer: hex.EncodeToString(v[:sha256.Size]), Index: int64(binary.BigEndian.Uint64(v[sha256.Size:]))}, true
+	return ClusterRef{Layer: hex.EncodeToString(v[:sha256.Size]), Index: int64(binary.BigEndian.Uint64(v[sha256.Size:]))}, true
 }
 
 // lookupTx finds a holder of digest d.
-func lookupTx(tx *catalog.Tx, d Digest) (clusterRef, bool) {
+func lookupTx(tx *catalog.Tx, d Digest) (ClusterRef, bool) {
 	return parseIndexValue(tx.Bucket(bucketClusters).Get(d[:]))
 }
 

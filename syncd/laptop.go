@@ -247,7 +247,7 @@ func (l *Laptop) Unsent(desktop string) (map[string]Unsent, error) {
 		return nil, err
 	}
 	out := map[string]Unsent{}
-	for _, dn := range diskNames {
+	for _, dn := range DiskNames {
 		rel := topRel(d, dn)
 		if rel == "" {
 			continue

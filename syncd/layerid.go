@@ -23,48 +23,48 @@ type Entry struct {
 	Digest Digest
 }
 
-// idHasher is images.IDHasher fed with Entries, counting them (its saved state
+// IDHasher is images.IDHasher fed with Entries, counting them (its saved state
 // carries the counts, which images.IDHasher's does not).
-type idHasher struct {
+type IDHasher struct {
 	h           *images.IDHasher
-	count, data int64
+	Count, Data int64
 }
 
-func newIDHasher(parent string, size int64, cs int) *idHasher {
-	return &idHasher{h: images.NewIDHasher(parent, size, cs)}
+func NewIDHasher(parent string, size int64, cs int) *IDHasher {
+	return &IDHasher{h: images.NewIDHasher(parent, size, cs)}
 }
 
-func (h *idHasher) add(e Entry) {
-	h.count++
+func (h *IDHasher) Add(e Entry) {
+	h.Count++
 	if e.Zero {
 		h.h.Add(e.Index, nil)
 		return
 	}
-	h.data++
+	h.Data++
 	d := [32]byte(e.Digest)
 	h.h.Add(e.Index, &d)
 }
 
-func (h *idHasher) sum() string { return h.h.Sum() }
+func (h *IDHasher) Sum() string { return h.h.Sum() }
 
-// state and restore let a resumed fetch continue the hash where it stopped.
-func (h *idHasher) state() ([]byte, error) {
+// State and restore let a resumed fetch continue the hash where it stopped.
+func (h *IDHasher) State() ([]byte, error) {
 	b, err := h.h.MarshalBinary()
 	if err != nil {
 		return nil, err
 	}
-	return binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(b, uint64(h.count)), uint64(h.data)), nil
+	return binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(b, uint64(h.Count)), uint64(h.Data)), nil
 }
 
-func (h *idHasher) restore(b []byte) error {
+func (h *IDHasher) Restore(b []byte) error {
 	if len(b) < 16 {
 		return fmt.Errorf("hash state too short")
 	}
 	n := len(b) - 16
-	h.count = int64(binary.BigEndian.Uint64(b[n:]))
-	h.data = int64(binary.BigEndian.Uint64(b[n+8:]))
+	h.Count = int64(binary.BigEndian.Uint64(b[n:]))
+	h.Data = int64(binary.BigEndian.Uint64(b[n+8:]))
 	return h.h.UnmarshalBinary(b[:n])
 }
 
-// mapWindow is the guest bytes asked of MapLayer at a time (bounds memory).
-const mapWindow = 1 << 30
+// MapWindow is the guest bytes asked of MapLayer at a time (bounds memory).
+const MapWindow = 1 << 30

@@ -53,26 +53,26 @@ func TestLayerIDMatchesImages(t *testing.T) {
 			t.Fatal(err)
 		}
 		cs := images.DigestClusterSize(img.Info())
-		h := newIDHasher(c.parent, img.Size(), cs)
+		h := NewIDHasher(c.parent, img.Size(), cs)
 		err = images.WalkLayerFrom(ctx, img, cs, c.parent != "", 0, func(idx int64, data []byte) error {
 			e := Entry{Index: idx, Zero: data == nil}
 			if data != nil {
 				e.Digest = sha256Digest(data)
 			}
-			h.add(e)
+			h.Add(e)
 			return nil
 		})
 		img.Close()
 		if err != nil {
 			t.Fatal(err)
 		}
-		if h.sum() != want {
-			t.Errorf("%s: syncd computes %s, images %s", filepath.Base(c.path), short(h.sum()), short(want))
+		if h.Sum() != want {
+			t.Errorf("%s: syncd computes %s, images %s", filepath.Base(c.path), short(h.Sum()), short(want))
 		}
 		// A saved and restored hash state continues the same hash.
-		st, _ := h.state()
-		h2 := newIDHasher("other", 1, 512)
-		if err := h2.restore(st); err != nil || h2.sum() != want {
+		st, _ := h.State()
+		h2 := NewIDHasher("other", 1, 512)
+		if err := h2.Restore(st); err != nil || h2.Sum() != want {
 			t.Errorf("restored hash: %v", err)
 		}
 	}
@@ -316,8 +316,8 @@ func TestAgentRenewsAndChecksIn(t *testing.T) {
 
 func sha256Digest(b []byte) Digest {
 	var d Digest
-	ec, _ := encodeCluster(0, 0, b, nil, encodeOptions{})
-	d = ec.digest
+	ec, _ := EncodeCluster(0, 0, b, nil, EncodeOptions{})
+	d = ec.Digest
 	return d
 }
 
@@ -469,21 +469,21 @@ func TestMigrateVersionsIntoCatalog(t *testing.T) {
 
 // A fetch's saved hash state carries its entry counts.
 func TestHashStateKeepsCounts(t *testing.T) {
-	h := newIDHasher("", 1<<20, 65536)
-	h.add(Entry{Index: 1, Digest: Digest{1}})
-	h.add(Entry{Index: 2, Zero: true})
-	st, err := h.state()
+	h := NewIDHasher("", 1<<20, 65536)
+	h.Add(Entry{Index: 1, Digest: Digest{1}})
+	h.Add(Entry{Index: 2, Zero: true})
+	st, err := h.State()
 	if err != nil {
 		t.Fatal(err)
 	}
-	h2 := newIDHasher("", 1<<20, 65536)
-	if err := h2.restore(st); err != nil {
+	h2 := NewIDHasher("", 1<<20, 65536)
+	if err := h2.Restore(st); err != nil {
 		t.Fatal(err)
 	}
-	h.add(Entry{Index: 3, Digest: Digest{3}})
-	h2.add(Entry{Index: 3, Digest: Digest{3}})
-	if h2.count != 3 || h2.data != 2 || h2.sum() != h.sum() {
-		t.Fatalf("restored: %d entries, %d data, %s vs %s", h2.count, h2.data, h2.sum(), h.sum())
+	h.Add(Entry{Index: 3, Digest: Digest{3}})
+	h2.Add(Entry{Index: 3, Digest: Digest{3}})
+	if h2.Count != 3 || h2.Data != 2 || h2.Sum() != h.Sum() {
+		t.Fatalf("restored: %d entries, %d data, %s vs %s", h2.Count, h2.Data, h2.Sum(), h.Sum())
 	}
 }
 

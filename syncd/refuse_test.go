@@ -187,7 +187,7 @@ func tamperProxy(t *testing.T, target string) *httptest.Server {
 			return err
 		}
 		// magic, header, digest: the payload starts at 8+24+32.
-		if len(b) > 8+24+32+10 && b[8] == kindData {
+		if len(b) > 8+24+32+10 && b[8] == KindData {
 			b[8+24+32+5] ^= 0xff
 			done.Store(true)
 		}
@@ -251,13 +251,13 @@ func TestRefusedTamperedCluster(t *testing.T) {
 	}
 	before = w.snap()
 	raw := fill(8, 64*KiB, false)
-	ec, _ := encodeCluster(miss[0].Disk, miss[0].Index, raw, nil, encodeOptions{})
-	ec.data = append([]byte(nil), ec.data...)
-	ec.data[100] ^= 1 // the digest still names the original
+	ec, _ := EncodeCluster(miss[0].Disk, miss[0].Index, raw, nil, EncodeOptions{})
+	ec.Data = append([]byte(nil), ec.Data...)
+	ec.Data[100] ^= 1 // the digest still names the original
 	var body bytes.Buffer
-	sw := newStreamWriter(&body)
-	sw.data(ec)
-	sw.end(1, nil)
+	sw := NewStreamWriter(&body)
+	sw.Data(ec)
+	sw.End(1, nil)
 	_, err = cl.Upload(ctx, req.ID, &body)
 	if !errors.Is(err, ErrDigestMismatch) {
 		t.Fatalf("tampered upload: %v, want ErrDigestMismatch", err)
@@ -372,7 +372,7 @@ func TestRefusedMalformedRequests(t *testing.T) {
 		body []byte
 	}{
 		{"entry list truncated", list[:len(list)-5]},
-		{"entry list with an extra entry", append(slices.Clone(list), appendEntry(nil, Entry{Index: 4000})...)},
+		{"entry list with an extra entry", append(slices.Clone(list), AppendEntry(nil, Entry{Index: 4000})...)},
 		{"entry list out of order", func() []byte {
 			b := slices.Clone(list)
 			copy(b[:41], list[41:82])
@@ -406,35 +406,35 @@ func TestRefusedMalformedRequests(t *testing.T) {
 		{"garbage", func() []byte { return []byte("hello, this is not a cluster stream at all") }},
 		{"truncated stream", func() []byte {
 			var b bytes.Buffer
-			sw := newStreamWriter(&b)
-			ec, _ := encodeCluster(miss[0].Disk, miss[0].Index, raw, nil, encodeOptions{compress: true})
-			sw.data(ec)
-			sw.flush()
+			sw := NewStreamWriter(&b)
+			ec, _ := EncodeCluster(miss[0].Disk, miss[0].Index, raw, nil, EncodeOptions{Compress: true})
+			sw.Data(ec)
+			sw.Flush()
 			return b.Bytes()
 		}},
 		{"cluster not in the list", func() []byte {
 			var b bytes.Buffer
-			sw := newStreamWriter(&b)
-			ec, _ := encodeCluster(0, 5, raw, nil, encodeOptions{compress: true})
-			sw.data(ec)
-			sw.end(1, nil)
+			sw := NewStreamWriter(&b)
+			ec, _ := EncodeCluster(0, 5, raw, nil, EncodeOptions{Compress: true})
+			sw.Data(ec)
+			sw.End(1, nil)
 			return b.Bytes()
 		}},
 		{"oversized frame", func() []byte {
 			var b bytes.Buffer
-			sw := newStreamWriter(&b)
-			f := frame{kind: kindData, plen: 1 << 30, idx: miss[0].Index, n: 1 << 30}
+			sw := NewStreamWriter(&b)
+			f := Frame{Kind: KindData, PLen: 1 << 30, Idx: miss[0].Index, N: 1 << 30}
 			var h [frameHeader]byte
 			f.put(h[:])
 			sw.write(h[:])
-			sw.flush()
+			sw.Flush()
 			return b.Bytes()
 		}},
 		{"zero frame in an upload", func() []byte {
 			var b bytes.Buffer
-			sw := newStreamWriter(&b)
-			sw.zeros(0, 1, 1)
-			sw.end(1, nil)
+			sw := NewStreamWriter(&b)
+			sw.Zeros(0, 1, 1)
+			sw.End(1, nil)
 			return b.Bytes()
 		}},
 	} {

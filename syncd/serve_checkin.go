@@ -64,7 +64,7 @@ func (s *Server) sessionDir(id string) string { return s.syncPath(sessionsDir, i
 // getSession loads the session record.
 func (s *Server) getSession(id string) (*Session, error) {
 	if !sessionIDRE.MatchString(id) {
-		return nil, badRequest("check-in id %q", id)
+		return nil, BadRequest("check-in id %q", id)
 	}
 	var se Session
 	var ok bool
@@ -120,9 +120,9 @@ func loadList(path string, d CheckinDisk) (*diskList, error) {
 		return nil, err
 	}
 	defer f.Close()
-	no, _ := diskNumber(d.Name)
+	no, _ := DiskNumber(d.Name)
 	dl := &diskList{d: d, no: no, byIdx: map[int64]Digest{}}
-	err = readEntries(f, d.Entries, clustersOf(d.Size, d.ClusterSize), d.Parent != "", func(e Entry) error {
+	err = ReadEntries(f, d.Entries, clustersOf(d.Size, d.ClusterSize), d.Parent != "", func(e Entry) error {
 		dl.entries = append(dl.entries, e)
 		if !e.Zero {
 			dl.byIdx[e.Index] = e.Digest
@@ -139,7 +139,7 @@ func clustersOf(size int64, cs int) int64 { return (size + int64(cs) - 1) / int6
 
 func (s *Server) checkinDesktop(dev *Device, name string) error {
 	if err := images.CheckObjectName("desktop", name); err != nil {
-		return badRequest("%v", err)
+		return BadRequest("%v", err)
 	}
 	if !dev.Bound(name) {
 		return fmt.Errorf("%w: device %s, desktop %s", ErrForbidden, dev.Name, name)
@@ -167,34 +167,34 @@ func (s *Server) leaseForCheckin(name string, dev *Device, lease string) (confli
 
 func validCheckin(req *CheckinRequest) error {
 	if !sessionIDRE.MatchString(req.ID) {
-		return badRequest("check-in id %q: want 32-64 hex digits", req.ID)
+		return BadRequest("check-in id %q: want 32-64 hex digits", req.ID)
 	}
 	if req.Base <= 0 {
-		return badRequest("base version %d", req.Base)
+		return BadRequest("base version %d", req.Base)
 	}
-	if len(req.Disks) == 0 || len(req.Disks) > len(diskNames) {
-		return badRequest("%d disks", len(req.Disks))
+	if len(req.Disks) == 0 || len(req.Disks) > len(DiskNames) {
+		return BadRequest("%d disks", len(req.Disks))
 	}
 	seen := map[string]bool{}
 	for _, d := range req.Disks {
-		if _, ok := diskNumber(d.Name); !ok || seen[d.Name] {
-			return badRequest("disk %q", d.Name)
+		if _, ok := DiskNumber(d.Name); !ok || seen[d.Name] {
+			return BadRequest("disk %q", d.Name)
 		}
 		seen[d.Name] = true
-		if d.ClusterSize < 512 || d.ClusterSize > maxClusterSize || d.ClusterSize&(d.ClusterSize-1) != 0 {
-			return badRequest("disk %s: cluster size %d", d.Name, d.ClusterSize)
+		if d.ClusterSize < 512 || d.ClusterSize > MaxClusterSize || d.ClusterSize&(d.ClusterSize-1) != 0 {
+			return BadRequest("disk %s: cluster size %d", d.Name, d.ClusterSize)
 		}
 		if d.Size <= 0 || d.Size > 1<<50 {
-			return badRequest("disk %s: size %d", d.Name, d.Size)
+			return BadRequest("disk %s: size %d", d.Name, d.Size)
 		}
 		if d.Entries < 0 || d.DataEntries < 0 || d.DataEntries > d.Entries || d.Entries > clustersOf(d.Size, d.ClusterSize) {
-			return badRequest("disk %s: %d entries (%d data)", d.Name, d.Entries, d.DataEntries)
+			return BadRequest("disk %s: %d entries (%d data)", d.Name, d.Entries, d.DataEntries)
 		}
 		if d.Parent != "" && !layerIDRE.MatchString(d.Parent) {
-			return badRequest("disk %s: parent %q", d.Name, d.Parent)
+			return BadRequest("disk %s: parent %q", d.Name, d.Parent)
 		}
 		if d.Entries > 0 && !layerIDRE.MatchString(d.ExpectID) {
-			return badRequest("disk %s: expect_id %q", d.Name, d.ExpectID)
+			return BadRequest("disk %s: expect_id %q", d.Name, d.ExpectID)
 		}
 	}
 	return nil
@@ -217,7 +217,7 @@ func (s *Server) handleCheckinOpen(w http.ResponseWriter, r *http.Request, dev *
 	}
 	if old, err := s.getSession(req.ID); err == nil {
 		if old.Device != dev.ID || !sameRequest(&old.CheckinRequest, &req) {
-			return badRequest("check-in %s exists with other content", req.ID)
+			return BadRequest("check-in %s exists with other content", req.ID)
 		}
 		if old.Release != req.Release && old.State == stateReceiving {
 			old.Release = req.Release
@@ -253,7 +253,7 @@ func (s *Server) handleCheckinOpen(w http.ResponseWriter, r *http.Request, dev *
 	se := &Session{CheckinRequest: req, Device: dev.ID, DeviceName: dev.Name, State: stateReceiving,
 		Created: s.now().UTC(), Lists: []string{}}
 	if err := os.MkdirAll(s.sessionDir(req.ID), 0o700); err != nil {
-		return noSpace(err)
+		return NoSpace(err)
 	}
 	if err := s.putSession(se); err != nil {
 		return err
@@ -328,27 +328,27 @@ func (s *Server) handleEntries(w http.ResponseWriter, r *http.Request, dev *Devi
 		return err
 	}
 	if se.State != stateReceiving {
-		return badRequest("check-in %s is %s", se.ID, se.State)
+		return BadRequest("check-in %s is %s", se.ID, se.State)
 	}
 	name := r.PathValue("disk")
 	i := slices.IndexFunc(se.Disks, func(d CheckinDisk) bool { return d.Name == name })
 	if i < 0 {
-		return badRequest("disk %q is not part of check-in %s", name, se.ID)
+		return BadRequest("disk %q is not part of check-in %s", name, se.ID)
 	}
 	d := se.Disks[i]
 	dir := s.sessionDir(se.ID)
 	tmp := filepath.Join(dir, name+".entries.tmp")
 	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
 	if err != nil {
-		return noSpace(err)
+		return NoSpace(err)
 	}
 	defer os.Remove(tmp)
-	h := newIDHasher(d.Parent, d.Size, d.ClusterSize)
+	h := NewIDHasher(d.Parent, d.Size, d.ClusterSize)
 	var buf []byte
 	body := http.MaxBytesReader(w, r.Body, d.Entries*(9+32)+1)
-	err = readEntries(body, d.Entries, clustersOf(d.Size, d.ClusterSize), d.Parent != "", func(e Entry) error {
-		h.add(e)
-		buf = appendEntry(buf, e)
+	err = ReadEntries(body, d.Entries, clustersOf(d.Size, d.ClusterSize), d.Parent != "", func(e Entry) error {
+		h.Add(e)
+		buf = AppendEntry(buf, e)
 		if len(buf) >= 1<<20 {
 			_, err := f.Write(buf)
 			buf = buf[:0]
@@ -366,13 +366,13 @@ func (s *Server) handleEntries(w http.ResponseWriter, r *http.Request, dev *Devi
 		err = err2
 	}
 	if err != nil {
-		return noSpace(err)
+		return NoSpace(err)
 	}
-	if h.data != d.DataEntries {
-		return badRequest("disk %s: %d data entries, declared %d", name, h.data, d.DataEntries)
+	if h.Data != d.DataEntries {
+		return BadRequest("disk %s: %d data entries, declared %d", name, h.Data, d.DataEntries)
 	}
-	if d.Entries > 0 && h.sum() != d.ExpectID {
-		return badRequest("disk %s: the entry list hashes to %s, not the declared %s", name, short(h.sum()), short(d.ExpectID))
+	if d.Entries > 0 && h.Sum() != d.ExpectID {
+		return BadRequest("disk %s: the entry list hashes to %s, not the declared %s", name, short(h.Sum()), short(d.ExpectID))
 	}
 	if err := os.Rename(tmp, filepath.Join(dir, name+".entries")); err != nil {
 		return err
@@ -422,7 +422,7 @@ func (s *Server) createStage(dir string, d CheckinDisk) error {
 	os.Remove(tmp)
 	if err := disk.CreateFile(tmp, co); err != nil {
 		os.Remove(tmp)
-		return noSpace(fmt.Errorf("create staging layer: %w", err))
+		return NoSpace(fmt.Errorf("create staging layer: %w", err))
 	}
 	if err := os.Rename(tmp, stage); err != nil {
 		return err
@@ -484,8 +484,8 @@ func stageAlloc(path string, cs int) (allocSet, error) {
 	}
 	defer img.Close()
 	var out allocSet
-	for win := int64(0); win < img.Size(); win += mapWindow {
-		runs, err := images.LayerRuns(img, win, min(mapWindow, img.Size()-win), int64(cs))
+	for win := int64(0); win < img.Size(); win += MapWindow {
+		runs, err := images.LayerRuns(img, win, min(MapWindow, img.Size()-win), int64(cs))
 		if err != nil {
 			return nil, err
 		}
@@ -503,17 +503,17 @@ type source struct {
 	staged   bool       // received (or copied) into the staging layer at its own index
 	fromDisk string     // a staged cluster of this check-in: disk and index
 	fromIdx  int64      //
-	ref      clusterRef // a layer the server holds (Layer "" when none)
+	ref      ClusterRef // a layer the server holds (Layer "" when none)
 }
 
 // missing lists the clusters the server still needs: the first occurrence of each
 // digest that is neither staged nor held by a layer of the store. It also reports
 // where each data entry's bytes will come from.
-func (s *Server) missing(ctx context.Context, se *Session, m *session) ([]missingItem, map[string][]source, error) {
+func (s *Server) missing(ctx context.Context, se *Session, m *session) ([]MissingItem, map[string][]source, error) {
 	if err := s.ensureIndexed(ctx); err != nil {
 		return nil, nil, err
 	}
-	var out []missingItem
+	var out []MissingItem
 	srcs := map[string][]source{}
 	type firstAt struct {
 		disk string
@@ -551,7 +551,7 @@ func (s *Server) missing(ctx context.Context, se *Session, m *session) ([]missin
 					continue
 				}
 				seen[e.Digest] = firstAt{d.Name, e.Index}
-				out = append(out, missingItem{Disk: dl.no, Index: e.Index, Digest: e.Digest})
+				out = append(out, MissingItem{Disk: dl.no, Index: e.Index, Digest: e.Digest})
 			}
 			return nil
 		})
@@ -574,7 +574,7 @@ func (s *Server) handleMissing(w http.ResponseWriter, r *http.Request, dev *Devi
 		return nil
 	}
 	if len(se.Lists) != len(se.Disks) {
-		return badRequest("check-in %s: entry lists missing (have %v)", se.ID, se.Lists)
+		return BadRequest("check-in %s: entry lists missing (have %v)", se.ID, se.Lists)
 	}
 	m, err := s.openSession(se)
 	if err != nil {
@@ -584,9 +584,9 @@ func (s *Server) handleMissing(w http.ResponseWriter, r *http.Request, dev *Devi
 	if err != nil {
 		return err
 	}
-	b := make([]byte, 0, len(miss)*missingItemSize)
+	b := make([]byte, 0, len(miss)*MissingItemSize)
 	for _, it := range miss {
-		b = appendMissing(b, it)
+		b = AppendMissing(b, it)
 	}
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.Header().Set("X-Cvd-Missing", fmt.Sprint(len(miss)))
@@ -604,10 +604,10 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 		return err
 	}
 	if se.State != stateReceiving {
-		return badRequest("check-in %s is %s", se.ID, se.State)
+		return BadRequest("check-in %s is %s", se.ID, se.State)
 	}
 	if len(se.Lists) != len(se.Disks) {
-		return badRequest("check-in %s: entry lists missing", se.ID)
+		return BadRequest("check-in %s: entry lists missing", se.ID)
 	}
 	m, err := s.openSession(se)
 	if err != nil {
@@ -631,7 +631,7 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 			}
 		}
 		if dl == nil || dl.d.Entries == 0 {
-			return nil, nil, badRequest("cluster for disk %d, which this check-in does not change", no)
+			return nil, nil, BadRequest("cluster for disk %d, which this check-in does not change", no)
 		}
 		if sw := stages[no]; sw != nil {
 			return sw, dl, nil
@@ -646,27 +646,27 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 	}
 	var res UploadResult
 	t0 := time.Now()
-	body := newStreamReader(r.Body)
-	_, _, err = decodeOrdered(r.Context(), body, false, nil, func(f frame, d Digest) error {
-		_, dl, err := stageFor(f.disk)
+	body := NewStreamReader(r.Body)
+	_, _, err = DecodeOrdered(r.Context(), body, false, nil, func(f Frame, d Digest) error {
+		_, dl, err := stageFor(f.Disk)
 		if err != nil {
 			return err
 		}
-		want, ok := dl.byIdx[f.idx]
+		want, ok := dl.byIdx[f.Idx]
 		if !ok || want != d {
-			return badRequest("cluster %d of disk %s is not in the check-in's list", f.idx, dl.d.Name)
+			return BadRequest("cluster %d of disk %s is not in the check-in's list", f.Idx, dl.d.Name)
 		}
-		if exp := min(int64(dl.d.ClusterSize), dl.d.Size-f.idx*int64(dl.d.ClusterSize)); f.n != exp {
-			return badRequest("cluster %d of disk %s: %d bytes, want %d", f.idx, dl.d.Name, f.n, exp)
+		if exp := min(int64(dl.d.ClusterSize), dl.d.Size-f.Idx*int64(dl.d.ClusterSize)); f.N != exp {
+			return BadRequest("cluster %d of disk %s: %d bytes, want %d", f.Idx, dl.d.Name, f.N, exp)
 		}
 		return nil
-	}, func(f frame, _ Digest, raw []byte) error {
-		sw, _, err := stageFor(f.disk)
+	}, func(f Frame, _ Digest, raw []byte) error {
+		sw, _, err := stageFor(f.Disk)
 		if err != nil {
 			return err
 		}
 		res.Clusters++
-		return sw.write(f.idx, raw)
+		return sw.write(f.Idx, raw)
 	})
 	t1 := time.Now()
 	for _, sw := range stages {
@@ -674,16 +674,16 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 			err = ferr
 		}
 	}
-	res.Bytes = body.bytes()
-	s.log.Debug("upload received", "clusters", res.Clusters, "bytes", body.bytes(), "took", time.Since(t0), "flush", time.Since(t1))
-	s.m.bytesReceived.Add(body.bytes())
+	res.Bytes = body.Bytes()
+	s.log.Debug("upload received", "clusters", res.Clusters, "bytes", body.Bytes(), "took", time.Since(t0), "flush", time.Since(t1))
+	s.m.bytesReceived.Add(body.Bytes())
 	s.m.clustersReceived.Add(res.Clusters)
 	uerr := s.st.update(func(tx *catalog.Tx) error {
 		var cur Session
 		if _, err := getJSON(tx, bucketSessions, se.ID, &cur); err != nil {
 			return err
 		}
-		cur.Received += body.bytes()
+		cur.Received += body.Bytes()
 		cur.Clusters += res.Clusters
 		return putJSON(tx, bucketSessions, se.ID, &cur)
 	})
@@ -691,7 +691,7 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 		if errors.Is(err, ErrDigestMismatch) {
 			s.m.digestMismatches.Add(1)
 		}
-		return noSpace(err)
+		return NoSpace(err)
 	}
 	if uerr != nil {
 		return uerr
@@ -728,7 +728,7 @@ const (
 
 // stageBufs keeps the batch buffers of stage writers from one upload to the next
 // (each is written through O_DIRECT: page-aligned, as large allocations are).
-var stageBufs = newBufPool(2*(stageBatchDepth+2), stageBatchSize)
+var stageBufs = NewBufPool(2*(stageBatchDepth+2), stageBatchSize)
 
 func (w *stageWriter) start() {
 	w.q = make(chan stageBatch, stageBatchDepth)
@@ -739,11 +739,11 @@ func (w *stageWriter) start() {
 			if w.asyncErr() == nil {
 				if _, err := w.img.WriteAt(b.b, b.off); err != nil {
 					w.mu.Lock()
-					w.werr = noSpace(fmt.Errorf("write at %#x: %w", b.off, err))
+					w.werr = NoSpace(fmt.Errorf("write at %#x: %w", b.off, err))
 					w.mu.Unlock()
 				}
 			}
-			stageBufs.put(b.b)
+			stageBufs.Put(b.b)
 		}
 	}()
 }
@@ -767,7 +767,7 @@ func (w *stageWriter) write(idx int64, raw []byte) error {
 		w.flushBuf()
 	}
 	if w.buf == nil {
-		w.buf = stageBufs.get(0)
+		w.buf = stageBufs.Get(0)
 	}
 	if len(w.buf) == 0 {
 		w.off = off
@@ -786,7 +786,7 @@ func (w *stageWriter) flushBuf() {
 		w.start()
 	}
 	w.q <- stageBatch{off: w.off, b: w.buf}
-	w.buf = stageBufs.get(0)
+	w.buf = stageBufs.Get(0)
 }
 
 // wait lets every handed batch reach the image.
@@ -797,7 +797,7 @@ func (w *stageWriter) wait() error {
 		w.q = nil
 	}
 	if len(w.buf) == 0 && w.buf != nil {
-		stageBufs.put(w.buf)
+		stageBufs.Put(w.buf)
 		w.buf = nil
 	}
 	if err := w.asyncErr(); err != nil && w.err == nil {
@@ -817,7 +817,7 @@ func (w *stageWriter) flush() error {
 		return err
 	}
 	if err := w.img.Flush(); err != nil {
-		w.err = noSpace(err)
+		w.err = NoSpace(err)
 	}
 	return w.err
 }
@@ -830,27 +830,27 @@ func (w *stageWriter) close() {
 	}
 }
 
-// refResolver reads the cluster an R frame names (body: layer ID and index) into
+// RefResolver reads the cluster an R frame names (body: layer ID and index) into
 // dst and checks it against the digest.
-type refResolver func(f frame, d Digest, body, dst []byte) ([]byte, error)
+type RefResolver func(f Frame, d Digest, body, dst []byte) ([]byte, error)
 
-// decodeOrdered reads frames up to the end frame, checks each data frame's header
+// DecodeOrdered reads frames up to the end frame, checks each data frame's header
 // with check, decodes and verifies the clusters on several goroutines and hands
 // them to consume in stream order (a zero run comes as a frame with raw nil, and
 // only when allowZero). It returns the end frame and its ID bytes; a stream
 // without its end frame is an error.
-func decodeOrdered(ctx context.Context, sr *streamReader, allowZero bool, resolve refResolver, check func(frame, Digest) error,
-	consume func(frame, Digest, []byte) error) (frame, Digest, error) {
+func DecodeOrdered(ctx context.Context, sr *StreamReader, allowZero bool, resolve RefResolver, check func(Frame, Digest) error,
+	consume func(Frame, Digest, []byte) error) (Frame, Digest, error) {
 	type job struct {
-		f       frame
+		f       Frame
 		d       Digest
 		payload []byte
 		raw     []byte
 		err     error
 	}
 	workers := 2
-	pool := newBufPool(workers*8, 64<<10)
-	var end frame
+	pool := NewBufPool(workers*8, 64<<10)
+	var end Frame
 	var endID Digest
 	err := ordered.Run(ctx, workers, workers*4,
 		func(ctx context.Context, submit func(*job, bool) error) error {
@@ -858,26 +858,26 @@ func decodeOrdered(ctx context.Context, sr *streamReader, allowZero bool, resolv
 				if err := ctx.Err(); err != nil {
 					return err
 				}
-				f, d, payload, err := sr.next(pool.get(0))
+				f, d, payload, err := sr.Next(pool.Get(0))
 				if err != nil {
 					return err
 				}
 				j := &job{f: f, d: d, payload: payload}
-				switch f.kind {
-				case kindEnd:
+				switch f.Kind {
+				case KindEnd:
 					end, endID = f, d
 					return nil
-				case kindZero:
+				case KindZero:
 					if !allowZero {
-						return badRequest("zero frame in an upload")
+						return BadRequest("zero frame in an upload")
 					}
 					if err := submit(j, true); err != nil {
 						return err
 					}
 					continue
-				case kindRef:
+				case KindRef:
 					if resolve == nil {
-						return badRequest("reference frame in a stream that cannot have them")
+						return BadRequest("reference frame in a stream that cannot have them")
 					}
 				}
 				if err := check(f, d); err != nil {
@@ -889,23 +889,23 @@ func decodeOrdered(ctx context.Context, sr *streamReader, allowZero bool, resolv
 			}
 		},
 		func(j *job) {
-			if j.f.kind == kindRef {
-				j.raw, j.err = resolve(j.f, j.d, j.payload, pool.get(0))
+			if j.f.Kind == KindRef {
+				j.raw, j.err = resolve(j.f, j.d, j.payload, pool.Get(0))
 			} else {
-				j.raw, j.err = decodeCluster(j.f, j.d, j.payload, pool.get(0))
+				j.raw, j.err = DecodeCluster(j.f, j.d, j.payload, pool.Get(0))
 			}
 		},
 		func(j *job) error {
 			defer func() {
-				if !sameBuf(j.raw, j.payload) {
-					pool.put(j.raw)
+				if !SameBuf(j.raw, j.payload) {
+					pool.Put(j.raw)
 				}
-				pool.put(j.payload)
+				pool.Put(j.payload)
 			}()
 			if j.err != nil {
 				return j.err
 			}
-			if j.raw != nil || j.f.kind == kindZero {
+			if j.raw != nil || j.f.Kind == KindZero {
 				return consume(j.f, j.d, j.raw)
 			}
 			return nil

@@ -32,7 +32,7 @@ func (s *Server) handleCheckout(w http.ResponseWriter, r *http.Request, dev *Dev
 		return err
 	}
 	if len(req.Have) > maxHave {
-		return badRequest("%d layers in have, at most %d", len(req.Have), maxHave)
+		return BadRequest("%d layers in have, at most %d", len(req.Have), maxHave)
 	}
 	m, err := s.Checkout(r.Context(), name, dev, s.ttl(req.TTLSeconds))
 	if err != nil {
@@ -76,7 +76,7 @@ func (s *Server) rememberHave(lease string, dev *Device, have []string) {
 
 // refsFor returns, for a stream of layer id asked for with lease, the lookup that
 // turns a cluster the laptop holds into a reference; nil when there is none.
-func (s *Server) refsFor(lease string, dev *Device, id string) func(Digest) (clusterRef, bool) {
+func (s *Server) refsFor(lease string, dev *Device, id string) func(Digest) (ClusterRef, bool) {
 	if lease == "" {
 		return nil
 	}
@@ -86,8 +86,8 @@ func (s *Server) refsFor(lease string, dev *Device, id string) func(Digest) (clu
 	if set == nil || set.device != dev.ID {
 		return nil
 	}
-	return func(d Digest) (clusterRef, bool) {
-		var ref clusterRef
+	return func(d Digest) (ClusterRef, bool) {
+		var ref ClusterRef
 		var ok bool
 		s.st.view(func(tx *catalog.Tx) error {
 			ref, ok = lookupTx(tx, d)
@@ -172,7 +172,7 @@ func (s *Server) Checkout(ctx context.Context, name string, dev *Device, ttl tim
 // fillDisks lists the chains of the head version's disks.
 func (s *Server) fillDisks(m *Manifest, dv *DesktopVersions) error {
 	head := dv.HeadVersion()
-	for _, dn := range diskNames {
+	for _, dn := range DiskNames {
 		id := layerOf(head, dn)
 		if dn == DiskUser && id == "" && dv.UserDisk == "" {
 			continue
@@ -186,7 +186,7 @@ func (s *Server) fillDisks(m *Manifest, dv *DesktopVersions) error {
 				return err
 			}
 			for i := range chain {
-				dm.Layers = append(dm.Layers, layerInfo(&chain[i]))
+				dm.Layers = append(dm.Layers, LayerInfoOf(&chain[i]))
 			}
 		}
 		m.Disks = append(m.Disks, dm)
@@ -252,7 +252,7 @@ var layerIDRE = regexp.MustCompile(`^[0-9a-f]{64}$`)
 func (s *Server) layerFor(r *http.Request, dev *Device) (*images.Layer, error) {
 	id := r.PathValue("id")
 	if !layerIDRE.MatchString(id) {
-		return nil, badRequest("layer id %q: want 64 hex digits", id)
+		return nil, BadRequest("layer id %q: want 64 hex digits", id)
 	}
 	var tops []string
 	for _, name := range dev.Desktops {
@@ -291,7 +291,7 @@ func (s *Server) handleLayer(w http.ResponseWriter, r *http.Request, dev *Device
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, layerInfo(l))
+	writeJSON(w, http.StatusOK, LayerInfoOf(l))
 	return nil
 }
 
@@ -305,7 +305,7 @@ func (s *Server) handleClusters(w http.ResponseWriter, r *http.Request, dev *Dev
 	if f := r.URL.Query().Get("from"); f != "" {
 		from, err = strconv.ParseInt(f, 10, 64)
 		if err != nil || from < 0 {
-			return badRequest("from=%q", f)
+			return BadRequest("from=%q", f)
 		}
 	}
 	img, err := s.store.OpenLayer(l.ID, true)
@@ -316,10 +316,10 @@ func (s *Server) handleClusters(w http.ResponseWriter, r *http.Request, dev *Dev
 	w.Header().Set("Content-Type", "application/x-cvd-clusters")
 	w.Header().Set("X-Cvd-Layer", l.ID)
 	w.WriteHeader(http.StatusOK)
-	sw := newStreamWriter(w)
-	opts := encodeOptions{compress: true, refOf: s.refsFor(r.URL.Query().Get("lease"), dev, l.ID)}
+	sw := NewStreamWriter(w)
+	opts := EncodeOptions{Compress: true, RefOf: s.refsFor(r.URL.Query().Get("lease"), dev, l.ID)}
 	n, err := writeLayerStream(r.Context(), sw, img, l.ClusterSize, l.Parent != "", from, l.ID, opts)
-	s.m.bytesSent.Add(sw.bytes)
+	s.m.bytesSent.Add(sw.Bytes)
 	s.m.clustersSent.Add(n)
 	if err != nil {
 		// The status is sent: the client sees a stream without its end frame.
@@ -331,41 +331,41 @@ func (s *Server) handleClusters(w http.ResponseWriter, r *http.Request, dev *Dev
 
 // writeLayerStream writes img's own clusters from index from on as frames, then the
 // end frame with the layer ID, and returns the number of entries sent.
-func writeLayerStream(ctx context.Context, sw *streamWriter, img disk.Image, cs int, keepZero bool, from int64, id string, opts encodeOptions) (int64, error) {
+func writeLayerStream(ctx context.Context, sw *StreamWriter, img disk.Image, cs int, keepZero bool, from int64, id string, opts EncodeOptions) (int64, error) {
 	var entries int64
 	var zStart, zLen int64
 	flushZero := func() error {
 		if zLen == 0 {
 			return nil
 		}
-		err := sw.zeros(0, zStart, zLen)
+		err := sw.Zeros(0, zStart, zLen)
 		zLen = 0
 		return err
 	}
-	err := encodeOrdered(ctx, opts, func(submit func(byte, int64, []byte, *Digest) error) error {
+	err := EncodeOrdered(ctx, opts, func(submit func(byte, int64, []byte, *Digest) error) error {
 		return images.WalkLayerFrom(ctx, img, cs, keepZero, from, func(idx int64, data []byte) error {
 			return submit(0, idx, data, nil)
 		})
-	}, func(c encodedCluster, zero bool) error {
+	}, func(c EncodedCluster, zero bool) error {
 		entries++
 		if zero {
-			if zLen > 0 && zStart+zLen == c.idx {
+			if zLen > 0 && zStart+zLen == c.Idx {
 				zLen++
 				return nil
 			}
 			if err := flushZero(); err != nil {
 				return err
 			}
-			zStart, zLen = c.idx, 1
+			zStart, zLen = c.Idx, 1
 			return nil
 		}
 		if err := flushZero(); err != nil {
 			return err
 		}
-		if c.ref != nil {
-			return sw.reference(c)
+		if c.Ref != nil {
+			return sw.Reference(c)
 		}
-		return sw.data(c)
+		return sw.Data(c)
 	})
 	if err == nil {
 		err = flushZero()
@@ -373,14 +373,14 @@ func writeLayerStream(ctx context.Context, sw *streamWriter, img disk.Image, cs 
 	if err != nil {
 		return entries, err
 	}
-	raw, err := hexID(id)
+	raw, err := HexID(id)
 	if err != nil {
 		return entries, err
 	}
-	return entries, sw.end(entries, raw)
+	return entries, sw.End(entries, raw)
 }
 
-func hexID(id string) ([]byte, error) {
+func HexID(id string) ([]byte, error) {
 	if !layerIDRE.MatchString(id) {
 		return nil, fmt.Errorf("bad layer id %q", id)
 	}

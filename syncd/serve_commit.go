@@ -176,7 +176,7 @@ func (s *Server) sealStage(ctx context.Context, m *session, dl *diskList) (*imag
 	stage := filepath.Join(m.dir, d.Name+".qcow2")
 	opts := images.AdoptOptions{WantID: d.ExpectID, RewriteBacking: true}
 	if s.freshStage(stage, false) {
-		opts.Sums = entrySums(slices.Values(dl.entries), d.Size, d.ClusterSize)
+		opts.Sums = EntrySums(slices.Values(dl.entries), d.Size, d.ClusterSize)
 	}
 	l, _, err := adoptTop(ctx, s.store, s.log, stage, opts)
 	if errors.Is(err, images.ErrIDMismatch) {
@@ -187,7 +187,7 @@ func (s *Server) sealStage(ctx context.Context, m *session, dl *diskList) (*imag
 		return nil, fmt.Errorf("%w: the %s disk: %v: its clusters will be asked for again", ErrIncomplete, d.Name, err)
 	}
 	if err != nil {
-		return nil, noSpace(fmt.Errorf("seal the %s disk of check-in %s: %w", d.Name, m.id, err))
+		return nil, NoSpace(fmt.Errorf("seal the %s disk of check-in %s: %w", d.Name, m.id, err))
 	}
 	// The layer holds the data now; the staging name (whose backing name Adopt
 	// rewrote for the layers directory) goes.
@@ -274,7 +274,7 @@ func (s *Server) fillStage(ctx context.Context, m *session, dl *diskList, ss []s
 		off := zStart * int64(cs)
 		err := img.WriteZeroes(off, min(zLen*int64(cs), img.Size()-off))
 		zLen = 0
-		return noSpace(err)
+		return NoSpace(err)
 	}
 	open := map[string]disk.Image{}
 	defer func() {

@@ -260,12 +260,12 @@ func (s *Server) wrap(name string, h func(w http.ResponseWriter, r *http.Request
 			return h(sw, r, dev)
 		}()
 		if err != nil {
-			err = noSpace(err)
+			err = NoSpace(err)
 			var mbe *http.MaxBytesError
 			if errors.As(err, &mbe) {
-				err = badRequest("request body over %d bytes", mbe.Limit)
+				err = BadRequest("request body over %d bytes", mbe.Limit)
 			}
-			code, _ := codeOf(err)
+			code, _ := CodeOf(err)
 			if code == "internal" {
 				s.log.Error("request failed", "route", name, "path", r.URL.Path, "err", err)
 			} else {
@@ -292,8 +292,8 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 }
 
 func writeError(w http.ResponseWriter, err error) {
-	code, status := codeOf(err)
-	body := errorBody{Error: err.Error(), Code: code, Status: status}
+	code, status := CodeOf(err)
+	body := ErrorBody{Error: err.Error(), Code: code, Status: status}
 	var le *LeaseError
 	if errors.As(err, &le) {
 		body.Lease = le
@@ -306,15 +306,15 @@ const maxJSON = 1 << 20
 
 func readJSON(w http.ResponseWriter, r *http.Request, v any) error {
 	if ct := r.Header.Get("Content-Type"); ct != "" && !strings.HasPrefix(ct, "application/json") {
-		return badRequest("content type %q, want application/json", ct)
+		return BadRequest("content type %q, want application/json", ct)
 	}
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxJSON))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		return badRequest("request body: %v", err)
+		return BadRequest("request body: %v", err)
 	}
 	if dec.More() {
-		return badRequest("request body: trailing data")
+		return BadRequest("request body: trailing data")
 	}
 	return nil
 }
@@ -323,7 +323,7 @@ func readJSON(w http.ResponseWriter, r *http.Request, v any) error {
 func (s *Server) desktopFor(r *http.Request, dev *Device) (string, error) {
 	name := r.PathValue("desktop")
 	if err := images.CheckObjectName("desktop", name); err != nil {
-		return "", badRequest("%v", err)
+		return "", BadRequest("%v", err)
 	}
 	if !dev.Bound(name) {
 		return "", fmt.Errorf("%w: device %s, desktop %s", ErrForbidden, dev.Name, name)

@@ -40,7 +40,7 @@ type state struct {
 func openState(store *images.Store) (*state, error) {
 	dir := store.Path(SyncDir)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, noSpace(fmt.Errorf("create %s: %w", dir, err))
+		return nil, NoSpace(fmt.Errorf("create %s: %w", dir, err))
 	}
 	return &state{dir: dir, db: store.Catalog()}, nil
 }
@@ -50,7 +50,7 @@ func (s *state) Close() error { return nil }
 
 func (s *state) view(fn func(tx *catalog.Tx) error) error { return s.db.View(fn) }
 
-func (s *state) update(fn func(tx *catalog.Tx) error) error { return noSpace(s.db.Update(fn)) }
+func (s *state) update(fn func(tx *catalog.Tx) error) error { return NoSpace(s.db.Update(fn)) }
 
 // getJSON decodes the value at key into v and reports whether it was there.
 func getJSON(tx *catalog.Tx, bucket []byte, key string, v any) (bool, error) {

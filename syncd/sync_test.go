@@ -102,7 +102,7 @@ func TestCheckoutCheckinDoneWhen(t *testing.T) {
 		t.Fatalf("server head %d", n)
 	}
 	// The laptop froze its tops as that version and started fresh ones.
-	for _, dn := range diskNames {
+	for _, dn := range DiskNames {
 		has, backing, err := desktop.TopState(lap.top(w.desktop, dn))
 		if err != nil {
 			t.Fatal(err)

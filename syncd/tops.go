@@ -78,7 +78,7 @@ func adoptTop(ctx context.Context, store *images.Store, log *slog.Logger, path s
 func (s *Server) sealServerTops(ctx context.Context, name, note string) (int, error) {
 	_, v, err := desktop.SealTops(ctx, s.store, name, note, s.now())
 	if err != nil || v == nil {
-		return 0, noSpace(err)
+		return 0, NoSpace(err)
 	}
 	s.log.Info("sealed server tops", "desktop", name, "version", v.N, "note", note)
 	s.indexLater(v.System, v.User)
@@ -88,7 +88,7 @@ func (s *Server) sealServerTops(ctx context.Context, name, note string) (int, er
 // resetTops points the desktop's tops at version v's layers.
 func (s *Server) resetTops(dv *DesktopVersions, v *Version) error {
 	d := &images.Desktop{Name: dv.Name, SystemDisk: dv.SystemDisk, UserDisk: dv.UserDisk, UserSize: dv.UserSize}
-	return noSpace(desktop.ResetTops(s.store, d, *v))
+	return NoSpace(desktop.ResetTops(s.store, d, *v))
 }
 
 // indexLater indexes new layers in the background.

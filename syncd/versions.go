@@ -66,7 +66,7 @@ func desktopVersions(store *images.Store, name string) (*DesktopVersions, error)
 func addVersion(store *images.Store, name string, v Version, setHead bool, fence int64) (*DesktopVersions, *Version, error) {
 	d, added, err := desktop.AddVersion(store, name, v, setHead, fence)
 	if err != nil {
-		return nil, nil, noSpace(err)
+		return nil, nil, NoSpace(err)
 	}
 	return versionsOf(d), &added, nil
 }

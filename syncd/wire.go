@@ -39,76 +39,76 @@ const (
 	streamMagic = "CVDSTRM1"
 	frameHeader = 24
 
-	kindData = 'D'
-	kindZero = 'Z'
-	kindEnd  = 'E'
-	kindRef  = 'R'
+	KindData = 'D'
+	KindZero = 'Z'
+	KindEnd  = 'E'
+	KindRef  = 'R'
 
-	refBody = sha256.Size + sha256.Size + 8
+	RefBody = sha256.Size + sha256.Size + 8
 
 	encRaw  = 0
 	encZstd = 1
 
-	// maxClusterSize bounds what a frame may carry (qcow2's largest cluster).
-	maxClusterSize = 2 << 20
+	// MaxClusterSize bounds what a frame may carry (qcow2's largest cluster).
+	MaxClusterSize = 2 << 20
 	// probeSize is the sample compressed first to spot incompressible data.
 	probeSize = 4 << 10
 )
 
 // ErrStream marks a malformed or truncated cluster stream.
-var errStream = errors.New("malformed cluster stream")
+var ErrStream = errors.New("malformed cluster stream")
 
-// frame is one decoded frame header.
-type frame struct {
-	kind byte
-	enc  byte
-	disk byte
-	plen uint32
-	idx  int64
-	n    int64
+// Frame is one decoded Frame header.
+type Frame struct {
+	Kind byte
+	Enc  byte
+	Disk byte
+	PLen uint32
+	Idx  int64
+	N    int64
 }
 
-func (f *frame) put(b []byte) {
-	b[0], b[1], b[2], b[3] = f.kind, f.enc, f.disk, 0
-	binary.BigEndian.PutUint32(b[4:8], f.plen)
-	binary.BigEndian.PutUint64(b[8:16], uint64(f.idx))
-	binary.BigEndian.PutUint64(b[16:24], uint64(f.n))
+func (f *Frame) put(b []byte) {
+	b[0], b[1], b[2], b[3] = f.Kind, f.Enc, f.Disk, 0
+	binary.BigEndian.PutUint32(b[4:8], f.PLen)
+	binary.BigEndian.PutUint64(b[8:16], uint64(f.Idx))
+	binary.BigEndian.PutUint64(b[16:24], uint64(f.N))
 }
 
-func parseFrame(b []byte) (frame, error) {
-	f := frame{kind: b[0], enc: b[1], disk: b[2], plen: binary.BigEndian.Uint32(b[4:8]),
-		idx: int64(binary.BigEndian.Uint64(b[8:16])), n: int64(binary.BigEndian.Uint64(b[16:24]))}
+func parseFrame(b []byte) (Frame, error) {
+	f := Frame{Kind: b[0], Enc: b[1], Disk: b[2], PLen: binary.BigEndian.Uint32(b[4:8]),
+		Idx: int64(binary.BigEndian.Uint64(b[8:16])), N: int64(binary.BigEndian.Uint64(b[16:24]))}
 	if b[3] != 0 {
-		return f, fmt.Errorf("%w: reserved byte %#x", errStream, b[3])
+		return f, fmt.Errorf("%w: reserved byte %#x", ErrStream, b[3])
 	}
-	switch f.kind {
-	case kindData:
-		if f.enc != encRaw && f.enc != encZstd {
-			return f, fmt.Errorf("%w: unknown encoding %d", errStream, f.enc)
+	switch f.Kind {
+	case KindData:
+		if f.Enc != encRaw && f.Enc != encZstd {
+			return f, fmt.Errorf("%w: unknown encoding %d", ErrStream, f.Enc)
 		}
-		if f.n <= 0 || f.n > maxClusterSize || int64(f.plen) > f.n || f.plen == 0 {
-			return f, fmt.Errorf("%w: data frame of %d bytes (%d encoded)", errStream, f.n, f.plen)
+		if f.N <= 0 || f.N > MaxClusterSize || int64(f.PLen) > f.N || f.PLen == 0 {
+			return f, fmt.Errorf("%w: data frame of %d bytes (%d encoded)", ErrStream, f.N, f.PLen)
 		}
-		if f.enc == encRaw && int64(f.plen) != f.n {
-			return f, fmt.Errorf("%w: raw frame of %d bytes carries %d", errStream, f.n, f.plen)
+		if f.Enc == encRaw && int64(f.PLen) != f.N {
+			return f, fmt.Errorf("%w: raw frame of %d bytes carries %d", ErrStream, f.N, f.PLen)
 		}
-	case kindZero:
-		if f.plen != 0 || f.n <= 0 {
-			return f, fmt.Errorf("%w: zero run of %d clusters", errStream, f.n)
+	case KindZero:
+		if f.PLen != 0 || f.N <= 0 {
+			return f, fmt.Errorf("%w: zero run of %d clusters", ErrStream, f.N)
 		}
-	case kindEnd:
-		if f.plen != sha256.Size {
-			return f, fmt.Errorf("%w: end frame", errStream)
+	case KindEnd:
+		if f.PLen != sha256.Size {
+			return f, fmt.Errorf("%w: end frame", ErrStream)
 		}
-	case kindRef:
-		if f.plen != refBody || f.n <= 0 || f.n > maxClusterSize {
-			return f, fmt.Errorf("%w: reference frame of %d bytes", errStream, f.n)
+	case KindRef:
+		if f.PLen != RefBody || f.N <= 0 || f.N > MaxClusterSize {
+			return f, fmt.Errorf("%w: reference frame of %d bytes", ErrStream, f.N)
 		}
 	default:
-		return f, fmt.Errorf("%w: unknown frame kind %#x", errStream, f.kind)
+		return f, fmt.Errorf("%w: unknown frame kind %#x", ErrStream, f.Kind)
 	}
-	if f.idx < 0 || f.n < 0 {
-		return f, fmt.Errorf("%w: negative index", errStream)
+	if f.Idx < 0 || f.N < 0 {
+		return f, fmt.Errorf("%w: negative index", ErrStream)
 	}
 	return f, nil
 }
@@ -132,232 +132,232 @@ func (c *codec) init() error {
 			return
 		}
 		c.dec, c.err = zstd.NewReader(nil, zstd.WithDecoderConcurrency(0),
-			zstd.WithDecoderMaxMemory(maxClusterSize), zstd.WithDecoderMaxWindow(maxClusterSize))
+			zstd.WithDecoderMaxMemory(MaxClusterSize), zstd.WithDecoderMaxWindow(MaxClusterSize))
 	})
 	return c.err
 }
 
-// encodedCluster is a data cluster ready to send.
-type encodedCluster struct {
-	disk   byte
-	idx    int64
-	digest Digest
-	raw    int
-	enc    byte
-	data   []byte      // encoded (or raw) bytes
-	ref    *clusterRef // sent as a reference to a layer the receiver holds
+// EncodedCluster is a data cluster ready to send.
+type EncodedCluster struct {
+	Disk   byte
+	Idx    int64
+	Digest Digest
+	Raw    int
+	Enc    byte
+	Data   []byte      // encoded (or raw) bytes
+	Ref    *ClusterRef // sent as a reference to a layer the receiver holds
 }
 
-// encodeOptions says how clusters are encoded.
-type encodeOptions struct {
-	compress bool
-	// known, when set, is the cluster's digest, computed by the caller from the
+// EncodeOptions says how clusters are encoded.
+type EncodeOptions struct {
+	Compress bool
+	// Known, when set, is the cluster's digest, computed by the caller from the
 	// same bytes (the receiver checks it again): the cluster is not hashed again.
-	known *Digest
-	// refOf, when set, names a layer the receiver holds with the same cluster.
-	refOf func(Digest) (clusterRef, bool)
+	Known *Digest
+	// RefOf, when set, names a layer the receiver holds with the same cluster.
+	RefOf func(Digest) (ClusterRef, bool)
 }
 
-// encodeCluster hashes and compresses one cluster; dst is reused when large enough.
+// EncodeCluster hashes and compresses one cluster; dst is reused when large enough.
 // Data that does not shrink, or compress false, is sent raw: then the encoded
 // data is raw itself, not a copy.
-func encodeCluster(diskNo byte, idx int64, raw []byte, dst []byte, opts encodeOptions) (encodedCluster, error) {
-	ec := encodedCluster{disk: diskNo, idx: idx, raw: len(raw)}
-	if opts.known != nil {
-		ec.digest = *opts.known
+func EncodeCluster(diskNo byte, idx int64, raw []byte, dst []byte, opts EncodeOptions) (EncodedCluster, error) {
+	ec := EncodedCluster{Disk: diskNo, Idx: idx, Raw: len(raw)}
+	if opts.Known != nil {
+		ec.Digest = *opts.Known
 	} else {
-		ec.digest = sha256.Sum256(raw)
+		ec.Digest = sha256.Sum256(raw)
 	}
-	if opts.refOf != nil {
-		if ref, ok := opts.refOf(ec.digest); ok {
-			ec.ref = &ref
+	if opts.RefOf != nil {
+		if ref, ok := opts.RefOf(ec.Digest); ok {
+			ec.Ref = &ref
 			return ec, nil
 		}
 	}
-	if !opts.compress {
-		ec.enc, ec.data = encRaw, raw
+	if !opts.Compress {
+		ec.Enc, ec.Data = encRaw, raw
 		return ec, nil
 	}
 	if err := zc.init(); err != nil {
-		return encodedCluster{}, err
+		return EncodedCluster{}, err
 	}
 	if len(raw) >= 4*probeSize {
 		// A sample that does not shrink says the cluster is random-like
 		// (encrypted, already compressed): send it raw without paying for a
 		// full compression attempt.
 		if p := zc.enc.EncodeAll(raw[:probeSize], dst[:0]); len(p) > probeSize*31/32 {
-			ec.enc, ec.data = encRaw, raw
+			ec.Enc, ec.Data = encRaw, raw
 			return ec, nil
 		}
 	}
 	out := zc.enc.EncodeAll(raw, dst[:0])
 	if len(out) < len(raw) {
-		ec.enc, ec.data = encZstd, out
+		ec.Enc, ec.Data = encZstd, out
 	} else {
-		ec.enc, ec.data = encRaw, raw
+		ec.Enc, ec.Data = encRaw, raw
 	}
 	return ec, nil
 }
 
-// decodeCluster decodes one data frame's payload into dst (len n) and checks it
+// DecodeCluster decodes one data frame's payload into dst (len n) and checks it
 // against the digest. A raw frame's cluster is payload itself, not a copy.
-func decodeCluster(f frame, digest Digest, payload, dst []byte) ([]byte, error) {
+func DecodeCluster(f Frame, digest Digest, payload, dst []byte) ([]byte, error) {
 	if err := zc.init(); err != nil {
 		return nil, err
 	}
 	var raw []byte
-	if f.enc == encRaw {
+	if f.Enc == encRaw {
 		raw = payload
 	} else {
 		out, err := zc.dec.DecodeAll(payload, dst[:0])
 		if err != nil {
-			return nil, fmt.Errorf("%w: cluster %d: zstd: %v", errStream, f.idx, err)
+			return nil, fmt.Errorf("%w: cluster %d: zstd: %v", ErrStream, f.Idx, err)
 		}
 		raw = out
 	}
-	if int64(len(raw)) != f.n {
-		return nil, fmt.Errorf("%w: cluster %d decodes to %d bytes, header says %d", errStream, f.idx, len(raw), f.n)
+	if int64(len(raw)) != f.N {
+		return nil, fmt.Errorf("%w: cluster %d decodes to %d bytes, header says %d", ErrStream, f.Idx, len(raw), f.N)
 	}
 	if sha256.Sum256(raw) != digest {
-		return nil, fmt.Errorf("%w: cluster %d", ErrDigestMismatch, f.idx)
+		return nil, fmt.Errorf("%w: cluster %d", ErrDigestMismatch, f.Idx)
 	}
 	return raw, nil
 }
 
-// streamWriter writes a cluster stream and counts its bytes.
-type streamWriter struct {
+// StreamWriter writes a cluster stream and counts its bytes.
+type StreamWriter struct {
 	w     *bufio.Writer
 	hdr   [frameHeader]byte
-	bytes int64
+	Bytes int64
 	err   error
 }
 
-func newStreamWriter(w io.Writer) *streamWriter {
-	sw := &streamWriter{w: bufio.NewWriterSize(w, 256<<10)}
+func NewStreamWriter(w io.Writer) *StreamWriter {
+	sw := &StreamWriter{w: bufio.NewWriterSize(w, 256<<10)}
 	sw.write([]byte(streamMagic))
 	return sw
 }
 
-func (sw *streamWriter) write(b []byte) {
+func (sw *StreamWriter) write(b []byte) {
 	if sw.err != nil {
 		return
 	}
 	n, err := sw.w.Write(b)
-	sw.bytes += int64(n)
+	sw.Bytes += int64(n)
 	sw.err = err
 }
 
-func (sw *streamWriter) data(c encodedCluster) error {
-	f := frame{kind: kindData, enc: c.enc, disk: c.disk, plen: uint32(len(c.data)), idx: c.idx, n: int64(c.raw)}
+func (sw *StreamWriter) Data(c EncodedCluster) error {
+	f := Frame{Kind: KindData, Enc: c.Enc, Disk: c.Disk, PLen: uint32(len(c.Data)), Idx: c.Idx, N: int64(c.Raw)}
 	f.put(sw.hdr[:])
 	sw.write(sw.hdr[:])
-	sw.write(c.digest[:])
-	sw.write(c.data)
+	sw.write(c.Digest[:])
+	sw.write(c.Data)
 	return sw.err
 }
 
-func (sw *streamWriter) reference(c encodedCluster) error {
-	f := frame{kind: kindRef, disk: c.disk, plen: refBody, idx: c.idx, n: int64(c.raw)}
+func (sw *StreamWriter) Reference(c EncodedCluster) error {
+	f := Frame{Kind: KindRef, Disk: c.Disk, PLen: RefBody, Idx: c.Idx, N: int64(c.Raw)}
 	f.put(sw.hdr[:])
 	sw.write(sw.hdr[:])
-	sw.write(c.digest[:])
-	id, err := hexID(c.ref.Layer)
+	sw.write(c.Digest[:])
+	id, err := HexID(c.Ref.Layer)
 	if err != nil {
 		return err
 	}
 	sw.write(id)
-	sw.write(binary.BigEndian.AppendUint64(nil, uint64(c.ref.Index)))
+	sw.write(binary.BigEndian.AppendUint64(nil, uint64(c.Ref.Index)))
 	return sw.err
 }
 
-func (sw *streamWriter) zeros(diskNo byte, idx, n int64) error {
-	f := frame{kind: kindZero, disk: diskNo, idx: idx, n: n}
+func (sw *StreamWriter) Zeros(diskNo byte, idx, n int64) error {
+	f := Frame{Kind: KindZero, Disk: diskNo, Idx: idx, N: n}
 	f.put(sw.hdr[:])
 	sw.write(sw.hdr[:])
 	return sw.err
 }
 
-func (sw *streamWriter) end(entries int64, id []byte) error {
-	f := frame{kind: kindEnd, plen: sha256.Size, idx: entries}
+func (sw *StreamWriter) End(entries int64, id []byte) error {
+	f := Frame{Kind: KindEnd, PLen: sha256.Size, Idx: entries}
 	f.put(sw.hdr[:])
 	sw.write(sw.hdr[:])
 	var b [sha256.Size]byte
 	copy(b[:], id)
 	sw.write(b[:])
-	return sw.flush()
+	return sw.Flush()
 }
 
-func (sw *streamWriter) flush() error {
+func (sw *StreamWriter) Flush() error {
 	if sw.err == nil {
 		sw.err = sw.w.Flush()
 	}
 	return sw.err
 }
 
-// streamReader reads a cluster stream.
-type streamReader struct {
+// StreamReader reads a cluster stream.
+type StreamReader struct {
 	r     *bufio.Reader
 	hdr   [frameHeader]byte
 	n     atomic.Int64 // bytes read (decodeOrdered reads on a goroutine of its own)
 	magic bool
 }
 
-// bytes is how many bytes of the stream were read so far.
-func (sr *streamReader) bytes() int64 { return sr.n.Load() }
+// Bytes is how many Bytes of the stream were read so far.
+func (sr *StreamReader) Bytes() int64 { return sr.n.Load() }
 
-func newStreamReader(r io.Reader) *streamReader {
+func NewStreamReader(r io.Reader) *StreamReader {
 	// A small buffer: payloads larger than it are read straight into their own
 	// buffers instead of being copied out of it.
-	return &streamReader{r: bufio.NewReaderSize(r, 16<<10)}
+	return &StreamReader{r: bufio.NewReaderSize(r, 16<<10)}
 }
 
-func (sr *streamReader) full(b []byte) error {
+func (sr *StreamReader) full(b []byte) error {
 	n, err := io.ReadFull(sr.r, b)
 	sr.n.Add(int64(n))
 	if err == io.EOF || err == io.ErrUnexpectedEOF {
-		return fmt.Errorf("%w: truncated", errStream)
+		return fmt.Errorf("%w: truncated", ErrStream)
 	}
 	return err
 }
 
-// next reads the next frame header and, for a data frame, its digest and payload
+// Next reads the Next frame header and, for a data frame, its digest and payload
 // (payload is reused between calls).
-func (sr *streamReader) next(payload []byte) (frame, Digest, []byte, error) {
+func (sr *StreamReader) Next(payload []byte) (Frame, Digest, []byte, error) {
 	var d Digest
 	if !sr.magic {
 		var m [len(streamMagic)]byte
 		if err := sr.full(m[:]); err != nil {
-			return frame{}, d, nil, err
+			return Frame{}, d, nil, err
 		}
 		if string(m[:]) != streamMagic {
-			return frame{}, d, nil, fmt.Errorf("%w: bad magic", errStream)
+			return Frame{}, d, nil, fmt.Errorf("%w: bad magic", ErrStream)
 		}
 		sr.magic = true
 	}
 	if err := sr.full(sr.hdr[:]); err != nil {
-		return frame{}, d, nil, err
+		return Frame{}, d, nil, err
 	}
 	f, err := parseFrame(sr.hdr[:])
 	if err != nil {
 		return f, d, nil, err
 	}
-	switch f.kind {
-	case kindData, kindRef:
+	switch f.Kind {
+	case KindData, KindRef:
 		if err := sr.full(d[:]); err != nil {
 			return f, d, nil, err
 		}
-		if f.kind == kindRef {
-			f.plen -= sha256.Size // what follows the digest
+		if f.Kind == KindRef {
+			f.PLen -= sha256.Size // what follows the digest
 		}
-		if cap(payload) < int(f.plen) {
-			payload = make([]byte, f.plen)
+		if cap(payload) < int(f.PLen) {
+			payload = make([]byte, f.PLen)
 		}
-		payload = payload[:f.plen]
+		payload = payload[:f.PLen]
 		if err := sr.full(payload); err != nil {
 			return f, d, nil, err
 		}
 		return f, d, payload, nil
-	case kindEnd:
+	case KindEnd:
 		if err := sr.full(d[:]); err != nil {
 			return f, d, nil, err
 		}

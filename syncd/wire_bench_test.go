@@ -10,7 +10,7 @@ func BenchmarkEncodeRandom(b *testing.B) {
 	b.SetBytes(int64(len(raw)))
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, err := encodeCluster(0, 1, raw, dst, encodeOptions{compress: true}); err != nil {
+		if _, err := EncodeCluster(0, 1, raw, dst, EncodeOptions{Compress: true}); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -22,7 +22,7 @@ func BenchmarkEncodeText(b *testing.B) {
 	b.SetBytes(int64(len(raw)))
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, err := encodeCluster(0, 1, raw, dst, encodeOptions{compress: true}); err != nil {
+		if _, err := EncodeCluster(0, 1, raw, dst, EncodeOptions{Compress: true}); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -30,12 +30,12 @@ func BenchmarkEncodeText(b *testing.B) {
 
 func BenchmarkDecodeText(b *testing.B) {
 	raw := fill(7, 64<<10, true)
-	ec, _ := encodeCluster(0, 1, raw, nil, encodeOptions{compress: true})
-	f := frame{kind: kindData, enc: ec.enc, plen: uint32(len(ec.data)), n: int64(len(raw))}
+	ec, _ := EncodeCluster(0, 1, raw, nil, EncodeOptions{Compress: true})
+	f := Frame{Kind: KindData, Enc: ec.Enc, PLen: uint32(len(ec.Data)), N: int64(len(raw))}
 	dst := make([]byte, 0, 64<<10)
 	b.SetBytes(int64(len(raw)))
 	for b.Loop() {
-		if _, err := decodeCluster(f, ec.digest, ec.data, dst); err != nil {
+		if _, err := DecodeCluster(f, ec.Digest, ec.Data, dst); err != nil {
 			b.Fatal(err)
 		}
 	}
