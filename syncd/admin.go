@@ -6,6 +6,7 @@ import (
 
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/desktop"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 // The administrator's operations on the server's store. The CLI calls them on the
@@ -43,8 +44,8 @@ func (s *Server) Devices() ([]Device, error) { return s.st.devices() }
 
 // Leases lists the active leases (expired ones too, until another device takes the
 // desktop).
-func (s *Server) Leases() ([]Lease, error) {
-	var out []Lease
+func (s *Server) Leases() ([]proto.Lease, error) {
+	var out []proto.Lease
 	err := s.st.view(func(tx *catalog.Tx) error {
 		var err error
 		out, err = queryLeases(tx, "state = 'active'")
@@ -55,10 +56,10 @@ func (s *Server) Leases() ([]Lease, error) {
 
 // BreakLease ends the desktop's lease whoever holds it. The holder's next
 // check-in is kept as a conflict version.
-func (s *Server) BreakLease(desktop string) (*Lease, error) {
+func (s *Server) BreakLease(desktop string) (*proto.Lease, error) {
 	unlock := s.lockDesktop(desktop)
 	defer unlock()
-	var l *Lease
+	var l *proto.Lease
 	err := s.st.update(func(tx *catalog.Tx) error {
 		var err error
 		l, err = activeLease(tx, desktop)
@@ -66,7 +67,7 @@ func (s *Server) BreakLease(desktop string) (*Lease, error) {
 			return err
 		}
 		if l == nil {
-			return fmt.Errorf("desktop %s: %w", desktop, ErrNoLease)
+			return fmt.Errorf("desktop %s: %w", desktop, proto.ErrNoLease)
 		}
 		return endLease(tx, l, "broken", s.now())
 	})
@@ -78,13 +79,15 @@ func (s *Server) BreakLease(desktop string) (*Lease, error) {
 }
 
 // Versions returns the desktop's versions as sync knows them.
-func (s *Server) Versions(desktop string) (*DesktopStatus, error) { return s.DesktopStatus(desktop) }
+func (s *Server) Versions(desktop string) (*proto.DesktopStatus, error) {
+	return s.DesktopStatus(desktop)
+}
 
 // Rollback makes the layers of version to the desktop's head again, as a new
 // version ("rollback to N"): nothing is discarded, and a laptop that checked out an
 // older head checks in as a conflict. Data on the server's tops is sealed as its
 // own version first.
-func (s *Server) Rollback(ctx context.Context, dk string, to int) (*Version, error) {
+func (s *Server) Rollback(ctx context.Context, dk string, to int) (*proto.Version, error) {
 	unlock := s.lockDesktop(dk)
 	defer unlock()
 	sealed, v, err := desktop.Rollback(ctx, s.store, dk, to, s.now())
@@ -93,7 +96,7 @@ func (s *Server) Rollback(ctx context.Context, dk string, to int) (*Version, err
 		s.indexLater(sealed.System, sealed.User)
 	}
 	if err != nil {
-		return nil, NoSpace(err)
+		return nil, proto.NoSpace(err)
 	}
 	s.log.Info("rolled back", "desktop", dk, "to", to, "version", v.N)
 	return v, nil

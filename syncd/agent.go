@@ -9,10 +9,11 @@ import (
 
 	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 // Renew extends the lease of a checked-out desktop (ttl 0: the server's default).
-func (l *Laptop) Renew(ctx context.Context, name string, ttl time.Duration) (*Lease, error) {
+func (l *Laptop) Renew(ctx context.Context, name string, ttl time.Duration) (*proto.Lease, error) {
 	co, err := l.Checkout(name)
 	if err != nil {
 		return nil, err
@@ -21,7 +22,7 @@ func (l *Laptop) Renew(ctx context.Context, name string, ttl time.Duration) (*Le
 		if _, err := l.PurgeExpired(ctx); err != nil {
 			return nil, err
 		}
-		return nil, fmt.Errorf("desktop %s: %w at %s; it was purged", name, ErrExpired, co.Lease.Expires.Format(time.RFC3339))
+		return nil, fmt.Errorf("desktop %s: %w at %s; it was purged", name, proto.ErrExpired, co.Lease.Expires.Format(time.RFC3339))
 	}
 	c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert})
 	if err != nil {
@@ -52,7 +53,7 @@ func (l *Laptop) Release(ctx context.Context, name string, discard bool) error {
 				if has, _, err := desktop.TopState(l.store.Path(rel)); err != nil {
 					return err
 				} else if has {
-					return fmt.Errorf("desktop %s: %w: check it in with --release instead", name, ErrLocalChanges)
+					return fmt.Errorf("desktop %s: %w: check it in with --release instead", name, proto.ErrLocalChanges)
 				}
 			}
 		}
@@ -62,7 +63,7 @@ func (l *Laptop) Release(ctx context.Context, name string, discard bool) error {
 		if err != nil {
 			return err
 		}
-		if err := c.Release(ctx, name, co.Lease.ID); err != nil && !errors.Is(err, ErrNoLease) && !errors.Is(err, ErrLeaseExpired) {
+		if err := c.Release(ctx, name, co.Lease.ID); err != nil && !errors.Is(err, proto.ErrNoLease) && !errors.Is(err, proto.ErrLeaseExpired) {
 			return err
 		}
 	}

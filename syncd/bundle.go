@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/cvd-project/cvd/catalog"
+	"github.com/cvd-project/cvd/syncd/proto"
 	"github.com/ulikunitz/xz"
 )
 
@@ -31,14 +32,14 @@ const bundleMagic = "CVDBNDL1"
 
 // BundleHeader describes a bundle.
 type BundleHeader struct {
-	Desktop string         `json:"desktop"`
-	Version int            `json:"version"`
-	Created time.Time      `json:"created"`
-	Expires time.Time      `json:"expires"` // the imported copy is purged after this
-	Disks   []DiskManifest `json:"disks"`
-	Layers  []LayerInfo    `json:"layers"` // parents first
+	Desktop string               `json:"desktop"`
+	Version int                  `json:"version"`
+	Created time.Time            `json:"created"`
+	Expires time.Time            `json:"expires"` // the imported copy is purged after this
+	Disks   []proto.DiskManifest `json:"disks"`
+	Layers  []proto.LayerInfo    `json:"layers"` // parents first
 	// Lease is the lease the export took for a device, when it named one.
-	Lease *Lease `json:"lease,omitempty"`
+	Lease *proto.Lease `json:"lease,omitempty"`
 	// Server is where the desktop came from (informational).
 	Server string `json:"server,omitempty"`
 }
@@ -86,7 +87,7 @@ func (s *Server) Export(ctx context.Context, desktop, path string, opts ExportOp
 	if err != nil {
 		return nil, fmt.Errorf("export %s: %w", desktop, err)
 	}
-	var prev *Lease // the lease as it was, restored if the export fails
+	var prev *proto.Lease // the lease as it was, restored if the export fails
 	err = s.st.update(func(tx *catalog.Tx) error {
 		if opts.Device != "" {
 			dev, err := deviceByName(tx, opts.Device)
@@ -94,7 +95,7 @@ func (s *Server) Export(ctx context.Context, desktop, path string, opts ExportOp
 				return err
 			}
 			if !dev.Bound(desktop) {
-				return fmt.Errorf("%w: device %s, desktop %s", ErrForbidden, dev.Name, desktop)
+				return fmt.Errorf("%w: device %s, desktop %s", proto.ErrForbidden, dev.Name, desktop)
 			}
 			if prev, err = activeLease(tx, desktop); err != nil {
 				return err
@@ -124,7 +125,7 @@ func (s *Server) Export(ctx context.Context, desktop, path string, opts ExportOp
 		return nil, err
 	}
 	h.Version = dv.Head
-	m := &Manifest{}
+	m := &proto.Manifest{}
 	if err := s.fillDisks(m, dv); err != nil {
 		return fail(err)
 	}
@@ -165,8 +166,8 @@ func (s *Server) Export(ctx context.Context, desktop, path string, opts ExportOp
 			if err != nil {
 				return err
 			}
-			sw := NewStreamWriter(cw)
-			_, err = writeLayerStream(ctx, sw, img, li.ClusterSize, li.Parent != "", 0, li.ID, EncodeOptions{})
+			sw := proto.NewStreamWriter(cw)
+			_, err = writeLayerStream(ctx, sw, img, li.ClusterSize, li.Parent != "", 0, li.ID, proto.EncodeOptions{})
 			img.Close()
 			if err != nil {
 				return err
@@ -188,7 +189,7 @@ func (s *Server) Export(ctx context.Context, desktop, path string, opts ExportOp
 		err = err2
 	}
 	if err != nil {
-		return fail(NoSpace(fmt.Errorf("export %s: %w", desktop, err)))
+		return fail(proto.NoSpace(fmt.Errorf("export %s: %w", desktop, err)))
 	}
 	if fi, err := os.Stat(path); err == nil {
 		rep.Bytes = fi.Size()
@@ -242,22 +243,22 @@ func (l *Laptop) ImportBundle(ctx context.Context, path string) (*ImportReport, 
 	br := bufio.NewReaderSize(xr, 1<<20)
 	var magic [len(bundleMagic) + 4]byte
 	if _, err := io.ReadFull(br, magic[:]); err != nil || string(magic[:len(bundleMagic)]) != bundleMagic {
-		return nil, fmt.Errorf("%s: %w: not a cvd bundle", path, ErrBadRequest)
+		return nil, fmt.Errorf("%s: %w: not a cvd bundle", path, proto.ErrBadRequest)
 	}
 	n := binary.BigEndian.Uint32(magic[len(bundleMagic):])
 	if n > maxJSON {
-		return nil, fmt.Errorf("%s: %w: header of %d bytes", path, ErrBadRequest, n)
+		return nil, fmt.Errorf("%s: %w: header of %d bytes", path, proto.ErrBadRequest, n)
 	}
 	hb := make([]byte, n)
 	if _, err := io.ReadFull(br, hb); err != nil {
-		return nil, fmt.Errorf("%s: %w: truncated header", path, ErrBadRequest)
+		return nil, fmt.Errorf("%s: %w: truncated header", path, proto.ErrBadRequest)
 	}
 	var h BundleHeader
 	if err := json.Unmarshal(hb, &h); err != nil {
-		return nil, fmt.Errorf("%s: %w: header: %v", path, ErrBadRequest, err)
+		return nil, fmt.Errorf("%s: %w: header: %v", path, proto.ErrBadRequest, err)
 	}
 	if h.Expires.Before(l.now()) {
-		return nil, fmt.Errorf("bundle of %s: %w at %s", h.Desktop, ErrExpired, h.Expires.Format(time.RFC3339))
+		return nil, fmt.Errorf("bundle of %s: %w at %s", h.Desktop, proto.ErrExpired, h.Expires.Format(time.RFC3339))
 	}
 	if prev, err := l.Checkout(h.Desktop); err == nil && !prev.Offline {
 		return nil, fmt.Errorf("desktop %s is checked out from %s here; check it in or release it first", h.Desktop, prev.Server)
@@ -271,13 +272,13 @@ func (l *Laptop) ImportBundle(ctx context.Context, path string) (*ImportReport, 
 		return nil, err
 	}
 	if err := os.MkdirAll(l.fetchDir(), 0o700); err != nil {
-		return nil, NoSpace(err)
+		return nil, proto.NoSpace(err)
 	}
 	for _, li := range h.Layers {
-		if !layerIDRE.MatchString(li.ID) || (li.Parent != "" && !layerIDRE.MatchString(li.Parent)) {
-			return nil, fmt.Errorf("%w: bundle layer id %q", ErrBadRequest, li.ID)
+		if !proto.LayerIDRE.MatchString(li.ID) || (li.Parent != "" && !proto.LayerIDRE.MatchString(li.Parent)) {
+			return nil, fmt.Errorf("%w: bundle layer id %q", proto.ErrBadRequest, li.ID)
 		}
-		sr := NewStreamReader(br)
+		sr := proto.NewStreamReader(br)
 		if _, err := l.store.Layer(li.ID); err == nil {
 			// Held already: read past its stream.
 			if err := skipStream(sr); err != nil {
@@ -296,7 +297,7 @@ func (l *Laptop) ImportBundle(ctx context.Context, path string) (*ImportReport, 
 		_, done, err := fl.consume(ctx, sr)
 		l.opts.Progress.Done()
 		if err == nil && !done {
-			err = fmt.Errorf("%w: layer %s incomplete", ErrStream, short(li.ID))
+			err = fmt.Errorf("%w: layer %s incomplete", proto.ErrStream, short(li.ID))
 		}
 		if err == nil {
 			err = fl.finish(ctx)
@@ -311,7 +312,7 @@ func (l *Laptop) ImportBundle(ctx context.Context, path string) (*ImportReport, 
 	}
 	co := &Checkout{Desktop: h.Desktop, Server: h.Server, Version: h.Version, Layers: map[string]string{},
 		BlankSizes: map[string]int64{}, CheckedOut: l.now().UTC(), Offline: true,
-		Lease: Lease{ID: "offline", Desktop: h.Desktop, Expires: h.Expires, Granted: h.Created, Version: h.Version}}
+		Lease: proto.Lease{ID: "offline", Desktop: h.Desktop, Expires: h.Expires, Granted: h.Created, Version: h.Version}}
 	if h.Lease != nil {
 		co.Lease = *h.Lease
 	}
@@ -337,7 +338,7 @@ func (l *Laptop) ImportBundle(ctx context.Context, path string) (*ImportReport, 
 }
 
 // skipStream reads a cluster stream to its end frame.
-func skipStream(sr *StreamReader) error {
+func skipStream(sr *proto.StreamReader) error {
 	var buf []byte
 	for {
 		f, _, p, err := sr.Next(buf)
@@ -345,7 +346,7 @@ func skipStream(sr *StreamReader) error {
 			return err
 		}
 		buf = p
-		if f.Kind == KindEnd {
+		if f.Kind == proto.KindEnd {
 			return nil
 		}
 	}
@@ -353,7 +354,7 @@ func skipStream(sr *StreamReader) error {
 
 // undoLease puts back the lease that an export granted (l) as it was before
 // (prev, nil for none), unless it changed since.
-func (s *Server) undoLease(l, prev *Lease) error {
+func (s *Server) undoLease(l, prev *proto.Lease) error {
 	err := s.st.update(func(tx *catalog.Tx) error {
 		cur, err := activeLease(tx, l.Desktop)
 		if err != nil || cur == nil || cur.ID != l.ID || !cur.Expires.Equal(l.Expires) {

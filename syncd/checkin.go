@@ -17,6 +17,7 @@ import (
 	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 // CheckinOptions controls a check-in.
@@ -54,7 +55,7 @@ type CheckinReport struct {
 type diskChanges struct {
 	name  string
 	top   string // absolute path
-	decl  CheckinDisk
+	decl  proto.CheckinDisk
 	list  []byte
 	bytes int64
 	stat  os.FileInfo // the top's, before the scan
@@ -81,7 +82,7 @@ func (l *Laptop) CheckIn(ctx context.Context, name string, opts CheckinOptions) 
 	}
 	co, err := l.Checkout(name)
 	if err != nil {
-		if errors.Is(err, ErrNotCheckedOut) {
+		if errors.Is(err, proto.ErrNotCheckedOut) {
 			return nil, fmt.Errorf("%w (it may have expired and been purged)", err)
 		}
 		return nil, err
@@ -101,7 +102,7 @@ func (l *Laptop) CheckIn(ctx context.Context, name string, opts CheckinOptions) 
 		}
 	}
 	if r, ok := l.opts.VM.(runningVM); ok && r.Running(ctx, name) {
-		return nil, fmt.Errorf("desktop %s: %w: its VM is running: shut it down first (its disks must not change during a check-in)", name, ErrInUse)
+		return nil, fmt.Errorf("desktop %s: %w: its VM is running: shut it down first (its disks must not change during a check-in)", name, proto.ErrInUse)
 	}
 	d, err := l.store.Desktop(name)
 	if err != nil {
@@ -115,7 +116,7 @@ func (l *Laptop) CheckIn(ctx context.Context, name string, opts CheckinOptions) 
 		return nil, err
 	}
 	rep := &CheckinReport{Desktop: name, Base: co.Version, Layers: map[string]string{}}
-	var res *CheckinResult
+	var res *proto.CheckinResult
 	var changes []diskChanges // what the scan listed (none when resuming)
 	if co.Pending != nil && co.Pending.Result != nil {
 		res = co.Pending.Result
@@ -153,7 +154,7 @@ func (l *Laptop) CheckIn(ctx context.Context, name string, opts CheckinOptions) 
 		if err := checkFree(l.store.Dir(), rep.ChangedBytes+32<<20); err != nil {
 			return nil, err
 		}
-		req := &CheckinRequest{Desktop: name, Lease: co.Lease.ID, Base: co.Version, Release: opts.Release}
+		req := &proto.CheckinRequest{Desktop: name, Lease: co.Lease.ID, Base: co.Version, Release: opts.Release}
 		for _, ch := range changes {
 			req.Disks = append(req.Disks, ch.decl)
 		}
@@ -218,13 +219,13 @@ func (l *Laptop) CheckIn(ctx context.Context, name string, opts CheckinOptions) 
 
 // checkinID names a check-in by what it sends, so that a rerun of an interrupted
 // one finds it on the server.
-func checkinID(req *CheckinRequest) string {
+func checkinID(req *proto.CheckinRequest) string {
 	h := sha256.New()
 	b, _ := json.Marshal(struct {
 		D string
 		L string
 		B int
-		K []CheckinDisk
+		K []proto.CheckinDisk
 	}{req.Desktop, req.Lease, req.Base, req.Disks})
 	h.Write(b)
 	return hex.EncodeToString(h.Sum(nil))[:32]
@@ -234,7 +235,7 @@ func checkinID(req *CheckinRequest) string {
 // disk), with each data cluster's digest.
 func (l *Laptop) scanTops(ctx context.Context, d *images.Desktop, co *Checkout) ([]diskChanges, error) {
 	var out []diskChanges
-	for _, dn := range DiskNames {
+	for _, dn := range proto.DiskNames {
 		rel := topRel(d, dn)
 		if rel == "" {
 			continue
@@ -263,13 +264,13 @@ func (l *Laptop) scanTops(ctx context.Context, d *images.Desktop, co *Checkout) 
 		}
 		cs := images.DigestClusterSize(info)
 		ch := diskChanges{name: dn, top: path, stat: st,
-			decl: CheckinDisk{Name: dn, Parent: parent, Size: img.Size(), ClusterSize: cs}}
-		h := NewIDHasher(parent, img.Size(), cs)
+			decl: proto.CheckinDisk{Name: dn, Parent: parent, Size: img.Size(), ClusterSize: cs}}
+		h := proto.NewIDHasher(parent, img.Size(), cs)
 		err = images.SumLayer(ctx, img, cs, parent != "", func(s images.ClusterSum) error {
-			e := Entry{Index: s.Index, Zero: s.Zero, Digest: s.Digest}
+			e := proto.Entry{Index: s.Index, Zero: s.Zero, Digest: s.Digest}
 			ch.bytes += int64(s.Len)
 			h.Add(e)
-			ch.list = AppendEntry(ch.list, e)
+			ch.list = proto.AppendEntry(ch.list, e)
 			return nil
 		})
 		img.Close()
@@ -287,7 +288,7 @@ func (l *Laptop) scanTops(ctx context.Context, d *images.Desktop, co *Checkout) 
 
 // send runs the exchange: open, entry lists, then rounds of missing → upload →
 // commit, bounded.
-func (l *Laptop) send(ctx context.Context, c *Client, req *CheckinRequest, changes []diskChanges, rep *CheckinReport) (*CheckinResult, error) {
+func (l *Laptop) send(ctx context.Context, c *Client, req *proto.CheckinRequest, changes []diskChanges, rep *CheckinReport) (*proto.CheckinResult, error) {
 	st, err := c.OpenCheckin(ctx, req)
 	if err != nil {
 		return nil, err
@@ -312,16 +313,16 @@ func (l *Laptop) send(ctx context.Context, c *Client, req *CheckinRequest, chang
 		}
 		if len(miss) > 0 {
 			if err := l.upload(ctx, c, req.ID, changes, miss, rep); err != nil {
-				if errors.Is(err, ErrDigestMismatch) {
+				if errors.Is(err, proto.ErrDigestMismatch) {
 					err = fmt.Errorf("%w (a disk changed since the check-in began? run it again)", err)
 				}
-				if errors.Is(err, ErrIncomplete) && ctx.Err() == nil {
+				if errors.Is(err, proto.ErrIncomplete) && ctx.Err() == nil {
 					// The server still finishes an upload of an interrupted run.
 					lastErr = err
 					time.Sleep(500 * time.Millisecond)
 					continue
 				}
-				if errors.Is(err, ErrDigestMismatch) || errors.Is(err, ErrNoSpace) || errors.Is(err, ErrBadRequest) || ctx.Err() != nil || !retryable(err) {
+				if errors.Is(err, proto.ErrDigestMismatch) || errors.Is(err, proto.ErrNoSpace) || errors.Is(err, proto.ErrBadRequest) || ctx.Err() != nil || !retryable(err) {
 					return nil, err
 				}
 				lastErr = err
@@ -332,7 +333,7 @@ func (l *Laptop) send(ctx context.Context, c *Client, req *CheckinRequest, chang
 		if err == nil {
 			return res, nil
 		}
-		if !errors.Is(err, ErrIncomplete) {
+		if !errors.Is(err, proto.ErrIncomplete) {
 			return nil, err
 		}
 		lastErr = err
@@ -351,7 +352,7 @@ func containsString(ss []string, s string) bool {
 }
 
 // upload streams the missing clusters, read from the tops.
-func (l *Laptop) upload(ctx context.Context, c *Client, id string, changes []diskChanges, miss []MissingItem, rep *CheckinReport) error {
+func (l *Laptop) upload(ctx context.Context, c *Client, id string, changes []diskChanges, miss []proto.MissingItem, rep *CheckinReport) error {
 	imgs := map[byte]disk.Image{}
 	sizes := map[byte]int{}
 	defer func() {
@@ -361,7 +362,7 @@ func (l *Laptop) upload(ctx context.Context, c *Client, id string, changes []dis
 	}()
 	var total int64
 	for _, ch := range changes {
-		no, _ := DiskNumber(ch.name)
+		no, _ := proto.DiskNumber(ch.name)
 		img, err := disk.Open(ch.top, disk.OpenOptions{ReadOnly: true, NoBacking: true})
 		if err != nil {
 			return err
@@ -370,7 +371,7 @@ func (l *Laptop) upload(ctx context.Context, c *Client, id string, changes []dis
 	}
 	for _, m := range miss {
 		if imgs[m.Disk] == nil {
-			return fmt.Errorf("%w: the server asks for disk %d", ErrStream, m.Disk)
+			return fmt.Errorf("%w: the server asks for disk %d", proto.ErrStream, m.Disk)
 		}
 		total += int64(sizes[m.Disk])
 	}
@@ -381,11 +382,11 @@ func (l *Laptop) upload(ctx context.Context, c *Client, id string, changes []dis
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var sent int64
-	body := NewFuncBody(func(w io.Writer) error {
-		sw := NewStreamWriter(w)
-		err := EncodeOrdered(ctx, EncodeOptions{Compress: true}, func(submit func(byte, int64, []byte, *Digest) error) error {
+	body := proto.NewFuncBody(func(w io.Writer) error {
+		sw := proto.NewStreamWriter(w)
+		err := proto.EncodeOrdered(ctx, proto.EncodeOptions{Compress: true}, func(submit func(byte, int64, []byte, *proto.Digest) error) error {
 			return readMissingClusters(ctx, imgs, sizes, miss, submit)
-		}, func(ec EncodedCluster, _ bool) error {
+		}, func(ec proto.EncodedCluster, _ bool) error {
 			if m := miss[sent]; ec.Disk != m.Disk || ec.Idx != m.Index {
 				return fmt.Errorf("cluster %d out of order in the upload", ec.Idx)
 			}
@@ -407,7 +408,7 @@ func (l *Laptop) upload(ctx context.Context, c *Client, id string, changes []dis
 	// the top that failed) says more than the transport's.
 	var ae *APIError
 	if ferr := body.Finish(); err != nil && !errors.As(err, &ae) && ferr != nil &&
-		!errors.Is(ferr, ErrBodyNotRun) && !errors.Is(ferr, context.Canceled) {
+		!errors.Is(ferr, proto.ErrBodyNotRun) && !errors.Is(ferr, context.Canceled) {
 		err = ferr
 	}
 	rep.Sent += sent
@@ -416,8 +417,8 @@ func (l *Laptop) upload(ctx context.Context, c *Client, id string, changes []dis
 
 // readMissingClusters reads the clusters of miss from the tops, in order, joining
 // runs of neighbours into larger reads.
-func readMissingClusters(ctx context.Context, imgs map[byte]disk.Image, sizes map[byte]int, miss []MissingItem,
-	submit func(byte, int64, []byte, *Digest) error) error {
+func readMissingClusters(ctx context.Context, imgs map[byte]disk.Image, sizes map[byte]int, miss []proto.MissingItem,
+	submit func(byte, int64, []byte, *proto.Digest) error) error {
 	const maxRun = 16
 	largest := 0
 	for _, cs := range sizes {
@@ -438,7 +439,7 @@ func readMissingClusters(ctx context.Context, imgs map[byte]disk.Image, sizes ma
 		off := m.Index * cs
 		n := min(int64(j-i)*cs, img.Size()-off)
 		if n <= 0 {
-			return fmt.Errorf("%w: cluster %d beyond the disk", ErrStream, m.Index)
+			return fmt.Errorf("%w: cluster %d beyond the disk", proto.ErrStream, m.Index)
 		}
 		b := buf[:n]
 		if _, err := img.ReadAt(b, off); err != nil && err != io.EOF {
@@ -465,9 +466,9 @@ func readMissingClusters(ctx context.Context, imgs map[byte]disk.Image, sizes ma
 // before the tops move onto its layers; should that fail, the layers just made are
 // removed again and the tops are as they were, for a rerun. A top the scan listed
 // and that has not changed since is not read again: its list gives the ID.
-func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, res *CheckinResult, changes []diskChanges) error {
-	v := Version{N: res.Version, Created: l.now().UTC().Truncate(time.Second), Kind: images.VersionCheckin, Note: "check-in",
-		Conflict: res.Conflict, System: co.Layers[DiskSystem], User: co.Layers[DiskUser]}
+func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, res *proto.CheckinResult, changes []diskChanges) error {
+	v := proto.Version{N: res.Version, Created: l.now().UTC().Truncate(time.Second), Kind: images.VersionCheckin, Note: "check-in",
+		Conflict: res.Conflict, System: co.Layers[proto.DiskSystem], User: co.Layers[proto.DiskUser]}
 	if co.Pending != nil {
 		v.Checkin = co.Pending.ID
 	}
@@ -485,7 +486,7 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 			os.Chmod(p, m)
 		}
 	}
-	for _, dn := range DiskNames {
+	for _, dn := range proto.DiskNames {
 		rel := topRel(d, dn)
 		want, ok := res.Layers[dn]
 		if rel == "" || !ok {
@@ -510,7 +511,7 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 		aopts := images.AdoptOptions{WantID: want}
 		for i := range changes {
 			if ch := &changes[i]; ch.name == dn && ch.unchanged() {
-				aopts.Sums = EntrySums(ListEntries(ch.list), ch.decl.Size, ch.decl.ClusterSize)
+				aopts.Sums = proto.EntrySums(proto.ListEntries(ch.list), ch.decl.Size, ch.decl.ClusterSize)
 			}
 		}
 		lay, existed, err := adoptTop(ctx, l.store, l.log, path, aopts)
@@ -522,7 +523,7 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 		}
 		if err != nil {
 			undo()
-			return NoSpace(fmt.Errorf("freeze the %s top: %w", dn, err))
+			return proto.NoSpace(fmt.Errorf("freeze the %s top: %w", dn, err))
 		}
 		if !existed {
 			made = append(made, lay.ID)
@@ -534,7 +535,7 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 		undo()
 		return err
 	}
-	for _, dn := range DiskNames {
+	for _, dn := range proto.DiskNames {
 		id, ok := move[dn]
 		if !ok {
 			continue
@@ -543,7 +544,7 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 			return err
 		}
 	}
-	for _, dn := range DiskNames {
+	for _, dn := range proto.DiskNames {
 		if _, ok := co.Layers[dn]; ok {
 			co.Layers[dn] = layerOf(&v, dn)
 		}
@@ -554,7 +555,7 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 // topRel is the store-relative path of a disk's top ("" for a desktop without
 // that disk).
 func topRel(d *images.Desktop, dn string) string {
-	if dn == DiskUser {
+	if dn == proto.DiskUser {
 		return d.UserDisk
 	}
 	return d.SystemDisk

@@ -7,6 +7,8 @@ import (
 	"testing"
 
 	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/internal/testutil"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 // BenchmarkCheckin is the sync row of make bench in-process: a 16 GiB disk, 64
@@ -16,14 +18,14 @@ import (
 func BenchmarkCheckin(b *testing.B) {
 	const size = 16 << 30
 	w := newWorld(b, worldSpec{baseSize: size,
-		baseWrites: []write{{off: 0, data: fill(1, 8<<20, false)}},
-		appWrites:  []write{{off: 4 << 30, data: fill(2, 4<<20, false)}}})
+		baseWrites: []write{{off: 0, data: testutil.Fill(1, 8<<20, false)}},
+		appWrites:  []write{{off: 4 << 30, data: testutil.Fill(2, 4<<20, false)}}})
 	lap := newLaptop(b, "laptop")
 	ctx := context.Background()
 	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
 		b.Fatal(err)
 	}
-	top := lap.top(w.desktop, DiskSystem)
+	top := lap.top(w.desktop, proto.DiskSystem)
 	rng := rand.New(rand.NewPCG(7, 7))
 	b.SetBytes(64 << 20)
 	b.ResetTimer()
@@ -34,7 +36,7 @@ func BenchmarkCheckin(b *testing.B) {
 			b.Fatal(err)
 		}
 		for _, mb := range rng.Perm(16 << 10)[:64] {
-			if _, err := img.WriteAt(fill(uint64(i)<<20|uint64(mb), 1<<20, false), int64(mb)<<20); err != nil {
+			if _, err := img.WriteAt(testutil.Fill(uint64(i)<<20|uint64(mb), 1<<20, false), int64(mb)<<20); err != nil {
 				b.Fatal(err)
 			}
 		}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 // CheckoutOptions controls a check-out.
@@ -22,14 +23,14 @@ type CheckoutOptions struct {
 
 // CheckoutReport says what a check-out did.
 type CheckoutReport struct {
-	Desktop       string   `json:"desktop"`
-	Server        string   `json:"server"`
-	Version       int      `json:"version"`
-	Lease         Lease    `json:"lease"`
-	LayersFetched []string `json:"layers_fetched"`
-	LayersHeld    []string `json:"layers_held"` // already in the local store
-	Bytes         int64    `json:"bytes"`       // cluster stream bytes received
-	DataBytes     int64    `json:"data_bytes"`  // cluster bytes those streams carried
+	Desktop       string      `json:"desktop"`
+	Server        string      `json:"server"`
+	Version       int         `json:"version"`
+	Lease         proto.Lease `json:"lease"`
+	LayersFetched []string    `json:"layers_fetched"`
+	LayersHeld    []string    `json:"layers_held"` // already in the local store
+	Bytes         int64       `json:"bytes"`       // cluster stream bytes received
+	DataBytes     int64       `json:"data_bytes"`  // cluster bytes those streams carried
 	// ClustersByRef came as references to layers the laptop held already.
 	ClustersByRef int64     `json:"clusters_by_reference"`
 	Sealed        int       `json:"sealed,omitempty"`
@@ -51,11 +52,11 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 		return nil, err
 	}
 	prev, err := l.Checkout(name)
-	if err != nil && !errors.Is(err, ErrNotCheckedOut) {
+	if err != nil && !errors.Is(err, proto.ErrNotCheckedOut) {
 		return nil, err
 	}
 	if prev != nil && prev.Pending != nil {
-		return nil, fmt.Errorf("desktop %s: %w: a check-in is under way; run `cvd checkin %s` first", name, ErrLocalChanges, name)
+		return nil, fmt.Errorf("desktop %s: %w: a check-in is under way; run `cvd checkin %s` first", name, proto.ErrLocalChanges, name)
 	}
 	// Local tops holding changes of another version must be checked in first.
 	if d, err := l.store.Desktop(name); err == nil {
@@ -68,7 +69,7 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 				return nil, err
 			}
 			if has {
-				return nil, fmt.Errorf("desktop %s: %w: check it in first (`cvd checkin %s`)", name, ErrLocalChanges, name)
+				return nil, fmt.Errorf("desktop %s: %w: check it in first (`cvd checkin %s`)", name, proto.ErrLocalChanges, name)
 			}
 		}
 	} else if !errors.Is(err, images.ErrNotFound) {
@@ -106,7 +107,7 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 	}
 
 	// Which layers are missing, bottom up, and is there room for them?
-	var need []LayerInfo
+	var need []proto.LayerInfo
 	var needBytes, largest int64
 	seen := map[string]bool{}
 	for _, dm := range m.Disks {
@@ -152,7 +153,7 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 	defer refs.close()
 	var fetchErr error
 	for _, li := range need {
-		if li.needsParent() {
+		if li.NeedsParent() {
 			pending.Wait() // its zero clusters are written over the parent
 		}
 		if importFailed.Load() {
@@ -219,12 +220,12 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 // time, its (empty) tops replaced afterwards. Its history in the local catalog
 // mirrors the server's version numbers: the version it stands on is its head.
 func (l *Laptop) setupDesktop(ctx context.Context, co *Checkout) error {
-	sys := co.Layers[DiskSystem]
+	sys := co.Layers[proto.DiskSystem]
 	if sys == "" {
 		return fmt.Errorf("desktop %s: the manifest has no system disk", co.Desktop)
 	}
-	_, hasUser := co.Layers[DiskUser]
-	v := Version{N: co.Version, Created: l.now().UTC().Truncate(time.Second), System: sys, User: co.Layers[DiskUser],
+	_, hasUser := co.Layers[proto.DiskUser]
+	v := proto.Version{N: co.Version, Created: l.now().UTC().Truncate(time.Second), System: sys, User: co.Layers[proto.DiskUser],
 		Kind: images.VersionImport, Note: "check-out"}
 	if co.Offline {
 		v.Note = "import"
@@ -233,13 +234,13 @@ func (l *Laptop) setupDesktop(ctx context.Context, co *Checkout) error {
 	if errors.Is(err, images.ErrNotFound) {
 		spec := images.DesktopSpec{Apps: []string{sys}}
 		if hasUser {
-			spec.User = co.Layers[DiskUser]
+			spec.User = co.Layers[proto.DiskUser]
 			if spec.User == "" {
-				spec.UserSize = co.BlankSizes[DiskUser]
+				spec.UserSize = co.BlankSizes[proto.DiskUser]
 			}
 		}
 		if _, err := desktop.Create(ctx, l.store, co.Desktop, spec); err != nil {
-			return NoSpace(err)
+			return proto.NoSpace(err)
 		}
 		return l.recordVersion(co.Desktop, v, true)
 	}
@@ -250,9 +251,9 @@ func (l *Laptop) setupDesktop(ctx context.Context, co *Checkout) error {
 	if err := l.recordVersion(co.Desktop, v, false); err != nil {
 		return err
 	}
-	for _, dn := range DiskNames {
+	for _, dn := range proto.DiskNames {
 		rel := d.SystemDisk
-		if dn == DiskUser {
+		if dn == proto.DiskUser {
 			rel = d.UserDisk
 		}
 		_, want := co.Layers[dn]
@@ -270,7 +271,7 @@ func (l *Laptop) setupDesktop(ctx context.Context, co *Checkout) error {
 			continue
 		}
 		if has {
-			return fmt.Errorf("desktop %s: %w on the %s disk", co.Desktop, ErrLocalChanges, dn)
+			return fmt.Errorf("desktop %s: %w on the %s disk", co.Desktop, proto.ErrLocalChanges, dn)
 		}
 		if err := desktop.ResetTop(l.store, rel, co.Layers[dn], co.BlankSizes[dn]); err != nil {
 			return err
@@ -281,6 +282,6 @@ func (l *Laptop) setupDesktop(ctx context.Context, co *Checkout) error {
 
 // recordVersion makes v (numbered as on the server) the local desktop's head
 // (desktop.RecordVersion).
-func (l *Laptop) recordVersion(name string, v Version, fresh bool) error {
-	return NoSpace(desktop.RecordVersion(l.store, name, v, fresh))
+func (l *Laptop) recordVersion(name string, v proto.Version, fresh bool) error {
+	return proto.NoSpace(desktop.RecordVersion(l.store, name, v, fresh))
 }

@@ -16,6 +16,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 // Client talks to a sync server as one device.
@@ -80,7 +82,7 @@ type APIError struct {
 	Status int
 	Code   string
 	Msg    string
-	Lease  *LeaseError
+	Lease  *proto.LeaseError
 }
 
 func (e *APIError) Error() string { return e.Msg }
@@ -88,7 +90,7 @@ func (e *APIError) Error() string { return e.Msg }
 // Unwrap gives the sentinel the code names, so errors.Is works across the wire.
 func (e *APIError) Unwrap() []error {
 	var out []error
-	if s := SentinelOf(e.Code); s != nil {
+	if s := proto.SentinelOf(e.Code); s != nil {
 		out = append(out, s)
 	}
 	if e.Lease != nil {
@@ -192,12 +194,12 @@ func (c *Client) send(ctx context.Context, method, path string, body io.Reader, 
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	c.Received += int64(len(b))
-	var eb ErrorBody
+	var eb proto.ErrorBody
 	ae := &APIError{Status: resp.StatusCode}
 	if json.Unmarshal(b, &eb) == nil && eb.Error != "" {
 		ae.Code, ae.Msg, ae.Lease = eb.Code, "server: "+eb.Error, eb.Lease
 		if ae.Lease != nil {
-			ae.Lease.Err = SentinelOf(eb.Code)
+			ae.Lease.Err = proto.SentinelOf(eb.Code)
 		}
 	} else {
 		ae.Msg = fmt.Sprintf("server: %s %s: %s", method, path, resp.Status)
@@ -214,35 +216,35 @@ func jsonBody(v any) []byte {
 }
 
 // Desktop returns the desktop's versions and lease.
-func (c *Client) Desktop(ctx context.Context, name string) (*DesktopStatus, error) {
-	var out DesktopStatus
+func (c *Client) Desktop(ctx context.Context, name string) (*proto.DesktopStatus, error) {
+	var out proto.DesktopStatus
 	return &out, c.call(ctx, "GET", "/v1/desktops/"+url.PathEscape(name), nil, "", &out)
 }
 
 // Checkout asks for the desktop's lease and manifest; have lists layers the laptop
 // holds (their clusters then come as references).
-func (c *Client) Checkout(ctx context.Context, name string, ttl time.Duration, have ...string) (*Manifest, error) {
-	var out Manifest
-	body := jsonBody(CheckoutRequest{TTLSeconds: int64(ttl / time.Second), Have: have})
+func (c *Client) Checkout(ctx context.Context, name string, ttl time.Duration, have ...string) (*proto.Manifest, error) {
+	var out proto.Manifest
+	body := jsonBody(proto.CheckoutRequest{TTLSeconds: int64(ttl / time.Second), Have: have})
 	return &out, c.call(ctx, "POST", "/v1/desktops/"+url.PathEscape(name)+"/checkout", body, "application/json", &out)
 }
 
 // Renew extends the lease.
-func (c *Client) Renew(ctx context.Context, name, lease string, ttl time.Duration) (*Lease, error) {
-	var out Lease
-	body := jsonBody(LeaseRequest{Lease: lease, TTLSeconds: int64(ttl / time.Second)})
+func (c *Client) Renew(ctx context.Context, name, lease string, ttl time.Duration) (*proto.Lease, error) {
+	var out proto.Lease
+	body := jsonBody(proto.LeaseRequest{Lease: lease, TTLSeconds: int64(ttl / time.Second)})
 	return &out, c.call(ctx, "POST", "/v1/desktops/"+url.PathEscape(name)+"/renew", body, "application/json", &out)
 }
 
 // Release gives the lease back.
 func (c *Client) Release(ctx context.Context, name, lease string) error {
-	body := jsonBody(LeaseRequest{Lease: lease})
+	body := jsonBody(proto.LeaseRequest{Lease: lease})
 	return c.call(ctx, "POST", "/v1/desktops/"+url.PathEscape(name)+"/release", body, "application/json", nil)
 }
 
 // Layer returns a layer's description.
-func (c *Client) Layer(ctx context.Context, id string) (*LayerInfo, error) {
-	var out LayerInfo
+func (c *Client) Layer(ctx context.Context, id string) (*proto.LayerInfo, error) {
+	var out proto.LayerInfo
 	return &out, c.call(ctx, "GET", "/v1/layers/"+id, nil, "", &out)
 }
 
@@ -257,42 +259,42 @@ func (c *Client) Clusters(ctx context.Context, id string, from int64, lease stri
 }
 
 // OpenCheckin opens or resumes a check-in.
-func (c *Client) OpenCheckin(ctx context.Context, req *CheckinRequest) (*CheckinStatus, error) {
-	var out CheckinStatus
+func (c *Client) OpenCheckin(ctx context.Context, req *proto.CheckinRequest) (*proto.CheckinStatus, error) {
+	var out proto.CheckinStatus
 	return &out, c.call(ctx, "POST", "/v1/checkins", jsonBody(req), "application/json", &out)
 }
 
 // PutEntries sends one disk's entry list.
-func (c *Client) PutEntries(ctx context.Context, id, diskName string, list []byte) (*CheckinStatus, error) {
-	var out CheckinStatus
+func (c *Client) PutEntries(ctx context.Context, id, diskName string, list []byte) (*proto.CheckinStatus, error) {
+	var out proto.CheckinStatus
 	return &out, c.call(ctx, "PUT", "/v1/checkins/"+id+"/entries/"+diskName, list, "application/octet-stream", &out)
 }
 
 // Missing lists the clusters the server still needs.
-func (c *Client) Missing(ctx context.Context, id string) ([]MissingItem, error) {
+func (c *Client) Missing(ctx context.Context, id string) ([]proto.MissingItem, error) {
 	var b []byte
 	if err := c.call(ctx, "GET", "/v1/checkins/"+id+"/missing", nil, "", &b); err != nil {
 		return nil, err
 	}
-	var out []MissingItem
-	err := ReadMissing(bytes.NewReader(b), func(m MissingItem) error { out = append(out, m); return nil })
+	var out []proto.MissingItem
+	err := proto.ReadMissing(bytes.NewReader(b), func(m proto.MissingItem) error { out = append(out, m); return nil })
 	return out, err
 }
 
 // Upload sends a cluster stream (not retried: the caller asks for what is missing
 // and sends again).
-func (c *Client) Upload(ctx context.Context, id string, body io.Reader) (*UploadResult, error) {
+func (c *Client) Upload(ctx context.Context, id string, body io.Reader) (*proto.UploadResult, error) {
 	rc, err := c.send(ctx, "POST", "/v1/checkins/"+id+"/clusters", body, -1, "application/x-cvd-clusters")
 	if err != nil {
 		return nil, err
 	}
 	defer rc.Close()
-	var out UploadResult
+	var out proto.UploadResult
 	return &out, decodeBody(rc, &out, &c.Received)
 }
 
 // Commit asks the server to build and commit the version.
-func (c *Client) Commit(ctx context.Context, id string) (*CheckinResult, error) {
-	var out CheckinResult
+func (c *Client) Commit(ctx context.Context, id string) (*proto.CheckinResult, error) {
+	var out proto.CheckinResult
 	return &out, c.call(ctx, "POST", "/v1/checkins/"+id+"/commit", nil, "", &out)
 }

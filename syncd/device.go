@@ -14,6 +14,7 @@ import (
 
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 // Device is a host bound to desktops: a laptop that checks them out. The server
@@ -172,7 +173,7 @@ func (s *state) bindDevice(name string, desktops []string) (*Device, error) {
 func deviceByName(tx *catalog.Tx, name string) (*Device, error) {
 	d, err := oneDevice(tx, "name = ?", name)
 	if err == nil && d == nil {
-		err = fmt.Errorf("device %s: %w", name, ErrNotFound)
+		err = fmt.Errorf("device %s: %w", name, proto.ErrNotFound)
 	}
 	return d, err
 }
@@ -225,7 +226,7 @@ func (s *state) authenticate(tok string) (*Device, error) {
 	h := hashToken(tok)
 	if !ok {
 		subtle.ConstantTimeCompare([]byte(h), []byte(dummyHash))
-		return nil, fmt.Errorf("%w: malformed device token", ErrUnauthorized)
+		return nil, fmt.Errorf("%w: malformed device token", proto.ErrUnauthorized)
 	}
 	var d *Device
 	err := s.view(func(tx *catalog.Tx) error {
@@ -241,7 +242,7 @@ func (s *state) authenticate(tok string) (*Device, error) {
 		want = d.TokenHash
 	}
 	if subtle.ConstantTimeCompare([]byte(h), []byte(want)) != 1 || d == nil {
-		return nil, fmt.Errorf("%w: wrong device token", ErrUnauthorized)
+		return nil, fmt.Errorf("%w: wrong device token", proto.ErrUnauthorized)
 	}
 	return d, nil
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 // A layer is fetched into <store>/sync/fetch/<id>.qcow2, a qcow2 file on its
@@ -37,11 +38,11 @@ type fetchCheckpoint struct {
 // layerFetcher writes one layer's stream into its partial file.
 type layerFetcher struct {
 	l        *Laptop
-	info     LayerInfo
+	info     proto.LayerInfo
 	path     string
 	ckptPath string
 	img      disk.Image
-	h        *IDHasher
+	h        *proto.IDHasher
 	ck       fetchCheckpoint
 	w        *stageWriter
 	sinceCk  int64
@@ -76,9 +77,9 @@ func (r *localRefs) close() {
 	r.open = map[string]disk.Image{}
 }
 
-func (r *localRefs) resolve(f Frame, d Digest, body, dst []byte) ([]byte, error) {
-	if len(body) != RefBody-sha256.Size {
-		return nil, fmt.Errorf("%w: reference body", ErrStream)
+func (r *localRefs) resolve(f proto.Frame, d proto.Digest, body, dst []byte) ([]byte, error) {
+	if len(body) != proto.RefBody-sha256.Size {
+		return nil, fmt.Errorf("%w: reference body", proto.ErrStream)
 	}
 	layer := hex.EncodeToString(body[:sha256.Size])
 	idx := int64(binary.BigEndian.Uint64(body[sha256.Size:]))
@@ -111,12 +112,12 @@ func (r *localRefs) resolve(f Frame, d Digest, body, dst []byte) ([]byte, error)
 // the layer has no zero clusters: the partial file is then written without its
 // backing chain (every write covers whole clusters). A zero cluster needs the
 // parent below it (without one it is the same as no cluster at all).
-func (l *Laptop) fetchLayer(ctx context.Context, c *Client, info LayerInfo, lease string, refs *localRefs) (*layerFetcher, int64, error) {
-	if !layerIDRE.MatchString(info.ID) || (info.Parent != "" && !layerIDRE.MatchString(info.Parent)) {
-		return nil, 0, fmt.Errorf("%w: layer id %q", ErrBadRequest, info.ID)
+func (l *Laptop) fetchLayer(ctx context.Context, c *Client, info proto.LayerInfo, lease string, refs *localRefs) (*layerFetcher, int64, error) {
+	if !proto.LayerIDRE.MatchString(info.ID) || (info.Parent != "" && !proto.LayerIDRE.MatchString(info.Parent)) {
+		return nil, 0, fmt.Errorf("%w: layer id %q", proto.ErrBadRequest, info.ID)
 	}
 	if err := os.MkdirAll(l.fetchDir(), 0o700); err != nil {
-		return nil, 0, NoSpace(err)
+		return nil, 0, proto.NoSpace(err)
 	}
 	f := &layerFetcher{l: l, info: info, path: filepath.Join(l.fetchDir(), info.ID+".qcow2"),
 		ckptPath: filepath.Join(l.fetchDir(), info.ID+".ckpt"), lease: lease, refs: refs}
@@ -134,14 +135,14 @@ func (l *Laptop) fetchLayer(ctx context.Context, c *Client, info LayerInfo, leas
 			break
 		}
 		if err == nil {
-			err = fmt.Errorf("%w: layer %s: stream ended early", ErrStream, short(info.ID))
+			err = fmt.Errorf("%w: layer %s: stream ended early", proto.ErrStream, short(info.ID))
 		}
 		if errors.Is(err, errRef) && f.lease != "" {
 			l.log.Info("a referenced cluster is unreadable here; asking for the data", "layer", short(info.ID), "err", err)
 			f.lease = ""
 			continue
 		}
-		if ctx.Err() != nil || errors.Is(err, ErrDigestMismatch) || errors.Is(err, ErrNoSpace) || !(retryable(err) || errors.Is(err, ErrStream)) || i == attempts-1 {
+		if ctx.Err() != nil || errors.Is(err, proto.ErrDigestMismatch) || errors.Is(err, proto.ErrNoSpace) || !(retryable(err) || errors.Is(err, proto.ErrStream)) || i == attempts-1 {
 			f.close()
 			return nil, moved, err
 		}
@@ -160,7 +161,7 @@ func (l *Laptop) fetchLayer(ctx context.Context, c *Client, info LayerInfo, leas
 }
 
 func (f *layerFetcher) open() error {
-	f.h = NewIDHasher(f.info.Parent, f.info.Size, f.info.ClusterSize)
+	f.h = proto.NewIDHasher(f.info.Parent, f.info.Size, f.info.ClusterSize)
 	if b, err := os.ReadFile(f.ckptPath); err == nil {
 		if json.Unmarshal(b, &f.ck) == nil && f.ck.ID == f.info.ID && f.h.Restore(f.ck.Hash) == nil && partialClean(f.path) {
 			img, err := f.openPartial()
@@ -175,7 +176,7 @@ func (f *layerFetcher) open() error {
 	// Start over.
 	os.Remove(f.ckptPath)
 	os.Remove(f.path)
-	f.h = NewIDHasher(f.info.Parent, f.info.Size, f.info.ClusterSize)
+	f.h = proto.NewIDHasher(f.info.Parent, f.info.Size, f.info.ClusterSize)
 	f.ck = fetchCheckpoint{ID: f.info.ID}
 	// With the size and backing format given, the parent is not opened: it may
 	// still be on its way into the store.
@@ -186,7 +187,7 @@ func (f *layerFetcher) open() error {
 	}
 	if err := disk.CreateFile(f.path, co); err != nil {
 		os.Remove(f.path)
-		return NoSpace(fmt.Errorf("create %s: %w", f.path, err))
+		return proto.NoSpace(fmt.Errorf("create %s: %w", f.path, err))
 	}
 	img, err := f.openPartial()
 	if err != nil {
@@ -204,9 +205,6 @@ func (f *layerFetcher) openPartial() (disk.Image, error) {
 	alone := f.info.Parent == "" || f.info.Clusters == f.info.DataClusters
 	return disk.Open(f.path, disk.OpenOptions{NoBacking: alone, NoBarriers: true, AllowedRoots: []string{f.l.store.Dir()}})
 }
-
-// needsParent reports whether fetching the layer needs its parent in the store.
-func (li *LayerInfo) needsParent() bool { return li.Parent != "" && li.Clusters > li.DataClusters }
 
 // partialClean checks a partial layer left by an interrupted fetch: it is written
 // without the engine's ordering barriers, so a killed fetch may leave it
@@ -240,7 +238,7 @@ func (f *layerFetcher) checkpoint() error {
 	b, _ := json.Marshal(f.ck)
 	tmp := f.ckptPath + ".tmp"
 	if err := writeFileSync(tmp, b); err != nil {
-		return NoSpace(err)
+		return proto.NoSpace(err)
 	}
 	f.sinceCk = 0
 	return os.Rename(tmp, f.ckptPath)
@@ -269,11 +267,11 @@ func (f *layerFetcher) fetchFrom(ctx context.Context, c *Client) (int64, bool, e
 		return 0, false, err
 	}
 	defer rc.Close()
-	return f.consume(ctx, NewStreamReader(rc))
+	return f.consume(ctx, proto.NewStreamReader(rc))
 }
 
 // consume writes the frames of sr into the partial layer.
-func (f *layerFetcher) consume(ctx context.Context, sr *StreamReader) (int64, bool, error) {
+func (f *layerFetcher) consume(ctx context.Context, sr *proto.StreamReader) (int64, bool, error) {
 	base := f.ck.Bytes
 	cs := int64(f.info.ClusterSize)
 	clusters := clustersOf(f.info.Size, f.info.ClusterSize)
@@ -290,29 +288,29 @@ func (f *layerFetcher) consume(ctx context.Context, sr *StreamReader) (int64, bo
 		off := zStart * cs
 		err := f.img.WriteZeroes(off, min(zLen*cs, f.info.Size-off))
 		zLen = 0
-		return NoSpace(err)
+		return proto.NoSpace(err)
 	}
 	progress := f.l.opts.Progress
-	var resolve RefResolver
+	var resolve proto.RefResolver
 	if f.refs != nil && f.lease != "" {
 		resolve = f.refs.resolve
 	}
-	end, endID, err := DecodeOrdered(ctx, sr, f.info.Parent != "", resolve, func(fr Frame, d Digest) error {
+	end, endID, err := proto.DecodeOrdered(ctx, sr, f.info.Parent != "", resolve, func(fr proto.Frame, d proto.Digest) error {
 		if fr.Idx <= last || fr.Idx >= clusters {
-			return fmt.Errorf("%w: cluster %d out of order", ErrStream, fr.Idx)
+			return fmt.Errorf("%w: cluster %d out of order", proto.ErrStream, fr.Idx)
 		}
 		if exp := min(cs, f.info.Size-fr.Idx*cs); fr.N != exp {
-			return fmt.Errorf("%w: cluster %d: %d bytes, want %d", ErrStream, fr.Idx, fr.N, exp)
+			return fmt.Errorf("%w: cluster %d: %d bytes, want %d", proto.ErrStream, fr.Idx, fr.N, exp)
 		}
 		last = fr.Idx
 		return nil
-	}, func(fr Frame, d Digest, raw []byte) error {
-		if fr.Kind == KindZero {
+	}, func(fr proto.Frame, d proto.Digest, raw []byte) error {
+		if fr.Kind == proto.KindZero {
 			if fr.Idx < f.ck.Next || fr.Idx+fr.N > clusters {
-				return fmt.Errorf("%w: zero run %d+%d out of order", ErrStream, fr.Idx, fr.N)
+				return fmt.Errorf("%w: zero run %d+%d out of order", proto.ErrStream, fr.Idx, fr.N)
 			}
 			for i := int64(0); i < fr.N; i++ {
-				f.h.Add(Entry{Index: fr.Idx + i, Zero: true})
+				f.h.Add(proto.Entry{Index: fr.Idx + i, Zero: true})
 			}
 			if zLen > 0 && zStart+zLen == fr.Idx {
 				zLen += fr.N
@@ -326,13 +324,13 @@ func (f *layerFetcher) consume(ctx context.Context, sr *StreamReader) (int64, bo
 			return nil
 		}
 		if fr.Idx < f.ck.Next {
-			return fmt.Errorf("%w: cluster %d out of order", ErrStream, fr.Idx)
+			return fmt.Errorf("%w: cluster %d out of order", proto.ErrStream, fr.Idx)
 		}
 		if err := flushZero(); err != nil {
 			return err
 		}
-		f.h.Add(Entry{Index: fr.Idx, Digest: d})
-		if fr.Kind == KindRef {
+		f.h.Add(proto.Entry{Index: fr.Idx, Digest: d})
+		if fr.Kind == proto.KindRef {
 			f.byRef++
 		}
 		if err := f.w.write(fr.Idx, raw); err != nil {
@@ -359,13 +357,13 @@ func (f *layerFetcher) consume(ctx context.Context, sr *StreamReader) (int64, bo
 		return moved, false, err
 	}
 	if f.h.Sum() != f.info.ID || fmt.Sprintf("%x", endID[:]) != f.info.ID {
-		return moved, false, fmt.Errorf("%w: layer %s: the stream's entries hash to %s", ErrDigestMismatch, short(f.info.ID), short(f.h.Sum()))
+		return moved, false, fmt.Errorf("%w: layer %s: the stream's entries hash to %s", proto.ErrDigestMismatch, short(f.info.ID), short(f.h.Sum()))
 	}
 	if f.h.Count != f.info.Clusters {
-		return moved, false, fmt.Errorf("%w: layer %s: %d entries, the layer has %d", ErrStream, short(f.info.ID), f.h.Count, f.info.Clusters)
+		return moved, false, fmt.Errorf("%w: layer %s: %d entries, the layer has %d", proto.ErrStream, short(f.info.ID), f.h.Count, f.info.Clusters)
 	}
 	if end.Idx < 0 {
-		return moved, false, fmt.Errorf("%w: end frame", ErrStream)
+		return moved, false, fmt.Errorf("%w: end frame", proto.ErrStream)
 	}
 	return moved, true, nil
 }
@@ -382,7 +380,7 @@ func (f *layerFetcher) finish(ctx context.Context) error {
 	opts := images.ImportOptions{Kind: images.Kind(f.info.Kind), Parent: f.info.Parent}
 	l, existed, err := f.l.store.Import(ctx, f.path, opts)
 	if err != nil {
-		return NoSpace(fmt.Errorf("import fetched layer %s: %w", short(f.info.ID), err))
+		return proto.NoSpace(fmt.Errorf("import fetched layer %s: %w", short(f.info.ID), err))
 	}
 	if l.ID != f.info.ID {
 		if !existed {
@@ -390,7 +388,7 @@ func (f *layerFetcher) finish(ctx context.Context) error {
 		}
 		os.Remove(f.path)
 		os.Remove(f.ckptPath)
-		return fmt.Errorf("%w: fetched layer %s imports as %s", ErrDigestMismatch, short(f.info.ID), short(l.ID))
+		return fmt.Errorf("%w: fetched layer %s imports as %s", proto.ErrDigestMismatch, short(f.info.ID), short(l.ID))
 	}
 	os.Remove(f.path)
 	os.Remove(f.ckptPath)

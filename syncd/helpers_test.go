@@ -4,7 +4,6 @@ import (
 	"context"
 	"io/fs"
 	"log/slog"
-	"math/rand/v2"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
@@ -15,6 +14,7 @@ import (
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/internal/testutil"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 const (
@@ -22,29 +22,6 @@ const (
 	MiB = int64(1) << 20
 	GiB = int64(1) << 30
 )
-
-// fill returns n bytes: pseudo-random from seed, or a compressible pattern when
-// compressible is set.
-func fill(seed uint64, n int64, compressible bool) []byte {
-	b := make([]byte, n)
-	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
-	if compressible {
-		for i := int64(0); i < n; i += 64 {
-			v := byte(r.IntN(4))
-			for j := i; j < min(i+64, n); j++ {
-				b[j] = v + byte(j%7)
-			}
-		}
-		return b
-	}
-	for i := int64(0); i+8 <= n; i += 8 {
-		x := r.Uint64()
-		for k := 0; k < 8; k++ {
-			b[i+int64(k)] = byte(x >> (8 * k))
-		}
-	}
-	return b
-}
 
 // write is one range written into an image: data, or zeros when zero is set.
 type write struct {
@@ -203,7 +180,7 @@ func (w *world) client(token string) *Client {
 	return c
 }
 
-func (w *world) head() (int, *Version) {
+func (w *world) head() (int, *proto.Version) {
 	w.t.Helper()
 	st, err := w.srv.DesktopStatus(w.desktop)
 	if err != nil {
@@ -264,7 +241,7 @@ func (l *laptop) top(desktop, diskName string) string {
 	if err != nil {
 		l.t.Fatal(err)
 	}
-	if diskName == DiskUser {
+	if diskName == proto.DiskUser {
 		return l.store.Path(d.UserDisk)
 	}
 	return l.store.Path(d.SystemDisk)

@@ -11,6 +11,7 @@ import (
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 // The cluster-digest index: for every data cluster of every layer the server
@@ -18,12 +19,6 @@ import (
 // sends only the clusters whose digests it does not know. Entries are hints: a
 // hit is read back and hashed before it is used, so a stale entry (a layer removed
 // since) costs a resend, never wrong data.
-
-// ClusterRef is where a cluster with a known digest can be read.
-type ClusterRef struct {
-	Layer string
-	Index int64
-}
 
 func indexValue(layer string, idx int64) ([]byte, error) {
 	raw, err := hex.DecodeString(layer)
@@ -33,20 +28,20 @@ func indexValue(layer string, idx int64) ([]byte, error) {
 	return binary.BigEndian.AppendUint64(raw, uint64(idx)), nil
 }
 
-func parseIndexValue(v []byte) (ClusterRef, bool) {
+func parseIndexValue(v []byte) (proto.ClusterRef, bool) {
 	if len(v) != sha256.Size+8 {
-		return ClusterRef{}, false
+		return proto.ClusterRef{}, false
 	}
-	return ClusterRef{Layer: hex.EncodeToString(v[:sha256.Size]), Index: int64(binary.BigEndian.Uint64(v[sha256.Size:]))}, true
+	return proto.ClusterRef{Layer: hex.EncodeToString(v[:sha256.Size]), Index: int64(binary.BigEndian.Uint64(v[sha256.Size:]))}, true
 }
 
 // lookupTx finds a holder of digest d.
-func lookupTx(tx *catalog.Tx, d Digest) (ClusterRef, bool) {
+func lookupTx(tx *catalog.Tx, d proto.Digest) (proto.ClusterRef, bool) {
 	return parseIndexValue(tx.Bucket(bucketClusters).Get(d[:]))
 }
 
 // indexEntries records entries of layer (first holder wins).
-func indexEntries(tx *catalog.Tx, layer string, ents []Entry) error {
+func indexEntries(tx *catalog.Tx, layer string, ents []proto.Entry) error {
 	b := tx.Bucket(bucketClusters)
 	for _, e := range ents {
 		if e.Zero {
@@ -84,7 +79,7 @@ func (s *state) indexLayerFile(ctx context.Context, id, path string) error {
 	}
 	defer img.Close()
 	cs := images.DigestClusterSize(img.Info())
-	var batch []Entry
+	var batch []proto.Entry
 	var n int64
 	flush := func() error {
 		err := s.update(func(tx *catalog.Tx) error { return indexEntries(tx, id, batch) })
@@ -92,7 +87,7 @@ func (s *state) indexLayerFile(ctx context.Context, id, path string) error {
 		return err
 	}
 	err = images.WalkLayerFrom(ctx, img, cs, false, 0, func(idx int64, data []byte) error {
-		batch = append(batch, Entry{Index: idx, Digest: sha256.Sum256(data)})
+		batch = append(batch, proto.Entry{Index: idx, Digest: sha256.Sum256(data)})
 		n++
 		if len(batch) == indexBatch {
 			return flush()
@@ -110,7 +105,7 @@ func (s *state) indexLayerFile(ctx context.Context, id, path string) error {
 
 // readCluster reads guest cluster idx of layer file path's own layer and checks
 // it against d.
-func readCluster(path string, idx int64, cs int, d Digest, buf []byte) ([]byte, error) {
+func readCluster(path string, idx int64, cs int, d proto.Digest, buf []byte) ([]byte, error) {
 	img, err := disk.Open(path, disk.OpenOptions{ReadOnly: true, NoBacking: true})
 	if err != nil {
 		return nil, err
@@ -119,7 +114,7 @@ func readCluster(path string, idx int64, cs int, d Digest, buf []byte) ([]byte, 
 	return readClusterFrom(img, idx, cs, d, buf)
 }
 
-func readClusterFrom(img disk.Image, idx int64, cs int, d Digest, buf []byte) ([]byte, error) {
+func readClusterFrom(img disk.Image, idx int64, cs int, d proto.Digest, buf []byte) ([]byte, error) {
 	off := idx * int64(cs)
 	if off >= img.Size() {
 		return nil, fmt.Errorf("cluster %d beyond the end of %s", idx, img.Info().Path)
@@ -130,7 +125,7 @@ func readClusterFrom(img disk.Image, idx int64, cs int, d Digest, buf []byte) ([
 		return nil, err
 	}
 	if sha256.Sum256(b) != d {
-		return nil, fmt.Errorf("cluster %d of %s: %w (index entry is stale)", idx, img.Info().Path, ErrDigestMismatch)
+		return nil, fmt.Errorf("cluster %d of %s: %w (index entry is stale)", idx, img.Info().Path, proto.ErrDigestMismatch)
 	}
 	return b, nil
 }

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/internal/testutil"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 // holdOpen keeps path open in qemu-io (QEMU's image locks, as a running VM holds
@@ -57,19 +59,19 @@ func TestCheckinRefusesTopInUse(t *testing.T) {
 	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	writeTop(t, lap, w.desktop, DiskSystem, []write{{off: 0, data: fill(3, 2*MiB, false)}})
+	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 0, data: testutil.Fill(3, 2*MiB, false)}})
 	before, _ := w.head()
-	top := lap.top(w.desktop, DiskSystem)
+	top := lap.top(w.desktop, proto.DiskSystem)
 	sum := sumOf(t, top)
 	release := holdOpen(t, top)
 	_, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
-	if !errors.Is(err, ErrInUse) {
+	if !errors.Is(err, proto.ErrInUse) {
 		t.Fatalf("check-in of a top QEMU holds: %v, want ErrInUse", err)
 	}
 	if after, _ := w.head(); after != before {
 		t.Errorf("the server's head moved to %d", after)
 	}
-	if sumOf(t, top) != sum || lap.top(w.desktop, DiskSystem) != top {
+	if sumOf(t, top) != sum || lap.top(w.desktop, proto.DiskSystem) != top {
 		t.Error("the laptop's top changed")
 	}
 	release()
@@ -95,7 +97,7 @@ func TestCheckoutRefusesServerTopInUse(t *testing.T) {
 	release := holdOpen(t, w.store.Path(d.SystemDisk))
 	lap := newLaptop(t, "laptop")
 	_, err = lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{})
-	if !errors.Is(err, ErrInUse) {
+	if !errors.Is(err, proto.ErrInUse) {
 		t.Fatalf("check-out while the server's top is open in QEMU: %v, want ErrInUse", err)
 	}
 	st, err := w.srv.DesktopStatus(w.desktop)

@@ -11,15 +11,16 @@ import (
 
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 // Checkout is a laptop's record of a checked-out desktop.
 type Checkout struct {
-	Desktop string `json:"desktop"`
-	Server  string `json:"server"`
-	Token   string `json:"token"` // the device token (the state file is mode 0600)
-	CACert  string `json:"ca_cert,omitempty"`
-	Lease   Lease  `json:"lease"`
+	Desktop string      `json:"desktop"`
+	Server  string      `json:"server"`
+	Token   string      `json:"token"` // the device token (the state file is mode 0600)
+	CACert  string      `json:"ca_cert,omitempty"`
+	Lease   proto.Lease `json:"lease"`
 	// Version is the server version the local tops stand on; Layers the layer
 	// each disk's top stands on ("" for a blank disk).
 	Version     int               `json:"version"`
@@ -37,10 +38,10 @@ type Checkout struct {
 
 // PendingCheckin is a check-in that a rerun resumes.
 type PendingCheckin struct {
-	ID      string         `json:"id"`
-	Base    int            `json:"base"`
-	Release bool           `json:"release,omitempty"`
-	Result  *CheckinResult `json:"result,omitempty"`
+	ID      string               `json:"id"`
+	Base    int                  `json:"base"`
+	Release bool                 `json:"release,omitempty"`
+	Result  *proto.CheckinResult `json:"result,omitempty"`
 }
 
 // Progress shows a transfer; the CLI draws a bar on a terminal. Bytes are payload
@@ -143,7 +144,7 @@ func (l *Laptop) Checkout(name string) (*Checkout, error) {
 		return nil, err
 	}
 	if !ok {
-		return nil, fmt.Errorf("desktop %s: %w", name, ErrNotCheckedOut)
+		return nil, fmt.Errorf("desktop %s: %w", name, proto.ErrNotCheckedOut)
 	}
 	return &c, nil
 }
@@ -247,7 +248,7 @@ func (l *Laptop) Unsent(desktop string) (map[string]Unsent, error) {
 		return nil, err
 	}
 	out := map[string]Unsent{}
-	for _, dn := range DiskNames {
+	for _, dn := range proto.DiskNames {
 		rel := topRel(d, dn)
 		if rel == "" {
 			continue

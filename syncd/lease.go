@@ -10,30 +10,8 @@ import (
 
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
-
-// Lease is a device's hold on a desktop: while it is active and not expired, no
-// other device can check the desktop out. The laptop purges its copy once Expires
-// has passed, whether or not it can reach the server.
-type Lease struct {
-	ID         string    `json:"id"`
-	Desktop    string    `json:"desktop"`
-	Device     string    `json:"device"` // device ID
-	DeviceName string    `json:"device_name"`
-	Granted    time.Time `json:"granted"`
-	Expires    time.Time `json:"expires"`
-	Version    int       `json:"version"` // the version checked out
-	// Epoch numbers the desktop's leases (1, 2, ...): the fencing token. A
-	// check-in is taken only under the active lease it started with.
-	Epoch int64 `json:"epoch"`
-	// State is set in the lease log: active, released, broken (by an administrator
-	// or a removed device), expired (ended past its expiry).
-	State string    `json:"state,omitempty"`
-	Ended time.Time `json:"ended,omitzero"`
-}
-
-// Expired reports whether the lease is past its expiry at now.
-func (l *Lease) Expired(now time.Time) bool { return !now.Before(l.Expires) }
 
 func newLeaseID() string {
 	b := make([]byte, 12)
@@ -53,12 +31,12 @@ const leaseCols = "id, desktop, epoch, device, device_name, granted, expires, ve
 func leaseTime(t time.Time) time.Time { return t.UTC().Truncate(time.Microsecond) }
 
 // queryLeases reads the leases that match where (SQL, "?" placeholders).
-func queryLeases(tx *catalog.Tx, where string, args ...any) ([]Lease, error) {
-	var out []Lease
+func queryLeases(tx *catalog.Tx, where string, args ...any) ([]proto.Lease, error) {
+	var out []proto.Lease
 	err := tx.Query("SELECT "+leaseCols+" FROM leases WHERE "+where+" ORDER BY desktop, epoch", args,
 		func(scan func(dest ...any) error) error {
 			var (
-				l     Lease
+				l     proto.Lease
 				ended sql.NullTime
 			)
 			if err := scan(&l.ID, &l.Desktop, &l.Epoch, &l.Device, &l.DeviceName, &l.Granted, &l.Expires, &l.Version, &l.State, &ended); err != nil {
@@ -74,7 +52,7 @@ func queryLeases(tx *catalog.Tx, where string, args ...any) ([]Lease, error) {
 	return out, err
 }
 
-func oneLease(tx *catalog.Tx, where string, args ...any) (*Lease, error) {
+func oneLease(tx *catalog.Tx, where string, args ...any) (*proto.Lease, error) {
 	ls, err := queryLeases(tx, where, args...)
 	if err != nil || len(ls) == 0 {
 		return nil, err
@@ -83,12 +61,12 @@ func oneLease(tx *catalog.Tx, where string, args ...any) (*Lease, error) {
 }
 
 // activeLease is the desktop's active lease (expired or not), or nil.
-func activeLease(tx *catalog.Tx, desktop string) (*Lease, error) {
+func activeLease(tx *catalog.Tx, desktop string) (*proto.Lease, error) {
 	return oneLease(tx, "desktop = ? AND state = 'active'", desktop)
 }
 
 // putLease writes l (a new lease, or a change of its expiry, version or state).
-func putLease(tx *catalog.Tx, l *Lease) error {
+func putLease(tx *catalog.Tx, l *proto.Lease) error {
 	var ended any
 	if !l.Ended.IsZero() {
 		ended = leaseTime(l.Ended)
@@ -107,7 +85,7 @@ func putLease(tx *catalog.Tx, l *Lease) error {
 // when a device holds an unexpired lease on the desktop in the store: the
 // desktop is out on that device and must not be removed under it.
 func CheckNotHeld(store *images.Store, desktop string, now time.Time) error {
-	var l *Lease
+	var l *proto.Lease
 	err := store.Catalog().View(func(tx *catalog.Tx) error {
 		var err error
 		l, err = activeLease(tx, desktop)
@@ -116,7 +94,7 @@ func CheckNotHeld(store *images.Store, desktop string, now time.Time) error {
 	if err != nil || l == nil || l.Expired(now) {
 		return err
 	}
-	return leaseHeld(l, ErrLeaseHeld)
+	return leaseHeld(l, proto.ErrLeaseHeld)
 }
 
 // PinnedVersions lists the versions of a desktop that sync still stands on: the
@@ -147,18 +125,18 @@ func PinnedVersions(store *images.Store, desktop string, now time.Time) ([]int, 
 }
 
 // endLease ends the active lease l with its end state.
-func endLease(tx *catalog.Tx, l *Lease, st string, now time.Time) error {
+func endLease(tx *catalog.Tx, l *proto.Lease, st string, now time.Time) error {
 	l.State, l.Ended = st, leaseTime(now)
 	return putLease(tx, l)
 }
 
-func leaseHeld(l *Lease, err error) error {
-	return &LeaseError{Desktop: l.Desktop, Holder: l.DeviceName, Expires: l.Expires.UTC().Format(time.RFC3339), Err: err}
+func leaseHeld(l *proto.Lease, err error) error {
+	return &proto.LeaseError{Desktop: l.Desktop, Holder: l.DeviceName, Expires: l.Expires.UTC().Format(time.RFC3339), Err: err}
 }
 
 // grantLease gives dev the lease on desktop for ttl, or renews the one it holds.
 // Another device's unexpired lease refuses it with a *LeaseError.
-func grantLease(tx *catalog.Tx, desktop string, dev *Device, ttl time.Duration, version int, now time.Time) (*Lease, bool, error) {
+func grantLease(tx *catalog.Tx, desktop string, dev *Device, ttl time.Duration, version int, now time.Time) (*proto.Lease, bool, error) {
 	l, err := activeLease(tx, desktop)
 	if err != nil {
 		return nil, false, err
@@ -166,7 +144,7 @@ func grantLease(tx *catalog.Tx, desktop string, dev *Device, ttl time.Duration, 
 	if l != nil {
 		switch {
 		case l.Device != dev.ID && !l.Expired(now):
-			return nil, false, leaseHeld(l, ErrLeaseHeld)
+			return nil, false, leaseHeld(l, proto.ErrLeaseHeld)
 		case l.Device == dev.ID && !l.Expired(now):
 			l.Expires = leaseTime(now.Add(ttl))
 			l.Version = version
@@ -184,20 +162,20 @@ func grantLease(tx *catalog.Tx, desktop string, dev *Device, ttl time.Duration, 
 	if err != nil {
 		return nil, false, err
 	}
-	nl := &Lease{ID: newLeaseID(), Desktop: desktop, Epoch: epoch, Device: dev.ID, DeviceName: dev.Name,
+	nl := &proto.Lease{ID: newLeaseID(), Desktop: desktop, Epoch: epoch, Device: dev.ID, DeviceName: dev.Name,
 		Granted: leaseTime(now), Expires: leaseTime(now.Add(ttl)), Version: version, State: "active"}
 	return nl, true, putLease(tx, nl)
 }
 
 // ownLease returns dev's active, unexpired lease on desktop with ID id.
-func ownLease(tx *catalog.Tx, desktop string, dev *Device, id string, now time.Time) (*Lease, error) {
+func ownLease(tx *catalog.Tx, desktop string, dev *Device, id string, now time.Time) (*proto.Lease, error) {
 	l, err := activeLease(tx, desktop)
 	if err != nil {
 		return nil, err
 	}
 	if l != nil && l.ID == id && l.Device == dev.ID {
 		if l.Expired(now) {
-			return nil, fmt.Errorf("desktop %s: %w at %s: check it out again", desktop, ErrLeaseExpired, l.Expires.Format(time.RFC3339))
+			return nil, fmt.Errorf("desktop %s: %w at %s: check it out again", desktop, proto.ErrLeaseExpired, l.Expires.Format(time.RFC3339))
 		}
 		return l, nil
 	}
@@ -207,15 +185,15 @@ func ownLease(tx *catalog.Tx, desktop string, dev *Device, id string, now time.T
 	} else if old != nil && old.Device == dev.ID && old.Desktop == desktop {
 		switch old.State {
 		case "expired":
-			return nil, fmt.Errorf("desktop %s: %w at %s: check it out again", desktop, ErrLeaseExpired, old.Expires.Format(time.RFC3339))
+			return nil, fmt.Errorf("desktop %s: %w at %s: check it out again", desktop, proto.ErrLeaseExpired, old.Expires.Format(time.RFC3339))
 		case "broken":
-			return old, fmt.Errorf("desktop %s: %w: the lease was broken by an administrator", desktop, ErrNoLease)
+			return old, fmt.Errorf("desktop %s: %w: the lease was broken by an administrator", desktop, proto.ErrNoLease)
 		default:
-			return nil, fmt.Errorf("desktop %s: %w: the lease was %s", desktop, ErrNoLease, old.State)
+			return nil, fmt.Errorf("desktop %s: %w: the lease was %s", desktop, proto.ErrNoLease, old.State)
 		}
 	}
 	if l != nil && l.Device != dev.ID && !l.Expired(now) {
-		return nil, leaseHeld(l, ErrLeaseHeld)
+		return nil, leaseHeld(l, proto.ErrLeaseHeld)
 	}
-	return nil, fmt.Errorf("desktop %s: %w held by this device", desktop, ErrNoLease)
+	return nil, fmt.Errorf("desktop %s: %w held by this device", desktop, proto.ErrNoLease)
 }

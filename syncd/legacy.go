@@ -7,6 +7,7 @@ import (
 
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 // Records an earlier layout kept as JSON documents in the catalog's key-value
@@ -44,10 +45,10 @@ func moveLegacyRecords(tx *catalog.Tx) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	leases := map[string]*Lease{}
+	leases := map[string]*proto.Lease{}
 	load := func(b []byte, active bool) error {
 		return tx.Bucket(b).ForEach(func(k, v []byte) error {
-			var l Lease
+			var l proto.Lease
 			if err := json.Unmarshal(v, &l); err != nil {
 				return fmt.Errorf("lease %s: %w", k, err)
 			}
@@ -68,7 +69,7 @@ func moveLegacyRecords(tx *catalog.Tx) (int, error) {
 	if err := load(bucketLeases, true); err != nil {
 		return 0, err
 	}
-	byDesktop := map[string][]*Lease{}
+	byDesktop := map[string][]*proto.Lease{}
 	for _, l := range leases {
 		byDesktop[l.Desktop] = append(byDesktop[l.Desktop], l)
 	}

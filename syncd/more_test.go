@@ -27,6 +27,7 @@ import (
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/internal/testutil"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 // The layer-ID recipe syncd re-implements must agree with images.ComputeID, on
@@ -53,9 +54,9 @@ func TestLayerIDMatchesImages(t *testing.T) {
 			t.Fatal(err)
 		}
 		cs := images.DigestClusterSize(img.Info())
-		h := NewIDHasher(c.parent, img.Size(), cs)
+		h := proto.NewIDHasher(c.parent, img.Size(), cs)
 		err = images.WalkLayerFrom(ctx, img, cs, c.parent != "", 0, func(idx int64, data []byte) error {
-			e := Entry{Index: idx, Zero: data == nil}
+			e := proto.Entry{Index: idx, Zero: data == nil}
 			if data != nil {
 				e.Digest = sha256Digest(data)
 			}
@@ -71,7 +72,7 @@ func TestLayerIDMatchesImages(t *testing.T) {
 		}
 		// A saved and restored hash state continues the same hash.
 		st, _ := h.State()
-		h2 := NewIDHasher("other", 1, 512)
+		h2 := proto.NewIDHasher("other", 1, 512)
 		if err := h2.Restore(st); err != nil || h2.Sum() != want {
 			t.Errorf("restored hash: %v", err)
 		}
@@ -85,7 +86,7 @@ func TestConflictAndRollback(t *testing.T) {
 	if _, err := a.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	writeTop(t, a, w.desktop, DiskSystem, []write{{off: 64 * MiB, data: fill(20, 2*MiB, false)}})
+	writeTop(t, a, w.desktop, proto.DiskSystem, []write{{off: 64 * MiB, data: testutil.Fill(20, 2*MiB, false)}})
 	// The administrator breaks a's lease; b checks out and in.
 	if _, err := w.srv.BreakLease(w.desktop); err != nil {
 		t.Fatal(err)
@@ -95,7 +96,7 @@ func TestConflictAndRollback(t *testing.T) {
 	if _, err := b.lp.CheckOut(ctx, w.client(tokB), w.desktop, CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	writeTop(t, b, w.desktop, DiskSystem, []write{{off: 80 * MiB, data: fill(21, 1*MiB, false)}})
+	writeTop(t, b, w.desktop, proto.DiskSystem, []write{{off: 80 * MiB, data: testutil.Fill(21, 1*MiB, false)}})
 	rb, err := b.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -120,7 +121,7 @@ func TestConflictAndRollback(t *testing.T) {
 	if !cv.Conflict || cv.Device != "laptop1" || !strings.HasPrefix(cv.Note, "conflict ") {
 		t.Errorf("conflict version: %+v", cv)
 	}
-	qemuCompare(t, w.store.LayerPath(cv.System), a.top(w.desktop, DiskSystem))
+	qemuCompare(t, w.store.LayerPath(cv.System), a.top(w.desktop, proto.DiskSystem))
 	// Rolling back to the conflict version makes its layers the head.
 	rv, err := w.srv.Rollback(ctx, w.desktop, cv.N)
 	if err != nil {
@@ -131,8 +132,8 @@ func TestConflictAndRollback(t *testing.T) {
 		t.Fatalf("after rollback: head %d %+v", n, hv)
 	}
 	d, _ := w.store.Desktop(w.desktop)
-	qemuCompare(t, w.store.Path(d.SystemDisk), a.top(w.desktop, DiskSystem))
-	if _, err := w.srv.Rollback(ctx, w.desktop, 99); !errors.Is(err, ErrNotFound) {
+	qemuCompare(t, w.store.Path(d.SystemDisk), a.top(w.desktop, proto.DiskSystem))
+	if _, err := w.srv.Rollback(ctx, w.desktop, 99); !errors.Is(err, proto.ErrNotFound) {
 		t.Errorf("rollback to a missing version: %v", err)
 	}
 }
@@ -145,8 +146,8 @@ func TestServerChangesDuringCheckoutMakeAConflict(t *testing.T) {
 		t.Fatal(err)
 	}
 	d, _ := w.store.Desktop(w.desktop)
-	w.writeTop(d.SystemDisk, []write{{off: 100 * MiB, data: fill(30, 1*MiB, false)}}) // someone used the server copy
-	writeTop(t, a, w.desktop, DiskSystem, []write{{off: 64 * MiB, data: fill(31, 1*MiB, false)}})
+	w.writeTop(d.SystemDisk, []write{{off: 100 * MiB, data: testutil.Fill(30, 1*MiB, false)}}) // someone used the server copy
+	writeTop(t, a, w.desktop, proto.DiskSystem, []write{{off: 64 * MiB, data: testutil.Fill(31, 1*MiB, false)}})
 	rep, err := a.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -160,9 +161,9 @@ func TestServerChangesDuringCheckoutMakeAConflict(t *testing.T) {
 func TestExportImportBundle(t *testing.T) {
 	ctx := context.Background()
 	spec := smallSpec()
-	spec.baseWrites = []write{{off: 0, data: fill(1, 1*MiB, false)}, {off: 8 * MiB, data: fill(2, 4*MiB, true)}}
-	spec.appWrites = []write{{off: 32 * MiB, data: fill(3, 256*KiB, false)}}
-	spec.sysWrites = []write{{off: 70 * MiB, data: fill(40, 1*MiB, true)}}
+	spec.baseWrites = []write{{off: 0, data: testutil.Fill(1, 1*MiB, false)}, {off: 8 * MiB, data: testutil.Fill(2, 4*MiB, true)}}
+	spec.appWrites = []write{{off: 32 * MiB, data: testutil.Fill(3, 256*KiB, false)}}
+	spec.sysWrites = []write{{off: 70 * MiB, data: testutil.Fill(40, 1*MiB, true)}}
 	w := newWorld(t, spec)
 	bundle := filepath.Join(t.TempDir(), "desk.cvdb")
 	rep, err := w.srv.Export(ctx, w.desktop, bundle, ExportOptions{TTL: time.Hour, Device: "laptop1"})
@@ -187,7 +188,7 @@ func TestExportImportBundle(t *testing.T) {
 			t.Errorf("layer %s not kept under its ID: %v", short(id), err)
 		}
 	}
-	qemuCompare(t, w.store.LayerPath(hv.System), lap.top(w.desktop, DiskSystem))
+	qemuCompare(t, w.store.LayerPath(hv.System), lap.top(w.desktop, proto.DiskSystem))
 	co, err := lap.lp.Checkout(w.desktop)
 	if err != nil || !co.Offline || !co.Lease.Expires.Equal(rep.Header.Expires) {
 		t.Fatalf("record: %+v %v", co, err)
@@ -211,7 +212,7 @@ func TestExportImportBundle(t *testing.T) {
 	}
 	// An expired bundle is refused.
 	lap2.lp.opts.Now = func() time.Time { return time.Now().Add(2 * time.Hour) }
-	if _, err := lap2.lp.ImportBundle(ctx, bundle); !errors.Is(err, ErrExpired) {
+	if _, err := lap2.lp.ImportBundle(ctx, bundle); !errors.Is(err, proto.ErrExpired) {
 		t.Errorf("expired bundle: %v", err)
 	}
 }
@@ -241,7 +242,7 @@ func TestMetricsAndTLS(t *testing.T) {
 	if _, err := lap.lp.CheckOut(ctx, c, w.desktop, CheckoutOptions{CACert: ca}); err != nil {
 		t.Fatal(err)
 	}
-	writeTop(t, lap, w.desktop, DiskSystem, []write{{off: 64 * MiB, data: fill(50, 1*MiB, false)}})
+	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 64 * MiB, data: testutil.Fill(50, 1*MiB, false)}})
 	if _, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -284,7 +285,7 @@ func TestAgentRenewsAndChecksIn(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	writeTop(t, lap, w.desktop, DiskSystem, []write{{off: 64 * MiB, data: fill(60, 1*MiB, false)}})
+	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 64 * MiB, data: testutil.Fill(60, 1*MiB, false)}})
 	lap.close()
 	w.now = w.now.Add(10 * time.Minute)
 	evs, err := AgentCycle(ctx, lap.dir, AgentOptions{CheckinEvery: time.Nanosecond})
@@ -314,9 +315,9 @@ func TestAgentRenewsAndChecksIn(t *testing.T) {
 	}
 }
 
-func sha256Digest(b []byte) Digest {
-	var d Digest
-	ec, _ := EncodeCluster(0, 0, b, nil, EncodeOptions{})
+func sha256Digest(b []byte) proto.Digest {
+	var d proto.Digest
+	ec, _ := proto.EncodeCluster(0, 0, b, nil, proto.EncodeOptions{})
 	d = ec.Digest
 	return d
 }
@@ -355,7 +356,7 @@ func tlsKeyPair(certPEM, keyPEM []byte) (*tls.Config, error) {
 func TestReferenceFallback(t *testing.T) {
 	ctx := context.Background()
 	spec := smallSpec()
-	base := fill(1, 4*MiB, false)
+	base := testutil.Fill(1, 4*MiB, false)
 	spec.baseWrites = []write{{off: 0, data: base}}
 	spec.appWrites = []write{{off: 32 * MiB, data: base[:2*MiB]}} // the app repeats base clusters
 	w := newWorld(t, spec)
@@ -397,7 +398,7 @@ func TestReferenceFallback(t *testing.T) {
 	if rep.ClustersByRef != 32 {
 		t.Errorf("%d clusters by reference, want 32", rep.ClustersByRef)
 	}
-	qemuCompare(t, w.store.LayerPath(w.app), lap2.top(w.desktop, DiskSystem))
+	qemuCompare(t, w.store.LayerPath(w.app), lap2.top(w.desktop, proto.DiskSystem))
 }
 
 // A commit cut after the catalog took the version (before syncd recorded the
@@ -409,7 +410,7 @@ func TestCommitCutAfterCatalog(t *testing.T) {
 	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	writeTop(t, lap, w.desktop, DiskSystem, []write{{off: 64 * MiB, data: fill(70, 1*MiB, false)}})
+	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 64 * MiB, data: testutil.Fill(70, 1*MiB, false)}})
 	before, _ := w.head()
 	w.srv.failpoint = func(step string) error { return errors.New("cut at " + step) }
 	if _, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{}); err == nil || !strings.Contains(err.Error(), "cut at commit:catalog") {
@@ -425,7 +426,7 @@ func TestCommitCutAfterCatalog(t *testing.T) {
 		t.Fatalf("after the rerun: report version %d, head %d, %d versions (before: head %d)", rep.Version, st.Head, len(st.Versions), before)
 	}
 	_, hv := w.head()
-	qemuCompare(t, w.store.LayerPath(hv.System), lap.top(w.desktop, DiskSystem))
+	qemuCompare(t, w.store.LayerPath(hv.System), lap.top(w.desktop, proto.DiskSystem))
 	// The laptop's catalog mirrors the server's numbers.
 	d, _ := lap.store.Desktop(w.desktop)
 	if d.Head != rep.Version || d.HeadVersion().System != hv.System {
@@ -441,7 +442,7 @@ func TestMigrateVersionsIntoCatalog(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	legacy := map[string]any{"name": w.desktop, "head": 2, "versions": []Version{
+	legacy := map[string]any{"name": w.desktop, "head": 2, "versions": []proto.Version{
 		{N: 1, System: w.app, Note: "create"},
 		{N: 2, System: w.app, Note: "check-in 0123456789ab", Device: "old-laptop"},
 	}}
@@ -469,19 +470,19 @@ func TestMigrateVersionsIntoCatalog(t *testing.T) {
 
 // A fetch's saved hash state carries its entry counts.
 func TestHashStateKeepsCounts(t *testing.T) {
-	h := NewIDHasher("", 1<<20, 65536)
-	h.Add(Entry{Index: 1, Digest: Digest{1}})
-	h.Add(Entry{Index: 2, Zero: true})
+	h := proto.NewIDHasher("", 1<<20, 65536)
+	h.Add(proto.Entry{Index: 1, Digest: proto.Digest{1}})
+	h.Add(proto.Entry{Index: 2, Zero: true})
 	st, err := h.State()
 	if err != nil {
 		t.Fatal(err)
 	}
-	h2 := NewIDHasher("", 1<<20, 65536)
+	h2 := proto.NewIDHasher("", 1<<20, 65536)
 	if err := h2.Restore(st); err != nil {
 		t.Fatal(err)
 	}
-	h.Add(Entry{Index: 3, Digest: Digest{3}})
-	h2.Add(Entry{Index: 3, Digest: Digest{3}})
+	h.Add(proto.Entry{Index: 3, Digest: proto.Digest{3}})
+	h2.Add(proto.Entry{Index: 3, Digest: proto.Digest{3}})
 	if h2.Count != 3 || h2.Data != 2 || h2.Sum() != h.Sum() {
 		t.Fatalf("restored: %d entries, %d data, %s vs %s", h2.Count, h2.Data, h2.Sum(), h.Sum())
 	}
@@ -563,7 +564,7 @@ func TestLeaseEpochs(t *testing.T) {
 func TestFailedExportTakesNoLease(t *testing.T) {
 	ctx := context.Background()
 	w := newWorld(t, smallSpec())
-	lease := func() *Lease {
+	lease := func() *proto.Lease {
 		t.Helper()
 		st, err := w.srv.DesktopStatus(w.desktop)
 		if err != nil {
@@ -626,7 +627,7 @@ func TestVersionKinds(t *testing.T) {
 	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	writeTop(t, lap, w.desktop, DiskSystem, []write{{off: 0, data: fill(9, 1*MiB, false)}})
+	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 0, data: testutil.Fill(9, 1*MiB, false)}})
 	if _, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -645,13 +646,13 @@ func TestVersionKinds(t *testing.T) {
 		t.Errorf("rollback version: %+v", v)
 	}
 	// The laptop's next check-in no longer starts from the head: a conflict.
-	writeTop(t, lap, w.desktop, DiskSystem, []write{{off: 2 * MiB, data: fill(10, 1*MiB, false)}})
+	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 2 * MiB, data: testutil.Fill(10, 1*MiB, false)}})
 	rep, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	st, _ := w.srv.DesktopStatus(w.desktop)
-	var cv *Version
+	var cv *proto.Version
 	for i := range st.Versions {
 		if st.Versions[i].N == rep.Version {
 			cv = &st.Versions[i]

@@ -22,14 +22,15 @@ import (
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/internal/testutil"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 // smallSpec is a desktop small enough for the refusal tests.
 func smallSpec() worldSpec {
 	return worldSpec{
 		baseSize:   256 * MiB,
-		baseWrites: []write{{off: 0, data: fill(1, 8*MiB, false)}},
-		appWrites:  []write{{off: 32 * MiB, data: fill(3, 2*MiB, false)}},
+		baseWrites: []write{{off: 0, data: testutil.Fill(1, 8*MiB, false)}},
+		appWrites:  []write{{off: 32 * MiB, data: testutil.Fill(3, 2*MiB, false)}},
 		userSize:   64 * MiB,
 	}
 }
@@ -94,7 +95,7 @@ func TestRefusedWrongToken(t *testing.T) {
 		"",
 	} {
 		_, err := w.client(tok).Checkout(ctx, w.desktop, 0)
-		if !errors.Is(err, ErrUnauthorized) {
+		if !errors.Is(err, proto.ErrUnauthorized) {
 			t.Errorf("token %q: %v, want ErrUnauthorized", tok, err)
 		}
 	}
@@ -105,7 +106,7 @@ func TestRefusedWrongToken(t *testing.T) {
 		t.Fatal(err)
 	}
 	before = w.snap()
-	if _, err := w.client(other).Checkout(ctx, w.desktop, 0); !errors.Is(err, ErrForbidden) {
+	if _, err := w.client(other).Checkout(ctx, w.desktop, 0); !errors.Is(err, proto.ErrForbidden) {
 		t.Errorf("unbound device: %v, want ErrForbidden", err)
 	}
 	w.unchanged(before, "an unbound device")
@@ -113,7 +114,7 @@ func TestRefusedWrongToken(t *testing.T) {
 	if _, err := w.srv.RemoveDevice("stranger"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := w.client(other).Desktop(ctx, w.desktop); !errors.Is(err, ErrUnauthorized) {
+	if _, err := w.client(other).Desktop(ctx, w.desktop); !errors.Is(err, proto.ErrUnauthorized) {
 		t.Errorf("removed device: %v, want ErrUnauthorized", err)
 	}
 }
@@ -132,18 +133,18 @@ func TestRefusedOtherDevicesLease(t *testing.T) {
 	before := w.snap()
 	lap2 := newLaptop(t, "laptop2")
 	_, err = lap2.lp.CheckOut(ctx, w.client(tok2), w.desktop, CheckoutOptions{})
-	var le *LeaseError
-	if !errors.Is(err, ErrLeaseHeld) || !errors.As(err, &le) || le.Holder != "laptop1" || !strings.Contains(err.Error(), "laptop1") {
+	var le *proto.LeaseError
+	if !errors.Is(err, proto.ErrLeaseHeld) || !errors.As(err, &le) || le.Holder != "laptop1" || !strings.Contains(err.Error(), "laptop1") {
 		t.Fatalf("second device: %v, want ErrLeaseHeld naming laptop1", err)
 	}
 	t.Logf("refused: %v", err)
 	w.unchanged(before, "another device's check-out")
 	// Nor can it renew or release the holder's lease.
 	co, _ := lap.lp.Checkout(w.desktop)
-	if _, err := w.client(tok2).Renew(ctx, w.desktop, co.Lease.ID, 0); !errors.Is(err, ErrLeaseHeld) {
+	if _, err := w.client(tok2).Renew(ctx, w.desktop, co.Lease.ID, 0); !errors.Is(err, proto.ErrLeaseHeld) {
 		t.Errorf("renew by another device: %v", err)
 	}
-	if err := w.client(tok2).Release(ctx, w.desktop, co.Lease.ID); !errors.Is(err, ErrLeaseHeld) {
+	if err := w.client(tok2).Release(ctx, w.desktop, co.Lease.ID); !errors.Is(err, proto.ErrLeaseHeld) {
 		t.Errorf("release by another device: %v", err)
 	}
 	w.unchanged(before, "another device's renew and release")
@@ -156,17 +157,17 @@ func TestRefusedExpiredLease(t *testing.T) {
 	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{TTL: time.Hour}); err != nil {
 		t.Fatal(err)
 	}
-	writeTop(t, lap, w.desktop, DiskSystem, []write{{off: 0, data: fill(7, 1*MiB, false)}})
+	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 0, data: testutil.Fill(7, 1*MiB, false)}})
 	w.now = w.now.Add(2 * time.Hour) // the server's clock: the lease is past its expiry
 	before := w.snap()
 	_, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
-	if !errors.Is(err, ErrLeaseExpired) {
+	if !errors.Is(err, proto.ErrLeaseExpired) {
 		t.Fatalf("check-in after expiry: %v, want ErrLeaseExpired", err)
 	}
 	t.Logf("refused: %v", err)
 	w.unchanged(before, "a check-in with an expired lease")
 	co, _ := lap.lp.Checkout(w.desktop)
-	if _, err := w.client(w.token).Renew(ctx, w.desktop, co.Lease.ID, 0); !errors.Is(err, ErrLeaseExpired) {
+	if _, err := w.client(w.token).Renew(ctx, w.desktop, co.Lease.ID, 0); !errors.Is(err, proto.ErrLeaseExpired) {
 		t.Errorf("renew after expiry: %v", err)
 	}
 	w.unchanged(before, "a renew of an expired lease")
@@ -187,7 +188,7 @@ func tamperProxy(t *testing.T, target string) *httptest.Server {
 			return err
 		}
 		// magic, header, digest: the payload starts at 8+24+32.
-		if len(b) > 8+24+32+10 && b[8] == KindData {
+		if len(b) > 8+24+32+10 && b[8] == proto.KindData {
 			b[8+24+32+5] ^= 0xff
 			done.Store(true)
 		}
@@ -211,7 +212,7 @@ func TestRefusedTamperedCluster(t *testing.T) {
 	proxy := tamperProxy(t, w.http.URL)
 	c, _ := NewClient(proxy.URL, w.token, ClientOptions{})
 	_, err := lap.lp.CheckOut(ctx, c, w.desktop, CheckoutOptions{})
-	if !errors.Is(err, ErrDigestMismatch) {
+	if !errors.Is(err, proto.ErrDigestMismatch) {
 		t.Fatalf("tampered check-out: %v, want ErrDigestMismatch", err)
 	}
 	t.Logf("refused: %v", err)
@@ -224,14 +225,14 @@ func TestRefusedTamperedCluster(t *testing.T) {
 	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	writeTop(t, lap, w.desktop, DiskSystem, []write{{off: 64 * MiB, data: fill(8, 1*MiB, false)}})
+	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 64 * MiB, data: testutil.Fill(8, 1*MiB, false)}})
 	co, _ := lap.lp.Checkout(w.desktop)
 	d, _ := lap.store.Desktop(w.desktop)
 	changes, err := lap.lp.scanTops(ctx, d, co)
 	if err != nil {
 		t.Fatal(err)
 	}
-	req := &CheckinRequest{Desktop: w.desktop, Lease: co.Lease.ID, Base: co.Version}
+	req := &proto.CheckinRequest{Desktop: w.desktop, Lease: co.Lease.ID, Base: co.Version}
 	for _, ch := range changes {
 		req.Disks = append(req.Disks, ch.decl)
 	}
@@ -250,23 +251,23 @@ func TestRefusedTamperedCluster(t *testing.T) {
 		t.Fatalf("missing %d, %v", len(miss), err)
 	}
 	before = w.snap()
-	raw := fill(8, 64*KiB, false)
-	ec, _ := EncodeCluster(miss[0].Disk, miss[0].Index, raw, nil, EncodeOptions{})
+	raw := testutil.Fill(8, 64*KiB, false)
+	ec, _ := proto.EncodeCluster(miss[0].Disk, miss[0].Index, raw, nil, proto.EncodeOptions{})
 	ec.Data = append([]byte(nil), ec.Data...)
 	ec.Data[100] ^= 1 // the digest still names the original
 	var body bytes.Buffer
-	sw := NewStreamWriter(&body)
+	sw := proto.NewStreamWriter(&body)
 	sw.Data(ec)
 	sw.End(1, nil)
 	_, err = cl.Upload(ctx, req.ID, &body)
-	if !errors.Is(err, ErrDigestMismatch) {
+	if !errors.Is(err, proto.ErrDigestMismatch) {
 		t.Fatalf("tampered upload: %v, want ErrDigestMismatch", err)
 	}
 	t.Logf("refused: %v", err)
 	if m2, _ := cl.Missing(ctx, req.ID); len(m2) != len(miss) {
 		t.Errorf("after a tampered upload %d clusters missing, want %d: the bad one was kept", len(m2), len(miss))
 	}
-	if _, err := cl.Commit(ctx, req.ID); !errors.Is(err, ErrIncomplete) {
+	if _, err := cl.Commit(ctx, req.ID); !errors.Is(err, proto.ErrIncomplete) {
 		t.Errorf("commit after a tampered upload: %v, want ErrIncomplete", err)
 	}
 	w.unchanged(before, "a tampered upload")
@@ -287,14 +288,14 @@ func TestRefusedMalformedRequests(t *testing.T) {
 	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	writeTop(t, lap, w.desktop, DiskSystem, []write{{off: 64 * MiB, data: fill(8, 1*MiB, false)}})
+	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 64 * MiB, data: testutil.Fill(8, 1*MiB, false)}})
 	co, _ := lap.lp.Checkout(w.desktop)
 	d, _ := lap.store.Desktop(w.desktop)
 	changes, err := lap.lp.scanTops(ctx, d, co)
 	if err != nil {
 		t.Fatal(err)
 	}
-	good := &CheckinRequest{Desktop: w.desktop, Lease: co.Lease.ID, Base: co.Version}
+	good := &proto.CheckinRequest{Desktop: w.desktop, Lease: co.Lease.ID, Base: co.Version}
 	for _, ch := range changes {
 		good.Disks = append(good.Disks, ch.decl)
 	}
@@ -315,7 +316,7 @@ func TestRefusedMalformedRequests(t *testing.T) {
 		b, _ := io.ReadAll(resp.Body)
 		return resp.StatusCode, string(b)
 	}
-	bad := func(req CheckinRequest) []byte { b := jsonBody(req); return b }
+	bad := func(req proto.CheckinRequest) []byte { b := jsonBody(req); return b }
 	cases := []struct {
 		name, method, path, ctype string
 		body                      []byte
@@ -329,21 +330,21 @@ func TestRefusedMalformedRequests(t *testing.T) {
 		{"layer: bad id", "GET", "/v1/layers/../../etc/passwd", "", nil},
 		{"layer: short id", "GET", "/v1/layers/abcd/clusters", "", nil},
 		{"layer: bad from", "GET", "/v1/layers/" + w.base + "/clusters?from=-3", "", nil},
-		{"check-in: bad id", "POST", "/v1/checkins", "application/json", bad(func() CheckinRequest { r := *good; r.ID = "../x"; return r }())},
-		{"check-in: no disks", "POST", "/v1/checkins", "application/json", bad(func() CheckinRequest { r := *good; r.Disks = nil; return r }())},
-		{"check-in: bad cluster size", "POST", "/v1/checkins", "application/json", bad(func() CheckinRequest {
+		{"check-in: bad id", "POST", "/v1/checkins", "application/json", bad(func() proto.CheckinRequest { r := *good; r.ID = "../x"; return r }())},
+		{"check-in: no disks", "POST", "/v1/checkins", "application/json", bad(func() proto.CheckinRequest { r := *good; r.Disks = nil; return r }())},
+		{"check-in: bad cluster size", "POST", "/v1/checkins", "application/json", bad(func() proto.CheckinRequest {
 			r := *good
 			r.Disks = slices.Clone(r.Disks)
 			r.Disks[0].ClusterSize = 3000
 			return r
 		}())},
-		{"check-in: more entries than clusters", "POST", "/v1/checkins", "application/json", bad(func() CheckinRequest {
+		{"check-in: more entries than clusters", "POST", "/v1/checkins", "application/json", bad(func() proto.CheckinRequest {
 			r := *good
 			r.Disks = slices.Clone(r.Disks)
 			r.Disks[0].Entries = 1 << 40
 			return r
 		}())},
-		{"check-in: unknown disk", "POST", "/v1/checkins", "application/json", bad(func() CheckinRequest {
+		{"check-in: unknown disk", "POST", "/v1/checkins", "application/json", bad(func() proto.CheckinRequest {
 			r := *good
 			r.Disks = slices.Clone(r.Disks)
 			r.Disks[0].Name = "swap"
@@ -372,7 +373,7 @@ func TestRefusedMalformedRequests(t *testing.T) {
 		body []byte
 	}{
 		{"entry list truncated", list[:len(list)-5]},
-		{"entry list with an extra entry", append(slices.Clone(list), AppendEntry(nil, Entry{Index: 4000})...)},
+		{"entry list with an extra entry", append(slices.Clone(list), proto.AppendEntry(nil, proto.Entry{Index: 4000})...)},
 		{"entry list out of order", func() []byte {
 			b := slices.Clone(list)
 			copy(b[:41], list[41:82])
@@ -385,7 +386,7 @@ func TestRefusedMalformedRequests(t *testing.T) {
 			return b
 		}()},
 	} {
-		if _, err := cl.PutEntries(ctx, good.ID, DiskSystem, c.body); !errors.Is(err, ErrBadRequest) {
+		if _, err := cl.PutEntries(ctx, good.ID, proto.DiskSystem, c.body); !errors.Is(err, proto.ErrBadRequest) {
 			t.Errorf("%s: %v, want ErrBadRequest", c.name, err)
 		}
 	}
@@ -398,7 +399,7 @@ func TestRefusedMalformedRequests(t *testing.T) {
 	if len(miss) == 0 {
 		t.Fatal("nothing missing")
 	}
-	raw := fill(8, 64*KiB, false)
+	raw := testutil.Fill(8, 64*KiB, false)
 	for _, c := range []struct {
 		name string
 		body func() []byte
@@ -406,43 +407,43 @@ func TestRefusedMalformedRequests(t *testing.T) {
 		{"garbage", func() []byte { return []byte("hello, this is not a cluster stream at all") }},
 		{"truncated stream", func() []byte {
 			var b bytes.Buffer
-			sw := NewStreamWriter(&b)
-			ec, _ := EncodeCluster(miss[0].Disk, miss[0].Index, raw, nil, EncodeOptions{Compress: true})
+			sw := proto.NewStreamWriter(&b)
+			ec, _ := proto.EncodeCluster(miss[0].Disk, miss[0].Index, raw, nil, proto.EncodeOptions{Compress: true})
 			sw.Data(ec)
 			sw.Flush()
 			return b.Bytes()
 		}},
 		{"cluster not in the list", func() []byte {
 			var b bytes.Buffer
-			sw := NewStreamWriter(&b)
-			ec, _ := EncodeCluster(0, 5, raw, nil, EncodeOptions{Compress: true})
+			sw := proto.NewStreamWriter(&b)
+			ec, _ := proto.EncodeCluster(0, 5, raw, nil, proto.EncodeOptions{Compress: true})
 			sw.Data(ec)
 			sw.End(1, nil)
 			return b.Bytes()
 		}},
 		{"oversized frame", func() []byte {
 			var b bytes.Buffer
-			sw := NewStreamWriter(&b)
-			f := Frame{Kind: KindData, PLen: 1 << 30, Idx: miss[0].Index, N: 1 << 30}
-			var h [frameHeader]byte
-			f.put(h[:])
-			sw.write(h[:])
+			sw := proto.NewStreamWriter(&b)
+			f := proto.Frame{Kind: proto.KindData, PLen: 1 << 30, Idx: miss[0].Index, N: 1 << 30}
+			var h [proto.FrameHeader]byte
+			f.Put(h[:])
+			sw.WriteRaw(h[:])
 			sw.Flush()
 			return b.Bytes()
 		}},
 		{"zero frame in an upload", func() []byte {
 			var b bytes.Buffer
-			sw := NewStreamWriter(&b)
+			sw := proto.NewStreamWriter(&b)
 			sw.Zeros(0, 1, 1)
 			sw.End(1, nil)
 			return b.Bytes()
 		}},
 	} {
-		if _, err := cl.Upload(ctx, good.ID, bytes.NewReader(c.body())); !errors.Is(err, ErrBadRequest) {
+		if _, err := cl.Upload(ctx, good.ID, bytes.NewReader(c.body())); !errors.Is(err, proto.ErrBadRequest) {
 			t.Errorf("%s: %v, want ErrBadRequest", c.name, err)
 		}
 	}
-	if _, err := cl.Commit(ctx, good.ID); !errors.Is(err, ErrIncomplete) {
+	if _, err := cl.Commit(ctx, good.ID); !errors.Is(err, proto.ErrIncomplete) {
 		t.Errorf("early commit: %v, want ErrIncomplete", err)
 	}
 	w.unchanged(before, "malformed lists and streams")
@@ -470,8 +471,8 @@ func mountTmpfs(t *testing.T, size int64) string {
 func TestRefusedFullDiskServer(t *testing.T) {
 	ctx := context.Background()
 	spec := smallSpec()
-	spec.baseWrites = []write{{off: 0, data: fill(1, 2*MiB, false)}}
-	spec.appWrites = []write{{off: 32 * MiB, data: fill(3, 1*MiB, false)}}
+	spec.baseWrites = []write{{off: 0, data: testutil.Fill(1, 2*MiB, false)}}
+	spec.appWrites = []write{{off: 32 * MiB, data: testutil.Fill(3, 1*MiB, false)}}
 	fs := mountTmpfs(t, 40*MiB)
 	w := newWorldAt(t, filepath.Join(fs, "server"), spec)
 	lap := newLaptop(t, "laptop")
@@ -479,10 +480,10 @@ func TestRefusedFullDiskServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	// More than the server has room for: refused before anything is sent.
-	writeTop(t, lap, w.desktop, DiskSystem, []write{{off: 64 * MiB, data: fill(9, 48*MiB, false)}})
+	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 64 * MiB, data: testutil.Fill(9, 48*MiB, false)}})
 	before := w.snap()
 	_, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
-	if !errors.Is(err, ErrNoSpace) {
+	if !errors.Is(err, proto.ErrNoSpace) {
 		t.Fatalf("check-in to a full server: %v, want ErrNoSpace", err)
 	}
 	t.Logf("refused: %v", err)
@@ -496,12 +497,12 @@ func TestRefusedFullDiskServer(t *testing.T) {
 	if _, err := lap2.lp.CheckOut(ctx, w.client(tok2), w.desktop, CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	writeTop(t, lap2, w.desktop, DiskSystem, []write{{off: 64 * MiB, data: fill(10, 6*MiB, false)}})
+	writeTop(t, lap2, w.desktop, proto.DiskSystem, []write{{off: 64 * MiB, data: testutil.Fill(10, 6*MiB, false)}})
 	before = w.snap()
 	filler := filepath.Join(fs, "filler")
 	lap2.lp.opts.Progress = &fillOnProgress{path: filler, after: 2 * MiB}
 	_, err = lap2.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
-	if !errors.Is(err, ErrNoSpace) {
+	if !errors.Is(err, proto.ErrNoSpace) {
 		t.Fatalf("check-in filling the server's disk: %v, want ErrNoSpace", err)
 	}
 	t.Logf("refused: %v", err)
@@ -549,13 +550,13 @@ func (p *fillOnProgress) Add(n int64) {
 func TestRefusedFullDiskLaptop(t *testing.T) {
 	ctx := context.Background()
 	spec := smallSpec()
-	spec.baseWrites = []write{{off: 0, data: fill(1, 48*MiB, false)}}
+	spec.baseWrites = []write{{off: 0, data: testutil.Fill(1, 48*MiB, false)}}
 	w := newWorld(t, spec)
 	fs := mountTmpfs(t, 32*MiB)
 	before := w.snap()
 	lap := openLaptopAt(t, filepath.Join(fs, "laptop"))
 	_, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{})
-	if !errors.Is(err, ErrNoSpace) {
+	if !errors.Is(err, proto.ErrNoSpace) {
 		t.Fatalf("check-out to a full laptop: %v, want ErrNoSpace", err)
 	}
 	t.Logf("refused: %v", err)
@@ -566,7 +567,7 @@ func TestRefusedFullDiskLaptop(t *testing.T) {
 	lap2 := openLaptopAt(t, filepath.Join(fs2, "laptop"))
 	lap2.lp.opts.Progress = &fillOnProgress{path: filepath.Join(fs2, "filler"), after: 8 * MiB}
 	_, err = lap2.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{})
-	if !errors.Is(err, ErrNoSpace) {
+	if !errors.Is(err, proto.ErrNoSpace) {
 		t.Fatalf("check-out filling the laptop's disk: %v, want ErrNoSpace", err)
 	}
 	t.Logf("refused: %v", err)
@@ -585,7 +586,7 @@ func TestExpiredCopyPurgedOffline(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	writeTop(t, lap, w.desktop, DiskSystem, []write{{off: 0, data: fill(7, 1*MiB, false)}})
+	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 0, data: testutil.Fill(7, 1*MiB, false)}})
 	w.stop() // the server is gone
 	lap.close()
 	// Not expired yet: nothing happens.

@@ -17,7 +17,7 @@ import (
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
-	"github.com/cvd-project/cvd/internal/ordered"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 // Session is a check-in on the server: its request, which entry lists arrived,
@@ -26,15 +26,15 @@ import (
 // parent that receives the clusters. The staging layer's own allocation is the
 // record of what arrived: a resumed check-in asks only for the rest.
 type Session struct {
-	CheckinRequest
-	Device     string         `json:"device"`
-	DeviceName string         `json:"device_name"`
-	State      string         `json:"state"` // receiving, committed
-	Created    time.Time      `json:"created"`
-	Lists      []string       `json:"lists"`
-	Received   int64          `json:"received_bytes"`
-	Clusters   int64          `json:"received_clusters"`
-	Result     *CheckinResult `json:"result,omitempty"`
+	proto.CheckinRequest
+	Device     string               `json:"device"`
+	DeviceName string               `json:"device_name"`
+	State      string               `json:"state"` // receiving, committed
+	Created    time.Time            `json:"created"`
+	Lists      []string             `json:"lists"`
+	Received   int64                `json:"received_bytes"`
+	Clusters   int64                `json:"received_clusters"`
+	Result     *proto.CheckinResult `json:"result,omitempty"`
 }
 
 const (
@@ -51,10 +51,10 @@ type session struct {
 }
 
 type diskList struct {
-	d       CheckinDisk
+	d       proto.CheckinDisk
 	no      byte
-	entries []Entry
-	byIdx   map[int64]Digest // data entries
+	entries []proto.Entry
+	byIdx   map[int64]proto.Digest // data entries
 }
 
 var sessionIDRE = regexp.MustCompile(`^[0-9a-f]{32,64}$`)
@@ -64,7 +64,7 @@ func (s *Server) sessionDir(id string) string { return s.syncPath(sessionsDir, i
 // getSession loads the session record.
 func (s *Server) getSession(id string) (*Session, error) {
 	if !sessionIDRE.MatchString(id) {
-		return nil, BadRequest("check-in id %q", id)
+		return nil, proto.BadRequest("check-in id %q", id)
 	}
 	var se Session
 	var ok bool
@@ -77,7 +77,7 @@ func (s *Server) getSession(id string) (*Session, error) {
 		return nil, err
 	}
 	if !ok {
-		return nil, fmt.Errorf("check-in %s: %w", id, ErrNotFound)
+		return nil, fmt.Errorf("check-in %s: %w", id, proto.ErrNotFound)
 	}
 	return &se, nil
 }
@@ -114,15 +114,15 @@ func (s *Server) dropSession(id string) {
 	s.mu.Unlock()
 }
 
-func loadList(path string, d CheckinDisk) (*diskList, error) {
+func loadList(path string, d proto.CheckinDisk) (*diskList, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	no, _ := DiskNumber(d.Name)
-	dl := &diskList{d: d, no: no, byIdx: map[int64]Digest{}}
-	err = ReadEntries(f, d.Entries, clustersOf(d.Size, d.ClusterSize), d.Parent != "", func(e Entry) error {
+	no, _ := proto.DiskNumber(d.Name)
+	dl := &diskList{d: d, no: no, byIdx: map[int64]proto.Digest{}}
+	err = proto.ReadEntries(f, d.Entries, clustersOf(d.Size, d.ClusterSize), d.Parent != "", func(e proto.Entry) error {
 		dl.entries = append(dl.entries, e)
 		if !e.Zero {
 			dl.byIdx[e.Index] = e.Digest
@@ -139,10 +139,10 @@ func clustersOf(size int64, cs int) int64 { return (size + int64(cs) - 1) / int6
 
 func (s *Server) checkinDesktop(dev *Device, name string) error {
 	if err := images.CheckObjectName("desktop", name); err != nil {
-		return BadRequest("%v", err)
+		return proto.BadRequest("%v", err)
 	}
 	if !dev.Bound(name) {
-		return fmt.Errorf("%w: device %s, desktop %s", ErrForbidden, dev.Name, name)
+		return fmt.Errorf("%w: device %s, desktop %s", proto.ErrForbidden, dev.Name, name)
 	}
 	return nil
 }
@@ -165,47 +165,47 @@ func (s *Server) leaseForCheckin(name string, dev *Device, lease string) (confli
 	return conflict, epoch, err
 }
 
-func validCheckin(req *CheckinRequest) error {
+func validCheckin(req *proto.CheckinRequest) error {
 	if !sessionIDRE.MatchString(req.ID) {
-		return BadRequest("check-in id %q: want 32-64 hex digits", req.ID)
+		return proto.BadRequest("check-in id %q: want 32-64 hex digits", req.ID)
 	}
 	if req.Base <= 0 {
-		return BadRequest("base version %d", req.Base)
+		return proto.BadRequest("base version %d", req.Base)
 	}
-	if len(req.Disks) == 0 || len(req.Disks) > len(DiskNames) {
-		return BadRequest("%d disks", len(req.Disks))
+	if len(req.Disks) == 0 || len(req.Disks) > len(proto.DiskNames) {
+		return proto.BadRequest("%d disks", len(req.Disks))
 	}
 	seen := map[string]bool{}
 	for _, d := range req.Disks {
-		if _, ok := DiskNumber(d.Name); !ok || seen[d.Name] {
-			return BadRequest("disk %q", d.Name)
+		if _, ok := proto.DiskNumber(d.Name); !ok || seen[d.Name] {
+			return proto.BadRequest("disk %q", d.Name)
 		}
 		seen[d.Name] = true
-		if d.ClusterSize < 512 || d.ClusterSize > MaxClusterSize || d.ClusterSize&(d.ClusterSize-1) != 0 {
-			return BadRequest("disk %s: cluster size %d", d.Name, d.ClusterSize)
+		if d.ClusterSize < 512 || d.ClusterSize > proto.MaxClusterSize || d.ClusterSize&(d.ClusterSize-1) != 0 {
+			return proto.BadRequest("disk %s: cluster size %d", d.Name, d.ClusterSize)
 		}
 		if d.Size <= 0 || d.Size > 1<<50 {
-			return BadRequest("disk %s: size %d", d.Name, d.Size)
+			return proto.BadRequest("disk %s: size %d", d.Name, d.Size)
 		}
 		if d.Entries < 0 || d.DataEntries < 0 || d.DataEntries > d.Entries || d.Entries > clustersOf(d.Size, d.ClusterSize) {
-			return BadRequest("disk %s: %d entries (%d data)", d.Name, d.Entries, d.DataEntries)
+			return proto.BadRequest("disk %s: %d entries (%d data)", d.Name, d.Entries, d.DataEntries)
 		}
-		if d.Parent != "" && !layerIDRE.MatchString(d.Parent) {
-			return BadRequest("disk %s: parent %q", d.Name, d.Parent)
+		if d.Parent != "" && !proto.LayerIDRE.MatchString(d.Parent) {
+			return proto.BadRequest("disk %s: parent %q", d.Name, d.Parent)
 		}
-		if d.Entries > 0 && !layerIDRE.MatchString(d.ExpectID) {
-			return BadRequest("disk %s: expect_id %q", d.Name, d.ExpectID)
+		if d.Entries > 0 && !proto.LayerIDRE.MatchString(d.ExpectID) {
+			return proto.BadRequest("disk %s: expect_id %q", d.Name, d.ExpectID)
 		}
 	}
 	return nil
 }
 
-func sameRequest(a, b *CheckinRequest) bool {
+func sameRequest(a, b *proto.CheckinRequest) bool {
 	return a.ID == b.ID && a.Desktop == b.Desktop && a.Lease == b.Lease && a.Base == b.Base && slices.Equal(a.Disks, b.Disks)
 }
 
 func (s *Server) handleCheckinOpen(w http.ResponseWriter, r *http.Request, dev *Device) error {
-	var req CheckinRequest
+	var req proto.CheckinRequest
 	if err := readJSON(w, r, &req); err != nil {
 		return err
 	}
@@ -217,7 +217,7 @@ func (s *Server) handleCheckinOpen(w http.ResponseWriter, r *http.Request, dev *
 	}
 	if old, err := s.getSession(req.ID); err == nil {
 		if old.Device != dev.ID || !sameRequest(&old.CheckinRequest, &req) {
-			return BadRequest("check-in %s exists with other content", req.ID)
+			return proto.BadRequest("check-in %s exists with other content", req.ID)
 		}
 		if old.Release != req.Release && old.State == stateReceiving {
 			old.Release = req.Release
@@ -231,7 +231,7 @@ func (s *Server) handleCheckinOpen(w http.ResponseWriter, r *http.Request, dev *
 		}
 		writeJSON(w, http.StatusOK, st)
 		return nil
-	} else if !errors.Is(err, ErrNotFound) {
+	} else if !errors.Is(err, proto.ErrNotFound) {
 		return err
 	}
 	if _, _, err := s.leaseForCheckin(req.Desktop, dev, req.Lease); err != nil {
@@ -241,7 +241,7 @@ func (s *Server) handleCheckinOpen(w http.ResponseWriter, r *http.Request, dev *
 	for _, d := range req.Disks {
 		if d.Parent != "" {
 			if _, err := s.store.Layer(d.Parent); err != nil {
-				return fmt.Errorf("disk %s: parent layer %s: %w", d.Name, short(d.Parent), ErrNotFound)
+				return fmt.Errorf("disk %s: parent layer %s: %w", d.Name, short(d.Parent), proto.ErrNotFound)
 			}
 		}
 		need += d.DataEntries * int64(d.ClusterSize)
@@ -253,7 +253,7 @@ func (s *Server) handleCheckinOpen(w http.ResponseWriter, r *http.Request, dev *
 	se := &Session{CheckinRequest: req, Device: dev.ID, DeviceName: dev.Name, State: stateReceiving,
 		Created: s.now().UTC(), Lists: []string{}}
 	if err := os.MkdirAll(s.sessionDir(req.ID), 0o700); err != nil {
-		return NoSpace(err)
+		return proto.NoSpace(err)
 	}
 	if err := s.putSession(se); err != nil {
 		return err
@@ -275,7 +275,7 @@ func checkFree(dir string, need int64) error {
 	}
 	free := int64(fs.Bavail) * int64(fs.Bsize)
 	if free < need {
-		return fmt.Errorf("%w: %s has %d MiB free, this needs %d MiB", ErrNoSpace, dir, free>>20, need>>20)
+		return fmt.Errorf("%w: %s has %d MiB free, this needs %d MiB", proto.ErrNoSpace, dir, free>>20, need>>20)
 	}
 	return nil
 }
@@ -286,13 +286,13 @@ func (s *Server) sessionFor(r *http.Request, dev *Device) (*Session, error) {
 		return nil, err
 	}
 	if se.Device != dev.ID {
-		return nil, fmt.Errorf("check-in %s: %w", se.ID, ErrNotFound)
+		return nil, fmt.Errorf("check-in %s: %w", se.ID, proto.ErrNotFound)
 	}
 	return se, nil
 }
 
-func (s *Server) checkinStatus(ctx context.Context, se *Session) (*CheckinStatus, error) {
-	st := &CheckinStatus{ID: se.ID, State: se.State, Lists: se.Lists, Received: se.Received, Committed: se.Result}
+func (s *Server) checkinStatus(ctx context.Context, se *Session) (*proto.CheckinStatus, error) {
+	st := &proto.CheckinStatus{ID: se.ID, State: se.State, Lists: se.Lists, Received: se.Received, Committed: se.Result}
 	if se.State == stateReceiving && len(se.Lists) == len(se.Disks) {
 		m, err := s.openSession(se)
 		if err != nil {
@@ -328,27 +328,27 @@ func (s *Server) handleEntries(w http.ResponseWriter, r *http.Request, dev *Devi
 		return err
 	}
 	if se.State != stateReceiving {
-		return BadRequest("check-in %s is %s", se.ID, se.State)
+		return proto.BadRequest("check-in %s is %s", se.ID, se.State)
 	}
 	name := r.PathValue("disk")
-	i := slices.IndexFunc(se.Disks, func(d CheckinDisk) bool { return d.Name == name })
+	i := slices.IndexFunc(se.Disks, func(d proto.CheckinDisk) bool { return d.Name == name })
 	if i < 0 {
-		return BadRequest("disk %q is not part of check-in %s", name, se.ID)
+		return proto.BadRequest("disk %q is not part of check-in %s", name, se.ID)
 	}
 	d := se.Disks[i]
 	dir := s.sessionDir(se.ID)
 	tmp := filepath.Join(dir, name+".entries.tmp")
 	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
 	if err != nil {
-		return NoSpace(err)
+		return proto.NoSpace(err)
 	}
 	defer os.Remove(tmp)
-	h := NewIDHasher(d.Parent, d.Size, d.ClusterSize)
+	h := proto.NewIDHasher(d.Parent, d.Size, d.ClusterSize)
 	var buf []byte
 	body := http.MaxBytesReader(w, r.Body, d.Entries*(9+32)+1)
-	err = ReadEntries(body, d.Entries, clustersOf(d.Size, d.ClusterSize), d.Parent != "", func(e Entry) error {
+	err = proto.ReadEntries(body, d.Entries, clustersOf(d.Size, d.ClusterSize), d.Parent != "", func(e proto.Entry) error {
 		h.Add(e)
-		buf = AppendEntry(buf, e)
+		buf = proto.AppendEntry(buf, e)
 		if len(buf) >= 1<<20 {
 			_, err := f.Write(buf)
 			buf = buf[:0]
@@ -366,13 +366,13 @@ func (s *Server) handleEntries(w http.ResponseWriter, r *http.Request, dev *Devi
 		err = err2
 	}
 	if err != nil {
-		return NoSpace(err)
+		return proto.NoSpace(err)
 	}
 	if h.Data != d.DataEntries {
-		return BadRequest("disk %s: %d data entries, declared %d", name, h.Data, d.DataEntries)
+		return proto.BadRequest("disk %s: %d data entries, declared %d", name, h.Data, d.DataEntries)
 	}
 	if d.Entries > 0 && h.Sum() != d.ExpectID {
-		return BadRequest("disk %s: the entry list hashes to %s, not the declared %s", name, short(h.Sum()), short(d.ExpectID))
+		return proto.BadRequest("disk %s: the entry list hashes to %s, not the declared %s", name, short(h.Sum()), short(d.ExpectID))
 	}
 	if err := os.Rename(tmp, filepath.Join(dir, name+".entries")); err != nil {
 		return err
@@ -408,7 +408,7 @@ func (s *Server) handleEntries(w http.ResponseWriter, r *http.Request, dev *Devi
 
 // createStage makes a disk's staging layer (an overlay on its parent) unless it
 // exists.
-func (s *Server) createStage(dir string, d CheckinDisk) error {
+func (s *Server) createStage(dir string, d proto.CheckinDisk) error {
 	stage := filepath.Join(dir, d.Name+".qcow2")
 	if _, err := os.Stat(stage); err == nil {
 		return nil
@@ -422,7 +422,7 @@ func (s *Server) createStage(dir string, d CheckinDisk) error {
 	os.Remove(tmp)
 	if err := disk.CreateFile(tmp, co); err != nil {
 		os.Remove(tmp)
-		return NoSpace(fmt.Errorf("create staging layer: %w", err))
+		return proto.NoSpace(fmt.Errorf("create staging layer: %w", err))
 	}
 	if err := os.Rename(tmp, stage); err != nil {
 		return err
@@ -449,7 +449,7 @@ func (s *Server) freshStage(path string, forget bool) bool {
 // removed it. It is written without the engine's ordering barriers (one flush per
 // request): the server's restart throws away a staging layer that does not check
 // clean.
-func (s *Server) openStage(dir string, d CheckinDisk) (disk.Image, error) {
+func (s *Server) openStage(dir string, d proto.CheckinDisk) (disk.Image, error) {
 	if err := s.createStage(dir, d); err != nil {
 		return nil, err
 	}
@@ -461,7 +461,7 @@ func (s *Server) openStage(dir string, d CheckinDisk) (disk.Image, error) {
 		s.log.Warn("dropping a staging layer that does not open", "disk", d.Name, "err", err)
 		os.Remove(stage)
 		s.freshStage(stage, true)
-		return nil, fmt.Errorf("%w: the staging layer of disk %s did not open: its clusters will be asked for again", ErrIncomplete, d.Name)
+		return nil, fmt.Errorf("%w: the staging layer of disk %s did not open: its clusters will be asked for again", proto.ErrIncomplete, d.Name)
 	}
 	return img, err
 }
@@ -484,8 +484,8 @@ func stageAlloc(path string, cs int) (allocSet, error) {
 	}
 	defer img.Close()
 	var out allocSet
-	for win := int64(0); win < img.Size(); win += MapWindow {
-		runs, err := images.LayerRuns(img, win, min(MapWindow, img.Size()-win), int64(cs))
+	for win := int64(0); win < img.Size(); win += proto.MapWindow {
+		runs, err := images.LayerRuns(img, win, min(proto.MapWindow, img.Size()-win), int64(cs))
 		if err != nil {
 			return nil, err
 		}
@@ -500,26 +500,26 @@ func stageAlloc(path string, cs int) (allocSet, error) {
 
 // source says where a data entry's bytes come from at commit.
 type source struct {
-	staged   bool       // received (or copied) into the staging layer at its own index
-	fromDisk string     // a staged cluster of this check-in: disk and index
-	fromIdx  int64      //
-	ref      ClusterRef // a layer the server holds (Layer "" when none)
+	staged   bool             // received (or copied) into the staging layer at its own index
+	fromDisk string           // a staged cluster of this check-in: disk and index
+	fromIdx  int64            //
+	ref      proto.ClusterRef // a layer the server holds (Layer "" when none)
 }
 
 // missing lists the clusters the server still needs: the first occurrence of each
 // digest that is neither staged nor held by a layer of the store. It also reports
 // where each data entry's bytes will come from.
-func (s *Server) missing(ctx context.Context, se *Session, m *session) ([]MissingItem, map[string][]source, error) {
+func (s *Server) missing(ctx context.Context, se *Session, m *session) ([]proto.MissingItem, map[string][]source, error) {
 	if err := s.ensureIndexed(ctx); err != nil {
 		return nil, nil, err
 	}
-	var out []MissingItem
+	var out []proto.MissingItem
 	srcs := map[string][]source{}
 	type firstAt struct {
 		disk string
 		idx  int64
 	}
-	seen := map[Digest]firstAt{}
+	seen := map[proto.Digest]firstAt{}
 	for _, d := range se.Disks {
 		dl := m.lists[d.Name]
 		if dl == nil || d.Entries == 0 {
@@ -551,7 +551,7 @@ func (s *Server) missing(ctx context.Context, se *Session, m *session) ([]Missin
 					continue
 				}
 				seen[e.Digest] = firstAt{d.Name, e.Index}
-				out = append(out, MissingItem{Disk: dl.no, Index: e.Index, Digest: e.Digest})
+				out = append(out, proto.MissingItem{Disk: dl.no, Index: e.Index, Digest: e.Digest})
 			}
 			return nil
 		})
@@ -574,7 +574,7 @@ func (s *Server) handleMissing(w http.ResponseWriter, r *http.Request, dev *Devi
 		return nil
 	}
 	if len(se.Lists) != len(se.Disks) {
-		return BadRequest("check-in %s: entry lists missing (have %v)", se.ID, se.Lists)
+		return proto.BadRequest("check-in %s: entry lists missing (have %v)", se.ID, se.Lists)
 	}
 	m, err := s.openSession(se)
 	if err != nil {
@@ -584,9 +584,9 @@ func (s *Server) handleMissing(w http.ResponseWriter, r *http.Request, dev *Devi
 	if err != nil {
 		return err
 	}
-	b := make([]byte, 0, len(miss)*MissingItemSize)
+	b := make([]byte, 0, len(miss)*proto.MissingItemSize)
 	for _, it := range miss {
-		b = AppendMissing(b, it)
+		b = proto.AppendMissing(b, it)
 	}
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.Header().Set("X-Cvd-Missing", fmt.Sprint(len(miss)))
@@ -604,17 +604,17 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 		return err
 	}
 	if se.State != stateReceiving {
-		return BadRequest("check-in %s is %s", se.ID, se.State)
+		return proto.BadRequest("check-in %s is %s", se.ID, se.State)
 	}
 	if len(se.Lists) != len(se.Disks) {
-		return BadRequest("check-in %s: entry lists missing", se.ID)
+		return proto.BadRequest("check-in %s: entry lists missing", se.ID)
 	}
 	m, err := s.openSession(se)
 	if err != nil {
 		return err
 	}
 	if !m.mu.TryLock() {
-		return fmt.Errorf("%w: check-in %s is already receiving an upload", ErrIncomplete, se.ID)
+		return fmt.Errorf("%w: check-in %s is already receiving an upload", proto.ErrIncomplete, se.ID)
 	}
 	defer m.mu.Unlock()
 	stages := map[byte]*stageWriter{}
@@ -631,7 +631,7 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 			}
 		}
 		if dl == nil || dl.d.Entries == 0 {
-			return nil, nil, BadRequest("cluster for disk %d, which this check-in does not change", no)
+			return nil, nil, proto.BadRequest("cluster for disk %d, which this check-in does not change", no)
 		}
 		if sw := stages[no]; sw != nil {
 			return sw, dl, nil
@@ -644,23 +644,23 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 		stages[no] = sw
 		return sw, dl, nil
 	}
-	var res UploadResult
+	var res proto.UploadResult
 	t0 := time.Now()
-	body := NewStreamReader(r.Body)
-	_, _, err = DecodeOrdered(r.Context(), body, false, nil, func(f Frame, d Digest) error {
+	body := proto.NewStreamReader(r.Body)
+	_, _, err = proto.DecodeOrdered(r.Context(), body, false, nil, func(f proto.Frame, d proto.Digest) error {
 		_, dl, err := stageFor(f.Disk)
 		if err != nil {
 			return err
 		}
 		want, ok := dl.byIdx[f.Idx]
 		if !ok || want != d {
-			return BadRequest("cluster %d of disk %s is not in the check-in's list", f.Idx, dl.d.Name)
+			return proto.BadRequest("cluster %d of disk %s is not in the check-in's list", f.Idx, dl.d.Name)
 		}
 		if exp := min(int64(dl.d.ClusterSize), dl.d.Size-f.Idx*int64(dl.d.ClusterSize)); f.N != exp {
-			return BadRequest("cluster %d of disk %s: %d bytes, want %d", f.Idx, dl.d.Name, f.N, exp)
+			return proto.BadRequest("cluster %d of disk %s: %d bytes, want %d", f.Idx, dl.d.Name, f.N, exp)
 		}
 		return nil
-	}, func(f Frame, _ Digest, raw []byte) error {
+	}, func(f proto.Frame, _ proto.Digest, raw []byte) error {
 		sw, _, err := stageFor(f.Disk)
 		if err != nil {
 			return err
@@ -688,10 +688,10 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 		return putJSON(tx, bucketSessions, se.ID, &cur)
 	})
 	if err != nil {
-		if errors.Is(err, ErrDigestMismatch) {
+		if errors.Is(err, proto.ErrDigestMismatch) {
 			s.m.digestMismatches.Add(1)
 		}
-		return NoSpace(err)
+		return proto.NoSpace(err)
 	}
 	if uerr != nil {
 		return uerr
@@ -728,7 +728,7 @@ const (
 
 // stageBufs keeps the batch buffers of stage writers from one upload to the next
 // (each is written through O_DIRECT: page-aligned, as large allocations are).
-var stageBufs = NewBufPool(2*(stageBatchDepth+2), stageBatchSize)
+var stageBufs = proto.NewBufPool(2*(stageBatchDepth+2), stageBatchSize)
 
 func (w *stageWriter) start() {
 	w.q = make(chan stageBatch, stageBatchDepth)
@@ -739,7 +739,7 @@ func (w *stageWriter) start() {
 			if w.asyncErr() == nil {
 				if _, err := w.img.WriteAt(b.b, b.off); err != nil {
 					w.mu.Lock()
-					w.werr = NoSpace(fmt.Errorf("write at %#x: %w", b.off, err))
+					w.werr = proto.NoSpace(fmt.Errorf("write at %#x: %w", b.off, err))
 					w.mu.Unlock()
 				}
 			}
@@ -817,7 +817,7 @@ func (w *stageWriter) flush() error {
 		return err
 	}
 	if err := w.img.Flush(); err != nil {
-		w.err = NoSpace(err)
+		w.err = proto.NoSpace(err)
 	}
 	return w.err
 }
@@ -828,87 +828,4 @@ func (w *stageWriter) close() {
 		w.done = true
 		w.img.Close()
 	}
-}
-
-// RefResolver reads the cluster an R frame names (body: layer ID and index) into
-// dst and checks it against the digest.
-type RefResolver func(f Frame, d Digest, body, dst []byte) ([]byte, error)
-
-// DecodeOrdered reads frames up to the end frame, checks each data frame's header
-// with check, decodes and verifies the clusters on several goroutines and hands
-// them to consume in stream order (a zero run comes as a frame with raw nil, and
-// only when allowZero). It returns the end frame and its ID bytes; a stream
-// without its end frame is an error.
-func DecodeOrdered(ctx context.Context, sr *StreamReader, allowZero bool, resolve RefResolver, check func(Frame, Digest) error,
-	consume func(Frame, Digest, []byte) error) (Frame, Digest, error) {
-	type job struct {
-		f       Frame
-		d       Digest
-		payload []byte
-		raw     []byte
-		err     error
-	}
-	workers := 2
-	pool := NewBufPool(workers*8, 64<<10)
-	var end Frame
-	var endID Digest
-	err := ordered.Run(ctx, workers, workers*4,
-		func(ctx context.Context, submit func(*job, bool) error) error {
-			for {
-				if err := ctx.Err(); err != nil {
-					return err
-				}
-				f, d, payload, err := sr.Next(pool.Get(0))
-				if err != nil {
-					return err
-				}
-				j := &job{f: f, d: d, payload: payload}
-				switch f.Kind {
-				case KindEnd:
-					end, endID = f, d
-					return nil
-				case KindZero:
-					if !allowZero {
-						return BadRequest("zero frame in an upload")
-					}
-					if err := submit(j, true); err != nil {
-						return err
-					}
-					continue
-				case KindRef:
-					if resolve == nil {
-						return BadRequest("reference frame in a stream that cannot have them")
-					}
-				}
-				if err := check(f, d); err != nil {
-					return err
-				}
-				if err := submit(j, false); err != nil {
-					return err
-				}
-			}
-		},
-		func(j *job) {
-			if j.f.Kind == KindRef {
-				j.raw, j.err = resolve(j.f, j.d, j.payload, pool.Get(0))
-			} else {
-				j.raw, j.err = DecodeCluster(j.f, j.d, j.payload, pool.Get(0))
-			}
-		},
-		func(j *job) error {
-			defer func() {
-				if !SameBuf(j.raw, j.payload) {
-					pool.Put(j.raw)
-				}
-				pool.Put(j.payload)
-			}()
-			if j.err != nil {
-				return j.err
-			}
-			if j.raw != nil || j.f.Kind == KindZero {
-				return consume(j.f, j.d, j.raw)
-			}
-			return nil
-		})
-	return end, endID, err
 }

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"regexp"
 	"slices"
 	"strconv"
 	"time"
@@ -13,6 +12,7 @@ import (
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 func (s *Server) ttl(sec int64) time.Duration {
@@ -27,12 +27,12 @@ func (s *Server) handleCheckout(w http.ResponseWriter, r *http.Request, dev *Dev
 	if err != nil {
 		return err
 	}
-	var req CheckoutRequest
+	var req proto.CheckoutRequest
 	if err := readJSON(w, r, &req); err != nil {
 		return err
 	}
 	if len(req.Have) > maxHave {
-		return BadRequest("%d layers in have, at most %d", len(req.Have), maxHave)
+		return proto.BadRequest("%d layers in have, at most %d", len(req.Have), maxHave)
 	}
 	m, err := s.Checkout(r.Context(), name, dev, s.ttl(req.TTLSeconds))
 	if err != nil {
@@ -56,7 +56,7 @@ type haveSet struct {
 func (s *Server) rememberHave(lease string, dev *Device, have []string) {
 	set := &haveSet{device: dev.ID, layers: map[string]bool{}}
 	for _, id := range have {
-		if layerIDRE.MatchString(id) {
+		if proto.LayerIDRE.MatchString(id) {
 			if _, err := s.store.Layer(id); err == nil {
 				set.layers[id] = true
 			}
@@ -76,7 +76,7 @@ func (s *Server) rememberHave(lease string, dev *Device, have []string) {
 
 // refsFor returns, for a stream of layer id asked for with lease, the lookup that
 // turns a cluster the laptop holds into a reference; nil when there is none.
-func (s *Server) refsFor(lease string, dev *Device, id string) func(Digest) (ClusterRef, bool) {
+func (s *Server) refsFor(lease string, dev *Device, id string) func(proto.Digest) (proto.ClusterRef, bool) {
 	if lease == "" {
 		return nil
 	}
@@ -86,8 +86,8 @@ func (s *Server) refsFor(lease string, dev *Device, id string) func(Digest) (Clu
 	if set == nil || set.device != dev.ID {
 		return nil
 	}
-	return func(d Digest) (ClusterRef, bool) {
-		var ref ClusterRef
+	return func(d proto.Digest) (proto.ClusterRef, bool) {
+		var ref proto.ClusterRef
 		var ok bool
 		s.st.view(func(tx *catalog.Tx) error {
 			ref, ok = lookupTx(tx, d)
@@ -101,7 +101,7 @@ func (s *Server) refsFor(lease string, dev *Device, id string) func(Digest) (Clu
 // server-side VM, seals the server's tops as a new version when they hold data, and
 // returns the manifest of the head version. Another device's unexpired lease
 // refuses it with a *LeaseError and changes nothing.
-func (s *Server) Checkout(ctx context.Context, name string, dev *Device, ttl time.Duration) (*Manifest, error) {
+func (s *Server) Checkout(ctx context.Context, name string, dev *Device, ttl time.Duration) (*proto.Manifest, error) {
 	unlock := s.lockDesktop(name)
 	defer unlock()
 	now := s.now()
@@ -115,14 +115,14 @@ func (s *Server) Checkout(ctx context.Context, name string, dev *Device, ttl tim
 			return err
 		}
 		if l != nil && l.Device != dev.ID && !l.Expired(now) {
-			return leaseHeld(l, ErrLeaseHeld)
+			return leaseHeld(l, proto.ErrLeaseHeld)
 		}
 		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
-	m := &Manifest{Desktop: name}
+	m := &proto.Manifest{Desktop: name}
 	if s.opts.VM != nil {
 		stopped, err := s.opts.VM.StopDesktop(ctx, name, s.opts.StopTimeout)
 		if err != nil {
@@ -170,14 +170,14 @@ func (s *Server) Checkout(ctx context.Context, name string, dev *Device, ttl tim
 }
 
 // fillDisks lists the chains of the head version's disks.
-func (s *Server) fillDisks(m *Manifest, dv *DesktopVersions) error {
+func (s *Server) fillDisks(m *proto.Manifest, dv *DesktopVersions) error {
 	head := dv.HeadVersion()
-	for _, dn := range DiskNames {
+	for _, dn := range proto.DiskNames {
 		id := layerOf(head, dn)
-		if dn == DiskUser && id == "" && dv.UserDisk == "" {
+		if dn == proto.DiskUser && id == "" && dv.UserDisk == "" {
 			continue
 		}
-		dm := DiskManifest{Name: dn}
+		dm := proto.DiskManifest{Name: dn}
 		if id == "" {
 			dm.BlankSize = dv.UserSize
 		} else {
@@ -186,7 +186,7 @@ func (s *Server) fillDisks(m *Manifest, dv *DesktopVersions) error {
 				return err
 			}
 			for i := range chain {
-				dm.Layers = append(dm.Layers, LayerInfoOf(&chain[i]))
+				dm.Layers = append(dm.Layers, proto.LayerInfoOf(&chain[i]))
 			}
 		}
 		m.Disks = append(m.Disks, dm)
@@ -199,11 +199,11 @@ func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request, dev *Device
 	if err != nil {
 		return err
 	}
-	var req LeaseRequest
+	var req proto.LeaseRequest
 	if err := readJSON(w, r, &req); err != nil {
 		return err
 	}
-	var l *Lease
+	var l *proto.Lease
 	err = s.st.update(func(tx *catalog.Tx) error {
 		var err error
 		l, err = ownLease(tx, name, dev, req.Lease, s.now())
@@ -226,7 +226,7 @@ func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request, dev *Devi
 	if err != nil {
 		return err
 	}
-	var req LeaseRequest
+	var req proto.LeaseRequest
 	if err := readJSON(w, r, &req); err != nil {
 		return err
 	}
@@ -245,14 +245,12 @@ func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request, dev *Devi
 	return nil
 }
 
-var layerIDRE = regexp.MustCompile(`^[0-9a-f]{64}$`)
-
 // layerFor checks that the layer in the path belongs to a version of a desktop
 // dev is bound to, and returns its record.
 func (s *Server) layerFor(r *http.Request, dev *Device) (*images.Layer, error) {
 	id := r.PathValue("id")
-	if !layerIDRE.MatchString(id) {
-		return nil, BadRequest("layer id %q: want 64 hex digits", id)
+	if !proto.LayerIDRE.MatchString(id) {
+		return nil, proto.BadRequest("layer id %q: want 64 hex digits", id)
 	}
 	var tops []string
 	for _, name := range dev.Desktops {
@@ -283,7 +281,7 @@ func (s *Server) layerFor(r *http.Request, dev *Device) (*images.Layer, error) {
 			}
 		}
 	}
-	return nil, fmt.Errorf("layer %s: %w among the desktops of device %s", short(id), ErrNotFound, dev.Name)
+	return nil, fmt.Errorf("layer %s: %w among the desktops of device %s", short(id), proto.ErrNotFound, dev.Name)
 }
 
 func (s *Server) handleLayer(w http.ResponseWriter, r *http.Request, dev *Device) error {
@@ -291,7 +289,7 @@ func (s *Server) handleLayer(w http.ResponseWriter, r *http.Request, dev *Device
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, LayerInfoOf(l))
+	writeJSON(w, http.StatusOK, proto.LayerInfoOf(l))
 	return nil
 }
 
@@ -305,7 +303,7 @@ func (s *Server) handleClusters(w http.ResponseWriter, r *http.Request, dev *Dev
 	if f := r.URL.Query().Get("from"); f != "" {
 		from, err = strconv.ParseInt(f, 10, 64)
 		if err != nil || from < 0 {
-			return BadRequest("from=%q", f)
+			return proto.BadRequest("from=%q", f)
 		}
 	}
 	img, err := s.store.OpenLayer(l.ID, true)
@@ -316,8 +314,8 @@ func (s *Server) handleClusters(w http.ResponseWriter, r *http.Request, dev *Dev
 	w.Header().Set("Content-Type", "application/x-cvd-clusters")
 	w.Header().Set("X-Cvd-Layer", l.ID)
 	w.WriteHeader(http.StatusOK)
-	sw := NewStreamWriter(w)
-	opts := EncodeOptions{Compress: true, RefOf: s.refsFor(r.URL.Query().Get("lease"), dev, l.ID)}
+	sw := proto.NewStreamWriter(w)
+	opts := proto.EncodeOptions{Compress: true, RefOf: s.refsFor(r.URL.Query().Get("lease"), dev, l.ID)}
 	n, err := writeLayerStream(r.Context(), sw, img, l.ClusterSize, l.Parent != "", from, l.ID, opts)
 	s.m.bytesSent.Add(sw.Bytes)
 	s.m.clustersSent.Add(n)
@@ -331,7 +329,7 @@ func (s *Server) handleClusters(w http.ResponseWriter, r *http.Request, dev *Dev
 
 // writeLayerStream writes img's own clusters from index from on as frames, then the
 // end frame with the layer ID, and returns the number of entries sent.
-func writeLayerStream(ctx context.Context, sw *StreamWriter, img disk.Image, cs int, keepZero bool, from int64, id string, opts EncodeOptions) (int64, error) {
+func writeLayerStream(ctx context.Context, sw *proto.StreamWriter, img disk.Image, cs int, keepZero bool, from int64, id string, opts proto.EncodeOptions) (int64, error) {
 	var entries int64
 	var zStart, zLen int64
 	flushZero := func() error {
@@ -342,11 +340,11 @@ func writeLayerStream(ctx context.Context, sw *StreamWriter, img disk.Image, cs 
 		zLen = 0
 		return err
 	}
-	err := EncodeOrdered(ctx, opts, func(submit func(byte, int64, []byte, *Digest) error) error {
+	err := proto.EncodeOrdered(ctx, opts, func(submit func(byte, int64, []byte, *proto.Digest) error) error {
 		return images.WalkLayerFrom(ctx, img, cs, keepZero, from, func(idx int64, data []byte) error {
 			return submit(0, idx, data, nil)
 		})
-	}, func(c EncodedCluster, zero bool) error {
+	}, func(c proto.EncodedCluster, zero bool) error {
 		entries++
 		if zero {
 			if zLen > 0 && zStart+zLen == c.Idx {
@@ -373,24 +371,9 @@ func writeLayerStream(ctx context.Context, sw *StreamWriter, img disk.Image, cs 
 	if err != nil {
 		return entries, err
 	}
-	raw, err := HexID(id)
+	raw, err := proto.HexID(id)
 	if err != nil {
 		return entries, err
 	}
 	return entries, sw.End(entries, raw)
-}
-
-func HexID(id string) ([]byte, error) {
-	if !layerIDRE.MatchString(id) {
-		return nil, fmt.Errorf("bad layer id %q", id)
-	}
-	b := make([]byte, 32)
-	for i := range b {
-		v, err := strconv.ParseUint(id[2*i:2*i+2], 16, 8)
-		if err != nil {
-			return nil, err
-		}
-		b[i] = byte(v)
-	}
-	return b, nil
 }

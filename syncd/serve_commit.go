@@ -15,6 +15,7 @@ import (
 	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 func (s *Server) handleCommit(w http.ResponseWriter, r *http.Request, dev *Device) error {
@@ -37,7 +38,7 @@ func (s *Server) handleCommit(w http.ResponseWriter, r *http.Request, dev *Devic
 // version's note names the check-in, so that a commit cut after that transaction
 // completes (indexes the new clusters, marks the check-in committed) when asked
 // again, without a second version.
-func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*CheckinResult, error) {
+func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*proto.CheckinResult, error) {
 	unlock := s.lockDesktop(se.Desktop)
 	defer unlock()
 	se, err := s.getSession(se.ID) // re-read under the lock
@@ -52,7 +53,7 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*Checkin
 		return nil, err
 	}
 	if v := dv.checkinVersion(se.ID); v != nil {
-		res := &CheckinResult{Desktop: se.Desktop, Version: v.N, Head: dv.Head, Conflict: v.Conflict,
+		res := &proto.CheckinResult{Desktop: se.Desktop, Version: v.N, Head: dv.Head, Conflict: v.Conflict,
 			Layers: map[string]string{}, Bytes: se.Received, Committed: s.now().UTC()}
 		for _, d := range se.Disks {
 			res.Layers[d.Name] = layerOf(v, d.Name)
@@ -60,7 +61,7 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*Checkin
 		return res, s.finishCommit(se, res, nil)
 	}
 	if len(se.Lists) != len(se.Disks) {
-		return nil, fmt.Errorf("%w: entry lists missing (have %v)", ErrIncomplete, se.Lists)
+		return nil, fmt.Errorf("%w: entry lists missing (have %v)", proto.ErrIncomplete, se.Lists)
 	}
 	conflict, epoch, err := s.leaseForCheckin(se.Desktop, dev, se.Lease)
 	if err != nil {
@@ -71,7 +72,7 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*Checkin
 		return nil, err
 	}
 	if !m.mu.TryLock() {
-		return nil, fmt.Errorf("%w: check-in %s is receiving an upload", ErrIncomplete, se.ID)
+		return nil, fmt.Errorf("%w: check-in %s is receiving an upload", proto.ErrIncomplete, se.ID)
 	}
 	defer m.mu.Unlock()
 	miss, srcs, err := s.missing(ctx, se, m)
@@ -79,9 +80,9 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*Checkin
 		return nil, err
 	}
 	if len(miss) > 0 {
-		return nil, fmt.Errorf("%w: %d clusters still missing", ErrIncomplete, len(miss))
+		return nil, fmt.Errorf("%w: %d clusters still missing", proto.ErrIncomplete, len(miss))
 	}
-	res := &CheckinResult{Desktop: se.Desktop, Layers: map[string]string{}, Bytes: se.Received}
+	res := &proto.CheckinResult{Desktop: se.Desktop, Layers: map[string]string{}, Bytes: se.Received}
 
 	// Server-side changes made while the desktop was out are kept as their own
 	// version first; the check-in then no longer starts from the head.
@@ -95,7 +96,7 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*Checkin
 	if se.Base != dv.Head {
 		conflict = true
 	}
-	nv := Version{Created: s.now().UTC().Truncate(time.Second), From: se.Base,
+	nv := proto.Version{Created: s.now().UTC().Truncate(time.Second), From: se.Base,
 		Conflict: conflict, Device: dev.Name, Bytes: se.Received,
 		Kind: images.VersionCheckin, Checkin: se.ID, Note: desktop.CheckinNote(images.VersionCheckin, se.ID)}
 	if conflict {
@@ -104,7 +105,7 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*Checkin
 	if base := dv.Version(se.Base); base != nil {
 		nv.System, nv.User = base.System, base.User
 	}
-	newEntries := map[string][]Entry{}
+	newEntries := map[string][]proto.Entry{}
 	for _, d := range se.Disks {
 		setLayer(&nv, d.Name, d.Parent)
 		if d.Entries == 0 {
@@ -176,7 +177,7 @@ func (s *Server) sealStage(ctx context.Context, m *session, dl *diskList) (*imag
 	stage := filepath.Join(m.dir, d.Name+".qcow2")
 	opts := images.AdoptOptions{WantID: d.ExpectID, RewriteBacking: true}
 	if s.freshStage(stage, false) {
-		opts.Sums = EntrySums(slices.Values(dl.entries), d.Size, d.ClusterSize)
+		opts.Sums = proto.EntrySums(slices.Values(dl.entries), d.Size, d.ClusterSize)
 	}
 	l, _, err := adoptTop(ctx, s.store, s.log, stage, opts)
 	if errors.Is(err, images.ErrIDMismatch) {
@@ -184,10 +185,10 @@ func (s *Server) sealStage(ctx context.Context, m *session, dl *diskList) (*imag
 		os.Remove(stage)
 		s.freshStage(stage, true)
 		s.dropSession(m.id)
-		return nil, fmt.Errorf("%w: the %s disk: %v: its clusters will be asked for again", ErrIncomplete, d.Name, err)
+		return nil, fmt.Errorf("%w: the %s disk: %v: its clusters will be asked for again", proto.ErrIncomplete, d.Name, err)
 	}
 	if err != nil {
-		return nil, NoSpace(fmt.Errorf("seal the %s disk of check-in %s: %w", d.Name, m.id, err))
+		return nil, proto.NoSpace(fmt.Errorf("seal the %s disk of check-in %s: %w", d.Name, m.id, err))
 	}
 	// The layer holds the data now; the staging name (whose backing name Adopt
 	// rewrote for the layers directory) goes.
@@ -200,7 +201,7 @@ func (s *Server) sealStage(ctx context.Context, m *session, dl *diskList) (*imag
 // with its result, in one transaction of syncd's state; then the new layers'
 // clusters are indexed from their lists, in the background (a server stopped
 // before that indexes them from the files at its next check-in).
-func (s *Server) finishCommit(se *Session, res *CheckinResult, newEntries map[string][]Entry) error {
+func (s *Server) finishCommit(se *Session, res *proto.CheckinResult, newEntries map[string][]proto.Entry) error {
 	defer s.indexEntriesLater(newEntries)
 	return s.st.update(func(tx *catalog.Tx) error {
 		if se.Release {
@@ -222,7 +223,7 @@ func (s *Server) finishCommit(se *Session, res *CheckinResult, newEntries map[st
 // lists they were committed with, on a goroutine: the commit's answer does not
 // wait for it, and the next check-in's search for missing clusters does
 // (ensureIndexed takes the same lock).
-func (s *Server) indexEntriesLater(newEntries map[string][]Entry) {
+func (s *Server) indexEntriesLater(newEntries map[string][]proto.Entry) {
 	if len(newEntries) == 0 {
 		return
 	}
@@ -274,7 +275,7 @@ func (s *Server) fillStage(ctx context.Context, m *session, dl *diskList, ss []s
 		off := zStart * int64(cs)
 		err := img.WriteZeroes(off, min(zLen*int64(cs), img.Size()-off))
 		zLen = 0
-		return NoSpace(err)
+		return proto.NoSpace(err)
 	}
 	open := map[string]disk.Image{}
 	defer func() {
@@ -282,7 +283,7 @@ func (s *Server) fillStage(ctx context.Context, m *session, dl *diskList, ss []s
 			im.Close()
 		}
 	}()
-	var stale []Digest
+	var stale []proto.Digest
 	for i, e := range dl.entries {
 		if err := ctx.Err(); err != nil {
 			return 0, err
@@ -338,7 +339,7 @@ func (s *Server) fillStage(ctx context.Context, m *session, dl *diskList, ss []s
 				continue
 			}
 		default:
-			return 0, fmt.Errorf("%w: cluster %d of disk %s has no source", ErrIncomplete, e.Index, dl.d.Name)
+			return 0, fmt.Errorf("%w: cluster %d of disk %s has no source", proto.ErrIncomplete, e.Index, dl.d.Name)
 		}
 		if err != nil {
 			return 0, err
@@ -364,7 +365,7 @@ func (s *Server) fillStage(ctx context.Context, m *session, dl *diskList, ss []s
 			}
 			return nil
 		})
-		return 0, fmt.Errorf("%w: %d clusters the index named are gone from the store; they will be asked for", ErrIncomplete, len(stale))
+		return 0, fmt.Errorf("%w: %d clusters the index named are gone from the store; they will be asked for", proto.ErrIncomplete, len(stale))
 	}
 	return n, nil
 }

@@ -17,6 +17,7 @@ import (
 
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 // VMStopper stops a desktop's server-side VM before the desktop is checked out.
@@ -211,7 +212,7 @@ func (s *Server) Handler() http.Handler {
 	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		s.m.request("unknown", http.StatusNotFound)
-		writeError(w, fmt.Errorf("%w: no route %s %s", ErrNotFound, r.Method, r.URL.Path))
+		writeError(w, fmt.Errorf("%w: no route %s %s", proto.ErrNotFound, r.Method, r.URL.Path))
 	})
 	return mux
 }
@@ -250,7 +251,7 @@ func (s *Server) wrap(name string, h func(w http.ResponseWriter, r *http.Request
 		err := func() error {
 			tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 			if !ok {
-				return fmt.Errorf("%w: no bearer token", ErrUnauthorized)
+				return fmt.Errorf("%w: no bearer token", proto.ErrUnauthorized)
 			}
 			dev, err := s.st.authenticate(strings.TrimSpace(tok))
 			if err != nil {
@@ -260,12 +261,12 @@ func (s *Server) wrap(name string, h func(w http.ResponseWriter, r *http.Request
 			return h(sw, r, dev)
 		}()
 		if err != nil {
-			err = NoSpace(err)
+			err = proto.NoSpace(err)
 			var mbe *http.MaxBytesError
 			if errors.As(err, &mbe) {
-				err = BadRequest("request body over %d bytes", mbe.Limit)
+				err = proto.BadRequest("request body over %d bytes", mbe.Limit)
 			}
-			code, _ := CodeOf(err)
+			code, _ := proto.CodeOf(err)
 			if code == "internal" {
 				s.log.Error("request failed", "route", name, "path", r.URL.Path, "err", err)
 			} else {
@@ -292,9 +293,9 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 }
 
 func writeError(w http.ResponseWriter, err error) {
-	code, status := CodeOf(err)
-	body := ErrorBody{Error: err.Error(), Code: code, Status: status}
-	var le *LeaseError
+	code, status := proto.CodeOf(err)
+	body := proto.ErrorBody{Error: err.Error(), Code: code, Status: status}
+	var le *proto.LeaseError
 	if errors.As(err, &le) {
 		body.Lease = le
 	}
@@ -306,15 +307,15 @@ const maxJSON = 1 << 20
 
 func readJSON(w http.ResponseWriter, r *http.Request, v any) error {
 	if ct := r.Header.Get("Content-Type"); ct != "" && !strings.HasPrefix(ct, "application/json") {
-		return BadRequest("content type %q, want application/json", ct)
+		return proto.BadRequest("content type %q, want application/json", ct)
 	}
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxJSON))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		return BadRequest("request body: %v", err)
+		return proto.BadRequest("request body: %v", err)
 	}
 	if dec.More() {
-		return BadRequest("request body: trailing data")
+		return proto.BadRequest("request body: trailing data")
 	}
 	return nil
 }
@@ -323,10 +324,10 @@ func readJSON(w http.ResponseWriter, r *http.Request, v any) error {
 func (s *Server) desktopFor(r *http.Request, dev *Device) (string, error) {
 	name := r.PathValue("desktop")
 	if err := images.CheckObjectName("desktop", name); err != nil {
-		return "", BadRequest("%v", err)
+		return "", proto.BadRequest("%v", err)
 	}
 	if !dev.Bound(name) {
-		return "", fmt.Errorf("%w: device %s, desktop %s", ErrForbidden, dev.Name, name)
+		return "", fmt.Errorf("%w: device %s, desktop %s", proto.ErrForbidden, dev.Name, name)
 	}
 	return name, nil
 }
@@ -345,12 +346,12 @@ func (s *Server) handleDesktop(w http.ResponseWriter, r *http.Request, dev *Devi
 }
 
 // DesktopStatus is a desktop's versions and lease.
-func (s *Server) DesktopStatus(name string) (*DesktopStatus, error) {
+func (s *Server) DesktopStatus(name string) (*proto.DesktopStatus, error) {
 	dv, err := desktopVersions(s.store, name)
 	if err != nil {
 		return nil, err
 	}
-	out := &DesktopStatus{Name: name, Head: dv.Head, Versions: dv.Versions}
+	out := &proto.DesktopStatus{Name: name, Head: dv.Head, Versions: dv.Versions}
 	err = s.st.view(func(tx *catalog.Tx) error {
 		out.Lease, err = activeLease(tx, name)
 		return err

@@ -5,17 +5,19 @@ import (
 	"testing"
 
 	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/internal/testutil"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 func TestSmokeCheckoutCheckin(t *testing.T) {
 	ctx := context.Background()
 	w := newWorld(t, worldSpec{
 		baseSize:   256 * MiB,
-		baseWrites: []write{{off: 0, data: fill(1, 4*MiB, false)}, {off: 100 * MiB, data: fill(2, 4*MiB, true)}},
-		appWrites:  []write{{off: 8 * MiB, data: fill(3, 2*MiB, false)}},
+		baseWrites: []write{{off: 0, data: testutil.Fill(1, 4*MiB, false)}, {off: 100 * MiB, data: testutil.Fill(2, 4*MiB, true)}},
+		appWrites:  []write{{off: 8 * MiB, data: testutil.Fill(3, 2*MiB, false)}},
 		userSize:   64 * MiB,
-		sysWrites:  []write{{off: 20 * MiB, data: fill(4, 1*MiB, false)}},
-		userWrites: []write{{off: 0, data: fill(5, 1*MiB, false)}},
+		sysWrites:  []write{{off: 20 * MiB, data: testutil.Fill(4, 1*MiB, false)}},
+		userWrites: []write{{off: 0, data: testutil.Fill(5, 1*MiB, false)}},
 	})
 	lap := newLaptop(t, "laptop")
 	c := w.client(w.token)
@@ -25,11 +27,11 @@ func TestSmokeCheckoutCheckin(t *testing.T) {
 	}
 	t.Logf("checkout: %+v", rep)
 	// Write on the laptop.
-	img, err := disk.Open(lap.top(w.desktop, DiskSystem), disk.OpenOptions{AllowedRoots: []string{lap.dir}})
+	img, err := disk.Open(lap.top(w.desktop, proto.DiskSystem), disk.OpenOptions{AllowedRoots: []string{lap.dir}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	applyWrites(t, img, []write{{off: 50 * MiB, data: fill(9, 3*MiB, false)}, {off: 0, zero: 1 * MiB}})
+	applyWrites(t, img, []write{{off: 50 * MiB, data: testutil.Fill(9, 3*MiB, false)}, {off: 0, zero: 1 * MiB}})
 	// copy of a base cluster range
 	buf := make([]byte, 2*MiB)
 	img.ReadAt(buf, 0+2*MiB)
@@ -44,6 +46,6 @@ func TestSmokeCheckoutCheckin(t *testing.T) {
 	if n != crep.Version {
 		t.Fatalf("head %d, check-in made %d", n, crep.Version)
 	}
-	qemuCompare(t, w.store.LayerPath(hv.System), lap.top(w.desktop, DiskSystem))
-	qemuCompare(t, w.store.LayerPath(hv.User), lap.top(w.desktop, DiskUser))
+	qemuCompare(t, w.store.LayerPath(hv.System), lap.top(w.desktop, proto.DiskSystem))
+	qemuCompare(t, w.store.LayerPath(hv.User), lap.top(w.desktop, proto.DiskUser))
 }

@@ -7,6 +7,7 @@ import (
 
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 // Directories of syncd inside a store directory. The images store does not look
@@ -40,7 +41,7 @@ type state struct {
 func openState(store *images.Store) (*state, error) {
 	dir := store.Path(SyncDir)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, NoSpace(fmt.Errorf("create %s: %w", dir, err))
+		return nil, proto.NoSpace(fmt.Errorf("create %s: %w", dir, err))
 	}
 	return &state{dir: dir, db: store.Catalog()}, nil
 }
@@ -50,7 +51,7 @@ func (s *state) Close() error { return nil }
 
 func (s *state) view(fn func(tx *catalog.Tx) error) error { return s.db.View(fn) }
 
-func (s *state) update(fn func(tx *catalog.Tx) error) error { return NoSpace(s.db.Update(fn)) }
+func (s *state) update(fn func(tx *catalog.Tx) error) error { return proto.NoSpace(s.db.Update(fn)) }
 
 // getJSON decodes the value at key into v and reports whether it was there.
 func getJSON(tx *catalog.Tx, bucket []byte, key string, v any) (bool, error) {

@@ -9,6 +9,8 @@ import (
 
 	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/internal/testutil"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 // TestRecomposeMarkedWhileCheckedOut: a recompose requested while a laptop holds
@@ -30,7 +32,7 @@ func TestRecomposeMarkedWhileCheckedOut(t *testing.T) {
 	w.srv, w.http = srv, httptest.NewServer(srv.Handler())
 
 	app2src := filepath.Join(t.TempDir(), "app2.qcow2")
-	makeImage(t, app2src, 0, w.store.LayerPath(w.base), []write{{off: 40 * MiB, data: fill(7, 3*MiB, false)}})
+	makeImage(t, app2src, 0, w.store.LayerPath(w.base), []write{{off: 40 * MiB, data: testutil.Fill(7, 3*MiB, false)}})
 	app2, _, err := w.store.Import(ctx, app2src, images.ImportOptions{Parent: w.base, Names: []string{"app:2"}})
 	if err != nil {
 		t.Fatal(err)
@@ -63,5 +65,5 @@ func TestRecomposeMarkedWhileCheckedOut(t *testing.T) {
 	if d.Switch != nil || d.HeadVersion().System != app2.ID {
 		t.Fatalf("after the next check-out: switch %+v, head system %s", d.Switch, d.HeadVersion().System)
 	}
-	qemuCompare(t, lap2.top(w.desktop, DiskSystem), w.store.LayerPath(app2.ID))
+	qemuCompare(t, lap2.top(w.desktop, proto.DiskSystem), w.store.LayerPath(app2.ID))
 }

@@ -9,6 +9,8 @@ import (
 	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/internal/testutil"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 // bigSpec is the desktop of the first "Done when": a 1 GiB base holding
@@ -19,13 +21,13 @@ func bigSpec() worldSpec {
 	return worldSpec{
 		baseSize: 1 * GiB,
 		baseWrites: []write{
-			{off: 0, data: fill(1, 96*MiB, false)},
-			{off: 256 * MiB, data: fill(2, 64*MiB, true)},
+			{off: 0, data: testutil.Fill(1, 96*MiB, false)},
+			{off: 256 * MiB, data: testutil.Fill(2, 64*MiB, true)},
 		},
-		appWrites:  []write{{off: 512 * MiB, data: fill(3, 16*MiB, false)}},
+		appWrites:  []write{{off: 512 * MiB, data: testutil.Fill(3, 16*MiB, false)}},
 		userSize:   512 * MiB,
-		sysWrites:  []write{{off: 600 * MiB, data: fill(4, 8*MiB, false)}},
-		userWrites: []write{{off: 0, data: fill(5, 8*MiB, false)}, {off: 100 * MiB, data: fill(6, 4*MiB, true)}},
+		sysWrites:  []write{{off: 600 * MiB, data: testutil.Fill(4, 8*MiB, false)}},
+		userWrites: []write{{off: 0, data: testutil.Fill(5, 8*MiB, false)}, {off: 100 * MiB, data: testutil.Fill(6, 4*MiB, true)}},
 	}
 }
 
@@ -34,7 +36,7 @@ func bigSpec() worldSpec {
 // the base and of the user's version.
 func laptopWrites(t *testing.T, lap *laptop, desktop string) {
 	t.Helper()
-	sys, err := disk.Open(lap.top(desktop, DiskSystem), disk.OpenOptions{AllowedRoots: []string{lap.dir}})
+	sys, err := disk.Open(lap.top(desktop, proto.DiskSystem), disk.OpenOptions{AllowedRoots: []string{lap.dir}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -43,13 +45,13 @@ func laptopWrites(t *testing.T, lap *laptop, desktop string) {
 		t.Fatal(err)
 	}
 	applyWrites(t, sys, []write{
-		{off: 700 * MiB, data: fill(10, 64*MiB, false)},
+		{off: 700 * MiB, data: testutil.Fill(10, 64*MiB, false)},
 		{off: 800 * MiB, data: copied},
 		{off: 256 * MiB, zero: 16 * MiB},
 		{off: 960 * MiB, zero: 8 * MiB}, // never written anywhere: zero clusters over nothing
 	})
 	sys.Close()
-	user, err := disk.Open(lap.top(desktop, DiskUser), disk.OpenOptions{AllowedRoots: []string{lap.dir}})
+	user, err := disk.Open(lap.top(desktop, proto.DiskUser), disk.OpenOptions{AllowedRoots: []string{lap.dir}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -77,8 +79,8 @@ func TestCheckoutCheckinDoneWhen(t *testing.T) {
 		t.Fatalf("check-out: sealed %d, version %d, fetched %d layers", co.Sealed, co.Version, len(co.LayersFetched))
 	}
 	headN, head := w.head()
-	qemuCompare(t, w.store.LayerPath(head.System), lap.top(w.desktop, DiskSystem))
-	qemuCompare(t, w.store.LayerPath(head.User), lap.top(w.desktop, DiskUser))
+	qemuCompare(t, w.store.LayerPath(head.System), lap.top(w.desktop, proto.DiskSystem))
+	qemuCompare(t, w.store.LayerPath(head.User), lap.top(w.desktop, proto.DiskUser))
 
 	// 2. Work on the laptop, check in.
 	laptopWrites(t, lap, w.desktop)
@@ -102,7 +104,7 @@ func TestCheckoutCheckinDoneWhen(t *testing.T) {
 		t.Fatalf("server head %d", n)
 	}
 	// The laptop froze its tops as that version and started fresh ones.
-	for _, dn := range DiskNames {
+	for _, dn := range proto.DiskNames {
 		has, backing, err := desktop.TopState(lap.top(w.desktop, dn))
 		if err != nil {
 			t.Fatal(err)
@@ -111,14 +113,14 @@ func TestCheckoutCheckinDoneWhen(t *testing.T) {
 			t.Errorf("laptop %s top: data %v, stands on %s, want an empty top on %s", dn, has, short(backing), short(layerOf(head, dn)))
 		}
 	}
-	qemuCompare(t, w.store.LayerPath(head.System), lap.top(w.desktop, DiskSystem))
-	qemuCompare(t, w.store.LayerPath(head.User), lap.top(w.desktop, DiskUser))
+	qemuCompare(t, w.store.LayerPath(head.System), lap.top(w.desktop, proto.DiskSystem))
+	qemuCompare(t, w.store.LayerPath(head.User), lap.top(w.desktop, proto.DiskUser))
 	// The server's own tops stand on the new head too.
 	d, err := w.store.Desktop(w.desktop)
 	if err != nil {
 		t.Fatal(err)
 	}
-	qemuCompare(t, w.store.Path(d.SystemDisk), lap.top(w.desktop, DiskSystem))
+	qemuCompare(t, w.store.Path(d.SystemDisk), lap.top(w.desktop, proto.DiskSystem))
 
 	// 3. A fresh check-out to a third store reads the same (another device).
 	_, tok3, err := w.srv.AddDevice("laptop3", []string{w.desktop})
@@ -134,8 +136,8 @@ func TestCheckoutCheckinDoneWhen(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("fresh check-out to a third store: %d layers, %d bytes", len(co3.LayersFetched), co3.Bytes)
-	qemuCompare(t, third.top(w.desktop, DiskSystem), lap.top(w.desktop, DiskSystem))
-	qemuCompare(t, third.top(w.desktop, DiskUser), lap.top(w.desktop, DiskUser))
+	qemuCompare(t, third.top(w.desktop, proto.DiskSystem), lap.top(w.desktop, proto.DiskSystem))
+	qemuCompare(t, third.top(w.desktop, proto.DiskUser), lap.top(w.desktop, proto.DiskUser))
 
 	// 4. A laptop that holds the base and the app layer fetches only the versions.
 	_, tok4, err := w.srv.AddDevice("laptop4", []string{w.desktop})
@@ -176,6 +178,6 @@ func TestCheckoutCheckinDoneWhen(t *testing.T) {
 	if co4.Bytes >= co3.Bytes {
 		t.Errorf("moved %d bytes, a full check-out moved %d", co4.Bytes, co3.Bytes)
 	}
-	qemuCompare(t, fourth.top(w.desktop, DiskSystem), lap.top(w.desktop, DiskSystem))
-	qemuCompare(t, fourth.top(w.desktop, DiskUser), lap.top(w.desktop, DiskUser))
+	qemuCompare(t, fourth.top(w.desktop, proto.DiskSystem), lap.top(w.desktop, proto.DiskSystem))
+	qemuCompare(t, fourth.top(w.desktop, proto.DiskUser), lap.top(w.desktop, proto.DiskUser))
 }

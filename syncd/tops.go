@@ -15,6 +15,7 @@ import (
 	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 // A desktop's writable tops always stand on the head version's layers (see
@@ -22,22 +23,22 @@ import (
 
 // topRel returns the store-relative top of a disk ("" when the desktop has none).
 func (dv *DesktopVersions) topRel(diskName string) string {
-	if diskName == DiskSystem {
+	if diskName == proto.DiskSystem {
 		return dv.SystemDisk
 	}
 	return dv.UserDisk
 }
 
 // layerOf is the layer a version's disk stands on.
-func layerOf(v *Version, diskName string) string {
-	if diskName == DiskSystem {
+func layerOf(v *proto.Version, diskName string) string {
+	if diskName == proto.DiskSystem {
 		return v.System
 	}
 	return v.User
 }
 
-func setLayer(v *Version, diskName, id string) {
-	if diskName == DiskSystem {
+func setLayer(v *proto.Version, diskName, id string) {
+	if diskName == proto.DiskSystem {
 		v.System = id
 	} else {
 		v.User = id
@@ -78,7 +79,7 @@ func adoptTop(ctx context.Context, store *images.Store, log *slog.Logger, path s
 func (s *Server) sealServerTops(ctx context.Context, name, note string) (int, error) {
 	_, v, err := desktop.SealTops(ctx, s.store, name, note, s.now())
 	if err != nil || v == nil {
-		return 0, NoSpace(err)
+		return 0, proto.NoSpace(err)
 	}
 	s.log.Info("sealed server tops", "desktop", name, "version", v.N, "note", note)
 	s.indexLater(v.System, v.User)
@@ -86,9 +87,9 @@ func (s *Server) sealServerTops(ctx context.Context, name, note string) (int, er
 }
 
 // resetTops points the desktop's tops at version v's layers.
-func (s *Server) resetTops(dv *DesktopVersions, v *Version) error {
+func (s *Server) resetTops(dv *DesktopVersions, v *proto.Version) error {
 	d := &images.Desktop{Name: dv.Name, SystemDisk: dv.SystemDisk, UserDisk: dv.UserDisk, UserSize: dv.UserSize}
-	return NoSpace(desktop.ResetTops(s.store, d, *v))
+	return proto.NoSpace(desktop.ResetTops(s.store, d, *v))
 }
 
 // indexLater indexes new layers in the background.

@@ -9,19 +9,14 @@ import (
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
-
-// Version is one state of a desktop: the sealed layers its disks stand on. The
-// desktop's versions and head live in the images catalog; sync adds check-out
-// seals, check-ins (Note "check-in <id>", or "conflict <id>" beside the head),
-// rollbacks and imports through images.Store.UpdateDesktop.
-type Version = images.Version
 
 // DesktopVersions is a desktop's history and disks as sync uses them.
 type DesktopVersions struct {
-	Name     string    `json:"name"`
-	Head     int       `json:"head"`
-	Versions []Version `json:"versions"`
+	Name     string          `json:"name"`
+	Head     int             `json:"head"`
+	Versions []proto.Version `json:"versions"`
 	// Disks of the desktop (store-relative tops).
 	SystemDisk string `json:"system_disk"`
 	UserDisk   string `json:"user_disk,omitempty"`
@@ -34,10 +29,10 @@ func versionsOf(d *images.Desktop) *DesktopVersions {
 }
 
 // HeadVersion is the version Head names.
-func (d *DesktopVersions) HeadVersion() *Version { return d.Version(d.Head) }
+func (d *DesktopVersions) HeadVersion() *proto.Version { return d.Version(d.Head) }
 
 // Version returns version n, or nil.
-func (d *DesktopVersions) Version(n int) *Version {
+func (d *DesktopVersions) Version(n int) *proto.Version {
 	for i := range d.Versions {
 		if d.Versions[i].N == n {
 			return &d.Versions[i]
@@ -63,17 +58,17 @@ func desktopVersions(store *images.Store, name string) (*DesktopVersions, error)
 // keeps a check-in that no longer starts from the head as a conflict) and returns
 // the desktop as it is afterwards and the version added. fence is the epoch of
 // the lease a check-in was made under (0 for none).
-func addVersion(store *images.Store, name string, v Version, setHead bool, fence int64) (*DesktopVersions, *Version, error) {
+func addVersion(store *images.Store, name string, v proto.Version, setHead bool, fence int64) (*DesktopVersions, *proto.Version, error) {
 	d, added, err := desktop.AddVersion(store, name, v, setHead, fence)
 	if err != nil {
-		return nil, nil, NoSpace(err)
+		return nil, nil, proto.NoSpace(err)
 	}
 	return versionsOf(d), &added, nil
 }
 
 // checkinVersion finds the version a check-in made (by its Checkin ID; versions
 // of releases that kept the ID only in the note are found by the note).
-func (d *DesktopVersions) checkinVersion(id string) *Version {
+func (d *DesktopVersions) checkinVersion(id string) *proto.Version {
 	for i := range d.Versions {
 		v := &d.Versions[i]
 		if v.Checkin == id {
@@ -90,8 +85,8 @@ func (d *DesktopVersions) checkinVersion(id string) *Version {
 // catalog (once; before images recorded sync's versions itself).
 func (s *Server) migrateVersions() error {
 	type old struct {
-		Head     int       `json:"head"`
-		Versions []Version `json:"versions"`
+		Head     int             `json:"head"`
+		Versions []proto.Version `json:"versions"`
 	}
 	var names []string
 	olds := map[string]old{}
@@ -125,6 +120,6 @@ func (s *Server) migrateVersions() error {
 }
 
 // isCheckin reports a version a check-in made.
-func isCheckin(v *Version) bool {
+func isCheckin(v *proto.Version) bool {
 	return strings.HasPrefix(v.Note, "check-in ") || strings.HasPrefix(v.Note, "conflict ")
 }

@@ -8,6 +8,7 @@ import (
 
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/syncd"
+	"github.com/cvd-project/cvd/syncd/proto"
 	"github.com/spf13/cobra"
 )
 
@@ -80,7 +81,7 @@ func printCheckinReport(out io.Writer, rep *syncd.CheckinReport) {
 	fmt.Fprintf(out, "  changed %d clusters (%s of data); sent %d clusters, %s payload (%d bytes) + %d bytes metadata; %d deduplicated by the server\n",
 		rep.Changed, fmtBytes(rep.ChangedBytes), rep.Sent, fmtBytes(rep.Payload), rep.Payload, rep.Metadata, rep.Deduplicated)
 	fmt.Fprintf(out, "  took %.2fs (transfer and commit %.2fs)\n", rep.Took, rep.TookUpload)
-	for _, dn := range []string{syncd.DiskSystem, syncd.DiskUser} {
+	for _, dn := range []string{proto.DiskSystem, proto.DiskUser} {
 		if id := rep.Layers[dn]; id != "" {
 			fmt.Fprintf(out, "  %s disk: layer %s\n", dn, images.ShortID(id))
 		}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/syncd"
+	"github.com/cvd-project/cvd/syncd/proto"
 	"github.com/cvd-project/cvd/vm"
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
@@ -176,7 +177,7 @@ func newStatusCommand(g *globalOptions) *cobra.Command {
 				sel = append(sel, s)
 			}
 			if len(args) == 1 && len(sel) == 0 {
-				return fmt.Errorf("desktop %s: %w", args[0], syncd.ErrNotCheckedOut)
+				return fmt.Errorf("desktop %s: %w", args[0], proto.ErrNotCheckedOut)
 			}
 			out := cmd.OutOrStdout()
 			if g.json {
@@ -197,8 +198,8 @@ func newStatusCommand(g *globalOptions) *cobra.Command {
 					unsent = fmt.Sprintf("%d clusters (%s)", n, fmtBytes(b))
 				}
 				fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Desktop, s.Version, s.Server,
-					s.Expires.Local().Format(time.RFC3339), images.ShortID(s.Layers[syncd.DiskSystem]),
-					images.ShortID(s.Layers[syncd.DiskUser]), unsent, s.Pending)
+					s.Expires.Local().Format(time.RFC3339), images.ShortID(s.Layers[proto.DiskSystem]),
+					images.ShortID(s.Layers[proto.DiskUser]), unsent, s.Pending)
 			}
 			return tw.Flush()
 		},

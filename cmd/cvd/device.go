@@ -8,6 +8,7 @@ import (
 
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/syncd"
+	"github.com/cvd-project/cvd/syncd/proto"
 	"github.com/spf13/cobra"
 )
 
@@ -188,10 +189,10 @@ func newDeviceLeasesCommand(g *globalOptions) *cobra.Command {
 	}
 }
 
-func printLeases(out io.Writer, g *globalOptions, ls []syncd.Lease) error {
+func printLeases(out io.Writer, g *globalOptions, ls []proto.Lease) error {
 	if g.json {
 		if ls == nil {
-			ls = []syncd.Lease{}
+			ls = []proto.Lease{}
 		}
 		return printJSON(out, ls)
 	}

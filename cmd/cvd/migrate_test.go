@@ -20,6 +20,7 @@ import (
 
 	"github.com/cvd-project/cvd/internal/testutil"
 	"github.com/cvd-project/cvd/syncd"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 // boltRelease is the last commit whose stores keep their records in bbolt files
@@ -220,7 +221,7 @@ func TestMigrateBoltStore(t *testing.T) {
 	if n := count(srv, "device", "ls"); n != 1 {
 		t.Errorf("server devices: %d, want 1", n)
 	}
-	var leases []syncd.Lease
+	var leases []proto.Lease
 	json.Unmarshal([]byte(run(bin, srv, "--json", "device", "leases")), &leases)
 	if len(leases) != 1 || leases[0].DeviceName != "lap" || leases[0].Expired(time.Now()) {
 		t.Errorf("active lease after migration: %+v", leases)

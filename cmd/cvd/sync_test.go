@@ -20,6 +20,7 @@ import (
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/internal/testutil"
 	"github.com/cvd-project/cvd/syncd"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 // syncServer is a server store with a desktop, served on loopback by the test
@@ -111,7 +112,7 @@ func checkQcow2Under(t *testing.T, dir string) {
 	})
 }
 
-func (s *syncServer) head() syncd.Version {
+func (s *syncServer) head() proto.Version {
 	s.t.Helper()
 	st, err := s.srv.DesktopStatus("desk")
 	if err != nil {
@@ -123,7 +124,7 @@ func (s *syncServer) head() syncd.Version {
 		}
 	}
 	s.t.Fatal("no head")
-	return syncd.Version{}
+	return proto.Version{}
 }
 
 // cvdProc starts the cvd binary on a laptop store.
@@ -331,7 +332,7 @@ func TestDesktopRmRefusedWhileHeld(t *testing.T) {
 	s := newSyncServer(t)
 	runJSON(t, bin, filepath.Join(t.TempDir(), "lap"), nil, "checkout", "desk", "--server", s.http.URL, "--token", s.token)
 	_, err := cvdIn(t, s.dir, "desktop", "rm", "desk")
-	if !errors.Is(err, syncd.ErrLeaseHeld) || !strings.Contains(err.Error(), "laptop") {
+	if !errors.Is(err, proto.ErrLeaseHeld) || !strings.Contains(err.Error(), "laptop") {
 		t.Fatalf("desktop rm of a checked-out desktop: %v, want a refusal naming device laptop", err)
 	}
 	if _, err := s.store.Desktop("desk"); err != nil {
@@ -388,7 +389,7 @@ func TestDesktopPrune(t *testing.T) {
 	}
 	head := s.head().N
 	var rep struct {
-		Removed []syncd.Version `json:"removed"`
+		Removed []proto.Version `json:"removed"`
 	}
 	if err := json.Unmarshal([]byte(mustCvd(t, s.dir, "--json", "desktop", "prune", "desk", "--keep", "0")), &rep); err != nil {
 		t.Fatal(err)

@@ -14,9 +14,10 @@ const module = "github.com/cvd-project/cvd/"
 // (docs/ARCHITECTURE.md, "Packages"). A package not listed may import nothing of
 // the module but internal helpers.
 var allowed = map[string][]string{
-	"cmd/cvd":           {"syncd", "vm", "desktop", "overlay", "clone", "hypervisor", "images", "catalog", "disk", "internal/proc", "internal/ordered"},
+	"cmd/cvd":           {"syncd", "syncd/proto", "vm", "desktop", "overlay", "clone", "hypervisor", "images", "catalog", "disk", "internal/proc", "internal/ordered"},
 	"vm":                {"hypervisor", "images", "disk"},
-	"syncd":             {"desktop", "images", "catalog", "disk", "internal/proc", "internal/fsutil", "internal/ordered"},
+	"syncd/proto":       {"desktop", "images", "internal/ordered"},
+	"syncd":             {"syncd/proto", "desktop", "images", "catalog", "disk", "internal/proc", "internal/fsutil", "internal/ordered"},
 	"desktop":           {"overlay", "images", "disk", "internal/proc", "internal/fsutil"},
 	"overlay":           {"disk", "internal/proc", "internal/fsutil", "internal/ordered"},
 	"clone":             {"images", "disk", "internal/proc", "internal/fsutil"},

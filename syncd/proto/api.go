@@ -1,4 +1,4 @@
-package syncd
+package proto
 
 import (
 	"time"
@@ -161,3 +161,35 @@ type ErrorBody struct {
 	Lease  *LeaseError `json:"lease,omitempty"`
 	Status int         `json:"status"`
 }
+
+// Lease is a device's hold on a desktop: while it is active and not expired, no
+// other device can check the desktop out. The laptop purges its copy once Expires
+// has passed, whether or not it can reach the server.
+type Lease struct {
+	ID         string    `json:"id"`
+	Desktop    string    `json:"desktop"`
+	Device     string    `json:"device"` // device ID
+	DeviceName string    `json:"device_name"`
+	Granted    time.Time `json:"granted"`
+	Expires    time.Time `json:"expires"`
+	Version    int       `json:"version"` // the version checked out
+	// Epoch numbers the desktop's leases (1, 2, ...): the fencing token. A
+	// check-in is taken only under the active lease it started with.
+	Epoch int64 `json:"epoch"`
+	// State is set in the lease log: active, released, broken (by an administrator
+	// or a removed device), expired (ended past its expiry).
+	State string    `json:"state,omitempty"`
+	Ended time.Time `json:"ended,omitzero"`
+}
+
+// Expired reports whether the lease is past its expiry at now.
+func (l *Lease) Expired(now time.Time) bool { return !now.Before(l.Expires) }
+
+// Version is one state of a desktop: the sealed layers its disks stand on. The
+// desktop's versions and head live in the images catalog; sync adds check-out
+// seals, check-ins (Note "check-in <id>", or "conflict <id>" beside the head),
+// rollbacks and imports through images.Store.UpdateDesktop.
+type Version = images.Version
+
+// NeedsParent reports whether fetching the layer needs its parent in the store.
+func (li *LayerInfo) NeedsParent() bool { return li.Parent != "" && li.Clusters > li.DataClusters }

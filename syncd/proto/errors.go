@@ -1,4 +1,4 @@
-package syncd
+package proto
 
 import (
 	"errors"

@@ -1,4 +1,4 @@
-package syncd
+package proto
 
 import (
 	"context"
@@ -96,4 +96,87 @@ func (p *BufPool) Put(b []byte) {
 	case p.free <- b[:0]:
 	default:
 	}
+}
+
+// RefResolver reads the cluster an R frame names (body: layer ID and index) into
+// dst and checks it against the digest.
+type RefResolver func(f Frame, d Digest, body, dst []byte) ([]byte, error)
+
+// DecodeOrdered reads frames up to the end frame, checks each data frame's header
+// with check, decodes and verifies the clusters on several goroutines and hands
+// them to consume in stream order (a zero run comes as a frame with raw nil, and
+// only when allowZero). It returns the end frame and its ID bytes; a stream
+// without its end frame is an error.
+func DecodeOrdered(ctx context.Context, sr *StreamReader, allowZero bool, resolve RefResolver, check func(Frame, Digest) error,
+	consume func(Frame, Digest, []byte) error) (Frame, Digest, error) {
+	type job struct {
+		f       Frame
+		d       Digest
+		payload []byte
+		raw     []byte
+		err     error
+	}
+	workers := 2
+	pool := NewBufPool(workers*8, 64<<10)
+	var end Frame
+	var endID Digest
+	err := ordered.Run(ctx, workers, workers*4,
+		func(ctx context.Context, submit func(*job, bool) error) error {
+			for {
+				if err := ctx.Err(); err != nil {
+					return err
+				}
+				f, d, payload, err := sr.Next(pool.Get(0))
+				if err != nil {
+					return err
+				}
+				j := &job{f: f, d: d, payload: payload}
+				switch f.Kind {
+				case KindEnd:
+					end, endID = f, d
+					return nil
+				case KindZero:
+					if !allowZero {
+						return BadRequest("zero frame in an upload")
+					}
+					if err := submit(j, true); err != nil {
+						return err
+					}
+					continue
+				case KindRef:
+					if resolve == nil {
+						return BadRequest("reference frame in a stream that cannot have them")
+					}
+				}
+				if err := check(f, d); err != nil {
+					return err
+				}
+				if err := submit(j, false); err != nil {
+					return err
+				}
+			}
+		},
+		func(j *job) {
+			if j.f.Kind == KindRef {
+				j.raw, j.err = resolve(j.f, j.d, j.payload, pool.Get(0))
+			} else {
+				j.raw, j.err = DecodeCluster(j.f, j.d, j.payload, pool.Get(0))
+			}
+		},
+		func(j *job) error {
+			defer func() {
+				if !SameBuf(j.raw, j.payload) {
+					pool.Put(j.raw)
+				}
+				pool.Put(j.payload)
+			}()
+			if j.err != nil {
+				return j.err
+			}
+			if j.raw != nil || j.f.Kind == KindZero {
+				return consume(j.f, j.d, j.raw)
+			}
+			return nil
+		})
+	return end, endID, err
 }

@@ -1,4 +1,4 @@
-package syncd
+package proto
 
 import (
 	"bytes"
@@ -9,13 +9,15 @@ import (
 	"net/http/httptest"
 	"testing"
 	"time"
+
+	"github.com/cvd-project/cvd/internal/testutil"
 )
 
 // TestFuncBody: HTTP/1.1 sends a funcBody through WriteTo (no pipe); a reader
 // gets the same bytes through Read; a request the server refuses before reading
 // the body ends without the writer blocking; a body never sent never runs.
 func TestFuncBody(t *testing.T) {
-	payload := fill(3, 3<<20, false)
+	payload := testutil.Fill(3, 3<<20, false)
 	write := func(w io.Writer) error {
 		for off := 0; off < len(payload); off += 100 << 10 {
 			if _, err := w.Write(payload[off:min(off+100<<10, len(payload))]); err != nil {

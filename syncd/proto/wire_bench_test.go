@@ -1,11 +1,13 @@
-package syncd
+package proto
 
 import (
 	"testing"
+
+	"github.com/cvd-project/cvd/internal/testutil"
 )
 
 func BenchmarkEncodeRandom(b *testing.B) {
-	raw := fill(7, 64<<10, false)
+	raw := testutil.Fill(7, 64<<10, false)
 	dst := make([]byte, 0, 64<<10)
 	b.SetBytes(int64(len(raw)))
 	b.ReportAllocs()
@@ -17,7 +19,7 @@ func BenchmarkEncodeRandom(b *testing.B) {
 }
 
 func BenchmarkEncodeText(b *testing.B) {
-	raw := fill(7, 64<<10, true)
+	raw := testutil.Fill(7, 64<<10, true)
 	dst := make([]byte, 0, 64<<10)
 	b.SetBytes(int64(len(raw)))
 	b.ReportAllocs()
@@ -29,7 +31,7 @@ func BenchmarkEncodeText(b *testing.B) {
 }
 
 func BenchmarkDecodeText(b *testing.B) {
-	raw := fill(7, 64<<10, true)
+	raw := testutil.Fill(7, 64<<10, true)
 	ec, _ := EncodeCluster(0, 1, raw, nil, EncodeOptions{Compress: true})
 	f := Frame{Kind: KindData, Enc: ec.Enc, PLen: uint32(len(ec.Data)), N: int64(len(raw))}
 	dst := make([]byte, 0, 64<<10)

@@ -1,4 +1,4 @@
-package syncd
+package proto
 
 import (
 	"bufio"
@@ -37,7 +37,7 @@ import (
 // reads it from its own copy of that layer and checks the digest.
 const (
 	streamMagic = "CVDSTRM1"
-	frameHeader = 24
+	FrameHeader = 24
 
 	KindData = 'D'
 	KindZero = 'Z'
@@ -68,7 +68,7 @@ type Frame struct {
 	N    int64
 }
 
-func (f *Frame) put(b []byte) {
+func (f *Frame) Put(b []byte) {
 	b[0], b[1], b[2], b[3] = f.Kind, f.Enc, f.Disk, 0
 	binary.BigEndian.PutUint32(b[4:8], f.PLen)
 	binary.BigEndian.PutUint64(b[8:16], uint64(f.Idx))
@@ -227,18 +227,18 @@ func DecodeCluster(f Frame, digest Digest, payload, dst []byte) ([]byte, error) 
 // StreamWriter writes a cluster stream and counts its bytes.
 type StreamWriter struct {
 	w     *bufio.Writer
-	hdr   [frameHeader]byte
+	hdr   [FrameHeader]byte
 	Bytes int64
 	err   error
 }
 
 func NewStreamWriter(w io.Writer) *StreamWriter {
 	sw := &StreamWriter{w: bufio.NewWriterSize(w, 256<<10)}
-	sw.write([]byte(streamMagic))
+	sw.WriteRaw([]byte(streamMagic))
 	return sw
 }
 
-func (sw *StreamWriter) write(b []byte) {
+func (sw *StreamWriter) WriteRaw(b []byte) {
 	if sw.err != nil {
 		return
 	}
@@ -249,41 +249,41 @@ func (sw *StreamWriter) write(b []byte) {
 
 func (sw *StreamWriter) Data(c EncodedCluster) error {
 	f := Frame{Kind: KindData, Enc: c.Enc, Disk: c.Disk, PLen: uint32(len(c.Data)), Idx: c.Idx, N: int64(c.Raw)}
-	f.put(sw.hdr[:])
-	sw.write(sw.hdr[:])
-	sw.write(c.Digest[:])
-	sw.write(c.Data)
+	f.Put(sw.hdr[:])
+	sw.WriteRaw(sw.hdr[:])
+	sw.WriteRaw(c.Digest[:])
+	sw.WriteRaw(c.Data)
 	return sw.err
 }
 
 func (sw *StreamWriter) Reference(c EncodedCluster) error {
 	f := Frame{Kind: KindRef, Disk: c.Disk, PLen: RefBody, Idx: c.Idx, N: int64(c.Raw)}
-	f.put(sw.hdr[:])
-	sw.write(sw.hdr[:])
-	sw.write(c.Digest[:])
+	f.Put(sw.hdr[:])
+	sw.WriteRaw(sw.hdr[:])
+	sw.WriteRaw(c.Digest[:])
 	id, err := HexID(c.Ref.Layer)
 	if err != nil {
 		return err
 	}
-	sw.write(id)
-	sw.write(binary.BigEndian.AppendUint64(nil, uint64(c.Ref.Index)))
+	sw.WriteRaw(id)
+	sw.WriteRaw(binary.BigEndian.AppendUint64(nil, uint64(c.Ref.Index)))
 	return sw.err
 }
 
 func (sw *StreamWriter) Zeros(diskNo byte, idx, n int64) error {
 	f := Frame{Kind: KindZero, Disk: diskNo, Idx: idx, N: n}
-	f.put(sw.hdr[:])
-	sw.write(sw.hdr[:])
+	f.Put(sw.hdr[:])
+	sw.WriteRaw(sw.hdr[:])
 	return sw.err
 }
 
 func (sw *StreamWriter) End(entries int64, id []byte) error {
 	f := Frame{Kind: KindEnd, PLen: sha256.Size, Idx: entries}
-	f.put(sw.hdr[:])
-	sw.write(sw.hdr[:])
+	f.Put(sw.hdr[:])
+	sw.WriteRaw(sw.hdr[:])
 	var b [sha256.Size]byte
 	copy(b[:], id)
-	sw.write(b[:])
+	sw.WriteRaw(b[:])
 	return sw.Flush()
 }
 
@@ -297,7 +297,7 @@ func (sw *StreamWriter) Flush() error {
 // StreamReader reads a cluster stream.
 type StreamReader struct {
 	r     *bufio.Reader
-	hdr   [frameHeader]byte
+	hdr   [FrameHeader]byte
 	n     atomic.Int64 // bytes read (decodeOrdered reads on a goroutine of its own)
 	magic bool
 }
