@@ -293,7 +293,7 @@ func (l *Laptop) send(ctx context.Context, c *Client, req *proto.CheckinRequest,
 	if err != nil {
 		return nil, err
 	}
-	if st.State == stateCommitted && st.Committed != nil {
+	if st.State == proto.SessionCommitted && st.Committed != nil {
 		return st.Committed, nil
 	}
 	for _, ch := range changes {

@@ -82,8 +82,8 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 			have = append(have, ly.ID)
 		}
 	}
-	if len(have) > maxHave {
-		have = have[len(have)-maxHave:]
+	if len(have) > proto.MaxHave {
+		have = have[len(have)-proto.MaxHave:]
 	}
 	m, err := c.Checkout(ctx, name, opts.TTL, have...)
 	if err != nil {

@@ -115,7 +115,7 @@ func PinnedVersions(store *images.Store, desktop string, now time.Time) ([]int, 
 			if err := json.Unmarshal(v, &se); err != nil {
 				return fmt.Errorf("check-in %s: %w", k, err)
 			}
-			if se.Desktop == desktop && se.State == stateReceiving {
+			if se.Desktop == desktop && se.State == proto.SessionReceiving {
 				out = append(out, se.Base)
 			}
 			return nil

@@ -37,11 +37,6 @@ type Session struct {
 	Result     *proto.CheckinResult `json:"result,omitempty"`
 }
 
-const (
-	stateReceiving = "receiving"
-	stateCommitted = "committed"
-)
-
 // session is an open check-in in memory: its entry lists, loaded once.
 type session struct {
 	mu    sync.Mutex
@@ -219,7 +214,7 @@ func (s *Server) handleCheckinOpen(w http.ResponseWriter, r *http.Request, dev *
 		if old.Device != dev.ID || !sameRequest(&old.CheckinRequest, &req) {
 			return proto.BadRequest("check-in %s exists with other content", req.ID)
 		}
-		if old.Release != req.Release && old.State == stateReceiving {
+		if old.Release != req.Release && old.State == proto.SessionReceiving {
 			old.Release = req.Release
 			if err := s.putSession(old); err != nil {
 				return err
@@ -250,7 +245,7 @@ func (s *Server) handleCheckinOpen(w http.ResponseWriter, r *http.Request, dev *
 	if err := checkFree(s.store.Dir(), need+16<<20); err != nil {
 		return err
 	}
-	se := &Session{CheckinRequest: req, Device: dev.ID, DeviceName: dev.Name, State: stateReceiving,
+	se := &Session{CheckinRequest: req, Device: dev.ID, DeviceName: dev.Name, State: proto.SessionReceiving,
 		Created: s.now().UTC(), Lists: []string{}}
 	if err := os.MkdirAll(s.sessionDir(req.ID), 0o700); err != nil {
 		return proto.NoSpace(err)
@@ -293,7 +288,7 @@ func (s *Server) sessionFor(r *http.Request, dev *Device) (*Session, error) {
 
 func (s *Server) checkinStatus(ctx context.Context, se *Session) (*proto.CheckinStatus, error) {
 	st := &proto.CheckinStatus{ID: se.ID, State: se.State, Lists: se.Lists, Received: se.Received, Committed: se.Result}
-	if se.State == stateReceiving && len(se.Lists) == len(se.Disks) {
+	if se.State == proto.SessionReceiving && len(se.Lists) == len(se.Disks) {
 		m, err := s.openSession(se)
 		if err != nil {
 			return nil, err
@@ -327,7 +322,7 @@ func (s *Server) handleEntries(w http.ResponseWriter, r *http.Request, dev *Devi
 	if err != nil {
 		return err
 	}
-	if se.State != stateReceiving {
+	if se.State != proto.SessionReceiving {
 		return proto.BadRequest("check-in %s is %s", se.ID, se.State)
 	}
 	name := r.PathValue("disk")
@@ -568,7 +563,7 @@ func (s *Server) handleMissing(w http.ResponseWriter, r *http.Request, dev *Devi
 	if err != nil {
 		return err
 	}
-	if se.State != stateReceiving {
+	if se.State != proto.SessionReceiving {
 		w.Header().Set("Content-Type", "application/octet-stream")
 		w.WriteHeader(http.StatusOK)
 		return nil
@@ -603,7 +598,7 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 	if err != nil {
 		return err
 	}
-	if se.State != stateReceiving {
+	if se.State != proto.SessionReceiving {
 		return proto.BadRequest("check-in %s is %s", se.ID, se.State)
 	}
 	if len(se.Lists) != len(se.Disks) {

@@ -31,8 +31,8 @@ func (s *Server) handleCheckout(w http.ResponseWriter, r *http.Request, dev *Dev
 	if err := readJSON(w, r, &req); err != nil {
 		return err
 	}
-	if len(req.Have) > maxHave {
-		return proto.BadRequest("%d layers in have, at most %d", len(req.Have), maxHave)
+	if len(req.Have) > proto.MaxHave {
+		return proto.BadRequest("%d layers in have, at most %d", len(req.Have), proto.MaxHave)
 	}
 	m, err := s.Checkout(r.Context(), name, dev, s.ttl(req.TTLSeconds))
 	if err != nil {
@@ -43,8 +43,6 @@ func (s *Server) handleCheckout(w http.ResponseWriter, r *http.Request, dev *Dev
 	return nil
 }
 
-// maxHave bounds the layers a check-out may say the laptop holds.
-const maxHave = 100000
 
 // haveSet is what a check-out said the laptop holds, kept in memory for the
 // lease's layer streams (a rerun of the check-out says it again).

@@ -45,7 +45,7 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*proto.C
 	if err != nil {
 		return nil, err
 	}
-	if se.State == stateCommitted {
+	if se.State == proto.SessionCommitted {
 		return se.Result, nil
 	}
 	dv, err := desktopVersions(s.store, se.Desktop)
@@ -214,7 +214,7 @@ func (s *Server) finishCommit(se *Session, res *proto.CheckinResult, newEntries 
 				res.Released = true
 			}
 		}
-		se.State, se.Result = stateCommitted, res
+		se.State, se.Result = proto.SessionCommitted, res
 		return putJSON(tx, bucketSessions, se.ID, se)
 	})
 }

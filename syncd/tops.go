@@ -160,7 +160,7 @@ func (s *Server) reconcileSessions() error {
 			removeAllQuiet(s.sessionDir(se.ID))
 			continue
 		}
-		if se.State != stateReceiving {
+		if se.State != proto.SessionReceiving {
 			continue
 		}
 		for _, d := range se.Disks {

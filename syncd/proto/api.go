@@ -193,3 +193,17 @@ type Version = images.Version
 
 // NeedsParent reports whether fetching the layer needs its parent in the store.
 func (li *LayerInfo) NeedsParent() bool { return li.Parent != "" && li.Clusters > li.DataClusters }
+
+// States of a check-in (CheckinStatus.State).
+const (
+	SessionReceiving = "receiving"
+	SessionCommitted = "committed"
+)
+
+// Limits both sides hold to.
+const (
+	// MaxHave bounds the layers a check-out may say the laptop holds.
+	MaxHave = 100000
+	// MaxJSON bounds a JSON body (a request's, or a bundle's header).
+	MaxJSON = 1 << 20
+)
