@@ -20,7 +20,7 @@ func (s *Server) AddDevice(name string, desktops []string) (*Device, string, err
 			return nil, "", err
 		}
 	}
-	return s.st.addDevice(name, desktops, s.now())
+	return addDevice(s.st, name, desktops, s.now())
 }
 
 // BindDevice binds an existing device to more desktops.
@@ -30,23 +30,23 @@ func (s *Server) BindDevice(name string, desktops []string) (*Device, error) {
 			return nil, err
 		}
 	}
-	return s.st.bindDevice(name, desktops)
+	return bindDevice(s.st, name, desktops)
 }
 
 // RemoveDevice forgets a device: its token stops working and a lease it holds is
 // broken.
 func (s *Server) RemoveDevice(name string) (*Device, error) {
-	return s.st.removeDevice(name, s.now())
+	return removeDevice(s.st, name, s.now())
 }
 
 // Devices lists the registered devices.
-func (s *Server) Devices() ([]Device, error) { return s.st.devices() }
+func (s *Server) Devices() ([]Device, error) { return devices(s.st) }
 
 // Leases lists the active leases (expired ones too, until another device takes the
 // desktop).
 func (s *Server) Leases() ([]proto.Lease, error) {
 	var out []proto.Lease
-	err := s.st.view(func(tx *catalog.Tx) error {
+	err := s.st.View(func(tx *catalog.Tx) error {
 		var err error
 		out, err = queryLeases(tx, "state = 'active'")
 		return err
@@ -60,7 +60,7 @@ func (s *Server) BreakLease(desktop string) (*proto.Lease, error) {
 	unlock := s.lockDesktop(desktop)
 	defer unlock()
 	var l *proto.Lease
-	err := s.st.update(func(tx *catalog.Tx) error {
+	err := s.st.Update(func(tx *catalog.Tx) error {
 		var err error
 		l, err = activeLease(tx, desktop)
 		if err != nil {

@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cvd-project/cvd/syncd/state"
+
 	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
@@ -151,7 +153,7 @@ func (l *Laptop) CheckIn(ctx context.Context, name string, opts CheckinOptions) 
 			return rep, nil
 		}
 		// Room for freezing the tops into layers afterwards.
-		if err := checkFree(l.store.Dir(), rep.ChangedBytes+32<<20); err != nil {
+		if err := state.CheckFree(l.store.Dir(), rep.ChangedBytes+32<<20); err != nil {
 			return nil, err
 		}
 		req := &proto.CheckinRequest{Desktop: name, Lease: co.Lease.ID, Base: co.Version, Release: opts.Release}
@@ -260,7 +262,7 @@ func (l *Laptop) scanTops(ctx context.Context, d *images.Desktop, co *Checkout) 
 		}
 		if backing != parent {
 			img.Close()
-			return nil, fmt.Errorf("desktop %s: the %s top stands on %q, the check-out record says %q", d.Name, dn, short(backing), short(parent))
+			return nil, fmt.Errorf("desktop %s: the %s top stands on %q, the check-out record says %q", d.Name, dn, state.Short(backing), state.Short(parent))
 		}
 		cs := images.DigestClusterSize(info)
 		ch := diskChanges{name: dn, top: path, stat: st,
@@ -499,7 +501,7 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 			return err
 		}
 		if backing == want && !has {
-			setLayer(&v, dn, want) // frozen already (a rerun)
+			state.SetLayer(&v, dn, want) // frozen already (a rerun)
 			continue
 		}
 		if want == co.Layers[dn] {
@@ -514,7 +516,7 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 				aopts.Sums = proto.EntrySums(proto.ListEntries(ch.list), ch.decl.Size, ch.decl.ClusterSize)
 			}
 		}
-		lay, existed, err := adoptTop(ctx, l.store, l.log, path, aopts)
+		lay, existed, err := state.AdoptTop(ctx, l.store, l.log, path, aopts)
 		if errors.Is(err, images.ErrIDMismatch) {
 			// The top changed after its list was made: it keeps everything, and the
 			// next check-in sends the rest from the version just committed.
@@ -528,7 +530,7 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 		if !existed {
 			made = append(made, lay.ID)
 		}
-		setLayer(&v, dn, want)
+		state.SetLayer(&v, dn, want)
 		move[dn] = want
 	}
 	if err := l.recordVersion(co.Desktop, v, false); err != nil {
@@ -546,7 +548,7 @@ func (l *Laptop) freeze(ctx context.Context, d *images.Desktop, co *Checkout, re
 	}
 	for _, dn := range proto.DiskNames {
 		if _, ok := co.Layers[dn]; ok {
-			co.Layers[dn] = layerOf(&v, dn)
+			co.Layers[dn] = state.LayerOf(&v, dn)
 		}
 	}
 	return nil

@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/cvd-project/cvd/syncd/state"
+
 	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/syncd/proto"
@@ -126,7 +128,7 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 			largest = max(largest, li.DataBytes)
 		}
 	}
-	if err := checkFree(l.store.Dir(), needBytes+largest+16<<20); err != nil {
+	if err := state.CheckFree(l.store.Dir(), needBytes+largest+16<<20); err != nil {
 		return fail(err)
 	}
 	// Layers are fetched one after the other, parents first; each is imported
@@ -141,7 +143,7 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 		for f := range imports {
 			if err == nil {
 				if err = f.finish(ctx); err != nil {
-					err = fmt.Errorf("import layer %s: %w", short(f.info.ID), err)
+					err = fmt.Errorf("import layer %s: %w", state.Short(f.info.ID), err)
 					importFailed.Store(true)
 				}
 			}
@@ -159,12 +161,12 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 		if importFailed.Load() {
 			break
 		}
-		l.opts.Progress.Start("layer "+short(li.ID), li.DataBytes)
+		l.opts.Progress.Start("layer "+state.Short(li.ID), li.DataBytes)
 		f, n, err := l.fetchLayer(ctx, c, li, m.Lease.ID, refs)
 		l.opts.Progress.Done()
 		rep.Bytes += n
 		if err != nil {
-			fetchErr = fmt.Errorf("fetch layer %s: %w", short(li.ID), err)
+			fetchErr = fmt.Errorf("fetch layer %s: %w", state.Short(li.ID), err)
 			break
 		}
 		rep.ClustersByRef += f.byRef

@@ -12,6 +12,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cvd-project/cvd/syncd/state"
+
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/syncd/proto"
@@ -123,14 +125,14 @@ func bind(tx *catalog.Tx, id string, desktops []string) error {
 
 // addDevice registers a device bound to desktops and returns it with its token,
 // which is shown once and never stored.
-func (s *state) addDevice(name string, desktops []string, now time.Time) (*Device, string, error) {
+func addDevice(s *state.State, name string, desktops []string, now time.Time) (*Device, string, error) {
 	if err := images.CheckObjectName("device", name); err != nil {
 		return nil, "", err
 	}
 	id, tok := newToken()
 	d := &Device{ID: id, Name: name, Desktops: slices.Compact(slices.Sorted(slices.Values(desktops))),
 		TokenHash: hashToken(tok), Created: now.UTC().Truncate(time.Second)}
-	err := s.update(func(tx *catalog.Tx) error {
+	err := s.Update(func(tx *catalog.Tx) error {
 		if old, err := oneDevice(tx, "name = ?", name); err != nil {
 			return err
 		} else if old != nil {
@@ -154,9 +156,9 @@ func insertDevice(tx *catalog.Tx, d *Device) error {
 }
 
 // bindDevice adds desktops to an existing device.
-func (s *state) bindDevice(name string, desktops []string) (*Device, error) {
+func bindDevice(s *state.State, name string, desktops []string) (*Device, error) {
 	var d *Device
-	err := s.update(func(tx *catalog.Tx) error {
+	err := s.Update(func(tx *catalog.Tx) error {
 		var err error
 		if d, err = deviceByName(tx, name); err != nil {
 			return err
@@ -180,9 +182,9 @@ func deviceByName(tx *catalog.Tx, name string) (*Device, error) {
 
 // removeDevice forgets a device; its token stops working at once. An active lease
 // it holds is broken.
-func (s *state) removeDevice(name string, now time.Time) (*Device, error) {
+func removeDevice(s *state.State, name string, now time.Time) (*Device, error) {
 	var d *Device
-	err := s.update(func(tx *catalog.Tx) error {
+	err := s.Update(func(tx *catalog.Tx) error {
 		var err error
 		if d, err = deviceByName(tx, name); err != nil {
 			return err
@@ -205,9 +207,9 @@ func (s *state) removeDevice(name string, now time.Time) (*Device, error) {
 	return d, err
 }
 
-func (s *state) devices() ([]Device, error) {
+func devices(s *state.State) ([]Device, error) {
 	var out []Device
-	err := s.view(func(tx *catalog.Tx) error {
+	err := s.View(func(tx *catalog.Tx) error {
 		var err error
 		out, err = queryDevices(tx, "1 = 1")
 		return err
@@ -221,7 +223,7 @@ var dummyHash = hashToken("cvd1_0000000000000000_unknown-device-token-placeholde
 
 // authenticate returns the device a bearer token belongs to. The comparison of
 // hashes takes constant time.
-func (s *state) authenticate(tok string) (*Device, error) {
+func authenticate(s *state.State, tok string) (*Device, error) {
 	id, ok := parseToken(tok)
 	h := hashToken(tok)
 	if !ok {
@@ -229,7 +231,7 @@ func (s *state) authenticate(tok string) (*Device, error) {
 		return nil, fmt.Errorf("%w: malformed device token", proto.ErrUnauthorized)
 	}
 	var d *Device
-	err := s.view(func(tx *catalog.Tx) error {
+	err := s.View(func(tx *catalog.Tx) error {
 		var err error
 		d, err = oneDevice(tx, "id = ?", id)
 		return err

@@ -60,7 +60,7 @@ func (s *Server) Export(ctx context.Context, desktop, path string, opts ExportOp
 		return nil, fmt.Errorf("export %s: %w", desktop, err)
 	}
 	var prev *proto.Lease // the lease as it was, restored if the export fails
-	err = s.st.update(func(tx *catalog.Tx) error {
+	err = s.st.Update(func(tx *catalog.Tx) error {
 		if opts.Device != "" {
 			dev, err := deviceByName(tx, opts.Device)
 			if err != nil {
@@ -189,7 +189,7 @@ func (c *countWriter) Write(b []byte) (int, error) {
 // undoLease puts back the lease that an export granted (l) as it was before
 // (prev, nil for none), unless it changed since.
 func (s *Server) undoLease(l, prev *proto.Lease) error {
-	err := s.st.update(func(tx *catalog.Tx) error {
+	err := s.st.Update(func(tx *catalog.Tx) error {
 		cur, err := activeLease(tx, l.Desktop)
 		if err != nil || cur == nil || cur.ID != l.ID || !cur.Expires.Equal(l.Expires) {
 			return err // someone else changed it meanwhile: leave it

@@ -12,6 +12,8 @@ import (
 	"path/filepath"
 	"sync"
 
+	"github.com/cvd-project/cvd/syncd/state"
+
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/syncd/proto"
@@ -44,7 +46,7 @@ type layerFetcher struct {
 	img      disk.Image
 	h        *proto.IDHasher
 	ck       fetchCheckpoint
-	w        *stageWriter
+	w        *state.StageWriter
 	sinceCk  int64
 	// lease asks for references to layers the laptop holds (resolved by refs);
 	// "" after a reference could not be read: the stream is asked again without.
@@ -90,7 +92,7 @@ func (r *localRefs) resolve(f proto.Frame, d proto.Digest, body, dst []byte) ([]
 		img, err = r.store.OpenLayer(layer, true)
 		if err != nil {
 			r.mu.Unlock()
-			return nil, fmt.Errorf("%w: layer %s: %v", errRef, short(layer), err)
+			return nil, fmt.Errorf("%w: layer %s: %v", errRef, state.Short(layer), err)
 		}
 		r.open[layer] = img
 	}
@@ -99,9 +101,9 @@ func (r *localRefs) resolve(f proto.Frame, d proto.Digest, body, dst []byte) ([]
 	if cap(dst) < cs {
 		dst = make([]byte, 0, cs)
 	}
-	data, err := readClusterFrom(img, idx, cs, d, dst[:cs])
+	data, err := state.ReadClusterFrom(img, idx, cs, d, dst[:cs])
 	if err != nil || int64(len(data)) != f.N {
-		return nil, fmt.Errorf("%w: cluster %d of layer %s: %v", errRef, idx, short(layer), err)
+		return nil, fmt.Errorf("%w: cluster %d of layer %s: %v", errRef, idx, state.Short(layer), err)
 	}
 	return data, nil
 }
@@ -135,10 +137,10 @@ func (l *Laptop) fetchLayer(ctx context.Context, c *Client, info proto.LayerInfo
 			break
 		}
 		if err == nil {
-			err = fmt.Errorf("%w: layer %s: stream ended early", proto.ErrStream, short(info.ID))
+			err = fmt.Errorf("%w: layer %s: stream ended early", proto.ErrStream, state.Short(info.ID))
 		}
 		if errors.Is(err, errRef) && f.lease != "" {
-			l.log.Info("a referenced cluster is unreadable here; asking for the data", "layer", short(info.ID), "err", err)
+			l.log.Info("a referenced cluster is unreadable here; asking for the data", "layer", state.Short(info.ID), "err", err)
 			f.lease = ""
 			continue
 		}
@@ -146,13 +148,13 @@ func (l *Laptop) fetchLayer(ctx context.Context, c *Client, info proto.LayerInfo
 			f.close()
 			return nil, moved, err
 		}
-		l.log.Info("layer stream cut; resuming", "layer", short(info.ID), "at", f.ck.Next, "err", err)
+		l.log.Info("layer stream cut; resuming", "layer", state.Short(info.ID), "at", f.ck.Next, "err", err)
 	}
 	if err != nil {
 		f.close()
 		return nil, moved, err
 	}
-	if err := f.w.flush(); err != nil {
+	if err := f.w.Flush(); err != nil {
 		f.close()
 		return nil, moved, err
 	}
@@ -167,8 +169,8 @@ func (f *layerFetcher) open() error {
 			img, err := f.openPartial()
 			if err == nil {
 				f.img = img
-				f.w = &stageWriter{img: img, cs: int64(f.info.ClusterSize)}
-				f.l.log.Info("resuming layer fetch", "layer", short(f.info.ID), "from", f.ck.Next)
+				f.w = state.NewStageWriter(img, int64(f.info.ClusterSize))
+				f.l.log.Info("resuming layer fetch", "layer", state.Short(f.info.ID), "from", f.ck.Next)
 				return nil
 			}
 		}
@@ -195,7 +197,7 @@ func (f *layerFetcher) open() error {
 		return err
 	}
 	f.img = img
-	f.w = &stageWriter{img: img, cs: int64(f.info.ClusterSize)}
+	f.w = state.NewStageWriter(img, int64(f.info.ClusterSize))
 	return f.checkpoint()
 }
 
@@ -217,7 +219,7 @@ func partialClean(path string) bool {
 
 func (f *layerFetcher) close() {
 	if f.w != nil {
-		f.w.wait()
+		f.w.Wait()
 	}
 	if f.img != nil {
 		f.img.Close()
@@ -227,7 +229,7 @@ func (f *layerFetcher) close() {
 
 // checkpoint makes what was written durable and records where to resume.
 func (f *layerFetcher) checkpoint() error {
-	if err := f.w.flush(); err != nil {
+	if err := f.w.Flush(); err != nil {
 		return err
 	}
 	hs, err := f.h.State()
@@ -274,16 +276,16 @@ func (f *layerFetcher) fetchFrom(ctx context.Context, c *Client) (int64, bool, e
 func (f *layerFetcher) consume(ctx context.Context, sr *proto.StreamReader) (int64, bool, error) {
 	base := f.ck.Bytes
 	cs := int64(f.info.ClusterSize)
-	clusters := clustersOf(f.info.Size, f.info.ClusterSize)
+	clusters := state.ClustersOf(f.info.Size, f.info.ClusterSize)
 	last := f.ck.Next - 1
 	var zStart, zLen int64
 	flushZero := func() error {
 		if zLen == 0 {
 			return nil
 		}
-		f.w.sync()
-		if f.w.err != nil {
-			return f.w.err
+		f.w.Sync()
+		if f.w.Err != nil {
+			return f.w.Err
 		}
 		off := zStart * cs
 		err := f.img.WriteZeroes(off, min(zLen*cs, f.info.Size-off))
@@ -333,7 +335,7 @@ func (f *layerFetcher) consume(ctx context.Context, sr *proto.StreamReader) (int
 		if fr.Kind == proto.KindRef {
 			f.byRef++
 		}
-		if err := f.w.write(fr.Idx, raw); err != nil {
+		if err := f.w.Write(fr.Idx, raw); err != nil {
 			return err
 		}
 		f.ck.Next = fr.Idx + 1
@@ -357,10 +359,10 @@ func (f *layerFetcher) consume(ctx context.Context, sr *proto.StreamReader) (int
 		return moved, false, err
 	}
 	if f.h.Sum() != f.info.ID || fmt.Sprintf("%x", endID[:]) != f.info.ID {
-		return moved, false, fmt.Errorf("%w: layer %s: the stream's entries hash to %s", proto.ErrDigestMismatch, short(f.info.ID), short(f.h.Sum()))
+		return moved, false, fmt.Errorf("%w: layer %s: the stream's entries hash to %s", proto.ErrDigestMismatch, state.Short(f.info.ID), state.Short(f.h.Sum()))
 	}
 	if f.h.Count != f.info.Clusters {
-		return moved, false, fmt.Errorf("%w: layer %s: %d entries, the layer has %d", proto.ErrStream, short(f.info.ID), f.h.Count, f.info.Clusters)
+		return moved, false, fmt.Errorf("%w: layer %s: %d entries, the layer has %d", proto.ErrStream, state.Short(f.info.ID), f.h.Count, f.info.Clusters)
 	}
 	if end.Idx < 0 {
 		return moved, false, fmt.Errorf("%w: end frame", proto.ErrStream)
@@ -372,7 +374,7 @@ func (f *layerFetcher) consume(ctx context.Context, sr *proto.StreamReader) (int
 // now) and removes the fetch files.
 func (f *layerFetcher) finish(ctx context.Context) error {
 	if f.w != nil && f.img != nil {
-		if err := f.w.flush(); err != nil {
+		if err := f.w.Flush(); err != nil {
 			return err
 		}
 	}
@@ -380,7 +382,7 @@ func (f *layerFetcher) finish(ctx context.Context) error {
 	opts := images.ImportOptions{Kind: images.Kind(f.info.Kind), Parent: f.info.Parent}
 	l, existed, err := f.l.store.Import(ctx, f.path, opts)
 	if err != nil {
-		return proto.NoSpace(fmt.Errorf("import fetched layer %s: %w", short(f.info.ID), err))
+		return proto.NoSpace(fmt.Errorf("import fetched layer %s: %w", state.Short(f.info.ID), err))
 	}
 	if l.ID != f.info.ID {
 		if !existed {
@@ -388,7 +390,7 @@ func (f *layerFetcher) finish(ctx context.Context) error {
 		}
 		os.Remove(f.path)
 		os.Remove(f.ckptPath)
-		return fmt.Errorf("%w: fetched layer %s imports as %s", proto.ErrDigestMismatch, short(f.info.ID), short(l.ID))
+		return fmt.Errorf("%w: fetched layer %s imports as %s", proto.ErrDigestMismatch, state.Short(f.info.ID), state.Short(l.ID))
 	}
 	os.Remove(f.path)
 	os.Remove(f.ckptPath)

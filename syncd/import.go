@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/cvd-project/cvd/syncd/state"
+
 	"github.com/ulikunitz/xz"
 
 	"github.com/cvd-project/cvd/syncd/proto"
@@ -70,7 +72,7 @@ func (l *Laptop) ImportBundle(ctx context.Context, path string) (*ImportReport, 
 	for _, li := range h.Layers {
 		need += li.DataBytes
 	}
-	if err := checkFree(l.store.Dir(), need+32<<20); err != nil {
+	if err := state.CheckFree(l.store.Dir(), need+32<<20); err != nil {
 		return nil, err
 	}
 	if err := os.MkdirAll(l.fetchDir(), 0o700); err != nil {
@@ -95,11 +97,11 @@ func (l *Laptop) ImportBundle(ctx context.Context, path string) (*ImportReport, 
 		if err := fl.open(); err != nil {
 			return nil, err
 		}
-		l.opts.Progress.Start("layer "+short(li.ID), li.DataBytes)
+		l.opts.Progress.Start("layer "+state.Short(li.ID), li.DataBytes)
 		_, done, err := fl.consume(ctx, sr)
 		l.opts.Progress.Done()
 		if err == nil && !done {
-			err = fmt.Errorf("%w: layer %s incomplete", proto.ErrStream, short(li.ID))
+			err = fmt.Errorf("%w: layer %s incomplete", proto.ErrStream, state.Short(li.ID))
 		}
 		if err == nil {
 			err = fl.finish(ctx)
@@ -108,7 +110,7 @@ func (l *Laptop) ImportBundle(ctx context.Context, path string) (*ImportReport, 
 		if err != nil {
 			os.Remove(fl.path)
 			os.Remove(fl.ckptPath)
-			return nil, fmt.Errorf("bundle layer %s: %w", short(li.ID), err)
+			return nil, fmt.Errorf("bundle layer %s: %w", state.Short(li.ID), err)
 		}
 		rep.LayersWritten = append(rep.LayersWritten, li.ID)
 	}
@@ -121,7 +123,7 @@ func (l *Laptop) ImportBundle(ctx context.Context, path string) (*ImportReport, 
 	for _, dm := range h.Disks {
 		if dm.Top() != "" {
 			if _, err := l.store.Layer(dm.Top()); err != nil {
-				return nil, fmt.Errorf("bundle of %s: layer %s is neither in the bundle nor in the store", h.Desktop, short(dm.Top()))
+				return nil, fmt.Errorf("bundle of %s: layer %s is neither in the bundle nor in the store", h.Desktop, state.Short(dm.Top()))
 			}
 		}
 		co.Layers[dm.Name] = dm.Top()

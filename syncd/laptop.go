@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/cvd-project/cvd/syncd/state"
+
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/syncd/proto"
@@ -86,7 +88,7 @@ type runningVM interface {
 // release, purge.
 type Laptop struct {
 	store *images.Store
-	st    *state
+	st    *state.State
 	opts  LaptopOptions
 	log   *slog.Logger
 }
@@ -103,7 +105,7 @@ func OpenLaptop(store *images.Store, opts LaptopOptions) (*Laptop, error) {
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	st, err := openState(store)
+	st, err := state.Open(store)
 	if err != nil {
 		return nil, err
 	}
@@ -118,10 +120,10 @@ func (l *Laptop) now() time.Time { return l.opts.Now() }
 // Checkouts lists the desktops checked out to this store.
 func (l *Laptop) Checkouts() ([]Checkout, error) {
 	var out []Checkout
-	err := l.st.view(func(tx *catalog.Tx) error {
-		return tx.Bucket(bucketCheckouts).ForEach(func(k, v []byte) error {
+	err := l.st.View(func(tx *catalog.Tx) error {
+		return tx.Bucket(state.BucketCheckouts).ForEach(func(k, v []byte) error {
 			var c Checkout
-			if _, err := getJSON(tx, bucketCheckouts, string(k), &c); err != nil {
+			if _, err := state.GetJSON(tx, state.BucketCheckouts, string(k), &c); err != nil {
 				return err
 			}
 			out = append(out, c)
@@ -135,9 +137,9 @@ func (l *Laptop) Checkouts() ([]Checkout, error) {
 func (l *Laptop) Checkout(name string) (*Checkout, error) {
 	var c Checkout
 	var ok bool
-	err := l.st.view(func(tx *catalog.Tx) error {
+	err := l.st.View(func(tx *catalog.Tx) error {
 		var err error
-		ok, err = getJSON(tx, bucketCheckouts, name, &c)
+		ok, err = state.GetJSON(tx, state.BucketCheckouts, name, &c)
 		return err
 	})
 	if err != nil {
@@ -150,7 +152,7 @@ func (l *Laptop) Checkout(name string) (*Checkout, error) {
 }
 
 func (l *Laptop) putCheckout(c *Checkout) error {
-	return l.st.update(func(tx *catalog.Tx) error { return putJSON(tx, bucketCheckouts, c.Desktop, c) })
+	return l.st.Update(func(tx *catalog.Tx) error { return state.PutJSON(tx, state.BucketCheckouts, c.Desktop, c) })
 }
 
 // PurgeReport says what a purge removed.
@@ -193,7 +195,7 @@ func (l *Laptop) removeCopy(ctx context.Context, c *Checkout) error {
 	if _, _, err := l.store.RemoveDesktop(c.Desktop, true); err != nil && !errors.Is(err, images.ErrNotFound) {
 		return fmt.Errorf("purge desktop %s: %w", c.Desktop, err)
 	}
-	return l.st.update(func(tx *catalog.Tx) error { return tx.Bucket(bucketCheckouts).Delete([]byte(c.Desktop)) })
+	return l.st.Update(func(tx *catalog.Tx) error { return tx.Bucket(state.BucketCheckouts).Delete([]byte(c.Desktop)) })
 }
 
 // PurgeExpired is Laptop.PurgeExpired for an open store (opts as for
@@ -205,9 +207,9 @@ func PurgeExpired(ctx context.Context, store *images.Store, opts LaptopOptions) 
 	var expired bool
 	now := time.Now()
 	err := store.Catalog().View(func(tx *catalog.Tx) error {
-		return tx.Bucket(bucketCheckouts).ForEach(func(k, v []byte) error {
+		return tx.Bucket(state.BucketCheckouts).ForEach(func(k, v []byte) error {
 			var c Checkout
-			if _, err := getJSON(tx, bucketCheckouts, string(k), &c); err == nil && c.Lease.Expired(now) {
+			if _, err := state.GetJSON(tx, state.BucketCheckouts, string(k), &c); err == nil && c.Lease.Expired(now) {
 				expired = true
 			}
 			return nil
@@ -232,7 +234,7 @@ func PurgeExpired(ctx context.Context, store *images.Store, opts LaptopOptions) 
 	return lp.PurgeExpired(ctx)
 }
 
-func (l *Laptop) fetchDir() string { return filepath.Join(l.st.dir, fetchDir) }
+func (l *Laptop) fetchDir() string { return filepath.Join(l.st.Dir, state.FetchDir) }
 
 // Unsent is what a laptop's writable top holds that no check-in took yet.
 type Unsent struct {

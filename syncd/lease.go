@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/cvd-project/cvd/syncd/state"
+
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/syncd/proto"
@@ -110,7 +112,7 @@ func PinnedVersions(store *images.Store, desktop string, now time.Time) ([]int, 
 		if l != nil && !l.Expired(now) {
 			out = append(out, l.Version)
 		}
-		return tx.Bucket(bucketSessions).ForEach(func(k, v []byte) error {
+		return tx.Bucket(state.BucketSessions).ForEach(func(k, v []byte) error {
 			var se Session
 			if err := json.Unmarshal(v, &se); err != nil {
 				return fmt.Errorf("check-in %s: %w", k, err)

@@ -118,7 +118,7 @@ func (s *Server) writeMetrics(w io.Writer) {
 	m.mu.Unlock()
 
 	var leases, devices int64
-	s.st.view(func(tx *catalog.Tx) error {
+	s.st.View(func(tx *catalog.Tx) error {
 		tx.Query("SELECT COUNT(*) FROM leases WHERE state = 'active' AND expires > ?", []any{leaseTime(s.now())},
 			func(scan func(dest ...any) error) error { return scan(&leases) })
 		return tx.Query("SELECT COUNT(*) FROM devices", nil,

@@ -23,6 +23,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cvd-project/cvd/syncd/state"
+
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
@@ -68,7 +70,7 @@ func TestLayerIDMatchesImages(t *testing.T) {
 			t.Fatal(err)
 		}
 		if h.Sum() != want {
-			t.Errorf("%s: syncd computes %s, images %s", filepath.Base(c.path), short(h.Sum()), short(want))
+			t.Errorf("%s: syncd computes %s, images %s", filepath.Base(c.path), state.Short(h.Sum()), state.Short(want))
 		}
 		// A saved and restored hash state continues the same hash.
 		st, _ := h.State()
@@ -185,7 +187,7 @@ func TestExportImportBundle(t *testing.T) {
 	}
 	for _, id := range []string{hv.System, w.base, w.app} {
 		if _, err := lap.store.Layer(id); err != nil {
-			t.Errorf("layer %s not kept under its ID: %v", short(id), err)
+			t.Errorf("layer %s not kept under its ID: %v", state.Short(id), err)
 		}
 	}
 	qemuCompare(t, w.store.LayerPath(hv.System), lap.top(w.desktop, proto.DiskSystem))
@@ -371,7 +373,7 @@ func TestReferenceFallback(t *testing.T) {
 	}
 	app := m.Disks[0].Layers[0]
 	if app.ID != w.app {
-		t.Fatalf("top of the system chain %s, want the app", short(app.ID))
+		t.Fatalf("top of the system chain %s, want the app", state.Short(app.ID))
 	}
 	refs := newLocalRefs(lap.store)
 	defer refs.close()
@@ -438,7 +440,7 @@ func TestCommitCutAfterCatalog(t *testing.T) {
 func TestMigrateVersionsIntoCatalog(t *testing.T) {
 	w := newWorld(t, smallSpec())
 	w.stop()
-	st, err := openState(w.store)
+	st, err := state.Open(w.store)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -446,7 +448,7 @@ func TestMigrateVersionsIntoCatalog(t *testing.T) {
 		{N: 1, System: w.app, Note: "create"},
 		{N: 2, System: w.app, Note: "check-in 0123456789ab", Device: "old-laptop"},
 	}}
-	st.update(func(tx *catalog.Tx) error { return putJSON(tx, bucketVersions, w.desktop, legacy) })
+	st.Update(func(tx *catalog.Tx) error { return state.PutJSON(tx, state.BucketVersions, w.desktop, legacy) })
 	st.Close()
 	w.start()
 	vs, err := w.srv.Versions(w.desktop)
@@ -460,8 +462,8 @@ func TestMigrateVersionsIntoCatalog(t *testing.T) {
 	if vs.Versions[0].Kind != images.VersionCreate || vs.Versions[1].Kind != images.VersionCheckin {
 		t.Errorf("kinds of legacy versions: %q, %q", vs.Versions[0].Kind, vs.Versions[1].Kind)
 	}
-	w.srv.st.view(func(tx *catalog.Tx) error {
-		if tx.Bucket(bucketVersions).Get([]byte(w.desktop)) != nil {
+	w.srv.st.View(func(tx *catalog.Tx) error {
+		if tx.Bucket(state.BucketVersions).Get([]byte(w.desktop)) != nil {
 			t.Error("the legacy entry is still there")
 		}
 		return nil
@@ -553,7 +555,7 @@ func TestLeaseEpochs(t *testing.T) {
 	}
 	second := ls[0]
 	second.ID, second.Epoch = newLeaseID(), 4
-	err = w.srv.st.update(func(tx *catalog.Tx) error { return putLease(tx, &second) })
+	err = w.srv.st.Update(func(tx *catalog.Tx) error { return putLease(tx, &second) })
 	if err == nil {
 		t.Error("the catalog took a second active lease of one desktop")
 	}

@@ -19,6 +19,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cvd-project/cvd/syncd/state"
+
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/internal/testutil"
@@ -620,7 +622,7 @@ func TestExpiredCopyPurgedOffline(t *testing.T) {
 	} else {
 		for _, l := range ls {
 			if len(l.Names) > 0 {
-				t.Errorf("layer %s keeps names %v after the purge", short(l.ID), l.Names)
+				t.Errorf("layer %s keeps names %v after the purge", state.Short(l.ID), l.Names)
 			}
 		}
 	}

@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cvd-project/cvd/syncd/state"
+
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
@@ -54,7 +56,7 @@ type diskList struct {
 
 var sessionIDRE = regexp.MustCompile(`^[0-9a-f]{32,64}$`)
 
-func (s *Server) sessionDir(id string) string { return s.syncPath(sessionsDir, id) }
+func (s *Server) sessionDir(id string) string { return s.syncPath(state.SessionsDir, id) }
 
 // getSession loads the session record.
 func (s *Server) getSession(id string) (*Session, error) {
@@ -63,9 +65,9 @@ func (s *Server) getSession(id string) (*Session, error) {
 	}
 	var se Session
 	var ok bool
-	err := s.st.view(func(tx *catalog.Tx) error {
+	err := s.st.View(func(tx *catalog.Tx) error {
 		var err error
-		ok, err = getJSON(tx, bucketSessions, id, &se)
+		ok, err = state.GetJSON(tx, state.BucketSessions, id, &se)
 		return err
 	})
 	if err != nil {
@@ -78,7 +80,7 @@ func (s *Server) getSession(id string) (*Session, error) {
 }
 
 func (s *Server) putSession(se *Session) error {
-	return s.st.update(func(tx *catalog.Tx) error { return putJSON(tx, bucketSessions, se.ID, se) })
+	return s.st.Update(func(tx *catalog.Tx) error { return state.PutJSON(tx, state.BucketSessions, se.ID, se) })
 }
 
 // openSession returns the in-memory session, loading its entry lists.
@@ -117,7 +119,7 @@ func loadList(path string, d proto.CheckinDisk) (*diskList, error) {
 	defer f.Close()
 	no, _ := proto.DiskNumber(d.Name)
 	dl := &diskList{d: d, no: no, byIdx: map[int64]proto.Digest{}}
-	err = proto.ReadEntries(f, d.Entries, clustersOf(d.Size, d.ClusterSize), d.Parent != "", func(e proto.Entry) error {
+	err = proto.ReadEntries(f, d.Entries, state.ClustersOf(d.Size, d.ClusterSize), d.Parent != "", func(e proto.Entry) error {
 		dl.entries = append(dl.entries, e)
 		if !e.Zero {
 			dl.byIdx[e.Index] = e.Digest
@@ -129,8 +131,6 @@ func loadList(path string, d proto.CheckinDisk) (*diskList, error) {
 	}
 	return dl, nil
 }
-
-func clustersOf(size int64, cs int) int64 { return (size + int64(cs) - 1) / int64(cs) }
 
 func (s *Server) checkinDesktop(dev *Device, name string) error {
 	if err := images.CheckObjectName("desktop", name); err != nil {
@@ -146,7 +146,7 @@ func (s *Server) checkinDesktop(dev *Device, name string) error {
 // administrator broke (the check-in is kept as a conflict version); else epoch
 // is the lease's, the fence of the commit's transaction (desktop.AddVersion).
 func (s *Server) leaseForCheckin(name string, dev *Device, lease string) (conflict bool, epoch int64, err error) {
-	err = s.st.view(func(tx *catalog.Tx) error {
+	err = s.st.View(func(tx *catalog.Tx) error {
 		l, err := ownLease(tx, name, dev, lease, s.now())
 		if err != nil && l != nil && l.State == "broken" {
 			conflict = true
@@ -182,7 +182,7 @@ func validCheckin(req *proto.CheckinRequest) error {
 		if d.Size <= 0 || d.Size > 1<<50 {
 			return proto.BadRequest("disk %s: size %d", d.Name, d.Size)
 		}
-		if d.Entries < 0 || d.DataEntries < 0 || d.DataEntries > d.Entries || d.Entries > clustersOf(d.Size, d.ClusterSize) {
+		if d.Entries < 0 || d.DataEntries < 0 || d.DataEntries > d.Entries || d.Entries > state.ClustersOf(d.Size, d.ClusterSize) {
 			return proto.BadRequest("disk %s: %d entries (%d data)", d.Name, d.Entries, d.DataEntries)
 		}
 		if d.Parent != "" && !proto.LayerIDRE.MatchString(d.Parent) {
@@ -236,13 +236,13 @@ func (s *Server) handleCheckinOpen(w http.ResponseWriter, r *http.Request, dev *
 	for _, d := range req.Disks {
 		if d.Parent != "" {
 			if _, err := s.store.Layer(d.Parent); err != nil {
-				return fmt.Errorf("disk %s: parent layer %s: %w", d.Name, short(d.Parent), proto.ErrNotFound)
+				return fmt.Errorf("disk %s: parent layer %s: %w", d.Name, state.Short(d.Parent), proto.ErrNotFound)
 			}
 		}
 		need += d.DataEntries * int64(d.ClusterSize)
 	}
 	// The staging layer holds the data; it becomes the layer (no copy).
-	if err := checkFree(s.store.Dir(), need+16<<20); err != nil {
+	if err := state.CheckFree(s.store.Dir(), need+16<<20); err != nil {
 		return err
 	}
 	se := &Session{CheckinRequest: req, Device: dev.ID, DeviceName: dev.Name, State: proto.SessionReceiving,
@@ -259,19 +259,6 @@ func (s *Server) handleCheckinOpen(w http.ResponseWriter, r *http.Request, dev *
 		return err
 	}
 	writeJSON(w, http.StatusCreated, st)
-	return nil
-}
-
-// checkFree refuses when the file system of dir has less than need bytes free.
-func checkFree(dir string, need int64) error {
-	var fs syscall.Statfs_t
-	if err := syscall.Statfs(dir, &fs); err != nil {
-		return nil // cannot tell; the writes will say
-	}
-	free := int64(fs.Bavail) * int64(fs.Bsize)
-	if free < need {
-		return fmt.Errorf("%w: %s has %d MiB free, this needs %d MiB", proto.ErrNoSpace, dir, free>>20, need>>20)
-	}
 	return nil
 }
 
@@ -341,7 +328,7 @@ func (s *Server) handleEntries(w http.ResponseWriter, r *http.Request, dev *Devi
 	h := proto.NewIDHasher(d.Parent, d.Size, d.ClusterSize)
 	var buf []byte
 	body := http.MaxBytesReader(w, r.Body, d.Entries*(9+32)+1)
-	err = proto.ReadEntries(body, d.Entries, clustersOf(d.Size, d.ClusterSize), d.Parent != "", func(e proto.Entry) error {
+	err = proto.ReadEntries(body, d.Entries, state.ClustersOf(d.Size, d.ClusterSize), d.Parent != "", func(e proto.Entry) error {
 		h.Add(e)
 		buf = proto.AppendEntry(buf, e)
 		if len(buf) >= 1<<20 {
@@ -367,7 +354,7 @@ func (s *Server) handleEntries(w http.ResponseWriter, r *http.Request, dev *Devi
 		return proto.BadRequest("disk %s: %d data entries, declared %d", name, h.Data, d.DataEntries)
 	}
 	if d.Entries > 0 && h.Sum() != d.ExpectID {
-		return proto.BadRequest("disk %s: the entry list hashes to %s, not the declared %s", name, short(h.Sum()), short(d.ExpectID))
+		return proto.BadRequest("disk %s: the entry list hashes to %s, not the declared %s", name, state.Short(h.Sum()), state.Short(d.ExpectID))
 	}
 	if err := os.Rename(tmp, filepath.Join(dir, name+".entries")); err != nil {
 		return err
@@ -377,9 +364,9 @@ func (s *Server) handleEntries(w http.ResponseWriter, r *http.Request, dev *Devi
 			return err
 		}
 	}
-	err = s.st.update(func(tx *catalog.Tx) error {
+	err = s.st.Update(func(tx *catalog.Tx) error {
 		var cur Session
-		if _, err := getJSON(tx, bucketSessions, se.ID, &cur); err != nil {
+		if _, err := state.GetJSON(tx, state.BucketSessions, se.ID, &cur); err != nil {
 			return err
 		}
 		if !slices.Contains(cur.Lists, name) {
@@ -387,7 +374,7 @@ func (s *Server) handleEntries(w http.ResponseWriter, r *http.Request, dev *Devi
 			sort.Strings(cur.Lists)
 		}
 		*se = cur
-		return putJSON(tx, bucketSessions, se.ID, &cur)
+		return state.PutJSON(tx, state.BucketSessions, se.ID, &cur)
 	})
 	if err != nil {
 		return err
@@ -525,7 +512,7 @@ func (s *Server) missing(ctx context.Context, se *Session, m *session) ([]proto.
 			return nil, nil, err
 		}
 		ss := make([]source, len(dl.entries))
-		err = s.st.view(func(tx *catalog.Tx) error {
+		err = s.st.View(func(tx *catalog.Tx) error {
 			for i, e := range dl.entries {
 				if e.Zero {
 					continue
@@ -541,7 +528,7 @@ func (s *Server) missing(ctx context.Context, se *Session, m *session) ([]proto.
 					ss[i].fromDisk, ss[i].fromIdx = f.disk, f.idx
 					continue
 				}
-				if ref, ok := lookupTx(tx, e.Digest); ok {
+				if ref, ok := state.Lookup(tx, e.Digest); ok {
 					ss[i].ref = ref
 					continue
 				}
@@ -612,13 +599,13 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 		return fmt.Errorf("%w: check-in %s is already receiving an upload", proto.ErrIncomplete, se.ID)
 	}
 	defer m.mu.Unlock()
-	stages := map[byte]*stageWriter{}
+	stages := map[byte]*state.StageWriter{}
 	defer func() {
 		for _, sw := range stages {
-			sw.close()
+			sw.Close()
 		}
 	}()
-	stageFor := func(no byte) (*stageWriter, *diskList, error) {
+	stageFor := func(no byte) (*state.StageWriter, *diskList, error) {
 		var dl *diskList
 		for _, l := range m.lists {
 			if l.no == no {
@@ -635,7 +622,7 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 		if err != nil {
 			return nil, nil, err
 		}
-		sw := &stageWriter{img: img, cs: int64(dl.d.ClusterSize)}
+		sw := state.NewStageWriter(img, int64(dl.d.ClusterSize))
 		stages[no] = sw
 		return sw, dl, nil
 	}
@@ -661,11 +648,11 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 			return err
 		}
 		res.Clusters++
-		return sw.write(f.Idx, raw)
+		return sw.Write(f.Idx, raw)
 	})
 	t1 := time.Now()
 	for _, sw := range stages {
-		if ferr := sw.flush(); err == nil {
+		if ferr := sw.Flush(); err == nil {
 			err = ferr
 		}
 	}
@@ -673,14 +660,14 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 	s.log.Debug("upload received", "clusters", res.Clusters, "bytes", body.Bytes(), "took", time.Since(t0), "flush", time.Since(t1))
 	s.m.bytesReceived.Add(body.Bytes())
 	s.m.clustersReceived.Add(res.Clusters)
-	uerr := s.st.update(func(tx *catalog.Tx) error {
+	uerr := s.st.Update(func(tx *catalog.Tx) error {
 		var cur Session
-		if _, err := getJSON(tx, bucketSessions, se.ID, &cur); err != nil {
+		if _, err := state.GetJSON(tx, state.BucketSessions, se.ID, &cur); err != nil {
 			return err
 		}
 		cur.Received += body.Bytes()
 		cur.Clusters += res.Clusters
-		return putJSON(tx, bucketSessions, se.ID, &cur)
+		return state.PutJSON(tx, state.BucketSessions, se.ID, &cur)
 	})
 	if err != nil {
 		if errors.Is(err, proto.ErrDigestMismatch) {
@@ -693,134 +680,4 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 	}
 	writeJSON(w, http.StatusOK, res)
 	return nil
-}
-
-// stageWriter writes verified clusters into a layer, joining neighbours into
-// batches that a goroutine of its own writes while the next ones are decoded.
-type stageWriter struct {
-	img  disk.Image
-	cs   int64
-	buf  []byte
-	off  int64
-	err  error
-	done bool
-
-	q    chan stageBatch
-	wg   sync.WaitGroup
-	mu   sync.Mutex
-	werr error
-}
-
-type stageBatch struct {
-	off int64
-	b   []byte
-}
-
-const (
-	stageBatchSize  = 8 << 20
-	stageBatchDepth = 2
-)
-
-// stageBufs keeps the batch buffers of stage writers from one upload to the next
-// (each is written through O_DIRECT: page-aligned, as large allocations are).
-var stageBufs = proto.NewBufPool(2*(stageBatchDepth+2), stageBatchSize)
-
-func (w *stageWriter) start() {
-	w.q = make(chan stageBatch, stageBatchDepth)
-	w.wg.Add(1)
-	go func() {
-		defer w.wg.Done()
-		for b := range w.q {
-			if w.asyncErr() == nil {
-				if _, err := w.img.WriteAt(b.b, b.off); err != nil {
-					w.mu.Lock()
-					w.werr = proto.NoSpace(fmt.Errorf("write at %#x: %w", b.off, err))
-					w.mu.Unlock()
-				}
-			}
-			stageBufs.Put(b.b)
-		}
-	}()
-}
-
-func (w *stageWriter) asyncErr() error {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.werr
-}
-
-func (w *stageWriter) write(idx int64, raw []byte) error {
-	if w.err != nil {
-		return w.err
-	}
-	if err := w.asyncErr(); err != nil {
-		w.err = err
-		return err
-	}
-	off := idx * w.cs
-	if len(w.buf) > 0 && (w.off+int64(len(w.buf)) != off || len(w.buf)+len(raw) > stageBatchSize) {
-		w.flushBuf()
-	}
-	if w.buf == nil {
-		w.buf = stageBufs.Get(0)
-	}
-	if len(w.buf) == 0 {
-		w.off = off
-	}
-	w.buf = append(w.buf, raw...)
-	return w.err
-}
-
-// flushBuf hands the current batch to the writer goroutine (or writes it).
-func (w *stageWriter) flushBuf() {
-	if len(w.buf) == 0 || w.err != nil {
-		w.buf = w.buf[:0]
-		return
-	}
-	if w.q == nil {
-		w.start()
-	}
-	w.q <- stageBatch{off: w.off, b: w.buf}
-	w.buf = stageBufs.Get(0)
-}
-
-// wait lets every handed batch reach the image.
-func (w *stageWriter) wait() error {
-	if w.q != nil {
-		close(w.q)
-		w.wg.Wait()
-		w.q = nil
-	}
-	if len(w.buf) == 0 && w.buf != nil {
-		stageBufs.Put(w.buf)
-		w.buf = nil
-	}
-	if err := w.asyncErr(); err != nil && w.err == nil {
-		w.err = err
-	}
-	return w.err
-}
-
-// sync writes everything handed so far and waits for it (no flush of the image).
-func (w *stageWriter) sync() error {
-	w.flushBuf()
-	return w.wait()
-}
-
-func (w *stageWriter) flush() error {
-	if err := w.sync(); err != nil {
-		return err
-	}
-	if err := w.img.Flush(); err != nil {
-		w.err = proto.NoSpace(err)
-	}
-	return w.err
-}
-
-func (w *stageWriter) close() {
-	w.wait()
-	if !w.done {
-		w.done = true
-		w.img.Close()
-	}
 }

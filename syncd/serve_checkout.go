@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/cvd-project/cvd/syncd/state"
+
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
@@ -42,7 +44,6 @@ func (s *Server) handleCheckout(w http.ResponseWriter, r *http.Request, dev *Dev
 	writeJSON(w, http.StatusOK, m)
 	return nil
 }
-
 
 // haveSet is what a check-out said the laptop holds, kept in memory for the
 // lease's layer streams (a rerun of the check-out says it again).
@@ -87,8 +88,8 @@ func (s *Server) refsFor(lease string, dev *Device, id string) func(proto.Digest
 	return func(d proto.Digest) (proto.ClusterRef, bool) {
 		var ref proto.ClusterRef
 		var ok bool
-		s.st.view(func(tx *catalog.Tx) error {
-			ref, ok = lookupTx(tx, d)
+		s.st.View(func(tx *catalog.Tx) error {
+			ref, ok = state.Lookup(tx, d)
 			return nil
 		})
 		return ref, ok && ref.Layer != id && set.layers[ref.Layer]
@@ -107,7 +108,7 @@ func (s *Server) Checkout(ctx context.Context, name string, dev *Device, ttl tim
 	if _, err := desktopVersions(s.store, name); err != nil {
 		return nil, err
 	}
-	err := s.st.view(func(tx *catalog.Tx) error {
+	err := s.st.View(func(tx *catalog.Tx) error {
 		l, err := activeLease(tx, name)
 		if err != nil {
 			return err
@@ -145,7 +146,7 @@ func (s *Server) Checkout(ctx context.Context, name string, dev *Device, ttl tim
 		return nil, err
 	}
 	var fresh bool
-	err = s.st.update(func(tx *catalog.Tx) error {
+	err = s.st.Update(func(tx *catalog.Tx) error {
 		l, f, err := grantLease(tx, name, dev, ttl, dv.Head, s.now())
 		if err != nil {
 			return err
@@ -171,7 +172,7 @@ func (s *Server) Checkout(ctx context.Context, name string, dev *Device, ttl tim
 func (s *Server) fillDisks(m *proto.Manifest, dv *DesktopVersions) error {
 	head := dv.HeadVersion()
 	for _, dn := range proto.DiskNames {
-		id := layerOf(head, dn)
+		id := state.LayerOf(head, dn)
 		if dn == proto.DiskUser && id == "" && dv.UserDisk == "" {
 			continue
 		}
@@ -202,7 +203,7 @@ func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request, dev *Device
 		return err
 	}
 	var l *proto.Lease
-	err = s.st.update(func(tx *catalog.Tx) error {
+	err = s.st.Update(func(tx *catalog.Tx) error {
 		var err error
 		l, err = ownLease(tx, name, dev, req.Lease, s.now())
 		if err != nil {
@@ -228,7 +229,7 @@ func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request, dev *Devi
 	if err := readJSON(w, r, &req); err != nil {
 		return err
 	}
-	err = s.st.update(func(tx *catalog.Tx) error {
+	err = s.st.Update(func(tx *catalog.Tx) error {
 		l, err := ownLease(tx, name, dev, req.Lease, s.now())
 		if err != nil {
 			return err
@@ -279,7 +280,7 @@ func (s *Server) layerFor(r *http.Request, dev *Device) (*images.Layer, error) {
 			}
 		}
 	}
-	return nil, fmt.Errorf("layer %s: %w among the desktops of device %s", short(id), proto.ErrNotFound, dev.Name)
+	return nil, fmt.Errorf("layer %s: %w among the desktops of device %s", state.Short(id), proto.ErrNotFound, dev.Name)
 }
 
 func (s *Server) handleLayer(w http.ResponseWriter, r *http.Request, dev *Device) error {
@@ -319,7 +320,7 @@ func (s *Server) handleClusters(w http.ResponseWriter, r *http.Request, dev *Dev
 	s.m.clustersSent.Add(n)
 	if err != nil {
 		// The status is sent: the client sees a stream without its end frame.
-		s.log.Warn("layer stream cut", "layer", short(l.ID), "device", dev.Name, "err", err)
+		s.log.Warn("layer stream cut", "layer", state.Short(l.ID), "device", dev.Name, "err", err)
 		return nil
 	}
 	return nil

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cvd-project/cvd/syncd/state"
+
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/disk"
@@ -56,7 +58,7 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*proto.C
 		res := &proto.CheckinResult{Desktop: se.Desktop, Version: v.N, Head: dv.Head, Conflict: v.Conflict,
 			Layers: map[string]string{}, Bytes: se.Received, Committed: s.now().UTC()}
 		for _, d := range se.Disks {
-			res.Layers[d.Name] = layerOf(v, d.Name)
+			res.Layers[d.Name] = state.LayerOf(v, d.Name)
 		}
 		return res, s.finishCommit(se, res, nil)
 	}
@@ -107,7 +109,7 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*proto.C
 	}
 	newEntries := map[string][]proto.Entry{}
 	for _, d := range se.Disks {
-		setLayer(&nv, d.Name, d.Parent)
+		state.SetLayer(&nv, d.Name, d.Parent)
 		if d.Entries == 0 {
 			continue
 		}
@@ -116,7 +118,7 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*proto.C
 			// The store holds this content already (a commit retried after its
 			// layer was made, or the same changes from elsewhere).
 			res.Clusters += d.DataEntries
-			setLayer(&nv, d.Name, l.ID)
+			state.SetLayer(&nv, d.Name, l.ID)
 			newEntries[l.ID] = dl.entries
 			continue
 		}
@@ -133,7 +135,7 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*proto.C
 			return nil, err
 		}
 		s.log.Debug("commit: disk sealed", "disk", d.Name, "fill", t1.Sub(t0), "seal", time.Since(t1))
-		setLayer(&nv, d.Name, l.ID)
+		state.SetLayer(&nv, d.Name, l.ID)
 		newEntries[l.ID] = dl.entries
 	}
 	dv, v, err := addVersion(s.store, se.Desktop, nv, !conflict, epoch)
@@ -142,7 +144,7 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*proto.C
 	}
 	conflict = v.Conflict
 	for _, d := range se.Disks {
-		res.Layers[d.Name] = layerOf(v, d.Name)
+		res.Layers[d.Name] = state.LayerOf(v, d.Name)
 	}
 	res.Version, res.Head, res.Conflict, res.Committed = v.N, dv.Head, conflict, s.now().UTC()
 	if s.failpoint != nil {
@@ -179,7 +181,7 @@ func (s *Server) sealStage(ctx context.Context, m *session, dl *diskList) (*imag
 	if s.freshStage(stage, false) {
 		opts.Sums = proto.EntrySums(slices.Values(dl.entries), d.Size, d.ClusterSize)
 	}
-	l, _, err := adoptTop(ctx, s.store, s.log, stage, opts)
+	l, _, err := state.AdoptTop(ctx, s.store, s.log, stage, opts)
 	if errors.Is(err, images.ErrIDMismatch) {
 		// A staged cluster does not hold what its list says: start the disk over.
 		os.Remove(stage)
@@ -203,7 +205,7 @@ func (s *Server) sealStage(ctx context.Context, m *session, dl *diskList) (*imag
 // before that indexes them from the files at its next check-in).
 func (s *Server) finishCommit(se *Session, res *proto.CheckinResult, newEntries map[string][]proto.Entry) error {
 	defer s.indexEntriesLater(newEntries)
-	return s.st.update(func(tx *catalog.Tx) error {
+	return s.st.Update(func(tx *catalog.Tx) error {
 		if se.Release {
 			if l, err := activeLease(tx, se.Desktop); err != nil {
 				return err
@@ -215,7 +217,7 @@ func (s *Server) finishCommit(se *Session, res *proto.CheckinResult, newEntries 
 			}
 		}
 		se.State, se.Result = proto.SessionCommitted, res
-		return putJSON(tx, bucketSessions, se.ID, se)
+		return state.PutJSON(tx, state.BucketSessions, se.ID, se)
 	})
 }
 
@@ -232,15 +234,15 @@ func (s *Server) indexEntriesLater(newEntries map[string][]proto.Entry) {
 		defer s.bgIndex.Done()
 		s.indexMu.Lock()
 		defer s.indexMu.Unlock()
-		err := s.st.update(func(tx *catalog.Tx) error {
+		err := s.st.Update(func(tx *catalog.Tx) error {
 			for id, ents := range newEntries {
-				if isIndexed(tx, id) {
+				if state.IsIndexed(tx, id) {
 					continue
 				}
-				if err := indexEntries(tx, id, ents); err != nil {
+				if err := state.IndexEntries(tx, id, ents); err != nil {
 					return err
 				}
-				if err := markIndexed(tx, id, int64(len(ents))); err != nil {
+				if err := state.MarkIndexed(tx, id, int64(len(ents))); err != nil {
 					return err
 				}
 			}
@@ -264,14 +266,14 @@ func (s *Server) fillStage(ctx context.Context, m *session, dl *diskList, ss []s
 		return 0, err
 	}
 	defer img.Close()
-	w := &stageWriter{img: img, cs: int64(cs)}
+	w := state.NewStageWriter(img, int64(cs))
 	buf := make([]byte, cs)
 	var zStart, zLen, n int64
 	flushZero := func() error {
 		if zLen == 0 {
 			return nil
 		}
-		w.sync()
+		w.Sync()
 		off := zStart * int64(cs)
 		err := img.WriteZeroes(off, min(zLen*int64(cs), img.Size()-off))
 		zLen = 0
@@ -309,7 +311,7 @@ func (s *Server) fillStage(ctx context.Context, m *session, dl *diskList, ss []s
 		var data []byte
 		switch {
 		case src.fromDisk != "":
-			w.sync()
+			w.Sync()
 			from := img
 			if src.fromDisk != dl.d.Name {
 				from = open["stage:"+src.fromDisk]
@@ -321,7 +323,7 @@ func (s *Server) fillStage(ctx context.Context, m *session, dl *diskList, ss []s
 					open["stage:"+src.fromDisk] = from
 				}
 			}
-			data, err = readClusterFrom(from, src.fromIdx, cs, e.Digest, buf)
+			data, err = state.ReadClusterFrom(from, src.fromIdx, cs, e.Digest, buf)
 		case src.ref.Layer != "":
 			from := open[src.ref.Layer]
 			if from == nil {
@@ -331,7 +333,7 @@ func (s *Server) fillStage(ctx context.Context, m *session, dl *diskList, ss []s
 				}
 			}
 			if err == nil {
-				data, err = readClusterFrom(from, src.ref.Index, images.DigestClusterSize(from.Info()), e.Digest, buf)
+				data, err = state.ReadClusterFrom(from, src.ref.Index, images.DigestClusterSize(from.Info()), e.Digest, buf)
 			}
 			if err != nil {
 				stale = append(stale, e.Digest)
@@ -347,7 +349,7 @@ func (s *Server) fillStage(ctx context.Context, m *session, dl *diskList, ss []s
 		if len(data) != int(min(int64(cs), dl.d.Size-e.Index*int64(cs))) {
 			return 0, fmt.Errorf("cluster %d of disk %s: source holds %d bytes", e.Index, dl.d.Name, len(data))
 		}
-		if err := w.write(e.Index, data); err != nil {
+		if err := w.Write(e.Index, data); err != nil {
 			return 0, err
 		}
 		n++
@@ -355,13 +357,13 @@ func (s *Server) fillStage(ctx context.Context, m *session, dl *diskList, ss []s
 	if err := flushZero(); err != nil {
 		return 0, err
 	}
-	if err := w.flush(); err != nil {
+	if err := w.Flush(); err != nil {
 		return 0, err
 	}
 	if len(stale) > 0 {
-		s.st.update(func(tx *catalog.Tx) error {
+		s.st.Update(func(tx *catalog.Tx) error {
 			for _, d := range stale {
-				tx.Bucket(bucketClusters).Delete(d[:])
+				tx.Bucket(state.BucketClusters).Delete(d[:])
 			}
 			return nil
 		})

@@ -15,6 +15,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cvd-project/cvd/syncd/state"
+
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/syncd/proto"
@@ -57,7 +59,7 @@ type ServerOptions struct {
 // CLI calls directly on the store when no server runs.
 type Server struct {
 	store *images.Store
-	st    *state
+	st    *state.State
 	opts  ServerOptions
 	log   *slog.Logger
 	m     *metrics
@@ -102,7 +104,7 @@ func NewServer(store *images.Store, opts ServerOptions) (*Server, error) {
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	st, err := openState(store)
+	st, err := state.Open(store)
 	if err != nil {
 		return nil, err
 	}
@@ -172,15 +174,15 @@ func (s *Server) ensureIndexed(ctx context.Context) error {
 	sort.SliceStable(layers, func(i, j int) bool { return depth(layers[i].ID) < depth(layers[j].ID) })
 	for _, l := range layers {
 		var done bool
-		s.st.view(func(tx *catalog.Tx) error { done = isIndexed(tx, l.ID); return nil })
+		s.st.View(func(tx *catalog.Tx) error { done = state.IsIndexed(tx, l.ID); return nil })
 		if done {
 			continue
 		}
 		start := time.Now()
-		if err := s.st.indexLayerFile(ctx, l.ID, s.store.LayerPath(l.ID)); err != nil {
+		if err := s.st.IndexLayerFile(ctx, l.ID, s.store.LayerPath(l.ID)); err != nil {
 			return err
 		}
-		s.log.Info("indexed layer", "layer", short(l.ID), "clusters", l.DataClusters, "took", time.Since(start).Round(time.Millisecond))
+		s.log.Info("indexed layer", "layer", state.Short(l.ID), "clusters", l.DataClusters, "took", time.Since(start).Round(time.Millisecond))
 	}
 	return nil
 }
@@ -253,7 +255,7 @@ func (s *Server) wrap(name string, h func(w http.ResponseWriter, r *http.Request
 			if !ok {
 				return fmt.Errorf("%w: no bearer token", proto.ErrUnauthorized)
 			}
-			dev, err := s.st.authenticate(strings.TrimSpace(tok))
+			dev, err := authenticate(s.st, strings.TrimSpace(tok))
 			if err != nil {
 				s.m.authFailures.Add(1)
 				return err
@@ -302,7 +304,6 @@ func writeError(w http.ResponseWriter, err error) {
 	writeJSON(w, status, body)
 }
 
-
 func readJSON(w http.ResponseWriter, r *http.Request, v any) error {
 	if ct := r.Header.Get("Content-Type"); ct != "" && !strings.HasPrefix(ct, "application/json") {
 		return proto.BadRequest("content type %q, want application/json", ct)
@@ -350,7 +351,7 @@ func (s *Server) DesktopStatus(name string) (*proto.DesktopStatus, error) {
 		return nil, err
 	}
 	out := &proto.DesktopStatus{Name: name, Head: dv.Head, Versions: dv.Versions}
-	err = s.st.view(func(tx *catalog.Tx) error {
+	err = s.st.View(func(tx *catalog.Tx) error {
 		out.Lease, err = activeLease(tx, name)
 		return err
 	})
@@ -359,7 +360,7 @@ func (s *Server) DesktopStatus(name string) (*proto.DesktopStatus, error) {
 
 // syncPath is a path under <store>/sync.
 func (s *Server) syncPath(elem ...string) string {
-	return filepath.Join(append([]string{s.st.dir}, elem...)...)
+	return filepath.Join(append([]string{s.st.Dir}, elem...)...)
 }
 
 func removeAllQuiet(p string) { os.RemoveAll(p) }

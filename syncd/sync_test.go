@@ -6,6 +6,8 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/cvd-project/cvd/syncd/state"
+
 	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
@@ -109,8 +111,8 @@ func TestCheckoutCheckinDoneWhen(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if has || backing != layerOf(head, dn) {
-			t.Errorf("laptop %s top: data %v, stands on %s, want an empty top on %s", dn, has, short(backing), short(layerOf(head, dn)))
+		if has || backing != state.LayerOf(head, dn) {
+			t.Errorf("laptop %s top: data %v, stands on %s, want an empty top on %s", dn, has, state.Short(backing), state.Short(state.LayerOf(head, dn)))
 		}
 	}
 	qemuCompare(t, w.store.LayerPath(head.System), lap.top(w.desktop, proto.DiskSystem))
@@ -161,7 +163,7 @@ func TestCheckoutCheckinDoneWhen(t *testing.T) {
 		t.Fatal(err)
 	}
 	if bl.ID != w.base || al.ID != w.app {
-		t.Fatalf("the same content imported elsewhere has other IDs: %s %s", short(bl.ID), short(al.ID))
+		t.Fatalf("the same content imported elsewhere has other IDs: %s %s", state.Short(bl.ID), state.Short(al.ID))
 	}
 	co4, err := fourth.lp.CheckOut(ctx, w.client(tok4), w.desktop, CheckoutOptions{})
 	if err != nil {

@@ -2,14 +2,11 @@ package syncd
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
-	"errors"
-	"fmt"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/cvd-project/cvd/syncd/state"
 
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/desktop"
@@ -27,50 +24,6 @@ func (dv *DesktopVersions) topRel(diskName string) string {
 		return dv.SystemDisk
 	}
 	return dv.UserDisk
-}
-
-// layerOf is the layer a version's disk stands on.
-func layerOf(v *proto.Version, diskName string) string {
-	if diskName == proto.DiskSystem {
-		return v.System
-	}
-	return v.User
-}
-
-func setLayer(v *proto.Version, diskName, id string) {
-	if diskName == proto.DiskSystem {
-		v.System = id
-	} else {
-		v.User = id
-	}
-}
-
-func randHex(n int) string {
-	b := make([]byte, n)
-	if _, err := rand.Read(b); err != nil {
-		panic(err)
-	}
-	return hex.EncodeToString(b)
-}
-
-// adoptTop makes the top at path the layer opts.WantID without copying it
-// (images.Store.Adopt). A top the store cannot take as it is (it does not check
-// clean: a VM killed while it wrote leaves leaked clusters) is sealed as a copy
-// instead, with the same check of its ID (images.ErrIDMismatch).
-func adoptTop(ctx context.Context, store *images.Store, log *slog.Logger, path string, opts images.AdoptOptions) (*images.Layer, bool, error) {
-	l, existed, err := store.Adopt(ctx, path, opts)
-	if !errors.Is(err, images.ErrNotAdoptable) {
-		return l, existed, err
-	}
-	log.Warn("not adoptable in place; copying it", "file", path, "err", err)
-	l, existed, err = desktop.SealTop(ctx, store, path, nil, false)
-	if err == nil && l.ID != opts.WantID {
-		if !existed {
-			store.RemoveLayer(l.ID)
-		}
-		return nil, false, fmt.Errorf("%w: it has ID %s, expected %s", images.ErrIDMismatch, short(l.ID), short(opts.WantID))
-	}
-	return l, existed, err
 }
 
 // sealServerTops seals the desktop's tops that hold data as a new head version
@@ -140,10 +93,10 @@ const sessionMaxAge = 14 * 24 * time.Hour
 
 func (s *Server) reconcileSessions() error {
 	var sessions []Session
-	err := s.st.view(func(tx *catalog.Tx) error {
-		return tx.Bucket(bucketSessions).ForEach(func(k, v []byte) error {
+	err := s.st.View(func(tx *catalog.Tx) error {
+		return tx.Bucket(state.BucketSessions).ForEach(func(k, v []byte) error {
 			var se Session
-			if _, err := getJSON(tx, bucketSessions, string(k), &se); err != nil {
+			if _, err := state.GetJSON(tx, state.BucketSessions, string(k), &se); err != nil {
 				return err
 			}
 			sessions = append(sessions, se)
@@ -177,9 +130,9 @@ func (s *Server) reconcileSessions() error {
 	if len(drop) == 0 {
 		return nil
 	}
-	return s.st.update(func(tx *catalog.Tx) error {
+	return s.st.Update(func(tx *catalog.Tx) error {
 		for _, id := range drop {
-			if err := tx.Bucket(bucketSessions).Delete([]byte(id)); err != nil {
+			if err := tx.Bucket(state.BucketSessions).Delete([]byte(id)); err != nil {
 				return err
 			}
 		}

@@ -6,6 +6,8 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/cvd-project/cvd/syncd/state"
+
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/images"
@@ -90,10 +92,10 @@ func (s *Server) migrateVersions() error {
 	}
 	var names []string
 	olds := map[string]old{}
-	err := s.st.view(func(tx *catalog.Tx) error {
-		return tx.Bucket(bucketVersions).ForEach(func(k, v []byte) error {
+	err := s.st.View(func(tx *catalog.Tx) error {
+		return tx.Bucket(state.BucketVersions).ForEach(func(k, v []byte) error {
 			var o old
-			if _, err := getJSON(tx, bucketVersions, string(k), &o); err != nil {
+			if _, err := state.GetJSON(tx, state.BucketVersions, string(k), &o); err != nil {
 				return err
 			}
 			names = append(names, string(k))
@@ -112,7 +114,7 @@ func (s *Server) migrateVersions() error {
 			continue
 		}
 		s.log.Info("moved sync's versions into the catalog", "desktop", name, "versions", len(o.Versions))
-		if err := s.st.update(func(tx *catalog.Tx) error { return tx.Bucket(bucketVersions).Delete([]byte(name)) }); err != nil {
+		if err := s.st.Update(func(tx *catalog.Tx) error { return tx.Bucket(state.BucketVersions).Delete([]byte(name)) }); err != nil {
 			return err
 		}
 	}

@@ -1,4 +1,4 @@
-package syncd
+package state
 
 import (
 	"context"
@@ -35,14 +35,14 @@ func parseIndexValue(v []byte) (proto.ClusterRef, bool) {
 	return proto.ClusterRef{Layer: hex.EncodeToString(v[:sha256.Size]), Index: int64(binary.BigEndian.Uint64(v[sha256.Size:]))}, true
 }
 
-// lookupTx finds a holder of digest d.
-func lookupTx(tx *catalog.Tx, d proto.Digest) (proto.ClusterRef, bool) {
-	return parseIndexValue(tx.Bucket(bucketClusters).Get(d[:]))
+// Lookup finds a holder of digest d.
+func Lookup(tx *catalog.Tx, d proto.Digest) (proto.ClusterRef, bool) {
+	return parseIndexValue(tx.Bucket(BucketClusters).Get(d[:]))
 }
 
-// indexEntries records entries of layer (first holder wins).
-func indexEntries(tx *catalog.Tx, layer string, ents []proto.Entry) error {
-	b := tx.Bucket(bucketClusters)
+// IndexEntries records entries of layer (first holder wins).
+func IndexEntries(tx *catalog.Tx, layer string, ents []proto.Entry) error {
+	b := tx.Bucket(BucketClusters)
 	for _, e := range ents {
 		if e.Zero {
 			continue
@@ -58,31 +58,31 @@ func indexEntries(tx *catalog.Tx, layer string, ents []proto.Entry) error {
 	return nil
 }
 
-func isIndexed(tx *catalog.Tx, layer string) bool {
-	return tx.Bucket(bucketIndexed).Get([]byte(layer)) != nil
+func IsIndexed(tx *catalog.Tx, layer string) bool {
+	return tx.Bucket(BucketIndexed).Get([]byte(layer)) != nil
 }
 
-func markIndexed(tx *catalog.Tx, layer string, n int64) error {
-	return tx.Bucket(bucketIndexed).Put([]byte(layer), binary.BigEndian.AppendUint64(nil, uint64(n)))
+func MarkIndexed(tx *catalog.Tx, layer string, n int64) error {
+	return tx.Bucket(BucketIndexed).Put([]byte(layer), binary.BigEndian.AppendUint64(nil, uint64(n)))
 }
 
 // indexBatch is how many clusters one transaction of the index takes: small
 // enough that other writers (a lease, a clone) wait for it only briefly.
 const indexBatch = 4096
 
-// indexLayerFile reads the data clusters of the layer file at path (its own layer
+// IndexLayerFile reads the data clusters of the layer file at path (its own layer
 // only) and records them under id.
-func (s *state) indexLayerFile(ctx context.Context, id, path string) error {
+func (s *State) IndexLayerFile(ctx context.Context, id, path string) error {
 	img, err := disk.Open(path, disk.OpenOptions{ReadOnly: true, NoBacking: true})
 	if err != nil {
-		return fmt.Errorf("index layer %s: %w", short(id), err)
+		return fmt.Errorf("index layer %s: %w", Short(id), err)
 	}
 	defer img.Close()
 	cs := images.DigestClusterSize(img.Info())
 	var batch []proto.Entry
 	var n int64
 	flush := func() error {
-		err := s.update(func(tx *catalog.Tx) error { return indexEntries(tx, id, batch) })
+		err := s.Update(func(tx *catalog.Tx) error { return IndexEntries(tx, id, batch) })
 		batch = batch[:0]
 		return err
 	}
@@ -98,23 +98,23 @@ func (s *state) indexLayerFile(ctx context.Context, id, path string) error {
 		err = flush()
 	}
 	if err != nil {
-		return fmt.Errorf("index layer %s: %w", short(id), err)
+		return fmt.Errorf("index layer %s: %w", Short(id), err)
 	}
-	return s.update(func(tx *catalog.Tx) error { return markIndexed(tx, id, n) })
+	return s.Update(func(tx *catalog.Tx) error { return MarkIndexed(tx, id, n) })
 }
 
-// readCluster reads guest cluster idx of layer file path's own layer and checks
+// ReadCluster reads guest cluster idx of layer file path's own layer and checks
 // it against d.
-func readCluster(path string, idx int64, cs int, d proto.Digest, buf []byte) ([]byte, error) {
+func ReadCluster(path string, idx int64, cs int, d proto.Digest, buf []byte) ([]byte, error) {
 	img, err := disk.Open(path, disk.OpenOptions{ReadOnly: true, NoBacking: true})
 	if err != nil {
 		return nil, err
 	}
 	defer img.Close()
-	return readClusterFrom(img, idx, cs, d, buf)
+	return ReadClusterFrom(img, idx, cs, d, buf)
 }
 
-func readClusterFrom(img disk.Image, idx int64, cs int, d proto.Digest, buf []byte) ([]byte, error) {
+func ReadClusterFrom(img disk.Image, idx int64, cs int, d proto.Digest, buf []byte) ([]byte, error) {
 	off := idx * int64(cs)
 	if off >= img.Size() {
 		return nil, fmt.Errorf("cluster %d beyond the end of %s", idx, img.Info().Path)
@@ -130,7 +130,7 @@ func readClusterFrom(img disk.Image, idx int64, cs int, d proto.Digest, buf []by
 	return b, nil
 }
 
-func short(id string) string {
+func Short(id string) string {
 	if len(id) > 12 {
 		return id[:12]
 	}
