@@ -6,6 +6,8 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/cvd-project/cvd/syncd/laptop"
+
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/internal/testutil"
 	"github.com/cvd-project/cvd/syncd/proto"
@@ -22,7 +24,7 @@ func BenchmarkCheckin(b *testing.B) {
 		appWrites:  []write{{off: 4 << 30, data: testutil.Fill(2, 4<<20, false)}}})
 	lap := newLaptop(b, "laptop")
 	ctx := context.Background()
-	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
+	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{}); err != nil {
 		b.Fatal(err)
 	}
 	top := lap.top(w.desktop, proto.DiskSystem)
@@ -45,7 +47,7 @@ func BenchmarkCheckin(b *testing.B) {
 		}
 		syscall.Sync() // as the bench script: no writeback of the new data during the check-in
 		b.StartTimer()
-		rep, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+		rep, err := lap.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{})
 		if err != nil {
 			b.Fatal(err)
 		}

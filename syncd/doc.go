@@ -1,6 +1,10 @@
-// Package syncd is the sync daemon: the HTTP(S) server on the data-center side and the
-// client/agent on the laptop side; check-out, check-in, leases, expiry and the cluster
-// transfer protocol. README.md ("Sync") documents the API and its binary formats.
+// Package syncd is the sync server: the HTTP(S) API of the data-center side that
+// devices check desktops out of and back into; devices, leases and their expiry,
+// check-in sessions and their commit, offline bundles, and the administrator's
+// operations (device add/rm, lease break, rollback). The wire protocol is package
+// syncd/proto, the device side package syncd/laptop, and what either side keeps
+// in its store package syncd/state. README.md ("Sync") documents the API and its
+// binary formats.
 //
 // # Words
 //
@@ -8,7 +12,9 @@
 //     authenticates with a token the server keeps only as a SHA-256.
 //   - Lease: a device's hold on a desktop, with an expiry. While it runs no other
 //     device can check the desktop out; past it the laptop purges its copy, offline
-//     too. The catalog record of a leased desktop says so (images.Desktop.Lease).
+//     too. Devices and leases are typed tables of the catalog (a lease's epoch
+//     fences the commit of a check-in made under it); images reads a desktop's
+//     holder from them (images.Desktop.Lease).
 //   - Manifest: what a check-out answers: the lease, the head version, and each
 //     disk's chain of layers by ID.
 //   - Entry: one cluster a layer allocates, as its ID lists it: its index and the
@@ -28,9 +34,10 @@
 //
 // # Where things live
 //
-// Versions and the head are in the store's records (images). syncd's own records
-// are in the same catalog, in buckets named "sync.*": devices, leases, the cluster
-// index, check-in sessions, and on a laptop the checked-out desktops. Check-ins being received are staged in
+// Versions and the head are in the store's catalog, written by package desktop.
+// Devices and leases are tables of that catalog; the cluster index, check-in
+// sessions and a laptop's checked-out desktops are records of package
+// syncd/state in it. Check-ins being received are staged in
 // <store>/sync/sessions/, layers being fetched in <store>/sync/fetch/; both are
 // written without the disk engine's ordering barriers and checked before reuse.
 package syncd

@@ -14,6 +14,7 @@ import (
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/internal/testutil"
+	"github.com/cvd-project/cvd/syncd/laptop"
 	"github.com/cvd-project/cvd/syncd/proto"
 )
 
@@ -171,9 +172,9 @@ func (w *world) stop() {
 	}
 }
 
-func (w *world) client(token string) *Client {
+func (w *world) client(token string) *laptop.Client {
 	w.t.Helper()
-	c, err := NewClient(w.http.URL, token, ClientOptions{})
+	c, err := laptop.NewClient(w.http.URL, token, laptop.ClientOptions{})
 	if err != nil {
 		w.t.Fatal(err)
 	}
@@ -195,37 +196,50 @@ func (w *world) head() (int, *proto.Version) {
 	return 0, nil
 }
 
-// laptop is a local store.
-type laptop struct {
+// testLaptop is a local store with its laptop side open.
+type testLaptop struct {
 	t     testing.TB
 	dir   string
 	store *images.Store
-	lp    *Laptop
+	lp    *laptop.Laptop
 }
 
-func newLaptop(t testing.TB, name string) *laptop {
+func newLaptop(t testing.TB, name string) *testLaptop {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), name)
 	return openLaptopAt(t, dir)
 }
 
-func openLaptopAt(t testing.TB, dir string) *laptop {
+func openLaptopAt(t testing.TB, dir string) *testLaptop {
 	t.Helper()
 	st, err := images.Open(dir, images.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	lp, err := OpenLaptop(st, LaptopOptions{Logger: testLogger()})
+	lp, err := laptop.OpenLaptop(st, laptop.LaptopOptions{Logger: testLogger()})
 	if err != nil {
 		st.Close()
 		t.Fatal(err)
 	}
-	l := &laptop{t: t, dir: dir, store: st, lp: lp}
+	l := &testLaptop{t: t, dir: dir, store: st, lp: lp}
 	t.Cleanup(func() { l.close() })
 	return l
 }
 
-func (l *laptop) close() {
+// reopen opens the laptop side again on the same store, with opts (and the
+// test logger).
+func (l *testLaptop) reopen(opts laptop.LaptopOptions) {
+	l.t.Helper()
+	l.lp.Close()
+	opts.Logger = testLogger()
+	lp, err := laptop.OpenLaptop(l.store, opts)
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	l.lp = lp
+}
+
+func (l *testLaptop) close() {
 	if l.lp != nil {
 		l.lp.Close()
 		l.store.Close()
@@ -235,7 +249,7 @@ func (l *laptop) close() {
 }
 
 // top returns the absolute path of a disk's top on the laptop.
-func (l *laptop) top(desktop, diskName string) string {
+func (l *testLaptop) top(desktop, diskName string) string {
 	l.t.Helper()
 	d, err := l.store.Desktop(desktop)
 	if err != nil {

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cvd-project/cvd/syncd/laptop"
+
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/internal/testutil"
 	"github.com/cvd-project/cvd/syncd/proto"
@@ -56,7 +58,7 @@ func TestCheckinRefusesTopInUse(t *testing.T) {
 	ctx := context.Background()
 	w := newWorld(t, smallSpec())
 	lap := newLaptop(t, "laptop")
-	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
+	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 0, data: testutil.Fill(3, 2*MiB, false)}})
@@ -64,7 +66,7 @@ func TestCheckinRefusesTopInUse(t *testing.T) {
 	top := lap.top(w.desktop, proto.DiskSystem)
 	sum := sumOf(t, top)
 	release := holdOpen(t, top)
-	_, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+	_, err := lap.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{})
 	if !errors.Is(err, proto.ErrInUse) {
 		t.Fatalf("check-in of a top QEMU holds: %v, want ErrInUse", err)
 	}
@@ -75,7 +77,7 @@ func TestCheckinRefusesTopInUse(t *testing.T) {
 		t.Error("the laptop's top changed")
 	}
 	release()
-	rep, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+	rep, err := lap.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -96,7 +98,7 @@ func TestCheckoutRefusesServerTopInUse(t *testing.T) {
 	before, _ := w.head()
 	release := holdOpen(t, w.store.Path(d.SystemDisk))
 	lap := newLaptop(t, "laptop")
-	_, err = lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{})
+	_, err = lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{})
 	if !errors.Is(err, proto.ErrInUse) {
 		t.Fatalf("check-out while the server's top is open in QEMU: %v, want ErrInUse", err)
 	}
@@ -108,7 +110,7 @@ func TestCheckoutRefusesServerTopInUse(t *testing.T) {
 		t.Errorf("after the refusal: lease %+v, head %d (was %d)", st.Lease, st.Head, before)
 	}
 	release()
-	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
+	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
 }

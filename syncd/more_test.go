@@ -23,6 +23,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cvd-project/cvd/syncd/laptop"
+
 	"github.com/cvd-project/cvd/syncd/state"
 
 	"github.com/cvd-project/cvd/catalog"
@@ -85,7 +87,7 @@ func TestConflictAndRollback(t *testing.T) {
 	ctx := context.Background()
 	w := newWorld(t, smallSpec())
 	a := newLaptop(t, "a")
-	if _, err := a.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
+	if _, err := a.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	writeTop(t, a, w.desktop, proto.DiskSystem, []write{{off: 64 * MiB, data: testutil.Fill(20, 2*MiB, false)}})
@@ -95,11 +97,11 @@ func TestConflictAndRollback(t *testing.T) {
 	}
 	_, tokB, _ := w.srv.AddDevice("b", []string{w.desktop})
 	b := newLaptop(t, "b")
-	if _, err := b.lp.CheckOut(ctx, w.client(tokB), w.desktop, CheckoutOptions{}); err != nil {
+	if _, err := b.lp.CheckOut(ctx, w.client(tokB), w.desktop, laptop.CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	writeTop(t, b, w.desktop, proto.DiskSystem, []write{{off: 80 * MiB, data: testutil.Fill(21, 1*MiB, false)}})
-	rb, err := b.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+	rb, err := b.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -108,7 +110,7 @@ func TestConflictAndRollback(t *testing.T) {
 		t.Fatalf("b's check-in: %+v", rb)
 	}
 	// a's check-in is kept as a conflict version beside the head.
-	ra, err := a.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+	ra, err := a.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -144,13 +146,13 @@ func TestServerChangesDuringCheckoutMakeAConflict(t *testing.T) {
 	ctx := context.Background()
 	w := newWorld(t, smallSpec())
 	a := newLaptop(t, "a")
-	if _, err := a.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
+	if _, err := a.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	d, _ := w.store.Desktop(w.desktop)
 	w.writeTop(d.SystemDisk, []write{{off: 100 * MiB, data: testutil.Fill(30, 1*MiB, false)}}) // someone used the server copy
 	writeTop(t, a, w.desktop, proto.DiskSystem, []write{{off: 64 * MiB, data: testutil.Fill(31, 1*MiB, false)}})
-	rep, err := a.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+	rep, err := a.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -213,7 +215,7 @@ func TestExportImportBundle(t *testing.T) {
 		t.Errorf("a damaged bundle left %d layers", len(ls))
 	}
 	// An expired bundle is refused.
-	lap2.lp.opts.Now = func() time.Time { return time.Now().Add(2 * time.Hour) }
+	lap2.reopen(laptop.LaptopOptions{Now: func() time.Time { return time.Now().Add(2 * time.Hour) }})
 	if _, err := lap2.lp.ImportBundle(ctx, bundle); !errors.Is(err, proto.ErrExpired) {
 		t.Errorf("expired bundle: %v", err)
 	}
@@ -236,20 +238,20 @@ func TestMetricsAndTLS(t *testing.T) {
 	ts.TLS = cert
 	ts.StartTLS()
 	defer ts.Close()
-	c, err := NewClient(ts.URL, w.token, ClientOptions{CACert: ca})
+	c, err := laptop.NewClient(ts.URL, w.token, laptop.ClientOptions{CACert: ca})
 	if err != nil {
 		t.Fatal(err)
 	}
 	lap := newLaptop(t, "laptop")
-	if _, err := lap.lp.CheckOut(ctx, c, w.desktop, CheckoutOptions{CACert: ca}); err != nil {
+	if _, err := lap.lp.CheckOut(ctx, c, w.desktop, laptop.CheckoutOptions{CACert: ca}); err != nil {
 		t.Fatal(err)
 	}
 	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 64 * MiB, data: testutil.Fill(50, 1*MiB, false)}})
-	if _, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{}); err != nil {
+	if _, err := lap.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	// Without the CA the client refuses the server.
-	bare, _ := NewClient(ts.URL, w.token, ClientOptions{})
+	bare, _ := laptop.NewClient(ts.URL, w.token, laptop.ClientOptions{})
 	if _, err := bare.Desktop(ctx, w.desktop); err == nil || !strings.Contains(err.Error(), "certificate") {
 		t.Errorf("untrusted certificate: %v", err)
 	}
@@ -283,14 +285,14 @@ func TestAgentRenewsAndChecksIn(t *testing.T) {
 	ctx := context.Background()
 	w := newWorld(t, smallSpec())
 	lap := newLaptop(t, "laptop")
-	rep, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{TTL: time.Hour})
+	rep, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{TTL: time.Hour})
 	if err != nil {
 		t.Fatal(err)
 	}
 	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 64 * MiB, data: testutil.Fill(60, 1*MiB, false)}})
 	lap.close()
 	w.now = w.now.Add(10 * time.Minute)
-	evs, err := AgentCycle(ctx, lap.dir, AgentOptions{CheckinEvery: time.Nanosecond})
+	evs, err := laptop.AgentCycle(ctx, lap.dir, laptop.AgentOptions{CheckinEvery: time.Nanosecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -311,7 +313,7 @@ func TestAgentRenewsAndChecksIn(t *testing.T) {
 	}
 	// Offline: the server is gone; the agent reports it and keeps the copy.
 	w.stop()
-	evs, err = AgentCycle(ctx, lap.dir, AgentOptions{})
+	evs, err = laptop.AgentCycle(ctx, lap.dir, laptop.AgentOptions{})
 	if err != nil || len(evs) != 1 || evs[0].Action != "failed" {
 		t.Fatalf("offline agent: %+v %v", evs, err)
 	}
@@ -354,7 +356,8 @@ func tlsKeyPair(certPEM, keyPEM []byte) (*tls.Config, error) {
 }
 
 // A check-out that says the laptop holds a layer whose clusters it then cannot
-// read gets the data instead: the stream is asked for again without references.
+// read (they do not match their digests) gets the data instead: the stream is
+// asked for again without references.
 func TestReferenceFallback(t *testing.T) {
 	ctx := context.Background()
 	spec := smallSpec()
@@ -365,35 +368,31 @@ func TestReferenceFallback(t *testing.T) {
 	if err := w.srv.ensureIndexed(ctx); err != nil { // references come from the index
 		t.Fatal(err)
 	}
-	lap := newLaptop(t, "laptop")
 	c := w.client(w.token)
-	m, err := c.Checkout(ctx, w.desktop, 0, w.base) // claims the base, does not hold it
-	if err != nil {
-		t.Fatal(err)
-	}
-	app := m.Disks[0].Layers[0]
-	if app.ID != w.app {
-		t.Fatalf("top of the system chain %s, want the app", state.Short(app.ID))
-	}
-	refs := newLocalRefs(lap.store)
-	defer refs.close()
-	f, n, err := lap.lp.fetchLayer(ctx, c, app, m.Lease.ID, refs)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if f.byRef != 0 || n < 2*MiB {
-		t.Errorf("%d clusters by reference, %d bytes: want the data after the fallback", f.byRef, n)
-	}
-	os.Remove(f.path) // its parent is not here: it cannot be imported
-	os.Remove(f.ckptPath)
-	// With the base really held, the same clusters come as references.
-	lap2 := newLaptop(t, "laptop2")
 	src := t.TempDir()
 	makeImage(t, filepath.Join(src, "base.qcow2"), spec.baseSize, "", spec.baseWrites)
+	// The laptop holds the base, but its clusters no longer match their digests.
+	lap := newLaptop(t, "laptop")
+	if _, _, err := lap.store.Import(ctx, filepath.Join(src, "base.qcow2"), images.ImportOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Run(t, "qemu-io", "-c", "write -P 0x77 0 4M", lap.store.LayerPath(w.base))
+	rep, err := lap.lp.CheckOut(ctx, c, w.desktop, laptop.CheckoutOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.ClustersByRef != 0 || !slices.Contains(rep.LayersFetched, w.app) {
+		t.Errorf("%d clusters by reference, layers fetched %v: want the app's data after the fallback", rep.ClustersByRef, rep.LayersFetched)
+	}
+	if l, err := lap.store.Layer(w.app); err != nil || l.ID != w.app {
+		t.Errorf("the app layer on the laptop: %v", err)
+	}
+	// With the base really held, the same clusters come as references.
+	lap2 := newLaptop(t, "laptop2")
 	if _, _, err := lap2.store.Import(ctx, filepath.Join(src, "base.qcow2"), images.ImportOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	rep, err := lap2.lp.CheckOut(ctx, c, w.desktop, CheckoutOptions{})
+	rep, err = lap2.lp.CheckOut(ctx, c, w.desktop, laptop.CheckoutOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -409,17 +408,17 @@ func TestCommitCutAfterCatalog(t *testing.T) {
 	ctx := context.Background()
 	w := newWorld(t, smallSpec())
 	lap := newLaptop(t, "laptop")
-	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
+	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 64 * MiB, data: testutil.Fill(70, 1*MiB, false)}})
 	before, _ := w.head()
 	w.srv.failpoint = func(step string) error { return errors.New("cut at " + step) }
-	if _, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{}); err == nil || !strings.Contains(err.Error(), "cut at commit:catalog") {
+	if _, err := lap.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{}); err == nil || !strings.Contains(err.Error(), "cut at commit:catalog") {
 		t.Fatalf("cut commit: %v", err)
 	}
 	w.srv.failpoint = nil
-	rep, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+	rep, err := lap.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -500,7 +499,7 @@ func TestCatalogShowsLease(t *testing.T) {
 		t.Fatalf("before: lease %q, devices %v", d.Lease, d.Devices)
 	}
 	lap := newLaptop(t, "laptop")
-	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
+	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	d, _ = w.store.Desktop(w.desktop)
@@ -528,7 +527,7 @@ func TestLeaseEpochs(t *testing.T) {
 	lap := newLaptop(t, "laptop")
 	var epochs []int64
 	for range 2 {
-		rep, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{})
+		rep, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -538,7 +537,7 @@ func TestLeaseEpochs(t *testing.T) {
 		}
 	}
 	w.now = time.Now().AddDate(-1, 0, 0) // the server grants a lease that has already expired
-	rep, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{})
+	rep, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -626,11 +625,11 @@ func TestVersionKinds(t *testing.T) {
 	ctx := context.Background()
 	w := newWorld(t, smallSpec())
 	lap := newLaptop(t, "laptop")
-	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
+	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 0, data: testutil.Fill(9, 1*MiB, false)}})
-	if _, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{}); err != nil {
+	if _, err := lap.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	_, head := w.head()
@@ -649,7 +648,7 @@ func TestVersionKinds(t *testing.T) {
 	}
 	// The laptop's next check-in no longer starts from the head: a conflict.
 	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 2 * MiB, data: testutil.Fill(10, 1*MiB, false)}})
-	rep, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+	rep, err := lap.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

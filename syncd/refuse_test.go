@@ -3,6 +3,7 @@ package syncd
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -18,6 +19,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/cvd-project/cvd/syncd/laptop"
 
 	"github.com/cvd-project/cvd/syncd/state"
 
@@ -75,7 +78,7 @@ func (w *world) unchanged(before snapshot, what string) {
 	}
 }
 
-func writeTop(t *testing.T, lap *laptop, desktop, diskName string, ws []write) {
+func writeTop(t *testing.T, lap *testLaptop, desktop, diskName string, ws []write) {
 	t.Helper()
 	img, err := disk.Open(lap.top(desktop, diskName), disk.OpenOptions{AllowedRoots: []string{lap.dir}})
 	if err != nil {
@@ -125,7 +128,7 @@ func TestRefusedOtherDevicesLease(t *testing.T) {
 	ctx := context.Background()
 	w := newWorld(t, smallSpec())
 	lap := newLaptop(t, "laptop")
-	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
+	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	_, tok2, err := w.srv.AddDevice("laptop2", []string{w.desktop})
@@ -134,7 +137,7 @@ func TestRefusedOtherDevicesLease(t *testing.T) {
 	}
 	before := w.snap()
 	lap2 := newLaptop(t, "laptop2")
-	_, err = lap2.lp.CheckOut(ctx, w.client(tok2), w.desktop, CheckoutOptions{})
+	_, err = lap2.lp.CheckOut(ctx, w.client(tok2), w.desktop, laptop.CheckoutOptions{})
 	var le *proto.LeaseError
 	if !errors.Is(err, proto.ErrLeaseHeld) || !errors.As(err, &le) || le.Holder != "laptop1" || !strings.Contains(err.Error(), "laptop1") {
 		t.Fatalf("second device: %v, want ErrLeaseHeld naming laptop1", err)
@@ -156,13 +159,13 @@ func TestRefusedExpiredLease(t *testing.T) {
 	ctx := context.Background()
 	w := newWorld(t, smallSpec())
 	lap := newLaptop(t, "laptop")
-	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{TTL: time.Hour}); err != nil {
+	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{TTL: time.Hour}); err != nil {
 		t.Fatal(err)
 	}
 	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 0, data: testutil.Fill(7, 1*MiB, false)}})
 	w.now = w.now.Add(2 * time.Hour) // the server's clock: the lease is past its expiry
 	before := w.snap()
-	_, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+	_, err := lap.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{})
 	if !errors.Is(err, proto.ErrLeaseExpired) {
 		t.Fatalf("check-in after expiry: %v, want ErrLeaseExpired", err)
 	}
@@ -212,8 +215,8 @@ func TestRefusedTamperedCluster(t *testing.T) {
 	before := w.snap()
 	lap := newLaptop(t, "laptop")
 	proxy := tamperProxy(t, w.http.URL)
-	c, _ := NewClient(proxy.URL, w.token, ClientOptions{})
-	_, err := lap.lp.CheckOut(ctx, c, w.desktop, CheckoutOptions{})
+	c, _ := laptop.NewClient(proxy.URL, w.token, laptop.ClientOptions{})
+	_, err := lap.lp.CheckOut(ctx, c, w.desktop, laptop.CheckoutOptions{})
 	if !errors.Is(err, proto.ErrDigestMismatch) {
 		t.Fatalf("tampered check-out: %v, want ErrDigestMismatch", err)
 	}
@@ -224,27 +227,22 @@ func TestRefusedTamperedCluster(t *testing.T) {
 	}
 
 	// On the way up: an upload whose cluster does not match its digest.
-	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
+	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 64 * MiB, data: testutil.Fill(8, 1*MiB, false)}})
 	co, _ := lap.lp.Checkout(w.desktop)
-	d, _ := lap.store.Desktop(w.desktop)
-	changes, err := lap.lp.scanTops(ctx, d, co)
+	prep, err := lap.lp.PrepareCheckin(ctx, w.desktop)
 	if err != nil {
 		t.Fatal(err)
 	}
-	req := &proto.CheckinRequest{Desktop: w.desktop, Lease: co.Lease.ID, Base: co.Version}
-	for _, ch := range changes {
-		req.Disks = append(req.Disks, ch.decl)
-	}
-	req.ID = checkinID(req)
+	req := prep.Request
 	cl := w.client(w.token)
 	if _, err := cl.OpenCheckin(ctx, req); err != nil {
 		t.Fatal(err)
 	}
-	for _, ch := range changes {
-		if _, err := cl.PutEntries(ctx, req.ID, ch.name, ch.list); err != nil {
+	for dn, list := range prep.Lists {
+		if _, err := cl.PutEntries(ctx, req.ID, dn, list); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -274,7 +272,7 @@ func TestRefusedTamperedCluster(t *testing.T) {
 	}
 	w.unchanged(before, "a tampered upload")
 	// The honest client finishes the same check-in.
-	rep, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+	rep, err := lap.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -287,21 +285,15 @@ func TestRefusedMalformedRequests(t *testing.T) {
 	ctx := context.Background()
 	w := newWorld(t, smallSpec())
 	lap := newLaptop(t, "laptop")
-	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
+	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 64 * MiB, data: testutil.Fill(8, 1*MiB, false)}})
-	co, _ := lap.lp.Checkout(w.desktop)
-	d, _ := lap.store.Desktop(w.desktop)
-	changes, err := lap.lp.scanTops(ctx, d, co)
+	prep, err := lap.lp.PrepareCheckin(ctx, w.desktop)
 	if err != nil {
 		t.Fatal(err)
 	}
-	good := &proto.CheckinRequest{Desktop: w.desktop, Lease: co.Lease.ID, Base: co.Version}
-	for _, ch := range changes {
-		good.Disks = append(good.Disks, ch.decl)
-	}
-	good.ID = checkinID(good)
+	good := prep.Request
 	before := w.snap()
 
 	do := func(method, path, ctype string, body []byte) (int, string) {
@@ -318,7 +310,7 @@ func TestRefusedMalformedRequests(t *testing.T) {
 		b, _ := io.ReadAll(resp.Body)
 		return resp.StatusCode, string(b)
 	}
-	bad := func(req proto.CheckinRequest) []byte { b := jsonBody(req); return b }
+	bad := func(req proto.CheckinRequest) []byte { b, _ := json.Marshal(req); return b }
 	cases := []struct {
 		name, method, path, ctype string
 		body                      []byte
@@ -369,7 +361,7 @@ func TestRefusedMalformedRequests(t *testing.T) {
 	if _, err := cl.OpenCheckin(ctx, good); err != nil {
 		t.Fatal(err)
 	}
-	list := changes[0].list
+	list := prep.Lists[proto.DiskSystem]
 	for _, c := range []struct {
 		name string
 		body []byte
@@ -392,8 +384,8 @@ func TestRefusedMalformedRequests(t *testing.T) {
 			t.Errorf("%s: %v, want ErrBadRequest", c.name, err)
 		}
 	}
-	for _, ch := range changes {
-		if _, err := cl.PutEntries(ctx, good.ID, ch.name, ch.list); err != nil {
+	for dn, l := range prep.Lists {
+		if _, err := cl.PutEntries(ctx, good.ID, dn, l); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -449,7 +441,7 @@ func TestRefusedMalformedRequests(t *testing.T) {
 		t.Errorf("early commit: %v, want ErrIncomplete", err)
 	}
 	w.unchanged(before, "malformed lists and streams")
-	if _, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{}); err != nil {
+	if _, err := lap.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{}); err != nil {
 		t.Fatalf("the check-in after the malformed ones: %v", err)
 	}
 }
@@ -478,13 +470,13 @@ func TestRefusedFullDiskServer(t *testing.T) {
 	fs := mountTmpfs(t, 40*MiB)
 	w := newWorldAt(t, filepath.Join(fs, "server"), spec)
 	lap := newLaptop(t, "laptop")
-	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
+	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	// More than the server has room for: refused before anything is sent.
 	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 64 * MiB, data: testutil.Fill(9, 48*MiB, false)}})
 	before := w.snap()
-	_, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+	_, err := lap.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{})
 	if !errors.Is(err, proto.ErrNoSpace) {
 		t.Fatalf("check-in to a full server: %v, want ErrNoSpace", err)
 	}
@@ -496,14 +488,14 @@ func TestRefusedFullDiskServer(t *testing.T) {
 	lap2 := newLaptop(t, "laptop2")
 	_, tok2, _ := w.srv.AddDevice("laptop2", []string{w.desktop})
 	w.srv.BreakLease(w.desktop)
-	if _, err := lap2.lp.CheckOut(ctx, w.client(tok2), w.desktop, CheckoutOptions{}); err != nil {
+	if _, err := lap2.lp.CheckOut(ctx, w.client(tok2), w.desktop, laptop.CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	writeTop(t, lap2, w.desktop, proto.DiskSystem, []write{{off: 64 * MiB, data: testutil.Fill(10, 6*MiB, false)}})
 	before = w.snap()
 	filler := filepath.Join(fs, "filler")
-	lap2.lp.opts.Progress = &fillOnProgress{path: filler, after: 2 * MiB}
-	_, err = lap2.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+	lap2.reopen(laptop.LaptopOptions{Progress: &fillOnProgress{path: filler, after: 2 * MiB}})
+	_, err = lap2.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{})
 	if !errors.Is(err, proto.ErrNoSpace) {
 		t.Fatalf("check-in filling the server's disk: %v, want ErrNoSpace", err)
 	}
@@ -511,8 +503,8 @@ func TestRefusedFullDiskServer(t *testing.T) {
 	w.unchanged(before, "a check-in that filled the server's disk")
 	// With room again, the same check-in resumes and completes.
 	os.Remove(filler)
-	lap2.lp.opts.Progress = noProgress{}
-	rep, err := lap2.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+	lap2.reopen(laptop.LaptopOptions{})
+	rep, err := lap2.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -557,7 +549,7 @@ func TestRefusedFullDiskLaptop(t *testing.T) {
 	fs := mountTmpfs(t, 32*MiB)
 	before := w.snap()
 	lap := openLaptopAt(t, filepath.Join(fs, "laptop"))
-	_, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{})
+	_, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{})
 	if !errors.Is(err, proto.ErrNoSpace) {
 		t.Fatalf("check-out to a full laptop: %v, want ErrNoSpace", err)
 	}
@@ -567,8 +559,8 @@ func TestRefusedFullDiskLaptop(t *testing.T) {
 	// Room at the start, none in the middle.
 	fs2 := mountTmpfs(t, 128*MiB)
 	lap2 := openLaptopAt(t, filepath.Join(fs2, "laptop"))
-	lap2.lp.opts.Progress = &fillOnProgress{path: filepath.Join(fs2, "filler"), after: 8 * MiB}
-	_, err = lap2.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{})
+	lap2.reopen(laptop.LaptopOptions{Progress: &fillOnProgress{path: filepath.Join(fs2, "filler"), after: 8 * MiB}})
+	_, err = lap2.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{})
 	if !errors.Is(err, proto.ErrNoSpace) {
 		t.Fatalf("check-out filling the laptop's disk: %v, want ErrNoSpace", err)
 	}
@@ -584,7 +576,7 @@ func TestExpiredCopyPurgedOffline(t *testing.T) {
 	w := newWorld(t, smallSpec())
 	lap := newLaptop(t, "laptop")
 	w.now = time.Now()
-	rep, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{TTL: 2 * time.Second})
+	rep, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{TTL: 2 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -592,12 +584,12 @@ func TestExpiredCopyPurgedOffline(t *testing.T) {
 	w.stop() // the server is gone
 	lap.close()
 	// Not expired yet: nothing happens.
-	if purged, err := purgeAt(t, lap.dir, LaptopOptions{}); err != nil || len(purged) != 0 {
+	if purged, err := purgeAt(t, lap.dir, laptop.LaptopOptions{}); err != nil || len(purged) != 0 {
 		t.Fatalf("purge before expiry: %v %v", purged, err)
 	}
 	time.Sleep(time.Until(rep.Lease.Expires) + 100*time.Millisecond)
 	vm := &recordVM{}
-	purged, err := purgeAt(t, lap.dir, LaptopOptions{VM: vm})
+	purged, err := purgeAt(t, lap.dir, laptop.LaptopOptions{VM: vm})
 	if err != nil || len(purged) != 1 || purged[0].Desktop != w.desktop {
 		t.Fatalf("purge after expiry: %v %v", purged, err)
 	}
@@ -645,12 +637,12 @@ func (v *recordVM) UndefineDesktop(ctx context.Context, desktop string) error {
 
 // purgeAt is PurgeExpired on the store in dir, opened read-only as a listing
 // command opens it.
-func purgeAt(t *testing.T, dir string, opts LaptopOptions) ([]PurgeReport, error) {
+func purgeAt(t *testing.T, dir string, opts laptop.LaptopOptions) ([]laptop.PurgeReport, error) {
 	t.Helper()
 	st, err := images.Open(dir, images.OpenOptions{ReadOnly: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer st.Close()
-	return PurgeExpired(context.Background(), st, opts)
+	return laptop.PurgeExpired(context.Background(), st, opts)
 }

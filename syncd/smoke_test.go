@@ -4,6 +4,8 @@ import (
 	"context"
 	"testing"
 
+	"github.com/cvd-project/cvd/syncd/laptop"
+
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/internal/testutil"
 	"github.com/cvd-project/cvd/syncd/proto"
@@ -21,7 +23,7 @@ func TestSmokeCheckoutCheckin(t *testing.T) {
 	})
 	lap := newLaptop(t, "laptop")
 	c := w.client(w.token)
-	rep, err := lap.lp.CheckOut(ctx, c, w.desktop, CheckoutOptions{})
+	rep, err := lap.lp.CheckOut(ctx, c, w.desktop, laptop.CheckoutOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -37,7 +39,7 @@ func TestSmokeCheckoutCheckin(t *testing.T) {
 	img.ReadAt(buf, 0+2*MiB)
 	applyWrites(t, img, []write{{off: 200 * MiB, data: buf}})
 	img.Close()
-	crep, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+	crep, err := lap.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

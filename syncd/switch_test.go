@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cvd-project/cvd/syncd/laptop"
+
 	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/internal/testutil"
@@ -39,7 +41,7 @@ func TestRecomposeMarkedWhileCheckedOut(t *testing.T) {
 	}
 
 	lap := newLaptop(t, "laptop")
-	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
+	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	rep, err := desktop.Recompose(ctx, w.store, desktop.RecomposeSpec{Desktops: []string{w.desktop}, Apps: []string{app2.ID}})
@@ -58,7 +60,7 @@ func TestRecomposeMarkedWhileCheckedOut(t *testing.T) {
 	}
 
 	lap2 := newLaptop(t, "laptop2")
-	if _, err := lap2.lp.CheckOut(ctx, w.client(w.token), w.desktop, CheckoutOptions{}); err != nil {
+	if _, err := lap2.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	d, _ = w.store.Desktop(w.desktop)

@@ -6,6 +6,8 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/cvd-project/cvd/syncd/laptop"
+
 	"github.com/cvd-project/cvd/syncd/state"
 
 	"github.com/cvd-project/cvd/desktop"
@@ -36,7 +38,7 @@ func bigSpec() worldSpec {
 // laptopWrites is the laptop's work: 64 MiB of new random data, 64 MiB copied from
 // clusters of the base (the server holds them), and zeroed ranges over data of
 // the base and of the user's version.
-func laptopWrites(t *testing.T, lap *laptop, desktop string) {
+func laptopWrites(t *testing.T, lap *testLaptop, desktop string) {
 	t.Helper()
 	sys, err := disk.Open(lap.top(desktop, proto.DiskSystem), disk.OpenOptions{AllowedRoots: []string{lap.dir}})
 	if err != nil {
@@ -71,7 +73,7 @@ func TestCheckoutCheckinDoneWhen(t *testing.T) {
 
 	// 1. Check out to an empty store.
 	lap := newLaptop(t, "laptop")
-	co, err := lap.lp.CheckOut(ctx, c, w.desktop, CheckoutOptions{})
+	co, err := lap.lp.CheckOut(ctx, c, w.desktop, laptop.CheckoutOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,7 +88,7 @@ func TestCheckoutCheckinDoneWhen(t *testing.T) {
 
 	// 2. Work on the laptop, check in.
 	laptopWrites(t, lap, w.desktop)
-	ci, err := lap.lp.CheckIn(ctx, w.desktop, CheckinOptions{})
+	ci, err := lap.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -133,7 +135,7 @@ func TestCheckoutCheckinDoneWhen(t *testing.T) {
 		t.Fatal(err)
 	}
 	third := newLaptop(t, "third")
-	co3, err := third.lp.CheckOut(ctx, w.client(tok3), w.desktop, CheckoutOptions{})
+	co3, err := third.lp.CheckOut(ctx, w.client(tok3), w.desktop, laptop.CheckoutOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,7 +167,7 @@ func TestCheckoutCheckinDoneWhen(t *testing.T) {
 	if bl.ID != w.base || al.ID != w.app {
 		t.Fatalf("the same content imported elsewhere has other IDs: %s %s", state.Short(bl.ID), state.Short(al.ID))
 	}
-	co4, err := fourth.lp.CheckOut(ctx, w.client(tok4), w.desktop, CheckoutOptions{})
+	co4, err := fourth.lp.CheckOut(ctx, w.client(tok4), w.desktop, laptop.CheckoutOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

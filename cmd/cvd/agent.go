@@ -7,9 +7,11 @@ import (
 	"log/slog"
 	"time"
 
-	"github.com/cvd-project/cvd/syncd"
-	"github.com/cvd-project/cvd/vm"
+	"github.com/cvd-project/cvd/syncd/laptop"
+
 	"github.com/spf13/cobra"
+
+	"github.com/cvd-project/cvd/vm"
 )
 
 type agentOptions struct {
@@ -46,22 +48,22 @@ a round, so other cvd commands can run in between.`,
 }
 
 func runAgent(ctx context.Context, g *globalOptions, opts *agentOptions, out, errOut io.Writer) error {
-	ao := syncd.AgentOptions{CheckinEvery: opts.checkinEvery, RenewWithin: opts.renewWithin, Logger: slog.Default()}
+	ao := laptop.AgentOptions{CheckinEvery: opts.checkinEvery, RenewWithin: opts.renewWithin, Logger: slog.Default()}
 	if uri := vm.HookURI(""); uri != "" {
 		vms := &vm.Desktops{URI: uri, Log: slog.Default()}
 		defer vms.Close()
 		ao.VM, ao.Running = vms, vms.Running
 	}
 	for {
-		evs, err := syncd.AgentCycle(ctx, g.store, ao)
+		evs, err := laptop.AgentCycle(ctx, g.store, ao)
 		if g.json {
 			if evs == nil {
-				evs = []syncd.AgentEvent{}
+				evs = []laptop.AgentEvent{}
 			}
 			printJSON(out, struct {
-				Time   time.Time          `json:"time"`
-				Events []syncd.AgentEvent `json:"events"`
-				Error  string             `json:"error,omitempty"`
+				Time   time.Time           `json:"time"`
+				Events []laptop.AgentEvent `json:"events"`
+				Error  string              `json:"error,omitempty"`
 			}{time.Now().UTC(), evs, errString(err)})
 		} else {
 			for _, e := range evs {

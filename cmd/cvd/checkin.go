@@ -6,10 +6,12 @@ import (
 	"io"
 	"time"
 
-	"github.com/cvd-project/cvd/images"
-	"github.com/cvd-project/cvd/syncd"
-	"github.com/cvd-project/cvd/syncd/proto"
+	"github.com/cvd-project/cvd/syncd/laptop"
+
 	"github.com/spf13/cobra"
+
+	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/syncd/proto"
 )
 
 type checkinOptions struct {
@@ -54,7 +56,7 @@ func runCheckin(ctx context.Context, g *globalOptions, opts *checkinOptions, des
 		return err
 	}
 	defer done()
-	rep, err := lp.CheckIn(ctx, desktop, syncd.CheckinOptions{Release: opts.release, Server: opts.server, CACert: opts.caCert})
+	rep, err := lp.CheckIn(ctx, desktop, laptop.CheckinOptions{Release: opts.release, Server: opts.server, CACert: opts.caCert})
 	if err != nil {
 		return storeError(err)
 	}
@@ -65,7 +67,7 @@ func runCheckin(ctx context.Context, g *globalOptions, opts *checkinOptions, des
 	return nil
 }
 
-func printCheckinReport(out io.Writer, rep *syncd.CheckinReport) {
+func printCheckinReport(out io.Writer, rep *laptop.CheckinReport) {
 	if rep.NoChanges {
 		fmt.Fprintf(out, "%s: no changes since version %d\n", rep.Desktop, rep.Version)
 		if rep.Released {

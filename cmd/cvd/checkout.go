@@ -9,13 +9,15 @@ import (
 	"strings"
 	"time"
 
-	"github.com/cvd-project/cvd/images"
-	"github.com/cvd-project/cvd/syncd"
-	"github.com/cvd-project/cvd/syncd/proto"
-	"github.com/cvd-project/cvd/vm"
+	"github.com/cvd-project/cvd/syncd/laptop"
+
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
+
+	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/syncd/proto"
+	"github.com/cvd-project/cvd/vm"
 )
 
 type checkoutOptions struct {
@@ -65,11 +67,11 @@ func runCheckout(ctx context.Context, g *globalOptions, opts *checkoutOptions, d
 		return err
 	}
 	defer done()
-	c, err := syncd.NewClient(opts.server, opts.token, syncd.ClientOptions{CACert: opts.caCert})
+	c, err := laptop.NewClient(opts.server, opts.token, laptop.ClientOptions{CACert: opts.caCert})
 	if err != nil {
 		return &exitError{code: exitUsage, err: err}
 	}
-	rep, err := lp.CheckOut(ctx, c, desktop, syncd.CheckoutOptions{TTL: opts.ttl, CACert: opts.caCert})
+	rep, err := lp.CheckOut(ctx, c, desktop, laptop.CheckoutOptions{TTL: opts.ttl, CACert: opts.caCert})
 	if err != nil {
 		return storeError(err)
 	}
@@ -91,17 +93,17 @@ func runCheckout(ctx context.Context, g *globalOptions, opts *checkoutOptions, d
 
 // openLaptop opens the local store for a sync command (openStore purges expired
 // copies first).
-func openLaptop(g *globalOptions, errOut io.Writer) (*syncd.Laptop, func(), error) {
+func openLaptop(g *globalOptions, errOut io.Writer) (*laptop.Laptop, func(), error) {
 	st, err := openStore(g, false)
 	if err != nil {
 		return nil, nil, err
 	}
-	lo := syncd.LaptopOptions{Progress: newProgress(errOut), Logger: slog.Default()}
+	lo := laptop.LaptopOptions{Progress: newProgress(errOut), Logger: slog.Default()}
 	vms := &vm.Desktops{URI: vm.HookURI(""), Log: slog.Default()}
 	if vms.URI != "" {
 		lo.VM = vms
 	}
-	lp, err := syncd.OpenLaptop(st, lo)
+	lp, err := laptop.OpenLaptop(st, lo)
 	if err != nil {
 		st.Close()
 		return nil, nil, err
@@ -115,7 +117,7 @@ type barProgress struct {
 	bar *progressbar.ProgressBar
 }
 
-func newProgress(w io.Writer) syncd.Progress {
+func newProgress(w io.Writer) laptop.Progress {
 	f, ok := w.(*os.File)
 	if !ok || !term.IsTerminal(int(f.Fd())) {
 		return nil
@@ -219,10 +221,10 @@ type statusLine struct {
 	Pending     string            `json:"pending,omitempty"`
 	Offline     bool              `json:"offline,omitempty"`
 	// Unsent is, per disk, what the local tops hold that no check-in took.
-	Unsent map[string]syncd.Unsent `json:"unsent"`
+	Unsent map[string]laptop.Unsent `json:"unsent"`
 }
 
-func statusOf(co syncd.Checkout) statusLine {
+func statusOf(co laptop.Checkout) statusLine {
 	s := statusLine{Desktop: co.Desktop, Server: co.Server, Version: co.Version, Lease: co.Lease.ID, Expires: co.Lease.Expires,
 		Layers: co.Layers, CheckedOut: co.CheckedOut, LastCheckin: co.LastCheckin, Offline: co.Offline}
 	if co.Pending != nil {

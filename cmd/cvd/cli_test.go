@@ -9,8 +9,9 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/cvd-project/cvd/catalog"
 	"github.com/spf13/cobra"
+
+	"github.com/cvd-project/cvd/catalog"
 )
 
 func TestVersion(t *testing.T) {

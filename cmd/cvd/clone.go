@@ -8,9 +8,10 @@ import (
 	"strings"
 	"time"
 
+	"github.com/spf13/cobra"
+
 	"github.com/cvd-project/cvd/clone"
 	"github.com/cvd-project/cvd/images"
-	"github.com/spf13/cobra"
 )
 
 type cloneCreateOptions struct {

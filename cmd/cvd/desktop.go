@@ -7,10 +7,11 @@ import (
 	"strings"
 	"time"
 
+	"github.com/spf13/cobra"
+
 	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/syncd"
-	"github.com/spf13/cobra"
 )
 
 func newDesktopCommand(g *globalOptions) *cobra.Command {

@@ -4,10 +4,11 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/spf13/cobra"
+
 	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/syncd"
-	"github.com/spf13/cobra"
 )
 
 func newDesktopPruneCommand(g *globalOptions) *cobra.Command {

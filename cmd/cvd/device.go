@@ -6,10 +6,11 @@ import (
 	"strings"
 	"time"
 
+	"github.com/spf13/cobra"
+
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/syncd"
 	"github.com/cvd-project/cvd/syncd/proto"
-	"github.com/spf13/cobra"
 )
 
 // newDeviceCommand is `cvd device`: the laptops that may check desktops out of

@@ -12,9 +12,10 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/spf13/cobra"
+
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
-	"github.com/spf13/cobra"
 )
 
 // newDiskCommand is `cvd disk`: the qemu-img/qemu-io of cvd. Every subcommand

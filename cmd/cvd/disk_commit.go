@@ -7,9 +7,10 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/spf13/cobra"
+
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/overlay"
-	"github.com/spf13/cobra"
 )
 
 type diskCommitOptions struct {

@@ -5,8 +5,9 @@ import (
 	"fmt"
 	"io"
 
-	"github.com/cvd-project/cvd/disk"
 	"github.com/spf13/cobra"
+
+	"github.com/cvd-project/cvd/disk"
 )
 
 type diskCompareOptions struct {

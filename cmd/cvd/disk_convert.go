@@ -7,10 +7,11 @@ import (
 	"os"
 	"time"
 
-	"github.com/cvd-project/cvd/disk"
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
+
+	"github.com/cvd-project/cvd/disk"
 )
 
 type diskConvertOptions struct {

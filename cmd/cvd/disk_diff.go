@@ -5,8 +5,9 @@ import (
 	"fmt"
 	"io"
 
-	"github.com/cvd-project/cvd/overlay"
 	"github.com/spf13/cobra"
+
+	"github.com/cvd-project/cvd/overlay"
 )
 
 type diskDiffOptions struct {

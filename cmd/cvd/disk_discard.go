@@ -4,8 +4,9 @@ import (
 	"context"
 	"io"
 
-	"github.com/cvd-project/cvd/disk"
 	"github.com/spf13/cobra"
+
+	"github.com/cvd-project/cvd/disk"
 )
 
 type diskDiscardOptions struct {

@@ -5,9 +5,10 @@ import (
 	"fmt"
 	"io"
 
+	"github.com/spf13/cobra"
+
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/overlay"
-	"github.com/spf13/cobra"
 )
 
 type diskFlattenOptions struct {

@@ -6,8 +6,9 @@ import (
 	"io"
 	"text/tabwriter"
 
-	"github.com/cvd-project/cvd/disk"
 	"github.com/spf13/cobra"
+
+	"github.com/cvd-project/cvd/disk"
 )
 
 type diskMapOptions struct {

@@ -7,9 +7,10 @@ import (
 	"io"
 	"runtime"
 
+	"github.com/spf13/cobra"
+
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/internal/ordered"
-	"github.com/spf13/cobra"
 )
 
 // ioChunk bounds the memory read, write and friends use, whatever the length.

@@ -14,8 +14,9 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/cvd-project/cvd/internal/testutil"
 	"github.com/spf13/cobra"
+
+	"github.com/cvd-project/cvd/internal/testutil"
 )
 
 func TestParseSize(t *testing.T) {

@@ -7,8 +7,9 @@ import (
 	"io"
 	"os"
 
-	"github.com/cvd-project/cvd/disk"
 	"github.com/spf13/cobra"
+
+	"github.com/cvd-project/cvd/disk"
 )
 
 type diskWriteOptions struct {

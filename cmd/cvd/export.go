@@ -4,9 +4,10 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/spf13/cobra"
+
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/syncd"
-	"github.com/spf13/cobra"
 )
 
 func newExportCommand(g *globalOptions) *cobra.Command {

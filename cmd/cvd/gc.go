@@ -6,8 +6,9 @@ import (
 	"io"
 	"strings"
 
-	"github.com/cvd-project/cvd/images"
 	"github.com/spf13/cobra"
+
+	"github.com/cvd-project/cvd/images"
 )
 
 func newGCCommand(g *globalOptions) *cobra.Command {

@@ -7,8 +7,9 @@ import (
 	"os"
 	"strings"
 
-	"github.com/cvd-project/cvd/images"
 	"github.com/spf13/cobra"
+
+	"github.com/cvd-project/cvd/images"
 )
 
 func newLayerCommand(g *globalOptions) *cobra.Command {

@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cvd-project/cvd/syncd/laptop"
+
 	"github.com/cvd-project/cvd/internal/testutil"
 	"github.com/cvd-project/cvd/syncd"
 	"github.com/cvd-project/cvd/syncd/proto"
@@ -245,7 +247,7 @@ func TestMigrateBoltStore(t *testing.T) {
 
 	// The interrupted check-in resumes against this binary's server and commits.
 	newSrv := startServe(t, bin, srv)
-	var rep syncd.CheckinReport
+	var rep laptop.CheckinReport
 	runJSON(t, bin, lap, &rep, "checkin", "desk", "--server", newSrv.url)
 	newSrv.stop()
 	t.Logf("after migration: lease %s until %s; resumed check-in sent %d clusters (%d bytes), %d deduplicated",

@@ -9,11 +9,12 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/spf13/cobra"
+
 	"github.com/cvd-project/cvd/clone"
 	"github.com/cvd-project/cvd/hypervisor"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/vm"
-	"github.com/spf13/cobra"
 )
 
 type provisionOptions struct {

@@ -7,9 +7,10 @@ import (
 	"io"
 	"strings"
 
+	"github.com/spf13/cobra"
+
 	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/images"
-	"github.com/spf13/cobra"
 )
 
 // exitConflicts: recompose left desktops on their chains because their own delta

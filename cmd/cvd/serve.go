@@ -10,10 +10,13 @@ import (
 	"os"
 	"time"
 
+	"github.com/cvd-project/cvd/syncd/laptop"
+
+	"github.com/spf13/cobra"
+
 	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/syncd"
 	"github.com/cvd-project/cvd/vm"
-	"github.com/spf13/cobra"
 )
 
 type serveOptions struct {
@@ -132,5 +135,5 @@ func runServe(ctx context.Context, g *globalOptions, opts *serveOptions, out, er
 // The sync hooks on a desktop's local VM are package vm's.
 var (
 	_ syncd.VMStopper = (*vm.Desktops)(nil)
-	_ syncd.LocalVM   = (*vm.Desktops)(nil)
+	_ laptop.LocalVM  = (*vm.Desktops)(nil)
 )

@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cvd-project/cvd/syncd/laptop"
+
 	"github.com/cvd-project/cvd/internal/testutil"
 	"github.com/cvd-project/cvd/syncd"
 )
@@ -183,7 +185,7 @@ func TestServeKilled(t *testing.T) {
 		wg.Wait()
 
 		srv2 := startServe(t, b.bin, b.srv)
-		var rep syncd.CheckinReport
+		var rep laptop.CheckinReport
 		runJSON(t, b.bin, b.lap, &rep, "checkin", "desk", "--server", srv2.url)
 		srv2.stop()
 		var versions syncd.DesktopVersions

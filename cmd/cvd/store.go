@@ -18,11 +18,13 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/cvd-project/cvd/images"
-	"github.com/cvd-project/cvd/syncd"
-	"github.com/cvd-project/cvd/vm"
+	"github.com/cvd-project/cvd/syncd/laptop"
+
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
+
+	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/vm"
 )
 
 // openStore opens the store named by --store (and --catalog), then purges the
@@ -57,13 +59,13 @@ func openStore(g *globalOptions, readOnly bool) (*images.Store, error) {
 // out). The local VM of a purged desktop is undefined when libvirt is there. A
 // failure is logged, not fatal: the command goes on, and the next one retries.
 func purgeExpired(g *globalOptions, st *images.Store) {
-	opts := syncd.LaptopOptions{Logger: slog.Default()}
+	opts := laptop.LaptopOptions{Logger: slog.Default()}
 	vms := &vm.Desktops{URI: vm.HookURI(""), Log: slog.Default()}
 	defer vms.Close()
 	if vms.URI != "" {
 		opts.VM = vms
 	}
-	purged, err := syncd.PurgeExpired(context.Background(), st, opts)
+	purged, err := laptop.PurgeExpired(context.Background(), st, opts)
 	if err != nil {
 		slog.Warn("purge of expired check-outs failed", "store", g.store, "err", err)
 	}

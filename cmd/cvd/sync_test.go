@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cvd-project/cvd/syncd/laptop"
+
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/internal/testutil"
@@ -232,7 +234,7 @@ func TestSyncKilledClient(t *testing.T) {
 	// The reference: an uninterrupted check-out (its server-side seal is none: the
 	// server's tops are empty).
 	ref := filepath.Join(work, "ref")
-	var refRep syncd.CheckoutReport
+	var refRep laptop.CheckoutReport
 	tOut := runJSON(t, bin, ref, &refRep, "checkout", "desk", "--server", s.http.URL, "--token", s.token)
 	head0 := s.head()
 	t.Logf("reference check-out: %d layers, %d bytes in %v", len(refRep.LayersFetched), refRep.Bytes, tOut)
@@ -245,7 +247,7 @@ func TestSyncKilledClient(t *testing.T) {
 		if h := s.head(); h.N != head0.N {
 			t.Fatalf("round %d: a check-out moved the head to %d", i, h.N)
 		}
-		var rep syncd.CheckoutReport
+		var rep laptop.CheckoutReport
 		runJSON(t, bin, store, &rep, "checkout", "desk", "--server", s.http.URL, "--token", s.token)
 		if mid {
 			killedMid++
@@ -273,7 +275,7 @@ func TestSyncKilledClient(t *testing.T) {
 	lap := filepath.Join(work, "lap-ref")
 	runJSON(t, bin, lap, nil, "checkout", "desk", "--server", s.http.URL, "--token", s.token)
 	want := laptopWrite(t, lap, 1000)
-	var refIn syncd.CheckinReport
+	var refIn laptop.CheckinReport
 	tIn := runJSON(t, bin, lap, &refIn, "checkin", "desk")
 	if refIn.Layers["system"] != want {
 		t.Fatalf("reference check-in made layer %s, the top's ID is %s", refIn.Layers["system"], want)
@@ -301,7 +303,7 @@ func TestSyncKilledClient(t *testing.T) {
 		default:
 			t.Fatalf("round %d: after the kill the head is %+v (before %+v)", i, after, before)
 		}
-		var rep syncd.CheckinReport
+		var rep laptop.CheckinReport
 		runJSON(t, bin, store, &rep, "checkin", "desk")
 		final := s.head()
 		if rep.NoChanges && committed {

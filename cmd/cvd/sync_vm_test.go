@@ -11,10 +11,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cvd-project/cvd/syncd/laptop"
+
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/hypervisor"
 	"github.com/cvd-project/cvd/internal/testutil"
-	"github.com/cvd-project/cvd/syncd"
 )
 
 // TestCheckinRunningGuest: with the tiny guest running (under a private
@@ -106,7 +107,7 @@ func TestCheckinRunningGuest(t *testing.T) {
 	if !strings.Contains(string(log), "loop done") {
 		t.Fatalf("the guest did not finish its writes (%v):\n%s", st, log)
 	}
-	var rep syncd.CheckinReport
+	var rep laptop.CheckinReport
 	ci := withEnv(cvdProc(bin, lap, "checkin", "desk"), "CVD_CONNECT="+env.uri)
 	out, err := ci.Output()
 	if err != nil {

@@ -4,8 +4,9 @@ import (
 	"fmt"
 	"runtime"
 
-	"github.com/cvd-project/cvd/catalog"
 	"github.com/spf13/cobra"
+
+	"github.com/cvd-project/cvd/catalog"
 )
 
 // version is set at build time (make build: git describe); "dev" otherwise.

@@ -6,8 +6,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/cvd-project/cvd/images"
 	"github.com/spf13/cobra"
+
+	"github.com/cvd-project/cvd/images"
 )
 
 // newDesktopSyncCommands are the desktop subcommands of sync: versions and

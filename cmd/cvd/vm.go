@@ -11,11 +11,12 @@ import (
 	"strings"
 	"time"
 
+	"github.com/spf13/cobra"
+
 	"github.com/cvd-project/cvd/clone"
 	"github.com/cvd-project/cvd/hypervisor"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/vm"
-	"github.com/spf13/cobra"
 )
 
 // connectTimeout bounds reaching libvirtd (the first connection to a fresh

@@ -19,11 +19,12 @@ import (
 	"testing"
 	"time"
 
+	"libvirt.org/go/libvirtxml"
+
 	"github.com/cvd-project/cvd/hypervisor"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/internal/testutil"
 	"github.com/cvd-project/cvd/vm"
-	"libvirt.org/go/libvirtxml"
 )
 
 // Offsets the tiny guest writes at (guest/init, set on its kernel command line).

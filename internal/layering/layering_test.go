@@ -14,8 +14,9 @@ const module = "github.com/cvd-project/cvd/"
 // (docs/ARCHITECTURE.md, "Packages"). A package not listed may import nothing of
 // the module but internal helpers.
 var allowed = map[string][]string{
-	"cmd/cvd":           {"syncd", "syncd/proto", "vm", "desktop", "overlay", "clone", "hypervisor", "images", "catalog", "disk", "internal/proc", "internal/ordered"},
+	"cmd/cvd":           {"syncd", "syncd/laptop", "syncd/proto", "vm", "desktop", "overlay", "clone", "hypervisor", "images", "catalog", "disk", "internal/proc", "internal/ordered"},
 	"vm":                {"hypervisor", "images", "disk"},
+	"syncd/laptop":      {"syncd/state", "syncd/proto", "desktop", "images", "catalog", "disk"},
 	"syncd/proto":       {"desktop", "images", "internal/ordered"},
 	"syncd/state":       {"syncd/proto", "desktop", "images", "catalog", "disk"},
 	"syncd":             {"syncd/state", "syncd/proto", "desktop", "images", "catalog", "disk", "internal/proc", "internal/fsutil", "internal/ordered"},

@@ -1,4 +1,4 @@
-package syncd
+package laptop
 
 import (
 	"context"
@@ -156,11 +156,7 @@ func (l *Laptop) CheckIn(ctx context.Context, name string, opts CheckinOptions) 
 		if err := state.CheckFree(l.store.Dir(), rep.ChangedBytes+32<<20); err != nil {
 			return nil, err
 		}
-		req := &proto.CheckinRequest{Desktop: name, Lease: co.Lease.ID, Base: co.Version, Release: opts.Release}
-		for _, ch := range changes {
-			req.Disks = append(req.Disks, ch.decl)
-		}
-		req.ID = checkinID(req)
+		req := checkinRequest(co, changes, opts.Release)
 		if co.Pending != nil && co.Pending.ID == req.ID {
 			rep.Resumed = true
 		}
@@ -231,6 +227,45 @@ func checkinID(req *proto.CheckinRequest) string {
 	}{req.Desktop, req.Lease, req.Base, req.Disks})
 	h.Write(b)
 	return hex.EncodeToString(h.Sum(nil))[:32]
+}
+
+// checkinRequest is the request of a check-in of the changes scanned, with its ID.
+func checkinRequest(co *Checkout, changes []diskChanges, release bool) *proto.CheckinRequest {
+	req := &proto.CheckinRequest{Desktop: co.Desktop, Lease: co.Lease.ID, Base: co.Version, Release: release}
+	for _, ch := range changes {
+		req.Disks = append(req.Disks, ch.decl)
+	}
+	req.ID = checkinID(req)
+	return req
+}
+
+// PreparedCheckin is a check-in as the laptop would send it: the request and
+// each changed disk's entry list (proto.AppendEntry records).
+type PreparedCheckin struct {
+	Request *proto.CheckinRequest
+	Lists   map[string][]byte // disk name → entry list
+}
+
+// PrepareCheckin scans the desktop's tops and returns the check-in a CheckIn
+// would open, sending and changing nothing (nil when the tops hold nothing).
+func (l *Laptop) PrepareCheckin(ctx context.Context, name string) (*PreparedCheckin, error) {
+	co, err := l.Checkout(name)
+	if err != nil {
+		return nil, err
+	}
+	d, err := l.store.Desktop(name)
+	if err != nil {
+		return nil, err
+	}
+	changes, err := l.scanTops(ctx, d, co)
+	if err != nil || len(changes) == 0 {
+		return nil, err
+	}
+	p := &PreparedCheckin{Request: checkinRequest(co, changes, false), Lists: map[string][]byte{}}
+	for _, ch := range changes {
+		p.Lists[ch.name] = ch.list
+	}
+	return p, nil
 }
 
 // scanTops lists what each top allocates (MapLayer of the top: no scan of the

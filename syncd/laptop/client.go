@@ -1,4 +1,4 @@
-package syncd
+package laptop
 
 import (
 	"bytes"
