@@ -32,10 +32,10 @@ test: deps guest build vet
 	CVD_TEST_REQUIRE=all $(GO) test -count=1 -timeout 60m $(PKGS)
 	# The store and the sync server again with their catalog on PostgreSQL (a
 	# private cluster that the tests start as the postgres user).
-	CVD_TEST_REQUIRE=all CVD_TEST_CATALOG=postgres $(GO) test -count=1 -timeout 30m ./images ./syncd
+	CVD_TEST_REQUIRE=all CVD_TEST_CATALOG=postgres $(GO) test -count=1 -timeout 30m ./images ./desktop ./syncd/...
 	# The packages whose pipelines run on several goroutines, again under the
 	# race detector.
-	CVD_TEST_REQUIRE=all $(GO) test -race -count=1 -timeout 30m ./images ./syncd
+	CVD_TEST_REQUIRE=all $(GO) test -race -count=1 -timeout 30m ./images ./syncd/...
 	@$(MAKE) --no-print-directory fuzz FUZZTIME=10s
 
 test-short: build
@@ -46,10 +46,13 @@ test-short: build
 # 60 s, outlasts a short run, which then fails with "context deadline exceeded").
 FUZZTIME ?= 30s
 FUZZMINTIME ?= 2s
+FUZZPKGS = ./disk ./syncd/proto
 fuzz:
-	@for t in $$($(GO) test -list '^Fuzz' ./disk | grep '^Fuzz'); do \
-	  echo "fuzz $$t ($(FUZZTIME))"; \
-	  $(GO) test -run '^$$' -fuzz "^$$t\$$" -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME) ./disk || exit 1; \
+	@for p in $(FUZZPKGS); do \
+	  for t in $$($(GO) test -list '^Fuzz' $$p | grep '^Fuzz'); do \
+	    echo "fuzz $$p $$t ($(FUZZTIME))"; \
+	    $(GO) test -run '^$$' -fuzz "^$$t\$$" -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME) $$p || exit 1; \
+	  done; \
 	done
 
 demo: deps guest build

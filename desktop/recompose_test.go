@@ -25,7 +25,7 @@ type storeLab struct {
 func newStoreLab(t *testing.T, s uint64) *storeLab {
 	t.Helper()
 	l := labtest.New(t, s)
-	st, err := images.Open(filepath.Join(l.Dir, "store"), images.OpenOptions{})
+	st, err := images.Open(filepath.Join(l.Dir, "store"), images.OpenOptions{Catalog: testutil.Catalog(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
