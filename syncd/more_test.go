@@ -269,8 +269,9 @@ func TestMetricsAndTLS(t *testing.T) {
 		"cvd_sync_checkouts_total 1",
 		"cvd_sync_auth_failures_total 1",
 		"cvd_sync_active_leases 1",
-		`cvd_sync_requests_total{route="commit",code="200"} 1`,
+		`cvd_sync_requests_total{code="200",route="commit"} 1`,
 		`cvd_sync_request_duration_seconds_bucket{route="checkout",le="+Inf"} 1`,
+		"# TYPE process_resident_memory_bytes gauge",
 	} {
 		if !strings.Contains(m, want) {
 			t.Errorf("metrics lack %q", want)

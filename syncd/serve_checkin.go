@@ -658,8 +658,8 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 	}
 	res.Bytes = body.Bytes()
 	s.log.Debug("upload received", "clusters", res.Clusters, "bytes", body.Bytes(), "took", time.Since(t0), "flush", time.Since(t1))
-	s.m.bytesReceived.Add(body.Bytes())
-	s.m.clustersReceived.Add(res.Clusters)
+	s.m.bytesReceived.Add(float64(body.Bytes()))
+	s.m.clustersReceived.Add(float64(res.Clusters))
 	uerr := s.st.Update(func(tx *catalog.Tx) error {
 		var cur Session
 		if _, err := state.GetJSON(tx, state.BucketSessions, se.ID, &cur); err != nil {
@@ -671,7 +671,7 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 	})
 	if err != nil {
 		if errors.Is(err, proto.ErrDigestMismatch) {
-			s.m.digestMismatches.Add(1)
+			s.m.digestMismatches.Add(float64(1))
 		}
 		return proto.NoSpace(err)
 	}

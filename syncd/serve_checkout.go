@@ -158,7 +158,7 @@ func (s *Server) Checkout(ctx context.Context, name string, dev *Device, ttl tim
 		return nil, err
 	}
 	if fresh {
-		s.m.checkouts.Add(1)
+		s.m.checkouts.Add(float64(1))
 		s.log.Info("lease granted", "desktop", name, "device", dev.Name, "expires", m.Lease.Expires, "version", dv.Head)
 	}
 	m.Version = dv.Head
@@ -316,8 +316,8 @@ func (s *Server) handleClusters(w http.ResponseWriter, r *http.Request, dev *Dev
 	sw := proto.NewStreamWriter(w)
 	opts := proto.EncodeOptions{Compress: true, RefOf: s.refsFor(r.URL.Query().Get("lease"), dev, l.ID)}
 	n, err := writeLayerStream(r.Context(), sw, img, l.ClusterSize, l.Parent != "", from, l.ID, opts)
-	s.m.bytesSent.Add(sw.Bytes)
-	s.m.clustersSent.Add(n)
+	s.m.bytesSent.Add(float64(sw.Bytes))
+	s.m.clustersSent.Add(float64(n))
 	if err != nil {
 		// The status is sent: the client sees a stream without its end frame.
 		s.log.Warn("layer stream cut", "layer", state.Short(l.ID), "device", dev.Name, "err", err)

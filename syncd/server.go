@@ -109,8 +109,9 @@ func NewServer(store *images.Store, opts ServerOptions) (*Server, error) {
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &Server{store: store, st: st, opts: opts, log: log, m: newMetrics(),
+	s := &Server{store: store, st: st, opts: opts, log: log,
 		desktops: map[string]*sync.Mutex{}, sessions: map[string]*session{}, fresh: map[string]bool{}, cancel: cancel, bgCtx: ctx}
+	s.m = s.newMetrics()
 	if !opts.Admin {
 		// Only a serving process repairs what an interrupted server left: an
 		// administrator's command runs beside a server whose staging files and
@@ -208,10 +209,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/health", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
-	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-		s.writeMetrics(w)
-	})
+	mux.Handle("GET /metrics", s.m.handler())
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		s.m.request("unknown", http.StatusNotFound)
 		writeError(w, fmt.Errorf("%w: no route %s %s", proto.ErrNotFound, r.Method, r.URL.Path))
@@ -257,7 +255,7 @@ func (s *Server) wrap(name string, h func(w http.ResponseWriter, r *http.Request
 			}
 			dev, err := authenticate(s.st, strings.TrimSpace(tok))
 			if err != nil {
-				s.m.authFailures.Add(1)
+				s.m.authFailures.Add(float64(1))
 				return err
 			}
 			return h(sw, r, dev)
