@@ -127,7 +127,8 @@ const (
 	readChunk = 1 << 20 // bytes read at a time
 )
 
-var zeroChunk = make([]byte, readChunk)
+// zeroChunk is zeros to compare with (a zero array: no cost at start-up).
+var zeroChunk [64 << 10]byte
 
 func isZero(b []byte) bool {
 	for len(b) > 0 {

@@ -255,6 +255,11 @@ func TestMetricsAndTLS(t *testing.T) {
 	if _, err := bare.Desktop(ctx, w.desktop); err == nil || !strings.Contains(err.Error(), "certificate") {
 		t.Errorf("untrusted certificate: %v", err)
 	}
+	// Plain HTTP to the TLS server: the error says to use https.
+	plain, _ := laptop.NewClient(strings.Replace(ts.URL, "https://", "http://", 1), w.token, laptop.ClientOptions{})
+	if _, err := plain.Desktop(ctx, w.desktop); err == nil || !strings.Contains(err.Error(), "speaks HTTPS: use https://") {
+		t.Errorf("http:// to a TLS server: %v", err)
+	}
 	w.client("cvd1_0000000000000000_"+strings.Repeat("x", 43)).Desktop(ctx, w.desktop)
 	resp, err := http.Get(w.http.URL + "/metrics")
 	if err != nil {

@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/syncd/laptop"
 
 	"github.com/cvd-project/cvd/syncd/state"
@@ -319,12 +320,20 @@ func TestRefusedMalformedRequests(t *testing.T) {
 		{"checkout: unknown field", "POST", "/v1/desktops/desk/checkout", "application/json", []byte(`{"ttl_seconds":1,"x":2}`)},
 		{"checkout: trailing data", "POST", "/v1/desktops/desk/checkout", "application/json", []byte(`{} {}`)},
 		{"checkout: wrong type", "POST", "/v1/desktops/desk/checkout", "text/plain", []byte(`{}`)},
+		{"checkout: huge wrong type", "POST", "/v1/desktops/desk/checkout", "text/" + strings.Repeat("x", 60000), []byte(`{}`)},
+		{"checkout: negative ttl", "POST", "/v1/desktops/desk/checkout", "application/json", []byte(`{"ttl_seconds":-5}`)},
+		{"checkout: absurd ttl", "POST", "/v1/desktops/desk/checkout", "application/json", []byte(`{"ttl_seconds":10000000000}`)},
 		{"checkout: body over 1 MiB", "POST", "/v1/desktops/desk/checkout", "application/json", append([]byte(`{"ttl_seconds":`), bytes.Repeat([]byte("1"), 2<<20)...)},
 		{"desktop: bad name", "POST", "/v1/desktops/..%2Fetc/checkout", "application/json", []byte(`{}`)},
 		{"layer: bad id", "GET", "/v1/layers/../../etc/passwd", "", nil},
 		{"layer: short id", "GET", "/v1/layers/abcd/clusters", "", nil},
 		{"layer: bad from", "GET", "/v1/layers/" + w.base + "/clusters?from=-3", "", nil},
 		{"check-in: bad id", "POST", "/v1/checkins", "application/json", bad(func() proto.CheckinRequest { r := *good; r.ID = "../x"; return r }())},
+		{"check-in: huge id", "POST", "/v1/checkins", "application/json", bad(func() proto.CheckinRequest {
+			r := *good
+			r.ID = strings.Repeat("z", 500000)
+			return r
+		}())},
 		{"check-in: no disks", "POST", "/v1/checkins", "application/json", bad(func() proto.CheckinRequest { r := *good; r.Disks = nil; return r }())},
 		{"check-in: bad cluster size", "POST", "/v1/checkins", "application/json", bad(func() proto.CheckinRequest {
 			r := *good
@@ -352,6 +361,9 @@ func TestRefusedMalformedRequests(t *testing.T) {
 			t.Errorf("%s: HTTP %d %s, want 400 or 404", c.name, code, body)
 		} else if !strings.Contains(body, `"code"`) && code != http.StatusNotFound {
 			t.Errorf("%s: no JSON error body: %s", c.name, body)
+		}
+		if len(body) > 2048 {
+			t.Errorf("%s: an error body of %d bytes echoes the input", c.name, len(body))
 		}
 	}
 	w.unchanged(before, "malformed requests")
@@ -645,4 +657,109 @@ func purgeAt(t *testing.T, dir string, opts laptop.LaptopOptions) ([]laptop.Purg
 	}
 	defer st.Close()
 	return laptop.PurgeExpired(context.Background(), st, opts)
+}
+
+// TestLeaseTTLClamped: a lease asked for longer than the server's maximum gets
+// the maximum, at a check-out and at a renewal (not a length that overflows into
+// the past).
+func TestLeaseTTLClamped(t *testing.T) {
+	ctx := context.Background()
+	w := newWorld(t, smallSpec())
+	c := w.client(w.token)
+	long := 20 * 365 * 24 * time.Hour
+	m, err := c.Checkout(ctx, w.desktop, long)
+	if err != nil {
+		t.Fatal(err)
+	}
+	limit := w.now.Add(30 * 24 * time.Hour) // ServerOptions.MaxLeaseTTL's default
+	if !m.Lease.Expires.After(w.now) || m.Lease.Expires.After(limit) {
+		t.Errorf("check-out for 20 years: lease expires %s (now %s)", m.Lease.Expires, w.now)
+	}
+	l, err := c.Renew(ctx, w.desktop, m.Lease.ID, long)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !l.Expires.After(w.now) || l.Expires.After(limit) {
+		t.Errorf("renewal for 20 years: lease expires %s (now %s)", l.Expires, w.now)
+	}
+}
+
+// TestForeignLayers: a device learns nothing about desktops it is not bound to.
+// A check-in whose parent is another desktop's layer gets the answer an unknown
+// layer gets and commits nothing; that layer cannot be read; and a cluster that
+// only another desktop holds is asked for (the dedup answer is no oracle).
+func TestForeignLayers(t *testing.T) {
+	ctx := context.Background()
+	w := newWorld(t, smallSpec())
+	// Another desktop, with a version layer of its own the device is not bound to.
+	if _, err := desktop.Create(ctx, w.store, "secret", images.DesktopSpec{Base: w.base}); err != nil {
+		t.Fatal(err)
+	}
+	secretData := testutil.Fill(77, 1*MiB, false)
+	d, err := w.store.Desktop("secret")
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.writeTop(d.SystemDisk, []write{{off: 96 * MiB, data: secretData}})
+	_, sv, err := desktop.SealTops(ctx, w.store, "secret", "test", time.Now())
+	if err != nil || sv == nil {
+		t.Fatalf("seal the other desktop: %v %v", sv, err)
+	}
+	if err := w.srv.ensureIndexed(ctx); err != nil {
+		t.Fatal(err)
+	}
+	secretLayer := sv.System
+
+	lap := newLaptop(t, "laptop")
+	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// The laptop writes what only the other desktop holds.
+	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 96 * MiB, data: secretData}})
+	prep, err := lap.lp.PrepareCheckin(ctx, w.desktop)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl := w.client(w.token)
+	before := w.snap()
+	answers := map[string]string{}
+	for name, parent := range map[string]string{"foreign": secretLayer, "unknown": strings.Repeat("ab", 32)} {
+		req := *prep.Request
+		req.Disks = slices.Clone(req.Disks)
+		req.Disks[0].Parent = parent
+		req.ID = strings.Repeat(map[string]string{"foreign": "f", "unknown": "e"}[name], 32)
+		_, err := cl.OpenCheckin(ctx, &req)
+		var ae *laptop.APIError
+		if !errors.As(err, &ae) {
+			t.Fatalf("%s parent: %v", name, err)
+		}
+		answers[name] = fmt.Sprintf("%d %s", ae.Status, ae.Code)
+		if _, err := cl.Missing(ctx, req.ID); !errors.Is(err, proto.ErrNotFound) {
+			t.Errorf("%s parent: the check-in was opened (%v)", name, err)
+		}
+	}
+	if answers["foreign"] != answers["unknown"] || !strings.HasPrefix(answers["foreign"], "404") {
+		t.Errorf("answers: foreign parent %q, unknown parent %q: want the same 404", answers["foreign"], answers["unknown"])
+	}
+	if _, err := cl.Layer(ctx, secretLayer); !errors.Is(err, proto.ErrNotFound) {
+		t.Errorf("reading the other desktop's layer: %v", err)
+	}
+	w.unchanged(before, "check-ins on foreign parents")
+
+	// The honest check-in: the other desktop's clusters are not deduplicated.
+	if _, err := cl.OpenCheckin(ctx, prep.Request); err != nil {
+		t.Fatal(err)
+	}
+	for dn, l := range prep.Lists {
+		if _, err := cl.PutEntries(ctx, prep.Request.ID, dn, l); err != nil {
+			t.Fatal(err)
+		}
+	}
+	miss, err := cl.Missing(ctx, prep.Request.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := len(secretData) / (64 << 10); len(miss) != want {
+		t.Errorf("%d clusters asked for, want %d: the server deduplicated against a desktop the device may not read", len(miss), want)
+	}
 }

@@ -232,12 +232,17 @@ func (s *Server) handleCheckinOpen(w http.ResponseWriter, r *http.Request, dev *
 	if _, _, err := s.leaseForCheckin(req.Desktop, dev, req.Lease); err != nil {
 		return err
 	}
+	// A parent must be a layer the desktop's versions stand on: a layer of
+	// another desktop, or none at all, gets the same answer (the open tells no
+	// device which layers exist).
+	own, err := s.readable([]string{req.Desktop})
+	if err != nil {
+		return err
+	}
 	var need int64
 	for _, d := range req.Disks {
-		if d.Parent != "" {
-			if _, err := s.store.Layer(d.Parent); err != nil {
-				return fmt.Errorf("disk %s: parent layer %s: %w", d.Name, state.Short(d.Parent), proto.ErrNotFound)
-			}
+		if d.Parent != "" && own[d.Parent] == nil {
+			return fmt.Errorf("disk %s: parent layer %s: %w among the layers of desktop %s", d.Name, state.Short(d.Parent), proto.ErrNotFound, req.Desktop)
 		}
 		need += d.DataEntries * int64(d.ClusterSize)
 	}
@@ -488,11 +493,51 @@ type source struct {
 	ref      proto.ClusterRef // a layer the server holds (Layer "" when none)
 }
 
+// dedupSources is the set of layers whose clusters a check-in may be
+// deduplicated against: those the device may read (the chains of its desktops'
+// versions) and the shared base and app layers. A cluster held only elsewhere
+// is asked for, so the answer tells no device what other desktops hold.
+func (s *Server) dedupSources(se *Session) (map[string]bool, error) {
+	var dev *Device
+	err := s.st.View(func(tx *catalog.Tx) error {
+		var err error
+		dev, err = oneDevice(tx, "id = ?", se.Device)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]bool{}
+	if dev != nil {
+		readable, err := s.readable(dev.Desktops)
+		if err != nil {
+			return nil, err
+		}
+		for id := range readable {
+			out[id] = true
+		}
+	}
+	ls, err := s.store.Layers()
+	if err != nil {
+		return nil, err
+	}
+	for _, l := range ls {
+		if l.Kind == images.KindBase || l.Kind == images.KindApp {
+			out[l.ID] = true
+		}
+	}
+	return out, nil
+}
+
 // missing lists the clusters the server still needs: the first occurrence of each
 // digest that is neither staged nor held by a layer of the store. It also reports
 // where each data entry's bytes will come from.
 func (s *Server) missing(ctx context.Context, se *Session, m *session) ([]proto.MissingItem, map[string][]source, error) {
 	if err := s.ensureIndexed(ctx); err != nil {
+		return nil, nil, err
+	}
+	shared, err := s.dedupSources(se)
+	if err != nil {
 		return nil, nil, err
 	}
 	var out []proto.MissingItem
@@ -528,7 +573,7 @@ func (s *Server) missing(ctx context.Context, se *Session, m *session) ([]proto.
 					ss[i].fromDisk, ss[i].fromIdx = f.disk, f.idx
 					continue
 				}
-				if ref, ok := state.Lookup(tx, e.Digest); ok {
+				if ref, ok := state.Lookup(tx, e.Digest); ok && shared[ref.Layer] {
 					ss[i].ref = ref
 					continue
 				}

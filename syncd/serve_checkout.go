@@ -17,11 +17,21 @@ import (
 	"github.com/cvd-project/cvd/syncd/proto"
 )
 
-func (s *Server) ttl(sec int64) time.Duration {
-	if sec <= 0 {
-		return s.opts.LeaseTTL
+// maxTTLSeconds is the largest lease length a request may ask for at all (a
+// century): above it the request is refused as malformed; up to it, a length
+// above the server's maximum gets the maximum.
+const maxTTLSeconds = 100 * 365 * 24 * 3600
+
+// ttl is the lease length a request asking for sec seconds gets: the server's
+// default for 0, at most its maximum; a negative or absurd value is refused.
+func (s *Server) ttl(sec int64) (time.Duration, error) {
+	switch {
+	case sec == 0:
+		return s.opts.LeaseTTL, nil
+	case sec < 0 || sec > maxTTLSeconds:
+		return 0, proto.BadRequest("ttl_seconds %d: want 0 (the default) up to %d", sec, int64(s.opts.MaxLeaseTTL/time.Second))
 	}
-	return min(time.Duration(sec)*time.Second, s.opts.MaxLeaseTTL)
+	return min(time.Duration(sec)*time.Second, s.opts.MaxLeaseTTL), nil
 }
 
 func (s *Server) handleCheckout(w http.ResponseWriter, r *http.Request, dev *Device) error {
@@ -36,7 +46,11 @@ func (s *Server) handleCheckout(w http.ResponseWriter, r *http.Request, dev *Dev
 	if len(req.Have) > proto.MaxHave {
 		return proto.BadRequest("%d layers in have, at most %d", len(req.Have), proto.MaxHave)
 	}
-	m, err := s.Checkout(r.Context(), name, dev, s.ttl(req.TTLSeconds))
+	ttl, err := s.ttl(req.TTLSeconds)
+	if err != nil {
+		return err
+	}
+	m, err := s.Checkout(r.Context(), name, dev, ttl)
 	if err != nil {
 		return err
 	}
@@ -202,6 +216,10 @@ func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request, dev *Device
 	if err := readJSON(w, r, &req); err != nil {
 		return err
 	}
+	ttl, err := s.ttl(req.TTLSeconds)
+	if err != nil {
+		return err
+	}
 	var l *proto.Lease
 	err = s.st.Update(func(tx *catalog.Tx) error {
 		var err error
@@ -209,7 +227,7 @@ func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request, dev *Device
 		if err != nil {
 			return err
 		}
-		l.Expires = leaseTime(s.now().Add(s.ttl(req.TTLSeconds)))
+		l.Expires = leaseTime(s.now().Add(ttl))
 		return putLease(tx, l)
 	})
 	if err != nil {
@@ -251,8 +269,23 @@ func (s *Server) layerFor(r *http.Request, dev *Device) (*images.Layer, error) {
 	if !proto.LayerIDRE.MatchString(id) {
 		return nil, proto.BadRequest("layer id %q: want 64 hex digits", id)
 	}
+	readable, err := s.readable(dev.Desktops)
+	if err != nil {
+		return nil, err
+	}
+	if l := readable[id]; l != nil {
+		return l, nil
+	}
+	return nil, fmt.Errorf("layer %s: %w among the desktops of device %s", state.Short(id), proto.ErrNotFound, dev.Name)
+}
+
+// readable is the set of layers that the desktops' versions stand on: every
+// layer in the chain of a version of one of them. A device reads only those of
+// the desktops it is bound to, and a check-in's parent must be one of its own
+// desktop's.
+func (s *Server) readable(desktops []string) (map[string]*images.Layer, error) {
 	var tops []string
-	for _, name := range dev.Desktops {
+	for _, name := range desktops {
 		dv, err := desktopVersions(s.store, name)
 		if err != nil {
 			if errors.Is(err, images.ErrNotFound) {
@@ -266,8 +299,9 @@ func (s *Server) layerFor(r *http.Request, dev *Device) (*images.Layer, error) {
 	}
 	slices.Sort(tops)
 	tops = slices.Compact(tops)
+	out := map[string]*images.Layer{}
 	for _, t := range tops {
-		if t == "" {
+		if t == "" || out[t] != nil {
 			continue
 		}
 		chain, err := s.store.Chain(t)
@@ -275,12 +309,10 @@ func (s *Server) layerFor(r *http.Request, dev *Device) (*images.Layer, error) {
 			continue
 		}
 		for i := range chain {
-			if chain[i].ID == id {
-				return &chain[i], nil
-			}
+			out[chain[i].ID] = &chain[i]
 		}
 	}
-	return nil, fmt.Errorf("layer %s: %w among the desktops of device %s", state.Short(id), proto.ErrNotFound, dev.Name)
+	return out, nil
 }
 
 func (s *Server) handleLayer(w http.ResponseWriter, r *http.Request, dev *Device) error {

@@ -1,6 +1,7 @@
 package syncd
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -52,6 +53,13 @@ type ServerOptions struct {
 	// Admin skips the start-up repairs and the background work: the Server is
 	// used for the administrator's operations only, beside the serving process.
 	Admin bool
+	// HeaderTimeout bounds the wait for a request's header (default 10 s),
+	// IdleTimeout a keep-alive connection's wait for the next request (default 2
+	// min), ProgressTimeout a body or a stream that moves no byte (default 1
+	// min); MaxConns caps the connections open at once (default 4096). See
+	// HTTPServer and Listen.
+	HeaderTimeout, IdleTimeout, ProgressTimeout time.Duration
+	MaxConns                                    int
 }
 
 // Server is the data-center side: it serves the HTTP API over a store. It also
@@ -100,6 +108,10 @@ func NewServer(store *images.Store, opts ServerOptions) (*Server, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
+	opts.HeaderTimeout = cmp.Or(opts.HeaderTimeout, defaultHeaderTimeout)
+	opts.IdleTimeout = cmp.Or(opts.IdleTimeout, defaultIdleTimeout)
+	opts.ProgressTimeout = cmp.Or(opts.ProgressTimeout, defaultProgressTimeout)
+	opts.MaxConns = cmp.Or(opts.MaxConns, defaultMaxConns)
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -220,8 +232,12 @@ func (s *Server) Handler() http.Handler {
 // statusWriter remembers the status code written.
 type statusWriter struct {
 	http.ResponseWriter
-	code int
+	code     int
+	progress func() // moves the write deadline on (nil: none)
 }
+
+// Unwrap gives http.ResponseController the writer underneath.
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 func (w *statusWriter) WriteHeader(code int) {
 	if w.code == 0 {
@@ -233,6 +249,9 @@ func (w *statusWriter) WriteHeader(code int) {
 func (w *statusWriter) Write(b []byte) (int, error) {
 	if w.code == 0 {
 		w.code = http.StatusOK
+	}
+	if w.progress != nil {
+		w.progress()
 	}
 	return w.ResponseWriter.Write(b)
 }
@@ -248,6 +267,20 @@ func (s *Server) wrap(name string, h func(w http.ResponseWriter, r *http.Request
 	return func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		sw := &statusWriter{ResponseWriter: w}
+		// Progress deadlines: a body that stops arriving, or a client that stops
+		// reading a stream, ends the request once ProgressTimeout passes without
+		// a byte moving. The write deadline goes when the request ends (the
+		// server's idle timeout takes over the connection).
+		if d := s.opts.ProgressTimeout; d > 0 {
+			rc := http.NewResponseController(w)
+			if rc.SetReadDeadline(time.Now().Add(d)) == nil {
+				r.Body = &progressReader{r: r.Body, rc: rc, d: d}
+			}
+			if rc.SetWriteDeadline(time.Now().Add(d)) == nil {
+				sw.progress = func() { rc.SetWriteDeadline(time.Now().Add(d)) }
+				defer rc.SetWriteDeadline(time.Time{})
+			}
+		}
 		err := func() error {
 			tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 			if !ok {
@@ -292,9 +325,17 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	enc.Encode(v)
 }
 
+// maxErrorText bounds an error body's message: a message that quotes a client's
+// input (a name, an ID, a content type) never echoes a large one back.
+const maxErrorText = 512
+
 func writeError(w http.ResponseWriter, err error) {
 	code, status := proto.CodeOf(err)
-	body := proto.ErrorBody{Error: err.Error(), Code: code, Status: status}
+	msg := err.Error()
+	if len(msg) > maxErrorText {
+		msg = strings.ToValidUTF8(msg[:maxErrorText], "") + "… (truncated)"
+	}
+	body := proto.ErrorBody{Error: msg, Code: code, Status: status}
 	var le *proto.LeaseError
 	if errors.As(err, &le) {
 		body.Lease = le

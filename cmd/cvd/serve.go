@@ -2,11 +2,10 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
-	"net/http"
 	"os"
 	"time"
 
@@ -26,6 +25,8 @@ type serveOptions struct {
 	leaseTTL        time.Duration
 	maxLeaseTTL     time.Duration
 	stopTimeout     time.Duration
+	maxConns        int
+	progressTimeout time.Duration
 }
 
 func newServeCommand(g *globalOptions) *cobra.Command {
@@ -59,12 +60,27 @@ reachable libvirtd this step is skipped.`,
 	f.DurationVar(&opts.leaseTTL, "lease-ttl", 7*24*time.Hour, "lease length when a device asks for none")
 	f.DurationVar(&opts.maxLeaseTTL, "max-lease-ttl", 30*24*time.Hour, "longest lease a device may ask for")
 	f.DurationVar(&opts.stopTimeout, "stop-timeout", time.Minute, "graceful VM shutdown time before a forced stop")
+	f.IntVar(&opts.maxConns, "max-conns", 4096, "connections open at once (more wait in the kernel's backlog)")
+	f.DurationVar(&opts.progressTimeout, "progress-timeout", time.Minute, "end a request whose body or stream moves no byte for this long")
 	return c
 }
 
 func runServe(ctx context.Context, g *globalOptions, opts *serveOptions, out, errOut io.Writer, logLevelSet bool) error {
 	if (opts.tlsCert == "") != (opts.tlsKey == "") {
 		return &exitError{code: exitUsage, err: fmt.Errorf("give both --tls-cert and --tls-key")}
+	}
+	// The key pair is loaded before anything else: a server that cannot serve
+	// TLS never announces an address.
+	var tlsConf *tls.Config
+	if opts.tlsCert != "" {
+		cert, err := tls.LoadX509KeyPair(opts.tlsCert, opts.tlsKey)
+		if err != nil {
+			return &exitError{code: exitUsage, err: fmt.Errorf("TLS key pair: %w", err)}
+		}
+		tlsConf = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}
+	if opts.maxConns < 1 {
+		return &exitError{code: exitUsage, err: fmt.Errorf("--max-conns %d: want at least 1", opts.maxConns)}
 	}
 	log := slog.Default()
 	if !logLevelSet {
@@ -80,6 +96,7 @@ func runServe(ctx context.Context, g *globalOptions, opts *serveOptions, out, er
 	}
 	defer st.Close()
 	so := syncd.ServerOptions{LeaseTTL: opts.leaseTTL, MaxLeaseTTL: opts.maxLeaseTTL, StopTimeout: opts.stopTimeout, Logger: log,
+		MaxConns: opts.maxConns, ProgressTimeout: opts.progressTimeout,
 		BeforeCheckout: func(ctx context.Context, name string) error {
 			p, err := desktop.ApplySwitch(ctx, st, name)
 			if p != nil {
@@ -97,23 +114,24 @@ func runServe(ctx context.Context, g *globalOptions, opts *serveOptions, out, er
 		return err
 	}
 	defer srv.Close()
-	ln, err := net.Listen("tcp", opts.listen)
+	ln, err := srv.Listen(opts.listen)
 	if err != nil {
 		return err
 	}
 	scheme := "http"
-	if opts.tlsCert != "" {
+	if tlsConf != nil {
 		scheme = "https"
 	}
-	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 30 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	hs := srv.HTTPServer(slog.NewLogLogger(log.Handler(), slog.LevelWarn))
+	hs.TLSConfig = tlsConf
 	fmt.Fprintf(out, "cvd serve: store %s on %s://%s\n", st.Dir(), scheme, ln.Addr())
 	if f, ok := out.(*os.File); ok {
 		f.Sync()
 	}
 	errc := make(chan error, 1)
 	go func() {
-		if opts.tlsCert != "" {
-			errc <- hs.ServeTLS(ln, opts.tlsCert, opts.tlsKey)
+		if tlsConf != nil {
+			errc <- hs.ServeTLS(ln, "", "")
 		} else {
 			errc <- hs.Serve(ln)
 		}

@@ -201,6 +201,8 @@ func (c *Client) send(ctx context.Context, method, path string, body io.Reader, 
 		if ae.Lease != nil {
 			ae.Lease.Err = proto.SentinelOf(eb.Code)
 		}
+	} else if resp.StatusCode == http.StatusBadRequest && bytes.Contains(b, []byte("HTTP request to an HTTPS server")) {
+		ae.Msg = fmt.Sprintf("server %s speaks HTTPS: use https://%s (with --ca-cert when its certificate is not from a public CA)", c.base.Host, c.base.Host)
 	} else {
 		ae.Msg = fmt.Sprintf("server: %s %s: %s", method, path, resp.Status)
 	}
