@@ -286,6 +286,9 @@ func (db *DB) UpdateContext(ctx context.Context, fn func(tx *Tx) error) error {
 	if err := stx.Commit(); err != nil {
 		return fmt.Errorf("catalog: commit: %w", err)
 	}
+	for _, fn := range tx.onCommit {
+		fn()
+	}
 	return nil
 }
 

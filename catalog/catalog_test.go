@@ -290,3 +290,73 @@ func TestEngineOf(t *testing.T) {
 		})
 	}
 }
+
+// TestKeysWith: the keys of the records that hold a value, in key order, in that
+// bucket only.
+func TestKeysWith(t *testing.T) {
+	forEngines(t, func(t *testing.T, url string) {
+		db := mustOpen(t, url, Options{})
+		err := db.Update(func(tx *Tx) error {
+			for k, v := range map[string]string{"os:2": "L1", "os:1": "L1", "web:1": "L2", "os:\xff": "L1"} {
+				if err := tx.Bucket([]byte("names")).Put([]byte(k), []byte(v)); err != nil {
+					return err
+				}
+			}
+			return tx.Bucket([]byte("other")).Put([]byte("x"), []byte("L1"))
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		tests := []struct {
+			value string
+			want  []string
+		}{
+			{"L1", []string{"os:1", "os:2", "os:\xff"}},
+			{"L2", []string{"web:1"}},
+			{"L3", nil},
+		}
+		for _, tt := range tests {
+			var got []string
+			err := db.View(func(tx *Tx) error {
+				keys, err := tx.Bucket([]byte("names")).KeysWith([]byte(tt.value))
+				for _, k := range keys {
+					got = append(got, string(k))
+				}
+				return err
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if fmt.Sprint(got) != fmt.Sprint(tt.want) {
+				t.Errorf("KeysWith(%s) = %q, want %q", tt.value, got, tt.want)
+			}
+		}
+	})
+}
+
+// TestOnCommit: a transaction's commit hooks run once it committed, never when
+// it rolled back.
+func TestOnCommit(t *testing.T) {
+	db := mustOpen(t, filepath.Join(t.TempDir(), "catalog.db"), Options{})
+	tests := []struct {
+		name string
+		fail error
+		want bool
+	}{
+		{"committed", nil, true},
+		{"rolled back", errors.New("no"), false},
+	}
+	for _, tt := range tests {
+		ran := false
+		err := db.Update(func(tx *Tx) error {
+			tx.OnCommit(func() { ran = true })
+			if err := tx.Bucket([]byte("b")).Put([]byte("k"), []byte(tt.name)); err != nil {
+				return err
+			}
+			return tt.fail
+		})
+		if (err == nil) != (tt.fail == nil) || ran != tt.want {
+			t.Errorf("%s: err %v, hook ran %v", tt.name, err, ran)
+		}
+	}
+}

@@ -18,7 +18,11 @@ type Tx struct {
 	writable bool
 	err      error
 	stmts    map[string]*sql.Stmt // prepared once per transaction (closed with it)
+	onCommit []func()
 }
+
+// OnCommit runs fn after the transaction commits (not when it rolls back).
+func (tx *Tx) OnCommit(fn func()) { tx.onCommit = append(tx.onCommit, fn) }
 
 // stmt is the transaction's prepared statement for query ("?" placeholders).
 func (tx *Tx) stmt(query string) (*sql.Stmt, error) {
@@ -165,6 +169,25 @@ func (b *Bucket) ForEach(fn func(k, v []byte) error) error {
 		}
 	}
 	return c.err
+}
+
+// KeysWith lists, in key order, the keys of the records whose value is v (a scan
+// of the bucket inside the database: for small buckets, such as names).
+func (b *Bucket) KeysWith(v []byte) ([][]byte, error) {
+	var out [][]byte
+	err := b.tx.Query("SELECT k FROM kv WHERE b = ? AND v = ? ORDER BY k", []any{b.name, v},
+		func(scan func(dest ...any) error) error {
+			var k []byte
+			if err := scan(&k); err != nil {
+				return err
+			}
+			out = append(out, k)
+			return nil
+		})
+	if err != nil {
+		return nil, fmt.Errorf("catalog: keys of %s: %w", b.name, err)
+	}
+	return out, nil
 }
 
 // Len counts the bucket's records.

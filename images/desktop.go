@@ -310,6 +310,9 @@ func (s *Store) UpdateDesktop(p *Pending, name string, fn func(d *Desktop) error
 		drop    []string
 	)
 	err := s.db.Update(func(tx *catalog.Tx) error {
+		if err := s.dropDone(tx); err != nil {
+			return err
+		}
 		old, legacy, err := readDesktop(tx, name)
 		if err != nil {
 			return err
@@ -341,19 +344,27 @@ func (s *Store) UpdateDesktop(p *Pending, name string, fn func(d *Desktop) error
 			}
 			seenN[v.N] = true
 		}
+		// The refs change only where the layers kept change: a layer newly kept
+		// must exist and gets its ref, one no longer kept loses it.
+		had := map[string]bool{}
+		for _, id := range old.layerRefs() {
+			had[id] = true
+		}
+		rb := tx.Bucket(bucketRefs)
 		for _, id := range cp.layerRefs() {
+			if had[id] {
+				delete(had, id)
+				continue
+			}
 			if getLayer(tx, id) == nil {
 				return fmt.Errorf("layer %s: %w", shortID(id), ErrNotFound)
 			}
-		}
-		rb := tx.Bucket(bucketRefs)
-		for _, id := range old.layerRefs() {
-			if err := rb.Delete(refKey(id, "desktop", name)); err != nil {
+			if err := rb.Put(refKey(id, "desktop", name), nil); err != nil {
 				return err
 			}
 		}
-		for _, id := range cp.layerRefs() {
-			if err := rb.Put(refKey(id, "desktop", name), nil); err != nil {
+		for id := range had {
+			if err := rb.Delete(refKey(id, "desktop", name)); err != nil {
 				return err
 			}
 		}
@@ -386,9 +397,7 @@ func (s *Store) UpdateDesktop(p *Pending, name string, fn func(d *Desktop) error
 		if err := s.removeFiles(drop); err != nil {
 			return d, fmt.Errorf("update desktop %s: remove old tops: %w (the store's next open retries)", name, err)
 		}
-		if err := s.db.Update(func(tx *catalog.Tx) error { return tx.Bucket(bucketPending).Delete(dropKey) }); err != nil {
-			return d, err
-		}
+		s.finished(dropKey)
 	}
 	return d, nil
 }

@@ -3,7 +3,6 @@ package images
 import (
 	"fmt"
 	"regexp"
-	"sort"
 	"strings"
 
 	"github.com/cvd-project/cvd/catalog"
@@ -118,13 +117,10 @@ func resolveTx(tx *catalog.Tx, ref string) (string, error) {
 // namesOf lists the NAME:TAGs pointing at id, sorted.
 func namesOf(tx *catalog.Tx, id string) []string {
 	var out []string
-	tx.Bucket(bucketNames).ForEach(func(k, v []byte) error {
-		if string(v) == id {
-			out = append(out, string(k))
-		}
-		return nil
-	})
-	sort.Strings(out)
+	keys, _ := tx.Bucket(bucketNames).KeysWith([]byte(id)) // an error is the transaction's
+	for _, k := range keys {
+		out = append(out, string(k))
+	}
 	return out
 }
 

@@ -1,6 +1,7 @@
 package images
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"encoding/json"
@@ -9,8 +10,10 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/cvd-project/cvd/catalog"
@@ -70,6 +73,13 @@ type Store struct {
 	readOnly  bool
 	recovered []string
 	now       func() time.Time
+
+	// done are journal entries whose work is finished (their files removed):
+	// they are deleted in the store's next journal transaction or at Close, not
+	// in a transaction of their own. A crash leaves them to recovery, which
+	// finds nothing left to do.
+	mu   sync.Mutex
+	done [][]byte
 }
 
 // storeConfig is the store's config file: the store's ID (also recorded in its
@@ -288,7 +298,45 @@ func writeFileSync(path string, v any) error {
 func (s *Store) Catalog() *catalog.DB { return s.db }
 
 // Close closes the database.
-func (s *Store) Close() error { return s.db.Close() }
+func (s *Store) Close() error {
+	s.mu.Lock()
+	pending := len(s.done) > 0
+	s.mu.Unlock()
+	if pending && !s.readOnly {
+		s.db.Update(func(tx *catalog.Tx) error { return s.dropDone(tx) }) // else recovery drops them
+	}
+	return s.db.Close()
+}
+
+// finished records a journal entry whose work is done, to be deleted with the
+// next journal transaction.
+func (s *Store) finished(key []byte) {
+	s.mu.Lock()
+	s.done = append(s.done, key)
+	s.mu.Unlock()
+}
+
+// dropDone deletes the finished journal entries in tx; they are forgotten only
+// once tx commits (a failed transaction leaves them for the next one).
+func (s *Store) dropDone(tx *catalog.Tx) error {
+	s.mu.Lock()
+	keys := s.done
+	s.mu.Unlock()
+	b := tx.Bucket(bucketPending)
+	for _, k := range keys {
+		if err := b.Delete(k); err != nil {
+			return err
+		}
+	}
+	tx.OnCommit(func() {
+		s.mu.Lock()
+		s.done = slices.DeleteFunc(s.done, func(k []byte) bool {
+			return slices.ContainsFunc(keys, func(d []byte) bool { return bytes.Equal(d, k) })
+		})
+		s.mu.Unlock()
+	})
+	return nil
+}
 
 // Dir is the store's absolute directory.
 func (s *Store) Dir() string { return s.dir }
@@ -347,6 +395,9 @@ func (s *Store) Begin(op string, files []string) (*Pending, error) {
 	}
 	p := &Pending{s: s, files: files}
 	err := s.db.Update(func(tx *catalog.Tx) error {
+		if err := s.dropDone(tx); err != nil {
+			return err
+		}
 		var err error
 		p.key, err = putPending(tx, s.dir, op, files, true, s.now())
 		return err
