@@ -360,3 +360,52 @@ func TestOnCommit(t *testing.T) {
 		}
 	}
 }
+
+// TestBatchWrites: PutAll sets every record (the last of one key wins) across
+// statements; PutAllIfAbsent sets only new keys and counts them.
+func TestBatchWrites(t *testing.T) {
+	forEngines(t, func(t *testing.T, url string) {
+		db := mustOpen(t, url, Options{})
+		var recs []Record
+		for i := range 700 { // more than one statement's worth
+			recs = append(recs, Record{K: []byte(fmt.Sprintf("k%04d", i)), V: []byte("a")})
+		}
+		recs = append(recs, Record{K: []byte("k0003"), V: []byte("last")})
+		var n1, n2 int
+		err := db.Update(func(tx *Tx) error {
+			b := tx.Bucket([]byte("b"))
+			if err := b.PutAll(recs); err != nil {
+				return err
+			}
+			var err error
+			more := []Record{{K: []byte("k0001"), V: []byte("taken")}, {K: []byte("new1"), V: []byte("n")}, {K: []byte("new2")}}
+			if n1, err = b.PutAllIfAbsent(more); err != nil {
+				return err
+			}
+			n2, err = b.PutAllIfAbsent(nil)
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n1 != 2 || n2 != 0 {
+			t.Errorf("PutAllIfAbsent set %d and %d records, want 2 and 0", n1, n2)
+		}
+		err = db.View(func(tx *Tx) error {
+			b := tx.Bucket([]byte("b"))
+			n, err := b.Len()
+			for k, want := range map[string]string{"k0003": "last", "k0001": "a", "k0699": "a", "new1": "n", "new2": ""} {
+				if got := b.Get([]byte(k)); got == nil || string(got) != want {
+					t.Errorf("%s = %q, want %q", k, got, want)
+				}
+			}
+			if n != 702 {
+				t.Errorf("%d records, want 702", n)
+			}
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	})
+}

@@ -148,6 +148,76 @@ func (b *Bucket) PutIfAbsent(key, value []byte) (bool, error) {
 	return n == 1, err
 }
 
+// Record is a key and its value, for the batch writes.
+type Record struct{ K, V []byte }
+
+// batchRows is how many records one statement of a batch write carries.
+const batchRows = 256
+
+// PutAll sets every record, a few hundred per statement; of records with the
+// same key, the last one wins.
+func (b *Bucket) PutAll(recs []Record) error {
+	// One statement may not update a row twice (PostgreSQL): keep the last.
+	last := make(map[string]int, len(recs))
+	for i, r := range recs {
+		last[string(r.K)] = i
+	}
+	if len(last) < len(recs) {
+		var uniq []Record
+		for i, r := range recs {
+			if last[string(r.K)] == i {
+				uniq = append(uniq, r)
+			}
+		}
+		recs = uniq
+	}
+	_, err := b.putBatch(recs, "DO UPDATE SET v = excluded.v")
+	return err
+}
+
+// PutAllIfAbsent sets the records whose keys the bucket does not hold yet, a few
+// hundred per statement, and returns how many it set: fewer than len(recs) means
+// some keys were taken (the first writer of a key wins).
+func (b *Bucket) PutAllIfAbsent(recs []Record) (int, error) {
+	return b.putBatch(recs, "DO NOTHING")
+}
+
+func (b *Bucket) putBatch(recs []Record, onConflict string) (int, error) {
+	if !b.tx.writable {
+		return 0, ErrReadOnly
+	}
+	n := 0
+	for len(recs) > 0 {
+		chunk := recs[:min(batchRows, len(recs))]
+		recs = recs[len(chunk):]
+		var q strings.Builder
+		q.WriteString("INSERT INTO kv (b, k, v) VALUES ")
+		args := make([]any, 0, 3*len(chunk))
+		for i, r := range chunk {
+			if i > 0 {
+				q.WriteString(", ")
+			}
+			q.WriteString("(?, ?, ?)")
+			v := r.V
+			if v == nil {
+				v = []byte{}
+			}
+			args = append(args, b.name, r.K, v)
+		}
+		q.WriteString(" ON CONFLICT (b, k) " + onConflict)
+		res, err := b.tx.exec(q.String(), args...)
+		if err != nil {
+			return n, b.tx.fail(fmt.Errorf("catalog: put %d records in %s: %w", len(chunk), b.name, err))
+		}
+		m, err := res.RowsAffected()
+		if err != nil {
+			return n, err
+		}
+		n += int(m)
+	}
+	return n, nil
+}
+
 // Delete removes the record at key (none is fine).
 func (b *Bucket) Delete(key []byte) error {
 	if !b.tx.writable {

@@ -1,6 +1,7 @@
 package images
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -185,6 +186,7 @@ func (s *Store) CommitClones(p *Pending, clones []Clone) error {
 			}
 			return seen[k]
 		}
+		var refs, macs, recs []catalog.Record
 		for i := range clones {
 			c := &clones[i]
 			if err := CheckObjectName("clone", c.Name); err != nil {
@@ -197,28 +199,42 @@ func (s *Store) CommitClones(p *Pending, clones []Clone) error {
 				if !exists("layer", tx.Bucket(bucketLayers), id) {
 					return fmt.Errorf("layer %s: %w", shortID(id), ErrNotFound)
 				}
-				if err := rb.Put(refKey(id, "clone", c.Name), nil); err != nil {
-					return err
-				}
+				refs = append(refs, catalog.Record{K: refKey(id, "clone", c.Name)})
 			}
 			if c.Desktop != "" && !exists("desktop", tx.Bucket(bucketDesktops), c.Desktop) {
 				return fmt.Errorf("desktop %s: %w", c.Desktop, ErrNotFound)
-			}
-			mac := strings.ToLower(c.MAC)
-			if ok, err := mb.PutIfAbsent([]byte(mac), []byte(c.Name)); err != nil {
-				return err
-			} else if !ok {
-				return fmt.Errorf("MAC %s of clone %s: %w (clone %s)", mac, c.Name, ErrExists, mb.Get([]byte(mac)))
 			}
 			raw, err := json.Marshal(c)
 			if err != nil {
 				return err
 			}
-			if ok, err := cb.PutIfAbsent([]byte(c.Name), raw); err != nil {
-				return err
-			} else if !ok {
-				return fmt.Errorf("clone %s: %w", c.Name, ErrExists)
+			macs = append(macs, catalog.Record{K: []byte(strings.ToLower(c.MAC)), V: []byte(c.Name)})
+			recs = append(recs, catalog.Record{K: []byte(c.Name), V: raw})
+		}
+		// A few statements for the whole batch; a name or a MAC already taken
+		// makes the batch write fewer rows, and the transaction is refused.
+		if err := rb.PutAll(refs); err != nil {
+			return err
+		}
+		if n, err := mb.PutAllIfAbsent(macs); err != nil {
+			return err
+		} else if n < len(macs) {
+			for _, m := range macs {
+				if owner := mb.Get(m.K); string(owner) != string(m.V) {
+					return fmt.Errorf("MAC %s of clone %s: %w (clone %s)", m.K, m.V, ErrExists, owner)
+				}
 			}
+			return fmt.Errorf("%w: a MAC given twice in one batch", ErrExists)
+		}
+		if n, err := cb.PutAllIfAbsent(recs); err != nil {
+			return err
+		} else if n < len(recs) {
+			for _, r := range recs {
+				if !bytes.Equal(cb.Get(r.K), r.V) {
+					return fmt.Errorf("clone %s: %w", r.K, ErrExists)
+				}
+			}
+			return fmt.Errorf("%w: a clone name given twice in one batch", ErrExists)
 		}
 		return nil
 	})
