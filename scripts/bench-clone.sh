@@ -8,8 +8,13 @@
 # journal, writes, sync, commit), measured in one run on the same store. Works in
 # $BENCH/clone (default .cache/bench/clone), wiped at the start.
 #
+# Each cvd row is the best of REPS runs (default 3), each on a desktop of its own
+# (a run takes a fraction of a second: one run's noise on a shared machine is
+# larger than the differences measured); the growth is the first run's.
+#
 # Environment: CVD (the binary; default bin/cvd), N (clones per cvd run; default
-# 1000), QN (qemu-img runs; default 200), DATA (data in the base; default 1G),
+# 1000), REPS (runs per row; default 3), QN (qemu-img runs; default 200), DATA
+# (data in the base; default 1G),
 # STORE_CATALOG (the store's catalog: a postgres:// URL; default its SQLite file).
 set -euo pipefail
 
@@ -17,6 +22,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CVD=${CVD:-$ROOT/bin/cvd}
 BENCH=${BENCH:-$ROOT/.cache/bench}
 N=${N:-1000}
+REPS=${REPS:-3}
 QN=${QN:-200}
 DATA=${DATA:-1G}
 W="$BENCH/clone"
@@ -40,6 +46,7 @@ qemu-io -c "write -P 0x5a 0 $DATA" "$W/base.qcow2" >/dev/null
 rm -f "$W/base.qcow2"
 base=$("$CVD" --json layer show bench:base | sed -n 's/^  "id": "\(.*\)",$/\1/p')
 "$CVD" desktop create bench --base bench:base >/dev/null
+for ((r = 2; r <= REPS; r++)); do "$CVD" desktop create "bench$r" --base bench:base >/dev/null; done
 layer="$CVD_STORE/layers/$base.qcow2"
 
 calc() { awk "BEGIN { print $1 }"; }
@@ -49,12 +56,20 @@ timed() { # timed OUTVAR cmd...: runs cmd, stores the elapsed seconds
   printf -v "$v" '%s' "$(calc "$t1 - $t0")"
 }
 
+best() { awk -v a="$1" -v b="$2" 'BEGIN { print (a < b ? a : b) }'; }
 clones="$CVD_STORE/clones"
 b0=$(dub "$clones")
 timed tdisk "$CVD" clone bench --name d --count "$N" --no-seed
 b1=$(dub "$clones")
 timed tseed "$CVD" clone bench --name s --count "$N"
 b2=$(dub "$clones")
+for ((r = 2; r <= REPS; r++)); do
+  sync
+  timed t "$CVD" clone "bench$r" --name "d$r" --count "$N" --no-seed
+  tdisk=$(best "$tdisk" "$t")
+  timed t "$CVD" clone "bench$r" --name "s$r" --count "$N"
+  tseed=$(best "$tseed" "$t")
+done
 
 mkdir -p "$W/qloop"
 timed tq bash -c "for i in \$(seq $QN); do qemu-img create -q -f qcow2 -b '$layer' -F qcow2 '$W/qloop/q-'\$i.qcow2; done"
