@@ -402,6 +402,20 @@ func TestBatchWrites(t *testing.T) {
 			if n != 702 {
 				t.Errorf("%d records, want 702", n)
 			}
+			var keys [][]byte
+			for i := range 600 { // more than one query's worth, a missing key and a repeated one
+				keys = append(keys, []byte(fmt.Sprintf("k%04d", i*2)))
+			}
+			keys = append(keys, []byte("k0003"), []byte("k0003"), []byte("none"))
+			vals, gerr := b.GetAll(keys)
+			if gerr != nil {
+				return gerr
+			}
+			for i, k := range keys {
+				if want := b.Get(k); !bytes.Equal(vals[i], want) || (want == nil) != (vals[i] == nil) {
+					t.Errorf("GetAll: %s = %q, Get says %q", k, vals[i], want)
+				}
+			}
 			return err
 		})
 		if err != nil {

@@ -154,6 +154,42 @@ type Record struct{ K, V []byte }
 // batchRows is how many records one statement of a batch write carries.
 const batchRows = 256
 
+// GetAll returns the values at keys, in the order of keys (nil where the bucket
+// holds no record), a few hundred keys per query.
+func (b *Bucket) GetAll(keys [][]byte) ([][]byte, error) {
+	out := make([][]byte, len(keys))
+	at := make(map[string][]int, len(keys))
+	for i, k := range keys {
+		at[string(k)] = append(at[string(k)], i)
+	}
+	for start := 0; start < len(keys); start += batchRows {
+		chunk := keys[start:min(start+batchRows, len(keys))]
+		q := "SELECT k, v FROM kv WHERE b = ? AND k IN (?" + strings.Repeat(", ?", len(chunk)-1) + ")"
+		args := make([]any, 0, 1+len(chunk))
+		args = append(args, b.name)
+		for _, k := range chunk {
+			args = append(args, k)
+		}
+		err := b.tx.Query(q, args, func(scan func(dest ...any) error) error {
+			var k, v []byte
+			if err := scan(&k, &v); err != nil {
+				return err
+			}
+			if v == nil {
+				v = []byte{}
+			}
+			for _, i := range at[string(k)] {
+				out[i] = v
+			}
+			return nil
+		})
+		if err != nil {
+			return nil, fmt.Errorf("catalog: get %d records of %s: %w", len(chunk), b.name, err)
+		}
+	}
+	return out, nil
+}
+
 // PutAll sets every record, a few hundred per statement; of records with the
 // same key, the last one wins.
 func (b *Bucket) PutAll(recs []Record) error {

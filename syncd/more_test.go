@@ -1,6 +1,7 @@
 package syncd
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -8,8 +9,11 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/binary"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"io"
 	"log"
 	"math/big"
@@ -22,6 +26,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/ulikunitz/xz"
 
 	"github.com/cvd-project/cvd/syncd/laptop"
 
@@ -670,5 +676,91 @@ func TestVersionKinds(t *testing.T) {
 	}
 	if first := st.Versions[0]; first.Kind != images.VersionCreate {
 		t.Errorf("first version: %+v", first)
+	}
+}
+
+// TestHostileBundles: an import refuses a bundle that lies about its layers'
+// data, one whose xz stream is cut or corrupt at its end, and one with bytes
+// after it; none leaves a layer behind.
+func TestHostileBundles(t *testing.T) {
+	ctx := context.Background()
+	w := newWorld(t, smallSpec())
+	bundle := filepath.Join(t.TempDir(), "desk.cvdb")
+	if _, err := w.srv.Export(ctx, w.desktop, bundle, ExportOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := os.ReadFile(bundle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The payload, to rewrite its header.
+	xr, err := xz.NewReader(bytes.NewReader(raw))
+	if err != nil {
+		t.Fatal(err)
+	}
+	payload, err := io.ReadAll(xr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hlen := binary.BigEndian.Uint32(payload[len(proto.BundleMagic):])
+	hstart := len(proto.BundleMagic) + 4
+	rewrite := func(edit func(h *proto.BundleHeader)) []byte {
+		var h proto.BundleHeader
+		if err := json.Unmarshal(payload[hstart:hstart+int(hlen)], &h); err != nil {
+			t.Fatal(err)
+		}
+		edit(&h)
+		hb, _ := json.Marshal(&h)
+		var out bytes.Buffer
+		xw, err := xz.NewWriter(&out)
+		if err != nil {
+			t.Fatal(err)
+		}
+		xw.Write([]byte(proto.BundleMagic))
+		binary.Write(xw, binary.BigEndian, uint32(len(hb)))
+		xw.Write(hb)
+		xw.Write(payload[hstart+int(hlen):])
+		xw.Close()
+		return out.Bytes()
+	}
+	cases := []struct {
+		name string
+		file []byte
+	}{
+		{"negative data bytes", rewrite(func(h *proto.BundleHeader) { h.Layers[0].DataBytes = -1 << 40 })},
+		{"more data than declared", rewrite(func(h *proto.BundleHeader) {
+			for i := range h.Layers {
+				h.Layers[i].DataClusters, h.Layers[i].DataBytes = 1, 1
+			}
+		})},
+		{"bad layer id", rewrite(func(h *proto.BundleHeader) { h.Layers[0].ID = "../../etc" })},
+		{"xz cut short", raw[:len(raw)-20]},
+		{"xz checksum corrupt", func() []byte { b := slices.Clone(raw); b[len(b)-13] ^= 0x55; return b }()},
+		{"bytes after the xz stream", append(slices.Clone(raw), []byte("trailing garbage")...)},
+	}
+	for i, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "bad.cvdb")
+			if err := os.WriteFile(path, c.file, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			lap := newLaptop(t, fmt.Sprintf("lap%d", i))
+			if _, err := lap.lp.ImportBundle(ctx, path); err == nil {
+				t.Fatal("imported")
+			} else {
+				t.Logf("refused: %v", err)
+			}
+			if ls, _ := lap.store.Layers(); len(ls) != 0 {
+				t.Errorf("a refused bundle left %d layers", len(ls))
+			}
+			if _, err := lap.store.Desktop(w.desktop); err == nil {
+				t.Error("a refused bundle left a desktop")
+			}
+		})
+	}
+	// The bundle as exported still imports.
+	lap := newLaptop(t, "good")
+	if _, err := lap.lp.ImportBundle(ctx, bundle); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -761,5 +762,75 @@ func TestForeignLayers(t *testing.T) {
 	}
 	if want := len(secretData) / (64 << 10); len(miss) != want {
 		t.Errorf("%d clusters asked for, want %d: the server deduplicated against a desktop the device may not read", len(miss), want)
+	}
+}
+
+// TestOpenCheckinsCappedAndReaped: a device may hold only so many check-ins
+// open; one left receiving past the idle limit is reaped while the server
+// runs, and its device can open it again.
+func TestOpenCheckinsCappedAndReaped(t *testing.T) {
+	ctx := context.Background()
+	w := newWorld(t, smallSpec())
+	clock := time.Now()
+	var mu sync.Mutex
+	now := func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
+	srv, err := NewServer(w.store, ServerOptions{Logger: testLogger(), Now: now, MaxOpenCheckins: 2,
+		SessionMaxIdle: time.Hour, ReapInterval: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	hs := httptest.NewServer(srv.Handler())
+	defer hs.Close()
+	c, err := laptop.NewClient(hs.URL, w.token, laptop.ClientOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lap := newLaptop(t, "laptop")
+	if _, err := lap.lp.CheckOut(ctx, c, w.desktop, laptop.CheckoutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 64 * MiB, data: testutil.Fill(8, 1*MiB, false)}})
+	prep, err := lap.lp.PrepareCheckin(ctx, w.desktop)
+	if err != nil {
+		t.Fatal(err)
+	}
+	open := func(id string) error {
+		req := *prep.Request
+		req.ID = strings.Repeat(id, 32)
+		_, err := c.OpenCheckin(ctx, &req)
+		return err
+	}
+	for _, id := range []string{"a", "b"} {
+		if err := open(id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := open("c"); !errors.Is(err, proto.ErrTooMany) {
+		t.Fatalf("a third open check-in: %v, want ErrTooMany", err)
+	}
+	if err := open("a"); err != nil { // an open one resumes
+		t.Fatalf("resuming an open check-in: %v", err)
+	}
+	// Two hours on, both are abandoned and reaped.
+	mu.Lock()
+	clock = clock.Add(2 * time.Hour)
+	mu.Unlock()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err := c.Missing(ctx, strings.Repeat("a", 32))
+		if errors.Is(err, proto.ErrNotFound) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the abandoned check-in is still there: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if _, err := os.Stat(filepath.Join(w.store.Path(state.SyncDir), state.SessionsDir, strings.Repeat("a", 32))); !os.IsNotExist(err) {
+		t.Errorf("the reaped check-in's staging directory: %v", err)
+	}
+	if err := open("c"); err != nil {
+		t.Fatalf("after the reaping: %v", err)
 	}
 }

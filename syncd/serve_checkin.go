@@ -1,7 +1,9 @@
 package syncd
 
 import (
+	"cmp"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -50,8 +52,17 @@ type session struct {
 type diskList struct {
 	d       proto.CheckinDisk
 	no      byte
-	entries []proto.Entry
-	byIdx   map[int64]proto.Digest // data entries
+	entries []proto.Entry // in index order (the list's order)
+}
+
+// digestAt is the digest of the data entry at cluster idx (false: none). The
+// entries are searched, not mapped: a list's memory is its entries alone.
+func (dl *diskList) digestAt(idx int64) (proto.Digest, bool) {
+	i, ok := slices.BinarySearchFunc(dl.entries, idx, func(e proto.Entry, t int64) int { return cmp.Compare(e.Index, t) })
+	if !ok || dl.entries[i].Zero {
+		return proto.Digest{}, false
+	}
+	return dl.entries[i].Digest, true
 }
 
 var sessionIDRE = regexp.MustCompile(`^[0-9a-f]{32,64}$`)
@@ -118,12 +129,9 @@ func loadList(path string, d proto.CheckinDisk) (*diskList, error) {
 	}
 	defer f.Close()
 	no, _ := proto.DiskNumber(d.Name)
-	dl := &diskList{d: d, no: no, byIdx: map[int64]proto.Digest{}}
+	dl := &diskList{d: d, no: no, entries: make([]proto.Entry, 0, min(d.Entries, 1<<16))}
 	err = proto.ReadEntries(f, d.Entries, state.ClustersOf(d.Size, d.ClusterSize), d.Parent != "", func(e proto.Entry) error {
 		dl.entries = append(dl.entries, e)
-		if !e.Zero {
-			dl.byIdx[e.Index] = e.Digest
-		}
 		return nil
 	})
 	if err != nil {
@@ -249,6 +257,12 @@ func (s *Server) handleCheckinOpen(w http.ResponseWriter, r *http.Request, dev *
 	// The staging layer holds the data; it becomes the layer (no copy).
 	if err := state.CheckFree(s.store.Dir(), need+16<<20); err != nil {
 		return err
+	}
+	if open, err := s.openCheckins(dev.ID); err != nil {
+		return err
+	} else if len(open) >= s.opts.MaxOpenCheckins {
+		return fmt.Errorf("%w: device %s has %d check-ins open (at most %d): finish one, or wait until it is reaped",
+			proto.ErrTooMany, dev.Name, len(open), s.opts.MaxOpenCheckins)
 	}
 	se := &Session{CheckinRequest: req, Device: dev.ID, DeviceName: dev.Name, State: proto.SessionReceiving,
 		Created: s.now().UTC(), Lists: []string{}}
@@ -557,33 +571,48 @@ func (s *Server) missing(ctx context.Context, se *Session, m *session) ([]proto.
 			return nil, nil, err
 		}
 		ss := make([]source, len(dl.entries))
-		err = s.st.View(func(tx *catalog.Tx) error {
-			for i, e := range dl.entries {
-				if e.Zero {
-					continue
-				}
-				if alloc.has(e.Index) {
-					ss[i].staged = true
-					if _, ok := seen[e.Digest]; !ok {
-						seen[e.Digest] = firstAt{d.Name, e.Index}
-					}
-					continue
-				}
-				if f, ok := seen[e.Digest]; ok {
-					ss[i].fromDisk, ss[i].fromIdx = f.disk, f.idx
-					continue
-				}
-				if ref, ok := state.Lookup(tx, e.Digest); ok && shared[ref.Layer] {
-					ss[i].ref = ref
-					continue
-				}
-				seen[e.Digest] = firstAt{d.Name, e.Index}
-				out = append(out, proto.MissingItem{Disk: dl.no, Index: e.Index, Digest: e.Digest})
+		// The index is asked once for every digest this disk may need from it
+		// (not staged already), a few hundred per query.
+		var ask []proto.Digest
+		for _, e := range dl.entries {
+			if !e.Zero && !alloc.has(e.Index) {
+				ask = append(ask, e.Digest)
 			}
-			return nil
+		}
+		known := make(map[proto.Digest]proto.ClusterRef, len(ask))
+		err = s.st.View(func(tx *catalog.Tx) error {
+			refs, found, err := state.LookupAll(tx, ask)
+			for i := range ask {
+				if err == nil && found[i] && shared[refs[i].Layer] {
+					known[ask[i]] = refs[i]
+				}
+			}
+			return err
 		})
 		if err != nil {
 			return nil, nil, err
+		}
+		for i, e := range dl.entries {
+			if e.Zero {
+				continue
+			}
+			if alloc.has(e.Index) {
+				ss[i].staged = true
+				if _, ok := seen[e.Digest]; !ok {
+					seen[e.Digest] = firstAt{d.Name, e.Index}
+				}
+				continue
+			}
+			if f, ok := seen[e.Digest]; ok {
+				ss[i].fromDisk, ss[i].fromIdx = f.disk, f.idx
+				continue
+			}
+			if ref, ok := known[e.Digest]; ok {
+				ss[i].ref = ref
+				continue
+			}
+			seen[e.Digest] = firstAt{d.Name, e.Index}
+			out = append(out, proto.MissingItem{Disk: dl.no, Index: e.Index, Digest: e.Digest})
 		}
 		srcs[d.Name] = ss
 	}
@@ -679,7 +708,7 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 		if err != nil {
 			return err
 		}
-		want, ok := dl.byIdx[f.Idx]
+		want, ok := dl.digestAt(f.Idx)
 		if !ok || want != d {
 			return proto.BadRequest("cluster %d of disk %s is not in the check-in's list", f.Idx, dl.d.Name)
 		}
@@ -725,4 +754,56 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 	}
 	writeJSON(w, http.StatusOK, res)
 	return nil
+}
+
+// openCheckins lists the sessions of a device still receiving.
+func (s *Server) openCheckins(device string) ([]Session, error) {
+	var out []Session
+	err := s.st.View(func(tx *catalog.Tx) error {
+		return tx.Bucket(state.BucketSessions).ForEach(func(k, v []byte) error {
+			var se Session
+			if err := json.Unmarshal(v, &se); err != nil {
+				return fmt.Errorf("check-in %s: %w", k, err)
+			}
+			if se.State == proto.SessionReceiving && (device == "" || se.Device == device) {
+				out = append(out, se)
+			}
+			return nil
+		})
+	})
+	return out, err
+}
+
+// reapSessions removes the check-ins still receiving SessionMaxIdle after they
+// were opened (their records, staging files and lists in memory), except one
+// that a request is using; it returns how many it removed.
+func (s *Server) reapSessions() (int, error) {
+	open, err := s.openCheckins("")
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, se := range open {
+		if s.now().Sub(se.Created) < s.opts.SessionMaxIdle {
+			continue
+		}
+		s.mu.Lock()
+		m := s.sessions[se.ID]
+		if m != nil && !m.mu.TryLock() {
+			s.mu.Unlock()
+			continue // an upload or a commit is under way
+		}
+		delete(s.sessions, se.ID)
+		s.mu.Unlock()
+		err := s.st.Update(func(tx *catalog.Tx) error { return tx.Bucket(state.BucketSessions).Delete([]byte(se.ID)) })
+		if m != nil {
+			m.mu.Unlock()
+		}
+		if err != nil {
+			return n, err
+		}
+		removeAllQuiet(s.sessionDir(se.ID))
+		n++
+	}
+	return n, nil
 }

@@ -60,6 +60,12 @@ type ServerOptions struct {
 	// HTTPServer and Listen.
 	HeaderTimeout, IdleTimeout, ProgressTimeout time.Duration
 	MaxConns                                    int
+	// MaxOpenCheckins caps the check-ins a device may have open at once (default
+	// 8); a check-in still receiving SessionMaxIdle after it was opened (default
+	// 24 h) is abandoned: the serving process reaps it every ReapInterval
+	// (default 10 min), and its device's rerun starts it again.
+	MaxOpenCheckins              int
+	SessionMaxIdle, ReapInterval time.Duration
 }
 
 // Server is the data-center side: it serves the HTTP API over a store. It also
@@ -112,6 +118,9 @@ func NewServer(store *images.Store, opts ServerOptions) (*Server, error) {
 	opts.IdleTimeout = cmp.Or(opts.IdleTimeout, defaultIdleTimeout)
 	opts.ProgressTimeout = cmp.Or(opts.ProgressTimeout, defaultProgressTimeout)
 	opts.MaxConns = cmp.Or(opts.MaxConns, defaultMaxConns)
+	opts.MaxOpenCheckins = cmp.Or(opts.MaxOpenCheckins, 8)
+	opts.SessionMaxIdle = cmp.Or(opts.SessionMaxIdle, 24*time.Hour)
+	opts.ReapInterval = cmp.Or(opts.ReapInterval, 10*time.Minute)
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -134,6 +143,24 @@ func NewServer(store *images.Store, opts ServerOptions) (*Server, error) {
 			return nil, err
 		}
 		s.indexLater()
+		s.bgIndex.Add(1)
+		go func() { // reaps abandoned check-ins while the server runs
+			defer s.bgIndex.Done()
+			t := time.NewTicker(s.opts.ReapInterval)
+			defer t.Stop()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-t.C:
+					if n, err := s.reapSessions(); err != nil {
+						s.log.Warn("reap abandoned check-ins", "err", err)
+					} else if n > 0 {
+						s.log.Info("reaped abandoned check-ins", "count", n)
+					}
+				}
+			}
+		}()
 	}
 	return s, nil
 }

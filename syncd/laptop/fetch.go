@@ -115,8 +115,8 @@ func (r *localRefs) resolve(f proto.Frame, d proto.Digest, body, dst []byte) ([]
 // backing chain (every write covers whole clusters). A zero cluster needs the
 // parent below it (without one it is the same as no cluster at all).
 func (l *Laptop) fetchLayer(ctx context.Context, c *Client, info proto.LayerInfo, lease string, refs *localRefs) (*layerFetcher, int64, error) {
-	if !proto.LayerIDRE.MatchString(info.ID) || (info.Parent != "" && !proto.LayerIDRE.MatchString(info.Parent)) {
-		return nil, 0, fmt.Errorf("%w: layer id %q", proto.ErrBadRequest, info.ID)
+	if err := info.Validate(); err != nil {
+		return nil, 0, fmt.Errorf("server's manifest: %w", err)
 	}
 	if err := os.MkdirAll(l.fetchDir(), 0o700); err != nil {
 		return nil, 0, proto.NoSpace(err)
@@ -332,6 +332,11 @@ func (f *layerFetcher) consume(ctx context.Context, sr *proto.StreamReader) (int
 			return err
 		}
 		f.h.Add(proto.Entry{Index: fr.Idx, Digest: d})
+		if f.h.Data > f.info.DataClusters {
+			// Writing stops at what the layer declared (and the free space was
+			// checked for): a stream may not write more.
+			return fmt.Errorf("%w: more data clusters than the %d declared", proto.ErrStream, f.info.DataClusters)
+		}
 		if fr.Kind == proto.KindRef {
 			f.byRef++
 		}

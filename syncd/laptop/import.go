@@ -3,8 +3,7 @@ package laptop
 import (
 	"bufio"
 	"context"
-	"encoding/binary"
-	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -30,7 +29,7 @@ type ImportReport struct {
 
 // ImportBundle reads a bundle into the laptop's store and sets the desktop up
 // over fresh tops, as an offline copy that is purged after the bundle's expiry.
-func (l *Laptop) ImportBundle(ctx context.Context, path string) (*ImportReport, error) {
+func (l *Laptop) ImportBundle(ctx context.Context, path string) (_ *ImportReport, err error) {
 	start := time.Now()
 	if _, err := l.PurgeExpired(ctx); err != nil {
 		return nil, err
@@ -40,27 +39,17 @@ func (l *Laptop) ImportBundle(ctx context.Context, path string) (*ImportReport, 
 		return nil, err
 	}
 	defer f.Close()
-	xr, err := xz.NewReader(bufio.NewReaderSize(f, 1<<20))
+	// One xz stream, nothing after it (its end is read and checked below).
+	xr, err := xz.ReaderConfig{SingleStream: true}.NewReader(bufio.NewReaderSize(f, 1<<20))
 	if err != nil {
 		return nil, fmt.Errorf("%s: not an xz bundle: %w", path, err)
 	}
 	br := bufio.NewReaderSize(xr, 1<<20)
-	var magic [len(proto.BundleMagic) + 4]byte
-	if _, err := io.ReadFull(br, magic[:]); err != nil || string(magic[:len(proto.BundleMagic)]) != proto.BundleMagic {
-		return nil, fmt.Errorf("%s: %w: not a cvd bundle", path, proto.ErrBadRequest)
+	hp, err := proto.ReadBundleHeader(br)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
 	}
-	n := binary.BigEndian.Uint32(magic[len(proto.BundleMagic):])
-	if n > proto.MaxJSON {
-		return nil, fmt.Errorf("%s: %w: header of %d bytes", path, proto.ErrBadRequest, n)
-	}
-	hb := make([]byte, n)
-	if _, err := io.ReadFull(br, hb); err != nil {
-		return nil, fmt.Errorf("%s: %w: truncated header", path, proto.ErrBadRequest)
-	}
-	var h proto.BundleHeader
-	if err := json.Unmarshal(hb, &h); err != nil {
-		return nil, fmt.Errorf("%s: %w: header: %v", path, proto.ErrBadRequest, err)
-	}
+	h := *hp
 	if h.Expires.Before(l.now()) {
 		return nil, fmt.Errorf("bundle of %s: %w at %s", h.Desktop, proto.ErrExpired, h.Expires.Format(time.RFC3339))
 	}
@@ -68,6 +57,18 @@ func (l *Laptop) ImportBundle(ctx context.Context, path string) (*ImportReport, 
 		return nil, fmt.Errorf("desktop %s is checked out from %s here; check it in or release it first", h.Desktop, prev.Server)
 	}
 	rep := &ImportReport{Desktop: h.Desktop, Version: h.Version, Expires: h.Expires, LayersWritten: []string{}, LayersHeld: []string{}}
+	// A failed import leaves no layer it wrote (newest first: children before
+	// their parents).
+	defer func() {
+		if err == nil {
+			return
+		}
+		for i := len(rep.LayersWritten) - 1; i >= 0; i-- {
+			if _, rerr := l.store.RemoveLayer(rep.LayersWritten[i]); rerr != nil {
+				l.log.Warn("remove a layer of a failed import", "layer", rep.LayersWritten[i], "err", rerr)
+			}
+		}
+	}()
 	var need int64
 	for _, li := range h.Layers {
 		need += li.DataBytes
@@ -79,9 +80,6 @@ func (l *Laptop) ImportBundle(ctx context.Context, path string) (*ImportReport, 
 		return nil, proto.NoSpace(err)
 	}
 	for _, li := range h.Layers {
-		if !proto.LayerIDRE.MatchString(li.ID) || (li.Parent != "" && !proto.LayerIDRE.MatchString(li.Parent)) {
-			return nil, fmt.Errorf("%w: bundle layer id %q", proto.ErrBadRequest, li.ID)
-		}
 		sr := proto.NewStreamReader(br)
 		if _, err := l.store.Layer(li.ID); err == nil {
 			// Held already: read past its stream.
@@ -113,6 +111,14 @@ func (l *Laptop) ImportBundle(ctx context.Context, path string) (*ImportReport, 
 			return nil, fmt.Errorf("bundle layer %s: %w", state.Short(li.ID), err)
 		}
 		rep.LayersWritten = append(rep.LayersWritten, li.ID)
+	}
+	// The payload ends with the last layer: reading on checks the xz stream's
+	// checksum and that nothing follows it.
+	if extra, err := io.Copy(io.Discard, io.LimitReader(br, 1)); err != nil || extra > 0 {
+		if err == nil {
+			err = errors.New("data after the last layer")
+		}
+		return nil, fmt.Errorf("%s: %w: %v", path, proto.ErrBadRequest, err)
 	}
 	co := &Checkout{Desktop: h.Desktop, Server: h.Server, Version: h.Version, Layers: map[string]string{},
 		BlankSizes: map[string]int64{}, CheckedOut: l.now().UTC(), Offline: true,

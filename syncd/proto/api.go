@@ -207,3 +207,28 @@ const (
 	// MaxJSON bounds a JSON body (a request's, or a bundle's header).
 	MaxJSON = 1 << 20
 )
+
+// Validate checks what a layer's description promises against itself: its IDs,
+// a cluster size of a power of two up to MaxClusterSize, a size with the
+// clusters it declares, and data counts within them. A receiver writes no more
+// than it declares (the cluster stream is checked against it).
+func (li *LayerInfo) Validate() error {
+	switch {
+	case !LayerIDRE.MatchString(li.ID) || (li.Parent != "" && !LayerIDRE.MatchString(li.Parent)):
+		return BadRequest("layer id %.80q, parent %.80q", li.ID, li.Parent)
+	case li.ClusterSize < 512 || li.ClusterSize > MaxClusterSize || li.ClusterSize&(li.ClusterSize-1) != 0:
+		return BadRequest("layer %s: cluster size %d", li.ID[:12], li.ClusterSize)
+	case li.Size <= 0 || li.Size > 1<<50:
+		return BadRequest("layer %s: size %d", li.ID[:12], li.Size)
+	}
+	clusters := (li.Size + int64(li.ClusterSize) - 1) / int64(li.ClusterSize)
+	switch {
+	case li.Clusters < 0 || li.Clusters > clusters:
+		return BadRequest("layer %s: %d clusters listed in %d", li.ID[:12], li.Clusters, clusters)
+	case li.DataClusters < 0 || li.DataClusters > li.Clusters:
+		return BadRequest("layer %s: %d data clusters of %d", li.ID[:12], li.DataClusters, li.Clusters)
+	case li.DataBytes < 0 || li.DataBytes > li.DataClusters*int64(li.ClusterSize):
+		return BadRequest("layer %s: %d data bytes in %d clusters", li.ID[:12], li.DataBytes, li.DataClusters)
+	}
+	return nil
+}

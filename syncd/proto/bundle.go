@@ -1,6 +1,15 @@
 package proto
 
-import "time"
+import (
+	"bufio"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/cvd-project/cvd/images"
+)
 
 // An offline bundle carries a desktop version to a laptop that never reaches the
 // server. It is one xz stream (ulikunitz/xz) holding:
@@ -44,4 +53,42 @@ func SkipStream(sr *StreamReader) error {
 			return nil
 		}
 	}
+}
+
+// maxBundleLayers bounds the layers a bundle header may list.
+const maxBundleLayers = 4096
+
+// ReadBundleHeader reads a bundle's magic and header from the start of its xz
+// payload and checks it: the desktop's name, the version, and each layer's
+// description (LayerInfo.Validate); the data the layers declare is what their
+// import may write.
+func ReadBundleHeader(r *bufio.Reader) (*BundleHeader, error) {
+	var magic [len(BundleMagic) + 4]byte
+	if _, err := io.ReadFull(r, magic[:]); err != nil || string(magic[:len(BundleMagic)]) != BundleMagic {
+		return nil, fmt.Errorf("%w: not a cvd bundle", ErrBadRequest)
+	}
+	n := binary.BigEndian.Uint32(magic[len(BundleMagic):])
+	if n > MaxJSON {
+		return nil, fmt.Errorf("%w: header of %d bytes", ErrBadRequest, n)
+	}
+	hb := make([]byte, n)
+	if _, err := io.ReadFull(r, hb); err != nil {
+		return nil, fmt.Errorf("%w: truncated header", ErrBadRequest)
+	}
+	var h BundleHeader
+	if err := json.Unmarshal(hb, &h); err != nil {
+		return nil, fmt.Errorf("%w: header: %v", ErrBadRequest, err)
+	}
+	if err := images.CheckObjectName("desktop", h.Desktop); err != nil {
+		return nil, fmt.Errorf("%w: header: %v", ErrBadRequest, err)
+	}
+	if h.Version <= 0 || len(h.Layers) == 0 || len(h.Layers) > maxBundleLayers {
+		return nil, fmt.Errorf("%w: header: version %d, %d layers", ErrBadRequest, h.Version, len(h.Layers))
+	}
+	for i := range h.Layers {
+		if err := h.Layers[i].Validate(); err != nil {
+			return nil, fmt.Errorf("bundle header: %w", err)
+		}
+	}
+	return &h, nil
 }

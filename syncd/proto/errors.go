@@ -44,7 +44,9 @@ var (
 	ErrExpired = errors.New("checked-out copy expired")
 	// ErrInUse: a desktop's top is open in a running VM (QEMU holds its image
 	// lock): it is not sealed or checked in. Wraps disk.ErrInUse.
-	ErrInUse = desktop.ErrInUse
+	// ErrTooMany: a device has as many check-ins open as the server allows.
+	ErrTooMany = errors.New("too many open check-ins")
+	ErrInUse   = desktop.ErrInUse
 )
 
 // LeaseError says who holds a lease.
@@ -80,6 +82,7 @@ var errorCodes = []struct {
 	{ErrNoSpace, "no_space", http.StatusInsufficientStorage},
 	{ErrIncomplete, "incomplete", http.StatusConflict},
 	{ErrInUse, "in_use", http.StatusConflict},
+	{ErrTooMany, "too_many", http.StatusTooManyRequests},
 }
 
 func CodeOf(err error) (string, int) {

@@ -1,11 +1,15 @@
 package proto
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"io"
+	"strings"
 	"testing"
 
 	"github.com/cvd-project/cvd/internal/testutil"
@@ -39,6 +43,10 @@ func seedStream(t testing.TB) []byte {
 	return b.Bytes()
 }
 
+// fuzzDst is the clusters' decoding buffer, one for every input (a fuzz worker
+// runs one input at a time).
+var fuzzDst = make([]byte, 0, MaxClusterSize)
+
 // FuzzStream feeds arbitrary bytes to the cluster stream's reader and decoder:
 // they never panic, never read a payload beyond the largest cluster, and any
 // cluster they hand out hashes to its digest.
@@ -50,6 +58,7 @@ func FuzzStream(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		sr := NewStreamReader(bytes.NewReader(data))
 		var payload []byte
+		dst := fuzzDst[:0]
 		for range 64 {
 			fr, d, p, err := sr.Next(payload)
 			if err != nil {
@@ -66,7 +75,7 @@ func FuzzStream(f *testing.F) {
 			case KindEnd:
 				return
 			case KindData:
-				raw, err := DecodeCluster(fr, d, p, make([]byte, fr.N))
+				raw, err := DecodeCluster(fr, d, p, dst[:0])
 				if err == nil && sha256.Sum256(raw) != d {
 					t.Fatalf("cluster %d decoded without matching its digest", fr.Idx)
 				}
@@ -153,6 +162,34 @@ func FuzzMissing(f *testing.F) {
 		}
 		if !bytes.Equal(back, data) {
 			t.Fatal("a missing list does not encode back to its bytes")
+		}
+	})
+}
+
+// FuzzBundleHeader: ReadBundleHeader on arbitrary bytes never panics, answers
+// only ErrBadRequest, and what it accepts promises no negative or impossible
+// amount of data.
+func FuzzBundleHeader(f *testing.F) {
+	h := BundleHeader{Desktop: "desk", Version: 3, Layers: []LayerInfo{{ID: strings.Repeat("ab", 32), Size: 1 << 30,
+		ClusterSize: 65536}}}
+	h.Layers[0].Clusters, h.Layers[0].DataClusters, h.Layers[0].DataBytes = 16384, 10, 655360
+	hb, _ := json.Marshal(&h)
+	good := binary.BigEndian.AppendUint32([]byte(BundleMagic), uint32(len(hb)))
+	good = append(good, hb...)
+	f.Add(good)
+	f.Add(good[:20])
+	f.Fuzz(func(t *testing.T, data []byte) {
+		h, err := ReadBundleHeader(bufio.NewReader(bytes.NewReader(data)))
+		if err != nil {
+			if !errors.Is(err, ErrBadRequest) {
+				t.Fatalf("error %v is not a bad request", err)
+			}
+			return
+		}
+		for _, li := range h.Layers {
+			if li.DataBytes < 0 || li.DataClusters > li.Clusters || li.DataBytes > li.DataClusters*int64(li.ClusterSize) {
+				t.Fatalf("accepted layer %+v", li)
+			}
 		}
 	})
 }

@@ -42,7 +42,7 @@ func Lookup(tx *catalog.Tx, d proto.Digest) (proto.ClusterRef, bool) {
 
 // IndexEntries records entries of layer (first holder wins).
 func IndexEntries(tx *catalog.Tx, layer string, ents []proto.Entry) error {
-	b := tx.Bucket(BucketClusters)
+	recs := make([]catalog.Record, 0, len(ents))
 	for _, e := range ents {
 		if e.Zero {
 			continue
@@ -51,11 +51,28 @@ func IndexEntries(tx *catalog.Tx, layer string, ents []proto.Entry) error {
 		if err != nil {
 			return err
 		}
-		if _, err := b.PutIfAbsent(e.Digest[:], v); err != nil {
-			return err
-		}
+		recs = append(recs, catalog.Record{K: e.Digest[:], V: v})
 	}
-	return nil
+	_, err := tx.Bucket(BucketClusters).PutAllIfAbsent(recs)
+	return err
+}
+
+// LookupAll looks digests up in the index, a few hundred per query: refs[i] is
+// where digests[i] can be read, when found[i].
+func LookupAll(tx *catalog.Tx, digests []proto.Digest) (refs []proto.ClusterRef, found []bool, err error) {
+	keys := make([][]byte, len(digests))
+	for i := range digests {
+		keys[i] = digests[i][:]
+	}
+	vals, err := tx.Bucket(BucketClusters).GetAll(keys)
+	if err != nil {
+		return nil, nil, err
+	}
+	refs, found = make([]proto.ClusterRef, len(digests)), make([]bool, len(digests))
+	for i, v := range vals {
+		refs[i], found[i] = parseIndexValue(v)
+	}
+	return refs, found, nil
 }
 
 func IsIndexed(tx *catalog.Tx, layer string) bool {
