@@ -10,9 +10,9 @@
 # PREV, go build). Works in $BENCH/release (default .cache/bench/release), wiped at
 # the start. Each part's own output is kept there (prev/, sqlite/, postgres/).
 #
-# The three variants run in turn, ROUNDS times (default 2), and each figure is the
-# best of its rounds: on a small shared machine one run's noise is larger than the
-# differences measured.
+# Part by part, the three variants run back to back, ROUNDS times (default 2), and
+# each figure is the best of its rounds: on a small shared machine one run's noise
+# is larger than the differences measured.
 #
 # Environment: CVD (default bin/cvd), BENCH, BENCH_RUNS, PREV (a commit; default the
 # bbolt release), N (desktops recomposed; default 100), CLONES (default 1000),
@@ -46,24 +46,31 @@ cleanup() { "$ROOT/scripts/postgres.sh" stop "$pg" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 "$ROOT/scripts/postgres.sh" start "$pg" >/dev/null
 
-run() { # run VARIANT BINARY ROUND: the three parts with that binary (and catalog)
-  local v=$1 bin=$2 r=$3 cat="" o="$W/$1/r$3"
+run() { # run PART VARIANT BINARY ROUND: one part with that binary (and catalog)
+  local p=$1 v=$2 bin=$3 r=$4 cat="" o="$W/$2/r$4"
   mkdir -p "$o"
-  [ "$v" != postgres ] || cat=$("$ROOT/scripts/postgres.sh" createdb "$pg" "clone$r")
-  log "round $r, $v: clones"
-  CVD=$bin BENCH="$o" N=$CLONES STORE_CATALOG=$cat bash "$ROOT/scripts/bench-clone.sh" > "$o/clone.txt"
-  [ "$v" != postgres ] || cat=$("$ROOT/scripts/postgres.sh" createdb "$pg" "sync$r")
-  log "round $r, $v: check-out and check-in"
-  CVD=$bin BENCH="$o" NO_RSYNC=1 STORE_CATALOG=$cat bash "$ROOT/scripts/bench-sync.sh" > "$o/sync.txt" 2>"$o/sync.log"
-  [ "$v" != postgres ] || cat=$("$ROOT/scripts/postgres.sh" createdb "$pg" "rebase$r")
-  log "round $r, $v: recompose of $N desktops"
-  CVD=$bin BENCH="$o" N=$N QN=1 STORE_CATALOG=$cat bash "$ROOT/scripts/bench-rebase.sh" > "$o/rebase.txt" 2>"$o/rebase.log"
-  rm -rf "$o/clone" "$o/sync" "$o/rebase" # the stores: only the reports are kept
+  [ "$v" != postgres ] || cat=$("$ROOT/scripts/postgres.sh" createdb "$pg" "$p$r")
+  case $p in
+  clone)
+    log "round $r, $v: clones"
+    CVD=$bin BENCH="$o" N=$CLONES STORE_CATALOG=$cat bash "$ROOT/scripts/bench-clone.sh" > "$o/clone.txt" ;;
+  sync)
+    log "round $r, $v: check-out and check-in"
+    CVD=$bin BENCH="$o" NO_RSYNC=1 STORE_CATALOG=$cat bash "$ROOT/scripts/bench-sync.sh" > "$o/sync.txt" 2>"$o/sync.log" ;;
+  rebase)
+    log "round $r, $v: recompose of $N desktops"
+    CVD=$bin BENCH="$o" N=$N QN=1 STORE_CATALOG=$cat bash "$ROOT/scripts/bench-rebase.sh" > "$o/rebase.txt" 2>"$o/rebase.log" ;;
+  esac
+  rm -rf "${o:?}/$p" # the store: only the reports are kept
 }
-for ((r = 1; r <= ROUNDS; r++)); do
-  run prev "$W/cvd-prev" "$r"
-  run sqlite "$CVD" "$r"
-  run postgres "$CVD" "$r"
+# Part by part, the variants back to back in each round: what is compared runs
+# minutes apart at most, not a whole round apart.
+for p in clone sync rebase; do
+  for ((r = 1; r <= ROUNDS; r++)); do
+    run "$p" prev "$W/cvd-prev" "$r"
+    run "$p" sqlite "$CVD" "$r"
+    run "$p" postgres "$CVD" "$r"
+  done
 done
 
 # Figures out of each part's reports: the best of the rounds.
