@@ -15,8 +15,9 @@
 # is larger than the differences measured.
 #
 # Environment: CVD (default bin/cvd), BENCH, BENCH_RUNS, PREV (a commit; default the
-# bbolt release), N (desktops recomposed; default 100), CLONES (default 1000),
-# ROUNDS (default 2).
+# bbolt release), N (desktops recomposed; default 100), CLONES (default 3000),
+# ROUNDS (default 2), PARTS (default "clone sync rebase": the parts to run; a
+# row of a part not run shows n/a).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,8 +25,9 @@ CVD=${CVD:-$ROOT/bin/cvd}
 BENCH=${BENCH:-$ROOT/.cache/bench}
 PREV=${PREV:-d620107e734a598064ba50a09d6ac03b9a1b6132}
 N=${N:-100}
-CLONES=${CLONES:-1000}
+CLONES=${CLONES:-3000}
 ROUNDS=${ROUNDS:-2}
+PARTS=${PARTS:-clone sync rebase}
 W="$BENCH/release"
 export PATH="/usr/local/go/bin:$PATH"
 log() { printf 'bench-release: %s\n' "$*" >&2; }
@@ -65,7 +67,7 @@ run() { # run PART VARIANT BINARY ROUND: one part with that binary (and catalog)
 }
 # Part by part, the variants back to back in each round: what is compared runs
 # minutes apart at most, not a whole round apart.
-for p in clone sync rebase; do
+for p in $PARTS; do
   for ((r = 1; r <= ROUNDS; r++)); do
     run "$p" prev "$W/cvd-prev" "$r"
     run "$p" sqlite "$CVD" "$r"
