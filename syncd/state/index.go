@@ -120,17 +120,6 @@ func (s *State) IndexLayerFile(ctx context.Context, id, path string) error {
 	return s.Update(func(tx *catalog.Tx) error { return MarkIndexed(tx, id, n) })
 }
 
-// ReadCluster reads guest cluster idx of layer file path's own layer and checks
-// it against d.
-func ReadCluster(path string, idx int64, cs int, d proto.Digest, buf []byte) ([]byte, error) {
-	img, err := disk.Open(path, disk.OpenOptions{ReadOnly: true, NoBacking: true})
-	if err != nil {
-		return nil, err
-	}
-	defer img.Close()
-	return ReadClusterFrom(img, idx, cs, d, buf)
-}
-
 func ReadClusterFrom(img disk.Image, idx int64, cs int, d proto.Digest, buf []byte) ([]byte, error) {
 	off := idx * int64(cs)
 	if off >= img.Size() {

@@ -2,8 +2,6 @@ package state
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -28,15 +26,6 @@ func SetLayer(v *proto.Version, diskName, id string) {
 	} else {
 		v.User = id
 	}
-}
-
-// RandHex is n random bytes in hex.
-func RandHex(n int) string {
-	b := make([]byte, n)
-	if _, err := rand.Read(b); err != nil {
-		panic(err)
-	}
-	return hex.EncodeToString(b)
 }
 
 // AdoptTop makes the top at path the layer opts.WantID without copying it
