@@ -70,6 +70,10 @@ step "Check alice out to an empty laptop store: the server seals its changes as 
 cvd --store "$LAPTOP" checkout alice --server "$URL" --token "$TOKEN"
 cvd --store "$LAPTOP" status
 
+step "The lease is a row of the catalog: its epoch (the desktop's leases, numbered) fences the commit of a check-in made under it"
+"$CVD" --store "$SERVER" --json device leases | python3 -c 'import json,sys
+for l in json.load(sys.stdin): print("desktop %s  device %s  epoch %d  expires %s" % (l["desktop"], l["device_name"], l["epoch"], l["expires"]))'
+
 step "Another device is refused while the lease is held (the holder is named), and so is a wrong token"
 if "$CVD" --store "$LAPTOP2" checkout alice --server "$URL" --token "$TOKEN2"; then fail "a second device got the lease"; fi
 if "$CVD" --store "$LAPTOP2" checkout alice --server "$URL" --token "${TOKEN%?}x"; then fail "a wrong token was accepted"; fi
@@ -113,7 +117,15 @@ step "The first laptop's lease was broken: its next check-in is kept as a confli
 "$CVD" disk write --allow-root "$LAPTOP" "$lsys" 900M os2.bin >/dev/null
 cvd --store "$LAPTOP" checkin alice --release --server "$URL"   # the server restarted on another port
 
-step "Metrics (Prometheus text format) at /metrics"
+step "A hostile device gets clear refusals: a lease of 10^10 seconds, a parent layer it may not read"
+if command -v curl >/dev/null; then
+  lease=$("$CVD" --store "$SERVER" --json device leases | python3 -c 'import json,sys; print([l["id"] for l in json.load(sys.stdin) if l["desktop"] == "alice"][0])')
+  ask() { curl -s -w '  HTTP %{http_code}\n' -X POST -H "Authorization: Bearer $TOKEN2" -H 'Content-Type: application/json' -d "$2" "$URL$1"; }
+  ask /v1/desktops/alice/checkout '{"ttl_seconds":10000000000}' | tr -d '\n' | sed 's/  */ /g'; echo
+  ask /v1/checkins "{\"id\":\"$(printf 'e%.0s' $(seq 32))\",\"desktop\":\"alice\",\"lease\":\"$lease\",\"base\":1,\"disks\":[{\"name\":\"system\",\"parent\":\"$(printf 'ab%.0s' $(seq 32))\",\"size\":1073741824,\"cluster_size\":65536,\"entries\":0,\"data_entries\":0}]}" | tr -d '\n' | sed 's/  */ /g'; echo
+fi
+
+step "Metrics (through the Prometheus client library) at /metrics"
 if command -v curl >/dev/null; then
   curl -s "$URL/metrics" | grep -E '^cvd_sync_(sent|received)_bytes_total|^cvd_sync_checkins_total|^cvd_sync_(deduplicated|auth)' || true
 fi
