@@ -321,6 +321,13 @@ func (s *Store) UpdateDesktop(p *Pending, name string, fn func(d *Desktop) error
 		if legacy {
 			stored = nil
 		}
+		// The active lease's epoch, read in this transaction: the fence of a
+		// check-in's commit (see Desktop.LeaseEpoch).
+		err = tx.Query("SELECT epoch FROM leases WHERE desktop = ? AND state = 'active'", []any{name},
+			func(scan func(dest ...any) error) error { return scan(&old.LeaseEpoch) })
+		if err != nil {
+			return err
+		}
 		cp, err := copyDesktop(old)
 		if err != nil {
 			return err

@@ -128,13 +128,7 @@ func readDesktop(tx *catalog.Tx, name string) (d *Desktop, legacy bool, err erro
 	if !ok {
 		return nil, false, fmt.Errorf("desktop %s: %w", name, ErrNotFound)
 	}
-	d.Devices, d.Lease = nil, "" // not part of the record (see fillHolders)
-	d.LeaseEpoch = 0
-	err = tx.Query("SELECT epoch FROM leases WHERE desktop = ? AND state = 'active'", []any{name},
-		func(scan func(dest ...any) error) error { return scan(&d.LeaseEpoch) })
-	if err != nil {
-		return nil, false, err
-	}
+	d.Devices, d.Lease, d.LeaseEpoch = nil, "", 0 // not part of the record (see fillHolders)
 	if len(d.Versions) > 0 {
 		for i := range d.Versions {
 			d.Versions[i] = normalVersion(d.Versions[i])

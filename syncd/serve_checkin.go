@@ -507,11 +507,12 @@ type source struct {
 	ref      proto.ClusterRef // a layer the server holds (Layer "" when none)
 }
 
-// dedupSources is the set of layers whose clusters a check-in may be
-// deduplicated against: those the device may read (the chains of its desktops'
-// versions) and the shared base and app layers. A cluster held only elsewhere
-// is asked for, so the answer tells no device what other desktops hold.
-func (s *Server) dedupSources(se *Session) (map[string]bool, error) {
+// dedupSources says which layers a check-in may be deduplicated against: those
+// the device may read (the chains of its desktops' versions) and the shared base
+// and app layers. A cluster held only elsewhere is asked for, so the answer
+// tells no device what other desktops hold. Only the layers the index names are
+// looked at (each once), not every layer of the store.
+func (s *Server) dedupSources(se *Session) (func(layer string) bool, error) {
 	var dev *Device
 	err := s.st.View(func(tx *catalog.Tx) error {
 		var err error
@@ -521,31 +522,26 @@ func (s *Server) dedupSources(se *Session) (map[string]bool, error) {
 	if err != nil {
 		return nil, err
 	}
-	out := map[string]bool{}
+	ok := map[string]bool{}
 	if dev != nil {
 		readable, err := s.readable(dev.Desktops)
 		if err != nil {
 			return nil, err
 		}
 		for id := range readable {
-			out[id] = true
+			ok[id] = true
 		}
 	}
-	ls, err := s.store.Layers()
-	if err != nil {
-		return nil, err
-	}
-	for _, l := range ls {
-		if l.Kind == images.KindBase || l.Kind == images.KindApp {
-			out[l.ID] = true
+	return func(layer string) bool {
+		if v, seen := ok[layer]; seen {
+			return v
 		}
-	}
-	return out, nil
+		l, err := s.store.Layer(layer)
+		ok[layer] = err == nil && (l.Kind == images.KindBase || l.Kind == images.KindApp)
+		return ok[layer]
+	}, nil
 }
 
-// missing lists the clusters the server still needs: the first occurrence of each
-// digest that is neither staged nor held by a layer of the store. It also reports
-// where each data entry's bytes will come from.
 func (s *Server) missing(ctx context.Context, se *Session, m *session) ([]proto.MissingItem, map[string][]source, error) {
 	if err := s.ensureIndexed(ctx); err != nil {
 		return nil, nil, err
@@ -579,18 +575,21 @@ func (s *Server) missing(ctx context.Context, se *Session, m *session) ([]proto.
 				ask = append(ask, e.Digest)
 			}
 		}
-		known := make(map[proto.Digest]proto.ClusterRef, len(ask))
+		var refs []proto.ClusterRef
+		var found []bool
 		err = s.st.View(func(tx *catalog.Tx) error {
-			refs, found, err := state.LookupAll(tx, ask)
-			for i := range ask {
-				if err == nil && found[i] && shared[refs[i].Layer] {
-					known[ask[i]] = refs[i]
-				}
-			}
+			var err error
+			refs, found, err = state.LookupAll(tx, ask)
 			return err
 		})
 		if err != nil {
 			return nil, nil, err
+		}
+		known := make(map[proto.Digest]proto.ClusterRef, len(ask))
+		for i := range ask {
+			if found[i] && shared(refs[i].Layer) {
+				known[ask[i]] = refs[i]
+			}
 		}
 		for i, e := range dl.entries {
 			if e.Zero {
