@@ -58,6 +58,8 @@ type DB struct {
 	wait     time.Duration
 	ctx      context.Context
 	applied  []int64 // the migrations this open applied
+	locks    locks   // site-wide advisory locks held by this process (lock.go)
+	lockDB   *sql.DB // PostgreSQL: the pool of the locks' one connection
 }
 
 // EngineOf tells the engine a catalog URL names, and the data source name for
@@ -209,6 +211,7 @@ func (db *DB) Applied() []int64 { return db.applied }
 
 // Close closes the catalog.
 func (db *DB) Close() error {
+	db.closeLocks()
 	var err error
 	if db.rw != nil && db.rw != db.ro {
 		err = db.rw.Close()
