@@ -2,6 +2,7 @@ package images
 
 import (
 	"context"
+	"errors"
 	"sort"
 	"strings"
 
@@ -16,11 +17,45 @@ type GCReport struct {
 	Kept    int     `json:"kept"`  // layers kept
 }
 
+// Keeper names layers that a package above keeps in use (a check-in receiving
+// on a parent layer); GC keeps them and their ancestors.
+type Keeper func(tx *catalog.Tx) ([]string, error)
+
+var keepers []Keeper
+
+// RegisterKeeper adds a keeper (call it from init).
+func RegisterKeeper(k Keeper) { keepers = append(keepers, k) }
+
+// LayerLockKey is the key of the catalog's lock (see catalog.DB.TryLock) that a
+// process holds, shared, while it reads a layer that nothing else may keep (a
+// layer streamed to a device); GC takes it exclusively before it removes one.
+func LayerLockKey(id string) string { return "layer/" + id }
+
+// ErrGCRunning: another process of the site collects garbage now.
+var ErrGCRunning = errors.New("another garbage collection is running")
+
 // GC removes every layer that nothing keeps. A layer is kept when it has a name,
-// when a desktop version or a clone stands on it, or when a kept layer stands on
-// it (its ancestors). With dryRun nothing changes.
+// when a desktop version or a clone stands on it, when a keeper names it (an
+// open check-in's parent), when a process of the site reads it (its layer
+// lock), or when a kept layer stands on it (its ancestors). One runs at a time
+// across the site. With dryRun nothing changes.
 func (s *Store) GC(ctx context.Context, dryRun bool) (*GCReport, error) {
 	rep := &GCReport{DryRun: dryRun}
+	if !dryRun {
+		release, err := s.db.TryLock("gc", false)
+		if errors.Is(err, catalog.ErrLocked) {
+			return nil, ErrGCRunning
+		} else if err != nil {
+			return nil, err
+		}
+		defer release()
+	}
+	var locked []func()
+	defer func() {
+		for _, release := range locked {
+			release()
+		}
+	}()
 	mark := func(tx *catalog.Tx) ([]string, error) {
 		rep.Removed, rep.Bytes, rep.Kept = nil, 0, 0
 		layers := map[string]*Layer{}
@@ -55,6 +90,32 @@ func (s *Store) GC(ctx context.Context, dryRun bool) (*GCReport, error) {
 			}
 			return nil
 		})
+		for _, k := range keepers {
+			ids, err := k(tx)
+			if err != nil {
+				return nil, err
+			}
+			for _, id := range ids {
+				keep(id)
+			}
+		}
+		if !dryRun {
+			// A layer being read keeps itself and its ancestors; the others
+			// stay locked until their files are gone.
+			for id := range layers {
+				if kept[id] {
+					continue
+				}
+				release, err := s.db.TryLock(LayerLockKey(id), false)
+				if errors.Is(err, catalog.ErrLocked) {
+					keep(id)
+					continue
+				} else if err != nil {
+					return nil, err
+				}
+				locked = append(locked, release)
+			}
+		}
 		var dead []*Layer
 		for id, l := range layers {
 			if kept[id] {

@@ -57,10 +57,13 @@ func (s *Server) Leases() ([]proto.Lease, error) {
 // BreakLease ends the desktop's lease whoever holds it. The holder's next
 // check-in is kept as a conflict version.
 func (s *Server) BreakLease(desktop string) (*proto.Lease, error) {
-	unlock := s.lockDesktop(desktop)
+	unlock, err := s.lockDesktop(context.Background(), desktop)
+	if err != nil {
+		return nil, err
+	}
 	defer unlock()
 	var l *proto.Lease
-	err := s.st.Update(func(tx *catalog.Tx) error {
+	err = s.st.Update(func(tx *catalog.Tx) error {
 		var err error
 		l, err = activeLease(tx, desktop)
 		if err != nil {
@@ -88,7 +91,10 @@ func (s *Server) Versions(desktop string) (*proto.DesktopStatus, error) {
 // older head checks in as a conflict. Data on the server's tops is sealed as its
 // own version first.
 func (s *Server) Rollback(ctx context.Context, dk string, to int) (*proto.Version, error) {
-	unlock := s.lockDesktop(dk)
+	unlock, err := s.lockDesktop(ctx, dk)
+	if err != nil {
+		return nil, err
+	}
 	defer unlock()
 	sealed, v, err := desktop.Rollback(ctx, s.store, dk, to, s.now())
 	if sealed != nil {

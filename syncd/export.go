@@ -44,7 +44,10 @@ func (s *Server) Export(ctx context.Context, desktop, path string, opts ExportOp
 	if opts.TTL == 0 {
 		opts.TTL = 7 * 24 * time.Hour
 	}
-	unlock := s.lockDesktop(desktop)
+	unlock, err := s.lockDesktop(ctx, desktop)
+	if err != nil {
+		return nil, err
+	}
 	defer unlock()
 	if _, err := s.sealServerTops(ctx, desktop, "export seal"); err != nil {
 		return nil, err

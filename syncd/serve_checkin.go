@@ -12,7 +12,6 @@ import (
 	"regexp"
 	"slices"
 	"sort"
-	"sync"
 	"syscall"
 	"time"
 
@@ -39,11 +38,14 @@ type Session struct {
 	Received   int64                `json:"received_bytes"`
 	Clusters   int64                `json:"received_clusters"`
 	Result     *proto.CheckinResult `json:"result,omitempty"`
+	// Holder is the server process that last took the check-in's lock (see
+	// claimSession).
+	Holder string `json:"holder,omitempty"`
 }
 
-// session is an open check-in in memory: its entry lists, loaded once.
+// session is an open check-in in memory: its entry lists, loaded once (again
+// when another server added one).
 type session struct {
-	mu    sync.Mutex
 	id    string
 	dir   string
 	lists map[string]*diskList
@@ -98,7 +100,7 @@ func (s *Server) putSession(se *Session) error {
 func (s *Server) openSession(se *Session) (*session, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if m := s.sessions[se.ID]; m != nil {
+	if m := s.sessions[se.ID]; m != nil && len(m.lists) == len(se.Lists) {
 		return m, nil
 	}
 	m := &session{id: se.ID, dir: s.sessionDir(se.ID), lists: map[string]*diskList{}}
@@ -114,6 +116,58 @@ func (s *Server) openSession(se *Session) (*session, error) {
 	}
 	s.sessions[se.ID] = m
 	return m, nil
+}
+
+// claimSession takes the check-in's lock of the site for an upload or a commit
+// (ErrIncomplete when a request here or on another server holds it) and re-reads
+// its record into se. When another process was the last to work on it, its
+// staging layers are checked first (a server killed in mid-write may have left
+// them torn: one that does not check clean is dropped, its clusters asked for
+// again) and no longer taken as fresh here; the record then names this process.
+func (s *Server) claimSession(se *Session) (release func(), err error) {
+	release, err = s.st.DB.TryLock("checkin/"+se.ID, false)
+	if errors.Is(err, catalog.ErrLocked) {
+		return nil, fmt.Errorf("%w: check-in %s is receiving an upload or committing (here or on another server)", proto.ErrIncomplete, se.ID)
+	}
+	if err != nil {
+		return nil, err
+	}
+	cur, err := s.getSession(se.ID)
+	if err == nil && cur.Holder != s.instance && cur.State == proto.SessionReceiving {
+		s.checkStages(cur)
+		s.dropSession(se.ID)
+		err = s.st.Update(func(tx *catalog.Tx) error {
+			var c Session
+			if _, err := state.GetJSON(tx, state.BucketSessions, se.ID, &c); err != nil {
+				return err
+			}
+			c.Holder = s.instance
+			*cur = c
+			return state.PutJSON(tx, state.BucketSessions, se.ID, &c)
+		})
+	}
+	if err != nil {
+		release()
+		return nil, err
+	}
+	*se = *cur
+	return release, nil
+}
+
+// checkStages drops the staging layers of a check-in that do not check clean,
+// and forgets that this process made any of them.
+func (s *Server) checkStages(se *Session) {
+	for _, d := range se.Disks {
+		p := filepath.Join(s.sessionDir(se.ID), d.Name+".qcow2")
+		s.freshStage(p, true)
+		if _, err := os.Stat(p); err != nil {
+			continue
+		}
+		if r, err := disk.Check(p, true); err != nil || r.Corruptions > r.CorruptionsFixed || r.CheckErrors > 0 {
+			s.log.Warn("dropping a staging layer that does not check clean", "check-in", se.ID, "disk", d.Name)
+			os.Remove(p)
+		}
+	}
 }
 
 func (s *Server) dropSession(id string) {
@@ -265,7 +319,7 @@ func (s *Server) handleCheckinOpen(w http.ResponseWriter, r *http.Request, dev *
 			proto.ErrTooMany, dev.Name, len(open), s.opts.MaxOpenCheckins)
 	}
 	se := &Session{CheckinRequest: req, Device: dev.ID, DeviceName: dev.Name, State: proto.SessionReceiving,
-		Created: s.now().UTC(), Lists: []string{}}
+		Created: s.now().UTC(), Lists: []string{}, Holder: s.instance}
 	if err := os.MkdirAll(s.sessionDir(req.ID), 0o700); err != nil {
 		return proto.NoSpace(err)
 	}
@@ -650,6 +704,10 @@ func (s *Server) handleMissing(w http.ResponseWriter, r *http.Request, dev *Devi
 	return err
 }
 
+// uploadCheckpoint is how many bytes an upload writes between flushes of its
+// staging layers.
+const uploadCheckpoint = 64 << 20
+
 // handleUpload receives clusters into the staging layers. Every cluster is
 // checked against its digest and against the check-in's lists before it is
 // written; a bad one stops the upload (the clusters before it stay staged).
@@ -658,6 +716,11 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 	if err != nil {
 		return err
 	}
+	release, err := s.claimSession(se)
+	if err != nil {
+		return err
+	}
+	defer release()
 	if se.State != proto.SessionReceiving {
 		return proto.BadRequest("check-in %s is %s", se.ID, se.State)
 	}
@@ -668,10 +731,6 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 	if err != nil {
 		return err
 	}
-	if !m.mu.TryLock() {
-		return fmt.Errorf("%w: check-in %s is already receiving an upload", proto.ErrIncomplete, se.ID)
-	}
-	defer m.mu.Unlock()
 	stages := map[byte]*state.StageWriter{}
 	defer func() {
 		for _, sw := range stages {
@@ -700,6 +759,7 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 		return sw, dl, nil
 	}
 	var res proto.UploadResult
+	var unflushed int64
 	t0 := time.Now()
 	body := proto.NewStreamReader(r.Body)
 	_, _, err = proto.DecodeOrdered(r.Context(), body, false, nil, func(f proto.Frame, d proto.Digest) error {
@@ -721,7 +781,21 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 			return err
 		}
 		res.Clusters++
-		return sw.Write(f.Idx, raw)
+		if err := sw.Write(f.Idx, raw); err != nil {
+			return err
+		}
+		// Every uploadCheckpoint bytes the staging layers are flushed: what a
+		// server killed in mid-upload received up to there is kept, and the
+		// check-in resumes (here or on another server) from it.
+		if unflushed += int64(len(raw)); unflushed >= uploadCheckpoint {
+			unflushed = 0
+			for _, sw := range stages {
+				if err := sw.Flush(); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
 	})
 	t1 := time.Now()
 	for _, sw := range stages {
@@ -755,28 +829,62 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 	return nil
 }
 
-// openCheckins lists the sessions of a device still receiving.
+// openCheckins lists the sessions of a device ("": of every device) still
+// receiving.
 func (s *Server) openCheckins(device string) ([]Session, error) {
 	var out []Session
 	err := s.st.View(func(tx *catalog.Tx) error {
-		return tx.Bucket(state.BucketSessions).ForEach(func(k, v []byte) error {
-			var se Session
-			if err := json.Unmarshal(v, &se); err != nil {
-				return fmt.Errorf("check-in %s: %w", k, err)
-			}
-			if se.State == proto.SessionReceiving && (device == "" || se.Device == device) {
-				out = append(out, se)
-			}
-			return nil
-		})
+		var err error
+		out, err = receiving(tx, device)
+		return err
 	})
 	return out, err
 }
 
+func receiving(tx *catalog.Tx, device string) ([]Session, error) {
+	var out []Session
+	err := tx.Bucket(state.BucketSessions).ForEach(func(k, v []byte) error {
+		var se Session
+		if err := json.Unmarshal(v, &se); err != nil {
+			return fmt.Errorf("check-in %s: %w", k, err)
+		}
+		if se.State == proto.SessionReceiving && (device == "" || se.Device == device) {
+			out = append(out, se)
+		}
+		return nil
+	})
+	return out, err
+}
+
+// The store's garbage collection keeps the parents of the check-ins still
+// receiving: their staging layers stand on them.
+func init() {
+	images.RegisterKeeper(func(tx *catalog.Tx) ([]string, error) {
+		open, err := receiving(tx, "")
+		var out []string
+		for _, se := range open {
+			for _, d := range se.Disks {
+				if d.Parent != "" {
+					out = append(out, d.Parent)
+				}
+			}
+		}
+		return out, err
+	})
+}
+
 // reapSessions removes the check-ins still receiving SessionMaxIdle after they
 // were opened (their records, staging files and lists in memory), except one
-// that a request is using; it returns how many it removed.
+// that a request is using; it returns how many it removed. One server of the
+// site reaps at a time (the catalog's lock "reap"); the others skip their turn.
 func (s *Server) reapSessions() (int, error) {
+	release, err := s.st.DB.TryLock("reap", false)
+	if errors.Is(err, catalog.ErrLocked) {
+		return 0, nil
+	} else if err != nil {
+		return 0, err
+	}
+	defer release()
 	open, err := s.openCheckins("")
 	if err != nil {
 		return 0, err
@@ -786,22 +894,21 @@ func (s *Server) reapSessions() (int, error) {
 		if s.now().Sub(se.Created) < s.opts.SessionMaxIdle {
 			continue
 		}
-		s.mu.Lock()
-		m := s.sessions[se.ID]
-		if m != nil && !m.mu.TryLock() {
-			s.mu.Unlock()
-			continue // an upload or a commit is under way
+		release, err := s.st.DB.TryLock("checkin/"+se.ID, false)
+		if errors.Is(err, catalog.ErrLocked) {
+			continue // an upload or a commit is under way, here or elsewhere
+		} else if err != nil {
+			return n, err
 		}
-		delete(s.sessions, se.ID)
-		s.mu.Unlock()
-		err := s.st.Update(func(tx *catalog.Tx) error { return tx.Bucket(state.BucketSessions).Delete([]byte(se.ID)) })
-		if m != nil {
-			m.mu.Unlock()
+		s.dropSession(se.ID)
+		err = s.st.Update(func(tx *catalog.Tx) error { return tx.Bucket(state.BucketSessions).Delete([]byte(se.ID)) })
+		if err == nil {
+			removeAllQuiet(s.sessionDir(se.ID))
 		}
+		release()
 		if err != nil {
 			return n, err
 		}
-		removeAllQuiet(s.sessionDir(se.ID))
 		n++
 	}
 	return n, nil

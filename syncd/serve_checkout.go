@@ -115,14 +115,17 @@ func (s *Server) refsFor(lease string, dev *Device, id string) func(proto.Digest
 // returns the manifest of the head version. Another device's unexpired lease
 // refuses it with a *LeaseError and changes nothing.
 func (s *Server) Checkout(ctx context.Context, name string, dev *Device, ttl time.Duration) (*proto.Manifest, error) {
-	unlock := s.lockDesktop(name)
+	unlock, err := s.lockDesktop(ctx, name)
+	if err != nil {
+		return nil, err
+	}
 	defer unlock()
 	now := s.now()
 	// Refuse early, before the VM is touched.
 	if _, err := desktopVersions(s.store, name); err != nil {
 		return nil, err
 	}
-	err := s.st.View(func(tx *catalog.Tx) error {
+	err = s.st.View(func(tx *catalog.Tx) error {
 		l, err := activeLease(tx, name)
 		if err != nil {
 			return err
@@ -337,6 +340,14 @@ func (s *Server) handleClusters(w http.ResponseWriter, r *http.Request, dev *Dev
 			return proto.BadRequest("from=%q", f)
 		}
 	}
+	// The store's garbage collection leaves a layer alone while it is read.
+	release, err := s.st.DB.TryLock(images.LayerLockKey(l.ID), true)
+	if errors.Is(err, catalog.ErrLocked) {
+		return fmt.Errorf("layer %s: %w (being removed)", state.Short(l.ID), proto.ErrNotFound)
+	} else if err != nil {
+		return err
+	}
+	defer release()
 	img, err := s.store.OpenLayer(l.ID, true)
 	if err != nil {
 		return err

@@ -41,12 +41,16 @@ func (s *Server) handleCommit(w http.ResponseWriter, r *http.Request, dev *Devic
 // completes (indexes the new clusters, marks the check-in committed) when asked
 // again, without a second version.
 func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*proto.CheckinResult, error) {
-	unlock := s.lockDesktop(se.Desktop)
-	defer unlock()
-	se, err := s.getSession(se.ID) // re-read under the lock
+	unlock, err := s.lockDesktop(ctx, se.Desktop)
 	if err != nil {
 		return nil, err
 	}
+	defer unlock()
+	release, err := s.claimSession(se) // re-reads it under the lock
+	if err != nil {
+		return nil, err
+	}
+	defer release()
 	if se.State == proto.SessionCommitted {
 		return se.Result, nil
 	}
@@ -73,10 +77,6 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*proto.C
 	if err != nil {
 		return nil, err
 	}
-	if !m.mu.TryLock() {
-		return nil, fmt.Errorf("%w: check-in %s is receiving an upload", proto.ErrIncomplete, se.ID)
-	}
-	defer m.mu.Unlock()
 	miss, srcs, err := s.missing(ctx, se, m)
 	if err != nil {
 		return nil, err
@@ -232,9 +232,12 @@ func (s *Server) indexEntriesLater(newEntries map[string][]proto.Entry) {
 	s.bgIndex.Add(1)
 	go func() {
 		defer s.bgIndex.Done()
-		s.indexMu.Lock()
-		defer s.indexMu.Unlock()
-		err := s.st.Update(func(tx *catalog.Tx) error {
+		release, err := s.st.DB.Lock(s.bgCtx, "index", false)
+		if err != nil {
+			return
+		}
+		defer release()
+		err = s.st.Update(func(tx *catalog.Tx) error {
 			for id, ents := range newEntries {
 				if state.IsIndexed(tx, id) {
 					continue

@@ -74,12 +74,14 @@ type ServerOptions struct {
 type Server struct {
 	store *images.Store
 	st    *state.State
+	// instance names this process among the site's servers (host, PID and a
+	// random part): a check-in's record names the last one that worked on it.
+	instance string
 	opts  ServerOptions
 	log   *slog.Logger
 	m     *metrics
 
 	mu       sync.Mutex
-	desktops map[string]*sync.Mutex // per-desktop lock of check-out, check-in commit, rollback
 	sessions map[string]*session    // open check-ins
 	haves    map[string]*haveSet    // lease → layers its laptop holds
 	// fresh holds the staging layers this process created: every cluster in
@@ -91,8 +93,6 @@ type Server struct {
 	// failpoint, set by tests, can fail a step by name ("commit:catalog").
 	failpoint func(step string) error
 
-	indexMu   sync.Mutex
-	indexErr  error
 	bgIndex   sync.WaitGroup
 	closeOnce sync.Once
 	cancel    context.CancelFunc
@@ -130,8 +130,9 @@ func NewServer(store *images.Store, opts ServerOptions) (*Server, error) {
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &Server{store: store, st: st, opts: opts, log: log,
-		desktops: map[string]*sync.Mutex{}, sessions: map[string]*session{}, fresh: map[string]bool{}, cancel: cancel, bgCtx: ctx}
+	host, _ := os.Hostname()
+	s := &Server{store: store, st: st, opts: opts, log: log, instance: fmt.Sprintf("%s/%d/%s", host, os.Getpid(), newLeaseID()[:8]),
+		sessions: map[string]*session{}, fresh: map[string]bool{}, cancel: cancel, bgCtx: ctx}
 	s.m = s.newMetrics()
 	if !opts.Admin {
 		// Only a serving process repairs what an interrupted server left: an
@@ -178,22 +179,21 @@ func (s *Server) Close() error {
 
 func (s *Server) now() time.Time { return s.opts.Now() }
 
-func (s *Server) lockDesktop(name string) func() {
-	s.mu.Lock()
-	m := s.desktops[name]
-	if m == nil {
-		m = &sync.Mutex{}
-		s.desktops[name] = m
-	}
-	s.mu.Unlock()
-	m.Lock()
-	return m.Unlock
+// lockDesktop takes the desktop's lock of the site (every server and
+// administrator's command on the catalog): check-out, the commit of a check-in,
+// rollback, export and breaking a lease run one at a time per desktop.
+func (s *Server) lockDesktop(ctx context.Context, name string) (func(), error) {
+	return s.st.DB.Lock(ctx, "desktop/"+name, false)
 }
 
 // ensureIndexed indexes every layer of the store the cluster index does not cover.
+// Indexing runs once at a time across the site (the catalog's lock "index").
 func (s *Server) ensureIndexed(ctx context.Context) error {
-	s.indexMu.Lock()
-	defer s.indexMu.Unlock()
+	release, err := s.st.DB.Lock(ctx, "index", false)
+	if err != nil {
+		return err
+	}
+	defer release()
 	layers, err := s.store.Layers()
 	if err != nil {
 		return err

@@ -2,15 +2,12 @@ package syncd
 
 import (
 	"context"
-	"os"
-	"path/filepath"
 	"time"
 
 	"github.com/cvd-project/cvd/syncd/state"
 
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/desktop"
-	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/syncd/proto"
 )
@@ -106,36 +103,24 @@ func (s *Server) reconcileSessions() error {
 	if err != nil {
 		return err
 	}
-	var drop []string
+	// The staging layers of the others are checked when a server next takes
+	// them (claimSession): another server of the site may be writing them now.
 	for _, se := range sessions {
-		if s.now().Sub(se.Created) > sessionMaxAge {
-			drop = append(drop, se.ID)
+		if s.now().Sub(se.Created) <= sessionMaxAge {
+			continue
+		}
+		release, err := s.st.DB.TryLock("checkin/"+se.ID, false)
+		if err != nil {
+			continue // held here or elsewhere
+		}
+		err = s.st.Update(func(tx *catalog.Tx) error { return tx.Bucket(state.BucketSessions).Delete([]byte(se.ID)) })
+		if err == nil {
 			removeAllQuiet(s.sessionDir(se.ID))
-			continue
 		}
-		if se.State != proto.SessionReceiving {
-			continue
-		}
-		for _, d := range se.Disks {
-			p := filepath.Join(s.sessionDir(se.ID), d.Name+".qcow2")
-			if _, err := os.Stat(p); err != nil {
-				continue
-			}
-			if r, err := disk.Check(p, true); err != nil || r.Corruptions > r.CorruptionsFixed || r.CheckErrors > 0 {
-				s.log.Warn("dropping a staging layer that does not check clean", "check-in", se.ID, "disk", d.Name)
-				os.Remove(p)
-			}
+		release()
+		if err != nil {
+			return err
 		}
 	}
-	if len(drop) == 0 {
-		return nil
-	}
-	return s.st.Update(func(tx *catalog.Tx) error {
-		for _, id := range drop {
-			if err := tx.Bucket(state.BucketSessions).Delete([]byte(id)); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
+	return nil
 }
