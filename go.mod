@@ -17,6 +17,7 @@ require (
 	go.etcd.io/bbolt v1.4.0
 	golang.org/x/sys v0.50.0
 	golang.org/x/term v0.47.0
+	golang.org/x/time v0.16.0
 	libvirt.org/go/libvirtxml v1.12002.0
 	modernc.org/sqlite v1.62.0
 )

@@ -439,3 +439,62 @@ func TestCatalogOfAnotherStore(t *testing.T) {
 		t.Errorf("naming another catalog: %v", err)
 	}
 }
+
+// TestGCLeavesLayersInUse: a layer that a process of the site reads (its layer
+// lock held shared, as a server streaming it holds it), or that a keeper names
+// (a check-in staging on it), survives a collection with its ancestors; once
+// neither holds, the next collection removes them. Two collections never run at
+// once.
+func TestGCLeavesLayersInUse(t *testing.T) {
+	s := openStore(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	base := importT(t, s, makeImage(t, filepath.Join(dir, "b.qcow2"), "16M", "", "write -P 1 0 1M"), ImportOptions{})
+	child := importT(t, s, makeImage(t, filepath.Join(dir, "c.qcow2"), "", filepath.Join(dir, "b.qcow2"), "write -P 2 1M 1M"), ImportOptions{Parent: base.ID})
+	other := importT(t, s, makeImage(t, filepath.Join(dir, "o.qcow2"), "16M", "", "write -P 3 0 1M"), ImportOptions{})
+
+	// Another process of the site (its own handle on the catalog) streams child.
+	peer, err := Open(s.Dir(), OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer peer.Close()
+	release, err := peer.Catalog().TryLock(LayerLockKey(child.ID), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var keep []string
+	keepers = append(keepers, func(*catalog.Tx) ([]string, error) { return keep, nil })
+	defer func() { keepers = keepers[:len(keepers)-1] }()
+	keep = []string{other.ID}
+
+	rep, err := s.GC(ctx, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Removed) != 0 {
+		t.Fatalf("removed %d layers in use: %+v", len(rep.Removed), rep.Removed)
+	}
+	gcRel, err := peer.Catalog().TryLock("gc", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.GC(ctx, false); !errors.Is(err, ErrGCRunning) {
+		t.Errorf("a collection beside another: %v, want ErrGCRunning", err)
+	}
+	gcRel()
+	release()
+	keep = nil
+	rep, err = s.GC(ctx, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Removed) != 3 {
+		t.Fatalf("removed %d layers once unused, want 3", len(rep.Removed))
+	}
+	for _, l := range []*Layer{base, child, other} {
+		if _, err := os.Stat(s.LayerPath(l.ID)); !os.IsNotExist(err) {
+			t.Errorf("layer %s still on disk: %v", l.ID[:12], err)
+		}
+	}
+}

@@ -8,9 +8,12 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/syncd/laptop"
 
 	"github.com/cvd-project/cvd/disk"
@@ -123,4 +126,44 @@ func sumOf(t *testing.T, path string) string {
 		t.Fatal(err)
 	}
 	return fmt.Sprintf("%x", sha256.Sum256(b))
+}
+
+// TestGCKeepsStagingParents: a check-in still receiving keeps its parent layer
+// (and the parent's ancestors) from the store's garbage collection, though no
+// version stands on it any more; once the check-in is gone, gc removes it.
+func TestGCKeepsStagingParents(t *testing.T) {
+	w := newWorld(t, worldSpec{baseSize: 64 * MiB, baseWrites: []write{{off: 0, data: testutil.Fill(1, MiB, false)}}})
+	src := filepath.Join(t.TempDir(), "loose.qcow2")
+	makeImage(t, src, 64*MiB, "", []write{{off: 0, data: testutil.Fill(2, MiB, false)}})
+	loose, _, err := w.store.Import(context.Background(), src, images.ImportOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := strings.Repeat("ab", 16)
+	se := &Session{CheckinRequest: proto.CheckinRequest{ID: id, Desktop: w.desktop, Base: 1,
+		Disks: []proto.CheckinDisk{{Name: proto.DiskSystem, Parent: loose.ID, Size: 64 * MiB, ClusterSize: 65536}}},
+		Device: w.device.ID, State: proto.SessionReceiving, Created: w.now}
+	if err := w.srv.putSession(se); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := w.store.GC(context.Background(), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range rep.Removed {
+		if l.ID == loose.ID {
+			t.Fatal("gc removed the parent of a check-in still receiving")
+		}
+	}
+	w.now = w.now.Add(25 * time.Hour)
+	if n, err := w.srv.reapSessions(); err != nil || n != 1 {
+		t.Fatalf("reap: %d, %v", n, err)
+	}
+	rep, err = w.store.GC(context.Background(), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Removed) != 1 || rep.Removed[0].ID != loose.ID {
+		t.Fatalf("gc after the check-in was reaped removed %+v, want the loose layer", rep.Removed)
+	}
 }

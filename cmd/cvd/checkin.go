@@ -18,6 +18,7 @@ type checkinOptions struct {
 	release bool
 	server  string
 	caCert  string
+	bwlimit string
 }
 
 func newCheckinCommand(g *globalOptions) *cobra.Command {
@@ -38,7 +39,8 @@ rollback) is kept as a conflict version beside the head.
 
 Shut the desktop's VM down first: its tops must not change during the check-in.`,
 		Example: `  cvd checkin alice
-  cvd checkin alice --release --json`,
+  cvd checkin alice --release --json
+  cvd checkin alice --bwlimit 20M`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return runCheckin(cmd.Context(), g, opts, args[0], cmd.OutOrStdout(), cmd.ErrOrStderr())
@@ -47,16 +49,21 @@ Shut the desktop's VM down first: its tops must not change during the check-in.`
 	c.Flags().BoolVar(&opts.release, "release", false, "give the lease back afterwards and remove the local copy")
 	c.Flags().StringVar(&opts.server, "server", "", "the server's URL, when it moved since the check-out (remembered)")
 	c.Flags().StringVar(&opts.caCert, "ca-cert", "", "PEM file of a CA to trust for an https server (remembered)")
+	c.Flags().StringVar(&opts.bwlimit, "bwlimit", "", "cap the bytes per second moved, e.g. 20M (default: no cap)")
 	return c
 }
 
 func runCheckin(ctx context.Context, g *globalOptions, opts *checkinOptions, desktop string, out, errOut io.Writer) error {
+	limit, err := parseRate(opts.bwlimit)
+	if err != nil {
+		return err
+	}
 	lp, done, err := openLaptop(g, errOut)
 	if err != nil {
 		return err
 	}
 	defer done()
-	rep, err := lp.CheckIn(ctx, desktop, laptop.CheckinOptions{Release: opts.release, Server: opts.server, CACert: opts.caCert})
+	rep, err := lp.CheckIn(ctx, desktop, laptop.CheckinOptions{Release: opts.release, Server: opts.server, CACert: opts.caCert, RateLimit: limit})
 	if err != nil {
 		return storeError(err)
 	}

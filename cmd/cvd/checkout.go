@@ -21,10 +21,11 @@ import (
 )
 
 type checkoutOptions struct {
-	server string
-	token  string
-	caCert string
-	ttl    time.Duration
+	server  string
+	token   string
+	caCert  string
+	ttl     time.Duration
+	bwlimit string
 }
 
 func newCheckoutCommand(g *globalOptions) *cobra.Command {
@@ -52,6 +53,7 @@ running to renew it, or check in before then.`,
 	f.StringVar(&opts.token, "token", "", "device token from `cvd device add` (env CVD_TOKEN)")
 	f.StringVar(&opts.caCert, "ca-cert", "", "PEM file of a CA to trust for an https server")
 	f.DurationVar(&opts.ttl, "ttl", 0, "lease length to ask for (0: the server's default)")
+	f.StringVar(&opts.bwlimit, "bwlimit", "", "cap the bytes per second moved, e.g. 20M (default: no cap)")
 	return c
 }
 
@@ -67,7 +69,11 @@ func runCheckout(ctx context.Context, g *globalOptions, opts *checkoutOptions, d
 		return err
 	}
 	defer done()
-	c, err := laptop.NewClient(opts.server, opts.token, laptop.ClientOptions{CACert: opts.caCert})
+	limit, err := parseRate(opts.bwlimit)
+	if err != nil {
+		return err
+	}
+	c, err := laptop.NewClient(opts.server, opts.token, laptop.ClientOptions{CACert: opts.caCert, RateLimit: limit})
 	if err != nil {
 		return &exitError{code: exitUsage, err: err}
 	}

@@ -169,6 +169,19 @@ func parseSize(s string) (int64, error) {
 	return n << shift, nil
 }
 
+// parseRate reads --bwlimit: bytes per second with an optional binary suffix
+// ("" and 0: no cap).
+func parseRate(s string) (int64, error) {
+	if s == "" {
+		return 0, nil
+	}
+	n, err := parseSize(strings.TrimSuffix(strings.TrimSuffix(s, "/s"), "ps"))
+	if err != nil {
+		return 0, &exitError{code: exitUsage, err: fmt.Errorf("--bwlimit: %w", err)}
+	}
+	return n, nil
+}
+
 // humanSize prints n in the largest binary unit that keeps it readable, as
 // qemu-img does: "64 KiB", "10 GiB", "1.5 MiB".
 func humanSize(n int64) string {

@@ -180,6 +180,12 @@ func killAfter(t *testing.T, bin, store string, d time.Duration, args ...string)
 // of that top must give its layer.
 func laptopWrite(t *testing.T, store string, seed uint64) string {
 	t.Helper()
+	return laptopWriteN(t, store, seed, 48<<20)
+}
+
+// laptopWriteN is laptopWrite with n bytes of random data (at most 300 MiB).
+func laptopWriteN(t *testing.T, store string, seed uint64, n int64) string {
+	t.Helper()
 	top := filepath.Join(store, "desktops", "desk.system.qcow2")
 	img, err := disk.Open(top, disk.OpenOptions{AllowedRoots: []string{store}})
 	if err != nil {
@@ -187,7 +193,7 @@ func laptopWrite(t *testing.T, store string, seed uint64) string {
 	}
 	defer img.Close()
 	r := rand.New(rand.NewPCG(seed, 98))
-	b := make([]byte, 48<<20)
+	b := make([]byte, n)
 	for i := range b {
 		b[i] = byte(r.Uint32())
 	}

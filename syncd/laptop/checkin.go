@@ -30,6 +30,8 @@ type CheckinOptions struct {
 	// Server and CACert replace the ones recorded at check-out (a server that
 	// moved); they are remembered.
 	Server, CACert string
+	// RateLimit caps the bytes per second the check-in moves (0: no cap).
+	RateLimit int64
 }
 
 // CheckinReport says what a check-in did.
@@ -113,7 +115,7 @@ func (l *Laptop) CheckIn(ctx context.Context, name string, opts CheckinOptions) 
 	if err := desktop.CheckNotInUse(l.store, d); err != nil {
 		return nil, err
 	}
-	c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert})
+	c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert, RateLimit: opts.RateLimit})
 	if err != nil {
 		return nil, err
 	}

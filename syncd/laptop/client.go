@@ -37,6 +37,9 @@ type ClientOptions struct {
 	// Timeout bounds each request's wait for response headers (default 5 min: a
 	// commit seals the layers before it answers).
 	Timeout time.Duration
+	// RateLimit caps the bytes per second the client moves, both ways together
+	// (0: no cap).
+	RateLimit int64
 }
 
 // NewClient makes a client for the server at rawURL (http or https) with a device
@@ -56,6 +59,9 @@ func NewClient(rawURL, token string, opts ClientOptions) (*Client, error) {
 		ResponseHeaderTimeout: opts.Timeout,
 		MaxIdleConnsPerHost:   4,
 		DisableCompression:    true, // cluster streams are compressed already
+	}
+	if opts.RateLimit > 0 {
+		tr.DialContext = limitDial(tr.DialContext, opts.RateLimit)
 	}
 	if opts.CACert != "" {
 		pem, err := os.ReadFile(opts.CACert)
