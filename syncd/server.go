@@ -77,13 +77,13 @@ type Server struct {
 	// instance names this process among the site's servers (host, PID and a
 	// random part): a check-in's record names the last one that worked on it.
 	instance string
-	opts  ServerOptions
-	log   *slog.Logger
-	m     *metrics
+	opts     ServerOptions
+	log      *slog.Logger
+	m        *metrics
 
 	mu       sync.Mutex
-	sessions map[string]*session    // open check-ins
-	haves    map[string]*haveSet    // lease → layers its laptop holds
+	sessions map[string]*session // open check-ins
+	haves    map[string]*haveSet // lease → layers its laptop holds
 	// fresh holds the staging layers this process created: every cluster in
 	// them was checked against its digest before this process wrote it, so
 	// their lists can stand in for reading them again at commit. A staging
