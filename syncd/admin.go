@@ -20,7 +20,14 @@ func (s *Server) AddDevice(name string, desktops []string) (*Device, string, err
 			return nil, "", err
 		}
 	}
-	return addDevice(s.st, name, desktops, s.now())
+	return addDevice(s.st, name, KindLaptop, desktops, s.now())
+}
+
+// AddHost registers a hypervisor host of the site and returns its token: the
+// host reads the sealed layers of every desktop (to provision clones on its own
+// store) and takes no lease.
+func (s *Server) AddHost(name string) (*Device, string, error) {
+	return addDevice(s.st, name, KindHost, nil, s.now())
 }
 
 // BindDevice binds an existing device to more desktops.

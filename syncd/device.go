@@ -1,6 +1,7 @@
 package syncd
 
 import (
+	"cmp"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
@@ -19,18 +20,30 @@ import (
 	"github.com/cvd-project/cvd/syncd/proto"
 )
 
-// Device is a host bound to desktops: a laptop that checks them out. The server
-// keeps only the SHA-256 of its token.
+// Device is a machine with a token: a laptop bound to desktops, which it checks
+// out under a lease, or a hypervisor host of the site (Kind KindHost), which
+// reads the sealed layers of every desktop and takes no lease. The server keeps
+// only the SHA-256 of its token.
 type Device struct {
 	ID        string    `json:"id"`
 	Name      string    `json:"name"`
+	Kind      string    `json:"kind"`
 	Desktops  []string  `json:"desktops"`
 	TokenHash string    `json:"token_sha256"`
 	Created   time.Time `json:"created"`
 }
 
+// Kinds of device.
+const (
+	KindLaptop = "laptop"
+	KindHost   = "host"
+)
+
 // Bound reports whether the device may check desktop out.
 func (d *Device) Bound(desktop string) bool { return slices.Contains(d.Desktops, desktop) }
+
+// Host reports whether the device is a hypervisor host.
+func (d *Device) Host() bool { return d.Kind == KindHost }
 
 // tokenPrefix starts every device token: "cvd1_<device id>_<secret>".
 const tokenPrefix = "cvd1_"
@@ -71,10 +84,10 @@ func newToken() (id, tok string) {
 // the desktops each is bound to.
 func queryDevices(tx *catalog.Tx, where string, args ...any) ([]Device, error) {
 	var out []Device
-	err := tx.Query("SELECT id, name, token_sha256, created FROM devices WHERE "+where+" ORDER BY name", args,
+	err := tx.Query("SELECT id, name, kind, token_sha256, created FROM devices WHERE "+where+" ORDER BY name", args,
 		func(scan func(dest ...any) error) error {
 			var d Device
-			if err := scan(&d.ID, &d.Name, &d.TokenHash, &d.Created); err != nil {
+			if err := scan(&d.ID, &d.Name, &d.Kind, &d.TokenHash, &d.Created); err != nil {
 				return err
 			}
 			d.Created, d.Desktops = d.Created.UTC(), []string{}
@@ -123,14 +136,14 @@ func bind(tx *catalog.Tx, id string, desktops []string) error {
 	return nil
 }
 
-// addDevice registers a device bound to desktops and returns it with its token,
-// which is shown once and never stored.
-func addDevice(s *state.State, name string, desktops []string, now time.Time) (*Device, string, error) {
+// addDevice registers a device of kind bound to desktops and returns it with its
+// token, which is shown once and never stored.
+func addDevice(s *state.State, name, kind string, desktops []string, now time.Time) (*Device, string, error) {
 	if err := images.CheckObjectName("device", name); err != nil {
 		return nil, "", err
 	}
 	id, tok := newToken()
-	d := &Device{ID: id, Name: name, Desktops: slices.Compact(slices.Sorted(slices.Values(desktops))),
+	d := &Device{ID: id, Name: name, Kind: kind, Desktops: slices.Compact(slices.Sorted(slices.Values(desktops))),
 		TokenHash: hashToken(tok), Created: now.UTC().Truncate(time.Second)}
 	err := s.Update(func(tx *catalog.Tx) error {
 		if old, err := oneDevice(tx, "name = ?", name); err != nil {
@@ -150,8 +163,8 @@ func addDevice(s *state.State, name string, desktops []string, now time.Time) (*
 }
 
 func insertDevice(tx *catalog.Tx, d *Device) error {
-	_, err := tx.Exec("INSERT INTO devices (id, name, token_sha256, created) VALUES (?, ?, ?, ?)",
-		d.ID, d.Name, d.TokenHash, d.Created.UTC())
+	_, err := tx.Exec("INSERT INTO devices (id, name, kind, token_sha256, created) VALUES (?, ?, ?, ?, ?)",
+		d.ID, d.Name, cmp.Or(d.Kind, KindLaptop), d.TokenHash, d.Created.UTC())
 	return err
 }
 

@@ -3,6 +3,7 @@ package syncd
 import (
 	"net/http"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -23,12 +24,27 @@ type metrics struct {
 	clustersSent         prometheus.Counter
 	clustersReceived     prometheus.Counter
 	clustersDeduplicated prometheus.Counter
+	clustersCommitted    prometheus.Counter
 	checkouts            prometheus.Counter
+	pulls                prometheus.Counter
 	authFailures         prometheus.Counter
 	digestMismatches     prometheus.Counter
 	checkinsTotal        *prometheus.CounterVec   // by result
 	requests             *prometheus.CounterVec   // by route and code
 	durations            *prometheus.HistogramVec // by route
+
+	// The dedup ratio's parts since the process started: data clusters of
+	// committed check-ins, and those of them taken from the store.
+	committed, deduplicated atomic.Int64
+}
+
+// committedCheckin counts a committed check-in's data clusters and those of
+// them the store already held.
+func (m *metrics) committedCheckin(clusters, deduplicated int64) {
+	m.clustersCommitted.Add(float64(clusters))
+	m.clustersDeduplicated.Add(float64(deduplicated))
+	m.committed.Add(clusters)
+	m.deduplicated.Add(deduplicated)
 }
 
 var durationBuckets = []float64{0.005, 0.025, 0.1, 0.5, 1, 5, 30, 120}
@@ -48,7 +64,9 @@ func (s *Server) newMetrics() *metrics {
 	m.clustersSent = counter("cvd_sync_sent_clusters_total", "Cluster entries sent in layer streams.")
 	m.clustersReceived = counter("cvd_sync_received_clusters_total", "Data clusters received in check-ins.")
 	m.clustersDeduplicated = counter("cvd_sync_deduplicated_clusters_total", "Check-in clusters taken from layers the server already held.")
+	m.clustersCommitted = counter("cvd_sync_committed_clusters_total", "Data clusters of committed check-ins.")
 	m.checkouts = counter("cvd_sync_checkouts_total", "Leases granted by check-outs.")
+	m.pulls = counter("cvd_sync_pulls_total", "Manifests served without a lease (hosts pulling a desktop's layers).")
 	m.authFailures = counter("cvd_sync_auth_failures_total", "Requests refused for a missing or wrong token.")
 	m.digestMismatches = counter("cvd_sync_digest_mismatches_total", "Uploads refused for a cluster that did not match its digest.")
 	m.checkinsTotal = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "cvd_sync_checkins_total",
@@ -70,7 +88,15 @@ func (s *Server) newMetrics() *metrics {
 				return count("SELECT COUNT(*) FROM leases WHERE state = 'active' AND expires > ?", leaseTime(s.now()))
 			}),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "cvd_sync_devices", Help: "Registered devices."},
-			func() float64 { return count("SELECT COUNT(*) FROM devices") }))
+			func() float64 { return count("SELECT COUNT(*) FROM devices") }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "cvd_sync_dedup_ratio",
+			Help: "Share of the data clusters of check-ins committed by this process that the store already held (0 to 1)."},
+			func() float64 {
+				if n := m.committed.Load(); n > 0 {
+					return float64(m.deduplicated.Load()) / float64(n)
+				}
+				return 0
+			}))
 	return m
 }
 

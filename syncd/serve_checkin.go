@@ -198,7 +198,7 @@ func (s *Server) checkinDesktop(dev *Device, name string) error {
 	if err := images.CheckObjectName("desktop", name); err != nil {
 		return proto.BadRequest("%v", err)
 	}
-	if !dev.Bound(name) {
+	if !dev.Bound(name) || dev.Host() {
 		return fmt.Errorf("%w: device %s, desktop %s", proto.ErrForbidden, dev.Name, name)
 	}
 	return nil

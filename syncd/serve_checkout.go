@@ -35,7 +35,7 @@ func (s *Server) ttl(sec int64) (time.Duration, error) {
 }
 
 func (s *Server) handleCheckout(w http.ResponseWriter, r *http.Request, dev *Device) error {
-	name, err := s.desktopFor(r, dev)
+	name, err := s.leaseDesktopFor(r, dev)
 	if err != nil {
 		return err
 	}
@@ -185,6 +185,27 @@ func (s *Server) Checkout(ctx context.Context, name string, dev *Device, ttl tim
 	return m, nil
 }
 
+// handleManifest answers the head version's layers, without a lease: what a
+// host pulls to provision clones of the desktop (a laptop may ask too; it reads
+// the same layers at its check-out).
+func (s *Server) handleManifest(w http.ResponseWriter, r *http.Request, dev *Device) error {
+	name, err := s.desktopFor(r, dev)
+	if err != nil {
+		return err
+	}
+	dv, err := desktopVersions(s.store, name)
+	if err != nil {
+		return err
+	}
+	m := &proto.Manifest{Desktop: name, Version: dv.Head}
+	if err := s.fillDisks(m, dv); err != nil {
+		return err
+	}
+	s.m.pulls.Add(1)
+	writeJSON(w, http.StatusOK, m)
+	return nil
+}
+
 // fillDisks lists the chains of the head version's disks.
 func (s *Server) fillDisks(m *proto.Manifest, dv *DesktopVersions) error {
 	head := dv.HeadVersion()
@@ -211,7 +232,7 @@ func (s *Server) fillDisks(m *proto.Manifest, dv *DesktopVersions) error {
 }
 
 func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request, dev *Device) error {
-	name, err := s.desktopFor(r, dev)
+	name, err := s.leaseDesktopFor(r, dev)
 	if err != nil {
 		return err
 	}
@@ -242,7 +263,7 @@ func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request, dev *Device
 }
 
 func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request, dev *Device) error {
-	name, err := s.desktopFor(r, dev)
+	name, err := s.leaseDesktopFor(r, dev)
 	if err != nil {
 		return err
 	}
@@ -271,6 +292,14 @@ func (s *Server) layerFor(r *http.Request, dev *Device) (*images.Layer, error) {
 	id := r.PathValue("id")
 	if !proto.LayerIDRE.MatchString(id) {
 		return nil, proto.BadRequest("layer id %q: want 64 hex digits", id)
+	}
+	if dev.Host() {
+		// A host of the site reads any sealed layer (they are immutable).
+		l, err := s.store.Layer(id)
+		if errors.Is(err, images.ErrNotFound) {
+			return nil, fmt.Errorf("layer %s: %w", state.Short(id), proto.ErrNotFound)
+		}
+		return l, err
 	}
 	readable, err := s.readable(dev.Desktops)
 	if err != nil {

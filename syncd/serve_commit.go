@@ -156,7 +156,7 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*proto.C
 		return nil, err
 	}
 	s.m.checkins(strings.Fields(nv.Note)[0])
-	s.m.clustersDeduplicated.Add(float64(res.Deduplicated))
+	s.m.committedCheckin(res.Clusters, res.Deduplicated)
 	s.log.Info("check-in committed", "desktop", se.Desktop, "device", dev.Name, "version", v.N,
 		"conflict", conflict, "head", res.Head, "bytes", res.Bytes, "deduplicated", res.Deduplicated)
 	if !conflict {

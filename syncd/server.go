@@ -234,6 +234,7 @@ func (s *Server) Handler() http.Handler {
 		mux.HandleFunc(pattern, s.wrap(name, h))
 	}
 	route("GET /v1/desktops/{desktop}", "desktop", s.handleDesktop)
+	route("GET /v1/desktops/{desktop}/manifest", "manifest", s.handleManifest)
 	route("POST /v1/desktops/{desktop}/checkout", "checkout", s.handleCheckout)
 	route("POST /v1/desktops/{desktop}/renew", "renew", s.handleRenew)
 	route("POST /v1/desktops/{desktop}/release", "release", s.handleRelease)
@@ -391,10 +392,19 @@ func (s *Server) desktopFor(r *http.Request, dev *Device) (string, error) {
 	if err := images.CheckObjectName("desktop", name); err != nil {
 		return "", proto.BadRequest("%v", err)
 	}
-	if !dev.Bound(name) {
+	if !dev.Bound(name) && !dev.Host() {
 		return "", fmt.Errorf("%w: device %s, desktop %s", proto.ErrForbidden, dev.Name, name)
 	}
 	return name, nil
+}
+
+// leaseDesktopFor is desktopFor for the calls that take, renew or release a
+// lease, which a host never holds.
+func (s *Server) leaseDesktopFor(r *http.Request, dev *Device) (string, error) {
+	if dev.Host() {
+		return "", fmt.Errorf("%w: %s is a host: hosts pull sealed layers and take no lease", proto.ErrForbidden, dev.Name)
+	}
+	return s.desktopFor(r, dev)
 }
 
 func (s *Server) handleDesktop(w http.ResponseWriter, r *http.Request, dev *Device) error {

@@ -48,21 +48,33 @@ func openAdmin(g *globalOptions) (*syncd.Server, func(), error) {
 
 func newDeviceAddCommand(g *globalOptions) *cobra.Command {
 	var desktops []string
+	var host bool
 	c := &cobra.Command{
-		Use:     "add NAME --desktop D",
-		Short:   "Register a device bound to desktops and print its token (shown once)",
-		Example: `  TOKEN=$(cvd device add alice-laptop --desktop alice)`,
-		Args:    cobra.ExactArgs(1),
+		Use:   "add NAME --desktop D | --host",
+		Short: "Register a device bound to desktops, or a hypervisor host, and print its token (shown once)",
+		Long: `Register a laptop bound to desktops (it checks them out under a lease), or
+with --host a hypervisor host of the site: it pulls the sealed layers of any
+desktop (cvd pull, cvd provision --server) and takes no lease.`,
+		Example: `  TOKEN=$(cvd device add alice-laptop --desktop alice)
+  HOST_TOKEN=$(cvd device add hv07 --host)`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if len(desktops) == 0 {
-				return &exitError{code: exitUsage, err: fmt.Errorf("give at least one --desktop")}
+			if len(desktops) == 0 && !host {
+				return &exitError{code: exitUsage, err: fmt.Errorf("give at least one --desktop, or --host")}
+			}
+			if len(desktops) > 0 && host {
+				return &exitError{code: exitUsage, err: fmt.Errorf("a host reads every desktop: give --desktop or --host, not both")}
 			}
 			srv, done, err := openAdmin(g)
 			if err != nil {
 				return err
 			}
 			defer done()
-			d, tok, err := srv.AddDevice(args[0], desktops)
+			add := func() (*syncd.Device, string, error) { return srv.AddDevice(args[0], desktops) }
+			if host {
+				add = func() (*syncd.Device, string, error) { return srv.AddHost(args[0]) }
+			}
+			d, tok, err := add()
 			if err != nil {
 				return storeError(err)
 			}
@@ -74,11 +86,16 @@ func newDeviceAddCommand(g *globalOptions) *cobra.Command {
 				}{d, tok})
 			}
 			fmt.Fprintln(out, tok)
-			fmt.Fprintf(cmd.ErrOrStderr(), "device %s bound to %s; the token above is shown only once\n", d.Name, strings.Join(d.Desktops, ", "))
+			if d.Host() {
+				fmt.Fprintf(cmd.ErrOrStderr(), "host %s; the token above is shown only once\n", d.Name)
+			} else {
+				fmt.Fprintf(cmd.ErrOrStderr(), "device %s bound to %s; the token above is shown only once\n", d.Name, strings.Join(d.Desktops, ", "))
+			}
 			return nil
 		},
 	}
 	c.Flags().StringArrayVar(&desktops, "desktop", nil, "desktop the device may check out (repeatable)")
+	c.Flags().BoolVar(&host, "host", false, "a hypervisor host of the site: pulls any desktop's sealed layers, takes no lease")
 	return c
 }
 
@@ -135,9 +152,13 @@ func newDeviceLsCommand(g *globalOptions) *cobra.Command {
 				return printJSON(out, ds)
 			}
 			tw := newTable(out)
-			fmt.Fprintln(tw, "NAME\tID\tDESKTOPS\tCREATED")
+			fmt.Fprintln(tw, "NAME\tKIND\tID\tDESKTOPS\tCREATED")
 			for _, d := range ds {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", d.Name, d.ID, strings.Join(d.Desktops, ","), d.Created.Format(time.RFC3339))
+				desks := strings.Join(d.Desktops, ",")
+				if d.Host() {
+					desks = "(all: a host)"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", d.Name, d.Kind, d.ID, desks, d.Created.Format(time.RFC3339))
 			}
 			return tw.Flush()
 		},

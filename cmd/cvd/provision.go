@@ -14,6 +14,7 @@ import (
 	"github.com/cvd-project/cvd/clone"
 	"github.com/cvd-project/cvd/hypervisor"
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/syncd/laptop"
 	"github.com/cvd-project/cvd/vm"
 )
 
@@ -25,6 +26,7 @@ type provisionOptions struct {
 	noStart  bool
 	parallel int
 	boot     bootFlags
+	pull     serverFlags
 }
 
 func newProvisionCommand(g *globalOptions) *cobra.Command {
@@ -40,6 +42,10 @@ named PREFIX). It reports each clone and the time from the command's start to
 all of them running (libvirt's "running": QEMU started, the guest booting), with
 the clones per second, and where the time went: connect, clone, define, start.
 
+With --server, this is a hypervisor host of a site: the desktop's sealed layers
+that the host's store lacks are pulled from the server first (see cvd pull); a
+second provision of the same desktop moves no layer bytes.
+
 libvirtd is reached first, so nothing is cloned when it is down. When defining
 or starting some clone fails, the others still run, cvd names the failures
 and exits 1; the clones stay in the store (cvd vm rm --clone removes them).
@@ -51,7 +57,8 @@ and exits 1; the clones stay in the store (cvd vm rm --clone removes them).
   cvd provision kiosk --count 3 --name kiosk-test --memory 128 \
       --kernel .cache/guest/kernel --initrd .cache/guest/initramfs.cpio.gz \
       --append "$(cat .cache/guest/cmdline) cvd.pattern=0xa7"
-  cvd provision alice --count 10 --no-start --json`,
+  cvd provision alice --count 10 --no-start --json
+  cvd provision alice --count 20 --server https://cvd.example:8470 --token "$HOST_TOKEN"`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			opts.boot.noteChanged(cmd)
@@ -66,6 +73,7 @@ and exits 1; the clones stay in the store (cvd vm rm --clone removes them).
 	f.BoolVar(&opts.noStart, "no-start", false, "define the domains without starting them")
 	f.IntVar(&opts.parallel, "parallel", 4, "domains defined and started at once")
 	addBootFlags(c, &opts.boot)
+	opts.pull.add(c, "pull the desktop's layers from this server of the site first (a host's store; see cvd pull)")
 	return c
 }
 
@@ -105,6 +113,8 @@ type provisionReport struct {
 	Clones   []provisionedClone `json:"clones"`
 	Timing   provisionTiming    `json:"timing"`
 	Failed   int                `json:"failed"`
+	// Pull is what --server fetched before cloning.
+	Pull *laptop.CheckoutReport `json:"pull,omitempty"`
 }
 
 func runProvision(ctx context.Context, g *globalOptions, opts *provisionOptions, args []string, out io.Writer) error {
@@ -137,6 +147,11 @@ func runProvision(ctx context.Context, g *globalOptions, opts *provisionOptions,
 	defer conn.Close()
 	rep.Timing.Connect = since()
 
+	if opts.pull.server != "" {
+		if rep.Pull, err = opts.pull.pull(ctx, g, desktop, io.Discard); err != nil {
+			return err
+		}
+	}
 	// Clones and their specs; the store is closed before libvirt's part so that
 	// other cvd commands are not kept waiting.
 	st, err := openStore(g, false)
@@ -205,6 +220,9 @@ func runProvision(ctx context.Context, g *globalOptions, opts *provisionOptions,
 }
 
 func printProvision(out io.Writer, rep *provisionReport) {
+	if rep.Pull != nil {
+		printPull(out, rep.Pull)
+	}
 	tw := newTable(out)
 	at := "RUNNING AT"
 	if !rep.Started {

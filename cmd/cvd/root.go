@@ -81,6 +81,7 @@ clusters that changed.
 		newRecomposeCommand(g),
 		newVMCommand(g),
 		newProvisionCommand(g),
+		newPullCommand(g),
 	)
 	return root
 }

@@ -299,6 +299,74 @@ func TestVM(t *testing.T) {
 	t.Run("checkpoint", func(t *testing.T) { t.Parallel(); testVMCheckpoint(t, env) })
 	t.Run("errors", func(t *testing.T) { t.Parallel(); testVMErrors(t, env) })
 	t.Run("define", func(t *testing.T) { t.Parallel(); testVMDefine(t, env) })
+	t.Run("host", func(t *testing.T) { t.Parallel(); testVMHostPull(t, env) })
+}
+
+// A hypervisor host with its own store provisions 20 clones of a desktop whose
+// layers it did not hold, pulling each layer once from `cvd serve` with a host
+// token; every clone checks clean and reads like the server's chain. A second
+// provision moves no layer bytes.
+func testVMHostPull(t *testing.T, env *vmEnv) {
+	srv := newVMStore(t, env)
+	app := filepath.Join(t.TempDir(), "app.qcow2")
+	testutil.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", srv.bfile, "-F", "qcow2", app)
+	testutil.Run(t, "qemu-io", "-c", "write -P 0x5c 4M 2M", app)
+	srv.must("layer", "import", app, "--kind", "app", "--parent", "tiny:1", "--name", "tool:1")
+	srv.must("desktop", "create", "office", "--base", "tiny:1", "--app", "tool:1")
+	var added struct {
+		Token string `json:"token"`
+	}
+	srv.mustJSON(&added, "device", "add", "hv1", "--host")
+	var head struct {
+		Head     int `json:"head"`
+		Versions []struct {
+			N      int    `json:"n"`
+			System string `json:"system"`
+		} `json:"versions"`
+	}
+	srv.mustJSON(&head, "desktop", "versions", "office")
+	var want string
+	for _, v := range head.Versions {
+		if v.N == head.Head {
+			want = v.System
+		}
+	}
+	serve := startServe(t, buildCvd(t), srv.dir)
+
+	host := &vmStore{t: t, env: env, dir: filepath.Join(t.TempDir(), "host")}
+	storeImages(t, host.dir)
+	provision := func(name string) provisionReport {
+		t.Helper()
+		var rep provisionReport
+		host.mustJSON(&rep, "provision", "office", "--count", "20", "--name", name, "--no-start", "--connect", env.uri,
+			"--memory", "64", "--kernel", env.kernel, "--initrd", env.initrd, "--server", serve.url, "--token", added.Token)
+		t.Cleanup(func() {
+			for _, c := range rep.Clones {
+				host.cvd("vm", "rm", "--force", "--connect", env.uri, c.Name)
+			}
+		})
+		return rep
+	}
+	rep := provision("hostpull")
+	if rep.Pull == nil || len(rep.Pull.LayersFetched) != 2 || rep.Pull.Bytes == 0 || rep.Failed != 0 || len(rep.Clones) != 20 {
+		t.Fatalf("first provision: pull %+v, %d clones, %d failed", rep.Pull, len(rep.Clones), rep.Failed)
+	}
+	t.Logf("first provision: pulled %d layers, %d bytes, in %.2fs; 20 clones defined in %.2fs",
+		len(rep.Pull.LayersFetched), rep.Pull.Bytes, rep.Pull.Took, rep.Timing.Total)
+	for _, c := range rep.Clones {
+		testutil.QemuCheck(t, c.Disk)
+		testutil.QemuCompare(t, filepath.Join(srv.dir, "layers", want+".qcow2"), c.Disk)
+	}
+	again := provision("hostpull2")
+	if again.Pull == nil || len(again.Pull.LayersFetched) != 0 || again.Pull.Bytes != 0 || len(again.Pull.LayersHeld) != 2 {
+		t.Fatalf("second provision moved layers: %+v", again.Pull)
+	}
+	// The host token reads layers and takes no lease.
+	lap := t.TempDir()
+	cmd := cvdProc(buildCvd(t), lap, "checkout", "office", "--server", serve.url, "--token", added.Token)
+	if out, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(out), "takes no lease") && !strings.Contains(string(out), "take no lease") {
+		t.Errorf("check-out with a host token: %v\n%s", err, out)
+	}
 }
 
 // vm start records boot settings in the clone's catalog entry and reuses them;

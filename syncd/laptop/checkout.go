@@ -108,6 +108,48 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 		return nil, err
 	}
 
+	if err := l.fetchMissing(ctx, c, m, rep); err != nil {
+		return fail(err)
+	}
+
+	// The desktop over fresh tops on the manifest's layers.
+	co := &Checkout{Desktop: name, Server: c.URL(), Token: c.token, CACert: opts.CACert, Lease: m.Lease,
+		Version: m.Version, Layers: map[string]string{}, BlankSizes: map[string]int64{}, CheckedOut: l.now().UTC()}
+	if prev != nil && !fresh {
+		co.CheckedOut = prev.CheckedOut
+	}
+	for _, dm := range m.Disks {
+		co.Layers[dm.Name] = dm.Top()
+		if dm.Top() == "" {
+			co.BlankSizes[dm.Name] = dm.BlankSize
+		}
+	}
+	if err := l.setupDesktop(ctx, co); err != nil {
+		return fail(err)
+	}
+	if err := l.putCheckout(co); err != nil {
+		return fail(err)
+	}
+	if l.opts.VM != nil {
+		d, err := l.store.Desktop(name)
+		if err == nil {
+			user := ""
+			if d.UserDisk != "" {
+				user = l.store.Path(d.UserDisk)
+			}
+			if err := l.opts.VM.DefineDesktop(ctx, name, l.store.Path(d.SystemDisk), user); err != nil {
+				l.log.Warn("define the desktop in the local hypervisor", "desktop", name, "err", err)
+			}
+		}
+	}
+	rep.Took = time.Since(start).Seconds()
+	rep.Finished = l.now().UTC()
+	return rep, nil
+}
+
+// fetchMissing fetches the layers of m's disks that the store lacks, parents
+// first, with m's lease ("" for none), and imports them; rep counts what moved.
+func (l *Laptop) fetchMissing(ctx context.Context, c *Client, m *proto.Manifest, rep *CheckoutReport) error {
 	// Which layers are missing, bottom up, and is there room for them?
 	var need []proto.LayerInfo
 	var needBytes, largest int64
@@ -129,7 +171,7 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 		}
 	}
 	if err := state.CheckFree(l.store.Dir(), needBytes+largest+16<<20); err != nil {
-		return fail(err)
+		return err
 	}
 	// Layers are fetched one after the other, parents first; each is imported
 	// into the store (a copy, in order: a layer needs its parent there) while the
@@ -179,43 +221,7 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 	if err := <-importErr; fetchErr == nil {
 		fetchErr = err
 	}
-	if fetchErr != nil {
-		return fail(fetchErr)
-	}
-
-	// The desktop over fresh tops on the manifest's layers.
-	co := &Checkout{Desktop: name, Server: c.URL(), Token: c.token, CACert: opts.CACert, Lease: m.Lease,
-		Version: m.Version, Layers: map[string]string{}, BlankSizes: map[string]int64{}, CheckedOut: l.now().UTC()}
-	if prev != nil && !fresh {
-		co.CheckedOut = prev.CheckedOut
-	}
-	for _, dm := range m.Disks {
-		co.Layers[dm.Name] = dm.Top()
-		if dm.Top() == "" {
-			co.BlankSizes[dm.Name] = dm.BlankSize
-		}
-	}
-	if err := l.setupDesktop(ctx, co); err != nil {
-		return fail(err)
-	}
-	if err := l.putCheckout(co); err != nil {
-		return fail(err)
-	}
-	if l.opts.VM != nil {
-		d, err := l.store.Desktop(name)
-		if err == nil {
-			user := ""
-			if d.UserDisk != "" {
-				user = l.store.Path(d.UserDisk)
-			}
-			if err := l.opts.VM.DefineDesktop(ctx, name, l.store.Path(d.SystemDisk), user); err != nil {
-				l.log.Warn("define the desktop in the local hypervisor", "desktop", name, "err", err)
-			}
-		}
-	}
-	rep.Took = time.Since(start).Seconds()
-	rep.Finished = l.now().UTC()
-	return rep, nil
+	return fetchErr
 }
 
 // setupDesktop makes the local desktop stand on co's layers: created the first
@@ -231,6 +237,8 @@ func (l *Laptop) setupDesktop(ctx context.Context, co *Checkout) error {
 		Kind: images.VersionImport, Note: "check-out"}
 	if co.Offline {
 		v.Note = "import"
+	} else if co.pulled {
+		v.Note = "pull"
 	}
 	d, err := l.store.Desktop(co.Desktop)
 	if errors.Is(err, images.ErrNotFound) {
@@ -286,4 +294,43 @@ func (l *Laptop) setupDesktop(ctx context.Context, co *Checkout) error {
 // (desktop.RecordVersion).
 func (l *Laptop) recordVersion(name string, v proto.Version, fresh bool) error {
 	return proto.NoSpace(desktop.RecordVersion(l.store, name, v, fresh))
+}
+
+// Pull makes the store hold the desktop's head version as the server has it,
+// for a hypervisor host that provisions clones of it: the layers the store
+// lacks are fetched by ID, without a lease (sealed layers never change), and a
+// local desktop stands on the head's layers (created the first time, moved to
+// a newer head later). A second pull of the same head moves no layer bytes. A
+// desktop checked out on this store is refused: it has a lease of its own.
+func (l *Laptop) Pull(ctx context.Context, c *Client, name string) (*CheckoutReport, error) {
+	start := time.Now()
+	if err := images.CheckObjectName("desktop", name); err != nil {
+		return nil, err
+	}
+	if _, err := l.Checkout(name); err == nil {
+		return nil, fmt.Errorf("desktop %s is checked out on this store: %w", name, proto.ErrLocalChanges)
+	} else if !errors.Is(err, proto.ErrNotCheckedOut) {
+		return nil, err
+	}
+	m, err := c.Manifest(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	rep := &CheckoutReport{Desktop: name, Server: c.URL(), Version: m.Version, LayersFetched: []string{}, LayersHeld: []string{}}
+	if err := l.fetchMissing(ctx, c, m, rep); err != nil {
+		return nil, err
+	}
+	co := &Checkout{Desktop: name, Version: m.Version, Layers: map[string]string{}, BlankSizes: map[string]int64{}, pulled: true}
+	for _, dm := range m.Disks {
+		co.Layers[dm.Name] = dm.Top()
+		if dm.Top() == "" {
+			co.BlankSizes[dm.Name] = dm.BlankSize
+		}
+	}
+	if err := l.setupDesktop(ctx, co); err != nil {
+		return nil, err
+	}
+	rep.Took = time.Since(start).Seconds()
+	rep.Finished = l.now().UTC()
+	return rep, nil
 }

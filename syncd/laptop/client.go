@@ -229,6 +229,13 @@ func (c *Client) Desktop(ctx context.Context, name string) (*proto.DesktopStatus
 	return &out, c.call(ctx, "GET", "/v1/desktops/"+url.PathEscape(name), nil, "", &out)
 }
 
+// Manifest asks for the layers of the desktop's head version, without a lease
+// (a host pulling them).
+func (c *Client) Manifest(ctx context.Context, name string) (*proto.Manifest, error) {
+	var out proto.Manifest
+	return &out, c.call(ctx, "GET", "/v1/desktops/"+url.PathEscape(name)+"/manifest", nil, "", &out)
+}
+
 // Checkout asks for the desktop's lease and manifest; have lists layers the laptop
 // holds (their clusters then come as references).
 func (c *Client) Checkout(ctx context.Context, name string, ttl time.Duration, have ...string) (*proto.Manifest, error) {

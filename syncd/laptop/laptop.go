@@ -36,6 +36,9 @@ type Checkout struct {
 	Pending *PendingCheckin `json:"pending,omitempty"`
 	// Offline marks a copy imported from a bundle: no server to renew with.
 	Offline bool `json:"offline,omitempty"`
+	// pulled marks a desktop a host pulled (never recorded: a host keeps no
+	// check-out).
+	pulled bool
 }
 
 // PendingCheckin is a check-in that a rerun resumes.
