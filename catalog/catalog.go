@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	_ "github.com/jackc/pgx/v5/stdlib" // registers "pgx"
@@ -284,10 +285,10 @@ func (db *DB) UpdateContext(ctx context.Context, fn func(tx *Tx) error) error {
 	}
 	if err != nil {
 		stx.Rollback()
-		return err
+		return full(err)
 	}
 	if err := stx.Commit(); err != nil {
-		return fmt.Errorf("catalog: commit: %w", err)
+		return full(fmt.Errorf("catalog: commit: %w", err))
 	}
 	for _, fn := range tx.onCommit {
 		fn()
@@ -325,6 +326,19 @@ func (db *DB) beginWrite(ctx context.Context) (*sql.Tx, error) {
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
+}
+
+// full gives an error of a full disk (SQLite's SQLITE_FULL, PostgreSQL's
+// disk_full, 53100) the sentinel syscall.ENOSPC as well, so that callers tell
+// it from other failures; the transaction was rolled back, and the next one
+// succeeds once there is room again.
+func full(err error) error {
+	var c interface{ Code() int }
+	var pg interface{ SQLState() string }
+	if (errors.As(err, &c) && c.Code()&0xff == 13) || (errors.As(err, &pg) && pg.SQLState() == "53100") {
+		return fmt.Errorf("%w (%w)", err, syscall.ENOSPC)
+	}
+	return err
 }
 
 // isBusy reports SQLite's SQLITE_BUSY family (another process holds the lock).

@@ -5,8 +5,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -421,5 +424,58 @@ func TestBatchWrites(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+	})
+}
+
+// TestFullDisk: with the file system of an SQLite catalog full, writes fail
+// with an error that says so (syscall.ENOSPC) and change nothing; once there is
+// room again, the same open catalog writes (no reopen, no restart).
+func TestFullDisk(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "fs")
+	os.MkdirAll(dir, 0o755)
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", dir).CombinedOutput(); err != nil {
+		if testutil.Required("root") {
+			t.Fatalf("mount tmpfs: %v %s", err, out)
+		}
+		t.Skipf("cannot mount a tmpfs (needs root): %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
+	db := mustOpen(t, filepath.Join(dir, "catalog.db"), Options{})
+	b := []byte("things")
+	big := bytes.Repeat([]byte("x"), 256<<10)
+	put := func(k string) error {
+		return db.Update(func(tx *Tx) error { return tx.Bucket(b).Put([]byte(k), big) })
+	}
+	if err := put("before"); err != nil {
+		t.Fatal(err)
+	}
+	filler := filepath.Join(dir, "filler")
+	f, err := os.Create(filler)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for buf := make([]byte, 1<<20); ; {
+		if _, err := f.Write(buf); err != nil {
+			break
+		}
+	}
+	f.Close()
+	for i := range 3 {
+		if err := put(fmt.Sprint("full", i)); !errors.Is(err, syscall.ENOSPC) {
+			t.Fatalf("write %d on a full disk: %v, want ENOSPC", i, err)
+		}
+	}
+	os.Remove(filler)
+	for i := range 3 {
+		if err := put(fmt.Sprint("after", i)); err != nil {
+			t.Fatalf("write %d once there is room: %v", i, err)
+		}
+	}
+	db.View(func(tx *Tx) error {
+		n, _ := tx.Bucket(b).Len()
+		if n != 4 {
+			t.Errorf("%d records, want 4 (one before, three after)", n)
+		}
+		return nil
 	})
 }

@@ -526,10 +526,12 @@ func TestRefusedFullDiskServer(t *testing.T) {
 	}
 }
 
-// fillOnProgress fills the file system of path once after bytes have moved.
+// fillOnProgress fills the file system of path once after bytes have moved,
+// leaving leave bytes free.
 type fillOnProgress struct {
 	path  string
 	after int64
+	leave int64
 	n     int64
 	done  bool
 }
@@ -550,7 +552,49 @@ func (p *fillOnProgress) Add(n int64) {
 				break
 			}
 		}
+		if fi, err := f.Stat(); err == nil && p.leave > 0 {
+			f.Truncate(max(0, fi.Size()-p.leave))
+		}
 		f.Close()
+	}
+}
+
+// TestFullDiskInMidUpload: the server's file system fills up while a check-in's
+// clusters arrive, with nothing or a few MiB left (so that a write of data
+// clusters, not only of metadata, runs out of room). Once room returns, the same
+// server (no restart) completes the check-in, and the layer it committed holds
+// what the laptop wrote, cluster for cluster.
+func TestFullDiskInMidUpload(t *testing.T) {
+	for _, leave := range []int64{0, 1*MiB + 4*KiB, 3 * MiB, 5*MiB + 12*KiB} {
+		t.Run(fmt.Sprintf("leave=%d", leave), func(t *testing.T) {
+			ctx := context.Background()
+			fs := mountTmpfs(t, 48*MiB)
+			w := newWorldAt(t, filepath.Join(fs, "server"), smallSpec())
+			lap := newLaptop(t, "laptop")
+			if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 64 * MiB, data: testutil.Fill(uint64(leave), 12*MiB, false)}})
+			filler := filepath.Join(fs, "filler")
+			lap.reopen(laptop.LaptopOptions{Progress: &fillOnProgress{path: filler, after: 2 * MiB, leave: leave}})
+			_, err := lap.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{})
+			t.Logf("with %d bytes left: %v", leave, err)
+			if err != nil && !errors.Is(err, proto.ErrNoSpace) {
+				t.Fatalf("check-in filling the server's disk: %v, want ErrNoSpace", err)
+			}
+			os.Remove(filler)
+			lap.reopen(laptop.LaptopOptions{})
+			rep, err := lap.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{})
+			if err != nil {
+				t.Fatalf("the check-in once room returned: %v", err)
+			}
+			id := rep.Layers[proto.DiskSystem]
+			_, head := w.head()
+			if head.System != id {
+				t.Fatalf("head system %s, want %s", head.System, id)
+			}
+			qemuCompare(t, w.store.LayerPath(id), lap.store.LayerPath(id))
+		})
 	}
 }
 
