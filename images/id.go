@@ -130,6 +130,9 @@ const (
 // zeroChunk is zeros to compare with (a zero array: no cost at start-up).
 var zeroChunk [64 << 10]byte
 
+// IsZero reports whether b holds only zero bytes.
+func IsZero(b []byte) bool { return isZero(b) }
+
 func isZero(b []byte) bool {
 	for len(b) > 0 {
 		n := min(len(b), len(zeroChunk))

@@ -10,6 +10,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -762,5 +763,78 @@ func TestHostileBundles(t *testing.T) {
 	lap := newLaptop(t, "good")
 	if _, err := lap.lp.ImportBundle(ctx, bundle); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestBundleZeroDataClusters: a bundle whose stream sends clusters of zeros as
+// data frames imports with the layer's ID (which lists them as zero) and stores
+// them as zero, not as data; the data clusters it declared bound what it writes.
+func TestBundleZeroDataClusters(t *testing.T) {
+	testutil.NeedQemu(t)
+	ctx := context.Background()
+	const size, cs = 4 * MiB, 64 << 10
+	c0, c2 := testutil.Fill(7, cs, false), testutil.Fill(8, cs, false)
+	zero := make([]byte, cs)
+	h := images.NewIDHasher("", size, cs)
+	h.AddData(0, c0)
+	h.AddData(2, c2)
+	info := proto.LayerInfo{ID: h.Sum(), Kind: string(images.KindBase), Size: size, ClusterSize: cs,
+		LayerStats: images.LayerStats{Clusters: 2, DataClusters: 2, DataBytes: 2 * cs}}
+	hdr := proto.BundleHeader{Desktop: "zd", Version: 1, Created: time.Now().UTC(), Expires: time.Now().Add(time.Hour).UTC(),
+		Disks: []proto.DiskManifest{{Name: proto.DiskSystem, Layers: []proto.LayerInfo{info}}}, Layers: []proto.LayerInfo{info}}
+	var out bytes.Buffer
+	xw, err := xz.NewWriter(&out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hb, _ := json.Marshal(&hdr)
+	xw.Write([]byte(proto.BundleMagic))
+	binary.Write(xw, binary.BigEndian, uint32(len(hb)))
+	xw.Write(hb)
+	sw := proto.NewStreamWriter(xw)
+	for i, b := range [][]byte{c0, zero, c2} {
+		ec, err := proto.EncodeCluster(0, int64(i), b, nil, proto.EncodeOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := sw.Data(ec); err != nil {
+			t.Fatal(err)
+		}
+	}
+	id, _ := hex.DecodeString(info.ID)
+	if err := sw.End(3, id); err != nil {
+		t.Fatal(err)
+	}
+	sw.Flush()
+	xw.Close()
+	path := filepath.Join(t.TempDir(), "zd.cvdb")
+	if err := os.WriteFile(path, out.Bytes(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	lap := newLaptop(t, "lap")
+	if _, err := lap.lp.ImportBundle(ctx, path); err != nil {
+		t.Fatal(err)
+	}
+	l, err := lap.store.Layer(info.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := disk.Open(lap.store.LayerPath(l.ID), disk.OpenOptions{ReadOnly: true, NoBacking: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	runs, err := images.LayerRuns(img, 0, size, cs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var data int64
+	for _, r := range runs {
+		if r.Data {
+			data += r.Last - r.First + 1
+		}
+	}
+	if data != 2 {
+		t.Errorf("the imported layer holds %d data clusters, want 2 (the cluster of zeros stored as zero): %+v", data, runs)
 	}
 }

@@ -328,6 +328,24 @@ func (f *layerFetcher) consume(ctx context.Context, sr *proto.StreamReader) (int
 		if fr.Idx < f.ck.Next {
 			return fmt.Errorf("%w: cluster %d out of order", proto.ErrStream, fr.Idx)
 		}
+		if images.IsZero(raw) {
+			// A data cluster of zeros is a zero cluster, in the layer's ID as
+			// on disk: stored as zero (over a parent) or not at all.
+			f.ck.Next = fr.Idx + 1
+			if f.info.Parent == "" {
+				return nil
+			}
+			f.h.Add(proto.Entry{Index: fr.Idx, Zero: true})
+			if zLen > 0 && zStart+zLen == fr.Idx {
+				zLen++
+				return nil
+			}
+			if err := flushZero(); err != nil {
+				return err
+			}
+			zStart, zLen = fr.Idx, 1
+			return nil
+		}
 		if err := flushZero(); err != nil {
 			return err
 		}
