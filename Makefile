@@ -42,16 +42,23 @@ test-short: build
 	$(GO) test -short $(PKGS)
 
 # Short fuzzing runs of every parser (longer: make fuzz FUZZTIME=5m). An input
-# that finds new coverage is minimized for at most FUZZMINTIME (go test's default,
-# 60 s, outlasts a short run, which then fails with "context deadline exceeded").
+# that finds new coverage is minimized for at most FUZZMINTIME executions (go
+# test's default, 60 s, outlasts a short run; even 2 s per new input leaves a
+# 10 s run only a few hundred executions). A run that executes fewer than
+# FUZZMINEXECS inputs fails: a fuzz target that does not really run is a defect.
 FUZZTIME ?= 30s
-FUZZMINTIME ?= 2s
+FUZZMINTIME ?= 50x
+FUZZMINEXECS ?= 1000
 FUZZPKGS = ./disk ./syncd/proto
 fuzz:
 	@for p in $(FUZZPKGS); do \
 	  for t in $$($(GO) test -list '^Fuzz' $$p | grep '^Fuzz'); do \
 	    echo "fuzz $$p $$t ($(FUZZTIME))"; \
-	    $(GO) test -run '^$$' -fuzz "^$$t\$$" -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME) $$p || exit 1; \
+	    out=$$($(GO) test -run '^$$' -fuzz "^$$t\$$" -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINTIME) $$p 2>&1); rc=$$?; \
+	    echo "$$out" | tail -3; \
+	    if [ $$rc -ne 0 ]; then echo "$$out"; exit 1; fi; \
+	    n=$$(echo "$$out" | sed -n 's/.*execs: \([0-9]*\).*/\1/p' | tail -1); \
+	    if [ -z "$$n" ] || [ "$$n" -lt $(FUZZMINEXECS) ]; then echo "fuzz $$p $$t executed $${n:-no} inputs, fewer than $(FUZZMINEXECS)"; exit 1; fi; \
 	  done; \
 	done
 

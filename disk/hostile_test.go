@@ -191,8 +191,16 @@ func FuzzOpen(f *testing.F) {
 			f.Add(b)
 		}
 	}
+	// One file per fuzzing process, rewritten for each input (its executions
+	// run one after another), in memory when /dev/shm is there: a directory
+	// per input on a disk would cost more than the parse.
+	in := dir
+	if d, err := os.MkdirTemp("/dev/shm", "cvd-fuzz-"); err == nil {
+		in = d
+		f.Cleanup(func() { os.RemoveAll(d) })
+	}
+	p := filepath.Join(in, "input.qcow2")
 	f.Fuzz(func(t *testing.T, data []byte) {
-		p := filepath.Join(t.TempDir(), "f.qcow2")
 		if err := os.WriteFile(p, data, 0o644); err != nil {
 			t.Fatal(err)
 		}
