@@ -5,7 +5,7 @@ GO ?= go
 BIN := bin/cvd
 PKGS := ./...
 
-.PHONY: all build test test-short vet fmt deps guest demo bench fuzz clean
+.PHONY: all build test test-short vet fmt deps guest demo bench fuzz clean loadtest
 
 all: build
 
@@ -70,3 +70,13 @@ bench: deps build
 
 clean:
 	rm -rf bin .cache/demo .cache/bench
+
+# The load test: three cvd serve on one PostgreSQL catalog and store behind
+# haproxy, LOADTEST_LAPTOPS simulated laptops doing check-out → write 8 MiB →
+# check-in rounds for LOADTEST, an administrator cloning and recomposing, one
+# server SIGKILLed and restarted midway. See cmd/cvd/loadtest_test.go.
+LOADTEST ?= 5m
+LOADTEST_LAPTOPS ?= 50
+loadtest: deps build
+	CVD_TEST_REQUIRE=all CVD_LOADTEST=$(LOADTEST) CVD_LOADTEST_LAPTOPS=$(LOADTEST_LAPTOPS) \
+	  $(GO) test -count=1 -run '^TestLoad$$' -v -timeout 60m ./cmd/cvd

@@ -13,6 +13,8 @@ have tini                || need+=(tini)
 have rsync               || need+=(rsync)
 have cpio                || need+=(cpio)
 have xz                  || need+=(xz-utils)
+# The load test puts its servers behind a real round-robin proxy.
+have haproxy             || need+=(haproxy)
 # The catalog tests run against a private PostgreSQL cluster (initdb, postgres).
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then

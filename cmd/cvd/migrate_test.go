@@ -101,7 +101,13 @@ func (p *serveProc) signal(sig syscall.Signal) {
 // when the test ends.
 func startServe(t *testing.T, bin, store string) *serveProc {
 	t.Helper()
-	cmd := exec.Command(bin, "--store", store, "serve", "--listen", "127.0.0.1:0")
+	return startServeAt(t, bin, store, "127.0.0.1:0")
+}
+
+// startServeAt starts `cvd serve` listening on addr.
+func startServeAt(t *testing.T, bin, store, addr string) *serveProc {
+	t.Helper()
+	cmd := exec.Command(bin, "--store", store, "serve", "--listen", addr)
 	cmd.Env = append(os.Environ(), "CVD_STORE=", "CVD_CONNECT=")
 	out, err := cmd.StdoutPipe()
 	if err != nil {
