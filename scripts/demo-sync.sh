@@ -125,9 +125,28 @@ if command -v curl >/dev/null; then
   ask /v1/checkins "{\"id\":\"$(printf 'e%.0s' $(seq 32))\",\"desktop\":\"alice\",\"lease\":\"$lease\",\"base\":1,\"disks\":[{\"name\":\"system\",\"parent\":\"$(printf 'ab%.0s' $(seq 32))\",\"size\":1073741824,\"cluster_size\":65536,\"entries\":0,\"data_entries\":0}]}" | tr -d '\n' | sed 's/  */ /g'; echo
 fi
 
+step "A second server on the same store: with the first, one site (locks and leases in the catalog; PostgreSQL when the servers are on several machines)"
+"$CVD" --store "$SERVER" serve --listen 127.0.0.1:0 > serve2.out 2> serve2.log &
+srv2_pid=$!
+for _ in $(seq 50); do grep -q 'cvd serve:' serve2.out 2>/dev/null && break; sleep 0.1; done
+URL2=$(sed -n 's/.* on \(http[^ ]*\).*/\1/p' serve2.out)
+TOKEN3=$("$CVD" --store "$SERVER" device add alice-phone --desktop alice 2>/dev/null)
+echo "the lease taken through $URL is refused through $URL2:"
+if "$CVD" --store "$S/laptop3" checkout alice --server "$URL2" --token "$TOKEN3"; then fail "the second server gave away a held lease"; fi
+
+step "A hypervisor host pulls the desktop's sealed layers by ID with a host token (no lease) and clones it on its own store; a second pull moves nothing"
+HOST_TOKEN=$("$CVD" --store "$SERVER" device add hv1 --host 2>/dev/null)
+cvd --store "$S/host" pull alice --server "$URL2" --token "$HOST_TOKEN"
+cvd --store "$S/host" clone alice --name hv-vm --count 5 >/dev/null
+cvd --store "$S/host" clone ls
+cvd --store "$S/host" pull alice --server "$URL" --token "$HOST_TOKEN"
+head_sys=$("$CVD" --store "$SERVER" desktop versions alice --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print([v for v in d["versions"] if v["n"]==d["head"]][0]["system"])')
+run qemu-img compare "$SERVER/layers/$head_sys.qcow2" "$S/host/clones/hv-vm-1.qcow2"
+kill "$srv2_pid"; wait "$srv2_pid" 2>/dev/null || true
+
 step "Metrics (through the Prometheus client library) at /metrics"
 if command -v curl >/dev/null; then
-  curl -s "$URL/metrics" | grep -E '^cvd_sync_(sent|received)_bytes_total|^cvd_sync_checkins_total|^cvd_sync_(deduplicated|auth)' || true
+  curl -s "$URL/metrics" | grep -E '^cvd_sync_(sent|received)_bytes_total|^cvd_sync_checkins_total|^cvd_sync_(deduplicated|auth)|^cvd_sync_dedup_ratio' || true
 fi
 kill "$srv_pid"; wait "$srv_pid" 2>/dev/null || true; srv_pid=""
 cvd --store "$SERVER" desktop versions alice

@@ -167,3 +167,45 @@ func TestGCKeepsStagingParents(t *testing.T) {
 		t.Fatalf("gc after the check-in was reaped removed %+v, want the loose layer", rep.Removed)
 	}
 }
+
+// TestReapOnceAcrossSite: while another process of the site holds the reaper's
+// lock (it is reaping), this server skips its turn; a check-in another process
+// is working on (its lock held) is never reaped; both are reaped once free.
+func TestReapOnceAcrossSite(t *testing.T) {
+	w := newWorld(t, worldSpec{baseSize: 64 * MiB, baseWrites: []write{{off: 0, data: testutil.Fill(1, MiB, false)}}})
+	peer, err := images.Open(w.dir, images.OpenOptions{}) // another server's handle on the catalog
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer peer.Close()
+	_, v := w.head()
+	ids := []string{strings.Repeat("c1", 16), strings.Repeat("c2", 16)}
+	for _, id := range ids {
+		se := &Session{CheckinRequest: proto.CheckinRequest{ID: id, Desktop: w.desktop, Base: v.N,
+			Disks: []proto.CheckinDisk{{Name: proto.DiskSystem, Parent: v.System, Size: 64 * MiB, ClusterSize: 65536}}},
+			Device: w.device.ID, State: proto.SessionReceiving, Created: w.now}
+		if err := w.srv.putSession(se); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w.now = w.now.Add(25 * time.Hour)
+	reaping, err := peer.Catalog().TryLock("reap", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, err := w.srv.reapSessions(); err != nil || n != 0 {
+		t.Fatalf("reap while another server reaps: %d, %v; want 0 (its turn skipped)", n, err)
+	}
+	reaping()
+	busy, err := peer.Catalog().TryLock("checkin/"+ids[0], false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, err := w.srv.reapSessions(); err != nil || n != 1 {
+		t.Fatalf("reap with one check-in busy elsewhere: %d, %v; want 1", n, err)
+	}
+	busy()
+	if n, err := w.srv.reapSessions(); err != nil || n != 1 {
+		t.Fatalf("reap once free: %d, %v; want 1", n, err)
+	}
+}

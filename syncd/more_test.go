@@ -253,7 +253,10 @@ func TestMetricsAndTLS(t *testing.T) {
 	if _, err := lap.lp.CheckOut(ctx, c, w.desktop, laptop.CheckoutOptions{CACert: ca}); err != nil {
 		t.Fatal(err)
 	}
-	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 64 * MiB, data: testutil.Fill(50, 1*MiB, false)}})
+	// 1 MiB new, and 1 MiB the base holds (its first MiB, elsewhere): half of
+	// the check-in's 32 data clusters come from the store.
+	writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 64 * MiB, data: testutil.Fill(50, 1*MiB, false)},
+		{off: 96 * MiB, data: testutil.Fill(1, 1*MiB, false)}})
 	if _, err := lap.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -284,6 +287,9 @@ func TestMetricsAndTLS(t *testing.T) {
 		`cvd_sync_requests_total{code="200",route="commit"} 1`,
 		`cvd_sync_request_duration_seconds_bucket{route="checkout",le="+Inf"} 1`,
 		"# TYPE process_resident_memory_bytes gauge",
+		"cvd_sync_committed_clusters_total 32",
+		"cvd_sync_deduplicated_clusters_total 16",
+		"cvd_sync_dedup_ratio 0.5",
 	} {
 		if !strings.Contains(m, want) {
 			t.Errorf("metrics lack %q", want)

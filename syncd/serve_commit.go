@@ -253,6 +253,10 @@ func (s *Server) indexEntriesLater(newEntries map[string][]proto.Entry) {
 		})
 		if err != nil {
 			s.log.Warn("index the clusters of new layers (the next check-in indexes them from the files)", "err", err)
+			return
+		}
+		for id := range newEntries {
+			s.knowIndexed(id)
 		}
 	}()
 }

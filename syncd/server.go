@@ -89,6 +89,8 @@ type Server struct {
 	// their lists can stand in for reading them again at commit. A staging
 	// layer left by an earlier process (a crash may have lost writes) is read.
 	fresh map[string]bool
+	// indexed holds the layers known to be in the cluster index.
+	indexed map[string]bool
 
 	// failpoint, set by tests, can fail a step by name ("commit:catalog").
 	failpoint func(step string) error
@@ -132,7 +134,7 @@ func NewServer(store *images.Store, opts ServerOptions) (*Server, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	host, _ := os.Hostname()
 	s := &Server{store: store, st: st, opts: opts, log: log, instance: fmt.Sprintf("%s/%d/%s", host, os.Getpid(), newLeaseID()[:8]),
-		sessions: map[string]*session{}, fresh: map[string]bool{}, cancel: cancel, bgCtx: ctx}
+		sessions: map[string]*session{}, fresh: map[string]bool{}, indexed: map[string]bool{}, cancel: cancel, bgCtx: ctx}
 	s.m = s.newMetrics()
 	if !opts.Admin {
 		// Only a serving process repairs what an interrupted server left: an
@@ -188,14 +190,35 @@ func (s *Server) lockDesktop(ctx context.Context, name string) (func(), error) {
 
 // ensureIndexed indexes every layer of the store the cluster index does not cover.
 // Indexing runs once at a time across the site (the catalog's lock "index").
+// The layers known to be indexed are remembered (a layer once indexed stays
+// so): a check-in that finds every layer known takes no lock and asks the
+// catalog nothing more than the list of layers; the others are looked up in one
+// read, and only layers still not indexed are indexed under the lock.
 func (s *Server) ensureIndexed(ctx context.Context) error {
+	all, err := s.store.Layers()
+	if err != nil {
+		return err
+	}
+	var layers []images.Layer
+	s.mu.Lock()
+	for _, l := range all {
+		if !s.indexed[l.ID] {
+			layers = append(layers, l)
+		}
+	}
+	s.mu.Unlock()
+	if len(layers) == 0 {
+		return nil
+	}
+	if layers, err = s.notIndexed(layers); err != nil || len(layers) == 0 {
+		return err
+	}
 	release, err := s.st.DB.Lock(ctx, "index", false)
 	if err != nil {
 		return err
 	}
 	defer release()
-	layers, err := s.store.Layers()
-	if err != nil {
+	if layers, err = s.notIndexed(layers); err != nil || len(layers) == 0 {
 		return err
 	}
 	// Parents first: a cluster that a layer repeats from below is found in the
@@ -213,18 +236,40 @@ func (s *Server) ensureIndexed(ctx context.Context) error {
 	}
 	sort.SliceStable(layers, func(i, j int) bool { return depth(layers[i].ID) < depth(layers[j].ID) })
 	for _, l := range layers {
-		var done bool
-		s.st.View(func(tx *catalog.Tx) error { done = state.IsIndexed(tx, l.ID); return nil })
-		if done {
-			continue
-		}
 		start := time.Now()
 		if err := s.st.IndexLayerFile(ctx, l.ID, s.store.LayerPath(l.ID)); err != nil {
 			return err
 		}
+		s.knowIndexed(l.ID)
 		s.log.Info("indexed layer", "layer", state.Short(l.ID), "clusters", l.DataClusters, "took", time.Since(start).Round(time.Millisecond))
 	}
 	return nil
+}
+
+// notIndexed returns the layers of ls the catalog does not record as indexed,
+// in one read, and remembers the others.
+func (s *Server) notIndexed(ls []images.Layer) ([]images.Layer, error) {
+	var out []images.Layer
+	err := s.st.View(func(tx *catalog.Tx) error {
+		out = out[:0]
+		for _, l := range ls {
+			if state.IsIndexed(tx, l.ID) {
+				s.knowIndexed(l.ID)
+			} else {
+				out = append(out, l)
+			}
+		}
+		return nil
+	})
+	return out, err
+}
+
+func (s *Server) knowIndexed(ids ...string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, id := range ids {
+		s.indexed[id] = true
+	}
 }
 
 // Handler is the HTTP API: /v1/... and /metrics.

@@ -249,14 +249,15 @@ func TestLoad(t *testing.T) {
 		rounds, retries, conflic atomic.Int64
 		failures                 []string
 	)
-	// retry runs op until it succeeds, ctx ends, or it failed 20 times.
-	retry := func(what string, op func() error) error {
+	// retry runs op until it succeeds, or it failed 20 times; a check-out stops
+	// at the end of the run, a check-in under way is finished (untilEnd false).
+	retry := func(what string, untilEnd bool, op func() error) error {
 		var err error
 		for i := range 20 {
 			if err = op(); err == nil {
 				return nil
 			}
-			if ctx.Err() != nil {
+			if untilEnd && ctx.Err() != nil {
 				return err
 			}
 			if i == 0 {
@@ -281,7 +282,7 @@ func TestLoad(t *testing.T) {
 			for ctx.Err() == nil {
 				t0 := time.Now()
 				var co *laptop.CheckoutReport
-				if err := retry("check-out", func() (err error) {
+				if err := retry("check-out", true, func() (err error) {
 					co, err = l.lp.CheckOut(ctx, c, l.desktop, laptop.CheckoutOptions{})
 					return err
 				}); err != nil {
@@ -313,7 +314,7 @@ func TestLoad(t *testing.T) {
 				t1 := time.Now()
 				var ci *laptop.CheckinReport
 				var payload, meta int64
-				err = retry("check-in", func() (err error) {
+				err = retry("check-in", false, func() (err error) {
 					ci, err = l.lp.CheckIn(context.WithoutCancel(ctx), l.desktop, laptop.CheckinOptions{})
 					if ci != nil {
 						payload += ci.Payload

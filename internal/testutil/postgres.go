@@ -116,8 +116,12 @@ func startPostgres() {
 		// The parent-death signal follows the thread that started the server:
 		// keep this goroutine on its thread for the life of the test binary.
 		runtime.LockOSThread()
+		// Dynamic shared memory in files of the data directory (mmap), not
+		// in /dev/shm: the cluster is killed with the test binary, and its
+		// segments then go with its directory.
 		cmd := exec.Command(filepath.Join(bin, "postgres"), "-D", data, "-k", sock,
-			"-c", "listen_addresses=", "-c", "fsync=off", "-c", "max_connections=200")
+			"-c", "listen_addresses=", "-c", "fsync=off", "-c", "max_connections=200",
+			"-c", "dynamic_shared_memory_type=mmap")
 		logf, _ := os.Create(filepath.Join(dir, "postgres.log"))
 		cmd.Stdout, cmd.Stderr = logf, logf
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred, Pdeathsig: syscall.SIGKILL, Setpgid: true}
