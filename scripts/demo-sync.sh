@@ -136,10 +136,12 @@ if "$CVD" --store "$S/laptop3" checkout alice --server "$URL2" --token "$TOKEN3"
 
 step "A hypervisor host pulls the desktop's sealed layers by ID with a host token (no lease) and clones it on its own store; a second pull moves nothing"
 HOST_TOKEN=$("$CVD" --store "$SERVER" device add hv1 --host 2>/dev/null)
-cvd --store "$S/host" pull alice --server "$URL2" --token "$HOST_TOKEN"
+export CVD_TOKEN="$HOST_TOKEN"   # the host's token, out of the command lines below
+cvd --store "$S/host" pull alice --server "$URL2"
 cvd --store "$S/host" clone alice --name hv-vm --count 5 >/dev/null
 cvd --store "$S/host" clone ls
-cvd --store "$S/host" pull alice --server "$URL" --token "$HOST_TOKEN"
+cvd --store "$S/host" pull alice --server "$URL"
+unset CVD_TOKEN
 head_sys=$("$CVD" --store "$SERVER" desktop versions alice --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print([v for v in d["versions"] if v["n"]==d["head"]][0]["system"])')
 run qemu-img compare "$SERVER/layers/$head_sys.qcow2" "$S/host/clones/hv-vm-1.qcow2"
 kill "$srv2_pid"; wait "$srv2_pid" 2>/dev/null || true
