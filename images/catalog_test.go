@@ -498,3 +498,37 @@ func TestGCLeavesLayersInUse(t *testing.T) {
 		}
 	}
 }
+
+// TestChains: the layers of several chains, each once, unknown tops skipped.
+func TestChains(t *testing.T) {
+	s := openStore(t)
+	dir := t.TempDir()
+	base := importT(t, s, makeImage(t, filepath.Join(dir, "b.qcow2"), "16M", "", "write -P 1 0 1M"), ImportOptions{})
+	a := importT(t, s, makeImage(t, filepath.Join(dir, "a.qcow2"), "", filepath.Join(dir, "b.qcow2"), "write -P 2 1M 1M"), ImportOptions{Parent: base.ID})
+	b := importT(t, s, makeImage(t, filepath.Join(dir, "c.qcow2"), "", filepath.Join(dir, "b.qcow2"), "write -P 3 2M 1M"), ImportOptions{Parent: base.ID})
+	for _, c := range []struct {
+		tops []string
+		want []string
+	}{
+		{[]string{a.ID}, []string{a.ID, base.ID}},
+		{[]string{a.ID, b.ID, "", strings.Repeat("0", 64)}, []string{a.ID, b.ID, base.ID}},
+		{nil, nil},
+	} {
+		got, err := s.Chains(c.tops)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ids []string
+		for id, l := range got {
+			if l.ID != id {
+				t.Errorf("layer %s under key %s", l.ID, id)
+			}
+			ids = append(ids, id)
+		}
+		slices.Sort(ids)
+		want := slices.Sorted(slices.Values(c.want))
+		if !slices.Equal(ids, want) {
+			t.Errorf("Chains(%d tops) = %d layers, want %d", len(c.tops), len(ids), len(want))
+		}
+	}
+}

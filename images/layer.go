@@ -535,6 +535,28 @@ func (s *Store) Chain(ref string) ([]Layer, error) {
 	return out, err
 }
 
+// Chains returns every layer in the chains of the layers tops (IDs; "" and
+// unknown ones are skipped), each read once, in one read of the catalog: a
+// chain's walk stops at a layer already met, so the cost follows the distinct
+// layers, not the sum of the chains' depths. The layers come without names.
+func (s *Store) Chains(tops []string) (map[string]*Layer, error) {
+	out := map[string]*Layer{}
+	err := s.db.View(func(tx *catalog.Tx) error {
+		for _, t := range tops {
+			for cur, n := t, 0; cur != "" && out[cur] == nil && n <= disk.DefaultMaxDepth; n++ {
+				l := getLayer(tx, cur)
+				if l == nil {
+					break
+				}
+				out[cur] = l
+				cur = l.Parent
+			}
+		}
+		return nil
+	})
+	return out, err
+}
+
 func chainTx(tx *catalog.Tx, id string) ([]Layer, error) {
 	var out []Layer
 	for cur := id; cur != ""; {

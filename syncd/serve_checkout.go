@@ -330,21 +330,7 @@ func (s *Server) readable(desktops []string) (map[string]*images.Layer, error) {
 		}
 	}
 	slices.Sort(tops)
-	tops = slices.Compact(tops)
-	out := map[string]*images.Layer{}
-	for _, t := range tops {
-		if t == "" || out[t] != nil {
-			continue
-		}
-		chain, err := s.store.Chain(t)
-		if err != nil {
-			continue
-		}
-		for i := range chain {
-			out[chain[i].ID] = &chain[i]
-		}
-	}
-	return out, nil
+	return s.store.Chains(slices.Compact(tops))
 }
 
 func (s *Server) handleLayer(w http.ResponseWriter, r *http.Request, dev *Device) error {
