@@ -560,13 +560,18 @@ func (p *fillOnProgress) Add(n int64) {
 }
 
 // TestFullDiskInMidUpload: the server's file system fills up while a check-in's
-// clusters arrive, with nothing or a few MiB left (so that a write of data
-// clusters, not only of metadata, runs out of room). Once room returns, the same
-// server (no restart) completes the check-in, and the layer it committed holds
-// what the laptop wrote, cluster for cluster.
+// clusters arrive (after 2 MiB of 12) or as the last ones arrive (before the
+// commit), with nothing or a few MiB left (so that a write of data clusters,
+// not only of metadata, runs out of room). Once room returns, the same server
+// (no restart) completes the check-in, and the layer it committed holds what
+// the laptop wrote, cluster for cluster.
 func TestFullDiskInMidUpload(t *testing.T) {
-	for _, leave := range []int64{0, 1*MiB + 4*KiB, 3 * MiB, 5*MiB + 12*KiB} {
-		t.Run(fmt.Sprintf("leave=%d", leave), func(t *testing.T) {
+	for _, c := range []struct{ after, leave int64 }{
+		{2 * MiB, 0}, {2 * MiB, 1*MiB + 4*KiB}, {2 * MiB, 3 * MiB}, {2 * MiB, 5*MiB + 12*KiB},
+		{12 * MiB, 0}, {12 * MiB, 64 * KiB}, {12 * MiB, 3 * MiB},
+	} {
+		after, leave := c.after, c.leave
+		t.Run(fmt.Sprintf("after=%d,leave=%d", after, leave), func(t *testing.T) {
 			ctx := context.Background()
 			fs := mountTmpfs(t, 48*MiB)
 			w := newWorldAt(t, filepath.Join(fs, "server"), smallSpec())
@@ -576,17 +581,18 @@ func TestFullDiskInMidUpload(t *testing.T) {
 			}
 			writeTop(t, lap, w.desktop, proto.DiskSystem, []write{{off: 64 * MiB, data: testutil.Fill(uint64(leave), 12*MiB, false)}})
 			filler := filepath.Join(fs, "filler")
-			lap.reopen(laptop.LaptopOptions{Progress: &fillOnProgress{path: filler, after: 2 * MiB, leave: leave}})
-			_, err := lap.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{})
+			lap.reopen(laptop.LaptopOptions{Progress: &fillOnProgress{path: filler, after: after, leave: leave}})
+			rep, err := lap.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{})
 			t.Logf("with %d bytes left: %v", leave, err)
 			if err != nil && !errors.Is(err, proto.ErrNoSpace) {
 				t.Fatalf("check-in filling the server's disk: %v, want ErrNoSpace", err)
 			}
 			os.Remove(filler)
-			lap.reopen(laptop.LaptopOptions{})
-			rep, err := lap.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{})
 			if err != nil {
-				t.Fatalf("the check-in once room returned: %v", err)
+				lap.reopen(laptop.LaptopOptions{})
+				if rep, err = lap.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{}); err != nil {
+					t.Fatalf("the check-in once room returned: %v", err)
+				}
 			}
 			id := rep.Layers[proto.DiskSystem]
 			_, head := w.head()
