@@ -129,6 +129,9 @@ func PinnedVersions(store *images.Store, desktop string, now time.Time) ([]int, 
 // endLease ends the active lease l with its end state.
 func endLease(tx *catalog.Tx, l *proto.Lease, st string, now time.Time) error {
 	l.State, l.Ended = st, leaseTime(now)
+	if err := tx.Bucket(state.BucketHaves).Delete([]byte(l.ID)); err != nil {
+		return err
+	}
 	return putLease(tx, l)
 }
 

@@ -844,3 +844,51 @@ func TestBundleZeroDataClusters(t *testing.T) {
 		t.Errorf("the imported layer holds %d data clusters, want 2 (the cluster of zeros stored as zero): %+v", data, runs)
 	}
 }
+
+// TestReferencesThroughAnotherServer: a check-out through one server of the
+// site whose layer streams go to another (a load balancer's choice) still gets
+// the clusters the laptop holds as references: what it said it holds is in the
+// catalog, not in the first server's memory.
+func TestReferencesThroughAnotherServer(t *testing.T) {
+	ctx := context.Background()
+	spec := smallSpec()
+	base := testutil.Fill(1, 4*MiB, false)
+	spec.baseWrites = []write{{off: 0, data: base}}
+	spec.appWrites = []write{{off: 32 * MiB, data: base[:2*MiB]}} // the app repeats base clusters
+	w := newWorld(t, spec)
+	other, err := NewServer(w.store, ServerOptions{Logger: testLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if err := other.ensureIndexed(ctx); err != nil {
+		t.Fatal(err)
+	}
+	a, b := w.srv.Handler(), other.Handler()
+	lb := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+		if strings.HasSuffix(r.URL.Path, "/checkout") {
+			a.ServeHTTP(rw, r)
+		} else {
+			b.ServeHTTP(rw, r)
+		}
+	}))
+	defer lb.Close()
+	c, err := laptop.NewClient(lb.URL, w.token, laptop.ClientOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := t.TempDir()
+	makeImage(t, filepath.Join(src, "base.qcow2"), spec.baseSize, "", spec.baseWrites)
+	lap := newLaptop(t, "laptop")
+	if _, _, err := lap.store.Import(ctx, filepath.Join(src, "base.qcow2"), images.ImportOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := lap.lp.CheckOut(ctx, c, w.desktop, laptop.CheckoutOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.ClustersByRef != 32 {
+		t.Errorf("%d clusters by reference through the other server, want 32", rep.ClustersByRef)
+	}
+	qemuCompare(t, w.store.LayerPath(w.app), lap.top(w.desktop, proto.DiskSystem))
+}

@@ -54,37 +54,72 @@ func (s *Server) handleCheckout(w http.ResponseWriter, r *http.Request, dev *Dev
 	if err != nil {
 		return err
 	}
-	s.rememberHave(m.Lease.ID, dev, req.Have)
+	if err := s.rememberHave(m.Lease.ID, dev, req.Have); err != nil {
+		return err
+	}
 	writeJSON(w, http.StatusOK, m)
 	return nil
 }
 
-// haveSet is what a check-out said the laptop holds, kept in memory for the
-// lease's layer streams (a rerun of the check-out says it again).
+// haveSet is what a check-out said the laptop holds (the layers of the store
+// among them), for the lease's layer streams: recorded in the catalog
+// (state.BucketHaves, dropped when the lease ends), since the streams may go
+// to another server of the site, and cached in memory.
 type haveSet struct {
-	device string
-	layers map[string]bool
+	Device string          `json:"device"`
+	Layers map[string]bool `json:"layers"`
 }
 
-func (s *Server) rememberHave(lease string, dev *Device, have []string) {
-	set := &haveSet{device: dev.ID, layers: map[string]bool{}}
+func (s *Server) rememberHave(lease string, dev *Device, have []string) error {
+	set := &haveSet{Device: dev.ID, Layers: map[string]bool{}}
 	for _, id := range have {
 		if proto.LayerIDRE.MatchString(id) {
 			if _, err := s.store.Layer(id); err == nil {
-				set.layers[id] = true
+				set.Layers[id] = true
 			}
 		}
 	}
+	err := s.st.Update(func(tx *catalog.Tx) error {
+		if len(set.Layers) == 0 {
+			return tx.Bucket(state.BucketHaves).Delete([]byte(lease))
+		}
+		return state.PutJSON(tx, state.BucketHaves, lease, set)
+	})
+	if err != nil {
+		return err
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.haves == nil {
-		s.haves = map[string]*haveSet{}
-	}
-	if len(set.layers) == 0 {
+	if len(set.Layers) == 0 {
 		delete(s.haves, lease)
-		return
+	} else {
+		s.haves[lease] = set
 	}
-	s.haves[lease] = set
+	return nil
+}
+
+// haveOf is the have set of a lease: cached, or read from the catalog (a
+// check-out through another server); nil when there is none.
+func (s *Server) haveOf(lease string) *haveSet {
+	s.mu.Lock()
+	set := s.haves[lease]
+	s.mu.Unlock()
+	if set != nil {
+		return set
+	}
+	var rec haveSet
+	var ok bool
+	s.st.View(func(tx *catalog.Tx) error {
+		ok, _ = state.GetJSON(tx, state.BucketHaves, lease, &rec)
+		return nil
+	})
+	if !ok {
+		return nil
+	}
+	s.mu.Lock()
+	s.haves[lease] = &rec
+	s.mu.Unlock()
+	return &rec
 }
 
 // refsFor returns, for a stream of layer id asked for with lease, the lookup that
@@ -93,10 +128,8 @@ func (s *Server) refsFor(lease string, dev *Device, id string) func(proto.Digest
 	if lease == "" {
 		return nil
 	}
-	s.mu.Lock()
-	set := s.haves[lease]
-	s.mu.Unlock()
-	if set == nil || set.device != dev.ID {
+	set := s.haveOf(lease)
+	if set == nil || set.Device != dev.ID {
 		return nil
 	}
 	return func(d proto.Digest) (proto.ClusterRef, bool) {
@@ -106,7 +139,7 @@ func (s *Server) refsFor(lease string, dev *Device, id string) func(proto.Digest
 			ref, ok = state.Lookup(tx, d)
 			return nil
 		})
-		return ref, ok && ref.Layer != id && set.layers[ref.Layer]
+		return ref, ok && ref.Layer != id && set.Layers[ref.Layer]
 	}
 }
 

@@ -134,7 +134,7 @@ func NewServer(store *images.Store, opts ServerOptions) (*Server, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	host, _ := os.Hostname()
 	s := &Server{store: store, st: st, opts: opts, log: log, instance: fmt.Sprintf("%s/%d/%s", host, os.Getpid(), newLeaseID()[:8]),
-		sessions: map[string]*session{}, fresh: map[string]bool{}, indexed: map[string]bool{}, cancel: cancel, bgCtx: ctx}
+		sessions: map[string]*session{}, haves: map[string]*haveSet{}, fresh: map[string]bool{}, indexed: map[string]bool{}, cancel: cancel, bgCtx: ctx}
 	s.m = s.newMetrics()
 	if !opts.Admin {
 		// Only a serving process repairs what an interrupted server left: an

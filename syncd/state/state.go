@@ -26,6 +26,7 @@ var (
 	BucketIndexed   = []byte(images.LegacySyncPrefix + "indexed")   // layer id → number of clusters indexed
 	BucketSessions  = []byte(images.LegacySyncPrefix + "sessions")  // check-in id → Session
 	BucketCheckouts = []byte(images.LegacySyncPrefix + "checkouts") // laptop: desktop → Checkout
+	BucketHaves     = []byte(images.LegacySyncPrefix + "haves")     // server: lease → the layers its check-out said the laptop holds
 )
 
 // State is syncd's part of the store: its records in the store's catalog
