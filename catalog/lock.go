@@ -208,8 +208,10 @@ func (db *DB) lockConn() (*sql.Conn, error) {
 	return c, nil
 }
 
-// dropLockConn closes the locks' connection (its locks go with it): the
-// engine's locks of the keys held in memory are lost, so those are forgotten.
+// dropLockConn closes the locks' connection, and with it the engine's locks of
+// this process: the holders counted in memory keep excluding one another here,
+// but another process may take their keys until they are released and taken
+// again. The next lock opens a new connection.
 func (db *DB) dropLockConn() {
 	if db.locks.conn != nil {
 		db.locks.conn.Raw(func(any) error { return driver.ErrBadConn })

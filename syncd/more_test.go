@@ -374,15 +374,22 @@ func tlsKeyPair(certPEM, keyPEM []byte) (*tls.Config, error) {
 	return &tls.Config{Certificates: []tls.Certificate{c}}, nil
 }
 
+// repeatSpec is smallSpec with an app that repeats 2 MiB (32 clusters) of the
+// base: a laptop holding the base gets them as references.
+func repeatSpec() worldSpec {
+	spec := smallSpec()
+	base := testutil.Fill(1, 4*MiB, false)
+	spec.baseWrites = []write{{off: 0, data: base}}
+	spec.appWrites = []write{{off: 32 * MiB, data: base[:2*MiB]}}
+	return spec
+}
+
 // A check-out that says the laptop holds a layer whose clusters it then cannot
 // read (they do not match their digests) gets the data instead: the stream is
 // asked for again without references.
 func TestReferenceFallback(t *testing.T) {
 	ctx := context.Background()
-	spec := smallSpec()
-	base := testutil.Fill(1, 4*MiB, false)
-	spec.baseWrites = []write{{off: 0, data: base}}
-	spec.appWrites = []write{{off: 32 * MiB, data: base[:2*MiB]}} // the app repeats base clusters
+	spec := repeatSpec()
 	w := newWorld(t, spec)
 	if err := w.srv.ensureIndexed(ctx); err != nil { // references come from the index
 		t.Fatal(err)
@@ -851,10 +858,7 @@ func TestBundleZeroDataClusters(t *testing.T) {
 // catalog, not in the first server's memory.
 func TestReferencesThroughAnotherServer(t *testing.T) {
 	ctx := context.Background()
-	spec := smallSpec()
-	base := testutil.Fill(1, 4*MiB, false)
-	spec.baseWrites = []write{{off: 0, data: base}}
-	spec.appWrites = []write{{off: 32 * MiB, data: base[:2*MiB]}} // the app repeats base clusters
+	spec := repeatSpec()
 	w := newWorld(t, spec)
 	other, err := NewServer(w.store, ServerOptions{Logger: testLogger()})
 	if err != nil {
