@@ -170,6 +170,24 @@ func (s *Server) checkStages(se *Session) {
 	}
 }
 
+// removeSession forgets a check-in (its record, files and lists in memory)
+// unless a request here or on another server holds it (removed false).
+func (s *Server) removeSession(id string) (removed bool, err error) {
+	release, err := s.st.DB.TryLock("checkin/"+id, false)
+	if errors.Is(err, catalog.ErrLocked) {
+		return false, nil
+	} else if err != nil {
+		return false, err
+	}
+	defer release()
+	s.dropSession(id)
+	if err := s.st.Update(func(tx *catalog.Tx) error { return tx.Bucket(state.BucketSessions).Delete([]byte(id)) }); err != nil {
+		return false, err
+	}
+	removeAllQuiet(s.sessionDir(id))
+	return true, nil
+}
+
 func (s *Server) dropSession(id string) {
 	s.mu.Lock()
 	delete(s.sessions, id)
@@ -894,22 +912,11 @@ func (s *Server) reapSessions() (int, error) {
 		if s.now().Sub(se.Created) < s.opts.SessionMaxIdle {
 			continue
 		}
-		release, err := s.st.DB.TryLock("checkin/"+se.ID, false)
-		if errors.Is(err, catalog.ErrLocked) {
-			continue // an upload or a commit is under way, here or elsewhere
-		} else if err != nil {
+		if removed, err := s.removeSession(se.ID); err != nil {
 			return n, err
+		} else if removed {
+			n++
 		}
-		s.dropSession(se.ID)
-		err = s.st.Update(func(tx *catalog.Tx) error { return tx.Bucket(state.BucketSessions).Delete([]byte(se.ID)) })
-		if err == nil {
-			removeAllQuiet(s.sessionDir(se.ID))
-		}
-		release()
-		if err != nil {
-			return n, err
-		}
-		n++
 	}
 	return n, nil
 }

@@ -421,15 +421,7 @@ func (s *Server) handleClusters(w http.ResponseWriter, r *http.Request, dev *Dev
 // end frame with the layer ID, and returns the number of entries sent.
 func writeLayerStream(ctx context.Context, sw *proto.StreamWriter, img disk.Image, cs int, keepZero bool, from int64, id string, opts proto.EncodeOptions) (int64, error) {
 	var entries int64
-	var zStart, zLen int64
-	flushZero := func() error {
-		if zLen == 0 {
-			return nil
-		}
-		err := sw.Zeros(0, zStart, zLen)
-		zLen = 0
-		return err
-	}
+	zeros := proto.ZeroRun{Write: func(start, n int64) error { return sw.Zeros(0, start, n) }}
 	err := proto.EncodeOrdered(ctx, opts, func(submit func(byte, int64, []byte, *proto.Digest) error) error {
 		return images.WalkLayerFrom(ctx, img, cs, keepZero, from, func(idx int64, data []byte) error {
 			return submit(0, idx, data, nil)
@@ -437,17 +429,9 @@ func writeLayerStream(ctx context.Context, sw *proto.StreamWriter, img disk.Imag
 	}, func(c proto.EncodedCluster, zero bool) error {
 		entries++
 		if zero {
-			if zLen > 0 && zStart+zLen == c.Idx {
-				zLen++
-				return nil
-			}
-			if err := flushZero(); err != nil {
-				return err
-			}
-			zStart, zLen = c.Idx, 1
-			return nil
+			return zeros.Add(c.Idx, 1)
 		}
-		if err := flushZero(); err != nil {
+		if err := zeros.Flush(); err != nil {
 			return err
 		}
 		if c.Ref != nil {
@@ -456,7 +440,7 @@ func writeLayerStream(ctx context.Context, sw *proto.StreamWriter, img disk.Imag
 		return sw.Data(c)
 	})
 	if err == nil {
-		err = flushZero()
+		err = zeros.Flush()
 	}
 	if err != nil {
 		return entries, err

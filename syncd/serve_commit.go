@@ -275,17 +275,12 @@ func (s *Server) fillStage(ctx context.Context, m *session, dl *diskList, ss []s
 	defer img.Close()
 	w := state.NewStageWriter(img, int64(cs))
 	buf := make([]byte, cs)
-	var zStart, zLen, n int64
-	flushZero := func() error {
-		if zLen == 0 {
-			return nil
-		}
+	var n int64
+	zeros := proto.ZeroRun{Write: func(start, count int64) error {
 		w.Sync()
-		off := zStart * int64(cs)
-		err := img.WriteZeroes(off, min(zLen*int64(cs), img.Size()-off))
-		zLen = 0
-		return proto.NoSpace(err)
-	}
+		off := start * int64(cs)
+		return proto.NoSpace(img.WriteZeroes(off, min(count*int64(cs), img.Size()-off)))
+	}}
 	open := map[string]disk.Image{}
 	defer func() {
 		for _, im := range open {
@@ -298,13 +293,8 @@ func (s *Server) fillStage(ctx context.Context, m *session, dl *diskList, ss []s
 			return 0, err
 		}
 		if e.Zero {
-			if zLen > 0 && zStart+zLen == e.Index {
-				zLen++
-			} else {
-				if err := flushZero(); err != nil {
-					return 0, err
-				}
-				zStart, zLen = e.Index, 1
+			if err := zeros.Add(e.Index, 1); err != nil {
+				return 0, err
 			}
 			continue
 		}
@@ -312,7 +302,7 @@ func (s *Server) fillStage(ctx context.Context, m *session, dl *diskList, ss []s
 		if src.staged {
 			continue
 		}
-		if err := flushZero(); err != nil {
+		if err := zeros.Flush(); err != nil {
 			return 0, err
 		}
 		var data []byte
@@ -361,7 +351,7 @@ func (s *Server) fillStage(ctx context.Context, m *session, dl *diskList, ss []s
 		}
 		n++
 	}
-	if err := flushZero(); err != nil {
+	if err := zeros.Flush(); err != nil {
 		return 0, err
 	}
 	if err := w.Flush(); err != nil {

@@ -109,16 +109,7 @@ func (s *Server) reconcileSessions() error {
 		if s.now().Sub(se.Created) <= sessionMaxAge {
 			continue
 		}
-		release, err := s.st.DB.TryLock("checkin/"+se.ID, false)
-		if err != nil {
-			continue // held here or elsewhere
-		}
-		err = s.st.Update(func(tx *catalog.Tx) error { return tx.Bucket(state.BucketSessions).Delete([]byte(se.ID)) })
-		if err == nil {
-			removeAllQuiet(s.sessionDir(se.ID))
-		}
-		release()
-		if err != nil {
+		if _, err := s.removeSession(se.ID); err != nil {
 			return err
 		}
 	}

@@ -278,20 +278,14 @@ func (f *layerFetcher) consume(ctx context.Context, sr *proto.StreamReader) (int
 	cs := int64(f.info.ClusterSize)
 	clusters := state.ClustersOf(f.info.Size, f.info.ClusterSize)
 	last := f.ck.Next - 1
-	var zStart, zLen int64
-	flushZero := func() error {
-		if zLen == 0 {
-			return nil
-		}
+	zeros := proto.ZeroRun{Write: func(start, n int64) error {
 		f.w.Sync()
 		if f.w.Err != nil {
 			return f.w.Err
 		}
-		off := zStart * cs
-		err := f.img.WriteZeroes(off, min(zLen*cs, f.info.Size-off))
-		zLen = 0
-		return proto.NoSpace(err)
-	}
+		off := start * cs
+		return proto.NoSpace(f.img.WriteZeroes(off, min(n*cs, f.info.Size-off)))
+	}}
 	progress := f.l.opts.Progress
 	var resolve proto.RefResolver
 	if f.refs != nil && f.lease != "" {
@@ -314,13 +308,8 @@ func (f *layerFetcher) consume(ctx context.Context, sr *proto.StreamReader) (int
 			for i := int64(0); i < fr.N; i++ {
 				f.h.Add(proto.Entry{Index: fr.Idx + i, Zero: true})
 			}
-			if zLen > 0 && zStart+zLen == fr.Idx {
-				zLen += fr.N
-			} else {
-				if err := flushZero(); err != nil {
-					return err
-				}
-				zStart, zLen = fr.Idx, fr.N
+			if err := zeros.Add(fr.Idx, fr.N); err != nil {
+				return err
 			}
 			f.ck.Next = fr.Idx + fr.N
 			return nil
@@ -336,17 +325,9 @@ func (f *layerFetcher) consume(ctx context.Context, sr *proto.StreamReader) (int
 				return nil
 			}
 			f.h.Add(proto.Entry{Index: fr.Idx, Zero: true})
-			if zLen > 0 && zStart+zLen == fr.Idx {
-				zLen++
-				return nil
-			}
-			if err := flushZero(); err != nil {
-				return err
-			}
-			zStart, zLen = fr.Idx, 1
-			return nil
+			return zeros.Add(fr.Idx, 1)
 		}
-		if err := flushZero(); err != nil {
+		if err := zeros.Flush(); err != nil {
 			return err
 		}
 		f.h.Add(proto.Entry{Index: fr.Idx, Digest: d})
@@ -371,7 +352,7 @@ func (f *layerFetcher) consume(ctx context.Context, sr *proto.StreamReader) (int
 		return nil
 	})
 	if err == nil {
-		err = flushZero()
+		err = zeros.Flush()
 	}
 	moved := sr.Bytes()
 	f.ck.Bytes = base + moved
