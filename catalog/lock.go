@@ -237,11 +237,17 @@ func (db *DB) lockFile() (*os.File, error) {
 	return f, nil
 }
 
-// closeLocks gives back every lock of this process.
+// closeLocks gives back every lock of this process. On PostgreSQL they are
+// released explicitly before the connection closes: a closed connection's
+// backend releases them only when the server has seen the disconnect, which
+// another process may try to take them before.
 func (db *DB) closeLocks() {
 	db.locks.mu.Lock()
 	defer db.locks.mu.Unlock()
 	if db.locks.conn != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		db.locks.conn.ExecContext(ctx, "SELECT pg_advisory_unlock_all()")
+		cancel()
 		db.locks.conn.Close()
 		db.locks.conn = nil
 	}
