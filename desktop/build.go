@@ -33,9 +33,10 @@ func randSuffix() string {
 // layerBacking is how a file in the desktops directory names a store layer.
 func layerBacking(id string) string { return "../" + images.LayersDir + "/" + id + ".qcow2" }
 
-// sealMerged makes a new sealed version layer on parent holding what the layers
-// own allocate, read through view. It returns the new layer's ID.
-func sealMerged(ctx context.Context, st *images.Store, view disk.Image, own []disk.Image, parent string, size int64, cs int) (string, error) {
+// sealCopy makes a new sealed layer of kind on parent holding what the layers
+// own allocate, read through view (several layers merged into one, or one
+// layer restacked). It returns the new layer's ID.
+func sealCopy(ctx context.Context, st *images.Store, view disk.Image, own []disk.Image, parent string, size int64, cs int, kind images.Kind) (string, error) {
 	tmp := st.Path(images.DesktopsDir + "/" + proc.TempPrefix() + "merge-" + randSuffix() + ".qcow2")
 	defer os.Remove(tmp)
 	img, err := overlay.CreateTemp(tmp, disk.CreateOptions{Size: size, ClusterSize: cs, BackingFile: st.LayerPath(parent),
@@ -50,7 +51,7 @@ func sealMerged(ctx context.Context, st *images.Store, view disk.Image, own []di
 	if err != nil {
 		return "", fmt.Errorf("merge layer: %w", err)
 	}
-	l, _, err := st.Seal(ctx, tmp, images.ImportOptions{Kind: images.KindVersion})
+	l, _, err := st.Seal(ctx, tmp, images.ImportOptions{Kind: kind})
 	if err != nil {
 		return "", err
 	}
@@ -109,7 +110,7 @@ func build(ctx context.Context, st *images.Store, d *images.Desktop, newLower st
 	if !refresh && len(dc.versions) > 0 {
 		// The versions as the top version layer shows them.
 		view := dc.own[1]
-		id, err := sealMerged(ctx, st, view, dc.own[1:], newLower, dc.top.Size(), dc.own[1].Info().ClusterSize)
+		id, err := sealCopy(ctx, st, view, dc.own[1:], newLower, dc.top.Size(), dc.own[1].Info().ClusterSize, images.KindVersion)
 		if err != nil {
 			return nil, fmt.Errorf("desktop %s: %w", d.Name, err)
 		}

@@ -161,7 +161,7 @@ func buildSquash(ctx context.Context, st *images.Store, d *images.Desktop, dc *d
 	name := d.Name
 	// The merge: what the old versions hold, as the newest of them shows it.
 	size, cs := dc.top.Size(), dc.own[1+k].Info().ClusterSize
-	merge, err = sealMerged(ctx, st, dc.own[1+k], dc.own[1+k:], dc.oldLower, size, cs)
+	merge, err = sealCopy(ctx, st, dc.own[1+k], dc.own[1+k:], dc.oldLower, size, cs, images.KindVersion)
 	if err != nil {
 		return nil, "", nil, fmt.Errorf("squash %s: %w", name, err)
 	}
@@ -169,7 +169,7 @@ func buildSquash(ctx context.Context, st *images.Store, d *images.Desktop, dc *d
 	remade = make([]string, k)
 	for i := k - 1; i >= 0; i-- {
 		l := dc.own[1+i]
-		id, err := sealMerged(ctx, st, l, []disk.Image{l}, parent, size, l.Info().ClusterSize)
+		id, err := sealCopy(ctx, st, l, []disk.Image{l}, parent, size, l.Info().ClusterSize, images.KindVersion)
 		if err != nil {
 			return nil, "", nil, fmt.Errorf("squash %s: %w", name, err)
 		}

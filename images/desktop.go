@@ -27,11 +27,12 @@ const (
 	VersionRecompose VersionKind = "recompose" // the desktop moved onto new base or app layers
 	VersionSquash    VersionKind = "squash"    // a version whose layers a squash merged
 	VersionImport    VersionKind = "import"    // a copy's version taken from a server or a bundle
+	VersionSnapshot  VersionKind = "snapshot"  // a device's state as it became active, kept beside the head
 )
 
 // kindFromNote gives the kind of a version recorded before versions carried one.
 func kindFromNote(note string) VersionKind {
-	for _, k := range []VersionKind{VersionCreate, VersionCheckin, VersionConflict, VersionRollback, VersionRecompose, VersionSquash, VersionImport} {
+	for _, k := range []VersionKind{VersionCreate, VersionCheckin, VersionConflict, VersionRollback, VersionRecompose, VersionSquash, VersionImport, VersionSnapshot} {
 		if strings.HasPrefix(note, string(k)) {
 			return k
 		}

@@ -26,6 +26,15 @@ var keepers []Keeper
 // RegisterKeeper adds a keeper (call it from init).
 func RegisterKeeper(k Keeper) { keepers = append(keepers, k) }
 
+// Derived lists layers made from other layers (made[i] from from[i]: a layer
+// recomposed onto a base variant): GC keeps made[i] while it keeps from[i].
+type Derived func(tx *catalog.Tx) (from, made []string, err error)
+
+var derived []Derived
+
+// RegisterDerived adds a list of derived layers (call it from init).
+func RegisterDerived(d Derived) { derived = append(derived, d) }
+
 // LayerLockKey is the key of the catalog's lock (see catalog.DB.TryLock) that a
 // process holds, shared, while it reads a layer that nothing else may keep (a
 // layer streamed to a device); GC takes it exclusively before it removes one.
@@ -97,6 +106,17 @@ func (s *Store) GC(ctx context.Context, dryRun bool) (*GCReport, error) {
 			}
 			for _, id := range ids {
 				keep(id)
+			}
+		}
+		for _, d := range derived {
+			from, made, err := d(tx)
+			if err != nil {
+				return nil, err
+			}
+			for i := range from {
+				if kept[from[i]] {
+					keep(made[i])
+				}
 			}
 		}
 		if !dryRun {

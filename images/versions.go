@@ -109,7 +109,7 @@ func normalVersion(v Version) Version {
 		v.Kind = VersionConflict
 	}
 	v.Conflict = v.Kind == VersionConflict
-	if v.Kind != VersionCheckin && v.Kind != VersionConflict {
+	if v.Kind != VersionCheckin && v.Kind != VersionConflict && v.Kind != VersionSnapshot {
 		v.Checkin = ""
 	}
 	v.Created = v.Created.UTC().Truncate(time.Second)

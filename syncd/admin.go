@@ -12,32 +12,42 @@ import (
 // The administrator's operations on the server's store. The CLI calls them on the
 // store directly (`cvd device`, `cvd desktop versions|rollback`).
 
-// AddDevice registers a device bound to desktops (which must exist) and returns
-// its token: it is shown once; the server keeps only its hash.
-func (s *Server) AddDevice(name string, desktops []string) (*Device, string, error) {
-	for _, d := range desktops {
+// AddDevice registers a device in the device groups of o.Desktops (which must
+// exist) and returns its token: it is shown once; the server keeps only its
+// hash.
+func (s *Server) AddDevice(name string, o DeviceOptions) (*Device, string, error) {
+	for _, d := range o.Desktops {
 		if _, err := s.store.Desktop(d); err != nil {
 			return nil, "", err
 		}
 	}
-	return addDevice(s.st, name, KindLaptop, desktops, s.now())
+	return addDevice(s.st, name, KindLaptop, o, s.now())
 }
 
 // AddHost registers a hypervisor host of the site and returns its token: the
 // host reads the sealed layers of every desktop (to provision clones on its own
 // store) and takes no lease.
-func (s *Server) AddHost(name string) (*Device, string, error) {
-	return addDevice(s.st, name, KindHost, nil, s.now())
+// A host may also join device groups (o.Desktops): the data-center device of
+// a desktop.
+func (s *Server) AddHost(name string, o DeviceOptions) (*Device, string, error) {
+	for _, d := range o.Desktops {
+		if _, err := s.store.Desktop(d); err != nil {
+			return nil, "", err
+		}
+	}
+	return addDevice(s.st, name, KindHost, o, s.now())
 }
 
-// BindDevice binds an existing device to more desktops.
-func (s *Server) BindDevice(name string, desktops []string) (*Device, error) {
+// BindDevice puts an existing device in the device groups of more desktops,
+// or changes its policy in them (policy "": full for a new binding, else
+// unchanged).
+func (s *Server) BindDevice(name string, desktops []string, policy string) (*Device, error) {
 	for _, d := range desktops {
 		if _, err := s.store.Desktop(d); err != nil {
 			return nil, err
 		}
 	}
-	return bindDevice(s.st, name, desktops)
+	return bindDevice(s.st, name, desktops, policy)
 }
 
 // RemoveDevice forgets a device: its token stops working and a lease it holds is

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
+	"database/sql"
 	"encoding/base64"
 	"encoding/hex"
 	"fmt"
@@ -25,12 +26,38 @@ import (
 // reads the sealed layers of every desktop and takes no lease. The server keeps
 // only the SHA-256 of its token.
 type Device struct {
-	ID        string    `json:"id"`
-	Name      string    `json:"name"`
-	Kind      string    `json:"kind"`
+	ID   string `json:"id"`
+	Name string `json:"name"`
+	Kind string `json:"kind"`
+	// Class is the hardware class the device reported ("" for none): it
+	// chooses the base variant under an apps policy.
+	Class     string    `json:"class,omitempty"`
 	Desktops  []string  `json:"desktops"`
+	Bindings  []Binding `json:"bindings"`
 	TokenHash string    `json:"token_sha256"`
 	Created   time.Time `json:"created"`
+}
+
+// Binding is a device's place in a desktop's device group: which layers it
+// holds (its policy) and what it last reported.
+type Binding struct {
+	Desktop string `json:"desktop"`
+	Policy  string `json:"policy"`
+	// Runs and Staged are the versions the device last said it runs and has
+	// staged for its next start (0: none), Seen when it said so.
+	Runs   int       `json:"runs,omitempty"`
+	Staged int       `json:"staged,omitempty"`
+	Seen   time.Time `json:"seen,omitzero"`
+}
+
+// Binding returns the device's binding to desktop, or nil.
+func (d *Device) Binding(desktop string) *Binding {
+	for i := range d.Bindings {
+		if d.Bindings[i].Desktop == desktop {
+			return &d.Bindings[i]
+		}
+	}
+	return nil
 }
 
 // Kinds of device.
@@ -84,13 +111,13 @@ func newToken() (id, tok string) {
 // the desktops each is bound to.
 func queryDevices(tx *catalog.Tx, where string, args ...any) ([]Device, error) {
 	var out []Device
-	err := tx.Query("SELECT id, name, kind, token_sha256, created FROM devices WHERE "+where+" ORDER BY name", args,
+	err := tx.Query("SELECT id, name, kind, class, token_sha256, created FROM devices WHERE "+where+" ORDER BY name", args,
 		func(scan func(dest ...any) error) error {
 			var d Device
-			if err := scan(&d.ID, &d.Name, &d.Kind, &d.TokenHash, &d.Created); err != nil {
+			if err := scan(&d.ID, &d.Name, &d.Kind, &d.Class, &d.TokenHash, &d.Created); err != nil {
 				return err
 			}
-			d.Created, d.Desktops = d.Created.UTC(), []string{}
+			d.Created, d.Desktops, d.Bindings = d.Created.UTC(), []string{}, []Binding{}
 			out = append(out, d)
 			return nil
 		})
@@ -101,17 +128,26 @@ func queryDevices(tx *catalog.Tx, where string, args ...any) ([]Device, error) {
 	for i := range out {
 		at[out[i].ID] = &out[i]
 	}
-	q, bargs := "SELECT device, desktop FROM device_desktops ORDER BY device, desktop", []any(nil)
+	const cols = "SELECT device, desktop, policy, runs, staged, seen FROM device_desktops"
+	q, bargs := cols+" ORDER BY device, desktop", []any(nil)
 	if len(out) == 1 {
-		q, bargs = "SELECT device, desktop FROM device_desktops WHERE device = ? ORDER BY desktop", []any{out[0].ID}
+		q, bargs = cols+" WHERE device = ? ORDER BY desktop", []any{out[0].ID}
 	}
 	err = tx.Query(q, bargs, func(scan func(dest ...any) error) error {
-		var dev, desk string
-		if err := scan(&dev, &desk); err != nil {
+		var (
+			dev  string
+			b    Binding
+			seen sql.NullTime
+		)
+		if err := scan(&dev, &b.Desktop, &b.Policy, &b.Runs, &b.Staged, &seen); err != nil {
 			return err
 		}
+		if seen.Valid {
+			b.Seen = seen.Time.UTC()
+		}
 		if d := at[dev]; d != nil {
-			d.Desktops = append(d.Desktops, desk)
+			d.Desktops = append(d.Desktops, b.Desktop)
+			d.Bindings = append(d.Bindings, b)
 		}
 		return nil
 	})
@@ -126,10 +162,15 @@ func oneDevice(tx *catalog.Tx, where string, args ...any) (*Device, error) {
 	return &ds[0], nil
 }
 
-// bind records that device id may check out desktops.
-func bind(tx *catalog.Tx, id string, desktops []string) error {
+// bind records that device id is in the device groups of desktops, with
+// policy ("": full for a new binding, unchanged for an existing one).
+func bind(tx *catalog.Tx, id string, desktops []string, policy string) error {
 	for _, dk := range desktops {
-		if _, err := tx.Exec("INSERT INTO device_desktops (device, desktop) VALUES (?, ?) ON CONFLICT DO NOTHING", id, dk); err != nil {
+		q := "INSERT INTO device_desktops (device, desktop, policy) VALUES (?, ?, ?) ON CONFLICT (device, desktop) DO NOTHING"
+		if policy != "" {
+			q = "INSERT INTO device_desktops (device, desktop, policy) VALUES (?, ?, ?) ON CONFLICT (device, desktop) DO UPDATE SET policy = excluded.policy"
+		}
+		if _, err := tx.Exec(q, id, dk, cmp.Or(policy, proto.PolicyFull)); err != nil {
 			return err
 		}
 	}
@@ -138,14 +179,20 @@ func bind(tx *catalog.Tx, id string, desktops []string) error {
 
 // addDevice registers a device of kind bound to desktops and returns it with its
 // token, which is shown once and never stored.
-func addDevice(s *state.State, name, kind string, desktops []string, now time.Time) (*Device, string, error) {
+func addDevice(s *state.State, name, kind string, o DeviceOptions, now time.Time) (*Device, string, error) {
 	if err := images.CheckObjectName("device", name); err != nil {
 		return nil, "", err
 	}
+	if err := checkClass(o.Class); err != nil {
+		return nil, "", err
+	}
+	if err := proto.CheckPolicy(o.Policy); err != nil {
+		return nil, "", err
+	}
 	id, tok := newToken()
-	d := &Device{ID: id, Name: name, Kind: kind, Desktops: slices.Compact(slices.Sorted(slices.Values(desktops))),
+	d := &Device{ID: id, Name: name, Kind: kind, Class: o.Class, Desktops: slices.Compact(slices.Sorted(slices.Values(o.Desktops))),
 		TokenHash: hashToken(tok), Created: now.UTC().Truncate(time.Second)}
-	err := s.Update(func(tx *catalog.Tx) error {
+	err := s.Update(func(tx *catalog.Tx) (err error) {
 		if old, err := oneDevice(tx, "name = ?", name); err != nil {
 			return err
 		} else if old != nil {
@@ -154,7 +201,11 @@ func addDevice(s *state.State, name, kind string, desktops []string, now time.Ti
 		if err := insertDevice(tx, d); err != nil {
 			return err
 		}
-		return bind(tx, d.ID, d.Desktops)
+		if err := bind(tx, d.ID, d.Desktops, o.Policy); err != nil {
+			return err
+		}
+		d, err = deviceByName(tx, name)
+		return err
 	})
 	if err != nil {
 		return nil, "", err
@@ -162,21 +213,41 @@ func addDevice(s *state.State, name, kind string, desktops []string, now time.Ti
 	return d, tok, nil
 }
 
+// DeviceOptions says how a new device is registered.
+type DeviceOptions struct {
+	Desktops []string // the desktops whose device groups it joins
+	Policy   string   // its policy in them ("": full)
+	Class    string   // its hardware class ("": none)
+}
+
+var classRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+func checkClass(c string) error {
+	if c != "" && !classRE.MatchString(c) {
+		return proto.BadRequest("hardware class %q: want letters, digits, '.', '_', '-' (at most 64)", c)
+	}
+	return nil
+}
+
 func insertDevice(tx *catalog.Tx, d *Device) error {
-	_, err := tx.Exec("INSERT INTO devices (id, name, kind, token_sha256, created) VALUES (?, ?, ?, ?, ?)",
-		d.ID, d.Name, cmp.Or(d.Kind, KindLaptop), d.TokenHash, d.Created.UTC())
+	_, err := tx.Exec("INSERT INTO devices (id, name, kind, class, token_sha256, created) VALUES (?, ?, ?, ?, ?, ?)",
+		d.ID, d.Name, cmp.Or(d.Kind, KindLaptop), d.Class, d.TokenHash, d.Created.UTC())
 	return err
 }
 
-// bindDevice adds desktops to an existing device.
-func bindDevice(s *state.State, name string, desktops []string) (*Device, error) {
+// bindDevice adds desktops to an existing device, or changes its policy in
+// their device groups (policy "": full for a new binding, else unchanged).
+func bindDevice(s *state.State, name string, desktops []string, policy string) (*Device, error) {
+	if err := proto.CheckPolicy(policy); err != nil {
+		return nil, err
+	}
 	var d *Device
 	err := s.Update(func(tx *catalog.Tx) error {
 		var err error
 		if d, err = deviceByName(tx, name); err != nil {
 			return err
 		}
-		if err := bind(tx, d.ID, desktops); err != nil {
+		if err := bind(tx, d.ID, desktops, policy); err != nil {
 			return err
 		}
 		d, err = deviceByName(tx, name)

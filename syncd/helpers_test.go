@@ -129,7 +129,7 @@ func newWorldAt(t testing.TB, dir string, spec worldSpec) *world {
 		w.writeTop(d.UserDisk, spec.userWrites)
 	}
 	w.start()
-	w.device, w.token, err = w.srv.AddDevice("laptop1", []string{w.desktop})
+	w.device, w.token, err = w.srv.AddDevice("laptop1", DeviceOptions{Desktops: []string{w.desktop}})
 	if err != nil {
 		t.Fatal(err)
 	}

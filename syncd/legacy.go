@@ -40,7 +40,7 @@ func moveLegacyRecords(tx *catalog.Tx) (int, error) {
 			return fmt.Errorf("device %s: %w", d.Name, err)
 		}
 		moved++
-		return bind(tx, d.ID, d.Desktops)
+		return bind(tx, d.ID, d.Desktops, "")
 	})
 	if err != nil {
 		return 0, err

@@ -102,7 +102,7 @@ func TestConflictAndRollback(t *testing.T) {
 	if _, err := w.srv.BreakLease(w.desktop); err != nil {
 		t.Fatal(err)
 	}
-	_, tokB, _ := w.srv.AddDevice("b", []string{w.desktop})
+	_, tokB, _ := w.srv.AddDevice("b", DeviceOptions{Desktops: []string{w.desktop}})
 	b := newLaptop(t, "b")
 	if _, err := b.lp.CheckOut(ctx, w.client(tokB), w.desktop, laptop.CheckoutOptions{}); err != nil {
 		t.Fatal(err)

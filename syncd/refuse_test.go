@@ -108,7 +108,7 @@ func TestRefusedWrongToken(t *testing.T) {
 	}
 	w.unchanged(before, "wrong tokens")
 	// A device not bound to the desktop.
-	_, other, err := w.srv.AddDevice("stranger", nil)
+	_, other, err := w.srv.AddDevice("stranger", DeviceOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -133,7 +133,7 @@ func TestRefusedOtherDevicesLease(t *testing.T) {
 	if _, err := lap.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	_, tok2, err := w.srv.AddDevice("laptop2", []string{w.desktop})
+	_, tok2, err := w.srv.AddDevice("laptop2", DeviceOptions{Desktops: []string{w.desktop}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -499,7 +499,7 @@ func TestRefusedFullDiskServer(t *testing.T) {
 	// Room at the start, none in the middle: the file system fills up while the
 	// clusters arrive.
 	lap2 := newLaptop(t, "laptop2")
-	_, tok2, _ := w.srv.AddDevice("laptop2", []string{w.desktop})
+	_, tok2, _ := w.srv.AddDevice("laptop2", DeviceOptions{Desktops: []string{w.desktop}})
 	w.srv.BreakLease(w.desktop)
 	if _, err := lap2.lp.CheckOut(ctx, w.client(tok2), w.desktop, laptop.CheckoutOptions{}); err != nil {
 		t.Fatal(err)

@@ -127,7 +127,7 @@ func TestCheckoutCheckinDoneWhen(t *testing.T) {
 	qemuCompare(t, w.store.Path(d.SystemDisk), lap.top(w.desktop, proto.DiskSystem))
 
 	// 3. A fresh check-out to a third store reads the same (another device).
-	_, tok3, err := w.srv.AddDevice("laptop3", []string{w.desktop})
+	_, tok3, err := w.srv.AddDevice("laptop3", DeviceOptions{Desktops: []string{w.desktop}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -144,7 +144,7 @@ func TestCheckoutCheckinDoneWhen(t *testing.T) {
 	qemuCompare(t, third.top(w.desktop, proto.DiskUser), lap.top(w.desktop, proto.DiskUser))
 
 	// 4. A laptop that holds the base and the app layer fetches only the versions.
-	_, tok4, err := w.srv.AddDevice("laptop4", []string{w.desktop})
+	_, tok4, err := w.srv.AddDevice("laptop4", DeviceOptions{Desktops: []string{w.desktop}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"fmt"
 	"io"
 	"strings"
@@ -47,32 +48,35 @@ func openAdmin(g *globalOptions) (*syncd.Server, func(), error) {
 }
 
 func newDeviceAddCommand(g *globalOptions) *cobra.Command {
-	var desktops []string
+	var o syncd.DeviceOptions
 	var host bool
 	c := &cobra.Command{
-		Use:   "add NAME --desktop D | --host",
-		Short: "Register a device bound to desktops, or a hypervisor host, and print its token (shown once)",
-		Long: `Register a laptop bound to desktops (it checks them out under a lease), or
-with --host a hypervisor host of the site: it pulls the sealed layers of any
-desktop (cvd pull, cvd provision --server) and takes no lease.`,
+		Use:   "add NAME --desktop D [--policy full|apps|user] [--class C] | --host",
+		Short: "Register a device in desktops' device groups, or a hypervisor host, and print its token (shown once)",
+		Long: `Register a device (a laptop, a PC) in the device groups of desktops, or with
+--host a hypervisor host of the site: it pulls the sealed layers of any desktop
+(cvd pull, cvd provision --server) and takes no lease.
+
+A device's policy says which layers it holds of each desktop: full (the system
+disk and the user disk), apps (the base variant of its hardware class, with the
+desktop's apps and versions recomposed onto it: see cvd variant), or user (the
+user disk only). --class is its hardware class.`,
 		Example: `  TOKEN=$(cvd device add alice-laptop --desktop alice)
+  TOKEN=$(cvd device add alice-pc --desktop alice --policy apps --class hw2)
   HOST_TOKEN=$(cvd device add hv07 --host)`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if len(desktops) == 0 && !host {
+			if len(o.Desktops) == 0 && !host {
 				return &exitError{code: exitUsage, err: fmt.Errorf("give at least one --desktop, or --host")}
-			}
-			if len(desktops) > 0 && host {
-				return &exitError{code: exitUsage, err: fmt.Errorf("a host reads every desktop: give --desktop or --host, not both")}
 			}
 			srv, done, err := openAdmin(g)
 			if err != nil {
 				return err
 			}
 			defer done()
-			add := func() (*syncd.Device, string, error) { return srv.AddDevice(args[0], desktops) }
+			add := func() (*syncd.Device, string, error) { return srv.AddDevice(args[0], o) }
 			if host {
-				add = func() (*syncd.Device, string, error) { return srv.AddHost(args[0]) }
+				add = func() (*syncd.Device, string, error) { return srv.AddHost(args[0], o) }
 			}
 			d, tok, err := add()
 			if err != nil {
@@ -94,25 +98,32 @@ desktop (cvd pull, cvd provision --server) and takes no lease.`,
 			return nil
 		},
 	}
-	c.Flags().StringArrayVar(&desktops, "desktop", nil, "desktop the device may check out (repeatable)")
+	c.Flags().StringArrayVar(&o.Desktops, "desktop", nil, "desktop whose device group the device joins (repeatable)")
+	c.Flags().StringVar(&o.Policy, "policy", "", "which layers the device holds: full, apps or user (default full)")
+	c.Flags().StringVar(&o.Class, "class", "", "the device's hardware class (chooses the base variant under --policy apps)")
 	c.Flags().BoolVar(&host, "host", false, "a hypervisor host of the site: pulls any desktop's sealed layers, takes no lease")
 	return c
 }
 
 func newDeviceBindCommand(g *globalOptions) *cobra.Command {
 	var desktops []string
+	var policy string
 	c := &cobra.Command{
-		Use:     "bind NAME --desktop D",
-		Short:   "Bind a device to more desktops",
-		Example: `  cvd device bind alice-laptop --desktop alice-dev`,
-		Args:    cobra.ExactArgs(1),
+		Use:   "bind NAME --desktop D [--policy full|apps|user]",
+		Short: "Put a device in more desktops' device groups, or change its policy in them",
+		Example: `  cvd device bind alice-laptop --desktop alice-dev
+  cvd device bind alice-pc --desktop alice --policy user`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			srv, done, err := openAdmin(g)
 			if err != nil {
 				return err
 			}
 			defer done()
-			d, err := srv.BindDevice(args[0], desktops)
+			if len(desktops) == 0 {
+				return &exitError{code: exitUsage, err: fmt.Errorf("give at least one --desktop")}
+			}
+			d, err := srv.BindDevice(args[0], desktops, policy)
 			if err != nil {
 				return storeError(err)
 			}
@@ -124,6 +135,7 @@ func newDeviceBindCommand(g *globalOptions) *cobra.Command {
 		},
 	}
 	c.Flags().StringArrayVar(&desktops, "desktop", nil, "desktop to bind (repeatable)")
+	c.Flags().StringVar(&policy, "policy", "", "which layers the device holds: full, apps or user (default: full for a new binding, unchanged otherwise)")
 	return c
 }
 
@@ -152,13 +164,16 @@ func newDeviceLsCommand(g *globalOptions) *cobra.Command {
 				return printJSON(out, ds)
 			}
 			tw := newTable(out)
-			fmt.Fprintln(tw, "NAME\tKIND\tID\tDESKTOPS\tCREATED")
+			fmt.Fprintln(tw, "NAME\tKIND\tCLASS\tID\tDESKTOPS\tCREATED")
 			for _, d := range ds {
-				desks := strings.Join(d.Desktops, ",")
-				if d.Host() {
-					desks = "(all: a host)"
+				var desks []string
+				for _, b := range d.Bindings {
+					desks = append(desks, b.Desktop+"("+b.Policy+")")
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", d.Name, d.Kind, d.ID, desks, d.Created.Format(time.RFC3339))
+				if d.Host() {
+					desks = append(desks, "(reads all: a host)")
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", d.Name, d.Kind, cmp.Or(d.Class, "-"), d.ID, strings.Join(desks, ","), d.Created.Format(time.RFC3339))
 			}
 			return tw.Flush()
 		},

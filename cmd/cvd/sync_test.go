@@ -69,7 +69,7 @@ func newSyncServer(t *testing.T) *syncServer {
 		t.Fatal(err)
 	}
 	s.http = httptest.NewServer(s.srv.Handler())
-	_, s.token, err = s.srv.AddDevice("laptop", []string{"desk"})
+	_, s.token, err = s.srv.AddDevice("laptop", syncd.DeviceOptions{Desktops: []string{"desk"}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -109,6 +109,22 @@ type CheckinDisk struct {
 	ExpectID string `json:"expect_id"`
 }
 
+// Policies of a device in a desktop's device group: which layers it holds.
+const (
+	PolicyFull = "full" // the system disk (base, apps, versions) and the user disk
+	PolicyApps = "apps" // the base variant of its hardware class, the desktop's apps and versions recomposed onto it, the user disk
+	PolicyUser = "user" // the user disk only
+)
+
+// CheckPolicy accepts a policy name ("" means the default).
+func CheckPolicy(p string) error {
+	switch p {
+	case "", PolicyFull, PolicyApps, PolicyUser:
+		return nil
+	}
+	return BadRequest("policy %q: want full, apps or user", p)
+}
+
 // CheckinRequest opens (or resumes) a check-in: POST /v1/checkins.
 type CheckinRequest struct {
 	ID      string        `json:"id"` // chosen by the laptop: a hash of what it checks in
