@@ -191,12 +191,18 @@ func rebasedLayer(st *images.Store, variant, layer string) (string, error) {
 
 // The store's garbage collection keeps a recomposed layer while it keeps the
 // layer it copies.
-func init() { images.RegisterDerived(recomposedLayers) }
+func init() {
+	images.RegisterDerived(func(tx *catalog.Tx) (from, made []string, err error) { return RecomposedLayers(tx, "") })
+}
 
-// recomposedLayers lists the layers recomposed onto variants and those they
-// copy.
-func recomposedLayers(tx *catalog.Tx) (from, made []string, err error) {
-	err = tx.Query("SELECT layer, rebased FROM class_layers", nil, func(scan func(dest ...any) error) error {
+// RecomposedLayers lists the layers recomposed onto the variants of class (""
+// for every class) and those they copy.
+func RecomposedLayers(tx *catalog.Tx, class string) (from, made []string, err error) {
+	q, args := "SELECT layer, rebased FROM class_layers", []any(nil)
+	if class != "" {
+		q, args = "SELECT l.layer, l.rebased FROM class_layers l JOIN class_bases b ON b.variant = l.variant WHERE b.class = ?", []any{class}
+	}
+	err = tx.Query(q, args, func(scan func(dest ...any) error) error {
 		var f, m string
 		if err := scan(&f, &m); err != nil {
 			return err

@@ -25,9 +25,46 @@ import (
 // administrator broke it, another device took the desktop since), the version
 // is kept as a conflict too.
 func AddVersion(st *images.Store, name string, v images.Version, setHead bool, fence int64) (*images.Desktop, images.Version, error) {
+	return AddPush(st, name, v, setHead, fence, nil)
+}
+
+// Push says which disks a check-in changed, and the layer each change was made
+// on (nil: the disk was left alone).
+type Push struct {
+	System, User *string
+}
+
+// FastForward reports whether every disk p changed was changed on the layer
+// that head's disk stands on: the check-in then moves the head, whichever
+// version it started from (another device may have moved the other disk
+// since); a disk changed on another layer makes it a conflict.
+func (p *Push) FastForward(head *images.Version) bool {
+	return p != nil && head != nil && (p.System != nil || p.User != nil) &&
+		(p.System == nil || *p.System == head.System) && (p.User == nil || *p.User == head.User)
+}
+
+// AddPush is AddVersion for a device's check-in that changed the disks push
+// names (nil: compare versions, as AddVersion does). The check-in moves the
+// head when each disk it changed stands on the head's layer for that disk
+// (push.FastForward; its other disks take the head's layers) and its lease's
+// epoch is the desktop's (fence); otherwise it is kept as a conflict.
+func AddPush(st *images.Store, name string, v images.Version, setHead bool, fence int64, push *Push) (*images.Desktop, images.Version, error) {
 	var added images.Version
 	d, err := st.UpdateDesktop(nil, name, func(d *images.Desktop) error {
-		if setHead && ((v.From != 0 && d.Head != v.From) || (fence > 0 && d.LeaseEpoch != fence)) {
+		fenced := fence > 0 && d.LeaseEpoch != fence
+		behind := v.From != 0 && d.Head != v.From
+		if push != nil {
+			behind = !push.FastForward(d.HeadVersion())
+			if h := d.HeadVersion(); !behind {
+				if push.System == nil {
+					v.System = h.System
+				}
+				if push.User == nil {
+					v.User = h.User
+				}
+			}
+		}
+		if setHead && (fenced || behind) {
 			setHead, v.Conflict = false, true
 			if v.Kind == images.VersionCheckin {
 				v.Kind, v.Note = images.VersionConflict, CheckinNote(images.VersionConflict, v.Checkin)

@@ -142,7 +142,7 @@ func TestVersionsMoveIntoTable(t *testing.T) {
 		if err := tx.Bucket(bucketDesktops).Put([]byte("d"), raw); err != nil {
 			return err
 		}
-		for _, q := range []string{"DROP TABLE versions", "DROP TABLE leases", "DROP TABLE device_desktops",
+		for _, q := range []string{"DROP TABLE versions", "DROP TABLE leases", "DROP TABLE device_desktops", "DROP TABLE class_bases", "DROP TABLE class_layers",
 			"DROP TABLE devices", "DELETE FROM goose_db_version WHERE version_id >= 2"} {
 			if _, err := tx.Exec(q); err != nil {
 				return err

@@ -26,7 +26,7 @@ func newLeaseID() string {
 // The leases live in the catalog's leases table (one row per lease granted; see
 // catalog/migrations): the functions below are the only ones that touch it.
 
-const leaseCols = "id, desktop, epoch, device, device_name, granted, expires, version, state, ended"
+const leaseCols = "id, desktop, epoch, device, device_name, granted, expires, version, state, ended, handover_to, handover_at"
 
 // leaseTime is t as the catalog keeps it (UTC, to the microsecond: PostgreSQL's
 // precision), so that a lease read back compares equal to the one written.
@@ -38,15 +38,19 @@ func queryLeases(tx *catalog.Tx, where string, args ...any) ([]proto.Lease, erro
 	err := tx.Query("SELECT "+leaseCols+" FROM leases WHERE "+where+" ORDER BY desktop, epoch", args,
 		func(scan func(dest ...any) error) error {
 			var (
-				l     proto.Lease
-				ended sql.NullTime
+				l         proto.Lease
+				ended, ho sql.NullTime
 			)
-			if err := scan(&l.ID, &l.Desktop, &l.Epoch, &l.Device, &l.DeviceName, &l.Granted, &l.Expires, &l.Version, &l.State, &ended); err != nil {
+			if err := scan(&l.ID, &l.Desktop, &l.Epoch, &l.Device, &l.DeviceName, &l.Granted, &l.Expires, &l.Version, &l.State, &ended,
+				&l.HandoverTo, &ho); err != nil {
 				return err
 			}
 			l.Granted, l.Expires = l.Granted.UTC(), l.Expires.UTC()
 			if ended.Valid {
 				l.Ended = ended.Time.UTC()
+			}
+			if ho.Valid {
+				l.HandoverAt = ho.Time.UTC()
 			}
 			out = append(out, l)
 			return nil
@@ -69,14 +73,18 @@ func activeLease(tx *catalog.Tx, desktop string) (*proto.Lease, error) {
 
 // putLease writes l (a new lease, or a change of its expiry, version or state).
 func putLease(tx *catalog.Tx, l *proto.Lease) error {
-	var ended any
+	var ended, ho any
 	if !l.Ended.IsZero() {
 		ended = leaseTime(l.Ended)
 	}
-	_, err := tx.Exec("INSERT INTO leases ("+leaseCols+") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"+
+	if !l.HandoverAt.IsZero() {
+		ho = leaseTime(l.HandoverAt)
+	}
+	_, err := tx.Exec("INSERT INTO leases ("+leaseCols+") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"+
 		" ON CONFLICT (id) DO UPDATE SET expires = excluded.expires, version = excluded.version,"+
-		" state = excluded.state, ended = excluded.ended",
-		l.ID, l.Desktop, l.Epoch, l.Device, l.DeviceName, leaseTime(l.Granted), leaseTime(l.Expires), l.Version, l.State, ended)
+		" state = excluded.state, ended = excluded.ended, handover_to = excluded.handover_to, handover_at = excluded.handover_at",
+		l.ID, l.Desktop, l.Epoch, l.Device, l.DeviceName, leaseTime(l.Granted), leaseTime(l.Expires), l.Version, l.State, ended,
+		l.HandoverTo, ho)
 	if err != nil {
 		return fmt.Errorf("lease of %s: %w", l.Desktop, err)
 	}

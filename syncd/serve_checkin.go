@@ -225,9 +225,18 @@ func (s *Server) checkinDesktop(dev *Device, name string) error {
 // leaseForCheckin checks dev's lease: conflict is true for a lease that an
 // administrator broke (the check-in is kept as a conflict version); else epoch
 // is the lease's, the fence of the commit's transaction (desktop.AddVersion).
-func (s *Server) leaseForCheckin(name string, dev *Device, lease string) (conflict bool, epoch int64, err error) {
+// A check-in without a lease (an inactive device of the desktop's group) may
+// change the user disk alone, or be a snapshot; a change of its system disk is
+// refused, naming the active device.
+func (s *Server) leaseForCheckin(req *proto.CheckinRequest, dev *Device) (conflict bool, epoch int64, err error) {
+	if req.Lease == "" {
+		if req.Snapshot || !slices.ContainsFunc(req.Disks, func(d proto.CheckinDisk) bool { return d.Name == proto.DiskSystem && d.Entries > 0 }) {
+			return false, 0, nil
+		}
+		return false, 0, s.notActive(req.Desktop, dev)
+	}
 	err = s.st.View(func(tx *catalog.Tx) error {
-		l, err := ownLease(tx, name, dev, lease, s.now())
+		l, err := ownLease(tx, req.Desktop, dev, req.Lease, s.now())
 		if err != nil && l != nil && l.State == "broken" {
 			conflict = true
 			return nil
@@ -238,6 +247,21 @@ func (s *Server) leaseForCheckin(name string, dev *Device, lease string) (confli
 		return err
 	})
 	return conflict, epoch, err
+}
+
+// notActive is the refusal of a system-disk change from a device that is not
+// the desktop's active one.
+func (s *Server) notActive(desktop string, dev *Device) error {
+	var l *proto.Lease
+	if err := s.st.View(func(tx *catalog.Tx) (err error) { l, err = activeLease(tx, desktop); return err }); err != nil {
+		return err
+	}
+	if l == nil || l.Expired(s.now()) {
+		return fmt.Errorf("desktop %s: %w: device %s may push its user disk only; no device is active: open the desktop on %s first (cvd open)",
+			desktop, proto.ErrNotActive, dev.Name, dev.Name)
+	}
+	return &proto.LeaseError{Desktop: desktop, Holder: l.DeviceName, Expires: l.Expires.UTC().Format(time.RFC3339),
+		Err: fmt.Errorf("%w: device %s may push its user disk only; the system disk is pushed by the active device", proto.ErrNotActive, dev.Name)}
 }
 
 func validCheckin(req *proto.CheckinRequest) error {
@@ -276,7 +300,7 @@ func validCheckin(req *proto.CheckinRequest) error {
 }
 
 func sameRequest(a, b *proto.CheckinRequest) bool {
-	return a.ID == b.ID && a.Desktop == b.Desktop && a.Lease == b.Lease && a.Base == b.Base && slices.Equal(a.Disks, b.Disks)
+	return a.ID == b.ID && a.Desktop == b.Desktop && a.Lease == b.Lease && a.Base == b.Base && a.Snapshot == b.Snapshot && slices.Equal(a.Disks, b.Disks)
 }
 
 func (s *Server) handleCheckinOpen(w http.ResponseWriter, r *http.Request, dev *Device) error {
@@ -309,19 +333,33 @@ func (s *Server) handleCheckinOpen(w http.ResponseWriter, r *http.Request, dev *
 	} else if !errors.Is(err, proto.ErrNotFound) {
 		return err
 	}
-	if _, _, err := s.leaseForCheckin(req.Desktop, dev, req.Lease); err != nil {
+	if _, _, err := s.leaseForCheckin(&req, dev); err != nil {
 		return err
 	}
 	// A parent must be a layer the desktop's versions stand on: a layer of
 	// another desktop, or none at all, gets the same answer (the open tells no
 	// device which layers exist).
-	own, err := s.readable([]string{req.Desktop})
+	own, err := s.readable([]string{req.Desktop}, nil)
 	if err != nil {
 		return err
 	}
 	var need int64
 	for _, d := range req.Disks {
-		if d.Parent != "" && own[d.Parent] == nil {
+		if d.Parent != "" && own[d.Parent] == nil && d.Entries > 0 {
+			// A device under the apps policy stands on layers recomposed onto
+			// its base variant: its snapshot may, its push to the head may not.
+			onVariant, err := s.readableIn(dev, req.Desktop, d.Parent)
+			if err != nil {
+				return err
+			}
+			if onVariant && req.Snapshot {
+				need += d.DataEntries * int64(d.ClusterSize)
+				continue
+			}
+			if onVariant {
+				return fmt.Errorf("disk %s: %w: device %s's system disk stands on the base variant of its class (policy apps): its changes are kept as a snapshot only, not pushed to the desktop's head",
+					d.Name, proto.ErrNotActive, dev.Name)
+			}
 			return fmt.Errorf("disk %s: parent layer %s: %w among the layers of desktop %s", d.Name, state.Short(d.Parent), proto.ErrNotFound, req.Desktop)
 		}
 		need += d.DataEntries * int64(d.ClusterSize)
@@ -596,7 +634,7 @@ func (s *Server) dedupSources(se *Session) (func(layer string) bool, error) {
 	}
 	ok := map[string]bool{}
 	if dev != nil {
-		readable, err := s.readable(dev.Desktops)
+		readable, err := s.readableBy(dev)
 		if err != nil {
 			return nil, err
 		}

@@ -212,15 +212,15 @@ func (s *Server) Checkout(ctx context.Context, name string, dev *Device, ttl tim
 		s.log.Info("lease granted", "desktop", name, "device", dev.Name, "expires", m.Lease.Expires, "version", dv.Head)
 	}
 	m.Version = dv.Head
-	if err := s.fillDisks(m, dv); err != nil {
+	if err := s.deviceDisks(ctx, m, dv, dev); err != nil {
 		return nil, err
 	}
 	return m, nil
 }
 
-// handleManifest answers the head version's layers, without a lease: what a
-// host pulls to provision clones of the desktop (a laptop may ask too; it reads
-// the same layers at its check-out).
+// handleManifest answers the head version's layers as the device holds them
+// (its policy), without a lease: what a host pulls to provision clones of the
+// desktop, and what an inactive device of the desktop's group stages.
 func (s *Server) handleManifest(w http.ResponseWriter, r *http.Request, dev *Device) error {
 	name, err := s.desktopFor(r, dev)
 	if err != nil {
@@ -231,7 +231,7 @@ func (s *Server) handleManifest(w http.ResponseWriter, r *http.Request, dev *Dev
 		return err
 	}
 	m := &proto.Manifest{Desktop: name, Version: dv.Head}
-	if err := s.fillDisks(m, dv); err != nil {
+	if err := s.deviceDisks(r.Context(), m, dv, dev); err != nil {
 		return err
 	}
 	s.m.pulls.Add(1)
@@ -334,7 +334,7 @@ func (s *Server) layerFor(r *http.Request, dev *Device) (*images.Layer, error) {
 		}
 		return l, err
 	}
-	readable, err := s.readable(dev.Desktops)
+	readable, err := s.readableBy(dev)
 	if err != nil {
 		return nil, err
 	}
@@ -345,10 +345,10 @@ func (s *Server) layerFor(r *http.Request, dev *Device) (*images.Layer, error) {
 }
 
 // readable is the set of layers that the desktops' versions stand on: every
-// layer in the chain of a version of one of them. A device reads only those of
-// the desktops it is bound to, and a check-in's parent must be one of its own
-// desktop's.
-func (s *Server) readable(desktops []string) (map[string]*images.Layer, error) {
+// layer in the chain of a version of one of them (of their user disks alone
+// for the desktops in userOnly). A device reads only those of the desktops it
+// is bound to, and a check-in's parent must be one of its own desktop's.
+func (s *Server) readable(desktops []string, userOnly map[string]bool) (map[string]*images.Layer, error) {
 	var tops []string
 	for _, name := range desktops {
 		dv, err := desktopVersions(s.store, name)
@@ -359,7 +359,10 @@ func (s *Server) readable(desktops []string) (map[string]*images.Layer, error) {
 			return nil, err
 		}
 		for _, v := range dv.Versions {
-			tops = append(tops, v.System, v.User)
+			if !userOnly[name] {
+				tops = append(tops, v.System)
+			}
+			tops = append(tops, v.User)
 		}
 	}
 	slices.Sort(tops)

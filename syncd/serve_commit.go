@@ -60,16 +60,13 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*proto.C
 	}
 	if v := dv.checkinVersion(se.ID); v != nil {
 		res := &proto.CheckinResult{Desktop: se.Desktop, Version: v.N, Head: dv.Head, Conflict: v.Conflict,
-			Layers: map[string]string{}, Bytes: se.Received, Committed: s.now().UTC()}
-		for _, d := range se.Disks {
-			res.Layers[d.Name] = state.LayerOf(v, d.Name)
-		}
+			Layers: resultLayers(se, v), Bytes: se.Received, Committed: s.now().UTC()}
 		return res, s.finishCommit(se, res, nil)
 	}
 	if len(se.Lists) != len(se.Disks) {
 		return nil, fmt.Errorf("%w: entry lists missing (have %v)", proto.ErrIncomplete, se.Lists)
 	}
-	conflict, epoch, err := s.leaseForCheckin(se.Desktop, dev, se.Lease)
+	conflict, epoch, err := s.leaseForCheckin(&se.CheckinRequest, dev)
 	if err != nil {
 		return nil, err
 	}
@@ -95,13 +92,17 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*proto.C
 	if dv, err = desktopVersions(s.store, se.Desktop); err != nil {
 		return nil, err
 	}
-	if se.Base != dv.Head {
+	push := pushOf(se)
+	if !push.FastForward(dv.HeadVersion()) {
 		conflict = true
 	}
 	nv := proto.Version{Created: s.now().UTC().Truncate(time.Second), From: se.Base,
 		Conflict: conflict, Device: dev.Name, Bytes: se.Received,
 		Kind: images.VersionCheckin, Checkin: se.ID, Note: desktop.CheckinNote(images.VersionCheckin, se.ID)}
-	if conflict {
+	switch {
+	case se.Snapshot:
+		nv.Conflict, nv.Kind, nv.Note = false, images.VersionSnapshot, desktop.CheckinNote(images.VersionSnapshot, se.ID)
+	case conflict:
 		nv.Kind, nv.Note = images.VersionConflict, desktop.CheckinNote(images.VersionConflict, se.ID)
 	}
 	if base := dv.Version(se.Base); base != nil {
@@ -109,10 +110,10 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*proto.C
 	}
 	newEntries := map[string][]proto.Entry{}
 	for _, d := range se.Disks {
-		state.SetLayer(&nv, d.Name, d.Parent)
 		if d.Entries == 0 {
-			continue
+			continue // the base version's layer (the device's may be recomposed onto its base variant)
 		}
+		state.SetLayer(&nv, d.Name, d.Parent)
 		dl := m.lists[d.Name]
 		if l, err := s.store.Layer(d.ExpectID); err == nil && l.Parent == d.Parent {
 			// The store holds this content already (a commit retried after its
@@ -138,14 +139,12 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*proto.C
 		state.SetLayer(&nv, d.Name, l.ID)
 		newEntries[l.ID] = dl.entries
 	}
-	dv, v, err := addVersion(s.store, se.Desktop, nv, !conflict, epoch)
+	dv, v, err := addVersion(s.store, se.Desktop, nv, !conflict && !se.Snapshot, epoch, push)
 	if err != nil {
 		return nil, err
 	}
 	conflict = v.Conflict
-	for _, d := range se.Disks {
-		res.Layers[d.Name] = state.LayerOf(v, d.Name)
-	}
+	res.Layers = resultLayers(se, v)
 	res.Version, res.Head, res.Conflict, res.Committed = v.N, dv.Head, conflict, s.now().UTC()
 	if s.failpoint != nil {
 		if err := s.failpoint("commit:catalog"); err != nil {
@@ -159,7 +158,7 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*proto.C
 	s.m.committedCheckin(res.Clusters, res.Deduplicated)
 	s.log.Info("check-in committed", "desktop", se.Desktop, "device", dev.Name, "version", v.N,
 		"conflict", conflict, "head", res.Head, "bytes", res.Bytes, "deduplicated", res.Deduplicated)
-	if !conflict {
+	if !conflict && !se.Snapshot {
 		if err := s.resetTops(dv, v); err != nil {
 			s.log.Error("reset tops after check-in (the next start of the server retries)", "err", err)
 		}
@@ -167,6 +166,36 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*proto.C
 	s.dropSession(se.ID)
 	removeAllQuiet(m.dir)
 	return res, nil
+}
+
+// resultLayers is the layer each disk of a check-in stands on after it: the
+// version's for a disk it changed, the device's own for one it left alone.
+func resultLayers(se *Session, v *proto.Version) map[string]string {
+	out := map[string]string{}
+	for _, d := range se.Disks {
+		out[d.Name] = d.Parent
+		if d.Entries > 0 {
+			out[d.Name] = state.LayerOf(v, d.Name)
+		}
+	}
+	return out
+}
+
+// pushOf says which disks a check-in changes, and on which layers.
+func pushOf(se *Session) *desktop.Push {
+	p := &desktop.Push{}
+	for _, d := range se.Disks {
+		if d.Entries == 0 {
+			continue
+		}
+		parent := d.Parent
+		if d.Name == proto.DiskSystem {
+			p.System = &parent
+		} else {
+			p.User = &parent
+		}
+	}
+	return p
 }
 
 // sealStage makes a disk's completed staging layer the layer the laptop expects.

@@ -66,6 +66,10 @@ type ServerOptions struct {
 	// (default 10 min), and its device's rerun starts it again.
 	MaxOpenCheckins              int
 	SessionMaxIdle, ReapInterval time.Duration
+	// MinRoleInterval is how long a device stays active before another device
+	// of the desktop's group may ask for the role (default 30 s; negative: no
+	// minimum): two devices do not thrash it.
+	MinRoleInterval time.Duration
 }
 
 // Server is the data-center side: it serves the HTTP API over a store. It also
@@ -123,6 +127,7 @@ func NewServer(store *images.Store, opts ServerOptions) (*Server, error) {
 	opts.MaxOpenCheckins = cmp.Or(opts.MaxOpenCheckins, 8)
 	opts.SessionMaxIdle = cmp.Or(opts.SessionMaxIdle, 24*time.Hour)
 	opts.ReapInterval = cmp.Or(opts.ReapInterval, 10*time.Minute)
+	opts.MinRoleInterval = cmp.Or(opts.MinRoleInterval, 30*time.Second)
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -280,6 +285,8 @@ func (s *Server) Handler() http.Handler {
 	}
 	route("GET /v1/desktops/{desktop}", "desktop", s.handleDesktop)
 	route("GET /v1/desktops/{desktop}/manifest", "manifest", s.handleManifest)
+	route("PUT /v1/desktops/{desktop}/device", "device_report", s.handleDeviceReport)
+	route("POST /v1/desktops/{desktop}/open", "open", s.handleOpen)
 	route("POST /v1/desktops/{desktop}/checkout", "checkout", s.handleCheckout)
 	route("POST /v1/desktops/{desktop}/renew", "renew", s.handleRenew)
 	route("POST /v1/desktops/{desktop}/release", "release", s.handleRelease)
@@ -444,12 +451,14 @@ func (s *Server) desktopFor(r *http.Request, dev *Device) (string, error) {
 }
 
 // leaseDesktopFor is desktopFor for the calls that take, renew or release a
-// lease, which a host never holds.
+// lease, which a host holds only for a desktop whose device group it is in
+// (the data-center device, when the desktop runs there).
 func (s *Server) leaseDesktopFor(r *http.Request, dev *Device) (string, error) {
-	if dev.Host() {
-		return "", fmt.Errorf("%w: %s is a host: hosts pull sealed layers and take no lease", proto.ErrForbidden, dev.Name)
+	name, err := s.desktopFor(r, dev)
+	if err == nil && dev.Host() && !dev.Bound(name) {
+		return "", fmt.Errorf("%w: %s is a host outside the device group of %s: it pulls sealed layers and takes no lease", proto.ErrForbidden, dev.Name, name)
 	}
-	return s.desktopFor(r, dev)
+	return name, err
 }
 
 func (s *Server) handleDesktop(w http.ResponseWriter, r *http.Request, dev *Device) error {

@@ -60,8 +60,8 @@ func desktopVersions(store *images.Store, name string) (*DesktopVersions, error)
 // keeps a check-in that no longer starts from the head as a conflict) and returns
 // the desktop as it is afterwards and the version added. fence is the epoch of
 // the lease a check-in was made under (0 for none).
-func addVersion(store *images.Store, name string, v proto.Version, setHead bool, fence int64) (*DesktopVersions, *proto.Version, error) {
-	d, added, err := desktop.AddVersion(store, name, v, setHead, fence)
+func addVersion(store *images.Store, name string, v proto.Version, setHead bool, fence int64, push *desktop.Push) (*DesktopVersions, *proto.Version, error) {
+	d, added, err := desktop.AddPush(store, name, v, setHead, fence, push)
 	if err != nil {
 		return nil, nil, proto.NoSpace(err)
 	}

@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -32,6 +33,12 @@ type CheckinOptions struct {
 	Server, CACert string
 	// RateLimit caps the bytes per second the check-in moves (0: no cap).
 	RateLimit int64
+	// UserOnly sends the user disk's changes alone (what an inactive device of
+	// the desktop's group may push); the system disk's stay local.
+	UserOnly bool
+	// Snapshot sends every change as a snapshot: a version kept beside the
+	// head (a device's state as it becomes active), which it does not move.
+	Snapshot bool
 }
 
 // CheckinReport says what a check-in did.
@@ -132,6 +139,9 @@ func (l *Laptop) CheckIn(ctx context.Context, name string, opts CheckinOptions) 
 		if err != nil {
 			return nil, err
 		}
+		if opts.UserOnly {
+			changes = slices.DeleteFunc(changes, func(ch diskChanges) bool { return ch.name == proto.DiskSystem })
+		}
 		l.log.Debug("check-in: scanned tops", "took", time.Since(t0))
 		var total int64
 		for _, ch := range changes {
@@ -158,7 +168,7 @@ func (l *Laptop) CheckIn(ctx context.Context, name string, opts CheckinOptions) 
 		if err := state.CheckFree(l.store.Dir(), rep.ChangedBytes+32<<20); err != nil {
 			return nil, err
 		}
-		req := checkinRequest(co, changes, opts.Release)
+		req := checkinRequest(co, changes, opts.Release, opts.Snapshot)
 		if co.Pending != nil && co.Pending.ID == req.ID {
 			rep.Resumed = true
 		}
@@ -188,16 +198,7 @@ func (l *Laptop) CheckIn(ctx context.Context, name string, opts CheckinOptions) 
 			return nil, err
 		}
 		l.log.Debug("check-in: froze tops", "took", time.Since(t0))
-		if l.opts.VM != nil {
-			// The chains changed: declare them again.
-			user := ""
-			if d.UserDisk != "" {
-				user = l.store.Path(d.UserDisk)
-			}
-			if err := l.opts.VM.DefineDesktop(ctx, name, l.store.Path(d.SystemDisk), user); err != nil {
-				l.log.Warn("redefine the desktop in the local hypervisor", "desktop", name, "err", err)
-			}
-		}
+		l.defineVM(ctx, name) // the chains changed: declare them again
 	}
 	rep.Version, rep.Head, rep.Conflict, rep.Deduplicated, rep.Released = res.Version, res.Head, res.Conflict, res.Deduplicated, release
 	for k, v := range res.Layers {
@@ -226,14 +227,15 @@ func checkinID(req *proto.CheckinRequest) string {
 		L string
 		B int
 		K []proto.CheckinDisk
-	}{req.Desktop, req.Lease, req.Base, req.Disks})
+		S bool `json:",omitempty"`
+	}{req.Desktop, req.Lease, req.Base, req.Disks, req.Snapshot})
 	h.Write(b)
 	return hex.EncodeToString(h.Sum(nil))[:32]
 }
 
 // checkinRequest is the request of a check-in of the changes scanned, with its ID.
-func checkinRequest(co *Checkout, changes []diskChanges, release bool) *proto.CheckinRequest {
-	req := &proto.CheckinRequest{Desktop: co.Desktop, Lease: co.Lease.ID, Base: co.Version, Release: release}
+func checkinRequest(co *Checkout, changes []diskChanges, release, snapshot bool) *proto.CheckinRequest {
+	req := &proto.CheckinRequest{Desktop: co.Desktop, Lease: co.Lease.ID, Base: co.Version, Release: release, Snapshot: snapshot}
 	for _, ch := range changes {
 		req.Disks = append(req.Disks, ch.decl)
 	}
@@ -263,7 +265,7 @@ func (l *Laptop) PrepareCheckin(ctx context.Context, name string) (*PreparedChec
 	if err != nil || len(changes) == 0 {
 		return nil, err
 	}
-	p := &PreparedCheckin{Request: checkinRequest(co, changes, false), Lists: map[string][]byte{}}
+	p := &PreparedCheckin{Request: checkinRequest(co, changes, false, false), Lists: map[string][]byte{}}
 	for _, ch := range changes {
 		p.Lists[ch.name] = ch.list
 	}

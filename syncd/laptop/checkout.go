@@ -114,7 +114,8 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 
 	// The desktop over fresh tops on the manifest's layers.
 	co := &Checkout{Desktop: name, Server: c.URL(), Token: c.token, CACert: opts.CACert, Lease: m.Lease,
-		Version: m.Version, Layers: map[string]string{}, BlankSizes: map[string]int64{}, CheckedOut: l.now().UTC()}
+		Version: m.Version, Layers: map[string]string{}, BlankSizes: map[string]int64{}, CheckedOut: l.now().UTC(),
+		Policy: m.Policy, Variant: m.Variant}
 	if prev != nil && !fresh {
 		co.CheckedOut = prev.CheckedOut
 	}
@@ -130,18 +131,7 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 	if err := l.putCheckout(co); err != nil {
 		return fail(err)
 	}
-	if l.opts.VM != nil {
-		d, err := l.store.Desktop(name)
-		if err == nil {
-			user := ""
-			if d.UserDisk != "" {
-				user = l.store.Path(d.UserDisk)
-			}
-			if err := l.opts.VM.DefineDesktop(ctx, name, l.store.Path(d.SystemDisk), user); err != nil {
-				l.log.Warn("define the desktop in the local hypervisor", "desktop", name, "err", err)
-			}
-		}
-	}
+	l.defineVM(ctx, name)
 	rep.Took = time.Since(start).Seconds()
 	rep.Finished = l.now().UTC()
 	return rep, nil

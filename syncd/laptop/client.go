@@ -257,6 +257,17 @@ func (c *Client) Release(ctx context.Context, name, lease string) error {
 	return c.call(ctx, "POST", "/v1/desktops/"+url.PathEscape(name)+"/release", body, "application/json", nil)
 }
 
+// Report tells the server what this device runs and has staged of a desktop.
+func (c *Client) Report(ctx context.Context, name string, rep proto.DeviceReport) error {
+	return c.call(ctx, "PUT", "/v1/desktops/"+url.PathEscape(name)+"/device", jsonBody(rep), "application/json", nil)
+}
+
+// Open asks for the desktop's active role (see proto.OpenRequest).
+func (c *Client) Open(ctx context.Context, name string, req proto.OpenRequest) (*proto.OpenAnswer, error) {
+	var out proto.OpenAnswer
+	return &out, c.call(ctx, "POST", "/v1/desktops/"+url.PathEscape(name)+"/open", jsonBody(req), "application/json", &out)
+}
+
 // Layer returns a layer's description.
 func (c *Client) Layer(ctx context.Context, id string) (*proto.LayerInfo, error) {
 	var out proto.LayerInfo

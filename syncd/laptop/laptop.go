@@ -36,10 +36,22 @@ type Checkout struct {
 	Pending *PendingCheckin `json:"pending,omitempty"`
 	// Offline marks a copy imported from a bundle: no server to renew with.
 	Offline bool `json:"offline,omitempty"`
+	// Follow marks the copy of an inactive device of the desktop's group: it
+	// holds no lease, stages the head as its Policy covers it (Staged, applied
+	// at the desktop's next start) and pushes its user disk alone. Variant is
+	// the base variant its system disk stands on under the apps policy.
+	Follow  bool                `json:"follow,omitempty"`
+	Policy  string              `json:"policy,omitempty"`
+	Variant *proto.VariantChain `json:"variant,omitempty"`
+	Staged  *Staged             `json:"staged,omitempty"`
 	// pulled marks a desktop a host pulled (never recorded: a host keeps no
 	// check-out).
 	pulled bool
 }
+
+// expired reports whether the copy's lease has expired (a follower's copy
+// holds none: it never expires).
+func (c *Checkout) expired(now time.Time) bool { return !c.Follow && c.Lease.Expired(now) }
 
 // PendingCheckin is a check-in that a rerun resumes.
 type PendingCheckin struct {
@@ -176,7 +188,7 @@ func (l *Laptop) PurgeExpired(ctx context.Context) ([]PurgeReport, error) {
 	}
 	var out []PurgeReport
 	for _, c := range cos {
-		if !c.Lease.Expired(l.now()) {
+		if !c.expired(l.now()) {
 			continue
 		}
 		if err := l.removeCopy(ctx, &c); err != nil {
@@ -212,7 +224,7 @@ func PurgeExpired(ctx context.Context, store *images.Store, opts LaptopOptions) 
 	err := store.Catalog().View(func(tx *catalog.Tx) error {
 		return tx.Bucket(state.BucketCheckouts).ForEach(func(k, v []byte) error {
 			var c Checkout
-			if _, err := state.GetJSON(tx, state.BucketCheckouts, string(k), &c); err == nil && c.Lease.Expired(now) {
+			if _, err := state.GetJSON(tx, state.BucketCheckouts, string(k), &c); err == nil && c.expired(now) {
 				expired = true
 			}
 			return nil

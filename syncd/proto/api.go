@@ -67,10 +67,58 @@ type Manifest struct {
 	Version int            `json:"version"`
 	Lease   Lease          `json:"lease"`
 	Disks   []DiskManifest `json:"disks"`
+	// Policy is the asking device's policy in the desktop's group (the disks
+	// are those it holds); Variant, under the apps policy, the base variant
+	// its system disk was recomposed onto.
+	Policy  string        `json:"policy,omitempty"`
+	Variant *VariantChain `json:"variant,omitempty"`
 	// Sealed is the version the check-out sealed from the server's tops (0: none).
 	Sealed int `json:"sealed,omitempty"`
 	// VMStopped says a running server-side VM was shut down for the check-out.
 	VMStopped bool `json:"vm_stopped,omitempty"`
+}
+
+// VariantChain says onto which base variant a device's system disk was
+// recomposed, and what that cost.
+type VariantChain struct {
+	Class string `json:"class"`
+	Base  string `json:"base"`  // the common base it replaces
+	Layer string `json:"layer"` // the variant
+	// Made is how many layers this manifest made (0 once they exist);
+	// ConflictClusters counts the clusters the variant and the desktop's
+	// layers both write (the desktop's win).
+	Made             int   `json:"made"`
+	ConflictClusters int64 `json:"conflict_clusters"`
+}
+
+// OpenRequest is the body of POST /v1/desktops/{d}/open: a device asks for
+// the desktop's active role. While another device holds it, the holder is
+// asked to sync up and step down; after WaitSeconds its lease is broken (its
+// later check-in is kept as a conflict version).
+type OpenRequest struct {
+	WaitSeconds int64 `json:"wait_seconds"`
+	// Force skips the minimum interval between two changes of the role.
+	Force bool `json:"force,omitempty"`
+	// Check only checks that the device may ask now: nothing is recorded.
+	Check bool `json:"check,omitempty"`
+}
+
+// OpenAnswer says whether the role is free to take (with a check-out) or
+// held: State "free" or "waiting".
+type OpenAnswer struct {
+	State  string `json:"state"`
+	Holder string `json:"holder,omitempty"` // the active device
+	// Deadline is when the holder's lease is broken if it has not stepped
+	// down; Broken says this answer broke it.
+	Deadline time.Time `json:"deadline,omitzero"`
+	Broken   bool      `json:"broken,omitempty"`
+}
+
+// DeviceReport is the body of PUT /v1/desktops/{d}/device: what a device runs
+// and has staged (version numbers, 0 for none).
+type DeviceReport struct {
+	Runs   int `json:"runs"`
+	Staged int `json:"staged"`
 }
 
 // CheckoutRequest is the body of POST /v1/desktops/{d}/checkout.
@@ -133,6 +181,11 @@ type CheckinRequest struct {
 	Base    int           `json:"base"` // the version the laptop's tops stand on
 	Disks   []CheckinDisk `json:"disks"`
 	Release bool          `json:"release,omitempty"`
+	// A check-in without a lease (Lease "") comes from a device of the
+	// desktop's group that is not active: it may change the user disk only,
+	// unless it is a Snapshot (the device's state as it becomes active, kept
+	// beside the head as a version for rollback).
+	Snapshot bool `json:"snapshot,omitempty"`
 }
 
 // CheckinStatus answers POST /v1/checkins and GET /v1/checkins/{id}.
@@ -196,6 +249,10 @@ type Lease struct {
 	// or a removed device), expired (ended past its expiry).
 	State string    `json:"state,omitempty"`
 	Ended time.Time `json:"ended,omitzero"`
+	// HandoverTo names the device that asked for the active role while this
+	// lease is held (HandoverAt when): the holder syncs up and steps down.
+	HandoverTo string    `json:"handover_to,omitempty"`
+	HandoverAt time.Time `json:"handover_at,omitzero"`
 }
 
 // Expired reports whether the lease is past its expiry at now.

@@ -47,6 +47,15 @@ var (
 	// ErrTooMany: a device has as many check-ins open as the server allows.
 	ErrTooMany = errors.New("too many open check-ins")
 	ErrInUse   = desktop.ErrInUse
+	// ErrNotActive: a system-disk change from a device that is not the
+	// desktop's active device (a *LeaseError names the active one).
+	ErrNotActive = errors.New("not the active device")
+	// ErrNoVariant: a device under the apps policy whose hardware class has no
+	// base variant for the desktop's base.
+	ErrNoVariant = desktop.ErrNoVariant
+	// ErrTooSoon: a device asked for the active role within the minimum
+	// interval after another device took it.
+	ErrTooSoon = errors.New("the active role changed too recently")
 )
 
 // LeaseError says who holds a lease.
@@ -83,6 +92,9 @@ var errorCodes = []struct {
 	{ErrIncomplete, "incomplete", http.StatusConflict},
 	{ErrInUse, "in_use", http.StatusConflict},
 	{ErrTooMany, "too_many", http.StatusTooManyRequests},
+	{ErrNotActive, "not_active", http.StatusConflict},
+	{ErrNoVariant, "no_variant", http.StatusConflict},
+	{ErrTooSoon, "too_soon", http.StatusConflict},
 }
 
 func CodeOf(err error) (string, int) {

@@ -7,12 +7,16 @@
 -- hardware class (class_bases); the layers of desktops recomposed onto a
 -- variant are remembered by the layer they were made from (class_layers), so
 -- that each is made once. A version can be a device's snapshot, kept beside the
--- head when it becomes active.
+-- head when it becomes active. A device that asks for the active role while
+-- another holds it is noted on the holder's lease (handover_to, handover_at):
+-- the holder's agent syncs up and steps down, or the request times out.
 ALTER TABLE devices ADD COLUMN class TEXT NOT NULL DEFAULT '';
 ALTER TABLE device_desktops ADD COLUMN policy TEXT NOT NULL DEFAULT 'full' CHECK (policy IN ('full', 'apps', 'user'));
 ALTER TABLE device_desktops ADD COLUMN runs INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE device_desktops ADD COLUMN staged INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE device_desktops ADD COLUMN seen TIMESTAMP;
+ALTER TABLE leases ADD COLUMN handover_to TEXT NOT NULL DEFAULT '';
+ALTER TABLE leases ADD COLUMN handover_at TIMESTAMP;
 
 CREATE TABLE class_bases (
     class   TEXT NOT NULL,
@@ -56,6 +60,8 @@ ALTER TABLE versions_new RENAME TO versions;
 DELETE FROM versions WHERE kind = 'snapshot';
 DROP TABLE class_layers;
 DROP TABLE class_bases;
+ALTER TABLE leases DROP COLUMN handover_at;
+ALTER TABLE leases DROP COLUMN handover_to;
 ALTER TABLE device_desktops DROP COLUMN seen;
 ALTER TABLE device_desktops DROP COLUMN staged;
 ALTER TABLE device_desktops DROP COLUMN runs;

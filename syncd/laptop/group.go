@@ -1,0 +1,404 @@
+package laptop
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"time"
+
+	"github.com/cvd-project/cvd/desktop"
+	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/syncd/proto"
+)
+
+// A device in a desktop's group. The active device holds the lease (a
+// check-out) and pushes the desktop's changes. The others follow: Follow sets
+// the desktop up on this store without a lease and, later, fetches the head as
+// the device's policy covers it into the store while the desktop runs (a
+// staged update: new sealed layers, nothing the running chain reads changes);
+// ApplyStaged moves the tops onto it while the VM is down, at the desktop's
+// next start. Open makes this device the active one; StepDown gives the role
+// back and keeps the copy as a follower's.
+
+// Staged is the head version a follower fetched while it ran another: it is
+// applied at the desktop's next start.
+type Staged struct {
+	Version    int               `json:"version"`
+	Layers     map[string]string `json:"layers"`
+	BlankSizes map[string]int64  `json:"blank_sizes,omitempty"`
+	Fetched    time.Time         `json:"fetched"`
+}
+
+// FollowOptions controls Follow.
+type FollowOptions struct {
+	// Apply applies a staged update at once when the desktop's VM is down.
+	Apply bool
+}
+
+// FollowReport says what Follow did.
+type FollowReport struct {
+	Desktop string `json:"desktop"`
+	Policy  string `json:"policy"`
+	Head    int    `json:"head"`   // the server's head
+	Runs    int    `json:"runs"`   // the version the local tops stand on
+	Staged  int    `json:"staged"` // the version staged for the next start (0: none)
+	// SetUp says the desktop was set up on this store; Applied that the
+	// staged update was applied; Active that this device holds the role.
+	SetUp   bool                `json:"set_up,omitempty"`
+	Applied bool                `json:"applied,omitempty"`
+	Active  bool                `json:"active,omitempty"`
+	Variant *proto.VariantChain `json:"variant,omitempty"`
+	// What moved: layers fetched and held, stream and cluster bytes.
+	LayersFetched []string `json:"layers_fetched"`
+	LayersHeld    []string `json:"layers_held"`
+	Bytes         int64    `json:"bytes"`
+	DataBytes     int64    `json:"data_bytes"`
+	Took          float64  `json:"seconds"`
+}
+
+// Follow makes this store a follower of the desktop c serves: the first time,
+// the head as the device's policy covers it is fetched and the desktop set up
+// over fresh tops; later, a newer head is fetched and staged (applied at once
+// with opts.Apply when the VM is down). The active device stages too: what
+// inactive devices pushed of their user disks. The server is told what the
+// device runs and has staged.
+func (l *Laptop) Follow(ctx context.Context, c *Client, name string, opts FollowOptions) (*FollowReport, error) {
+	start := time.Now()
+	if err := images.CheckObjectName("desktop", name); err != nil {
+		return nil, err
+	}
+	co, err := l.Checkout(name)
+	if err != nil && !errors.Is(err, proto.ErrNotCheckedOut) {
+		return nil, err
+	}
+	if co != nil && co.Offline {
+		return nil, fmt.Errorf("desktop %s was imported from an offline bundle: it has no server to follow", name)
+	}
+	m, err := c.Manifest(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	if !hasDisk(m, proto.DiskSystem) {
+		return nil, fmt.Errorf("desktop %s: policy %s: this device holds no system disk; a copy of the user disk alone is not kept by cvd yet", name, m.Policy)
+	}
+	rep := &FollowReport{Desktop: name, Policy: m.Policy, Head: m.Version, Variant: m.Variant, Active: co != nil && !co.Follow}
+	cr := &CheckoutReport{LayersFetched: []string{}, LayersHeld: []string{}}
+	layers, blanks := manifestLayers(m)
+	switch {
+	case co == nil:
+		if _, err := l.store.Desktop(name); err == nil {
+			return nil, fmt.Errorf("desktop %s exists on this store without a check-out record (pulled by a host?): remove it first (cvd desktop rm %s)", name, name)
+		}
+		if err := l.fetchMissing(ctx, c, m, cr); err != nil {
+			return nil, err
+		}
+		co = &Checkout{Desktop: name, Server: c.URL(), Token: c.token, Follow: true, Policy: m.Policy, Variant: m.Variant,
+			Version: m.Version, Layers: layers, BlankSizes: blanks, CheckedOut: l.now().UTC()}
+		if err := l.setupDesktop(ctx, co); err != nil {
+			return nil, err
+		}
+		if err := l.putCheckout(co); err != nil {
+			return nil, err
+		}
+		l.defineVM(ctx, name)
+		rep.SetUp = true
+	case maps.Equal(layers, co.Layers):
+		co.Staged = nil // the head is what runs
+	case co.Staged != nil && maps.Equal(layers, co.Staged.Layers):
+		// Staged already.
+	default:
+		if err := l.fetchMissing(ctx, c, m, cr); err != nil {
+			return nil, err
+		}
+		co.Staged = &Staged{Version: m.Version, Layers: layers, BlankSizes: blanks, Fetched: l.now().UTC()}
+		co.Policy, co.Variant = m.Policy, m.Variant
+		if err := l.putCheckout(co); err != nil {
+			return nil, err
+		}
+		l.log.Info("update staged", "desktop", name, "version", m.Version, "bytes", cr.Bytes)
+	}
+	rep.LayersFetched, rep.LayersHeld, rep.Bytes, rep.DataBytes = cr.LayersFetched, cr.LayersHeld, cr.Bytes, cr.DataBytes
+	if opts.Apply && co.Staged != nil {
+		applied, err := l.ApplyStaged(ctx, name)
+		if err != nil && !errors.Is(err, proto.ErrInUse) {
+			return nil, err
+		}
+		rep.Applied = applied
+		if co, err = l.Checkout(name); err != nil {
+			return nil, err
+		}
+	}
+	rep.Runs = co.Version
+	if co.Staged != nil {
+		rep.Staged = co.Staged.Version
+	}
+	if err := c.Report(ctx, name, proto.DeviceReport{Runs: rep.Runs, Staged: rep.Staged}); err != nil {
+		l.log.Warn("report the device's state to the server", "desktop", name, "err", err)
+	}
+	rep.Took = time.Since(start).Seconds()
+	return rep, nil
+}
+
+func hasDisk(m *proto.Manifest, dn string) bool {
+	for _, d := range m.Disks {
+		if d.Name == dn {
+			return true
+		}
+	}
+	return false
+}
+
+// manifestLayers is the layer each of m's disks stands on ("" for a blank
+// disk, with its size).
+func manifestLayers(m *proto.Manifest) (map[string]string, map[string]int64) {
+	layers, blanks := map[string]string{}, map[string]int64{}
+	for _, dm := range m.Disks {
+		layers[dm.Name] = dm.Top()
+		if dm.Top() == "" {
+			blanks[dm.Name] = dm.BlankSize
+		}
+	}
+	return layers, blanks
+}
+
+// ApplyStaged moves the desktop's tops onto the staged update, while its VM is
+// down (proto.ErrInUse when it runs): the switch at the desktop's next start.
+// A top holding changes is not moved: the user disk's are pushed first, and a
+// system disk's (which an inactive device does not push) keep the update
+// waiting until the device opens the desktop (they become its snapshot).
+// applied is false when nothing was staged.
+func (l *Laptop) ApplyStaged(ctx context.Context, name string) (applied bool, err error) {
+	co, err := l.Checkout(name)
+	if err != nil || co.Staged == nil {
+		return false, err
+	}
+	if r, ok := l.opts.VM.(runningVM); ok && r.Running(ctx, name) {
+		return false, fmt.Errorf("desktop %s: %w: its VM is running: the staged version %d applies at its next start", name, proto.ErrInUse, co.Staged.Version)
+	}
+	d, err := l.store.Desktop(name)
+	if err != nil {
+		return false, err
+	}
+	if err := desktop.CheckNotInUse(l.store, d); err != nil {
+		return false, err
+	}
+	st := co.Staged
+	for _, dn := range proto.DiskNames {
+		want, ok := st.Layers[dn]
+		rel := topRel(d, dn)
+		if !ok || rel == "" {
+			continue
+		}
+		has, backing, err := desktop.TopState(l.store.Path(rel))
+		if err != nil {
+			return false, err
+		}
+		if !has || backing == want {
+			continue
+		}
+		if dn == proto.DiskUser {
+			return false, fmt.Errorf("desktop %s: %w on the user disk: push them first (cvd checkin %s --user-only); the staged version %d waits",
+				name, proto.ErrLocalChanges, name, st.Version)
+		}
+		return false, fmt.Errorf("desktop %s: %w on the system disk, which an inactive device does not push: open the desktop here (cvd open %s) to keep them as a snapshot; the staged version %d waits",
+			name, proto.ErrLocalChanges, name, st.Version)
+	}
+	v := proto.Version{N: st.Version, Created: l.now().UTC().Truncate(time.Second), System: st.Layers[proto.DiskSystem],
+		User: st.Layers[proto.DiskUser], Kind: images.VersionImport, Note: "staged"}
+	if err := l.recordVersion(name, v, false); err != nil {
+		return false, err
+	}
+	for _, dn := range proto.DiskNames {
+		want, ok := st.Layers[dn]
+		rel := topRel(d, dn)
+		if !ok || rel == "" {
+			continue
+		}
+		if _, backing, err := desktop.TopState(l.store.Path(rel)); err != nil {
+			return false, err
+		} else if backing == want {
+			continue
+		}
+		if err := desktop.ResetTop(l.store, rel, want, st.BlankSizes[dn]); err != nil {
+			return false, proto.NoSpace(err)
+		}
+	}
+	co.Version, co.Layers, co.BlankSizes, co.Staged = st.Version, st.Layers, st.BlankSizes, nil
+	if err := l.putCheckout(co); err != nil {
+		return false, err
+	}
+	l.defineVM(ctx, name)
+	l.log.Info("staged update applied", "desktop", name, "version", st.Version)
+	return true, nil
+}
+
+// defineVM (re)defines the desktop's local VM over its tops, when there is a
+// hypervisor.
+func (l *Laptop) defineVM(ctx context.Context, name string) {
+	if l.opts.VM == nil {
+		return
+	}
+	d, err := l.store.Desktop(name)
+	if err != nil {
+		return
+	}
+	user := ""
+	if d.UserDisk != "" {
+		user = l.store.Path(d.UserDisk)
+	}
+	if err := l.opts.VM.DefineDesktop(ctx, name, l.store.Path(d.SystemDisk), user); err != nil {
+		l.log.Warn("define the desktop in the local hypervisor", "desktop", name, "err", err)
+	}
+}
+
+// StepDown gives the active role back: the lease is released and the copy
+// stays as a follower's. Changes not pushed are refused (check in first).
+func (l *Laptop) StepDown(ctx context.Context, name string) error {
+	co, err := l.Checkout(name)
+	if err != nil {
+		return err
+	}
+	if co.Follow {
+		return nil
+	}
+	if co.Offline {
+		return fmt.Errorf("desktop %s was imported from an offline bundle: it has no server to follow", name)
+	}
+	d, err := l.store.Desktop(name)
+	if err != nil {
+		return err
+	}
+	for _, dn := range proto.DiskNames {
+		if rel := topRel(d, dn); rel != "" {
+			if has, _, err := desktop.TopState(l.store.Path(rel)); err != nil {
+				return err
+			} else if has {
+				return fmt.Errorf("desktop %s: %w on the %s disk: check them in first", name, proto.ErrLocalChanges, dn)
+			}
+		}
+	}
+	c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert})
+	if err != nil {
+		return err
+	}
+	if err := c.Release(ctx, name, co.Lease.ID); err != nil && !errors.Is(err, proto.ErrNoLease) && !errors.Is(err, proto.ErrLeaseExpired) {
+		return err
+	}
+	co.Follow, co.Lease = true, proto.Lease{}
+	return l.putCheckout(co)
+}
+
+// OpenOptions controls Open.
+type OpenOptions struct {
+	// Wait is how long the active device has to sync up and step down before
+	// its lease is broken (its later check-in then becomes a conflict
+	// version); Poll how often the server is asked meanwhile (default 1 s).
+	Wait, Poll time.Duration
+	// Force skips the server's minimum interval between changes of the role.
+	Force bool
+	TTL   time.Duration
+}
+
+// OpenReport says what Open did.
+type OpenReport struct {
+	Desktop string `json:"desktop"`
+	// Snapshot is the version this device's state was kept as before it
+	// became active (0: it had no changes); Previous the device that was
+	// active, Broken whether its lease was broken after the wait.
+	Snapshot      int             `json:"snapshot,omitempty"`
+	Previous      string          `json:"previous,omitempty"`
+	Broken        bool            `json:"broken,omitempty"`
+	AlreadyActive bool            `json:"already_active,omitempty"`
+	Waited        float64         `json:"waited_seconds"`
+	Checkout      *CheckoutReport `json:"checkout,omitempty"`
+}
+
+// Open makes this device the desktop's active one: its state is first kept as
+// a snapshot version on the server (when its tops hold changes), then the
+// active device is asked to sync up and step down (waiting up to opts.Wait),
+// then this device checks the head out.
+func (l *Laptop) Open(ctx context.Context, c *Client, name string, opts OpenOptions) (*OpenReport, error) {
+	rep := &OpenReport{Desktop: name}
+	co, err := l.Checkout(name)
+	if err != nil && !errors.Is(err, proto.ErrNotCheckedOut) {
+		return nil, err
+	}
+	if co != nil && !co.Follow && !co.expired(l.now()) {
+		rep.AlreadyActive = true
+		return rep, nil
+	}
+	// May the role change now? (Asking changes nothing yet.)
+	if _, err := c.Open(ctx, name, proto.OpenRequest{WaitSeconds: int64(opts.Wait / time.Second), Force: opts.Force, Check: true}); err != nil {
+		return nil, err
+	}
+	if co != nil && co.Follow {
+		ci, err := l.CheckIn(ctx, name, CheckinOptions{Snapshot: true})
+		if err != nil {
+			return nil, fmt.Errorf("snapshot before opening: %w", err)
+		}
+		if !ci.NoChanges {
+			rep.Snapshot = ci.Version
+		}
+	}
+	poll := cmp.Or(opts.Poll, time.Second)
+	t0 := time.Now()
+	for {
+		ans, err := c.Open(ctx, name, proto.OpenRequest{WaitSeconds: int64(opts.Wait / time.Second), Force: opts.Force})
+		if err != nil {
+			return nil, err
+		}
+		if ans.Holder != "" {
+			rep.Previous = ans.Holder
+		}
+		rep.Broken = rep.Broken || ans.Broken
+		if ans.State == "free" {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(poll):
+		}
+	}
+	rep.Waited = time.Since(t0).Seconds()
+	if rep.Checkout, err = l.CheckOut(ctx, c, name, CheckoutOptions{TTL: opts.TTL}); err != nil {
+		return nil, err
+	}
+	return rep, nil
+}
+
+
+// HandOver is the active device's answer to another device that asked for the
+// role: when the server says one did (on this device's lease), the desktop's
+// changes are checked in and the role given back (StepDown). asked is false
+// when nobody asked. A running VM keeps the role here: the other device's
+// wait then runs out and this device's later check-in becomes a conflict
+// version.
+func (l *Laptop) HandOver(ctx context.Context, name string) (asked bool, to string, err error) {
+	co, err := l.Checkout(name)
+	if err != nil || co.Follow || co.Offline {
+		return false, "", err
+	}
+	c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert})
+	if err != nil {
+		return false, "", err
+	}
+	st, err := c.Desktop(ctx, name)
+	if err != nil {
+		return false, "", err
+	}
+	if st.Lease == nil || st.Lease.ID != co.Lease.ID || st.Lease.HandoverTo == "" {
+		return false, "", nil
+	}
+	to = st.Lease.HandoverTo
+	if _, err := l.CheckIn(ctx, name, CheckinOptions{}); err != nil {
+		return true, to, fmt.Errorf("sync up before handing over to %s: %w", to, err)
+	}
+	if err := l.StepDown(ctx, name); err != nil {
+		return true, to, err
+	}
+	l.log.Info("handed the active role over", "desktop", name, "to", to)
+	return true, to, nil
+}
