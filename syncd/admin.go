@@ -50,6 +50,12 @@ func (s *Server) BindDevice(name string, desktops []string, policy string) (*Dev
 	return bindDevice(s.st, name, desktops, policy)
 }
 
+// SetPolicy changes a device's policy in the groups of desktops it is bound
+// to (policy "" leaves it), and its hardware class (class "" leaves it).
+func (s *Server) SetPolicy(name string, desktops []string, policy, class string) (*Device, error) {
+	return setPolicy(s.st, name, desktops, policy, class)
+}
+
 // RemoveDevice forgets a device: its token stops working and a lease it holds is
 // broken.
 func (s *Server) RemoveDevice(name string) (*Device, error) {

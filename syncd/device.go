@@ -256,6 +256,42 @@ func bindDevice(s *state.State, name string, desktops []string, policy string) (
 	return d, err
 }
 
+// setPolicy changes a device's policy in the groups of desktops (bound
+// already) and its class.
+func setPolicy(s *state.State, name string, desktops []string, policy, class string) (*Device, error) {
+	if err := proto.CheckPolicy(policy); err != nil {
+		return nil, err
+	}
+	if err := checkClass(class); err != nil {
+		return nil, err
+	}
+	var d *Device
+	err := s.Update(func(tx *catalog.Tx) error {
+		var err error
+		if d, err = deviceByName(tx, name); err != nil {
+			return err
+		}
+		for _, dk := range desktops {
+			if !d.Bound(dk) {
+				return fmt.Errorf("device %s is not in the device group of %s: %w (cvd device bind)", name, dk, proto.ErrNotFound)
+			}
+			if policy != "" {
+				if _, err := tx.Exec("UPDATE device_desktops SET policy = ? WHERE device = ? AND desktop = ?", policy, d.ID, dk); err != nil {
+					return err
+				}
+			}
+		}
+		if class != "" {
+			if _, err := tx.Exec("UPDATE devices SET class = ? WHERE id = ?", class, d.ID); err != nil {
+				return err
+			}
+		}
+		d, err = deviceByName(tx, name)
+		return err
+	})
+	return d, err
+}
+
 func deviceByName(tx *catalog.Tx, name string) (*Device, error) {
 	d, err := oneDevice(tx, "name = ?", name)
 	if err == nil && d == nil {

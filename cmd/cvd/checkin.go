@@ -15,10 +15,11 @@ import (
 )
 
 type checkinOptions struct {
-	release bool
-	server  string
-	caCert  string
-	bwlimit string
+	release  bool
+	userOnly bool
+	server   string
+	caCert   string
+	bwlimit  string
 }
 
 func newCheckinCommand(g *globalOptions) *cobra.Command {
@@ -37,16 +38,22 @@ An interrupted check-in resumes when run again and sends only what is missing.
 A check-in that does not start from the server's head (a broken lease, a
 rollback) is kept as a conflict version beside the head.
 
+On a device that is not the desktop's active one (cvd follow), the server takes
+the user disk's changes only: --user-only sends them and keeps the system disk's
+here (a push of the system disk is refused, naming the active device).
+
 Shut the desktop's VM down first: its tops must not change during the check-in.`,
 		Example: `  cvd checkin alice
   cvd checkin alice --release --json
-  cvd checkin alice --bwlimit 20M`,
+  cvd checkin alice --bwlimit 20M
+  cvd checkin alice --user-only`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return runCheckin(cmd.Context(), g, opts, args[0], cmd.OutOrStdout(), cmd.ErrOrStderr())
 		},
 	}
 	c.Flags().BoolVar(&opts.release, "release", false, "give the lease back afterwards and remove the local copy")
+	c.Flags().BoolVar(&opts.userOnly, "user-only", false, "send the user disk's changes only (an inactive device of the desktop's group)")
 	c.Flags().StringVar(&opts.server, "server", "", "the server's URL, when it moved since the check-out (remembered)")
 	c.Flags().StringVar(&opts.caCert, "ca-cert", "", "PEM file of a CA to trust for an https server (remembered)")
 	c.Flags().StringVar(&opts.bwlimit, "bwlimit", "", "cap the bytes per second moved, e.g. 20M (default: no cap)")
@@ -63,7 +70,8 @@ func runCheckin(ctx context.Context, g *globalOptions, opts *checkinOptions, des
 		return err
 	}
 	defer done()
-	rep, err := lp.CheckIn(ctx, desktop, laptop.CheckinOptions{Release: opts.release, Server: opts.server, CACert: opts.caCert, RateLimit: limit})
+	rep, err := lp.CheckIn(ctx, desktop, laptop.CheckinOptions{Release: opts.release, Server: opts.server, CACert: opts.caCert, RateLimit: limit,
+		UserOnly: opts.userOnly})
 	if err != nil {
 		return storeError(err)
 	}

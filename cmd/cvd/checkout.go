@@ -159,7 +159,7 @@ func (p *barProgress) Done() {
 func newStatusCommand(g *globalOptions) *cobra.Command {
 	return &cobra.Command{
 		Use:   "status [DESKTOP]",
-		Short: "Show the desktops checked out to this store: lease, version, pending check-in",
+		Short: "Show the desktops on this store: role, lease, version, staged update, pending check-in",
 		Example: `  cvd status
   cvd status alice --json`,
 		Args: cobra.MaximumNArgs(1),
@@ -195,7 +195,7 @@ func newStatusCommand(g *globalOptions) *cobra.Command {
 				return printJSON(out, sel)
 			}
 			tw := newTable(out)
-			fmt.Fprintln(tw, "DESKTOP\tVERSION\tSERVER\tLEASE EXPIRES\tSYSTEM\tUSER\tNOT CHECKED IN\tPENDING")
+			fmt.Fprintln(tw, "DESKTOP\tROLE\tVERSION\tSERVER\tLEASE EXPIRES\tSYSTEM\tUSER\tNOT CHECKED IN\tSTAGED\tPENDING")
 			for _, s := range sel {
 				var n, b int64
 				for _, u := range s.Unsent {
@@ -205,9 +205,16 @@ func newStatusCommand(g *globalOptions) *cobra.Command {
 				if n > 0 {
 					unsent = fmt.Sprintf("%d clusters (%s)", n, fmtBytes(b))
 				}
-				fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Desktop, s.Version, s.Server,
-					s.Expires.Local().Format(time.RFC3339), images.ShortID(s.Layers[proto.DiskSystem]),
-					images.ShortID(s.Layers[proto.DiskUser]), unsent, s.Pending)
+				expires, staged := "-", "-"
+				if !s.Expires.IsZero() {
+					expires = s.Expires.Local().Format(time.RFC3339)
+				}
+				if s.Staged != 0 {
+					staged = fmt.Sprintf("update staged: version %d, applies at next start", s.Staged)
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Desktop, s.Role, s.Version, s.Server,
+					expires, images.ShortID(s.Layers[proto.DiskSystem]),
+					images.ShortID(s.Layers[proto.DiskUser]), unsent, staged, s.Pending)
 			}
 			return tw.Flush()
 		},
@@ -226,13 +233,28 @@ type statusLine struct {
 	LastCheckin time.Time         `json:"last_checkin,omitzero"`
 	Pending     string            `json:"pending,omitempty"`
 	Offline     bool              `json:"offline,omitempty"`
+	// Role is active (this device holds the lease), inactive (it follows the
+	// desktop's group) or offline (a bundle's copy); Policy says which layers
+	// it holds; Staged is the version staged for the next start (0: none).
+	Role   string `json:"role"`
+	Policy string `json:"policy,omitempty"`
+	Staged int    `json:"staged,omitempty"`
 	// Unsent is, per disk, what the local tops hold that no check-in took.
 	Unsent map[string]laptop.Unsent `json:"unsent"`
 }
 
 func statusOf(co laptop.Checkout) statusLine {
 	s := statusLine{Desktop: co.Desktop, Server: co.Server, Version: co.Version, Lease: co.Lease.ID, Expires: co.Lease.Expires,
-		Layers: co.Layers, CheckedOut: co.CheckedOut, LastCheckin: co.LastCheckin, Offline: co.Offline}
+		Layers: co.Layers, CheckedOut: co.CheckedOut, LastCheckin: co.LastCheckin, Offline: co.Offline, Role: "active", Policy: co.Policy}
+	switch {
+	case co.Offline:
+		s.Role = "offline"
+	case co.Follow:
+		s.Role = "inactive"
+	}
+	if co.Staged != nil {
+		s.Staged = co.Staged.Version
+	}
 	if co.Pending != nil {
 		s.Pending = "check-in " + co.Pending.ID[:12]
 		if co.Pending.Result != nil {

@@ -19,14 +19,16 @@ type serverFlags struct {
 func (f *serverFlags) add(c *cobra.Command, what string) {
 	fl := c.Flags()
 	fl.StringVar(&f.server, "server", os.Getenv("CVD_SERVER"), what+" (env CVD_SERVER)")
-	fl.StringVar(&f.token, "token", "", "host token from `cvd device add --host` (env CVD_TOKEN)")
+	fl.StringVar(&f.token, "token", "", "this machine's token from `cvd device add` (env CVD_TOKEN)")
 	fl.StringVar(&f.caCert, "ca-cert", "", "PEM file of a CA to trust for an https server")
 	fl.StringVar(&f.bwlimit, "bwlimit", "", "cap the bytes per second moved, e.g. 100M (default: no cap)")
 }
 
-// pull fetches the desktop's head layers from the server into the store (see
-// laptop.Laptop.Pull).
-func (f *serverFlags) pull(ctx context.Context, g *globalOptions, desktop string, errOut io.Writer) (*laptop.CheckoutReport, error) {
+// client is a client of the server the flags name.
+func (f *serverFlags) client() (*laptop.Client, error) {
+	if f.server == "" {
+		return nil, &exitError{code: exitUsage, err: fmt.Errorf("give --server (or CVD_SERVER)")}
+	}
 	if f.token == "" {
 		f.token = os.Getenv("CVD_TOKEN")
 	}
@@ -40,6 +42,16 @@ func (f *serverFlags) pull(ctx context.Context, g *globalOptions, desktop string
 	c, err := laptop.NewClient(f.server, f.token, laptop.ClientOptions{CACert: f.caCert, RateLimit: limit})
 	if err != nil {
 		return nil, &exitError{code: exitUsage, err: err}
+	}
+	return c, nil
+}
+
+// pull fetches the desktop's head layers from the server into the store (see
+// laptop.Laptop.Pull).
+func (f *serverFlags) pull(ctx context.Context, g *globalOptions, desktop string, errOut io.Writer) (*laptop.CheckoutReport, error) {
+	c, err := f.client()
+	if err != nil {
+		return nil, err
 	}
 	lp, done, err := openLaptop(g, errOut)
 	if err != nil {
@@ -70,9 +82,6 @@ The token is a host's: cvd device add NAME --host on the server.`,
   cvd provision alice --count 20 --server https://cvd.example:8470 --token "$HOST_TOKEN"`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if f.server == "" {
-				return &exitError{code: exitUsage, err: fmt.Errorf("give --server (or CVD_SERVER)")}
-			}
 			rep, err := f.pull(cmd.Context(), g, args[0], cmd.ErrOrStderr())
 			if err != nil {
 				return err

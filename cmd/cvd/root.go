@@ -82,6 +82,9 @@ clusters that changed.
 		newVMCommand(g),
 		newProvisionCommand(g),
 		newPullCommand(g),
+		newFollowCommand(g),
+		newOpenCommand(g),
+		newVariantCommand(g),
 	)
 	return root
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"fmt"
@@ -27,6 +28,7 @@ type serveOptions struct {
 	stopTimeout     time.Duration
 	maxConns        int
 	progressTimeout time.Duration
+	minRole         time.Duration
 }
 
 func newServeCommand(g *globalOptions) *cobra.Command {
@@ -62,6 +64,7 @@ reachable libvirtd this step is skipped.`,
 	f.DurationVar(&opts.stopTimeout, "stop-timeout", time.Minute, "graceful VM shutdown time before a forced stop")
 	f.IntVar(&opts.maxConns, "max-conns", 4096, "connections open at once (more wait in the kernel's backlog)")
 	f.DurationVar(&opts.progressTimeout, "progress-timeout", time.Minute, "end a request whose body or stream moves no byte for this long")
+	f.DurationVar(&opts.minRole, "min-role-interval", 30*time.Second, "how long a device stays active before another may ask for the role (negative: no minimum)")
 	return c
 }
 
@@ -96,7 +99,7 @@ func runServe(ctx context.Context, g *globalOptions, opts *serveOptions, out, er
 	}
 	defer st.Close()
 	so := syncd.ServerOptions{LeaseTTL: opts.leaseTTL, MaxLeaseTTL: opts.maxLeaseTTL, StopTimeout: opts.stopTimeout, Logger: log,
-		MaxConns: opts.maxConns, ProgressTimeout: opts.progressTimeout,
+		MaxConns: opts.maxConns, ProgressTimeout: opts.progressTimeout, MinRoleInterval: cmp.Or(opts.minRole, -1),
 		BeforeCheckout: func(ctx context.Context, name string) error {
 			p, err := desktop.ApplySwitch(ctx, st, name)
 			if p != nil {

@@ -14,7 +14,7 @@ import (
 // newDesktopSyncCommands are the desktop subcommands of sync: versions and
 // rollback. desktop.go adds them to `cvd desktop`.
 func newDesktopSyncCommands(g *globalOptions) []*cobra.Command {
-	return []*cobra.Command{newDesktopVersionsCommand(g), newDesktopRollbackCommand(g)}
+	return []*cobra.Command{newDesktopVersionsCommand(g), newDesktopRollbackCommand(g), newDesktopDevicesCommand(g)}
 }
 
 func newDesktopVersionsCommand(g *globalOptions) *cobra.Command {

@@ -122,40 +122,69 @@ func AgentCycle(ctx context.Context, storeDir string, opts AgentOptions) ([]Agen
 		if co.Offline {
 			continue
 		}
+		evs = append(evs, lp.agentRound(ctx, co, opts)...)
+	}
+	return evs, nil
+}
+
+// agentRound is one desktop's part of an agent cycle. The active device
+// renews its lease, hands the role over when another device asked for it, and
+// checks in when due; every device of the group stages the head as its policy
+// covers it (applied at once while the VM is down); an inactive one pushes its
+// user disk when due.
+func (lp *Laptop) agentRound(ctx context.Context, co Checkout, opts AgentOptions) []AgentEvent {
+	var evs []AgentEvent
+	ev := func(action, detail string) { evs = append(evs, AgentEvent{Desktop: co.Desktop, Action: action, Detail: detail}) }
+	running := opts.Running != nil && opts.Running(ctx, co.Desktop)
+	if !co.Follow {
 		if opts.RenewWithin == 0 || co.Lease.Expires.Sub(lp.now()) < opts.RenewWithin {
 			l, err := lp.Renew(ctx, co.Desktop, 0)
 			if err != nil {
-				evs = append(evs, AgentEvent{Desktop: co.Desktop, Action: "failed", Detail: "renew: " + err.Error()})
-				continue
+				ev("failed", "renew: "+err.Error())
+				return evs
 			}
-			evs = append(evs, AgentEvent{Desktop: co.Desktop, Action: "renewed", Detail: "until " + l.Expires.Format(time.RFC3339)})
+			ev("renewed", "until "+l.Expires.Format(time.RFC3339))
 		}
-		due := co.Pending != nil || (opts.CheckinEvery > 0 && lp.now().Sub(lastSync(&co)) >= opts.CheckinEvery)
-		if !due {
-			continue
+		if asked, to, err := lp.HandOver(ctx, co.Desktop); err != nil {
+			ev("failed", fmt.Sprintf("hand the role over to %s: %v", to, err))
+		} else if asked {
+			ev("handed-over", "the active role went to "+to)
+			co.Follow = true
 		}
-		if opts.Running != nil && opts.Running(ctx, co.Desktop) {
-			evs = append(evs, AgentEvent{Desktop: co.Desktop, Action: "skipped", Detail: "check-in: the desktop's VM is running"})
-			continue
-		}
-		rep, err := lp.CheckIn(ctx, co.Desktop, CheckinOptions{})
-		if err != nil {
-			evs = append(evs, AgentEvent{Desktop: co.Desktop, Action: "failed", Detail: "check-in: " + err.Error()})
-			continue
-		}
-		if rep.NoChanges {
-			// Nothing to send: remember the attempt so the next one waits a period.
-			if c, err := lp.Checkout(co.Desktop); err == nil {
-				c.LastCheckin = lp.now().UTC()
-				lp.putCheckout(c)
-			}
-			evs = append(evs, AgentEvent{Desktop: co.Desktop, Action: "checked-in", Detail: "no changes"})
-			continue
-		}
-		evs = append(evs, AgentEvent{Desktop: co.Desktop, Action: "checked-in",
-			Detail: fmt.Sprintf("version %d, %d bytes sent", rep.Version, rep.Payload)})
 	}
-	return evs, nil
+	if c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert}); err != nil {
+		ev("failed", "stage: "+err.Error())
+	} else if rep, err := lp.Follow(ctx, c, co.Desktop, FollowOptions{Apply: !running}); err != nil {
+		ev("failed", "stage: "+err.Error())
+	} else if rep.Applied {
+		ev("applied", fmt.Sprintf("version %d, %d bytes received", rep.Runs, rep.Bytes))
+	} else if rep.Staged != 0 {
+		ev("staged", fmt.Sprintf("version %d, applies at the next start; %d bytes received", rep.Staged, rep.Bytes))
+	}
+	due := co.Pending != nil || (opts.CheckinEvery > 0 && lp.now().Sub(lastSync(&co)) >= opts.CheckinEvery)
+	if !due {
+		return evs
+	}
+	if running {
+		ev("skipped", "check-in: the desktop's VM is running")
+		return evs
+	}
+	rep, err := lp.CheckIn(ctx, co.Desktop, CheckinOptions{UserOnly: co.Follow})
+	if err != nil {
+		ev("failed", "check-in: "+err.Error())
+		return evs
+	}
+	if rep.NoChanges {
+		// Nothing to send: remember the attempt so the next one waits a period.
+		if c, err := lp.Checkout(co.Desktop); err == nil {
+			c.LastCheckin = lp.now().UTC()
+			lp.putCheckout(c)
+		}
+		ev("checked-in", "no changes")
+		return evs
+	}
+	ev("checked-in", fmt.Sprintf("version %d, %d bytes sent", rep.Version, rep.Payload))
+	return evs
 }
 
 func lastSync(co *Checkout) time.Time {

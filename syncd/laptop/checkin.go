@@ -213,6 +213,8 @@ func (l *Laptop) CheckIn(ctx context.Context, name string, opts CheckinOptions) 
 		}
 	} else if err := l.putCheckout(co); err != nil {
 		return nil, err
+	} else {
+		l.report(ctx, c, co)
 	}
 	rep.Took = time.Since(start).Seconds()
 	return rep, nil

@@ -131,6 +131,7 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 	if err := l.putCheckout(co); err != nil {
 		return fail(err)
 	}
+	l.report(ctx, c, co)
 	l.defineVM(ctx, name)
 	rep.Took = time.Since(start).Seconds()
 	rep.Finished = l.now().UTC()

@@ -134,11 +134,21 @@ func (l *Laptop) Follow(ctx context.Context, c *Client, name string, opts Follow
 	if co.Staged != nil {
 		rep.Staged = co.Staged.Version
 	}
-	if err := c.Report(ctx, name, proto.DeviceReport{Runs: rep.Runs, Staged: rep.Staged}); err != nil {
-		l.log.Warn("report the device's state to the server", "desktop", name, "err", err)
-	}
+	l.report(ctx, c, co)
 	rep.Took = time.Since(start).Seconds()
 	return rep, nil
+}
+
+// report tells the server what this device runs and has staged of co's
+// desktop (what cvd desktop devices shows); a failure is only logged.
+func (l *Laptop) report(ctx context.Context, c *Client, co *Checkout) {
+	rep := proto.DeviceReport{Runs: co.Version}
+	if co.Staged != nil {
+		rep.Staged = co.Staged.Version
+	}
+	if err := c.Report(ctx, co.Desktop, rep); err != nil {
+		l.log.Warn("report the device's state to the server", "desktop", co.Desktop, "err", err)
+	}
 }
 
 func hasDisk(m *proto.Manifest, dn string) bool {
@@ -311,6 +321,7 @@ type OpenReport struct {
 	Previous      string          `json:"previous,omitempty"`
 	Broken        bool            `json:"broken,omitempty"`
 	AlreadyActive bool            `json:"already_active,omitempty"`
+	Applied       bool            `json:"applied,omitempty"` // a staged update applied (on the active device)
 	Waited        float64         `json:"waited_seconds"`
 	Checkout      *CheckoutReport `json:"checkout,omitempty"`
 }
@@ -318,7 +329,8 @@ type OpenReport struct {
 // Open makes this device the desktop's active one: its state is first kept as
 // a snapshot version on the server (when its tops hold changes), then the
 // active device is asked to sync up and step down (waiting up to opts.Wait),
-// then this device checks the head out.
+// then this device checks the head out. On the active device it applies a
+// staged update.
 func (l *Laptop) Open(ctx context.Context, c *Client, name string, opts OpenOptions) (*OpenReport, error) {
 	rep := &OpenReport{Desktop: name}
 	co, err := l.Checkout(name)
@@ -327,7 +339,8 @@ func (l *Laptop) Open(ctx context.Context, c *Client, name string, opts OpenOpti
 	}
 	if co != nil && !co.Follow && !co.expired(l.now()) {
 		rep.AlreadyActive = true
-		return rep, nil
+		rep.Applied, err = l.ApplyStaged(ctx, name)
+		return rep, err
 	}
 	// May the role change now? (Asking changes nothing yet.)
 	if _, err := c.Open(ctx, name, proto.OpenRequest{WaitSeconds: int64(opts.Wait / time.Second), Force: opts.Force, Check: true}); err != nil {

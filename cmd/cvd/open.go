@@ -1,0 +1,93 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/cvd-project/cvd/syncd/laptop"
+	"github.com/cvd-project/cvd/syncd/proto"
+)
+
+func newOpenCommand(g *globalOptions) *cobra.Command {
+	f := &serverFlags{}
+	var o laptop.OpenOptions
+	c := &cobra.Command{
+		Use:   "open DESKTOP [--server URL --token T]",
+		Short: "Make this device the desktop's active one (snapshot, the active device syncs up, check-out)",
+		Long: `Open a desktop on this device. When another device of its group is active,
+this device's current state is first kept on the server as a snapshot version
+(for rollback), then the active device is told to sync up and step down (its
+agent sees it at its next poll); after --wait its lease is broken and its later
+check-in is kept as a conflict version, so nothing is lost. Then this device
+checks the head out and becomes the active device: it alone pushes system disk
+versions. The server refuses a change of the role within its minimum interval
+(cvd serve --min-role-interval) unless --force is given.
+
+On a device that is active already, a staged update is applied (the VM must be
+down). The server and token are those of the desktop's record on this store, or
+--server and --token.`,
+		Example: `  cvd open alice --store ~/cvd
+  cvd open alice --server https://cvd.example:8470 --token "$TOKEN" --wait 5m --json`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			lp, done, err := openLaptop(g, cmd.ErrOrStderr())
+			if err != nil {
+				return err
+			}
+			defer done()
+			name := args[0]
+			if f.server == "" {
+				co, err := lp.Checkout(name)
+				if errors.Is(err, proto.ErrNotCheckedOut) {
+					return &exitError{code: exitUsage, err: fmt.Errorf("desktop %s is not on this store: give --server and --token", name)}
+				} else if err != nil {
+					return err
+				}
+				f.server, f.caCert = co.Server, co.CACert
+				if f.token == "" {
+					f.token = co.Token
+				}
+			}
+			c, err := f.client()
+			if err != nil {
+				return err
+			}
+			rep, err := lp.Open(cmd.Context(), c, name, o)
+			if err != nil {
+				return storeError(err)
+			}
+			out := cmd.OutOrStdout()
+			if g.json {
+				return printJSON(out, rep)
+			}
+			switch {
+			case rep.AlreadyActive && rep.Applied:
+				fmt.Fprintf(out, "%s: active here already; the staged update was applied\n", name)
+			case rep.AlreadyActive:
+				fmt.Fprintf(out, "%s: active here already\n", name)
+			default:
+				if rep.Snapshot != 0 {
+					fmt.Fprintf(out, "%s: this device's state kept as snapshot version %d\n", name, rep.Snapshot)
+				}
+				if rep.Previous != "" {
+					how := "synced up and stepped down"
+					if rep.Broken {
+						how = "did not answer within the wait: its lease was broken (its later check-in becomes a conflict version)"
+					}
+					fmt.Fprintf(out, "%s: device %s %s\n", name, rep.Previous, how)
+				}
+				fmt.Fprintf(out, "%s: active on this device at version %d (%d layers fetched, %s received)\n", name,
+					rep.Checkout.Version, len(rep.Checkout.LayersFetched), fmtBytes(rep.Checkout.Bytes))
+			}
+			return nil
+		},
+	}
+	f.add(c, "server URL (default: the one the desktop's record names)")
+	c.Flags().DurationVar(&o.Wait, "wait", 2*time.Minute, "how long the active device has to sync up before its lease is broken")
+	c.Flags().BoolVar(&o.Force, "force", false, "ignore the server's minimum interval between changes of the active role")
+	c.Flags().DurationVar(&o.TTL, "ttl", 0, "lease length to ask for (0: the server's default)")
+	return c
+}
