@@ -134,7 +134,9 @@ func AgentCycle(ctx context.Context, storeDir string, opts AgentOptions) ([]Agen
 // user disk when due.
 func (lp *Laptop) agentRound(ctx context.Context, co Checkout, opts AgentOptions) []AgentEvent {
 	var evs []AgentEvent
-	ev := func(action, detail string) { evs = append(evs, AgentEvent{Desktop: co.Desktop, Action: action, Detail: detail}) }
+	ev := func(action, detail string) {
+		evs = append(evs, AgentEvent{Desktop: co.Desktop, Action: action, Detail: detail})
+	}
 	running := opts.Running != nil && opts.Running(ctx, co.Desktop)
 	if !co.Follow {
 		if opts.RenewWithin == 0 || co.Lease.Expires.Sub(lp.now()) < opts.RenewWithin {

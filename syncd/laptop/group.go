@@ -382,7 +382,6 @@ func (l *Laptop) Open(ctx context.Context, c *Client, name string, opts OpenOpti
 	return rep, nil
 }
 
-
 // HandOver is the active device's answer to another device that asked for the
 // role: when the server says one did (on this device's lease), the desktop's
 // changes are checked in and the role given back (StepDown). asked is false
