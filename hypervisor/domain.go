@@ -135,6 +135,49 @@ func (c *Conn) Define(ctx context.Context, spec DomainSpec) error {
 	return c.DefineXML(ctx, spec.Name, x)
 }
 
+// DefineKeeping defines spec's domain, keeping what a device's user changed:
+// a domain of that name defined already takes spec's disks (their chains and
+// the seed) and keeps every other element of its persistent definition
+// (memory, vCPUs, interfaces, boot, edits made through libvirt); a new name is
+// defined from spec whole.
+func (c *Conn) DefineKeeping(ctx context.Context, spec DomainSpec) error {
+	const op = "define"
+	d, err := c.lookup(ctx, op, spec.Name)
+	if errors.Is(err, ErrNotFound) {
+		return c.Define(ctx, spec)
+	} else if err != nil {
+		return err
+	}
+	var x string
+	err = c.do(ctx, op, spec.Name, func() (err error) {
+		x, err = c.l.DomainGetXMLDesc(d, libvirt.DomainXMLInactive)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	var cur libvirtxml.Domain
+	if err := cur.Unmarshal(x); err != nil {
+		return opErr(op, spec.Name, ErrInvalidSpec, "the defined domain's XML: %v", err)
+	}
+	if spec.Type == "" {
+		spec.Type = cur.Type
+	}
+	want, err := spec.domain()
+	if err != nil {
+		return err
+	}
+	if cur.Devices == nil {
+		cur.Devices = &libvirtxml.DomainDeviceList{}
+	}
+	cur.Devices.Disks = want.Devices.Disks
+	out, err := cur.Marshal()
+	if err != nil {
+		return opErr(op, spec.Name, ErrInvalidSpec, "%v", err)
+	}
+	return c.DefineXML(ctx, spec.Name, out)
+}
+
 // DefineXML defines a domain from XML (as DomainSpec.XML renders, possibly
 // edited). name is only used in errors.
 func (c *Conn) DefineXML(ctx context.Context, name, domainXML string) error {

@@ -99,6 +99,9 @@ type Desktop struct {
 	LeaseEpoch int64 `json:"lease_epoch,omitempty"`
 	// Switch is a recompose waiting for the desktop's next start.
 	Switch *PendingSwitch `json:"switch,omitempty"`
+	// Boot is how the desktop boots on every device (nil: from its system
+	// disk, with the defaults).
+	Boot *DesktopBoot `json:"boot,omitempty"`
 }
 
 // layerRefs lists the layers a desktop record keeps: every version's layers and a

@@ -3,7 +3,9 @@ package syncd
 import (
 	"context"
 	"fmt"
+	"io"
 	"net/http"
+	"os"
 	"slices"
 	"time"
 
@@ -26,6 +28,7 @@ func (s *Server) deviceDisks(ctx context.Context, m *proto.Manifest, dv *Desktop
 	if err := s.fillDisks(m, dv); err != nil {
 		return err
 	}
+	m.Boot = dv.Boot
 	m.Policy = proto.PolicyFull
 	b := dev.Binding(m.Desktop)
 	if b == nil {
@@ -129,6 +132,34 @@ func (s *Server) readableIn(dev *Device, desktop, id string) (bool, error) {
 	one.Desktops, one.Bindings = []string{desktop}, []Binding{*b}
 	rd, err := s.readableBy(&one)
 	return rd[id] != nil, err
+}
+
+// maxBootFile bounds a boot file (a kernel or an initrd) a device fetches.
+const maxBootFile = 1 << 30
+
+// handleBootFile sends one of the files the desktop boots from (GET
+// /v1/desktops/{d}/boot/{sha256}): only those its boot configuration names.
+func (s *Server) handleBootFile(w http.ResponseWriter, r *http.Request, dev *Device) error {
+	name, err := s.desktopFor(r, dev)
+	if err != nil {
+		return err
+	}
+	sum := r.PathValue("sum")
+	d, err := s.store.Desktop(name)
+	if err != nil {
+		return err
+	}
+	if d.Boot == nil || !slices.Contains(d.Boot.Files(), sum) {
+		return fmt.Errorf("boot file %q: %w among those of desktop %s", sum, proto.ErrNotFound, name)
+	}
+	f, err := os.Open(s.store.BootFile(sum))
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	w.Header().Set("Content-Type", "application/octet-stream")
+	_, err = io.Copy(w, f)
+	return err
 }
 
 // handleDeviceReport records what a device runs and has staged of a desktop

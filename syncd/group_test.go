@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -16,6 +17,7 @@ import (
 	"github.com/cvd-project/cvd/internal/testutil"
 	"github.com/cvd-project/cvd/syncd/laptop"
 	"github.com/cvd-project/cvd/syncd/proto"
+	"github.com/cvd-project/cvd/vm"
 )
 
 // readAt reads n bytes at off through a laptop's top of a disk.
@@ -287,5 +289,90 @@ func TestDeviceGroup(t *testing.T) {
 	}
 	if got := lapA.readAt(w.desktop, proto.DiskUser, 4*MiB, 512*KiB); !bytes.Equal(got, bUser) {
 		t.Error("A does not read B's user change after it opened the desktop again")
+	}
+}
+
+// TestBootTravels: the desktop's boot configuration (a kernel, an initrd, a
+// command line, memory, vCPUs, a NIC) travels with it: each device gets the
+// files (checked by their SHA-256) and defines its VM from it with an identity
+// of its own, never synced. A check-in redefines only the VM's disks (its
+// user's edits stay); a changed boot configuration is staged and applied at
+// the next start.
+func TestBootTravels(t *testing.T) {
+	ctx := context.Background()
+	w := newWorld(t, worldSpec{baseSize: 16 * MiB, baseWrites: []write{{off: 0, data: testutil.Fill(1, MiB, false)}}, userSize: 8 * MiB})
+	kernel, initrd := testutil.Fill(2, 300*KiB, false), testutil.Fill(3, 200*KiB, false)
+	ksum, err := w.store.AddBootFile(bytes.NewReader(kernel), "", 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	isum, err := w.store.AddBootFile(bytes.NewReader(initrd), "", 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	boot := &images.DesktopBoot{Kernel: ksum, Initrd: isum, Cmdline: "console=ttyS0 cvd.pattern=0x5a", MemoryMiB: 768, VCPUs: 2, NICs: 1}
+	if _, err := w.store.SetDesktopBoot(w.desktop, boot); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.store.SetDesktopBoot(w.desktop, &images.DesktopBoot{Kernel: strings.Repeat("ab", 32)}); !errors.Is(err, images.ErrNotFound) {
+		t.Fatalf("a boot configuration naming a file the store lacks: %v", err)
+	}
+	_, tokB, err := w.srv.AddDevice("b", DeviceOptions{Desktops: []string{w.desktop}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lapA, lapB := newLaptop(t, "a"), newLaptop(t, "b")
+	vmA, vmB := &recordVM{}, &recordVM{}
+	lapA.reopen(laptop.LaptopOptions{VM: vmA})
+	lapB.reopen(laptop.LaptopOptions{VM: vmB})
+	if _, err := lapA.lp.CheckOut(ctx, w.client(w.token), w.desktop, laptop.CheckoutOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := lapB.lp.Follow(ctx, w.client(tokB), w.desktop, laptop.FollowOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if len(vmA.defined) != 1 || len(vmB.defined) != 1 {
+		t.Fatalf("defines: A %d, B %d", len(vmA.defined), len(vmB.defined))
+	}
+	a, b := vmA.defined[0], vmB.defined[0]
+	for _, d := range []struct {
+		who string
+		vm  vm.DesktopVM
+		lap *testLaptop
+	}{{"A", a, lapA}, {"B", b, lapB}} {
+		if d.vm.Cmdline != boot.Cmdline || d.vm.MemoryMiB != 768 || d.vm.VCPUs != 2 || !d.vm.NIC || !d.vm.ApplyBoot {
+			t.Errorf("%s's VM: %+v", d.who, d.vm)
+		}
+		if !strings.HasPrefix(d.vm.Kernel, d.lap.dir) || !strings.HasPrefix(d.vm.Initrd, d.lap.dir) || !exists(d.vm.SeedISO) {
+			t.Errorf("%s's VM boots from files outside its store: %+v", d.who, d.vm)
+		}
+		if got, err := os.ReadFile(d.vm.Kernel); err != nil || !bytes.Equal(got, kernel) {
+			t.Errorf("%s's kernel: %v", d.who, err)
+		}
+	}
+	if a.UUID == "" || a.UUID == b.UUID || a.MAC == b.MAC {
+		t.Errorf("identities: A %s %s, B %s %s: each device's own", a.UUID, a.MAC, b.UUID, b.MAC)
+	}
+	// A check-in redefines the disks only, with the same identity.
+	lapA.writeAt(w.desktop, proto.DiskSystem, []write{{off: 4 * MiB, data: testutil.Fill(4, 64*KiB, false)}})
+	if _, err := lapA.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(vmA.defined); n != 2 || vmA.defined[1].ApplyBoot || vmA.defined[1].UUID != a.UUID || vmA.defined[1].MAC != a.MAC {
+		t.Fatalf("after the check-in: %+v", vmA.defined[n-1])
+	}
+	// A new boot configuration reaches B at its next start.
+	boot2 := *boot
+	boot2.MemoryMiB = 1024
+	if _, err := w.store.SetDesktopBoot(w.desktop, &boot2); err != nil {
+		t.Fatal(err)
+	}
+	fb, err := lapB.lp.Follow(ctx, w.client(tokB), w.desktop, laptop.FollowOptions{Apply: true})
+	if err != nil || !fb.Applied {
+		t.Fatalf("B follows the new boot configuration: %+v %v", fb, err)
+	}
+	last := vmB.defined[len(vmB.defined)-1]
+	if last.MemoryMiB != 1024 || !last.ApplyBoot || last.UUID != b.UUID {
+		t.Fatalf("B's VM after the new boot configuration: %+v", last)
 	}
 }

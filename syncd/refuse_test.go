@@ -30,6 +30,7 @@ import (
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/internal/testutil"
 	"github.com/cvd-project/cvd/syncd/proto"
+	"github.com/cvd-project/cvd/vm"
 )
 
 // smallSpec is a desktop small enough for the refusal tests.
@@ -686,10 +687,14 @@ func TestExpiredCopyPurgedOffline(t *testing.T) {
 	}
 }
 
-// recordVM is a LocalVM that records what it is asked to undefine.
-type recordVM struct{ undefined []string }
+// recordVM is a LocalVM that records what it is asked to define and undefine.
+type recordVM struct {
+	defined   []vm.DesktopVM
+	undefined []string
+}
 
-func (v *recordVM) DefineDesktop(ctx context.Context, desktop, systemTop, userTop string) error {
+func (v *recordVM) DefineDesktop(ctx context.Context, d vm.DesktopVM) error {
+	v.defined = append(v.defined, d)
 	return nil
 }
 

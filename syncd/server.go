@@ -287,6 +287,7 @@ func (s *Server) Handler() http.Handler {
 	route("GET /v1/desktops/{desktop}/manifest", "manifest", s.handleManifest)
 	route("PUT /v1/desktops/{desktop}/device", "device_report", s.handleDeviceReport)
 	route("POST /v1/desktops/{desktop}/open", "open", s.handleOpen)
+	route("GET /v1/desktops/{desktop}/boot/{sum}", "boot_file", s.handleBootFile)
 	route("POST /v1/desktops/{desktop}/checkout", "checkout", s.handleCheckout)
 	route("POST /v1/desktops/{desktop}/renew", "renew", s.handleRenew)
 	route("POST /v1/desktops/{desktop}/release", "release", s.handleRelease)

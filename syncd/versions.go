@@ -23,11 +23,13 @@ type DesktopVersions struct {
 	SystemDisk string `json:"system_disk"`
 	UserDisk   string `json:"user_disk,omitempty"`
 	UserSize   int64  `json:"user_size,omitempty"` // blank user disk size when no user layer
+	// Boot is how the desktop boots (nil: from its system disk).
+	Boot *images.DesktopBoot `json:"boot,omitempty"`
 }
 
 func versionsOf(d *images.Desktop) *DesktopVersions {
 	return &DesktopVersions{Name: d.Name, Head: d.Head, Versions: slices.Clone(d.Versions),
-		SystemDisk: d.SystemDisk, UserDisk: d.UserDisk, UserSize: d.UserSize}
+		SystemDisk: d.SystemDisk, UserDisk: d.UserDisk, UserSize: d.UserSize, Boot: d.Boot}
 }
 
 // HeadVersion is the version Head names.

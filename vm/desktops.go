@@ -3,6 +3,7 @@ package vm
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"sync"
@@ -94,21 +95,65 @@ func (v *Desktops) Close() error {
 	return err
 }
 
-// DefineDesktop defines (or redefines, keeping its UUID) the desktop's domain over
-// its local tops, declaring every layer of both chains. No libvirtd: nothing to do.
-func (v *Desktops) DefineDesktop(ctx context.Context, desktop, systemTop, userTop string) error {
+// DesktopVM is what a device defines its VM of a desktop from: its local
+// tops, the desktop's boot configuration (the files resolved on this device)
+// and the device's own identity, which is never synced.
+type DesktopVM struct {
+	Name               string
+	SystemTop, UserTop string // absolute paths; UserTop "" for none
+	Kernel, Initrd     string // absolute paths; Kernel "" boots from the system disk
+	Cmdline            string
+	MemoryMiB, VCPUs   uint
+	NIC                bool
+	UUID, MAC          string
+	SeedISO, SerialLog string
+	// ApplyBoot says the desktop's boot configuration changed since this
+	// device last defined the VM from it: a VM defined already takes it.
+	// Otherwise only the VM's disks follow the tops and every other setting
+	// (its user's edits too) stays.
+	ApplyBoot bool
+}
+
+// DefineDesktop defines the desktop's domain over its local tops, declaring
+// every layer of both chains (see DesktopVM for what an existing domain
+// keeps). No libvirtd: nothing to do.
+func (v *Desktops) DefineDesktop(ctx context.Context, d DesktopVM) error {
 	conn, err := v.connect(ctx)
 	if conn == nil || err != nil {
 		return err
 	}
-	spec, err := DesktopSpec(desktop, systemTop, userTop)
+	spec, err := DesktopSpec(d.Name, d.SystemTop, d.UserTop)
 	if err != nil {
 		return err
 	}
-	if info, err := conn.Info(ctx, desktop); err == nil {
-		spec.UUID = info.UUID
+	spec.UUID, spec.Kernel, spec.Initrd, spec.Cmdline = d.UUID, d.Kernel, d.Initrd, d.Cmdline
+	spec.MemoryMiB, spec.VCPUs, spec.SeedISO, spec.SerialLog = d.MemoryMiB, d.VCPUs, d.SeedISO, d.SerialLog
+	if d.NIC {
+		spec.MAC = d.MAC
+	}
+	info, err := conn.Info(ctx, d.Name)
+	if err == nil {
+		spec.UUID = info.UUID // the domain keeps the UUID it was defined with
+	}
+	if err == nil && !d.ApplyBoot {
+		return conn.DefineKeeping(ctx, spec)
 	}
 	return conn.Define(ctx, spec)
+}
+
+// StartDesktop starts the desktop's domain (a running one is left running).
+func (v *Desktops) StartDesktop(ctx context.Context, desktop string) error {
+	conn, err := v.connect(ctx)
+	if err != nil {
+		return err
+	}
+	if conn == nil {
+		return fmt.Errorf("desktop %s: no libvirtd to start it on (%s)", desktop, v.URI)
+	}
+	if err := conn.Start(ctx, desktop); err != nil && !errors.Is(err, hypervisor.ErrRunning) {
+		return err
+	}
+	return nil
 }
 
 // UndefineDesktop removes the desktop's domain (stopping it first).

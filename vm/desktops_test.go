@@ -49,7 +49,7 @@ func TestDesktopHooks(t *testing.T) {
 	if stopped, err := vms.StopDesktop(ctx, name, time.Second); err != nil || stopped {
 		t.Fatalf("stop a desktop without a domain: %v %v", stopped, err)
 	}
-	if err := vms.DefineDesktop(ctx, name, top, user); err != nil {
+	if err := vms.DefineDesktop(ctx, DesktopVM{Name: name, SystemTop: top, UserTop: user}); err != nil {
 		t.Fatal(err)
 	}
 	conn, err := vms.connect(ctx) // the test driver's domains live on this connection
@@ -63,7 +63,7 @@ func TestDesktopHooks(t *testing.T) {
 	if len(info.Disks) != 2 || len(info.Disks[0].Chain) != 2 || info.Disks[0].Chain[1].Path != base || info.Disks[1].Target != "vdb" {
 		t.Fatalf("domain disks: %+v", info.Disks)
 	}
-	if err := vms.DefineDesktop(ctx, name, top, ""); err != nil {
+	if err := vms.DefineDesktop(ctx, DesktopVM{Name: name, SystemTop: top, ApplyBoot: true}); err != nil {
 		t.Fatalf("redefine: %v", err)
 	}
 	again, _ := conn.Info(ctx, name)

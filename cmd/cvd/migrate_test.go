@@ -105,9 +105,9 @@ func startServe(t *testing.T, bin, store string) *serveProc {
 }
 
 // startServeAt starts `cvd serve` listening on addr.
-func startServeAt(t *testing.T, bin, store, addr string) *serveProc {
+func startServeAt(t *testing.T, bin, store, addr string, extra ...string) *serveProc {
 	t.Helper()
-	cmd := exec.Command(bin, "--store", store, "serve", "--listen", addr)
+	cmd := exec.Command(bin, append([]string{"--store", store, "serve", "--listen", addr}, extra...)...)
 	cmd.Env = append(os.Environ(), "CVD_STORE=", "CVD_CONNECT=")
 	out, err := cmd.StdoutPipe()
 	if err != nil {

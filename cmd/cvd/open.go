@@ -64,6 +64,10 @@ down). The server and token are those of the desktop's record on this store, or
 				return printJSON(out, rep)
 			}
 			switch {
+			case rep.AlreadyActive && rep.Applied && rep.Started:
+				fmt.Fprintf(out, "%s: active here already; the staged update was applied and its VM started\n", name)
+			case rep.AlreadyActive && rep.Started:
+				fmt.Fprintf(out, "%s: active here already; its VM started\n", name)
 			case rep.AlreadyActive && rep.Applied:
 				fmt.Fprintf(out, "%s: active here already; the staged update was applied\n", name)
 			case rep.AlreadyActive:
@@ -81,6 +85,9 @@ down). The server and token are those of the desktop's record on this store, or
 				}
 				fmt.Fprintf(out, "%s: active on this device at version %d (%d layers fetched, %s received)\n", name,
 					rep.Checkout.Version, len(rep.Checkout.LayersFetched), fmtBytes(rep.Checkout.Bytes))
+				if rep.Started {
+					fmt.Fprintf(out, "%s: its VM started\n", name)
+				}
 			}
 			return nil
 		},
@@ -89,5 +96,6 @@ down). The server and token are those of the desktop's record on this store, or
 	c.Flags().DurationVar(&o.Wait, "wait", 2*time.Minute, "how long the active device has to sync up before its lease is broken")
 	c.Flags().BoolVar(&o.Force, "force", false, "ignore the server's minimum interval between changes of the active role")
 	c.Flags().DurationVar(&o.TTL, "ttl", 0, "lease length to ask for (0: the server's default)")
+	c.Flags().BoolVar(&o.Start, "start", false, "start the desktop's VM here once this device is active (libvirt: --connect, CVD_CONNECT)")
 	return c
 }

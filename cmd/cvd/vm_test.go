@@ -80,24 +80,11 @@ func setupVMEnv(t *testing.T) *vmEnv {
 		if os.Geteuid() != 0 {
 			skip("no libvirtd reachable and not root: cannot start a private one")
 		}
-		dir, err := os.MkdirTemp("", "cvd-vm-libvirtd-")
+		uri, err := startPrivateLibvirtd(t, root)
 		if err != nil {
-			t.Fatal(err)
+			skip("%v", err)
 		}
-		script := filepath.Join(root, "scripts", "libvirtd.sh")
-		out, err := exec.Command(script, "start", dir).Output()
-		if err != nil {
-			os.RemoveAll(dir)
-			skip("start a private libvirtd: %v", err)
-		}
-		t.Cleanup(func() {
-			if out, err := exec.Command(script, "stop", dir).CombinedOutput(); err != nil {
-				t.Errorf("stop the private libvirtd in %s: %v\n%s", dir, err, out)
-				return
-			}
-			os.RemoveAll(dir)
-		})
-		env.uri = "qemu:///system?socket=" + strings.TrimSpace(string(out))
+		env.uri = uri
 	}
 
 	guest := os.Getenv("CVD_GUEST_DIR")
@@ -117,6 +104,29 @@ func setupVMEnv(t *testing.T) *vmEnv {
 	env.cmdline = strings.TrimSpace(string(cmdline)) + fmt.Sprintf(" cvd.pattern_off=%d cvd.pattern_len=%d cvd.host_off=%d cvd.loop_off=%d cvd.loop_stride=%d cvd.loop_len=%d",
 		vmPatternOff, vmPatternLen, vmHostOff, vmLoopOff, vmLoopStride, vmLoopLen)
 	return env
+}
+
+// startPrivateLibvirtd starts a libvirtd of its own for the test
+// (scripts/libvirtd.sh), stopped when t ends, and returns its URI.
+func startPrivateLibvirtd(t *testing.T, root string) (string, error) {
+	dir, err := os.MkdirTemp("", "cvd-vm-libvirtd-")
+	if err != nil {
+		return "", err
+	}
+	script := filepath.Join(root, "scripts", "libvirtd.sh")
+	out, err := exec.Command(script, "start", dir).Output()
+	if err != nil {
+		os.RemoveAll(dir)
+		return "", fmt.Errorf("start a private libvirtd: %v", err)
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command(script, "stop", dir).CombinedOutput(); err != nil {
+			t.Errorf("stop the private libvirtd in %s: %v\n%s", dir, err, out)
+			return
+		}
+		os.RemoveAll(dir)
+	})
+	return "qemu:///system?socket=" + strings.TrimSpace(string(out)), nil
 }
 
 // vmStore is a store with a base layer (vmDiskSize bytes, vmBaseByte in its first

@@ -111,11 +111,17 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 	if err := l.fetchMissing(ctx, c, m, rep); err != nil {
 		return fail(err)
 	}
+	if err := l.fetchBoot(ctx, c, name, m.Boot); err != nil {
+		return fail(err)
+	}
 
 	// The desktop over fresh tops on the manifest's layers.
 	co := &Checkout{Desktop: name, Server: c.URL(), Token: c.token, CACert: opts.CACert, Lease: m.Lease,
 		Version: m.Version, Layers: map[string]string{}, BlankSizes: map[string]int64{}, CheckedOut: l.now().UTC(),
-		Policy: m.Policy, Variant: m.Variant}
+		Policy: m.Policy, Variant: m.Variant, boot: m.Boot}
+	if prev != nil {
+		co.Identity, co.BootApplied = prev.Identity, prev.BootApplied
+	}
 	if prev != nil && !fresh {
 		co.CheckedOut = prev.CheckedOut
 	}
@@ -243,7 +249,10 @@ func (l *Laptop) setupDesktop(ctx context.Context, co *Checkout) error {
 		if _, err := desktop.Create(ctx, l.store, co.Desktop, spec); err != nil {
 			return proto.NoSpace(err)
 		}
-		return l.recordVersion(co.Desktop, v, true)
+		if err := l.recordVersion(co.Desktop, v, true); err != nil {
+			return err
+		}
+		return l.recordBoot(co.Desktop, co.boot)
 	}
 	if err != nil {
 		return err
@@ -278,7 +287,20 @@ func (l *Laptop) setupDesktop(ctx context.Context, co *Checkout) error {
 			return err
 		}
 	}
-	return nil
+	return l.recordBoot(co.Desktop, co.boot)
+}
+
+// recordBoot makes b the local desktop's boot configuration (when it changed).
+func (l *Laptop) recordBoot(name string, b *images.DesktopBoot) error {
+	d, err := l.store.Desktop(name)
+	if err != nil {
+		return err
+	}
+	if bootDigest(d.Boot) == bootDigest(b) {
+		return nil
+	}
+	_, err = l.store.SetDesktopBoot(name, b)
+	return proto.NoSpace(err)
 }
 
 // recordVersion makes v (numbered as on the server) the local desktop's head
@@ -311,7 +333,10 @@ func (l *Laptop) Pull(ctx context.Context, c *Client, name string) (*CheckoutRep
 	if err := l.fetchMissing(ctx, c, m, rep); err != nil {
 		return nil, err
 	}
-	co := &Checkout{Desktop: name, Version: m.Version, Layers: map[string]string{}, BlankSizes: map[string]int64{}, pulled: true}
+	if err := l.fetchBoot(ctx, c, name, m.Boot); err != nil {
+		return nil, err
+	}
+	co := &Checkout{Desktop: name, Version: m.Version, Layers: map[string]string{}, BlankSizes: map[string]int64{}, pulled: true, boot: m.Boot}
 	for _, dm := range m.Disks {
 		co.Layers[dm.Name] = dm.Top()
 		if dm.Top() == "" {

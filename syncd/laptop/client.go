@@ -257,6 +257,11 @@ func (c *Client) Release(ctx context.Context, name, lease string) error {
 	return c.call(ctx, "POST", "/v1/desktops/"+url.PathEscape(name)+"/release", body, "application/json", nil)
 }
 
+// BootFile streams one of the files the desktop boots from.
+func (c *Client) BootFile(ctx context.Context, name, sum string) (io.ReadCloser, error) {
+	return c.send(ctx, "GET", "/v1/desktops/"+url.PathEscape(name)+"/boot/"+url.PathEscape(sum), nil, 0, "")
+}
+
 // Report tells the server what this device runs and has staged of a desktop.
 func (c *Client) Report(ctx context.Context, name string, rep proto.DeviceReport) error {
 	return c.call(ctx, "PUT", "/v1/desktops/"+url.PathEscape(name)+"/device", jsonBody(rep), "application/json", nil)

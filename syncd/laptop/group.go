@@ -3,14 +3,22 @@ package laptop
 import (
 	"cmp"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
+	"os"
+	"path/filepath"
+	"strings"
 	"time"
 
+	"github.com/cvd-project/cvd/clone"
 	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/syncd/proto"
+	"github.com/cvd-project/cvd/vm"
 )
 
 // A device in a desktop's group. The active device holds the lease (a
@@ -25,10 +33,20 @@ import (
 // Staged is the head version a follower fetched while it ran another: it is
 // applied at the desktop's next start.
 type Staged struct {
-	Version    int               `json:"version"`
-	Layers     map[string]string `json:"layers"`
-	BlankSizes map[string]int64  `json:"blank_sizes,omitempty"`
-	Fetched    time.Time         `json:"fetched"`
+	Version    int                 `json:"version"`
+	Layers     map[string]string   `json:"layers"`
+	BlankSizes map[string]int64    `json:"blank_sizes,omitempty"`
+	Boot       *images.DesktopBoot `json:"boot,omitempty"`
+	Fetched    time.Time           `json:"fetched"`
+}
+
+// localBoot identifies the local desktop's boot configuration.
+func (l *Laptop) localBoot(name string) string {
+	d, err := l.store.Desktop(name)
+	if err != nil {
+		return ""
+	}
+	return bootDigest(d.Boot)
 }
 
 // FollowOptions controls Follow.
@@ -94,8 +112,11 @@ func (l *Laptop) Follow(ctx context.Context, c *Client, name string, opts Follow
 		if err := l.fetchMissing(ctx, c, m, cr); err != nil {
 			return nil, err
 		}
+		if err := l.fetchBoot(ctx, c, name, m.Boot); err != nil {
+			return nil, err
+		}
 		co = &Checkout{Desktop: name, Server: c.URL(), Token: c.token, Follow: true, Policy: m.Policy, Variant: m.Variant,
-			Version: m.Version, Layers: layers, BlankSizes: blanks, CheckedOut: l.now().UTC()}
+			Version: m.Version, Layers: layers, BlankSizes: blanks, CheckedOut: l.now().UTC(), boot: m.Boot}
 		if err := l.setupDesktop(ctx, co); err != nil {
 			return nil, err
 		}
@@ -104,15 +125,18 @@ func (l *Laptop) Follow(ctx context.Context, c *Client, name string, opts Follow
 		}
 		l.defineVM(ctx, name)
 		rep.SetUp = true
-	case maps.Equal(layers, co.Layers):
+	case maps.Equal(layers, co.Layers) && bootDigest(m.Boot) == l.localBoot(name):
 		co.Staged = nil // the head is what runs
-	case co.Staged != nil && maps.Equal(layers, co.Staged.Layers):
+	case co.Staged != nil && maps.Equal(layers, co.Staged.Layers) && bootDigest(m.Boot) == bootDigest(co.Staged.Boot):
 		// Staged already.
 	default:
 		if err := l.fetchMissing(ctx, c, m, cr); err != nil {
 			return nil, err
 		}
-		co.Staged = &Staged{Version: m.Version, Layers: layers, BlankSizes: blanks, Fetched: l.now().UTC()}
+		if err := l.fetchBoot(ctx, c, name, m.Boot); err != nil {
+			return nil, err
+		}
+		co.Staged = &Staged{Version: m.Version, Layers: layers, BlankSizes: blanks, Boot: m.Boot, Fetched: l.now().UTC()}
 		co.Policy, co.Variant = m.Policy, m.Variant
 		if err := l.putCheckout(co); err != nil {
 			return nil, err
@@ -235,6 +259,9 @@ func (l *Laptop) ApplyStaged(ctx context.Context, name string) (applied bool, er
 			return false, proto.NoSpace(err)
 		}
 	}
+	if err := l.recordBoot(name, st.Boot); err != nil {
+		return false, err
+	}
 	co.Version, co.Layers, co.BlankSizes, co.Staged = st.Version, st.Layers, st.BlankSizes, nil
 	if err := l.putCheckout(co); err != nil {
 		return false, err
@@ -245,23 +272,126 @@ func (l *Laptop) ApplyStaged(ctx context.Context, name string) (applied bool, er
 }
 
 // defineVM (re)defines the desktop's local VM over its tops, when there is a
-// hypervisor.
+// hypervisor; a failure is only logged.
 func (l *Laptop) defineVM(ctx context.Context, name string) {
 	if l.opts.VM == nil {
 		return
 	}
-	d, err := l.store.Desktop(name)
-	if err != nil {
-		return
-	}
-	user := ""
-	if d.UserDisk != "" {
-		user = l.store.Path(d.UserDisk)
-	}
-	if err := l.opts.VM.DefineDesktop(ctx, name, l.store.Path(d.SystemDisk), user); err != nil {
+	if err := l.defineVMErr(ctx, name); err != nil {
 		l.log.Warn("define the desktop in the local hypervisor", "desktop", name, "err", err)
 	}
 }
+
+// defineVMErr defines the desktop's VM from its boot configuration with this
+// device's identity (made, with its NoCloud seed, the first time). The boot
+// configuration is applied to a VM defined already only when it changed
+// since: otherwise the VM keeps its user's edits and only its disks follow.
+func (l *Laptop) defineVMErr(ctx context.Context, name string) error {
+	d, err := l.store.Desktop(name)
+	if err != nil {
+		return err
+	}
+	co, err := l.Checkout(name)
+	if err != nil {
+		return err
+	}
+	if co.Identity == nil {
+		ids, err := clone.NewIdentities([]string{name + "-" + deviceOf(co.Token)}, nil)
+		if err != nil {
+			return err
+		}
+		co.Identity = &ids[0]
+		if err := l.putCheckout(co); err != nil {
+			return err
+		}
+	}
+	seed := l.seedPath(name)
+	if _, err := os.Stat(seed); err != nil {
+		if err := os.MkdirAll(filepath.Dir(seed), 0o755); err != nil {
+			return err
+		}
+		if err := clone.WriteSeed(seed, filepath.Dir(seed), *co.Identity); err != nil {
+			return err
+		}
+	}
+	dv := vm.DesktopVM{Name: name, SystemTop: l.store.Path(d.SystemDisk), UUID: co.Identity.UUID, MAC: co.Identity.MAC,
+		SeedISO: seed, SerialLog: filepath.Join(l.store.Dir(), vm.LogsDir, name+".serial.log")}
+	if d.UserDisk != "" {
+		dv.UserTop = l.store.Path(d.UserDisk)
+	}
+	if b := d.Boot; b != nil {
+		dv.Cmdline, dv.MemoryMiB, dv.VCPUs, dv.NIC = b.Cmdline, b.MemoryMiB, b.VCPUs, b.NICs > 0
+		if b.Kernel != "" {
+			dv.Kernel = l.store.BootFile(b.Kernel)
+		}
+		if b.Initrd != "" {
+			dv.Initrd = l.store.BootFile(b.Initrd)
+		}
+	}
+	sum := bootDigest(d.Boot)
+	dv.ApplyBoot = sum != co.BootApplied
+	if err := os.MkdirAll(filepath.Dir(dv.SerialLog), 0o755); err != nil {
+		return err
+	}
+	if err := l.opts.VM.DefineDesktop(ctx, dv); err != nil {
+		return err
+	}
+	if dv.ApplyBoot {
+		co.BootApplied = sum
+		return l.putCheckout(co)
+	}
+	return nil
+}
+
+// seedPath is the desktop's NoCloud seed on this device.
+func (l *Laptop) seedPath(name string) string {
+	return filepath.Join(l.st.Dir, "seeds", name+".iso")
+}
+
+// deviceOf is the device ID a token names ("" for none).
+func deviceOf(token string) string {
+	parts := strings.SplitN(token, "_", 3)
+	if len(parts) < 3 {
+		return "device"
+	}
+	return parts[1][:min(8, len(parts[1]))]
+}
+
+// bootDigest identifies a boot configuration.
+func bootDigest(b *images.DesktopBoot) string {
+	j, _ := json.Marshal(b)
+	h := sha256.Sum256(j)
+	return hex.EncodeToString(h[:8])
+}
+
+// fetchBoot fetches the boot files of b the store lacks from the desktop's
+// server, each checked against its SHA-256.
+func (l *Laptop) fetchBoot(ctx context.Context, c *Client, name string, b *images.DesktopBoot) error {
+	if b == nil {
+		return nil
+	}
+	if err := images.CheckBoot(b); err != nil {
+		return err
+	}
+	for _, f := range b.Files() {
+		if l.store.HasBootFile(f) {
+			continue
+		}
+		rc, err := c.BootFile(ctx, name, f)
+		if err != nil {
+			return fmt.Errorf("boot file %s: %w", f[:12], err)
+		}
+		_, err = l.store.AddBootFile(rc, f, maxBootFile)
+		rc.Close()
+		if err != nil {
+			return proto.NoSpace(fmt.Errorf("boot file %s: %w", f[:12], err))
+		}
+	}
+	return nil
+}
+
+// maxBootFile bounds a boot file fetched from a server.
+const maxBootFile = 1 << 30
 
 // StepDown gives the active role back: the lease is released and the copy
 // stays as a follower's. Changes not pushed are refused (check in first).
@@ -309,6 +439,13 @@ type OpenOptions struct {
 	// Force skips the server's minimum interval between changes of the role.
 	Force bool
 	TTL   time.Duration
+	// Start starts the desktop's local VM once this device is active.
+	Start bool
+}
+
+// starterVM is the optional capability of a LocalVM to start a desktop's VM.
+type starterVM interface {
+	StartDesktop(ctx context.Context, desktop string) error
 }
 
 // OpenReport says what Open did.
@@ -322,6 +459,7 @@ type OpenReport struct {
 	Broken        bool            `json:"broken,omitempty"`
 	AlreadyActive bool            `json:"already_active,omitempty"`
 	Applied       bool            `json:"applied,omitempty"` // a staged update applied (on the active device)
+	Started       bool            `json:"started,omitempty"` // the local VM was started
 	Waited        float64         `json:"waited_seconds"`
 	Checkout      *CheckoutReport `json:"checkout,omitempty"`
 }
@@ -339,8 +477,10 @@ func (l *Laptop) Open(ctx context.Context, c *Client, name string, opts OpenOpti
 	}
 	if co != nil && !co.Follow && !co.expired(l.now()) {
 		rep.AlreadyActive = true
-		rep.Applied, err = l.ApplyStaged(ctx, name)
-		return rep, err
+		if rep.Applied, err = l.ApplyStaged(ctx, name); err != nil {
+			return nil, err
+		}
+		return rep, l.startVM(ctx, name, opts, rep)
 	}
 	// May the role change now? (Asking changes nothing yet.)
 	if _, err := c.Open(ctx, name, proto.OpenRequest{WaitSeconds: int64(opts.Wait / time.Second), Force: opts.Force, Check: true}); err != nil {
@@ -379,7 +519,23 @@ func (l *Laptop) Open(ctx context.Context, c *Client, name string, opts OpenOpti
 	if rep.Checkout, err = l.CheckOut(ctx, c, name, CheckoutOptions{TTL: opts.TTL}); err != nil {
 		return nil, err
 	}
-	return rep, nil
+	return rep, l.startVM(ctx, name, opts, rep)
+}
+
+// startVM starts the desktop's local VM when opts ask for it.
+func (l *Laptop) startVM(ctx context.Context, name string, opts OpenOptions, rep *OpenReport) error {
+	if !opts.Start {
+		return nil
+	}
+	s, ok := l.opts.VM.(starterVM)
+	if !ok {
+		return fmt.Errorf("desktop %s is active here, but there is no hypervisor to start it on", name)
+	}
+	if err := s.StartDesktop(ctx, name); err != nil {
+		return fmt.Errorf("desktop %s is active here; start its VM: %w", name, err)
+	}
+	rep.Started = true
+	return nil
 }
 
 // HandOver is the active device's answer to another device that asked for the

@@ -6,12 +6,15 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/cvd-project/cvd/syncd/state"
 
 	"github.com/cvd-project/cvd/catalog"
+	"github.com/cvd-project/cvd/clone"
+	"github.com/cvd-project/cvd/vm"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/syncd/proto"
 )
@@ -44,9 +47,17 @@ type Checkout struct {
 	Policy  string              `json:"policy,omitempty"`
 	Variant *proto.VariantChain `json:"variant,omitempty"`
 	Staged  *Staged             `json:"staged,omitempty"`
+	// Identity is this device's machine identity for the desktop's VM (never
+	// synced); BootApplied the boot configuration its VM was last defined
+	// from (a digest).
+	Identity    *clone.Identity `json:"identity,omitempty"`
+	BootApplied string          `json:"boot_applied,omitempty"`
 	// pulled marks a desktop a host pulled (never recorded: a host keeps no
 	// check-out).
 	pulled bool
+	// boot is the desktop's boot configuration setupDesktop records (its
+	// files fetched already).
+	boot *images.DesktopBoot
 }
 
 // expired reports whether the copy's lease has expired (a follower's copy
@@ -87,8 +98,9 @@ type LaptopOptions struct {
 // LocalVM defines a checked-out desktop on the laptop (the CLI wires it to
 // package hypervisor when libvirt is present).
 type LocalVM interface {
-	// DefineDesktop defines (or redefines) the desktop's VM over its local tops.
-	DefineDesktop(ctx context.Context, desktop string, systemTop, userTop string) error
+	// DefineDesktop defines (or redefines) the desktop's VM over its local
+	// tops, from the desktop's boot configuration and this device's identity.
+	DefineDesktop(ctx context.Context, d vm.DesktopVM) error
 	// UndefineDesktop removes it (after a purge or a release).
 	UndefineDesktop(ctx context.Context, desktop string) error
 }
@@ -210,6 +222,7 @@ func (l *Laptop) removeCopy(ctx context.Context, c *Checkout) error {
 	if _, _, err := l.store.RemoveDesktop(c.Desktop, true); err != nil && !errors.Is(err, images.ErrNotFound) {
 		return fmt.Errorf("purge desktop %s: %w", c.Desktop, err)
 	}
+	os.Remove(l.seedPath(c.Desktop))
 	return l.st.Update(func(tx *catalog.Tx) error { return tx.Bucket(state.BucketCheckouts).Delete([]byte(c.Desktop)) })
 }
 

@@ -72,6 +72,9 @@ type Manifest struct {
 	// its system disk was recomposed onto.
 	Policy  string        `json:"policy,omitempty"`
 	Variant *VariantChain `json:"variant,omitempty"`
+	// Boot is how the desktop boots on every device; its files come from GET
+	// /v1/desktops/{d}/boot/{sha256}.
+	Boot *images.DesktopBoot `json:"boot,omitempty"`
 	// Sealed is the version the check-out sealed from the server's tops (0: none).
 	Sealed int `json:"sealed,omitempty"`
 	// VMStopped says a running server-side VM was shut down for the check-out.
