@@ -14,9 +14,9 @@ import (
 
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/clone"
-	"github.com/cvd-project/cvd/vm"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/syncd/proto"
+	"github.com/cvd-project/cvd/vm"
 )
 
 // Checkout is a laptop's record of a checked-out desktop.
