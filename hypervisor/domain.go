@@ -421,6 +421,37 @@ func (c *Conn) xml(ctx context.Context, op string, d libvirt.Domain) (string, er
 	return x, err
 }
 
+// Display is the console address of a running domain as `virsh domdisplay`
+// gives it ("vnc://127.0.0.1:0"); ErrNotRunning when it is not running or has
+// no VNC console.
+func (c *Conn) Display(ctx context.Context, name string) (string, error) {
+	const op = "display"
+	d, err := c.lookup(ctx, op, name)
+	if err != nil {
+		return "", err
+	}
+	x, err := c.xml(ctx, op, d)
+	if err != nil {
+		return "", err
+	}
+	var dom libvirtxml.Domain
+	if err := dom.Unmarshal(x); err != nil {
+		return "", opErr(op, name, ErrInvalidSpec, "%v", err)
+	}
+	if dom.Devices != nil {
+		for _, g := range dom.Devices.Graphics {
+			if v := g.VNC; v != nil && v.Port > 0 {
+				host := v.Listen
+				if host == "" || host == "0.0.0.0" {
+					host = "localhost"
+				}
+				return fmt.Sprintf("vnc://%s:%d", host, v.Port-5900), nil
+			}
+		}
+	}
+	return "", opErr(op, name, ErrNotRunning, "no VNC console: the domain is not running or has none")
+}
+
 // DomainInfo describes a defined domain.
 type DomainInfo struct {
 	Name   string

@@ -55,6 +55,9 @@ type DomainSpec struct {
 	Type string
 	// Machine is the QEMU machine type; empty: DefaultMachine.
 	Machine string
+	// VNCListen, when set, gives the domain a VNC console listening on that
+	// address (a port chosen by libvirt): a desktop run in the data center.
+	VNCListen string
 }
 
 // DiskSpec is one disk: a backing chain and where the guest sees it.
@@ -269,6 +272,15 @@ func (s DomainSpec) domain() (*libvirtxml.Domain, error) {
 		// for TCG to emulate.
 		d.Devices.MemBalloon = &libvirtxml.DomainMemBalloon{Model: "none"}
 		d.Devices.Controllers = append(d.Devices.Controllers, libvirtxml.DomainController{Type: "usb", Model: "none"})
+	}
+	if s.VNCListen != "" {
+		if net.ParseIP(s.VNCListen) == nil {
+			return bad("VNC listen address %q is not an IP address", s.VNCListen)
+		}
+		d.Devices.Graphics = append(d.Devices.Graphics, libvirtxml.DomainGraphic{VNC: &libvirtxml.DomainGraphicVNC{
+			Port: -1, AutoPort: "yes", Listen: s.VNCListen,
+			Listeners: []libvirtxml.DomainGraphicListener{{Address: &libvirtxml.DomainGraphicListenerAddress{Address: s.VNCListen}}},
+		}})
 	}
 	return d, nil
 }

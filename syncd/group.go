@@ -13,6 +13,7 @@ import (
 	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/syncd/proto"
+	"github.com/cvd-project/cvd/syncd/state"
 )
 
 // A desktop's device group: the devices bound to it, each with a policy that
@@ -258,6 +259,14 @@ func (s *Server) handleOpen(w http.ResponseWriter, r *http.Request, dev *Device)
 	if req.WaitSeconds < 0 || req.WaitSeconds > int64(maxOpenWait/time.Second) {
 		return proto.BadRequest("wait_seconds %d: want 0 to %d", req.WaitSeconds, int64(maxOpenWait/time.Second))
 	}
+	if req.On != "" || req.Remote {
+		ans, err := s.openOn(name, dev, req)
+		if err != nil {
+			return err
+		}
+		writeJSON(w, http.StatusOK, ans)
+		return nil
+	}
 	ans, err := s.Open(r.Context(), name, dev, time.Duration(req.WaitSeconds)*time.Second, req.Force, req.Check)
 	if err != nil {
 		return err
@@ -318,4 +327,74 @@ func (s *Server) Open(ctx context.Context, name string, dev *Device, wait time.D
 		s.log.Info("active role asked for: the holder is told to step down", "desktop", name, "holder", ans.Holder, "device", dev.Name)
 	}
 	return ans, nil
+}
+
+// openOn records that dev asks device req.On (of the desktop's group) to open
+// the desktop and run it. That device's agent sees it in the desktop's status
+// and opens it (asking the active device to step down as any opener does).
+func (s *Server) openOn(name string, dev *Device, req proto.OpenRequest) (*proto.OpenAnswer, error) {
+	var target *Device
+	err := s.st.Update(func(tx *catalog.Tx) error {
+		var err error
+		if req.On == "" {
+			hosts, err := queryDevices(tx, "kind = ? AND id IN (SELECT device FROM device_desktops WHERE desktop = ?)", KindHost, name)
+			if err != nil {
+				return err
+			}
+			if len(hosts) != 1 {
+				return fmt.Errorf("desktop %s: %w: its device group has %d hosts; name the device that is to run it", name, proto.ErrNotFound, len(hosts))
+			}
+			req.On = hosts[0].Name
+		}
+		if target, err = deviceByName(tx, req.On); err != nil {
+			return err
+		}
+		if !target.Bound(name) {
+			return fmt.Errorf("device %s: %w: it is not in the device group of %s", req.On, proto.ErrForbidden, name)
+		}
+		if req.Check {
+			return nil
+		}
+		r := proto.RemoteOpen{Device: target.Name, DeviceID: target.ID, By: dev.Name, Requested: s.now().UTC(), WaitSeconds: req.WaitSeconds}
+		return state.PutJSON(tx, state.BucketRemote, name, &r)
+	})
+	if err != nil {
+		return nil, err
+	}
+	if !req.Check {
+		s.log.Info("asked a device to run the desktop", "desktop", name, "device", target.Name, "by", dev.Name)
+	}
+	return &proto.OpenAnswer{State: "requested", Holder: target.Name}, nil
+}
+
+// handleConsole takes the console address of the device that was asked to
+// run the desktop (PUT /v1/desktops/{d}/console), or why it could not.
+func (s *Server) handleConsole(w http.ResponseWriter, r *http.Request, dev *Device) error {
+	name, err := s.desktopFor(r, dev)
+	if err != nil {
+		return err
+	}
+	var rep proto.ConsoleReport
+	if err := readJSON(w, r, &rep); err != nil {
+		return err
+	}
+	if len(rep.Console) > 512 || len(rep.Error) > 4096 {
+		return proto.BadRequest("console report too long")
+	}
+	err = s.st.Update(func(tx *catalog.Tx) error {
+		var ro proto.RemoteOpen
+		if ok, err := state.GetJSON(tx, state.BucketRemote, name, &ro); err != nil {
+			return err
+		} else if !ok || ro.DeviceID != dev.ID {
+			return fmt.Errorf("%w: device %s was not asked to run desktop %s", proto.ErrForbidden, dev.Name, name)
+		}
+		ro.Console, ro.Error, ro.Opened = rep.Console, rep.Error, s.now().UTC()
+		return state.PutJSON(tx, state.BucketRemote, name, &ro)
+	})
+	if err != nil {
+		return err
+	}
+	s.log.Info("desktop runs on a device", "desktop", name, "device", dev.Name, "console", rep.Console, "error", rep.Error)
+	w.WriteHeader(http.StatusNoContent)
+	return nil
 }

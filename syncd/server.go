@@ -288,6 +288,7 @@ func (s *Server) Handler() http.Handler {
 	route("PUT /v1/desktops/{desktop}/device", "device_report", s.handleDeviceReport)
 	route("POST /v1/desktops/{desktop}/open", "open", s.handleOpen)
 	route("GET /v1/desktops/{desktop}/boot/{sum}", "boot_file", s.handleBootFile)
+	route("PUT /v1/desktops/{desktop}/console", "console", s.handleConsole)
 	route("POST /v1/desktops/{desktop}/checkout", "checkout", s.handleCheckout)
 	route("POST /v1/desktops/{desktop}/renew", "renew", s.handleRenew)
 	route("POST /v1/desktops/{desktop}/release", "release", s.handleRelease)
@@ -483,8 +484,15 @@ func (s *Server) DesktopStatus(name string) (*proto.DesktopStatus, error) {
 	}
 	out := &proto.DesktopStatus{Name: name, Head: dv.Head, Versions: dv.Versions}
 	err = s.st.View(func(tx *catalog.Tx) error {
-		out.Lease, err = activeLease(tx, name)
-		return err
+		if out.Lease, err = activeLease(tx, name); err != nil {
+			return err
+		}
+		var r proto.RemoteOpen
+		if ok, err := state.GetJSON(tx, state.BucketRemote, name, &r); err != nil || !ok {
+			return err
+		}
+		out.Remote = &r
+		return nil
 	})
 	return out, err
 }

@@ -107,6 +107,8 @@ type DesktopVM struct {
 	NIC                bool
 	UUID, MAC          string
 	SeedISO, SerialLog string
+	// VNCListen gives the VM a VNC console on that address ("": none).
+	VNCListen string
 	// ApplyBoot says the desktop's boot configuration changed since this
 	// device last defined the VM from it: a VM defined already takes it.
 	// Otherwise only the VM's disks follow the tops and every other setting
@@ -128,6 +130,7 @@ func (v *Desktops) DefineDesktop(ctx context.Context, d DesktopVM) error {
 	}
 	spec.UUID, spec.Kernel, spec.Initrd, spec.Cmdline = d.UUID, d.Kernel, d.Initrd, d.Cmdline
 	spec.MemoryMiB, spec.VCPUs, spec.SeedISO, spec.SerialLog = d.MemoryMiB, d.VCPUs, d.SeedISO, d.SerialLog
+	spec.VNCListen = d.VNCListen
 	if d.NIC {
 		spec.MAC = d.MAC
 	}
@@ -139,6 +142,18 @@ func (v *Desktops) DefineDesktop(ctx context.Context, d DesktopVM) error {
 		return conn.DefineKeeping(ctx, spec)
 	}
 	return conn.Define(ctx, spec)
+}
+
+// Display is the console address of the desktop's running domain.
+func (v *Desktops) Display(ctx context.Context, desktop string) (string, error) {
+	conn, err := v.connect(ctx)
+	if err != nil {
+		return "", err
+	}
+	if conn == nil {
+		return "", fmt.Errorf("desktop %s: no libvirtd (%s)", desktop, v.URI)
+	}
+	return conn.Display(ctx, desktop)
 }
 
 // StartDesktop starts the desktop's domain (a running one is left running).

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"time"
 
 	"github.com/cvd-project/cvd/syncd/laptop"
@@ -25,13 +26,19 @@ func newAgentCommand(g *globalOptions) *cobra.Command {
 	opts := &agentOptions{}
 	c := &cobra.Command{
 		Use:   "agent",
-		Short: "Keep checked-out desktops in order: purge expired copies, renew leases, check in periodically",
-		Long: `The laptop's agent. Every --interval it purges the copies whose lease has
+		Short: "Keep this device's desktops in order: purge, renew, hand over, stage, check in, run when asked",
+		Long: `The device's agent. Every --interval it purges the copies whose lease has
 expired (offline too: the server is not needed), renews the leases of the others
 when they come within --renew-within of their expiry, and checks a desktop in
-when its last check-in is older than --checkin-every. A server that cannot be
-reached is reported and retried at the next round. The store is open only during
-a round, so other cvd commands can run in between.`,
+when its last check-in is older than --checkin-every. In a desktop's device
+group it also hands the active role over when another device asks for it
+(syncing up first), stages a newer head (applied at once while the VM is down),
+pushes an inactive device's user disk, and on the data-center host opens and
+starts a desktop that a user asked to run there (cvd open --remote), reporting
+its console address. A server that cannot be reached is reported and retried at
+the next round. The store is open only during a round, so other cvd commands can
+run in between. CVD_VNC_LISTEN gives the desktops' VMs a VNC console on that
+address (a data-center host's).`,
 		Example: `  cvd agent --store ~/cvd --interval 5m --checkin-every 1h
   cvd agent --once --json`,
 		Args: cobra.NoArgs,
@@ -48,7 +55,8 @@ a round, so other cvd commands can run in between.`,
 }
 
 func runAgent(ctx context.Context, g *globalOptions, opts *agentOptions, out, errOut io.Writer) error {
-	ao := laptop.AgentOptions{CheckinEvery: opts.checkinEvery, RenewWithin: opts.renewWithin, Logger: slog.Default()}
+	ao := laptop.AgentOptions{CheckinEvery: opts.checkinEvery, RenewWithin: opts.renewWithin, Logger: slog.Default(),
+		VNCListen: os.Getenv("CVD_VNC_LISTEN")}
 	if uri := vm.HookURI(""); uri != "" {
 		vms := &vm.Desktops{URI: uri, Log: slog.Default()}
 		defer vms.Close()

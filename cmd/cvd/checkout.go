@@ -104,7 +104,7 @@ func openLaptop(g *globalOptions, errOut io.Writer) (*laptop.Laptop, func(), err
 	if err != nil {
 		return nil, nil, err
 	}
-	lo := laptop.LaptopOptions{Progress: newProgress(errOut), Logger: slog.Default()}
+	lo := laptop.LaptopOptions{Progress: newProgress(errOut), Logger: slog.Default(), VNCListen: os.Getenv("CVD_VNC_LISTEN")}
 	vms := &vm.Desktops{URI: vm.HookURI(""), Log: slog.Default()}
 	if vms.URI != "" {
 		lo.VM = vms

@@ -26,13 +26,14 @@ type groupDevice struct {
 	uri   string
 	token string
 	conn  *hypervisor.Conn
+	env   []string // more environment for its commands
 }
 
 // cvd runs the binary on the device's store with its libvirtd as the VM hooks'
 // connection, returning stdout (JSON) and the error.
 func (d *groupDevice) cvd(args ...string) (string, error) {
 	cmd := cvdProc(d.bin, d.store, args...)
-	cmd.Env = append(cmd.Env, "CVD_CONNECT="+d.uri, "CVD_TOKEN="+d.token)
+	cmd.Env = append(append(cmd.Env, "CVD_CONNECT="+d.uri, "CVD_TOKEN="+d.token), d.env...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()
@@ -102,6 +103,10 @@ func TestDeviceGroupVMs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	uriDC, err := startPrivateLibvirtd(t, root)
+	if err != nil {
+		t.Fatal(err)
+	}
 	bin := buildCvd(t)
 	work := t.TempDir()
 	srv := filepath.Join(work, "server")
@@ -124,10 +129,13 @@ func TestDeviceGroupVMs(t *testing.T) {
 		Token string `json:"token"`
 	}
 	devs := map[string]*groupDevice{}
-	for _, d := range []struct{ name, uri string }{{"lap-a", env.uri}, {"pc-b", uriB}} {
+	for _, d := range []struct{ name, uri string }{{"lap-a", env.uri}, {"pc-b", uriB}, {"dc", uriDC}} {
 		args := []string{"--json", "device", "add", d.name, "--desktop", "desk"}
-		if d.name == "pc-b" {
+		switch d.name {
+		case "pc-b":
 			args = append(args, "--policy", "apps", "--class", "hw2")
+		case "dc":
+			args = append(args, "--host")
 		}
 		json.Unmarshal([]byte(mustCvd(t, srv, args...)), &added)
 		conn, err := hypervisor.Connect(ctx, d.uri)
@@ -141,7 +149,8 @@ func TestDeviceGroupVMs(t *testing.T) {
 		})
 		devs[d.name] = &groupDevice{t: t, bin: bin, store: filepath.Join(work, d.name), uri: d.uri, token: added.Token, conn: conn}
 	}
-	a, b := devs["lap-a"], devs["pc-b"]
+	a, b, dc := devs["lap-a"], devs["pc-b"], devs["dc"]
+	dc.env = []string{"CVD_VNC_LISTEN=127.0.0.1"}
 	p := startServeAt(t, bin, srv, "127.0.0.1:0", "--min-role-interval", "-1s")
 
 	// A opens the desktop and its guest runs: system and user patterns.
@@ -242,6 +251,39 @@ func TestDeviceGroupVMs(t *testing.T) {
 	if !late.Conflict {
 		t.Fatalf("A's check-in after B took the role: %+v", late)
 	}
+	// From A, the desktop runs in the data center: the host's agent opens it
+	// (B, unreachable, loses the role after the wait), starts its VM and
+	// reports the console address, which virsh confirms.
+	dc.must(nil, "follow", "desk", "--server", p.url)
+	x, err = dc.conn.DumpXML(ctx, "desk")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := dc.conn.DefineXML(ctx, "desk", strings.Replace(x, "cvd.user_off=1048576", "cvd.user_off=1048576 cvd.hold=-1", 1)); err != nil {
+		t.Fatal(err)
+	}
+	agentDone := make(chan string, 1)
+	go func() {
+		var all strings.Builder
+		for deadline := time.Now().Add(2 * time.Minute); time.Now().Before(deadline); time.Sleep(300 * time.Millisecond) {
+			out, _ := dc.cvd("agent", "--once", "--checkin-every", "0")
+			all.WriteString(out)
+			if strings.Contains(out, "running-here") {
+				break
+			}
+		}
+		agentDone <- all.String()
+	}()
+	var rr laptop.RemoteReport
+	a.must(&rr, "open", "desk", "--remote", "--wait", "2s")
+	agentLog := <-agentDone
+	display := strings.TrimSpace(testutil.Run(t, "virsh", "-c", uriDC, "domdisplay", "desk"))
+	if rr.Device != "dc" || rr.Console == "" || rr.Console != display {
+		t.Fatalf("open --remote: %+v; virsh domdisplay says %q\nthe host's agent:\n%s", rr, display, agentLog)
+	}
+	t.Logf("open --remote: desk runs on %s, console %s (virsh domdisplay: %s)", rr.Device, rr.Console, display)
+	dc.conn.Destroy(ctx, "desk")
+
 	var members []syncd.GroupMember
 	json.Unmarshal([]byte(mustCvd(t, srv, "--json", "desktop", "devices", "desk")), &members)
 	t.Logf("device group: %+v", members)
@@ -256,7 +298,7 @@ func TestDeviceGroupVMs(t *testing.T) {
 			t.Errorf("version %d is gone", n)
 		}
 	}
-	for _, dir := range []string{srv, a.store, b.store} {
+	for _, dir := range []string{srv, a.store, b.store, dc.store} {
 		layers, _ := filepath.Glob(filepath.Join(dir, "layers", "*.qcow2"))
 		for _, l := range layers {
 			testutil.QemuCheck(t, l)

@@ -79,6 +79,7 @@ type AgentOptions struct {
 	Logger      *slog.Logger
 	Progress    Progress
 	VM          LocalVM
+	VNCListen   string // see LaptopOptions
 	// Running reports whether the desktop's local VM runs; a running desktop is
 	// not checked in (its top is being written). nil: never running.
 	Running func(ctx context.Context, desktop string) bool
@@ -101,7 +102,7 @@ func AgentCycle(ctx context.Context, storeDir string, opts AgentOptions) ([]Agen
 		return nil, err
 	}
 	defer store.Close()
-	lp, err := OpenLaptop(store, LaptopOptions{Logger: opts.Logger, Progress: opts.Progress, VM: opts.VM})
+	lp, err := OpenLaptop(store, LaptopOptions{Logger: opts.Logger, Progress: opts.Progress, VM: opts.VM, VNCListen: opts.VNCListen})
 	if err != nil {
 		return nil, err
 	}
@@ -138,6 +139,14 @@ func (lp *Laptop) agentRound(ctx context.Context, co Checkout, opts AgentOptions
 		evs = append(evs, AgentEvent{Desktop: co.Desktop, Action: action, Detail: detail})
 	}
 	running := opts.Running != nil && opts.Running(ctx, co.Desktop)
+	if c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert}); err == nil && !running {
+		if asked, console, err := lp.RunRequested(ctx, c, &co); err != nil {
+			ev("failed", "run the desktop here as asked: "+err.Error())
+		} else if asked {
+			ev("running-here", "as asked; console "+console)
+			return evs
+		}
+	}
 	if !co.Follow {
 		if opts.RenewWithin == 0 || co.Lease.Expires.Sub(lp.now()) < opts.RenewWithin {
 			l, err := lp.Renew(ctx, co.Desktop, 0)

@@ -262,6 +262,12 @@ func (c *Client) BootFile(ctx context.Context, name, sum string) (io.ReadCloser,
 	return c.send(ctx, "GET", "/v1/desktops/"+url.PathEscape(name)+"/boot/"+url.PathEscape(sum), nil, 0, "")
 }
 
+// Console tells the server where the console of the desktop this device was
+// asked to run is (or why it could not run it).
+func (c *Client) Console(ctx context.Context, name string, rep proto.ConsoleReport) error {
+	return c.call(ctx, "PUT", "/v1/desktops/"+url.PathEscape(name)+"/console", jsonBody(rep), "application/json", nil)
+}
+
 // Report tells the server what this device runs and has staged of a desktop.
 func (c *Client) Report(ctx context.Context, name string, rep proto.DeviceReport) error {
 	return c.call(ctx, "PUT", "/v1/desktops/"+url.PathEscape(name)+"/device", jsonBody(rep), "application/json", nil)

@@ -315,7 +315,7 @@ func (l *Laptop) defineVMErr(ctx context.Context, name string) error {
 		}
 	}
 	dv := vm.DesktopVM{Name: name, SystemTop: l.store.Path(d.SystemDisk), UUID: co.Identity.UUID, MAC: co.Identity.MAC,
-		SeedISO: seed, SerialLog: filepath.Join(l.store.Dir(), vm.LogsDir, name+".serial.log")}
+		SeedISO: seed, SerialLog: filepath.Join(l.store.Dir(), vm.LogsDir, name+".serial.log"), VNCListen: l.opts.VNCListen}
 	if d.UserDisk != "" {
 		dv.UserTop = l.store.Path(d.UserDisk)
 	}
@@ -348,13 +348,10 @@ func (l *Laptop) seedPath(name string) string {
 	return filepath.Join(l.st.Dir, "seeds", name+".iso")
 }
 
-// deviceOf is the device ID a token names ("" for none).
+// deviceOf is a short form of the device ID a token names, for host names.
 func deviceOf(token string) string {
-	parts := strings.SplitN(token, "_", 3)
-	if len(parts) < 3 {
-		return "device"
-	}
-	return parts[1][:min(8, len(parts[1]))]
+	id := cmp.Or(deviceID(token), "device")
+	return id[:min(8, len(id))]
 }
 
 // bootDigest identifies a boot configuration.
@@ -569,4 +566,129 @@ func (l *Laptop) HandOver(ctx context.Context, name string) (asked bool, to stri
 	}
 	l.log.Info("handed the active role over", "desktop", name, "to", to)
 	return true, to, nil
+}
+
+// RemoteOptions controls OpenRemote.
+type RemoteOptions struct {
+	// On names the device to run the desktop ("": the group's one host).
+	On string
+	// Wait is what the device asked has to make the active device step down;
+	// ConsoleWait how long to wait for its console address; Poll how often to
+	// ask (default 1 s).
+	Wait, ConsoleWait, Poll time.Duration
+}
+
+// RemoteReport says what OpenRemote did.
+type RemoteReport struct {
+	Desktop string `json:"desktop"`
+	Device  string `json:"device"`
+	Console string `json:"console"`
+	// SyncedUp is the version this device's changes were pushed as (0: none);
+	// SteppedDown whether it gave the active role back.
+	SyncedUp    int     `json:"synced_up,omitempty"`
+	SteppedDown bool    `json:"stepped_down,omitempty"`
+	Waited      float64 `json:"waited_seconds"`
+}
+
+// OpenRemote runs the desktop on another device of its group (the
+// data-center host): this device syncs up (an active one checks in and steps
+// down; an inactive one pushes its user disk), then asks the server that the
+// other device open it; that device's agent does, starts its VM and reports
+// its console address, which this call waits for.
+func (l *Laptop) OpenRemote(ctx context.Context, c *Client, name string, opts RemoteOptions) (*RemoteReport, error) {
+	rep := &RemoteReport{Desktop: name}
+	if co, err := l.Checkout(name); err == nil {
+		ci, err := l.CheckIn(ctx, name, CheckinOptions{UserOnly: co.Follow})
+		if err != nil {
+			return nil, fmt.Errorf("sync up before the desktop runs elsewhere: %w", err)
+		}
+		if !ci.NoChanges {
+			rep.SyncedUp = ci.Version
+		}
+		if !co.Follow {
+			if err := l.StepDown(ctx, name); err != nil {
+				return nil, err
+			}
+			rep.SteppedDown = true
+		}
+	} else if !errors.Is(err, proto.ErrNotCheckedOut) {
+		return nil, err
+	}
+	t0 := time.Now()
+	ans, err := c.Open(ctx, name, proto.OpenRequest{On: opts.On, Remote: opts.On == "", WaitSeconds: int64(opts.Wait / time.Second)})
+	if err != nil {
+		return nil, err
+	}
+	rep.Device = ans.Holder
+	deadline := time.Now().Add(opts.Wait + cmp.Or(opts.ConsoleWait, 2*time.Minute))
+	for {
+		st, err := c.Desktop(ctx, name)
+		if err != nil {
+			return nil, err
+		}
+		if r := st.Remote; r != nil && r.Device == rep.Device && !r.Opened.IsZero() && !r.Opened.Before(r.Requested) {
+			if r.Error != "" {
+				return nil, fmt.Errorf("desktop %s: device %s could not run it: %s", name, r.Device, r.Error)
+			}
+			rep.Console, rep.Waited = r.Console, time.Since(t0).Seconds()
+			return rep, nil
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("desktop %s: device %s did not report a console within %v (is its agent running?)", name, rep.Device, time.Since(t0).Round(time.Second))
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(cmp.Or(opts.Poll, time.Second)):
+		}
+	}
+}
+
+// displayVM is the optional capability of a LocalVM to give a running
+// desktop's console address.
+type displayVM interface {
+	Display(ctx context.Context, desktop string) (string, error)
+}
+
+// RunRequested opens the desktop and starts its VM here when the server says
+// this device was asked to run it (OpenRemote elsewhere), and reports its
+// console address (or the failure) back. asked is false when it was not.
+func (l *Laptop) RunRequested(ctx context.Context, c *Client, co *Checkout) (asked bool, console string, err error) {
+	st, err := c.Desktop(ctx, co.Desktop)
+	if err != nil {
+		return false, "", err
+	}
+	r := st.Remote
+	if r == nil || r.DeviceID != deviceID(co.Token) || !r.Opened.IsZero() {
+		return false, "", nil
+	}
+	console, err = l.runHere(ctx, c, co.Desktop, time.Duration(r.WaitSeconds)*time.Second)
+	rep := proto.ConsoleReport{Console: console}
+	if err != nil {
+		rep.Error = err.Error()
+	}
+	if rerr := c.Console(ctx, co.Desktop, rep); rerr != nil && err == nil {
+		err = rerr
+	}
+	return true, console, err
+}
+
+func (l *Laptop) runHere(ctx context.Context, c *Client, name string, wait time.Duration) (string, error) {
+	if _, err := l.Open(ctx, c, name, OpenOptions{Wait: wait, Force: true, Start: true, Poll: 200 * time.Millisecond}); err != nil {
+		return "", err
+	}
+	d, ok := l.opts.VM.(displayVM)
+	if !ok {
+		return "", fmt.Errorf("no hypervisor to give the console of %s", name)
+	}
+	return d.Display(ctx, name)
+}
+
+// deviceID is the device ID a token names.
+func deviceID(token string) string {
+	parts := strings.SplitN(token, "_", 3)
+	if len(parts) < 3 {
+		return ""
+	}
+	return parts[1]
 }

@@ -93,6 +93,9 @@ type LaptopOptions struct {
 	Now      func() time.Time
 	// VM defines the checked-out desktop in the local hypervisor; nil skips it.
 	VM LocalVM
+	// VNCListen gives the desktop's VMs a VNC console on that address (a
+	// data-center host's): "" for none.
+	VNCListen string
 }
 
 // LocalVM defines a checked-out desktop on the laptop (the CLI wires it to

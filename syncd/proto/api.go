@@ -104,6 +104,33 @@ type OpenRequest struct {
 	Force bool `json:"force,omitempty"`
 	// Check only checks that the device may ask now: nothing is recorded.
 	Check bool `json:"check,omitempty"`
+	// On names another device of the desktop's group (the data-center host)
+	// that is to become active and run the desktop, instead of the asker:
+	// the request is recorded (DesktopStatus.Remote) for that device's agent.
+	On string `json:"on,omitempty"`
+	// Remote asks the same of the group's data-center host (its one bound
+	// host device) without naming it.
+	Remote bool `json:"remote,omitempty"`
+}
+
+// RemoteOpen is a request that a device of the group (the data-center host)
+// open the desktop and run it; Console is its console address once it runs.
+type RemoteOpen struct {
+	Device      string    `json:"device"`
+	DeviceID    string    `json:"device_id"`
+	By          string    `json:"by"` // the device that asked
+	Requested   time.Time `json:"requested"`
+	WaitSeconds int64     `json:"wait_seconds"`
+	Console     string    `json:"console,omitempty"`
+	Opened      time.Time `json:"opened,omitzero"`
+	Error       string    `json:"error,omitempty"`
+}
+
+// ConsoleReport is the body of PUT /v1/desktops/{d}/console: the device that
+// was asked to run the desktop says where its console is (or why it could not).
+type ConsoleReport struct {
+	Console string `json:"console,omitempty"`
+	Error   string `json:"error,omitempty"`
 }
 
 // OpenAnswer says whether the role is free to take (with a check-out) or
@@ -146,6 +173,8 @@ type DesktopStatus struct {
 	Head     int       `json:"head"`
 	Versions []Version `json:"versions"`
 	Lease    *Lease    `json:"lease,omitempty"`
+	// Remote is the latest request that a device run the desktop.
+	Remote *RemoteOpen `json:"remote,omitempty"`
 }
 
 // CheckinDisk declares one disk's changes in a check-in.

@@ -27,6 +27,7 @@ var (
 	BucketSessions  = []byte(images.LegacySyncPrefix + "sessions")  // check-in id → Session
 	BucketCheckouts = []byte(images.LegacySyncPrefix + "checkouts") // laptop: desktop → Checkout
 	BucketHaves     = []byte(images.LegacySyncPrefix + "haves")     // server: lease → the layers its check-out said the laptop holds
+	BucketRemote    = []byte(images.LegacySyncPrefix + "remote")    // server: desktop → proto.RemoteOpen (a device asked to run it)
 )
 
 // State is syncd's part of the store: its records in the store's catalog
