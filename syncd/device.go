@@ -45,9 +45,10 @@ type Binding struct {
 	Policy  string `json:"policy"`
 	// Runs and Staged are the versions the device last said it runs and has
 	// staged for its next start (0: none), Seen when it said so.
-	Runs   int       `json:"runs,omitempty"`
-	Staged int       `json:"staged,omitempty"`
-	Seen   time.Time `json:"seen,omitzero"`
+	Runs    int       `json:"runs,omitempty"`
+	Staged  int       `json:"staged,omitempty"`
+	Fetched int64     `json:"fetched_bytes,omitempty"` // stream bytes its last update received
+	Seen    time.Time `json:"seen,omitzero"`
 }
 
 // Binding returns the device's binding to desktop, or nil.
@@ -128,7 +129,7 @@ func queryDevices(tx *catalog.Tx, where string, args ...any) ([]Device, error) {
 	for i := range out {
 		at[out[i].ID] = &out[i]
 	}
-	const cols = "SELECT device, desktop, policy, runs, staged, seen FROM device_desktops"
+	const cols = "SELECT device, desktop, policy, runs, staged, fetched, seen FROM device_desktops"
 	q, bargs := cols+" ORDER BY device, desktop", []any(nil)
 	if len(out) == 1 {
 		q, bargs = cols+" WHERE device = ? ORDER BY desktop", []any{out[0].ID}
@@ -139,7 +140,7 @@ func queryDevices(tx *catalog.Tx, where string, args ...any) ([]Device, error) {
 			b    Binding
 			seen sql.NullTime
 		)
-		if err := scan(&dev, &b.Desktop, &b.Policy, &b.Runs, &b.Staged, &seen); err != nil {
+		if err := scan(&dev, &b.Desktop, &b.Policy, &b.Runs, &b.Staged, &b.Fetched, &seen); err != nil {
 			return err
 		}
 		if seen.Valid {

@@ -174,12 +174,18 @@ func (s *Server) handleDeviceReport(w http.ResponseWriter, r *http.Request, dev 
 	if err := readJSON(w, r, &rep); err != nil {
 		return err
 	}
-	if rep.Runs < 0 || rep.Staged < 0 {
-		return proto.BadRequest("versions %d, %d", rep.Runs, rep.Staged)
+	if rep.Runs < 0 || rep.Staged < 0 || rep.Fetched < -1 {
+		return proto.BadRequest("versions %d, %d, %d bytes", rep.Runs, rep.Staged, rep.Fetched)
 	}
 	err = s.st.Update(func(tx *catalog.Tx) error {
-		_, err := tx.Exec("UPDATE device_desktops SET runs = ?, staged = ?, seen = ? WHERE device = ? AND desktop = ?",
-			rep.Runs, rep.Staged, s.now().UTC().Truncate(time.Microsecond), dev.ID, name)
+		seen := s.now().UTC().Truncate(time.Microsecond)
+		if rep.Fetched < 0 {
+			_, err := tx.Exec("UPDATE device_desktops SET runs = ?, staged = ?, seen = ? WHERE device = ? AND desktop = ?",
+				rep.Runs, rep.Staged, seen, dev.ID, name)
+			return err
+		}
+		_, err := tx.Exec("UPDATE device_desktops SET runs = ?, staged = ?, fetched = ?, seen = ? WHERE device = ? AND desktop = ?",
+			rep.Runs, rep.Staged, rep.Fetched, seen, dev.ID, name)
 		return err
 	})
 	if err != nil {
@@ -200,6 +206,8 @@ type GroupMember struct {
 	Runs   int       `json:"runs,omitempty"`
 	Staged int       `json:"staged,omitempty"`
 	Seen   time.Time `json:"seen,omitzero"`
+	// Fetched is the stream bytes its last update received.
+	Fetched int64 `json:"fetched_bytes"`
 	// Lease is the active device's lease expiry.
 	Lease time.Time `json:"lease_expires,omitzero"`
 }
@@ -226,7 +234,7 @@ func (s *Server) DesktopDevices(name string) ([]GroupMember, error) {
 				continue
 			}
 			g := GroupMember{Device: d.Name, Kind: d.Kind, Class: d.Class, Policy: b.Policy, Role: "inactive",
-				Runs: b.Runs, Staged: b.Staged, Seen: b.Seen}
+				Runs: b.Runs, Staged: b.Staged, Seen: b.Seen, Fetched: b.Fetched}
 			if l != nil && l.Device == d.ID && !l.Expired(s.now()) {
 				g.Role, g.Lease = "active", l.Expires
 			}

@@ -139,12 +139,32 @@ func TestDeviceGroup(t *testing.T) {
 	if got := lapB.readAt(w.desktop, proto.DiskSystem, 48*MiB, 1*MiB); bytes.Equal(got, sysPattern) {
 		t.Fatal("B's running chain reads A's change before its next start")
 	}
+	// A device under the user policy gets the user disk alone and may not read
+	// a system layer.
+	_, tokC, err := w.srv.AddDevice("c", DeviceOptions{Desktops: []string{w.desktop}, Policy: proto.PolicyUser})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cC := w.client(tokC)
+	mc, err := cC.Manifest(ctx, w.desktop)
+	if err != nil || len(mc.Disks) != 1 || mc.Disks[0].Name != proto.DiskUser || mc.Policy != proto.PolicyUser {
+		t.Fatalf("a user device's manifest: %+v %v", mc, err)
+	}
+	for _, id := range []string{ciA.Layers[proto.DiskSystem], w.base, w.app} {
+		if _, err := cC.Layer(ctx, id); !errors.Is(err, proto.ErrNotFound) {
+			t.Errorf("a user device reads system layer %s: %v", id[:12], err)
+		}
+	}
+	if _, err := cC.Layer(ctx, ciA.Layers[proto.DiskUser]); err != nil {
+		t.Errorf("a user device reads the user layer: %v", err)
+	}
 	// The device view says so.
 	members, err := w.srv.DesktopDevices(w.desktop)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(members) != 2 || members[0].Device != "b" || members[0].Staged != ciA.Version || members[0].Role != "inactive" || members[1].Role != "active" {
+	if len(members) != 3 || members[0].Device != "b" || members[0].Staged != ciA.Version || members[0].Role != "inactive" ||
+		members[0].Fetched != fb2.Bytes || members[2].Role != "active" {
 		t.Fatalf("desktop devices: %+v", members)
 	}
 	// At its next start (the VM down) the update applies.

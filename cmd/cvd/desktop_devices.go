@@ -18,7 +18,8 @@ func newDesktopDevicesCommand(g *globalOptions) *cobra.Command {
 		Long: `List the devices of a desktop's group as the server's store knows them: each
 device's policy (full, apps, user), hardware class, role (at most one is
 active: it holds the lease and pushes the system disk), the version it last
-said it runs and the one it has staged for its next start, and when it said so.`,
+said it runs and the one it has staged for its next start, the bytes its last
+update fetched, and when it said so.`,
 		Example: `  cvd desktop devices alice
   cvd desktop devices alice --json`,
 		Args: cobra.ExactArgs(1),
@@ -40,7 +41,7 @@ said it runs and the one it has staged for its next start, and when it said so.`
 				return printJSON(out, ms)
 			}
 			tw := newTable(out)
-			fmt.Fprintln(tw, "DEVICE\tKIND\tCLASS\tPOLICY\tROLE\tRUNS\tSTAGED\tLAST SEEN")
+			fmt.Fprintln(tw, "DEVICE\tKIND\tCLASS\tPOLICY\tROLE\tRUNS\tSTAGED\tLAST UPDATE\tLAST SEEN")
 			num := func(n int) string {
 				if n == 0 {
 					return "-"
@@ -52,8 +53,8 @@ said it runs and the one it has staged for its next start, and when it said so.`
 				if !m.Seen.IsZero() {
 					seen = m.Seen.Local().Format(time.RFC3339)
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.Device, m.Kind, cmp.Or(m.Class, "-"), m.Policy, m.Role,
-					num(m.Runs), num(m.Staged), seen)
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.Device, m.Kind, cmp.Or(m.Class, "-"), m.Policy, m.Role,
+					num(m.Runs), num(m.Staged), fmtBytes(m.Fetched), seen)
 			}
 			return tw.Flush()
 		},

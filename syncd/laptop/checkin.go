@@ -214,7 +214,7 @@ func (l *Laptop) CheckIn(ctx context.Context, name string, opts CheckinOptions) 
 	} else if err := l.putCheckout(co); err != nil {
 		return nil, err
 	} else {
-		l.report(ctx, c, co)
+		l.report(ctx, c, co, -1)
 	}
 	rep.Took = time.Since(start).Seconds()
 	return rep, nil

@@ -137,7 +137,7 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 	if err := l.putCheckout(co); err != nil {
 		return fail(err)
 	}
-	l.report(ctx, c, co)
+	l.report(ctx, c, co, rep.Bytes)
 	l.defineVM(ctx, name)
 	rep.Took = time.Since(start).Seconds()
 	rep.Finished = l.now().UTC()

@@ -158,15 +158,20 @@ func (l *Laptop) Follow(ctx context.Context, c *Client, name string, opts Follow
 	if co.Staged != nil {
 		rep.Staged = co.Staged.Version
 	}
-	l.report(ctx, c, co)
+	fetched := int64(-1)
+	if len(cr.LayersFetched) > 0 {
+		fetched = cr.Bytes
+	}
+	l.report(ctx, c, co, fetched)
 	rep.Took = time.Since(start).Seconds()
 	return rep, nil
 }
 
 // report tells the server what this device runs and has staged of co's
-// desktop (what cvd desktop devices shows); a failure is only logged.
-func (l *Laptop) report(ctx context.Context, c *Client, co *Checkout) {
-	rep := proto.DeviceReport{Runs: co.Version}
+// desktop, and what its last update fetched (-1: nothing new); what cvd
+// desktop devices shows. A failure is only logged.
+func (l *Laptop) report(ctx context.Context, c *Client, co *Checkout, fetched int64) {
+	rep := proto.DeviceReport{Runs: co.Version, Fetched: fetched}
 	if co.Staged != nil {
 		rep.Staged = co.Staged.Version
 	}

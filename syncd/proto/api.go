@@ -149,6 +149,9 @@ type OpenAnswer struct {
 type DeviceReport struct {
 	Runs   int `json:"runs"`
 	Staged int `json:"staged"`
+	// Fetched is the stream bytes this device's last update received (-1:
+	// unchanged since its last report).
+	Fetched int64 `json:"fetched"`
 }
 
 // CheckoutRequest is the body of POST /v1/desktops/{d}/checkout.
