@@ -3,6 +3,7 @@ package hypervisor
 import (
 	"bytes"
 	"context"
+	"encoding/xml"
 	"errors"
 	"fmt"
 	"net/url"
@@ -264,4 +265,57 @@ func KVMUsable() bool {
 		return false
 	}
 	return false
+}
+
+// HardwareClass describes this host as the hypervisor runs a desktop on it:
+// the machine type cvd defines, the host CPU's vendor (from libvirt's
+// capabilities) and the disk bus, as "MACHINE-VENDOR-BUS" in lower case
+// ("pc-intel-virtio"). A device reports it as its hardware class when no
+// class was given at its registration.
+func (c *Conn) HardwareClass(ctx context.Context) (string, error) {
+	var x []byte
+	err := c.do(ctx, "capabilities", "", func() (err error) {
+		s, err := c.l.ConnectGetCapabilities()
+		x = []byte(s)
+		return err
+	})
+	if err != nil {
+		return "", err
+	}
+	var caps struct {
+		Host struct {
+			CPU struct {
+				Vendor string `xml:"vendor"`
+				Arch   string `xml:"arch"`
+			} `xml:"cpu"`
+		} `xml:"host"`
+	}
+	if err := xml.Unmarshal(x, &caps); err != nil {
+		return "", opErr("capabilities", "", ErrInvalidSpec, "%v", err)
+	}
+	vendor := strings.ToLower(strings.Fields(caps.Host.CPU.Vendor + " unknown")[0])
+	if vendor == "unknown" {
+		vendor = cpuVendor()
+	}
+	return fmt.Sprintf("%s-%s-virtio", DefaultMachine, vendor), nil
+}
+
+// cpuVendor is the vendor of this machine's CPU from /proc/cpuinfo, for a
+// driver whose capabilities do not name it (the test driver; a remote
+// libvirtd names its own).
+func cpuVendor() string {
+	b, _ := os.ReadFile("/proc/cpuinfo")
+	for _, line := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "vendor_id" {
+			switch v = strings.TrimSpace(v); v {
+			case "GenuineIntel":
+				return "intel"
+			case "AuthenticAMD":
+				return "amd"
+			default:
+				return strings.ToLower(v)
+			}
+		}
+	}
+	return "unknown"
 }

@@ -51,3 +51,18 @@ func TestDefineKeeping(t *testing.T) {
 		}
 	}
 }
+
+// TestHardwareClass: the class a device reports comes from the hypervisor's
+// capabilities.
+func TestHardwareClass(t *testing.T) {
+	needLibvirt(t)
+	c := connect(t, testURI)
+	class, err := c.HardwareClass(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(class, DefaultMachine+"-") || !strings.HasSuffix(class, "-virtio") || strings.Contains(class, "unknown") {
+		t.Fatalf("hardware class %q", class)
+	}
+	t.Logf("hardware class %s", class)
+}

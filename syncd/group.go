@@ -177,8 +177,17 @@ func (s *Server) handleDeviceReport(w http.ResponseWriter, r *http.Request, dev 
 	if rep.Runs < 0 || rep.Staged < 0 || rep.Fetched < -1 {
 		return proto.BadRequest("versions %d, %d, %d bytes", rep.Runs, rep.Staged, rep.Fetched)
 	}
+	if err := checkClass(rep.Class); err != nil {
+		return err
+	}
 	err = s.st.Update(func(tx *catalog.Tx) error {
 		seen := s.now().UTC().Truncate(time.Microsecond)
+		if rep.Class != "" {
+			// A class given at the registration (or since) wins over the detected one.
+			if _, err := tx.Exec("UPDATE devices SET class = ? WHERE id = ? AND class = ''", rep.Class, dev.ID); err != nil {
+				return err
+			}
+		}
 		if rep.Fetched < 0 {
 			_, err := tx.Exec("UPDATE device_desktops SET runs = ?, staged = ?, seen = ? WHERE device = ? AND desktop = ?",
 				rep.Runs, rep.Staged, seen, dev.ID, name)

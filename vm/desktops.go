@@ -156,6 +156,16 @@ func (v *Desktops) Display(ctx context.Context, desktop string) (string, error) 
 	return conn.Display(ctx, desktop)
 }
 
+// HardwareClass is this host's hardware class as its hypervisor runs desktops
+// ("" without libvirtd).
+func (v *Desktops) HardwareClass(ctx context.Context) (string, error) {
+	conn, err := v.connect(ctx)
+	if conn == nil || err != nil {
+		return "", err
+	}
+	return conn.HardwareClass(ctx)
+}
+
 // StartDesktop starts the desktop's domain (a running one is left running).
 func (v *Desktops) StartDesktop(ctx context.Context, desktop string) error {
 	conn, err := v.connect(ctx)

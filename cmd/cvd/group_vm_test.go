@@ -287,6 +287,18 @@ func TestDeviceGroupVMs(t *testing.T) {
 	var members []syncd.GroupMember
 	json.Unmarshal([]byte(mustCvd(t, srv, "--json", "desktop", "devices", "desk")), &members)
 	t.Logf("device group: %+v", members)
+	for _, m := range members {
+		switch m.Device {
+		case "lap-a", "dc":
+			if !strings.HasSuffix(m.Class, "-virtio") {
+				t.Errorf("%s registered without a class reports %q, want its hypervisor's", m.Device, m.Class)
+			}
+		case "pc-b":
+			if m.Class != "hw2" {
+				t.Errorf("pc-b's class given at registration became %q", m.Class)
+			}
+		}
+	}
 	var vs syncd.DesktopVersions
 	json.Unmarshal([]byte(mustCvd(t, srv, "--json", "desktop", "versions", "desk")), &vs)
 	for _, n := range []int{ciA.Version, ciA2.Version, ciB.Version, ob.Snapshot, late.Version} {

@@ -172,6 +172,11 @@ func (l *Laptop) Follow(ctx context.Context, c *Client, name string, opts Follow
 // desktop devices shows. A failure is only logged.
 func (l *Laptop) report(ctx context.Context, c *Client, co *Checkout, fetched int64) {
 	rep := proto.DeviceReport{Runs: co.Version, Fetched: fetched}
+	if cv, ok := l.opts.VM.(classVM); ok {
+		if class, err := cv.HardwareClass(ctx); err == nil {
+			rep.Class = class
+		}
+	}
 	if co.Staged != nil {
 		rep.Staged = co.Staged.Version
 	}
@@ -647,6 +652,12 @@ func (l *Laptop) OpenRemote(ctx context.Context, c *Client, name string, opts Re
 		case <-time.After(cmp.Or(opts.Poll, time.Second)):
 		}
 	}
+}
+
+// classVM is the optional capability of a LocalVM to detect this device's
+// hardware class from its hypervisor.
+type classVM interface {
+	HardwareClass(ctx context.Context) (string, error)
 }
 
 // displayVM is the optional capability of a LocalVM to give a running

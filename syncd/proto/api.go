@@ -152,6 +152,9 @@ type DeviceReport struct {
 	// Fetched is the stream bytes this device's last update received (-1:
 	// unchanged since its last report).
 	Fetched int64 `json:"fetched"`
+	// Class is the hardware class the device detected from its hypervisor:
+	// it becomes the device's class when it was registered without one.
+	Class string `json:"class,omitempty"`
 }
 
 // CheckoutRequest is the body of POST /v1/desktops/{d}/checkout.
