@@ -45,6 +45,7 @@ head -c 2M < <(yes "hw2 driver") > drv.bin
 "$CVD" --store "$SERVER" layer import drv.qcow2 --kind app --parent base:1 --name drv:hw2 >/dev/null
 cvd --store "$SERVER" variant add hw2 drv:hw2
 cvd --store "$SERVER" desktop create alice --base base:1 --app office:1 --user-size 128M >/dev/null
+cvd --store "$SERVER" desktop boot alice --memory 1024 --vcpus 2 --nics 1   # part of its record: every device gets it
 
 step "Two devices in alice's group: laptop A (full), PC B (apps, class hw2)"
 TA=$("$CVD" --store "$SERVER" device add lap-a --desktop alice --class hw1 2>/dev/null)
@@ -64,6 +65,7 @@ step "B was provisioned with its class's base (base + driver); it follows alice:
 "$CVD" --store "$B" layer import base.qcow2 --kind base >/dev/null
 "$CVD" --store "$B" layer import drv.qcow2 --kind app --parent "$("$CVD" --store "$B" layer ls --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')" >/dev/null
 cvd --store "$B" follow alice --server "$URL" --token "$TB"
+cvd --store "$B" desktop show alice | grep -E '^desktop alice boots'
 
 step "A installs an app (system disk) and writes a file (user disk), then pushes"
 head -c 4M /dev/urandom > app2.bin

@@ -197,6 +197,9 @@ func printDesktop(st *images.Store, d *images.Desktop, out io.Writer) error {
 			chain("user", d.UserDisk, v.User)
 		}
 	}
+	if d.Boot != nil {
+		printBoot(out, d.Name, d.Boot)
+	}
 	fmt.Fprintln(out, "versions:")
 	for _, ver := range d.Versions {
 		mark := " "
