@@ -82,7 +82,7 @@ type Desktop struct {
 	Head     int       `json:"head"` // N of the current version
 	Versions []Version `json:"versions"`
 	// SystemDisk is the desktop's own delta, a writable top on the head's System
-	// layer (store-relative path).
+	// layer (store-relative path); "" for a desktop of a user disk alone.
 	SystemDisk string `json:"system_disk"`
 	// UserDisk is the writable top of the user disk ("" when it has none): on the
 	// head's User layer, or a blank disk of UserSize bytes.
@@ -147,6 +147,10 @@ type DesktopSpec struct {
 	// user disk is a blank disk of UserSize bytes; with neither, there is none.
 	User     string
 	UserSize int64
+	// UserOnly makes a desktop of a user disk alone (a device of the
+	// desktop's group under the user policy: its own OS, the desktop's user
+	// data): no Base, no Apps, no system disk.
+	UserOnly bool
 }
 
 func desktopFiles(name string) (system, user string) {
@@ -161,7 +165,10 @@ func (s *Store) CreateDesktop(ctx context.Context, name string, spec DesktopSpec
 	if err := CheckObjectName("desktop", name); err != nil {
 		return nil, err
 	}
-	if spec.Base == "" && len(spec.Apps) == 0 {
+	switch {
+	case spec.UserOnly && (spec.Base != "" || len(spec.Apps) > 0 || (spec.User == "" && spec.UserSize == 0)):
+		return nil, fmt.Errorf("%w: a desktop of a user disk alone has no base or apps and needs a user layer or size", ErrInvalid)
+	case !spec.UserOnly && spec.Base == "" && len(spec.Apps) == 0:
 		return nil, fmt.Errorf("%w: a desktop needs a base layer", ErrInvalid)
 	}
 	v := Version{N: 1, Created: s.now().UTC().Truncate(time.Second), Kind: VersionCreate, Note: "create"}
@@ -195,14 +202,16 @@ func (s *Store) CreateDesktop(ctx context.Context, name string, spec DesktopSpec
 			}
 			top = l
 		}
-		chain, err := chainTx(tx, top.ID)
-		if err != nil {
-			return err
+		if top != nil {
+			chain, err := chainTx(tx, top.ID)
+			if err != nil {
+				return err
+			}
+			if chain[len(chain)-1].Kind != KindBase {
+				return fmt.Errorf("%w: the chain of %s does not end in a base layer", ErrInvalid, shortID(top.ID))
+			}
+			v.System = top.ID
 		}
-		if chain[len(chain)-1].Kind != KindBase {
-			return fmt.Errorf("%w: the chain of %s does not end in a base layer", ErrInvalid, shortID(top.ID))
-		}
-		v.System = top.ID
 		if spec.User != "" {
 			id, err := resolveTx(tx, spec.User)
 			if err != nil {
@@ -218,6 +227,9 @@ func (s *Store) CreateDesktop(ctx context.Context, name string, spec DesktopSpec
 	sysRel, userRel := desktopFiles(name)
 	files := []string{sysRel}
 	d := &Desktop{Name: name, Created: v.Created, Head: 1, Versions: []Version{v}, SystemDisk: sysRel}
+	if spec.UserOnly {
+		files, d.SystemDisk = nil, ""
+	}
 	if v.User != "" || spec.UserSize > 0 {
 		files = append(files, userRel)
 		d.UserDisk = userRel
@@ -236,8 +248,10 @@ func (s *Store) CreateDesktop(ctx context.Context, name string, spec DesktopSpec
 		p.Abort()
 		return nil, fmt.Errorf("create desktop %s: %w", name, err)
 	}
-	if err := s.createTop(sysRel, v.System, 0); err != nil {
-		return fail(err)
+	if d.SystemDisk != "" {
+		if err := s.createTop(sysRel, v.System, 0); err != nil {
+			return fail(err)
+		}
 	}
 	if d.UserDisk != "" {
 		if err := s.createTop(userRel, v.User, spec.UserSize); err != nil {
@@ -345,8 +359,8 @@ func (s *Store) UpdateDesktop(p *Pending, name string, fn func(d *Desktop) error
 		if cp.HeadVersion() == nil {
 			return fmt.Errorf("%w: head version %d is not in the history", ErrInvalid, cp.Head)
 		}
-		if cp.SystemDisk == "" {
-			return fmt.Errorf("%w: a desktop needs a system disk", ErrInvalid)
+		if cp.SystemDisk == "" && (cp.HeadVersion().System != "" || cp.UserDisk == "") {
+			return fmt.Errorf("%w: a desktop needs a system disk (or a user disk alone)", ErrInvalid)
 		}
 		seenN := map[int]bool{}
 		for _, v := range cp.Versions {

@@ -254,6 +254,16 @@ func (s *Server) DesktopDevices(name string) ([]GroupMember, error) {
 	return out, err
 }
 
+// mayBeActive refuses the active role to a device that holds the user disk of
+// the desktop alone.
+func mayBeActive(dev *Device, desktop string) error {
+	if b := dev.Binding(desktop); b != nil && b.Policy == proto.PolicyUser {
+		return fmt.Errorf("%w: device %s holds the user disk of %s alone (policy user): it cannot be the active device",
+			proto.ErrForbidden, dev.Name, desktop)
+	}
+	return nil
+}
+
 // maxOpenWait bounds how long a device may ask the active one to step down.
 const maxOpenWait = time.Hour
 
@@ -283,6 +293,9 @@ func (s *Server) handleOpen(w http.ResponseWriter, r *http.Request, dev *Device)
 		}
 		writeJSON(w, http.StatusOK, ans)
 		return nil
+	}
+	if err := mayBeActive(dev, name); err != nil {
+		return err
 	}
 	ans, err := s.Open(r.Context(), name, dev, time.Duration(req.WaitSeconds)*time.Second, req.Force, req.Check)
 	if err != nil {
@@ -368,6 +381,9 @@ func (s *Server) openOn(name string, dev *Device, req proto.OpenRequest) (*proto
 		}
 		if !target.Bound(name) {
 			return fmt.Errorf("device %s: %w: it is not in the device group of %s", req.On, proto.ErrForbidden, name)
+		}
+		if err := mayBeActive(target, name); err != nil {
+			return err
 		}
 		if req.Check {
 			return nil

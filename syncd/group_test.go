@@ -158,6 +158,27 @@ func TestDeviceGroup(t *testing.T) {
 	if _, err := cC.Layer(ctx, ciA.Layers[proto.DiskUser]); err != nil {
 		t.Errorf("a user device reads the user layer: %v", err)
 	}
+	// It keeps a copy of the user disk alone, pushes its changes, and cannot
+	// take the active role.
+	lapC := newLaptop(t, "c")
+	fc, err := lapC.lp.Follow(ctx, cC, w.desktop, laptop.FollowOptions{})
+	if err != nil || !fc.SetUp || fc.Policy != proto.PolicyUser {
+		t.Fatalf("a user device follows: %+v %v", fc, err)
+	}
+	for _, id := range fc.LayersFetched {
+		if id == w.base || id == w.app || id == ciA.Layers[proto.DiskSystem] {
+			t.Errorf("the user device fetched system layer %s", id[:12])
+		}
+	}
+	if dc, err := lapC.store.Desktop(w.desktop); err != nil || dc.SystemDisk != "" || dc.UserDisk == "" {
+		t.Fatalf("the user device's copy: %+v %v", dc, err)
+	}
+	if got := lapC.readAt(w.desktop, proto.DiskUser, 0, 1*MiB); !bytes.Equal(got, userPattern) {
+		t.Fatal("the user device does not read A's user change")
+	}
+	if _, err := lapC.lp.Open(ctx, cC, w.desktop, laptop.OpenOptions{}); !errors.Is(err, proto.ErrForbidden) {
+		t.Fatalf("a user device opens the desktop: %v", err)
+	}
 	// The device view says so.
 	members, err := w.srv.DesktopDevices(w.desktop)
 	if err != nil {

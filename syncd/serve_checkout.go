@@ -158,6 +158,9 @@ func (s *Server) Checkout(ctx context.Context, name string, dev *Device, ttl tim
 	if _, err := desktopVersions(s.store, name); err != nil {
 		return nil, err
 	}
+	if err := mayBeActive(dev, name); err != nil {
+		return nil, err
+	}
 	err = s.st.View(func(tx *catalog.Tx) error {
 		l, err := activeLease(tx, name)
 		if err != nil {

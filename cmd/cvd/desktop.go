@@ -161,12 +161,15 @@ func newDesktopShowCommand(g *globalOptions) *cobra.Command {
 // `cvd disk` to name the desktop's current disks).
 type desktopView struct {
 	*images.Desktop
-	SystemPath string `json:"system_path"`
+	SystemPath string `json:"system_path,omitempty"`
 	UserPath   string `json:"user_path,omitempty"`
 }
 
 func desktopJSON(st *images.Store, d *images.Desktop) desktopView {
-	v := desktopView{Desktop: d, SystemPath: st.Path(d.SystemDisk)}
+	v := desktopView{Desktop: d}
+	if d.SystemDisk != "" {
+		v.SystemPath = st.Path(d.SystemDisk)
+	}
 	if d.UserDisk != "" {
 		v.UserPath = st.Path(d.UserDisk)
 	}
@@ -191,8 +194,10 @@ func printDesktop(st *images.Store, d *images.Desktop, out io.Writer) error {
 			fmt.Fprintf(out, "  %s  %-7s %s\n", images.ShortID(l.ID), l.Kind, strings.Join(l.Names, ","))
 		}
 	}
-	if v != nil {
+	if v != nil && d.SystemDisk != "" {
 		chain("system", d.SystemDisk, v.System)
+	}
+	if v != nil {
 		if d.UserDisk != "" {
 			chain("user", d.UserDisk, v.User)
 		}

@@ -140,7 +140,8 @@ func (lp *Laptop) agentRound(ctx context.Context, co Checkout, opts AgentOptions
 	}
 	running := opts.Running != nil && opts.Running(ctx, co.Desktop)
 	if c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert}); err == nil && !running {
-		if asked, console, err := lp.RunRequested(ctx, c, &co); err != nil {
+		// A server that cannot be reached is reported once, by the steps below.
+		if asked, console, err := lp.RunRequested(ctx, c, &co); err != nil && asked {
 			ev("failed", "run the desktop here as asked: "+err.Error())
 		} else if asked {
 			ev("running-here", "as asked; console "+console)

@@ -226,10 +226,11 @@ func (l *Laptop) fetchMissing(ctx context.Context, c *Client, m *proto.Manifest,
 // mirrors the server's version numbers: the version it stands on is its head.
 func (l *Laptop) setupDesktop(ctx context.Context, co *Checkout) error {
 	sys := co.Layers[proto.DiskSystem]
-	if sys == "" {
+	_, hasUser := co.Layers[proto.DiskUser]
+	userOnly := co.Policy == proto.PolicyUser
+	if sys == "" && !userOnly {
 		return fmt.Errorf("desktop %s: the manifest has no system disk", co.Desktop)
 	}
-	_, hasUser := co.Layers[proto.DiskUser]
 	v := proto.Version{N: co.Version, Created: l.now().UTC().Truncate(time.Second), System: sys, User: co.Layers[proto.DiskUser],
 		Kind: images.VersionImport, Note: "check-out"}
 	if co.Offline {
@@ -240,6 +241,9 @@ func (l *Laptop) setupDesktop(ctx context.Context, co *Checkout) error {
 	d, err := l.store.Desktop(co.Desktop)
 	if errors.Is(err, images.ErrNotFound) {
 		spec := images.DesktopSpec{Apps: []string{sys}}
+		if userOnly {
+			spec = images.DesktopSpec{UserOnly: true}
+		}
 		if hasUser {
 			spec.User = co.Layers[proto.DiskUser]
 			if spec.User == "" {

@@ -98,8 +98,8 @@ func (l *Laptop) Follow(ctx context.Context, c *Client, name string, opts Follow
 	if err != nil {
 		return nil, err
 	}
-	if !hasDisk(m, proto.DiskSystem) {
-		return nil, fmt.Errorf("desktop %s: policy %s: this device holds no system disk; a copy of the user disk alone is not kept by cvd yet", name, m.Policy)
+	if !hasDisk(m, proto.DiskSystem) && m.Policy != proto.PolicyUser {
+		return nil, fmt.Errorf("desktop %s: the server's manifest has no system disk", name)
 	}
 	rep := &FollowReport{Desktop: name, Policy: m.Policy, Head: m.Version, Variant: m.Variant, Active: co != nil && !co.Follow}
 	cr := &CheckoutReport{LayersFetched: []string{}, LayersHeld: []string{}}
@@ -126,7 +126,12 @@ func (l *Laptop) Follow(ctx context.Context, c *Client, name string, opts Follow
 		l.defineVM(ctx, name)
 		rep.SetUp = true
 	case maps.Equal(layers, co.Layers) && bootDigest(m.Boot) == l.localBoot(name):
-		co.Staged = nil // the head is what runs
+		if co.Staged != nil { // the head is what runs (a rollback to it)
+			co.Staged = nil
+			if err := l.putCheckout(co); err != nil {
+				return nil, err
+			}
+		}
 	case co.Staged != nil && maps.Equal(layers, co.Staged.Layers) && bootDigest(m.Boot) == bootDigest(co.Staged.Boot):
 		// Staged already.
 	default:
@@ -298,8 +303,8 @@ func (l *Laptop) defineVM(ctx context.Context, name string) {
 // since: otherwise the VM keeps its user's edits and only its disks follow.
 func (l *Laptop) defineVMErr(ctx context.Context, name string) error {
 	d, err := l.store.Desktop(name)
-	if err != nil {
-		return err
+	if err != nil || d.SystemDisk == "" {
+		return err // a user disk alone does not boot: no VM
 	}
 	co, err := l.Checkout(name)
 	if err != nil {
