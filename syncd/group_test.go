@@ -417,3 +417,64 @@ func TestBootTravels(t *testing.T) {
 		t.Fatalf("B's VM after the new boot configuration: %+v", last)
 	}
 }
+
+// TestInactiveNextStart: an inactive device that ran (its tops hold changes on
+// both disks) takes a staged update at its next start: its user disk's changes
+// are pushed, its system disk's kept as a snapshot version, then its tops move
+// onto the head. Nothing is lost.
+func TestInactiveNextStart(t *testing.T) {
+	ctx := context.Background()
+	w := newWorld(t, worldSpec{baseSize: 16 * MiB, baseWrites: []write{{off: 0, data: testutil.Fill(1, MiB, false)}}, userSize: 8 * MiB})
+	_, tokB, err := w.srv.AddDevice("b", DeviceOptions{Desktops: []string{w.desktop}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lapA, lapB := newLaptop(t, "a"), newLaptop(t, "b")
+	cA, cB := w.client(w.token), w.client(tokB)
+	if _, err := lapA.lp.Open(ctx, cA, w.desktop, laptop.OpenOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := lapB.lp.Follow(ctx, cB, w.desktop, laptop.FollowOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// B runs: its guest writes both disks. A pushes a new version.
+	bSys, bUser := testutil.Fill(2, 128*KiB, false), testutil.Fill(3, 128*KiB, false)
+	lapB.writeAt(w.desktop, proto.DiskSystem, []write{{off: 6 * MiB, data: bSys}})
+	lapB.writeAt(w.desktop, proto.DiskUser, []write{{off: 2 * MiB, data: bUser}})
+	aSys := testutil.Fill(4, 128*KiB, false)
+	lapA.writeAt(w.desktop, proto.DiskSystem, []write{{off: 4 * MiB, data: aSys}})
+	ciA, err := lapA.lp.CheckIn(ctx, w.desktop, laptop.CheckinOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fb, err := lapB.lp.Follow(ctx, cB, w.desktop, laptop.FollowOptions{Apply: true})
+	if err != nil || !fb.Applied || fb.Pushed == 0 || fb.Snapshot == 0 {
+		t.Fatalf("B's next start: %+v %v", fb, err)
+	}
+	st, err := w.srv.DesktopStatus(w.desktop)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range st.Versions {
+		switch v.N {
+		case fb.Snapshot:
+			if v.Kind != images.VersionSnapshot || v.Device != "b" {
+				t.Errorf("B's system changes: %+v", v)
+			}
+		case fb.Pushed:
+			if v.Kind != images.VersionCheckin || v.System != ciA.Layers[proto.DiskSystem] {
+				t.Errorf("B's user push: %+v (A's system layer %s)", v, ciA.Layers[proto.DiskSystem][:12])
+			}
+		}
+	}
+	if st.Head != fb.Pushed || fb.Runs != st.Head {
+		t.Fatalf("head %d, B pushed %d and runs %d", st.Head, fb.Pushed, fb.Runs)
+	}
+	if !bytes.Equal(lapB.readAt(w.desktop, proto.DiskSystem, 4*MiB, 128*KiB), aSys) ||
+		!bytes.Equal(lapB.readAt(w.desktop, proto.DiskUser, 2*MiB, 128*KiB), bUser) {
+		t.Fatal("after its next start B does not read A's system change and its own user change")
+	}
+	if has, _, _ := desktop.TopState(lapB.top(w.desktop, proto.DiskSystem)); has {
+		t.Fatal("B's system top still holds its changes (they are in the snapshot version)")
+	}
+}

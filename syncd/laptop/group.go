@@ -68,6 +68,11 @@ type FollowReport struct {
 	Applied bool                `json:"applied,omitempty"`
 	Active  bool                `json:"active,omitempty"`
 	Variant *proto.VariantChain `json:"variant,omitempty"`
+	// Pushed and Snapshot are the versions an inactive device's changes were
+	// kept as before an update applied (its user disk pushed, the rest a
+	// snapshot version); 0 for none.
+	Pushed   int `json:"pushed,omitempty"`
+	Snapshot int `json:"snapshot,omitempty"`
 	// What moved: layers fetched and held, stream and cluster bytes.
 	LayersFetched []string `json:"layers_fetched"`
 	LayersHeld    []string `json:"layers_held"`
@@ -94,6 +99,18 @@ func (l *Laptop) Follow(ctx context.Context, c *Client, name string, opts Follow
 	if co != nil && co.Offline {
 		return nil, fmt.Errorf("desktop %s was imported from an offline bundle: it has no server to follow", name)
 	}
+	rep := &FollowReport{Desktop: name}
+	if opts.Apply && co != nil && co.Follow && !l.running(ctx, name) {
+		// The next start of an inactive device: what it may push goes first,
+		// the rest of its changes is kept as a snapshot version, then the
+		// tops move onto the head.
+		if rep.Pushed, rep.Snapshot, err = l.syncUpInactive(ctx, name); err != nil {
+			return nil, err
+		}
+		if co, err = l.Checkout(name); err != nil {
+			return nil, err
+		}
+	}
 	m, err := c.Manifest(ctx, name)
 	if err != nil {
 		return nil, err
@@ -101,7 +118,7 @@ func (l *Laptop) Follow(ctx context.Context, c *Client, name string, opts Follow
 	if !hasDisk(m, proto.DiskSystem) && m.Policy != proto.PolicyUser {
 		return nil, fmt.Errorf("desktop %s: the server's manifest has no system disk", name)
 	}
-	rep := &FollowReport{Desktop: name, Policy: m.Policy, Head: m.Version, Variant: m.Variant, Active: co != nil && !co.Follow}
+	rep.Policy, rep.Head, rep.Variant, rep.Active = m.Policy, m.Version, m.Variant, co != nil && !co.Follow
 	cr := &CheckoutReport{LayersFetched: []string{}, LayersHeld: []string{}}
 	layers, blanks := manifestLayers(m)
 	switch {
@@ -212,18 +229,60 @@ func manifestLayers(m *proto.Manifest) (map[string]string, map[string]int64) {
 	return layers, blanks
 }
 
+// running reports whether the desktop's local VM runs.
+func (l *Laptop) running(ctx context.Context, name string) bool {
+	r, ok := l.opts.VM.(runningVM)
+	return ok && r.Running(ctx, name)
+}
+
+// syncUpInactive keeps an inactive device's changes on the server before its
+// tops move: the user disk's pushed, the system disk's (which it may not push)
+// as a snapshot version. It returns those versions (0: nothing).
+func (l *Laptop) syncUpInactive(ctx context.Context, name string) (pushed, snapshot int, err error) {
+	d, err := l.store.Desktop(name)
+	if err != nil {
+		return 0, 0, err
+	}
+	for _, dn := range []string{proto.DiskUser, proto.DiskSystem} { // the user disk first: a snapshot takes every disk
+		rel := topRel(d, dn)
+		if rel == "" {
+			continue
+		}
+		has, _, err := desktop.TopState(l.store.Path(rel))
+		if err != nil || !has {
+			if err != nil {
+				return 0, 0, err
+			}
+			continue
+		}
+		ci, err := l.CheckIn(ctx, name, CheckinOptions{UserOnly: dn == proto.DiskUser, Snapshot: dn == proto.DiskSystem})
+		if err != nil {
+			return pushed, snapshot, fmt.Errorf("keep the %s disk's changes before the update: %w", dn, err)
+		}
+		if ci.NoChanges {
+			continue
+		}
+		if dn == proto.DiskUser {
+			pushed = ci.Version
+		} else {
+			snapshot = ci.Version
+		}
+	}
+	return pushed, snapshot, nil
+}
+
 // ApplyStaged moves the desktop's tops onto the staged update, while its VM is
 // down (proto.ErrInUse when it runs): the switch at the desktop's next start.
-// A top holding changes is not moved: the user disk's are pushed first, and a
-// system disk's (which an inactive device does not push) keep the update
-// waiting until the device opens the desktop (they become its snapshot).
+// A top holding changes is not moved (ErrLocalChanges): Follow with Apply
+// keeps an inactive device's changes on the server first (the user disk's
+// pushed, the system disk's a snapshot version); an active device checks in.
 // applied is false when nothing was staged.
 func (l *Laptop) ApplyStaged(ctx context.Context, name string) (applied bool, err error) {
 	co, err := l.Checkout(name)
 	if err != nil || co.Staged == nil {
 		return false, err
 	}
-	if r, ok := l.opts.VM.(runningVM); ok && r.Running(ctx, name) {
+	if l.running(ctx, name) {
 		return false, fmt.Errorf("desktop %s: %w: its VM is running: the staged version %d applies at its next start", name, proto.ErrInUse, co.Staged.Version)
 	}
 	d, err := l.store.Desktop(name)
