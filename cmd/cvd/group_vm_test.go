@@ -123,15 +123,18 @@ func (d *groupDevice) runGuest(ctx context.Context) string {
 
 // TestDeviceGroupVMs is the device group with real VMs: one desktop whose boot
 // configuration (the tiny guest's kernel, initrd and command line) travels with
-// it, laptop A (full) and PC B (apps, class hw2: the common base plus a driver
-// layer), each with its own store and its own libvirtd. A's guest writes a
-// system and a user pattern; A pushes them. B's VM runs (with a local edit of
-// its command line) while B stages them; its domain keeps its chain until it
-// stops; at its next start it reads A's patterns over its own driver layer, its
-// edit kept, its identity its own. B's system push is refused naming A, its user
-// push lands. B opens the desktop with A unreachable: after the wait A's lease is
-// broken, and A's later check-in is a conflict version. Every layer checks
-// clean and no version is lost.
+// it, laptop A (full, class hw1), PC B (apps, class hw2: the common base plus
+// a driver layer) and the data-center host (full, its class detected from its
+// hypervisor), each with its own store and its own libvirtd. A's guest writes a
+// system and a user pattern; A's agent pushes them. B's VM runs (with a local
+// edit of its command line) while B's agent stages them; its domain keeps its
+// chain until it stops; at its next start it reads A's patterns over its own
+// driver layer, its edit kept, its identity its own. B's system push is
+// refused naming A, its user push lands. B opens the desktop with A
+// unreachable: after the wait A's lease is broken, and A's later check-in is a
+// conflict version. Then A runs it in the data center (open --remote): the
+// host's agent opens and starts it and the console address it reports is what
+// virsh domdisplay says. Every layer checks clean and no version is lost.
 func TestDeviceGroupVMs(t *testing.T) {
 	env := setupVMEnv(t)
 	root, _ := filepath.Abs(filepath.Join("..", ".."))
@@ -168,6 +171,8 @@ func TestDeviceGroupVMs(t *testing.T) {
 	for _, d := range []struct{ name, uri string }{{"lap-a", env.uri}, {"pc-b", uriB}, {"dc", uriDC}} {
 		args := []string{"--json", "device", "add", d.name, "--desktop", "desk"}
 		switch d.name {
+		case "lap-a":
+			args = append(args, "--class", "hw1")
 		case "pc-b":
 			args = append(args, "--policy", "apps", "--class", "hw2")
 		case "dc":
@@ -333,13 +338,13 @@ func TestDeviceGroupVMs(t *testing.T) {
 	t.Logf("device group: %+v", members)
 	for _, m := range members {
 		switch m.Device {
-		case "lap-a", "dc":
+		case "dc":
 			if !strings.HasSuffix(m.Class, "-virtio") {
 				t.Errorf("%s registered without a class reports %q, want its hypervisor's", m.Device, m.Class)
 			}
-		case "pc-b":
-			if m.Class != "hw2" {
-				t.Errorf("pc-b's class given at registration became %q", m.Class)
+		case "lap-a", "pc-b":
+			if m.Class != map[string]string{"lap-a": "hw1", "pc-b": "hw2"}[m.Device] {
+				t.Errorf("%s's class given at registration became %q", m.Device, m.Class)
 			}
 		}
 	}
