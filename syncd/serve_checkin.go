@@ -793,7 +793,8 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 			sw.Close()
 		}
 	}()
-	stageFor := func(no byte) (*state.StageWriter, *diskList, error) {
+	// listFor runs on the decoder's workers: it only reads.
+	listFor := func(no byte) (*diskList, error) {
 		var dl *diskList
 		for _, l := range m.lists {
 			if l.no == no {
@@ -801,7 +802,15 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 			}
 		}
 		if dl == nil || dl.d.Entries == 0 {
-			return nil, nil, proto.BadRequest("cluster for disk %d, which this check-in does not change", no)
+			return nil, proto.BadRequest("cluster for disk %d, which this check-in does not change", no)
+		}
+		return dl, nil
+	}
+	// stageFor runs in stream order, on one goroutine: it opens the stages.
+	stageFor := func(no byte) (*state.StageWriter, *diskList, error) {
+		dl, err := listFor(no)
+		if err != nil {
+			return nil, nil, err
 		}
 		if sw := stages[no]; sw != nil {
 			return sw, dl, nil
@@ -819,7 +828,7 @@ func (s *Server) handleUpload(w http.ResponseWriter, r *http.Request, dev *Devic
 	t0 := time.Now()
 	body := proto.NewStreamReader(r.Body)
 	_, _, err = proto.DecodeOrdered(r.Context(), body, false, nil, func(f proto.Frame, d proto.Digest) error {
-		_, dl, err := stageFor(f.Disk)
+		dl, err := listFor(f.Disk)
 		if err != nil {
 			return err
 		}
