@@ -17,6 +17,9 @@ import (
 // each named by the SHA-256 of its content.
 const BootDir = "boot"
 
+// MaxBootFile bounds a boot file (a kernel or an initrd) the store takes.
+const MaxBootFile = 1 << 30
+
 // DesktopBoot is how a desktop boots, the same on every device: part of its
 // record, it travels with it. Each device defines its VM from it with its own
 // identity (UUID, MAC) and keeps its own later edits of the VM.

@@ -135,9 +135,6 @@ func (s *Server) readableIn(dev *Device, desktop, id string) (bool, error) {
 	return rd[id] != nil, err
 }
 
-// maxBootFile bounds a boot file (a kernel or an initrd) a device fetches.
-const maxBootFile = 1 << 30
-
 // handleBootFile sends one of the files the desktop boots from (GET
 // /v1/desktops/{d}/boot/{sha256}): only those its boot configuration names.
 func (s *Server) handleBootFile(w http.ResponseWriter, r *http.Request, dev *Device) error {

@@ -45,7 +45,7 @@ user edited in the VM (libvirt) stays.`,
 				if err != nil {
 					return &exitError{code: exitUsage, err: err}
 				}
-				*f.sum, err = st.AddBootFile(r, "", 1<<30)
+				*f.sum, err = st.AddBootFile(r, "", images.MaxBootFile)
 				r.Close()
 				if err != nil {
 					return storeError(err)

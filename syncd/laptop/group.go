@@ -452,7 +452,7 @@ func (l *Laptop) fetchBoot(ctx context.Context, c *Client, name string, b *image
 		if err != nil {
 			return fmt.Errorf("boot file %s: %w", f[:12], err)
 		}
-		_, err = l.store.AddBootFile(rc, f, maxBootFile)
+		_, err = l.store.AddBootFile(rc, f, images.MaxBootFile)
 		rc.Close()
 		if err != nil {
 			return proto.NoSpace(fmt.Errorf("boot file %s: %w", f[:12], err))
@@ -460,9 +460,6 @@ func (l *Laptop) fetchBoot(ctx context.Context, c *Client, name string, b *image
 	}
 	return nil
 }
-
-// maxBootFile bounds a boot file fetched from a server.
-const maxBootFile = 1 << 30
 
 // StepDown gives the active role back: the lease is released and the copy
 // stays as a follower's. Changes not pushed are refused (check in first).
