@@ -146,15 +146,16 @@ func OnVariant(ctx context.Context, st *images.Store, system string, v Variant) 
 		return nil, err
 	}
 	defer release()
+	vc.Conflicts = -1
 	for i := at - 1; i >= 0; i-- {
 		l := chain[i]
-		made, err := rebasedLayer(st, v.Layer, l.ID)
+		made, conflicts, err := rebasedLayer(st, v.Layer, l.ID)
 		if err != nil {
 			return nil, err
 		}
 		if made != "" {
 			if rl, err := st.Layer(made); err == nil && rl.Parent == vc.System {
-				vc.System = made
+				vc.System, vc.Conflicts = made, conflicts
 				vc.Reused++
 				continue
 			}
@@ -163,30 +164,47 @@ func OnVariant(ctx context.Context, st *images.Store, system string, v Variant) 
 		if err != nil {
 			return nil, fmt.Errorf("recompose layer %s onto variant %s: %w", images.ShortID(l.ID), images.ShortID(v.Layer), err)
 		}
-		if err := st.Catalog().Update(func(tx *catalog.Tx) error {
-			_, err := tx.Exec("INSERT INTO class_layers (variant, layer, rebased) VALUES (?, ?, ?)"+
-				" ON CONFLICT (variant, layer) DO UPDATE SET rebased = excluded.rebased", v.Layer, l.ID, id)
-			return err
-		}); err != nil {
+		// The conflict count is that of the chain up to the top layer: it is
+		// counted for a top once (below) and kept on its row.
+		if err := putRebased(st, v.Layer, l.ID, id, -1); err != nil {
 			return nil, err
 		}
-		vc.System = id
+		vc.System, vc.Conflicts = id, -1
 		vc.Made++
 		vc.Bytes += bytes
 	}
-	if vc.Conflicts, err = variantConflicts(st, chain[:at], v); err != nil {
-		return nil, err
+	if at == 0 {
+		vc.Conflicts = 0 // nothing above the base
+	}
+	if vc.Conflicts < 0 {
+		if vc.Conflicts, err = variantConflicts(st, chain[:at], v); err != nil {
+			return nil, err
+		}
+		if err := putRebased(st, v.Layer, chain[0].ID, vc.System, vc.Conflicts); err != nil {
+			return nil, err
+		}
 	}
 	return vc, nil
 }
 
-func rebasedLayer(st *images.Store, variant, layer string) (string, error) {
-	var id string
-	err := st.Catalog().View(func(tx *catalog.Tx) error {
-		return tx.Query("SELECT rebased FROM class_layers WHERE variant = ? AND layer = ?", []any{variant, layer},
-			func(scan func(dest ...any) error) error { return scan(&id) })
+// rebasedLayer is the layer made from layer on variant ("" for none) and the
+// conflict count of the chain up to it (-1: not counted yet).
+func rebasedLayer(st *images.Store, variant, layer string) (id string, conflicts int64, err error) {
+	err = st.Catalog().View(func(tx *catalog.Tx) error {
+		return tx.Query("SELECT rebased, conflicts FROM class_layers WHERE variant = ? AND layer = ?", []any{variant, layer},
+			func(scan func(dest ...any) error) error { return scan(&id, &conflicts) })
 	})
-	return id, err
+	return id, conflicts, err
+}
+
+// putRebased remembers that rebased was made from layer on variant.
+func putRebased(st *images.Store, variant, layer, rebased string, conflicts int64) error {
+	return st.Catalog().Update(func(tx *catalog.Tx) error {
+		_, err := tx.Exec("INSERT INTO class_layers (variant, layer, rebased, conflicts) VALUES (?, ?, ?, ?)"+
+			" ON CONFLICT (variant, layer) DO UPDATE SET rebased = excluded.rebased, conflicts = excluded.conflicts",
+			variant, layer, rebased, conflicts)
+		return err
+	})
 }
 
 // The store's garbage collection keeps a recomposed layer while it keeps the

@@ -77,8 +77,8 @@ func TestOnVariant(t *testing.T) {
 	}
 
 	again, err := OnVariant(ctx, s.st, head, *got)
-	if err != nil || again.Made != 0 || again.Reused != 3 || again.System != vc.System {
-		t.Fatalf("second call: %+v %v; want 0 made, 3 reused, system %s", again, err, vc.System)
+	if err != nil || again.Made != 0 || again.Reused != 3 || again.System != vc.System || again.Conflicts != vc.Conflicts {
+		t.Fatalf("second call: %+v %v; want 0 made, 3 reused, system %s, %d conflicts (as counted)", again, err, vc.System, vc.Conflicts)
 	}
 	// A new version costs one layer.
 	s.Scribble(s.st.Path(d.SystemDisk), 4)

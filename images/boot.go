@@ -77,8 +77,11 @@ func (s *Store) BootFile(sum string) string { return s.Path(BootDir + "/" + sum)
 
 // HasBootFile reports whether the store holds the boot file sum.
 func (s *Store) HasBootFile(sum string) bool {
+	if !bootFileRE.MatchString(sum) {
+		return false
+	}
 	_, err := os.Stat(s.BootFile(sum))
-	return bootFileRE.MatchString(sum) && err == nil
+	return err == nil
 }
 
 // ErrBootFileMismatch: a boot file's content is not the SHA-256 it was asked

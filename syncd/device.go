@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"regexp"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/cvd-project/cvd/syncd/state"
@@ -73,28 +72,13 @@ func (d *Device) Bound(desktop string) bool { return slices.Contains(d.Desktops,
 // Host reports whether the device is a hypervisor host.
 func (d *Device) Host() bool { return d.Kind == KindHost }
 
-// tokenPrefix starts every device token: "cvd1_<device id>_<secret>".
-const tokenPrefix = "cvd1_"
-
-var deviceIDRE = regexp.MustCompile(`^[0-9a-f]{16}$`)
-
 func hashToken(tok string) string {
 	s := sha256.Sum256([]byte(tok))
 	return hex.EncodeToString(s[:])
 }
 
 // parseToken extracts the device ID from a token.
-func parseToken(tok string) (string, bool) {
-	rest, ok := strings.CutPrefix(tok, tokenPrefix)
-	if !ok {
-		return "", false
-	}
-	id, secret, ok := strings.Cut(rest, "_")
-	if !ok || !deviceIDRE.MatchString(id) || len(secret) < 32 {
-		return "", false
-	}
-	return id, true
-}
+func parseToken(tok string) (string, bool) { return proto.TokenDevice(tok) }
 
 func newToken() (id, tok string) {
 	b := make([]byte, 8+32)
@@ -102,7 +86,7 @@ func newToken() (id, tok string) {
 		panic(err) // crypto/rand does not fail on Linux
 	}
 	id = hex.EncodeToString(b[:8])
-	return id, tokenPrefix + id + "_" + base64.RawURLEncoding.EncodeToString(b[8:])
+	return id, proto.TokenPrefix + id + "_" + base64.RawURLEncoding.EncodeToString(b[8:])
 }
 
 // The devices live in the catalog's devices and device_desktops tables (see

@@ -185,13 +185,9 @@ func (s *Server) handleDeviceReport(w http.ResponseWriter, r *http.Request, dev 
 				return err
 			}
 		}
-		if rep.Fetched < 0 {
-			_, err := tx.Exec("UPDATE device_desktops SET runs = ?, staged = ?, seen = ? WHERE device = ? AND desktop = ?",
-				rep.Runs, rep.Staged, seen, dev.ID, name)
-			return err
-		}
-		_, err := tx.Exec("UPDATE device_desktops SET runs = ?, staged = ?, fetched = ?, seen = ? WHERE device = ? AND desktop = ?",
-			rep.Runs, rep.Staged, rep.Fetched, seen, dev.ID, name)
+		// Fetched -1: the last update's bytes stay.
+		_, err := tx.Exec("UPDATE device_desktops SET runs = ?, staged = ?, fetched = CASE WHEN ? < 0 THEN fetched ELSE ? END, seen = ?"+
+			" WHERE device = ? AND desktop = ?", rep.Runs, rep.Staged, rep.Fetched, rep.Fetched, seen, dev.ID, name)
 		return err
 	})
 	if err != nil {

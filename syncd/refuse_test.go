@@ -97,8 +97,8 @@ func TestRefusedWrongToken(t *testing.T) {
 	before := w.snap()
 	id, _ := parseToken(w.token)
 	for _, tok := range []string{
-		tokenPrefix + id + "_" + strings.Repeat("A", 43), // right device, wrong secret
-		tokenPrefix + "0123456789abcdef_" + strings.Repeat("B", 43),
+		proto.TokenPrefix + id + "_" + strings.Repeat("A", 43), // right device, wrong secret
+		proto.TokenPrefix + "0123456789abcdef_" + strings.Repeat("B", 43),
 		"not-a-token",
 		"",
 	} {

@@ -139,7 +139,8 @@ func (lp *Laptop) agentRound(ctx context.Context, co Checkout, opts AgentOptions
 		evs = append(evs, AgentEvent{Desktop: co.Desktop, Action: action, Detail: detail})
 	}
 	running := opts.Running != nil && opts.Running(ctx, co.Desktop)
-	if c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert}); err == nil && !running {
+	c, cerr := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert})
+	if cerr == nil && !running {
 		// A server that cannot be reached is reported once, by the steps below.
 		if asked, console, err := lp.RunRequested(ctx, c, &co); err != nil && asked {
 			ev("failed", "run the desktop here as asked: "+err.Error())
@@ -164,8 +165,8 @@ func (lp *Laptop) agentRound(ctx context.Context, co Checkout, opts AgentOptions
 			co.Follow = true
 		}
 	}
-	if c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert}); err != nil {
-		ev("failed", "stage: "+err.Error())
+	if cerr != nil {
+		ev("failed", "stage: "+cerr.Error())
 	} else if rep, err := lp.Follow(ctx, c, co.Desktop, FollowOptions{Apply: !running}); err != nil {
 		ev("failed", "stage: "+err.Error())
 	} else if rep.Applied {

@@ -11,7 +11,6 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/cvd-project/cvd/clone"
@@ -424,7 +423,8 @@ func (l *Laptop) seedPath(name string) string {
 
 // deviceOf is a short form of the device ID a token names, for host names.
 func deviceOf(token string) string {
-	id := cmp.Or(deviceID(token), "device")
+	id, _ := proto.TokenDevice(token)
+	id = cmp.Or(id, "device")
 	return id[:min(8, len(id))]
 }
 
@@ -736,7 +736,7 @@ func (l *Laptop) RunRequested(ctx context.Context, c *Client, co *Checkout) (ask
 		return false, "", err
 	}
 	r := st.Remote
-	if r == nil || r.DeviceID != deviceID(co.Token) || !r.Opened.IsZero() {
+	if id, _ := proto.TokenDevice(co.Token); r == nil || r.DeviceID != id || !r.Opened.IsZero() {
 		return false, "", nil
 	}
 	console, err = l.runHere(ctx, c, co.Desktop, time.Duration(r.WaitSeconds)*time.Second)
@@ -759,13 +759,4 @@ func (l *Laptop) runHere(ctx context.Context, c *Client, name string, wait time.
 		return "", fmt.Errorf("no hypervisor to give the console of %s", name)
 	}
 	return d.Display(ctx, name)
-}
-
-// deviceID is the device ID a token names.
-func deviceID(token string) string {
-	parts := strings.SplitN(token, "_", 3)
-	if len(parts) < 3 {
-		return ""
-	}
-	return parts[1]
 }

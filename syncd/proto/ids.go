@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"regexp"
 	"strconv"
+	"strings"
 )
 
 // LayerIDRE matches a layer ID: 64 lowercase hex digits (a SHA-256).
@@ -29,4 +30,22 @@ func HexID(id string) ([]byte, error) {
 		b[i] = byte(v)
 	}
 	return b, nil
+}
+
+// TokenPrefix starts every device token: "cvd1_<device id>_<secret>".
+const TokenPrefix = "cvd1_"
+
+var deviceIDRE = regexp.MustCompile(`^[0-9a-f]{16}$`)
+
+// TokenDevice extracts the device ID from a well-formed device token.
+func TokenDevice(tok string) (string, bool) {
+	rest, ok := strings.CutPrefix(tok, TokenPrefix)
+	if !ok {
+		return "", false
+	}
+	id, secret, ok := strings.Cut(rest, "_")
+	if !ok || !deviceIDRE.MatchString(id) || len(secret) < 32 {
+		return "", false
+	}
+	return id, true
 }

@@ -6,7 +6,8 @@
 -- runs and has staged, and when. A base variant replaces a common base for one
 -- hardware class (class_bases); the layers of desktops recomposed onto a
 -- variant are remembered by the layer they were made from (class_layers), so
--- that each is made once. A version can be a device's snapshot, kept beside the
+-- that each is made once, with the conflict count of the chain up to each
+-- (-1 until counted). A version can be a device's snapshot, kept beside the
 -- head when it becomes active. A device that asks for the active role while
 -- another holds it is noted on the holder's lease (handover_to, handover_at):
 -- the holder's agent syncs up and steps down, or the request times out.
@@ -31,7 +32,7 @@ CREATE TABLE class_layers (
     variant   TEXT NOT NULL,
     layer     TEXT NOT NULL,
     rebased   TEXT NOT NULL,
-    conflicts INTEGER NOT NULL DEFAULT 0,
+    conflicts INTEGER NOT NULL DEFAULT -1,
     PRIMARY KEY (variant, layer)
 );
 
