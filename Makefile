@@ -49,7 +49,7 @@ test-short: build
 FUZZTIME ?= 30s
 FUZZMINTIME ?= 50x
 FUZZMINEXECS ?= 1000
-FUZZPKGS = ./disk ./syncd/proto
+FUZZPKGS = ./disk ./syncd/proto ./nbd
 fuzz:
 	@for p in $(FUZZPKGS); do \
 	  for t in $$($(GO) test -list '^Fuzz' $$p | grep '^Fuzz'); do \

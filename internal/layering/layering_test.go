@@ -27,6 +27,7 @@ var allowed = map[string][]string{
 	"images":            {"catalog", "disk", "internal/proc", "internal/fsutil", "internal/ordered"},
 	"catalog":           {},
 	"disk":              {},
+	"nbd":               {},
 	"internal/proc":     {},
 	"internal/testutil": {},
 	"internal/layering": {},
