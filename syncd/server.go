@@ -85,6 +85,9 @@ type Server struct {
 	log      *slog.Logger
 	m        *metrics
 
+	// entriesMu makes the layers' entry lists one at a time.
+	entriesMu sync.Mutex
+
 	mu       sync.Mutex
 	sessions map[string]*session // open check-ins
 	haves    map[string]*haveSet // lease → layers its laptop holds
@@ -294,6 +297,10 @@ func (s *Server) Handler() http.Handler {
 	route("POST /v1/desktops/{desktop}/release", "release", s.handleRelease)
 	route("GET /v1/layers/{id}", "layer", s.handleLayer)
 	route("GET /v1/layers/{id}/clusters", "clusters", s.handleClusters)
+	route("GET /v1/layers/{id}/entries", "entries_list", s.handleLayerEntries)
+	route("POST /v1/layers/{id}/read", "read", s.handleLayerRead)
+	route("GET /v1/layers/{id}/workingset", "working_set", s.handleWorkingSet)
+	route("PUT /v1/layers/{id}/workingset", "working_set_report", s.handleWorkingSet)
 	route("POST /v1/checkins", "checkin", s.handleCheckinOpen)
 	route("GET /v1/checkins/{id}", "checkin_status", s.handleCheckinStatus)
 	route("PUT /v1/checkins/{id}/entries/{disk}", "entries", s.handleEntries)

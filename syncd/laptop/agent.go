@@ -44,6 +44,15 @@ func (l *Laptop) Release(ctx context.Context, name string, discard bool) error {
 	if err != nil {
 		return err
 	}
+	if !discard && co.Stream != nil {
+		for dn, sd := range co.Stream.Disks {
+			if has, err := topHasData(sd.Top); err != nil {
+				return err
+			} else if has {
+				return fmt.Errorf("desktop %s: %w on the %s disk (it streams: pin it, let it switch at its next start, then check it in, or release with --discard)", name, proto.ErrLocalChanges, dn)
+			}
+		}
+	}
 	if !discard {
 		if d, err := l.store.Desktop(name); err == nil {
 			for _, rel := range []string{d.SystemDisk, d.UserDisk} {

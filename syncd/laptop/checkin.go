@@ -101,6 +101,9 @@ func (l *Laptop) CheckIn(ctx context.Context, name string, opts CheckinOptions) 
 	if co.Offline {
 		return nil, fmt.Errorf("desktop %s was imported from an offline bundle: there is no server to check it in to", name)
 	}
+	if co.Stream != nil {
+		return nil, fmt.Errorf("desktop %s: %w: its changes are checked in once every layer has arrived and it has switched to local files at its next start (`cvd pin %s` fetches the rest; `cvd status %s` shows how much is local)", name, ErrStreaming, name, name)
+	}
 	if opts.Server != "" || opts.CACert != "" {
 		if opts.Server != "" {
 			co.Server = opts.Server

@@ -57,6 +57,9 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 	if err != nil && !errors.Is(err, proto.ErrNotCheckedOut) {
 		return nil, err
 	}
+	if prev != nil && prev.Stream != nil {
+		return nil, fmt.Errorf("desktop %s is streamed on this store: pin it (`cvd pin %s`) and let it switch to local files, or remove it (`cvd release %s --discard`)", name, name, name)
+	}
 	if prev != nil && prev.Pending != nil {
 		return nil, fmt.Errorf("desktop %s: %w: a check-in is under way; run `cvd checkin %s` first", name, proto.ErrLocalChanges, name)
 	}

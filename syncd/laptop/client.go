@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -293,6 +294,32 @@ func (c *Client) Clusters(ctx context.Context, id string, from int64, lease stri
 		q += "&lease=" + url.QueryEscape(lease)
 	}
 	return c.send(ctx, "GET", q, nil, -1, "")
+}
+
+// Entries opens a layer's entry list (proto.AppendEntry records).
+func (c *Client) Entries(ctx context.Context, id string) (io.ReadCloser, error) {
+	return c.send(ctx, "GET", "/v1/layers/"+id+"/entries", nil, -1, "")
+}
+
+// ReadClusters opens a cluster stream of the named clusters of a layer
+// (ascending, at most proto.MaxRead).
+func (c *Client) ReadClusters(ctx context.Context, id string, idxs []int64) (io.ReadCloser, error) {
+	b := make([]byte, 0, 8*len(idxs))
+	for _, i := range idxs {
+		b = binary.BigEndian.AppendUint64(b, uint64(i))
+	}
+	return c.send(ctx, "POST", "/v1/layers/"+id+"/read", bytes.NewReader(b), int64(len(b)), "application/octet-stream")
+}
+
+// WorkingSet returns the clusters of a layer that devices read while booting.
+func (c *Client) WorkingSet(ctx context.Context, id string) (*proto.WorkingSet, error) {
+	var out proto.WorkingSet
+	return &out, c.call(ctx, "GET", "/v1/layers/"+id+"/workingset", nil, "", &out)
+}
+
+// ReportWorkingSet adds what this device read of a layer while booting.
+func (c *Client) ReportWorkingSet(ctx context.Context, id string, ws proto.WorkingSet) error {
+	return c.call(ctx, "PUT", "/v1/layers/"+id+"/workingset", jsonBody(ws), "application/json", nil)
 }
 
 // OpenCheckin opens or resumes a check-in.

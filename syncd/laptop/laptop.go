@@ -52,6 +52,9 @@ type Checkout struct {
 	// from (a digest).
 	Identity    *clone.Identity `json:"identity,omitempty"`
 	BootApplied string          `json:"boot_applied,omitempty"`
+	// Stream marks a streamed check-out that has not switched to local files
+	// yet: its tops stand on NBD exports a stream process serves.
+	Stream *StreamRecord `json:"stream,omitempty"`
 	// pulled marks a desktop a host pulled (never recorded: a host keeps no
 	// check-out).
 	pulled bool
@@ -220,6 +223,15 @@ func (l *Laptop) removeCopy(ctx context.Context, c *Checkout) error {
 	if l.opts.VM != nil {
 		if err := l.opts.VM.UndefineDesktop(ctx, c.Desktop); err != nil {
 			l.log.Warn("undefine local VM", "desktop", c.Desktop, "err", err)
+		}
+	}
+	if c.Stream != nil {
+		if err := l.StopStream(c.Desktop, 10*time.Second); err != nil {
+			l.log.Warn("stop the stream", "desktop", c.Desktop, "err", err)
+		}
+		os.Remove(c.Stream.Socket)
+		if err := os.RemoveAll(l.streamDirOf(c.Desktop)); err != nil {
+			return fmt.Errorf("purge desktop %s: %w", c.Desktop, err)
 		}
 	}
 	if _, _, err := l.store.RemoveDesktop(c.Desktop, true); err != nil && !errors.Is(err, images.ErrNotFound) {

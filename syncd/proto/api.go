@@ -315,6 +315,11 @@ const (
 const (
 	// MaxHave bounds the layers a check-out may say the laptop holds.
 	MaxHave = 100000
+	// MaxRead bounds the clusters one read request (POST /v1/layers/{id}/read)
+	// may name.
+	MaxRead = 1024
+	// MaxWorkingSet bounds the clusters a layer's working set lists.
+	MaxWorkingSet = 1 << 18
 	// MaxJSON bounds a JSON body (a request's, or a bundle's header).
 	MaxJSON = 1 << 20
 )
@@ -342,4 +347,12 @@ func (li *LayerInfo) Validate() error {
 		return BadRequest("layer %s: %d data bytes in %d clusters", li.ID[:12], li.DataBytes, li.DataClusters)
 	}
 	return nil
+}
+
+// WorkingSet is what devices read of a layer while a desktop on it booted, in
+// the order first read (GET and PUT /v1/layers/{id}/workingset): a streaming
+// check-out fetches these clusters first. A PUT adds clusters to the set.
+type WorkingSet struct {
+	Clusters []int64 `json:"clusters"`
+	Devices  int     `json:"devices,omitempty"` // how many reports were merged
 }

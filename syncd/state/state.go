@@ -16,6 +16,8 @@ const (
 	SyncDir     = "sync"
 	SessionsDir = "sessions" // server: check-ins being received
 	FetchDir    = "fetch"    // laptop: layers being fetched
+	EntriesDir  = "entries"  // server: each layer's entry list, made once
+	StreamDir   = "stream"   // laptop: streamed desktops (tops on NBD, partial layers, sockets)
 )
 
 // syncd's buckets in the store's catalog (see package catalog); the names carry
@@ -28,6 +30,7 @@ var (
 	BucketCheckouts = []byte(images.LegacySyncPrefix + "checkouts") // laptop: desktop → Checkout
 	BucketHaves     = []byte(images.LegacySyncPrefix + "haves")     // server: lease → the layers its check-out said the laptop holds
 	BucketRemote    = []byte(images.LegacySyncPrefix + "remote")    // server: desktop → proto.RemoteOpen (a device asked to run it)
+	BucketWorking   = []byte(images.LegacySyncPrefix + "working")   // server: layer → proto.WorkingSet (clusters read at boot, merged across devices)
 )
 
 // State is syncd's part of the store: its records in the store's catalog
