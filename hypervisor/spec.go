@@ -70,6 +70,31 @@ type DiskSpec struct {
 	// Target is the guest device: "vda", "vdb", ...
 	Target   string
 	ReadOnly bool
+	// NBD, when set, is the raw NBD export below the chain's last layer (a
+	// streamed desktop's read-only chain, served on a unix socket).
+	NBD *NBDSource
+}
+
+// NBDSource is an NBD export on a unix socket.
+type NBDSource struct {
+	Socket, Export string
+}
+
+// URI is the export's URI as QEMU writes it into a qcow2 backing file name.
+func (n NBDSource) URI() string { return "nbd+unix:///" + n.Export + "?socket=" + n.Socket }
+
+// ParseNBDURI reads an nbd+unix:///EXPORT?socket=PATH URI (what a streamed
+// top names as its backing file); ok is false for anything else.
+func ParseNBDURI(s string) (NBDSource, bool) {
+	rest, ok := strings.CutPrefix(s, "nbd+unix:///")
+	if !ok {
+		return NBDSource{}, false
+	}
+	export, query, ok := strings.Cut(rest, "?socket=")
+	if !ok || !filepath.IsAbs(query) || strings.ContainsAny(export, "/?&") || strings.Contains(query, "&") {
+		return NBDSource{}, false
+	}
+	return NBDSource{Socket: query, Export: export}, true
 }
 
 // Metadata is cvd's element in the domain XML:
@@ -315,6 +340,17 @@ func diskXML(ds DiskSpec) (libvirtxml.DomainDisk, error) {
 	// Built bottom up; an empty <backingStore/> ends the chain so libvirt does not
 	// probe below the last declared layer.
 	bs := &libvirtxml.DomainDiskBackingStore{}
+	if ds.NBD != nil {
+		if !filepath.IsAbs(ds.NBD.Socket) {
+			return libvirtxml.DomainDisk{}, fmt.Errorf("NBD socket %q must be absolute", ds.NBD.Socket)
+		}
+		bs = &libvirtxml.DomainDiskBackingStore{
+			Format: &libvirtxml.DomainDiskFormat{Type: "raw"},
+			Source: &libvirtxml.DomainDiskSource{Network: &libvirtxml.DomainDiskSourceNetwork{Protocol: "nbd", Name: ds.NBD.Export,
+				Hosts: []libvirtxml.DomainDiskSourceHost{{Transport: "unix", Socket: ds.NBD.Socket}}}},
+			BackingStore: bs,
+		}
+	}
 	for i := len(paths) - 1; i >= 1; i-- {
 		bs = &libvirtxml.DomainDiskBackingStore{
 			Format:       &libvirtxml.DomainDiskFormat{Type: fmts[i]},

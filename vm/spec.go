@@ -91,6 +91,18 @@ func DesktopSpec(name, systemTop, userTop string) (hypervisor.DomainSpec, error)
 		if top == "" {
 			continue
 		}
+		target := []string{"vda", "vdb"}[i]
+		// A streamed desktop's top stands on an NBD export of its chain.
+		alone, err := disk.Open(top, disk.OpenOptions{ReadOnly: true, NoBacking: true})
+		if err != nil {
+			return spec, err
+		}
+		info := alone.Info()
+		alone.Close()
+		if src, ok := hypervisor.ParseNBDURI(info.BackingName); ok {
+			spec.Disks = append(spec.Disks, hypervisor.DiskSpec{Chain: []disk.Info{info}, Target: target, NBD: &src})
+			continue
+		}
 		img, err := disk.Open(top, disk.OpenOptions{ReadOnly: true, AllowedRoots: []string{filepath.Dir(filepath.Dir(top))}})
 		if err != nil {
 			return spec, err
@@ -100,7 +112,7 @@ func DesktopSpec(name, systemTop, userTop string) (hypervisor.DomainSpec, error)
 			chain = append(chain, l.Info())
 		}
 		img.Close()
-		spec.Disks = append(spec.Disks, hypervisor.DiskSpec{Chain: chain, Target: []string{"vda", "vdb"}[i]})
+		spec.Disks = append(spec.Disks, hypervisor.DiskSpec{Chain: chain, Target: target})
 	}
 	return spec, nil
 }

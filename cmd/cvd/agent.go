@@ -56,7 +56,11 @@ address (a data-center host's).`,
 
 func runAgent(ctx context.Context, g *globalOptions, opts *agentOptions, out, errOut io.Writer) error {
 	ao := laptop.AgentOptions{CheckinEvery: opts.checkinEvery, RenewWithin: opts.renewWithin, Logger: slog.Default(),
-		VNCListen: os.Getenv("CVD_VNC_LISTEN")}
+		VNCListen: os.Getenv("CVD_VNC_LISTEN"),
+		StartStream: func(ctx context.Context, lp *laptop.Laptop, desktop string) error {
+			_, err := startStream(ctx, g, lp, desktop)
+			return err
+		}}
 	if uri := vm.HookURI(""); uri != "" {
 		vms := &vm.Desktops{URI: uri, Log: slog.Default()}
 		defer vms.Close()

@@ -26,6 +26,9 @@ type checkoutOptions struct {
 	caCert  string
 	ttl     time.Duration
 	bwlimit string
+	stream  bool
+	cache   string
+	pin     bool
 }
 
 func newCheckoutCommand(g *globalOptions) *cobra.Command {
@@ -40,9 +43,19 @@ compressed, digest-checked cluster streams, and sets the desktop up over fresh
 writable tops. An interrupted check-out resumes where it stopped when run again.
 
 Past the lease's expiry the local copy is purged, even offline: keep ` + "`cvd agent`" + `
-running to renew it, or check in before then.`,
+running to renew it, or check in before then.
+
+With --stream the command returns as soon as the desktop can start: it fetches
+only the layers' entry lists, makes the writable tops over NBD exports of the
+read-only chains, and starts this store's stream process (cvd stream serve),
+which serves the guest's reads, fetching what is missing first, and fills the
+rest in the background: the working set other devices read at boot first.
+With --cache-size the local copy never exceeds the budget; cvd pin fetches
+everything before going offline. Once every layer has arrived the desktop
+switches to its local files at its next start, and checks in as usual.`,
 		Example: `  cvd checkout alice --server https://cvd.example:8470 --token "$TOKEN" --store ~/cvd
-  CVD_TOKEN=... cvd checkout alice --server http://127.0.0.1:8470 --json`,
+  CVD_TOKEN=... cvd checkout alice --server http://127.0.0.1:8470 --json
+  cvd checkout alice --server http://127.0.0.1:8470 --stream --cache-size 256M`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return runCheckout(cmd.Context(), g, opts, args[0], cmd.OutOrStdout(), cmd.ErrOrStderr())
@@ -54,6 +67,9 @@ running to renew it, or check in before then.`,
 	f.StringVar(&opts.caCert, "ca-cert", "", "PEM file of a CA to trust for an https server")
 	f.DurationVar(&opts.ttl, "ttl", 0, "lease length to ask for (0: the server's default)")
 	f.StringVar(&opts.bwlimit, "bwlimit", "", "cap the bytes per second moved, e.g. 20M (default: no cap)")
+	f.BoolVar(&opts.stream, "stream", false, "return as soon as the desktop can start: its layers stream in behind it (see cvd stream)")
+	f.StringVar(&opts.cache, "cache-size", "", "with --stream: keep at most SIZE of the read-only layers here, e.g. 256M (least recently read go first)")
+	f.BoolVar(&opts.pin, "pin", false, "with --stream: fetch everything in the background (for offline use)")
 	return c
 }
 
@@ -77,6 +93,12 @@ func runCheckout(ctx context.Context, g *globalOptions, opts *checkoutOptions, d
 	if err != nil {
 		return &exitError{code: exitUsage, err: err}
 	}
+	if opts.stream {
+		return runStreamCheckout(ctx, g, lp, c, opts, desktop, out)
+	}
+	if opts.cache != "" || opts.pin {
+		return &exitError{code: exitUsage, err: fmt.Errorf("--cache-size and --pin go with --stream")}
+	}
 	rep, err := lp.CheckOut(ctx, c, desktop, laptop.CheckoutOptions{TTL: opts.ttl, CACert: opts.caCert})
 	if err != nil {
 		return storeError(err)
@@ -93,6 +115,42 @@ func runCheckout(ctx context.Context, g *globalOptions, opts *checkoutOptions, d
 	}
 	if rep.Sealed > 0 {
 		fmt.Fprintf(out, "  the server sealed its changes as version %d first\n", rep.Sealed)
+	}
+	return nil
+}
+
+// runStreamCheckout checks the desktop out to stream and starts its stream
+// process.
+func runStreamCheckout(ctx context.Context, g *globalOptions, lp *laptop.Laptop, c *laptop.Client, opts *checkoutOptions, desktop string, out io.Writer) error {
+	var cache int64
+	if opts.cache != "" {
+		var err error
+		if cache, err = parseSize(opts.cache); err != nil || cache <= 0 {
+			return &exitError{code: exitUsage, err: fmt.Errorf("--cache-size %q: want a size such as 256M", opts.cache)}
+		}
+	}
+	rep, err := lp.CheckOutStream(ctx, c, desktop, laptop.StreamOptions{TTL: opts.ttl, CACert: opts.caCert, CacheSize: cache, Pin: opts.pin})
+	if err != nil {
+		return storeError(err)
+	}
+	pid, err := startStream(ctx, g, lp, desktop)
+	if err != nil {
+		return err
+	}
+	if g.json {
+		return printJSON(out, struct {
+			*laptop.StreamReport
+			PID int `json:"stream_pid"`
+		}{rep, pid})
+	}
+	fmt.Fprintf(out, "checked out %s version %d from %s to stream: %s of layers behind it (%d layers; %d here already)\n",
+		rep.Desktop, rep.Version, rep.Server, fmtBytes(rep.TotalBytes), len(rep.LayersStream), len(rep.LayersLocal))
+	fmt.Fprintf(out, "  lease %s until %s\n", rep.Lease.ID, rep.Lease.Expires.Local().Format(time.RFC3339))
+	fmt.Fprintf(out, "  ready in %.2fs (entry lists: %s); stream process %d\n", rep.Took, fmtBytes(rep.EntryBytes), pid)
+	for _, dn := range proto.DiskNames {
+		if u := rep.Exports[dn]; u != "" {
+			fmt.Fprintf(out, "  %s: %s\n", dn, u)
+		}
 	}
 	return nil
 }
@@ -182,6 +240,9 @@ func newStatusCommand(g *globalOptions) *cobra.Command {
 				if s.Unsent, err = lp.Unsent(co.Desktop); err != nil {
 					return err
 				}
+				if co.Stream != nil {
+					s.Stream = streamStatusOf(lp, co)
+				}
 				sel = append(sel, s)
 			}
 			if len(args) == 1 && len(sel) == 0 {
@@ -216,9 +277,49 @@ func newStatusCommand(g *globalOptions) *cobra.Command {
 					expires, images.ShortID(s.Layers[proto.DiskSystem]),
 					images.ShortID(s.Layers[proto.DiskUser]), unsent, staged, s.Pending)
 			}
-			return tw.Flush()
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			for _, s := range sel {
+				if st := s.Stream; st != nil {
+					fmt.Fprintf(out, "%s streams: %s of %s local (%.1f %%)", s.Desktop, fmtBytes(st.LocalBytes), fmtBytes(st.TotalBytes),
+						100*float64(st.LocalBytes)/float64(max(st.TotalBytes, 1)))
+					switch {
+					case st.Complete:
+						fmt.Fprint(out, "; complete: switches to local files at its next start")
+					case st.Running:
+						fmt.Fprintf(out, "; stream process %d", st.PID)
+					default:
+						fmt.Fprint(out, "; no stream process (cvd stream serve, or cvd agent, starts it)")
+					}
+					fmt.Fprintln(out)
+					for _, dn := range proto.DiskNames {
+						if d, ok := st.Disks[dn]; ok && d.NBD != "" {
+							fmt.Fprintf(out, "  %s: %s (%s of %s local)\n", dn, d.NBD, fmtBytes(d.LocalBytes), fmtBytes(d.TotalBytes))
+						}
+					}
+				}
+			}
+			return nil
 		},
 	}
+}
+
+// streamStatusOf is a streamed desktop's state: as its stream process last
+// wrote it, or from the record alone when none ever ran.
+func streamStatusOf(lp *laptop.Laptop, co laptop.Checkout) *laptop.StreamStatus {
+	if st, err := lp.StreamState(co.Desktop); err == nil {
+		return st
+	}
+	st := &laptop.StreamStatus{Disks: map[string]laptop.StreamDiskStatus{}}
+	for dn, sd := range co.Stream.Disks {
+		ds := laptop.StreamDiskStatus{Top: sd.Top}
+		if len(sd.Layers) > 0 {
+			ds.NBD = co.Stream.NBDURI(dn)
+		}
+		st.Disks[dn] = ds
+	}
+	return st
 }
 
 // statusLine is a checked-out desktop as status shows it (no token).
@@ -241,6 +342,9 @@ type statusLine struct {
 	Staged int    `json:"staged,omitempty"`
 	// Unsent is, per disk, what the local tops hold that no check-in took.
 	Unsent map[string]laptop.Unsent `json:"unsent"`
+	// Stream is a streamed desktop's state: per disk the NBD URI of its
+	// read-only chain and the bytes local and total.
+	Stream *laptop.StreamStatus `json:"stream,omitempty"`
 }
 
 func statusOf(co laptop.Checkout) statusLine {

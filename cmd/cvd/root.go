@@ -83,6 +83,8 @@ clusters that changed.
 		newProvisionCommand(g),
 		newPullCommand(g),
 		newFollowCommand(g),
+		newStreamCommand(g),
+		newPinCommand(g),
 		newOpenCommand(g),
 		newVariantCommand(g),
 	)

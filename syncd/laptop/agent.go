@@ -92,6 +92,9 @@ type AgentOptions struct {
 	// Running reports whether the desktop's local VM runs; a running desktop is
 	// not checked in (its top is being written). nil: never running.
 	Running func(ctx context.Context, desktop string) bool
+	// StartStream starts a streamed desktop's stream process when none runs
+	// (the CLI's: a process of its own); nil leaves it to the user.
+	StartStream func(ctx context.Context, lp *Laptop, desktop string) error
 }
 
 // AgentEvent is one thing an agent cycle did.
@@ -167,6 +170,9 @@ func (lp *Laptop) agentRound(ctx context.Context, co Checkout, opts AgentOptions
 			}
 			ev("renewed", "until "+l.Expires.Format(time.RFC3339))
 		}
+		if co.Stream != nil {
+			return append(evs, lp.streamRound(ctx, co, running, opts)...)
+		}
 		if asked, to, err := lp.HandOver(ctx, co.Desktop); err != nil {
 			ev("failed", fmt.Sprintf("hand the role over to %s: %v", to, err))
 		} else if asked {
@@ -207,6 +213,32 @@ func (lp *Laptop) agentRound(ctx context.Context, co Checkout, opts AgentOptions
 	}
 	ev("checked-in", fmt.Sprintf("version %d, %d bytes sent", rep.Version, rep.Payload))
 	return evs
+}
+
+// streamRound keeps a streamed desktop going: its stream process runs while
+// layers are missing; once every layer arrived and the VM is down (its next
+// start), the desktop switches to its local files.
+func (lp *Laptop) streamRound(ctx context.Context, co Checkout, running bool, opts AgentOptions) []AgentEvent {
+	ev := func(action, detail string) []AgentEvent {
+		return []AgentEvent{{Desktop: co.Desktop, Action: action, Detail: detail}}
+	}
+	st, err := lp.StreamState(co.Desktop)
+	if err == nil && st.Complete && !running {
+		if err := lp.StopStream(co.Desktop, 30*time.Second); err != nil {
+			return ev("failed", "stop the stream: "+err.Error())
+		}
+		if err := lp.SwitchStream(ctx, co.Desktop); err != nil {
+			return ev("failed", "switch to local files: "+err.Error())
+		}
+		return ev("switched", "every layer arrived: the desktop runs on its local files")
+	}
+	if (err != nil || !st.Running) && opts.StartStream != nil {
+		if err := opts.StartStream(ctx, lp, co.Desktop); err != nil {
+			return ev("failed", "start the stream: "+err.Error())
+		}
+		return ev("stream-started", "serving its NBD exports")
+	}
+	return nil
 }
 
 func lastSync(co *Checkout) time.Time {

@@ -360,13 +360,31 @@ func (l *Laptop) defineVM(ctx context.Context, name string) {
 // configuration is applied to a VM defined already only when it changed
 // since: otherwise the VM keeps its user's edits and only its disks follow.
 func (l *Laptop) defineVMErr(ctx context.Context, name string) error {
-	d, err := l.store.Desktop(name)
-	if err != nil || d.SystemDisk == "" {
-		return err // a user disk alone does not boot: no VM
-	}
 	co, err := l.Checkout(name)
 	if err != nil {
 		return err
+	}
+	// The tops and the boot configuration: a streamed desktop's are in its
+	// record (its tops stand on NBD exports), a local one's in the store.
+	var sysTop, userTop string
+	var boot *images.DesktopBoot
+	if rec := co.Stream; rec != nil {
+		sysTop, userTop, boot = rec.Disks[proto.DiskSystem].Top, rec.Disks[proto.DiskUser].Top, rec.Boot
+	} else {
+		d, err := l.store.Desktop(name)
+		if err != nil {
+			return err
+		}
+		if d.SystemDisk != "" {
+			sysTop = l.store.Path(d.SystemDisk)
+		}
+		if d.UserDisk != "" {
+			userTop = l.store.Path(d.UserDisk)
+		}
+		boot = d.Boot
+	}
+	if sysTop == "" {
+		return nil // a user disk alone does not boot: no VM
 	}
 	if co.Identity == nil {
 		ids, err := clone.NewIdentities([]string{name + "-" + deviceOf(co.Token)}, nil)
@@ -387,12 +405,9 @@ func (l *Laptop) defineVMErr(ctx context.Context, name string) error {
 			return err
 		}
 	}
-	dv := vm.DesktopVM{Name: name, SystemTop: l.store.Path(d.SystemDisk), UUID: co.Identity.UUID, MAC: co.Identity.MAC,
+	dv := vm.DesktopVM{Name: name, SystemTop: sysTop, UserTop: userTop, UUID: co.Identity.UUID, MAC: co.Identity.MAC,
 		SeedISO: seed, SerialLog: filepath.Join(l.store.Dir(), vm.LogsDir, name+".serial.log"), VNCListen: l.opts.VNCListen}
-	if d.UserDisk != "" {
-		dv.UserTop = l.store.Path(d.UserDisk)
-	}
-	if b := d.Boot; b != nil {
+	if b := boot; b != nil {
 		dv.Cmdline, dv.MemoryMiB, dv.VCPUs, dv.NIC = b.Cmdline, b.MemoryMiB, b.VCPUs, b.NICs > 0
 		if b.Kernel != "" {
 			dv.Kernel = l.store.BootFile(b.Kernel)
@@ -401,7 +416,7 @@ func (l *Laptop) defineVMErr(ctx context.Context, name string) error {
 			dv.Initrd = l.store.BootFile(b.Initrd)
 		}
 	}
-	sum := bootDigest(d.Boot)
+	sum := bootDigest(boot)
 	dv.ApplyBoot = sum != co.BootApplied
 	if err := os.MkdirAll(filepath.Dir(dv.SerialLog), 0o755); err != nil {
 		return err

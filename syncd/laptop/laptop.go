@@ -14,6 +14,7 @@ import (
 
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/clone"
+	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/syncd/proto"
 	"github.com/cvd-project/cvd/vm"
@@ -288,17 +289,28 @@ type Unsent struct {
 // Unsent lists, per disk, the changes in the desktop's local tops not checked in
 // yet: the clusters each top allocates itself. It reads the tops' metadata only.
 func (l *Laptop) Unsent(desktop string) (map[string]Unsent, error) {
-	d, err := l.store.Desktop(desktop)
-	if err != nil {
-		return nil, err
+	// Each top alone: a streamed desktop's are in its stream directory.
+	tops := map[string]func() (disk.Image, error){}
+	if co, err := l.Checkout(desktop); err == nil && co.Stream != nil {
+		for dn, sd := range co.Stream.Disks {
+			tops[dn] = func() (disk.Image, error) {
+				return disk.Open(sd.Top, disk.OpenOptions{ReadOnly: true, NoBacking: true})
+			}
+		}
+	} else {
+		d, err := l.store.Desktop(desktop)
+		if err != nil {
+			return nil, err
+		}
+		for _, dn := range proto.DiskNames {
+			if rel := topRel(d, dn); rel != "" {
+				tops[dn] = func() (disk.Image, error) { return l.store.OpenTop(rel, true, true) }
+			}
+		}
 	}
 	out := map[string]Unsent{}
-	for _, dn := range proto.DiskNames {
-		rel := topRel(d, dn)
-		if rel == "" {
-			continue
-		}
-		img, err := l.store.OpenTop(rel, true, true)
+	for dn, open := range tops {
+		img, err := open()
 		if err != nil {
 			return nil, fmt.Errorf("desktop %s: %s top: %w", desktop, dn, err)
 		}

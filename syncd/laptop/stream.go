@@ -557,13 +557,19 @@ func (s *Stream) Prefetch(ws map[string][]int64) {
 			s.bg = append(s.bg, k)
 		}
 	}
-	for _, ly := range s.layers {
-		if ly.local {
+	// A layer's working set names guest clusters read while a desktop on it
+	// booted: here they are fetched from whichever layer of this chain serves
+	// them (a newer version above may hold them now).
+	for _, dn := range proto.DiskNames {
+		d := s.disks[dn]
+		if d == nil {
 			continue
 		}
-		for _, i := range ws[ly.id] {
-			if i >= 0 && i < int64(len(ly.state)) {
-				add(fetchKey{ly, i})
+		for _, ly := range d.layers {
+			for _, i := range ws[ly.id] {
+				if i >= 0 && i < int64(len(d.owner)) && d.owner[i] >= 0 && !d.layers[d.owner[i]].local {
+					add(fetchKey{d.layers[d.owner[i]], i})
+				}
 			}
 		}
 	}

@@ -184,6 +184,8 @@ func (l *Laptop) CheckOutStream(ctx context.Context, c *Client, name string, opt
 	if err := l.putCheckout(co); err != nil {
 		return nil, err
 	}
+	l.report(ctx, c, co, rep.EntryBytes)
+	l.defineVM(ctx, name)
 	rep.Took = time.Since(start).Seconds()
 	return rep, nil
 }
@@ -256,6 +258,10 @@ func (l *Laptop) makeStreamTop(sd StreamDiskRecord, uri string) error {
 	}
 	return os.Rename(tmp, sd.Top)
 }
+
+// VMRunning reports whether the desktop's local VM runs (false without a
+// hypervisor).
+func (l *Laptop) VMRunning(ctx context.Context, name string) bool { return l.running(ctx, name) }
 
 // topHasData reports whether a streamed top holds anything (it is read alone:
 // its backing is an NBD export).
@@ -381,9 +387,6 @@ func (l *Laptop) ServeStream(ctx context.Context, name string, opts ServeOptions
 	ws := map[string][]int64{}
 	if c, err := newClient(); err == nil {
 		for _, ly := range s.layers {
-			if ly.local {
-				continue
-			}
 			wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 			w, err := c.WorkingSet(wctx, ly.id)
 			cancel()
