@@ -216,3 +216,58 @@ func TestErrorText(t *testing.T) {
 		t.Errorf("%q", got)
 	}
 }
+
+// TestSpecXMLNBD: a top over an NBD export declares a network backing store
+// (raw, nbd over a unix socket) and ends the chain there.
+func TestSpecXMLNBD(t *testing.T) {
+	s := validSpec()
+	s.Disks[0] = DiskSpec{Target: "vda", Chain: chain("/s/top.qcow2"), NBD: &NBDSource{Socket: "/run/cvd/desk.sock", Export: "system"}}
+	x, err := s.XML()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var d libvirtxml.Domain
+	if err := d.Unmarshal(x); err != nil {
+		t.Fatal(err)
+	}
+	bs := d.Devices.Disks[0].BackingStore
+	if bs == nil || bs.Format == nil || bs.Format.Type != "raw" || bs.Source == nil || bs.Source.Network == nil {
+		t.Fatalf("no NBD backing store:\n%s", x)
+	}
+	n := bs.Source.Network
+	if n.Protocol != "nbd" || n.Name != "system" || len(n.Hosts) != 1 || n.Hosts[0].Transport != "unix" || n.Hosts[0].Socket != "/run/cvd/desk.sock" {
+		t.Fatalf("NBD source %+v\n%s", n, x)
+	}
+	if end := bs.BackingStore; end == nil || end.Format != nil || (end.Source != nil && (end.Source.File != nil || end.Source.Network != nil)) {
+		t.Fatalf("chain not ended below the export:\n%s", x)
+	}
+	s.Disks[0].NBD.Socket = "relative.sock"
+	if _, err := s.XML(); err == nil {
+		t.Fatal("a relative socket path was accepted")
+	}
+}
+
+func TestParseNBDURI(t *testing.T) {
+	cases := []struct {
+		in   string
+		want NBDSource
+		ok   bool
+	}{
+		{"nbd+unix:///system?socket=/s/nbd.sock", NBDSource{Socket: "/s/nbd.sock", Export: "system"}, true},
+		{"nbd+unix:///?socket=/s/nbd.sock", NBDSource{Socket: "/s/nbd.sock"}, true},
+		{"nbd+unix:///system?socket=rel.sock", NBDSource{}, false},
+		{"nbd+unix:///a/b?socket=/s", NBDSource{}, false},
+		{"nbd+unix:///a?socket=/s&x=1", NBDSource{}, false},
+		{"nbd://host:10809/system", NBDSource{}, false},
+		{"../layers/base.qcow2", NBDSource{}, false},
+	}
+	for _, c := range cases {
+		got, ok := ParseNBDURI(c.in)
+		if ok != c.ok || got != c.want {
+			t.Errorf("ParseNBDURI(%q) = %+v, %v; want %+v, %v", c.in, got, ok, c.want, c.ok)
+		}
+		if ok && got.URI() != c.in {
+			t.Errorf("URI() = %q, want %q", got.URI(), c.in)
+		}
+	}
+}

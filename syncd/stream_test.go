@@ -1,10 +1,14 @@
 package syncd
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"io"
 	"net"
+	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
@@ -13,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cvd-project/cvd/desktop"
+	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/internal/testutil"
 	"github.com/cvd-project/cvd/syncd/laptop"
 	"github.com/cvd-project/cvd/syncd/proto"
@@ -329,5 +335,95 @@ func TestStreamCacheAndWorkingSet(t *testing.T) {
 	s2.stop()
 	if err := lap2.lp.Release(ctx, w.desktop, true); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestStreamEndpointsRefuse: the streaming endpoints refuse malformed reads and
+// working sets with 400, and another desktop's layer with the same 404 as an
+// unknown one; a tampered entry list fails the streaming check-out.
+func TestStreamEndpointsRefuse(t *testing.T) {
+	ctx := context.Background()
+	w := streamWorld(t)
+	if _, err := desktop.Create(ctx, w.store, "secret", images.DesktopSpec{Base: w.base}); err != nil {
+		t.Fatal(err)
+	}
+	d, _ := w.store.Desktop("secret")
+	w.writeTop(d.SystemDisk, []write{{off: 96 * MiB, data: testutil.Fill(77, 1*MiB, false)}})
+	_, sv, err := desktop.SealTops(ctx, w.store, "secret", "test", time.Now())
+	if err != nil || sv == nil {
+		t.Fatalf("seal the other desktop: %v", err)
+	}
+	do := func(method, path string, body []byte) (int, string) {
+		req, _ := http.NewRequest(method, w.http.URL+path, bytes.NewReader(body))
+		req.Header.Set("Authorization", "Bearer "+w.token)
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		return resp.StatusCode, string(b)
+	}
+	idx := func(is ...int64) []byte {
+		var b []byte
+		for _, i := range is {
+			b = binary.BigEndian.AppendUint64(b, uint64(i))
+		}
+		return b
+	}
+	base := "/v1/layers/" + w.base
+	cases := []struct {
+		name, method, path string
+		body               []byte
+		want               int
+	}{
+		{"read: no index", "POST", base + "/read", nil, 400},
+		{"read: not 8-byte indexes", "POST", base + "/read", []byte{1, 2, 3}, 400},
+		{"read: out of order", "POST", base + "/read", idx(5, 3), 400},
+		{"read: repeated", "POST", base + "/read", idx(5, 5), 400},
+		{"read: beyond the layer", "POST", base + "/read", idx(1 << 40), 400},
+		{"read: negative", "POST", base + "/read", idx(-1), 400},
+		{"read: too many", "POST", base + "/read", idx(func() []int64 {
+			var a []int64
+			for i := range int64(proto.MaxRead + 1) {
+				a = append(a, i)
+			}
+			return a
+		}()...), 400},
+		{"read: another desktop's layer", "POST", "/v1/layers/" + sv.System + "/read", idx(0), 404},
+		{"read: unknown layer", "POST", "/v1/layers/" + strings.Repeat("ab", 32) + "/read", idx(0), 404},
+		{"entries: another desktop's layer", "GET", "/v1/layers/" + sv.System + "/entries", nil, 404},
+		{"working set: beyond the layer", "PUT", base + "/workingset", []byte(`{"clusters":[99999999]}`), 400},
+		{"working set: not JSON", "PUT", base + "/workingset", []byte(`{"clusters":`), 400},
+		{"working set: another desktop's layer", "PUT", "/v1/layers/" + sv.System + "/workingset", []byte(`{"clusters":[0]}`), 404},
+	}
+	for _, c := range cases {
+		if code, body := do(c.method, c.path, c.body); code != c.want {
+			t.Errorf("%s: HTTP %d %s, want %d", c.name, code, body, c.want)
+		}
+	}
+	if ws, _ := w.srv.WorkingSet(w.base); len(ws.Clusters) != 0 {
+		t.Errorf("a refused report changed the working set: %v", ws.Clusters)
+	}
+
+	// A tampered entry list (the server's cached copy) fails the check-out.
+	lap := newLaptop(t, "laptop")
+	if _, err := lap.lp.CheckOutStream(ctx, w.client(w.token), w.desktop, laptop.StreamOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := lap.lp.Release(ctx, w.desktop, true); err != nil {
+		t.Fatal(err)
+	}
+	list := filepath.Join(w.dir, "sync", "entries", w.base)
+	b, err := os.ReadFile(list)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[len(b)-1] ^= 1
+	os.WriteFile(list, b, 0o644)
+	lap2 := newLaptop(t, "laptop2")
+	if _, err := lap2.lp.CheckOutStream(ctx, w.client(w.token), w.desktop, laptop.StreamOptions{}); !errors.Is(err, proto.ErrDigestMismatch) {
+		t.Fatalf("check-out with a tampered entry list: %v", err)
 	}
 }

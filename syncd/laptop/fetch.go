@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"iter"
 	"os"
 	"path/filepath"
 	"sync"
@@ -54,6 +55,19 @@ type layerFetcher struct {
 	refs  *localRefs
 	// byRef counts the clusters that came as references.
 	byRef int64
+	// entries are the layer's entries as they arrived, when this process saw
+	// them all (a fetch not resumed): the store adopts the file from them
+	// without reading it again.
+	entries []proto.Entry
+	whole   bool
+}
+
+// add records an entry of the layer: in its ID's hash, and in the list.
+func (f *layerFetcher) add(e proto.Entry) {
+	f.h.Add(e)
+	if f.whole {
+		f.entries = append(f.entries, e)
+	}
 }
 
 // errRef: a referenced cluster could not be read from the laptop's own layer.
@@ -180,6 +194,7 @@ func (f *layerFetcher) open() error {
 	os.Remove(f.path)
 	f.h = proto.NewIDHasher(f.info.Parent, f.info.Size, f.info.ClusterSize)
 	f.ck = fetchCheckpoint{ID: f.info.ID}
+	f.whole, f.entries = true, make([]proto.Entry, 0, f.info.Clusters)
 	// With the size and backing format given, the parent is not opened: it may
 	// still be on its way into the store.
 	co := disk.CreateOptions{Size: f.info.Size, ClusterSize: f.info.ClusterSize, AllowedRoots: []string{f.l.store.Dir()}}
@@ -205,7 +220,7 @@ func (f *layerFetcher) open() error {
 // layer has zero clusters (the parent must be in the store then), alone otherwise.
 func (f *layerFetcher) openPartial() (disk.Image, error) {
 	alone := f.info.Parent == "" || f.info.Clusters == f.info.DataClusters
-	return disk.Open(f.path, disk.OpenOptions{NoBacking: alone, NoBarriers: true, AllowedRoots: []string{f.l.store.Dir()}})
+	return disk.Open(f.path, disk.OpenOptions{NoBacking: alone, NoBarriers: true, DirectData: true, AllowedRoots: []string{f.l.store.Dir()}})
 }
 
 // partialClean checks a partial layer left by an interrupted fetch: it is written
@@ -306,7 +321,7 @@ func (f *layerFetcher) consume(ctx context.Context, sr *proto.StreamReader) (int
 				return fmt.Errorf("%w: zero run %d+%d out of order", proto.ErrStream, fr.Idx, fr.N)
 			}
 			for i := int64(0); i < fr.N; i++ {
-				f.h.Add(proto.Entry{Index: fr.Idx + i, Zero: true})
+				f.add(proto.Entry{Index: fr.Idx + i, Zero: true})
 			}
 			if err := zeros.Add(fr.Idx, fr.N); err != nil {
 				return err
@@ -324,13 +339,13 @@ func (f *layerFetcher) consume(ctx context.Context, sr *proto.StreamReader) (int
 			if f.info.Parent == "" {
 				return nil
 			}
-			f.h.Add(proto.Entry{Index: fr.Idx, Zero: true})
+			f.add(proto.Entry{Index: fr.Idx, Zero: true})
 			return zeros.Add(fr.Idx, 1)
 		}
 		if err := zeros.Flush(); err != nil {
 			return err
 		}
-		f.h.Add(proto.Entry{Index: fr.Idx, Digest: d})
+		f.add(proto.Entry{Index: fr.Idx, Digest: d})
 		if f.h.Data > f.info.DataClusters {
 			// Writing stops at what the layer declared (and the free space was
 			// checked for): a stream may not write more.
@@ -374,6 +389,21 @@ func (f *layerFetcher) consume(ctx context.Context, sr *proto.StreamReader) (int
 	return moved, true, nil
 }
 
+// entrySums lists a layer's entries as the store's adoption takes them.
+func entrySums(entries []proto.Entry, size, cs int64) iter.Seq[images.ClusterSum] {
+	return func(yield func(images.ClusterSum) bool) {
+		for _, e := range entries {
+			s := images.ClusterSum{Index: e.Index, Zero: e.Zero, Digest: e.Digest}
+			if !e.Zero {
+				s.Len = int(min(cs, size-e.Index*cs))
+			}
+			if !yield(s) {
+				return
+			}
+		}
+	}
+}
+
 // finish imports the complete file into the store (which must hold its parent by
 // now) and removes the fetch files.
 func (f *layerFetcher) finish(ctx context.Context) error {
@@ -384,6 +414,21 @@ func (f *layerFetcher) finish(ctx context.Context) error {
 	}
 	f.close()
 	opts := images.ImportOptions{Kind: images.Kind(f.info.Kind), Parent: f.info.Parent}
+	if f.whole && int64(len(f.entries)) == f.info.Clusters {
+		// Every entry was seen and checked here: the store takes the file as
+		// it is (a hard link, the ID from the entries) instead of a copy.
+		sums := entrySums(f.entries, f.info.Size, int64(f.info.ClusterSize))
+		_, _, err := f.l.store.Adopt(ctx, f.path, images.AdoptOptions{ImportOptions: opts, WantID: f.info.ID, Sums: sums, RewriteBacking: true})
+		if err == nil {
+			os.Remove(f.path)
+			os.Remove(f.ckptPath)
+			return nil
+		}
+		if !errors.Is(err, images.ErrNotAdoptable) {
+			return proto.NoSpace(fmt.Errorf("adopt fetched layer %s: %w", state.Short(f.info.ID), err))
+		}
+		f.l.log.Info("fetched layer not adoptable; importing a copy", "layer", state.Short(f.info.ID), "err", err)
+	}
 	l, existed, err := f.l.store.Import(ctx, f.path, opts)
 	if err != nil {
 		return proto.NoSpace(fmt.Errorf("import fetched layer %s: %w", state.Short(f.info.ID), err))

@@ -962,17 +962,7 @@ func (s *Stream) adopt(ctx context.Context, ly *streamLayer) error {
 			return err
 		}
 	}
-	sums := func(yield func(images.ClusterSum) bool) {
-		for _, e := range ly.entries {
-			cs := images.ClusterSum{Index: e.Index, Zero: e.Zero, Digest: e.Digest}
-			if !e.Zero {
-				cs.Len = int(ly.clusterLen(e.Index))
-			}
-			if !yield(cs) {
-				return
-			}
-		}
-	}
+	sums := entrySums(ly.entries, ly.size, ly.cs)
 	_, _, err := s.l.store.Adopt(ctx, ly.path, images.AdoptOptions{
 		ImportOptions: images.ImportOptions{Kind: images.Kind(ly.kind), Parent: ly.parent},
 		WantID:        ly.id, Sums: sums, RewriteBacking: true})
