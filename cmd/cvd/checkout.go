@@ -29,6 +29,7 @@ type checkoutOptions struct {
 	stream  bool
 	cache   string
 	pin     bool
+	timeout time.Duration
 }
 
 func newCheckoutCommand(g *globalOptions) *cobra.Command {
@@ -70,6 +71,7 @@ switches to its local files at its next start, and checks in as usual.`,
 	f.BoolVar(&opts.stream, "stream", false, "return as soon as the desktop can start: its layers stream in behind it (see cvd stream)")
 	f.StringVar(&opts.cache, "cache-size", "", "with --stream: keep at most SIZE of the read-only layers here, e.g. 256M (least recently read go first)")
 	f.BoolVar(&opts.pin, "pin", false, "with --stream: fetch everything in the background (for offline use)")
+	f.DurationVar(&opts.timeout, "read-timeout", 0, "with --stream: how long a guest read waits for a missing cluster before it fails (default 20s)")
 	return c
 }
 
@@ -96,8 +98,8 @@ func runCheckout(ctx context.Context, g *globalOptions, opts *checkoutOptions, d
 	if opts.stream {
 		return runStreamCheckout(ctx, g, lp, c, opts, desktop, out)
 	}
-	if opts.cache != "" || opts.pin {
-		return &exitError{code: exitUsage, err: fmt.Errorf("--cache-size and --pin go with --stream")}
+	if opts.cache != "" || opts.pin || opts.timeout != 0 {
+		return &exitError{code: exitUsage, err: fmt.Errorf("--cache-size, --pin and --read-timeout go with --stream")}
 	}
 	rep, err := lp.CheckOut(ctx, c, desktop, laptop.CheckoutOptions{TTL: opts.ttl, CACert: opts.caCert})
 	if err != nil {
@@ -129,7 +131,7 @@ func runStreamCheckout(ctx context.Context, g *globalOptions, lp *laptop.Laptop,
 			return &exitError{code: exitUsage, err: fmt.Errorf("--cache-size %q: want a size such as 256M", opts.cache)}
 		}
 	}
-	rep, err := lp.CheckOutStream(ctx, c, desktop, laptop.StreamOptions{TTL: opts.ttl, CACert: opts.caCert, CacheSize: cache, Pin: opts.pin})
+	rep, err := lp.CheckOutStream(ctx, c, desktop, laptop.StreamOptions{TTL: opts.ttl, CACert: opts.caCert, CacheSize: cache, Pin: opts.pin, ReadTimeout: opts.timeout})
 	if err != nil {
 		return storeError(err)
 	}

@@ -62,7 +62,7 @@ cache budget holds the copy to what was read. The clusters read in the first
 		},
 	}
 	f := c.Flags()
-	f.DurationVar(&cfg.ReadTimeout, "read-timeout", 20*time.Second, "how long a guest read waits for a missing cluster before it fails")
+	f.DurationVar(&cfg.ReadTimeout, "read-timeout", 0, "how long a guest read waits for a missing cluster before it fails (default: as checked out, else 20s)")
 	f.DurationVar(&cfg.WorkingWindow, "working-window", 3*time.Minute, "how long after the start first reads count as the working set")
 	f.BoolVar(&cfg.NoBackground, "no-background", false, "fetch only what is read (and the working set)")
 	return c

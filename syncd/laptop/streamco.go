@@ -28,6 +28,9 @@ type StreamRecord struct {
 	Disks     map[string]StreamDiskRecord `json:"disks"`
 	CacheSize int64                       `json:"cache_size,omitempty"`
 	Pinned    bool                        `json:"pinned,omitempty"`
+	// ReadTimeout bounds a guest read's wait for a missing cluster (0: the
+	// stream's default).
+	ReadTimeout time.Duration `json:"read_timeout,omitempty"`
 	Boot      *images.DesktopBoot         `json:"boot,omitempty"`
 }
 
@@ -54,6 +57,8 @@ type StreamOptions struct {
 	CacheSize int64
 	// Pin fetches everything in the background (required for offline use).
 	Pin bool
+	// ReadTimeout bounds a guest read's wait for a missing cluster (0: 20 s).
+	ReadTimeout time.Duration
 }
 
 // StreamReport says what a streaming check-out did.
@@ -128,7 +133,8 @@ func (l *Laptop) CheckOutStream(ctx context.Context, c *Client, name string, opt
 	if err := os.MkdirAll(filepath.Join(dir, "layers"), 0o700); err != nil {
 		return nil, proto.NoSpace(err)
 	}
-	rec := &StreamRecord{Socket: l.socketPath(name), Disks: map[string]StreamDiskRecord{}, CacheSize: opts.CacheSize, Pinned: opts.Pin, Boot: m.Boot}
+	rec := &StreamRecord{Socket: l.socketPath(name), Disks: map[string]StreamDiskRecord{}, CacheSize: opts.CacheSize, Pinned: opts.Pin, Boot: m.Boot,
+		ReadTimeout: opts.ReadTimeout}
 	if prev != nil && prev.Stream != nil {
 		rec.Pinned = rec.Pinned || prev.Stream.Pinned
 		if opts.CacheSize == 0 {
@@ -373,6 +379,9 @@ func (l *Laptop) ServeStream(ctx context.Context, name string, opts ServeOptions
 	cfg := opts.StreamConfig
 	if cfg.CacheSize == 0 {
 		cfg.CacheSize = rec.CacheSize
+	}
+	if cfg.ReadTimeout == 0 {
+		cfg.ReadTimeout = rec.ReadTimeout
 	}
 	cfg.Pinned = cfg.Pinned || rec.Pinned
 	newClient := func() (*Client, error) {
