@@ -231,6 +231,15 @@ func TestStreamCheckout(t *testing.T) {
 		}
 		st = s.status()
 	}
+	// Adopted, and kept by gc although no desktop of the store stands on them yet.
+	if _, err := lap.store.GC(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range rep.LayersStream {
+		if _, err := lap.store.Layer(id); err != nil {
+			t.Fatalf("streamed layer %s after gc: %v", id[:12], err)
+		}
+	}
 	if err := lap.lp.SwitchStream(ctx, w.desktop); err == nil {
 		t.Fatal("switched while the stream still serves")
 	}

@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/nbd"
@@ -44,6 +45,28 @@ type StreamDiskRecord struct {
 // NBDURI is the URI QEMU opens a disk's read-only chain with.
 func (r *StreamRecord) NBDURI(diskName string) string {
 	return "nbd+unix:///" + diskName + "?socket=" + r.Socket
+}
+
+// The store's garbage collection keeps the layers of streamed check-outs: no
+// desktop of the store stands on them until the switch, but the stream has
+// adopted the complete ones already.
+func init() {
+	images.RegisterKeeper(func(tx *catalog.Tx) ([]string, error) {
+		var out []string
+		err := tx.Bucket(state.BucketCheckouts).ForEach(func(k, v []byte) error {
+			var co Checkout
+			if json.Unmarshal(v, &co) != nil || co.Stream == nil {
+				return nil
+			}
+			for _, sd := range co.Stream.Disks {
+				for _, li := range sd.Layers {
+					out = append(out, li.ID)
+				}
+			}
+			return nil
+		})
+		return out, err
+	})
 }
 
 // ErrStreaming refuses what a desktop still streaming cannot do yet.
@@ -376,6 +399,9 @@ func (l *Laptop) ServeStream(ctx context.Context, name string, opts ServeOptions
 		return fmt.Errorf("desktop %s is not streamed (it is checked out in full)", name)
 	}
 	rec := co.Stream
+	if st, err := l.StreamState(name); err == nil && st.Running && st.PID != os.Getpid() {
+		return fmt.Errorf("desktop %s: its stream process %d runs already", name, st.PID)
+	}
 	cfg := opts.StreamConfig
 	if cfg.CacheSize == 0 {
 		cfg.CacheSize = rec.CacheSize
