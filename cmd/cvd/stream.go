@@ -151,7 +151,7 @@ func startStream(ctx context.Context, g *globalOptions, lp *laptop.Laptop, deskt
 			return 0, fmt.Errorf("the stream process of %s did not start serving within 30 s: %s", desktop, tail(logPath))
 		case <-ctx.Done():
 			return 0, ctx.Err()
-		case <-time.After(50 * time.Millisecond):
+		case <-time.After(10 * time.Millisecond):
 		}
 	}
 }

@@ -182,7 +182,7 @@ func (l *Laptop) CheckIn(ctx context.Context, name string, opts CheckinOptions) 
 		upStart := time.Now()
 		res, err = l.send(ctx, c, req, changes, rep)
 		rep.TookUpload = time.Since(upStart).Seconds()
-		rep.Metadata = c.Sent + c.Received // upload streams are not counted in Sent
+		rep.Metadata = c.Sent.Load() + c.Received.Load() // upload streams are not counted in Sent
 		if err != nil {
 			return nil, err
 		}

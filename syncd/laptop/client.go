@@ -15,6 +15,7 @@ import (
 	"net/url"
 	"os"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -26,8 +27,9 @@ type Client struct {
 	base  *url.URL
 	token string
 	hc    *http.Client
-	// Sent and Received count the HTTP body bytes of every request and response.
-	Sent, Received int64
+	// Sent and Received count the HTTP body bytes of every request and response
+	// (a client may serve several goroutines).
+	Sent, Received atomic.Int64
 }
 
 // ClientOptions controls NewClient.
@@ -151,9 +153,9 @@ func bodyReader(b []byte) io.Reader {
 	return bytes.NewReader(b)
 }
 
-func decodeBody(rc io.Reader, out any, count *int64) error {
+func decodeBody(rc io.Reader, out any, count *atomic.Int64) error {
 	b, err := io.ReadAll(io.LimitReader(rc, 64<<20))
-	*count += int64(len(b))
+	count.Add(int64(len(b)))
 	if err != nil {
 		return err
 	}
@@ -187,7 +189,7 @@ func (c *Client) send(ctx context.Context, method, path string, body io.Reader, 
 	}
 	resp, err := c.hc.Do(req)
 	if n > 0 {
-		c.Sent += n
+		c.Sent.Add(n)
 	}
 	if err != nil {
 		if ctx.Err() != nil {
@@ -200,7 +202,7 @@ func (c *Client) send(ctx context.Context, method, path string, body io.Reader, 
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	c.Received += int64(len(b))
+	c.Received.Add(int64(len(b)))
 	var eb proto.ErrorBody
 	ae := &APIError{Status: resp.StatusCode}
 	if json.Unmarshal(b, &eb) == nil && eb.Error != "" {

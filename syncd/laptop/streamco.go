@@ -149,9 +149,19 @@ func (l *Laptop) CheckOutStream(ctx context.Context, c *Client, name string, opt
 	}
 	rep := &StreamReport{Desktop: name, Server: c.URL(), Version: m.Version, Lease: m.Lease, Exports: map[string]string{},
 		LayersLocal: []string{}, LayersStream: []string{}}
-	if err := l.fetchBoot(ctx, c, name, m.Boot); err != nil {
-		return nil, err
+	l.log.Debug("streamed check-out: lease", "desktop", name, "after", time.Since(start))
+	// The boot files arrive while the entry lists do.
+	bootDone := make(chan error, 1)
+	go func() { bootDone <- l.fetchBoot(ctx, c, name, m.Boot) }()
+	waitBoot := func() error {
+		if bootDone == nil {
+			return nil
+		}
+		err := <-bootDone
+		bootDone = nil
+		return err
 	}
+	defer waitBoot()
 	dir := l.streamDirOf(name)
 	if err := os.MkdirAll(filepath.Join(dir, "layers"), 0o700); err != nil {
 		return nil, proto.NoSpace(err)
@@ -198,6 +208,9 @@ func (l *Laptop) CheckOutStream(ctx context.Context, c *Client, name string, opt
 		}
 		rec.Disks[dm.Name] = sd
 	}
+	if err := waitBoot(); err != nil {
+		return nil, err
+	}
 	co := &Checkout{Desktop: name, Server: c.URL(), Token: c.token, CACert: opts.CACert, Lease: m.Lease, Version: m.Version,
 		Layers: map[string]string{}, BlankSizes: map[string]int64{}, CheckedOut: l.now().UTC(), Policy: m.Policy, Variant: m.Variant,
 		Stream: rec}
@@ -213,8 +226,10 @@ func (l *Laptop) CheckOutStream(ctx context.Context, c *Client, name string, opt
 	if err := l.putCheckout(co); err != nil {
 		return nil, err
 	}
+	l.log.Debug("streamed check-out: entry lists and tops", "desktop", name, "after", time.Since(start))
 	l.report(ctx, c, co, rep.EntryBytes)
 	l.defineVM(ctx, name)
+	l.log.Debug("streamed check-out: VM defined", "desktop", name, "after", time.Since(start))
 	rep.Took = time.Since(start).Seconds()
 	return rep, nil
 }
@@ -418,22 +433,25 @@ func (l *Laptop) ServeStream(ctx context.Context, name string, opts ServeOptions
 		return err
 	}
 	defer s.Close()
-	// The working set of each layer being streamed, as the server has it.
-	ws := map[string][]int64{}
-	if c, err := newClient(); err == nil {
-		for _, ly := range s.layers {
-			wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			w, err := c.WorkingSet(wctx, ly.id)
-			cancel()
-			if err != nil {
-				l.log.Info("working set not available", "layer", state.Short(ly.id), "err", err)
-				continue
+	// The working set of each layer, as the server has it, is asked for while
+	// the exports already serve: it orders the background fill only.
+	prefetch := func(ctx context.Context) {
+		ws := map[string][]int64{}
+		if c, err := newClient(); err == nil {
+			for _, ly := range s.layers {
+				wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+				w, err := c.WorkingSet(wctx, ly.id)
+				cancel()
+				if err != nil {
+					l.log.Info("working set not available", "layer", state.Short(ly.id), "err", err)
+					continue
+				}
+				ws[ly.id] = w.Clusters
 			}
-			ws[ly.id] = w.Clusters
 		}
+		s.Prefetch(ws)
+		s.poke()
 	}
-	s.Prefetch(ws)
-
 	os.Remove(rec.Socket)
 	ln, err := net.Listen("unix", rec.Socket)
 	if err != nil {
@@ -453,6 +471,7 @@ func (l *Laptop) ServeStream(ctx context.Context, name string, opts ServeOptions
 	go func() { served <- srv.Serve(ctx, ln) }()
 	fetched := make(chan struct{})
 	go func() { s.Run(ctx); close(fetched) }()
+	go prefetch(ctx)
 	l.writeStreamStatus(name, s.status(rec))
 	if opts.Ready != nil {
 		opts.Ready()
