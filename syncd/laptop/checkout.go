@@ -81,16 +81,7 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 		return nil, err
 	}
 
-	var have []string
-	if ls, err := l.store.Layers(); err == nil {
-		for _, ly := range ls {
-			have = append(have, ly.ID)
-		}
-	}
-	if len(have) > proto.MaxHave {
-		have = have[len(have)-proto.MaxHave:]
-	}
-	m, err := c.Checkout(ctx, name, opts.TTL, have...)
+	m, err := l.takeLease(ctx, c, name, opts.TTL)
 	if err != nil {
 		return nil, err
 	}
@@ -145,6 +136,21 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 	rep.Took = time.Since(start).Seconds()
 	rep.Finished = l.now().UTC()
 	return rep, nil
+}
+
+// takeLease asks the server for the desktop's lease and manifest, saying which
+// layers the store holds (the streams may refer to them).
+func (l *Laptop) takeLease(ctx context.Context, c *Client, name string, ttl time.Duration) (*proto.Manifest, error) {
+	var have []string
+	if ls, err := l.store.Layers(); err == nil {
+		for _, ly := range ls {
+			have = append(have, ly.ID)
+		}
+	}
+	if len(have) > proto.MaxHave {
+		have = have[len(have)-proto.MaxHave:]
+	}
+	return c.Checkout(ctx, name, ttl, have...)
 }
 
 // fetchMissing fetches the layers of m's disks that the store lacks, parents

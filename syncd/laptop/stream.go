@@ -101,6 +101,18 @@ type streamLayer struct {
 	wsSeen map[int64]bool
 }
 
+// bytes is the layer's data bytes that are local, and all of them (whole
+// clusters);
+// inStore says the store holds the layer (adopted, or there before).
+func (ly *streamLayer) bytes() (local, total int64, inStore bool) {
+	ly.mu.RLock()
+	defer ly.mu.RUnlock()
+	if ly.local {
+		return ly.dataN * ly.cs, ly.dataN * ly.cs, true
+	}
+	return ly.haveN * ly.cs, ly.dataN * ly.cs, false
+}
+
 // clusterLen is the bytes of cluster idx below the layer's size.
 func (ly *streamLayer) clusterLen(idx int64) int64 { return min(ly.cs, ly.size-idx*ly.cs) }
 
@@ -369,15 +381,10 @@ func (s *Stream) Stats() StreamStats {
 	st := StreamStats{Fetched: s.fetched.Load(), FetchedOnUse: s.fetchedOnUse.Load(), Waits: s.waits.Load(),
 		Failed: s.failed.Load(), Evicted: s.evicted.Load(), Complete: true}
 	for _, ly := range s.layers {
-		ly.mu.RLock()
-		st.TotalBytes += ly.dataN * ly.cs
-		if ly.local {
-			st.LocalBytes += ly.dataN * ly.cs
-		} else {
-			st.LocalBytes += ly.haveN * ly.cs
-			st.Complete = false
-		}
-		ly.mu.RUnlock()
+		local, total, inStore := ly.bytes()
+		st.LocalBytes += local
+		st.TotalBytes += total
+		st.Complete = st.Complete && inStore
 	}
 	s.mu.Lock()
 	if s.lastErr != nil {
@@ -456,9 +463,39 @@ func (d *streamDisk) ReadAt(p []byte, off int64) (int, error) {
 			d.s.waits.Add(1)
 			waited = true
 		}
+		d.s.hint(d.readAhead(missing[len(missing)-1].idx + 1))
 		if err := d.s.await(missing, deadline); err != nil {
 			d.s.failed.Add(1)
 			return 0, err
+		}
+	}
+}
+
+// readAheadClusters is how many clusters past a missed read are fetched with
+// it: a guest that reads sequentially then waits once per batch, not per
+// cluster.
+const readAheadClusters = 16
+
+// readAhead lists the clusters from first on (at most readAheadClusters) that a
+// layer of the chain holds and that are not local.
+func (d *streamDisk) readAhead(first int64) []fetchKey {
+	var out []fetchKey
+	for i := first; i < first+readAheadClusters && i < int64(len(d.owner)); i++ {
+		if k := d.owner[i]; k >= 0 && !d.layers[k].isLocal(i) {
+			out = append(out, fetchKey{d.layers[k], i})
+		}
+	}
+	return out
+}
+
+// hint queues clusters with the missing ones a read waits for, no reader
+// waiting for them.
+func (s *Stream) hint(keys []fetchKey) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, k := range keys {
+		if s.waiting[k] == nil && !s.inflight[k] {
+			s.demand = append(s.demand, k)
 		}
 	}
 }

@@ -131,16 +131,7 @@ func (l *Laptop) CheckOutStream(ctx context.Context, c *Client, name string, opt
 	if _, err := l.store.Desktop(name); err == nil {
 		return nil, fmt.Errorf("desktop %s exists in this store: a streamed check-out needs a store without it (`cvd desktop rm %s`)", name, name)
 	}
-	var have []string
-	if ls, err := l.store.Layers(); err == nil {
-		for _, ly := range ls {
-			have = append(have, ly.ID)
-		}
-	}
-	if len(have) > proto.MaxHave {
-		have = have[len(have)-proto.MaxHave:]
-	}
-	m, err := c.Checkout(ctx, name, opts.TTL, have...)
+	m, err := l.takeLease(ctx, c, name, opts.TTL)
 	if err != nil {
 		return nil, err
 	}
@@ -378,14 +369,9 @@ func (s *Stream) status(rec *StreamRecord) StreamStatus {
 		if d := s.disks[dn]; d != nil {
 			ds.NBD = rec.NBDURI(dn)
 			for _, ly := range d.layers {
-				ly.mu.RLock()
-				ds.TotalBytes += ly.dataN * ly.cs
-				if ly.local {
-					ds.LocalBytes += ly.dataN * ly.cs
-				} else {
-					ds.LocalBytes += ly.haveN * ly.cs
-				}
-				ly.mu.RUnlock()
+				local, total, _ := ly.bytes()
+				ds.LocalBytes += local
+				ds.TotalBytes += total
 			}
 		}
 		st.Disks[dn] = ds
