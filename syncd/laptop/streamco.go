@@ -31,8 +31,8 @@ type StreamRecord struct {
 	Pinned    bool                        `json:"pinned,omitempty"`
 	// ReadTimeout bounds a guest read's wait for a missing cluster (0: the
 	// stream's default).
-	ReadTimeout time.Duration `json:"read_timeout,omitempty"`
-	Boot      *images.DesktopBoot         `json:"boot,omitempty"`
+	ReadTimeout time.Duration       `json:"read_timeout,omitempty"`
+	Boot        *images.DesktopBoot `json:"boot,omitempty"`
 }
 
 // StreamDiskRecord is one disk of a streamed desktop.
