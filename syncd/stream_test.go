@@ -12,6 +12,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 	"testing"
@@ -285,7 +286,12 @@ func TestStreamCacheAndWorkingSet(t *testing.T) {
 	testutil.Run(t, "qemu-io", "-r", "-f", "raw", "-c", "read 0 2M", "-c", "read 8M 64k", uri)
 	time.Sleep(2 * time.Second)
 	for range 2 {
-		testutil.Run(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", uri, w.store.LayerPath(hv.System))
+		if out, err := testutil.RunErr("qemu-img", "compare", "-f", "raw", "-F", "qcow2", uri, w.store.LayerPath(hv.System)); err != nil {
+			if os.Getenv("CVD_TEST_DUMP") != "" {
+				pprof.Lookup("goroutine").WriteTo(os.Stderr, 1)
+			}
+			t.Fatalf("compare through the cache: %v\n%s\nstream: %+v", err, out, s.status().StreamStats)
+		}
 	}
 	st := s.status()
 	t.Logf("cache: %+v", st.StreamStats)

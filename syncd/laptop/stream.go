@@ -93,7 +93,7 @@ type streamLayer struct {
 	punch   *os.File // the partial file again, to punch evicted clusters out of it
 	have    []bool   // data clusters local
 	haveN   int64
-	lastUse []int64
+	lastUse []int64 // written by concurrent readers: atomic access only
 	local   bool // in the store: every cluster is here
 	adopted bool
 	// ws records the clusters first read within the working window.
@@ -149,9 +149,10 @@ type Stream struct {
 	demand   []fetchKey
 	waiting  map[fetchKey]chan struct{}
 	inflight map[fetchKey]bool
+	wanted   map[fetchKey]int // clusters readers wait for: not evicted
 	bg       []fetchKey
 	bgPos    int
-	wake     chan struct{}
+	wake     chan struct{} // closed (and replaced) when there is work: wakes every idle worker
 	lastErr  error
 	clock    atomic.Int64
 
@@ -180,7 +181,7 @@ func (l *Laptop) OpenStream(co *Checkout, cfg StreamConfig, client func() (*Clie
 		cfg.Workers = 4
 	}
 	s := &Stream{l: l, name: co.Desktop, dir: l.streamDirOf(co.Desktop), cfg: cfg, client: client, disks: map[string]*streamDisk{},
-		waiting: map[fetchKey]chan struct{}{}, inflight: map[fetchKey]bool{}, wake: make(chan struct{}, 1), start: time.Now()}
+		waiting: map[fetchKey]chan struct{}{}, inflight: map[fetchKey]bool{}, wanted: map[fetchKey]int{}, wake: make(chan struct{}), start: time.Now()}
 	byID := map[string]*streamLayer{}
 	fail := func(err error) (*Stream, error) {
 		s.Close()
@@ -443,6 +444,15 @@ func (d *streamDisk) ReadAt(p []byte, off int64) (int, error) {
 	}
 	deadline := time.Now().Add(d.s.cfg.ReadTimeout)
 	waited := false
+	// The clusters this read waits for are not evicted before it has read
+	// them (a small cache under many reads would otherwise evict them as
+	// fast as they arrive).
+	var wanted []fetchKey
+	defer func() {
+		if wanted != nil {
+			d.s.want(wanted, -1)
+		}
+	}()
 	for {
 		var missing []fetchKey
 		for pos := off; pos < off+int64(len(p)); {
@@ -451,7 +461,9 @@ func (d *streamDisk) ReadAt(p []byte, off int64) (int, error) {
 			dst := p[pos-off : next-off]
 			if k := d.owner[i]; k < 0 {
 				clear(dst)
-			} else if !d.layers[k].readLocal(d.s, i, pos-i*d.cs, dst) {
+			} else if ok, err := d.layers[k].readLocal(d.s, i, pos-i*d.cs, dst); err != nil {
+				return 0, err
+			} else if !ok {
 				missing = append(missing, fetchKey{d.layers[k], i})
 			}
 			pos = next
@@ -463,11 +475,30 @@ func (d *streamDisk) ReadAt(p []byte, off int64) (int, error) {
 			d.s.waits.Add(1)
 			waited = true
 		}
+		d.s.want(missing, 1)
+		wanted = append(wanted, missing...)
 		d.s.hint(d.readAhead(missing[len(missing)-1].idx + 1))
 		if err := d.s.await(missing, deadline); err != nil {
 			d.s.failed.Add(1)
 			return 0, err
 		}
+	}
+}
+
+// want counts readers waiting for keys (n is +1 or -1); when the last reader is
+// done the cache is brought back within its budget.
+func (s *Stream) want(keys []fetchKey, n int) {
+	s.mu.Lock()
+	for _, k := range keys {
+		if s.wanted[k] += n; s.wanted[k] <= 0 {
+			delete(s.wanted, k)
+		}
+	}
+	s.mu.Unlock()
+	if n < 0 && s.budgeted() && s.localData.Load() > s.cfg.CacheSize {
+		s.evictMu.Lock()
+		s.evictTo(s.cfg.CacheSize)
+		s.evictMu.Unlock()
 	}
 }
 
@@ -502,25 +533,25 @@ func (s *Stream) hint(keys []fetchKey) {
 
 // readLocal copies cluster idx's bytes [in, in+len(dst)) when the cluster is
 // local; false when it is not.
-func (ly *streamLayer) readLocal(s *Stream, idx, in int64, dst []byte) bool {
+func (ly *streamLayer) readLocal(s *Stream, idx, in int64, dst []byte) (bool, error) {
 	ly.mu.RLock()
 	defer ly.mu.RUnlock()
 	if !ly.local && !ly.have[idx] {
-		return false
+		return false, nil
 	}
 	if ly.lastUse != nil {
-		ly.lastUse[idx] = s.clock.Add(1)
+		atomic.StoreInt64(&ly.lastUse[idx], s.clock.Add(1))
 	}
 	s.record(ly, idx)
 	// Past the layer's end (a layer smaller than the disk) reads as zeros.
 	avail := max(0, min(int64(len(dst)), ly.size-idx*ly.cs-in))
 	if avail > 0 {
 		if _, err := ly.img.ReadAt(dst[:avail], idx*ly.cs+in); err != nil && err != io.EOF {
-			return false
+			return false, fmt.Errorf("read cluster %d of layer %s here: %w", idx, state.Short(ly.id), err)
 		}
 	}
 	clear(dst[avail:])
-	return true
+	return true, nil
 }
 
 // record notes a first read within the working window.
@@ -543,8 +574,13 @@ func (s *Stream) record(ly *streamLayer, idx int64) {
 // until they arrive or the deadline passes.
 func (s *Stream) await(missing []fetchKey, deadline time.Time) error {
 	var chans []chan struct{}
+	var keys []fetchKey
 	s.mu.Lock()
 	for _, k := range missing {
+		if k.ly.isLocal(k.idx) {
+			// It arrived since the read looked (its put found no waiter).
+			continue
+		}
 		ch := s.waiting[k]
 		if ch == nil {
 			ch = make(chan struct{})
@@ -552,6 +588,7 @@ func (s *Stream) await(missing []fetchKey, deadline time.Time) error {
 			s.demand = append(s.demand, k)
 		}
 		chans = append(chans, ch)
+		keys = append(keys, k)
 	}
 	s.mu.Unlock()
 	s.poke()
@@ -564,8 +601,12 @@ func (s *Stream) await(missing []fetchKey, deadline time.Time) error {
 			s.mu.Lock()
 			last := s.lastErr
 			s.mu.Unlock()
-			k := missing[i]
-			msg := fmt.Sprintf("cluster %d of layer %s is not local and did not arrive within %s", k.idx, state.Short(k.ly.id), s.cfg.ReadTimeout)
+			k := keys[i]
+			s.mu.Lock()
+			queued := slices.Contains(s.demand, k)
+			inflight := s.inflight[k]
+			s.mu.Unlock()
+			msg := fmt.Sprintf("cluster %d of layer %s is not local and did not arrive within %s (queued %v, in flight %v, local %v)", k.idx, state.Short(k.ly.id), s.cfg.ReadTimeout, queued, inflight, k.ly.isLocal(k.idx))
 			if last != nil {
 				msg += ": " + last.Error()
 			}
@@ -575,11 +616,19 @@ func (s *Stream) await(missing []fetchKey, deadline time.Time) error {
 	return nil
 }
 
+// poke wakes the idle workers (the caller does not hold s.mu).
 func (s *Stream) poke() {
-	select {
-	case s.wake <- struct{}{}:
-	default:
-	}
+	s.mu.Lock()
+	close(s.wake)
+	s.wake = make(chan struct{})
+	s.mu.Unlock()
+}
+
+// wakeup is the channel that the next poke closes.
+func (s *Stream) wakeup() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.wake
 }
 
 // Prefetch queues clusters for the background fill, working set first: ws
@@ -641,8 +690,10 @@ func (s *Stream) Prefetch(ws map[string][]int64) {
 }
 
 // next picks the next batch: missing clusters a read waits for first, then the
-// background fill; every key of a batch is of one layer, ascending.
-func (s *Stream) next() (*streamLayer, []int64, bool) {
+// background fill; every key of a batch is of one layer, ascending. With no
+// work it returns the channel the next poke closes (taken under the same lock:
+// no poke is missed).
+func (s *Stream) next() (*streamLayer, []int64, bool, <-chan struct{}) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	pick := func(from []fetchKey, limit int) (*streamLayer, []int64, int) {
@@ -674,6 +725,10 @@ func (s *Stream) next() (*streamLayer, []int64, bool) {
 	var idxs []int64
 	for _, k := range s.demand {
 		if k.ly.isLocal(k.idx) {
+			if ch := s.waiting[k]; ch != nil {
+				close(ch)
+				delete(s.waiting, k)
+			}
 			continue
 		}
 		if s.inflight[k] {
@@ -690,20 +745,20 @@ func (s *Stream) next() (*streamLayer, []int64, bool) {
 	s.demand = keep
 	if ly != nil {
 		slices.Sort(idxs)
-		return ly, idxs, true
+		return ly, idxs, true, nil
 	}
 	if s.cfg.CacheSize > 0 && !s.cfg.Pinned && s.localData.Load() >= s.cfg.CacheSize {
-		return nil, nil, false // the cache is full: no prefetch
+		return nil, nil, false, s.wake // the cache is full: no prefetch
 	}
 	for s.bgPos < len(s.bg) {
 		ly, idxs, used := pick(s.bg[s.bgPos:], 256)
 		s.bgPos += used
 		if ly != nil {
 			slices.Sort(idxs)
-			return ly, idxs, false
+			return ly, idxs, false, nil
 		}
 	}
-	return nil, nil, false
+	return nil, nil, false, s.wake
 }
 
 func (ly *streamLayer) isLocal(idx int64) bool {
@@ -734,13 +789,12 @@ func (s *Stream) worker(ctx context.Context) {
 	}
 	backoff := time.Duration(0)
 	for ctx.Err() == nil {
-		ly, idxs, onDemand := s.next()
+		ly, idxs, onDemand, idle := s.next()
 		if ly == nil {
 			select {
 			case <-ctx.Done():
 				return
-			case <-s.wake:
-				s.poke() // wake the next worker too
+			case <-idle:
 			case <-time.After(time.Second):
 			}
 			continue
@@ -765,9 +819,12 @@ func (s *Stream) worker(ctx context.Context) {
 		if err != nil && ctx.Err() == nil {
 			s.l.log.Info("stream fetch failed; retrying", "desktop", s.name, "layer", state.Short(ly.id), "err", err)
 			backoff = min(max(2*backoff, 250*time.Millisecond), 5*time.Second)
+			// A guest read that waits cuts the pause short: the server may
+			// be back, and the read must not wait out a long backoff.
 			select {
 			case <-ctx.Done():
 			case <-time.After(backoff):
+			case <-s.wakeup():
 			}
 			continue
 		}
@@ -868,7 +925,7 @@ func (s *Stream) put(ly *streamLayer, idx int64, raw []byte) error {
 		}
 		ly.have[idx] = true
 		ly.haveN++
-		ly.lastUse[idx] = s.clock.Add(1)
+		atomic.StoreInt64(&ly.lastUse[idx], s.clock.Add(1))
 		ly.mu.Unlock()
 	}
 	k := fetchKey{ly, idx}
@@ -904,12 +961,15 @@ func (s *Stream) evictTo(target int64) {
 		if !ly.local {
 			for i, h := range ly.have {
 				if h {
-					cs = append(cs, cand{ly, int64(i), ly.lastUse[i]})
+					cs = append(cs, cand{ly, int64(i), atomic.LoadInt64(&ly.lastUse[i])})
 				}
 			}
 		}
 		ly.mu.RUnlock()
 	}
+	s.mu.Lock()
+	cs = slices.DeleteFunc(cs, func(c cand) bool { return s.wanted[fetchKey{c.ly, c.idx}] > 0 })
+	s.mu.Unlock()
 	sort.Slice(cs, func(a, b int) bool { return cs[a].use < cs[b].use })
 	for _, c := range cs {
 		if s.localData.Load() <= target {
@@ -928,7 +988,7 @@ func (s *Stream) evictTo(target int64) {
 func (ly *streamLayer) evict(idx, use int64) error {
 	ly.mu.Lock()
 	defer ly.mu.Unlock()
-	if !ly.have[idx] || ly.lastUse[idx] != use {
+	if !ly.have[idx] || atomic.LoadInt64(&ly.lastUse[idx]) != use {
 		return nil
 	}
 	off, n := idx*ly.cs, ly.clusterLen(idx)
