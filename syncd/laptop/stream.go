@@ -94,7 +94,7 @@ type streamLayer struct {
 	have    []bool   // data clusters local
 	haveN   int64
 	lastUse []int64 // written by concurrent readers: atomic access only
-	local   bool // in the store: every cluster is here
+	local   bool    // in the store: every cluster is here
 	adopted bool
 	// ws records the clusters first read within the working window.
 	ws     []int64
