@@ -149,7 +149,7 @@ func TestRefusedOtherDevicesLease(t *testing.T) {
 	w.unchanged(before, "another device's check-out")
 	// Nor can it renew or release the holder's lease.
 	co, _ := lap.lp.Checkout(w.desktop)
-	if _, err := w.client(tok2).Renew(ctx, w.desktop, co.Lease.ID, 0); !errors.Is(err, proto.ErrLeaseHeld) {
+	if _, err := w.client(tok2).Renew(ctx, w.desktop, co.Lease.ID, 0, false); !errors.Is(err, proto.ErrLeaseHeld) {
 		t.Errorf("renew by another device: %v", err)
 	}
 	if err := w.client(tok2).Release(ctx, w.desktop, co.Lease.ID); !errors.Is(err, proto.ErrLeaseHeld) {
@@ -175,7 +175,7 @@ func TestRefusedExpiredLease(t *testing.T) {
 	t.Logf("refused: %v", err)
 	w.unchanged(before, "a check-in with an expired lease")
 	co, _ := lap.lp.Checkout(w.desktop)
-	if _, err := w.client(w.token).Renew(ctx, w.desktop, co.Lease.ID, 0); !errors.Is(err, proto.ErrLeaseExpired) {
+	if _, err := w.client(w.token).Renew(ctx, w.desktop, co.Lease.ID, 0, false); !errors.Is(err, proto.ErrLeaseExpired) {
 		t.Errorf("renew after expiry: %v", err)
 	}
 	w.unchanged(before, "a renew of an expired lease")
@@ -731,7 +731,7 @@ func TestLeaseTTLClamped(t *testing.T) {
 	if !m.Lease.Expires.After(w.now) || m.Lease.Expires.After(limit) {
 		t.Errorf("check-out for 20 years: lease expires %s (now %s)", m.Lease.Expires, w.now)
 	}
-	l, err := c.Renew(ctx, w.desktop, m.Lease.ID, long)
+	l, err := c.Renew(ctx, w.desktop, m.Lease.ID, long, false)
 	if err != nil {
 		t.Fatal(err)
 	}

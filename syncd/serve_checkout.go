@@ -50,6 +50,9 @@ func (s *Server) handleCheckout(w http.ResponseWriter, r *http.Request, dev *Dev
 	if err != nil {
 		return err
 	}
+	if req.Stream {
+		ttl = min(ttl, s.opts.StreamLeaseTTL)
+	}
 	m, err := s.Checkout(r.Context(), name, dev, ttl)
 	if err != nil {
 		return err
@@ -279,6 +282,9 @@ func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request, dev *Device
 	ttl, err := s.ttl(req.TTLSeconds)
 	if err != nil {
 		return err
+	}
+	if req.Stream {
+		ttl = min(ttl, s.opts.StreamLeaseTTL)
 	}
 	var l *proto.Lease
 	err = s.st.Update(func(tx *catalog.Tx) error {

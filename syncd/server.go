@@ -37,6 +37,11 @@ type ServerOptions struct {
 	// LeaseTTL is the lease length when a device asks for none (default 7 days);
 	// MaxLeaseTTL caps what a device may ask (default 30 days).
 	LeaseTTL, MaxLeaseTTL time.Duration
+	// StreamLeaseTTL caps the lease of a copy that still streams in (default 1
+	// hour): offline use needs the whole desktop local, so such a lease lasts
+	// only as long as the device stays in touch (its agent renews it); the copy
+	// pinned and complete gets a full lease at its next renewal.
+	StreamLeaseTTL time.Duration
 	// VM stops server-side VMs at check-out; nil when there is no hypervisor.
 	VM VMStopper
 	// StopTimeout is the graceful shutdown time before a forced stop (default 60 s).
@@ -113,6 +118,9 @@ type Server struct {
 func NewServer(store *images.Store, opts ServerOptions) (*Server, error) {
 	if opts.LeaseTTL == 0 {
 		opts.LeaseTTL = 7 * 24 * time.Hour
+	}
+	if opts.StreamLeaseTTL == 0 {
+		opts.StreamLeaseTTL = time.Hour
 	}
 	if opts.MaxLeaseTTL == 0 {
 		opts.MaxLeaseTTL = 30 * 24 * time.Hour

@@ -169,6 +169,13 @@ func TestStreamCheckout(t *testing.T) {
 	}
 	_, hv := w.head()
 	t.Logf("stream check-out: %d layers streamed, %d entry-list bytes, %.3f s", len(rep.LayersStream), rep.EntryBytes, rep.Took)
+	// Not fit for offline use yet: an online lease, renewed as such.
+	if d := rep.Lease.Expires.Sub(w.now); d > time.Hour+time.Second {
+		t.Fatalf("a streamed copy's lease lasts %s", d)
+	}
+	if l, err := lap.lp.Renew(ctx, w.desktop, 0); err != nil || l.Expires.Sub(w.now) > time.Hour+time.Second {
+		t.Fatalf("renewal of a streamed copy's lease: %v %v", l, err)
+	}
 	if len(rep.LayersStream) < 3 || rep.EntryBytes == 0 || rep.Exports[proto.DiskSystem] == "" {
 		t.Fatalf("report: %+v", rep)
 	}
@@ -250,6 +257,10 @@ func TestStreamCheckout(t *testing.T) {
 	}
 	top := lap.top(w.desktop, proto.DiskSystem)
 	testutil.Run(t, "qemu-io", "-r", "-f", "qcow2", "-c", "read -P 0x5c 1M 64k", top)
+	// Whole and local: the switch renewed the lease as an offline one.
+	if co, err := lap.lp.Checkout(w.desktop); err != nil || co.Lease.Expires.Sub(w.now) < 24*time.Hour {
+		t.Fatalf("the lease after the switch: %+v %v", co, err)
+	}
 	if _, err := os.Stat(lap.lp.StreamDir(w.desktop)); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("stream directory left: %v", err)
 	}

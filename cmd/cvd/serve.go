@@ -25,6 +25,7 @@ type serveOptions struct {
 	connect         string
 	leaseTTL        time.Duration
 	maxLeaseTTL     time.Duration
+	streamLeaseTTL  time.Duration
 	stopTimeout     time.Duration
 	maxConns        int
 	progressTimeout time.Duration
@@ -61,6 +62,7 @@ reachable libvirtd this step is skipped.`,
 	f.StringVar(&opts.connect, "connect", "", `libvirt URI for stopping server-side VMs (default: $CVD_CONNECT, else $LIBVIRT_DEFAULT_URI, else qemu:///system when its socket exists; "none" = never)`)
 	f.DurationVar(&opts.leaseTTL, "lease-ttl", 7*24*time.Hour, "lease length when a device asks for none")
 	f.DurationVar(&opts.maxLeaseTTL, "max-lease-ttl", 30*24*time.Hour, "longest lease a device may ask for")
+	f.DurationVar(&opts.streamLeaseTTL, "stream-lease-ttl", time.Hour, "longest lease of a copy still streaming in (not fit for offline use until pinned and complete)")
 	f.DurationVar(&opts.stopTimeout, "stop-timeout", time.Minute, "graceful VM shutdown time before a forced stop")
 	f.IntVar(&opts.maxConns, "max-conns", 4096, "connections open at once (more wait in the kernel's backlog)")
 	f.DurationVar(&opts.progressTimeout, "progress-timeout", time.Minute, "end a request whose body or stream moves no byte for this long")
@@ -98,7 +100,7 @@ func runServe(ctx context.Context, g *globalOptions, opts *serveOptions, out, er
 		return err
 	}
 	defer st.Close()
-	so := syncd.ServerOptions{LeaseTTL: opts.leaseTTL, MaxLeaseTTL: opts.maxLeaseTTL, StopTimeout: opts.stopTimeout, Logger: log,
+	so := syncd.ServerOptions{LeaseTTL: opts.leaseTTL, MaxLeaseTTL: opts.maxLeaseTTL, StreamLeaseTTL: opts.streamLeaseTTL, StopTimeout: opts.stopTimeout, Logger: log,
 		MaxConns: opts.maxConns, ProgressTimeout: opts.progressTimeout, MinRoleInterval: cmp.Or(opts.minRole, -1),
 		BeforeCheckout: func(ctx context.Context, name string) error {
 			p, err := desktop.ApplySwitch(ctx, st, name)

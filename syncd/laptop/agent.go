@@ -28,7 +28,9 @@ func (l *Laptop) Renew(ctx context.Context, name string, ttl time.Duration) (*pr
 	if err != nil {
 		return nil, err
 	}
-	lease, err := c.Renew(ctx, name, co.Lease.ID, ttl)
+	// A copy that still streams is not fit for offline use: its lease is an
+	// online one until it has switched to local files.
+	lease, err := c.Renew(ctx, name, co.Lease.ID, ttl, co.Stream != nil)
 	if err != nil {
 		return nil, err
 	}

@@ -81,7 +81,7 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 		return nil, err
 	}
 
-	m, err := l.takeLease(ctx, c, name, opts.TTL)
+	m, err := l.takeLease(ctx, c, name, opts.TTL, false)
 	if err != nil {
 		return nil, err
 	}
@@ -140,7 +140,7 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 
 // takeLease asks the server for the desktop's lease and manifest, saying which
 // layers the store holds (the streams may refer to them).
-func (l *Laptop) takeLease(ctx context.Context, c *Client, name string, ttl time.Duration) (*proto.Manifest, error) {
+func (l *Laptop) takeLease(ctx context.Context, c *Client, name string, ttl time.Duration, stream bool) (*proto.Manifest, error) {
 	var have []string
 	if ls, err := l.store.Layers(); err == nil {
 		for _, ly := range ls {
@@ -150,7 +150,7 @@ func (l *Laptop) takeLease(ctx context.Context, c *Client, name string, ttl time
 	if len(have) > proto.MaxHave {
 		have = have[len(have)-proto.MaxHave:]
 	}
-	return c.Checkout(ctx, name, ttl, have...)
+	return c.CheckoutWith(ctx, name, proto.CheckoutRequest{TTLSeconds: int64(ttl / time.Second), Have: have, Stream: stream})
 }
 
 // fetchMissing fetches the layers of m's disks that the store lacks, parents

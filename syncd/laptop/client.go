@@ -242,15 +242,20 @@ func (c *Client) Manifest(ctx context.Context, name string) (*proto.Manifest, er
 // Checkout asks for the desktop's lease and manifest; have lists layers the laptop
 // holds (their clusters then come as references).
 func (c *Client) Checkout(ctx context.Context, name string, ttl time.Duration, have ...string) (*proto.Manifest, error) {
+	return c.CheckoutWith(ctx, name, proto.CheckoutRequest{TTLSeconds: int64(ttl / time.Second), Have: have})
+}
+
+// CheckoutWith is Checkout with the whole request.
+func (c *Client) CheckoutWith(ctx context.Context, name string, req proto.CheckoutRequest) (*proto.Manifest, error) {
 	var out proto.Manifest
-	body := jsonBody(proto.CheckoutRequest{TTLSeconds: int64(ttl / time.Second), Have: have})
+	body := jsonBody(req)
 	return &out, c.call(ctx, "POST", "/v1/desktops/"+url.PathEscape(name)+"/checkout", body, "application/json", &out)
 }
 
 // Renew extends the lease.
-func (c *Client) Renew(ctx context.Context, name, lease string, ttl time.Duration) (*proto.Lease, error) {
+func (c *Client) Renew(ctx context.Context, name, lease string, ttl time.Duration, streaming bool) (*proto.Lease, error) {
 	var out proto.Lease
-	body := jsonBody(proto.LeaseRequest{Lease: lease, TTLSeconds: int64(ttl / time.Second)})
+	body := jsonBody(proto.LeaseRequest{Lease: lease, TTLSeconds: int64(ttl / time.Second), Stream: streaming})
 	return &out, c.call(ctx, "POST", "/v1/desktops/"+url.PathEscape(name)+"/renew", body, "application/json", &out)
 }
 

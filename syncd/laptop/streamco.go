@@ -131,7 +131,7 @@ func (l *Laptop) CheckOutStream(ctx context.Context, c *Client, name string, opt
 	if _, err := l.store.Desktop(name); err == nil {
 		return nil, fmt.Errorf("desktop %s exists in this store: a streamed check-out needs a store without it (`cvd desktop rm %s`)", name, name)
 	}
-	m, err := l.takeLease(ctx, c, name, opts.TTL)
+	m, err := l.takeLease(ctx, c, name, opts.TTL, true)
 	if err != nil {
 		return nil, err
 	}
@@ -627,5 +627,10 @@ func (l *Laptop) SwitchStream(ctx context.Context, name string) error {
 	os.RemoveAll(l.streamDirOf(name))
 	l.log.Info("streamed desktop switched to its local files", "desktop", name)
 	l.defineVM(ctx, name)
+	// Whole and local now: the lease may be an offline one. Without the
+	// server the agent's next renewal does it.
+	if _, err := l.Renew(ctx, name, 0); err != nil {
+		l.log.Info("renew the lease after the switch", "desktop", name, "err", err)
+	}
 	return nil
 }

@@ -165,12 +165,17 @@ type CheckoutRequest struct {
 	// Have lists layers the laptop holds: a layer stream asked for with this
 	// lease sends the clusters they hold as references (R frames).
 	Have []string `json:"have,omitempty"`
+	// Stream says the copy streams in: it is not fit for offline use until
+	// every layer is local, so its lease is an online one (see ServerOptions).
+	Stream bool `json:"stream,omitempty"`
 }
 
 // LeaseRequest is the body of renew and release.
 type LeaseRequest struct {
 	Lease      string `json:"lease"`
 	TTLSeconds int64  `json:"ttl_seconds,omitempty"`
+	// Stream says the copy still streams in (CheckoutRequest.Stream).
+	Stream bool `json:"stream,omitempty"`
 }
 
 // DesktopStatus answers GET /v1/desktops/{d}.
