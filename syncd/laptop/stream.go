@@ -95,7 +95,6 @@ type streamLayer struct {
 	haveN   int64
 	lastUse []int64 // written by concurrent readers: atomic access only
 	local   bool    // in the store: every cluster is here
-	adopted bool
 	// ws records the clusters first read within the working window.
 	ws     []int64
 	wsSeen map[int64]bool
@@ -252,7 +251,7 @@ func (s *Stream) openLayer(li proto.LayerInfo) (*streamLayer, error) {
 		if err != nil {
 			return nil, err
 		}
-		ly.img, ly.local, ly.adopted = img, true, true
+		ly.img, ly.local = img, true
 		// The chain's owner map needs what the layer itself holds.
 		err = eachRun(img, ly.cs, func(r images.ClusterRun) {
 			for i := r.First; i <= r.Last && i < n; i++ {
@@ -1067,7 +1066,7 @@ func (s *Stream) adopt(ctx context.Context, ly *streamLayer) error {
 		return fmt.Errorf("adopt layer %s: %w", state.Short(ly.id), err)
 	}
 	os.Remove(ly.path)
-	ly.local, ly.adopted = true, true
+	ly.local = true
 	s.l.log.Info("streamed layer complete", "desktop", s.name, "layer", state.Short(ly.id))
 	return nil
 }
