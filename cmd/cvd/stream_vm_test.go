@@ -81,10 +81,16 @@ func TestStreamedGuest(t *testing.T) {
 	if !strings.Contains(x, "protocol='nbd'") || !strings.Contains(x, rep.Exports["system"][strings.Index(rep.Exports["system"], "socket=")+7:]) {
 		t.Fatalf("the domain does not declare the NBD backing store:\n%s", x)
 	}
+	time.Sleep(1100 * time.Millisecond) // the stream's next status
 	st := a.status().Stream
 	if st == nil || st.Disks["system"].NBD != rep.Exports["system"] || st.TotalBytes == 0 {
 		t.Fatalf("status of the streamed desktop: %+v", st)
 	}
+	// No working set known yet, no background fill: nothing comes before the guest reads.
+	if st.Fetched != 0 {
+		t.Fatalf("first device before its start: %+v", st.StreamStats)
+	}
+	t.Logf("first device: before the start %d bytes fetched", st.Fetched)
 	_, stA := boot(a)
 	t.Logf("first device, guest powered off: %+v", stA.StreamStats)
 	if stA.LocalBytes >= stA.TotalBytes || stA.FetchedOnUse == 0 {
