@@ -102,6 +102,9 @@ func (c *checker) run() {
 	c.res.TotalClusters = (int64(q.h.size) + q.cs - 1) >> q.cb
 
 	c.ref(0, q.cs, "header")
+	if q.encrypted() {
+		c.ref(int64(q.h.cryptOffset), int64(q.h.cryptLength), "LUKS header")
+	}
 	c.ref(int64(q.h.l1Offset), int64(q.h.l1Size)*8, "L1 table")
 	c.walkL1(q.l1, true)
 	c.snapshots()

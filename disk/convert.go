@@ -14,6 +14,8 @@ type ConvertOptions struct {
 	Format      Format // FormatQcow2 (default) or FormatRaw
 	ClusterSize int    // qcow2 only; 0 means the source's, or 64 KiB
 	Compress    string // qcow2 only: "", "deflate" or "zstd"
+	// Encrypt makes the qcow2 output LUKS-encrypted (not with Compress).
+	Encrypt *Encryption
 	// Progress, when set, is called with the guest bytes done and the total.
 	Progress func(done, total int64)
 }
@@ -58,11 +60,18 @@ func Convert(ctx context.Context, src Image, dst string, opts ConvertOptions) (e
 				cs = src.Info().ClusterSize
 			}
 		}
-		if err := CreateFile(dst, CreateOptions{Size: size, ClusterSize: cs, Compression: opts.Compress}); err != nil {
+		if opts.Encrypt != nil && opts.Compress != "" {
+			return fmt.Errorf("convert: %w: compressed clusters in an encrypted image", ErrUnsupported)
+		}
+		if err := CreateFile(dst, CreateOptions{Size: size, ClusterSize: cs, Compression: opts.Compress, Encrypt: opts.Encrypt}); err != nil {
 			return err
 		}
+		var keys KeyFunc
+		if opts.Encrypt != nil {
+			keys = func(string) ([]byte, error) { return opts.Encrypt.Key, nil }
+		}
 		// A new file removed on failure: one sync at the end is enough.
-		img, err := Open(dst, OpenOptions{Format: FormatQcow2, NoBarriers: true})
+		img, err := Open(dst, OpenOptions{Format: FormatQcow2, NoBarriers: true, Keys: keys})
 		if err != nil {
 			os.Remove(dst)
 			return err
@@ -212,6 +221,9 @@ func writeNonZero(w Image, b []byte, off, unit int64) error {
 // writeCompressedChunk compresses each non-zero cluster of b in parallel and
 // writes them as compressed clusters (or plain ones that do not compress).
 func (q *Qcow2) writeCompressedChunk(b []byte, off int64) error {
+	if q.encrypted() {
+		return fmt.Errorf("%w: compressed clusters in an encrypted image", ErrUnsupported)
+	}
 	n := (int64(len(b)) + q.cs - 1) / q.cs
 	out := make([][]byte, n)
 	errs := make([]error, n)

@@ -21,7 +21,23 @@ func Create(path string, opts CreateOptions) (Image, error) {
 	if len(roots) == 0 && opts.BackingFile != "" {
 		roots = []string{filepath.Dir(path), filepath.Dir(absOrSelf(opts.BackingFile))}
 	}
-	img, err := Open(path, OpenOptions{AllowedRoots: roots})
+	keys := opts.Keys
+	if opts.Encrypt != nil {
+		self, err := filepath.Abs(path)
+		if err != nil {
+			return nil, err
+		}
+		keys = func(p string) ([]byte, error) {
+			if p == self {
+				return opts.Encrypt.Key, nil
+			}
+			if opts.Keys != nil {
+				return opts.Keys(p)
+			}
+			return nil, nil
+		}
+	}
+	img, err := Open(path, OpenOptions{AllowedRoots: roots, Keys: keys})
 	if err != nil {
 		return nil, fmt.Errorf("open new image: %w", err)
 	}
@@ -64,7 +80,7 @@ func CreateFile(path string, opts CreateOptions) error {
 			if len(roots) == 0 {
 				roots = []string{filepath.Dir(babs)}
 			}
-			b, err := Open(babs, OpenOptions{ReadOnly: true, AllowedRoots: roots})
+			b, err := Open(babs, OpenOptions{ReadOnly: true, AllowedRoots: roots, Keys: opts.Keys})
 			if err != nil {
 				return fmt.Errorf("backing file: %w", err)
 			}
@@ -90,6 +106,18 @@ func CreateFile(path string, opts CreateOptions) error {
 	if opts.Size < 0 || h.size > maxVirtualSize {
 		return fmt.Errorf("create: size %d out of range", opts.Size)
 	}
+	var luks []byte
+	if opts.Encrypt != nil {
+		if h.compressionType != compressionDeflate {
+			return errors.New("create: encryption and zstd compression: QEMU does not compress encrypted images")
+		}
+		region, _, err := newLUKS(opts.Encrypt)
+		if err != nil {
+			return fmt.Errorf("create: %w", err)
+		}
+		luks = region
+		h.cryptMethod, h.cryptLength = cryptLUKS, uint64(len(region))
+	}
 	buf, err := layout(h, cs)
 	if err != nil {
 		return err
@@ -106,6 +134,11 @@ func CreateFile(path string, opts CreateOptions) error {
 	if _, err := f.WriteAt(buf.meta, 0); err != nil {
 		return fail(err)
 	}
+	if luks != nil {
+		if _, err := f.WriteAt(luks, int64(h.cryptOffset)); err != nil {
+			return fail(err)
+		}
+	}
 	if err := f.Truncate(buf.fileSize); err != nil {
 		return fail(err)
 	}
@@ -120,8 +153,9 @@ type newLayout struct {
 	fileSize int64
 }
 
-// layout places header (cluster 0), refcount table, refcount blocks and the L1
-// table, and fills the refcounts of all of them.
+// layout places header (cluster 0), refcount table, refcount blocks, the L1
+// table and the LUKS header (h.cryptLength bytes, when encrypted), and fills the
+// refcounts of all of them.
 func layout(h *header, cs int) (*newLayout, error) {
 	cb := uint(h.clusterBits)
 	l1Entries := l1Needed(h.size, h.clusterBits)
@@ -130,10 +164,11 @@ func layout(h *header, cs int) (*newLayout, error) {
 	}
 	clusters := func(b int64) int64 { return (b + int64(cs) - 1) >> cb }
 	l1Clusters := max(1, clusters(int64(l1Entries)*8))
+	cryptClusters := clusters(int64(h.cryptLength))
 	rpb := int64(cs) * 8 / 16 // 16-bit refcounts
 	var rt, rb int64 = 1, 1
 	for {
-		total := 1 + rt + rb + l1Clusters
+		total := 1 + rt + rb + l1Clusters + cryptClusters
 		nrb := (total + rpb - 1) / rpb
 		nrt := max(1, clusters(nrb*8))
 		if nrb == rb && nrt == rt {
@@ -141,7 +176,10 @@ func layout(h *header, cs int) (*newLayout, error) {
 		}
 		rb, rt = nrb, nrt
 	}
-	total := 1 + rt + rb + l1Clusters
+	total := 1 + rt + rb + l1Clusters + cryptClusters
+	if cryptClusters > 0 {
+		h.cryptOffset = uint64((1 + rt + rb + l1Clusters) * int64(cs))
+	}
 	h.refTableOffset = uint64(cs)
 	h.refTableClusters = uint32(rt)
 	h.l1Offset = uint64((1 + rt + rb) * int64(cs))

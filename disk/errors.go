@@ -12,7 +12,7 @@ var (
 	// ErrCorrupt is what every *FormatError unwraps to: the image breaks the format.
 	ErrCorrupt = errors.New("corrupt image")
 	// ErrUnsupported marks a valid image that uses a feature cvd does not handle
-	// (another format such as vmdk, encryption, an external data file, extended L2
+	// (another format such as vmdk, legacy AES encryption, an external data file, extended L2
 	// entries, or writing into an image with internal snapshots or bitmaps).
 	ErrUnsupported = errors.New("unsupported image feature")
 	// ErrBackingEscape: a backing file name resolves outside the allowed roots.
@@ -29,6 +29,13 @@ var (
 	ErrClosed = errors.New("image is closed")
 	// ErrInUse: another process (a running VM's QEMU) holds the image open.
 	ErrInUse = errors.New("image is open in another process (QEMU holds its lock)")
+	// ErrKeyRequired: the data of an encrypted layer was read or written, and
+	// no key was given for it.
+	ErrKeyRequired = errors.New("encrypted image: no key given")
+	// ErrNotEncrypted: a key operation on a plain layer.
+	ErrNotEncrypted = errors.New("image is not encrypted")
+	// ErrBadKey: the key given for an encrypted layer opens none of its key slots.
+	ErrBadKey = errors.New("encrypted image: the key opens no key slot (wrong key, or the keys were shredded)")
 )
 
 // FormatError describes a violation of the qcow2 format found at a byte offset of

@@ -74,7 +74,9 @@ type header struct {
 
 	backingName   string
 	backingFormat string
-	hasBitmapsExt bool
+	// cryptOffset and cryptLength place the LUKS header (crypt_method 2).
+	cryptOffset, cryptLength uint64
+	hasBitmapsExt            bool
 	// unknown extensions are kept so that rewriting the header preserves them.
 	otherExts []headerExt
 }
@@ -167,8 +169,12 @@ func parseHeader(buf []byte, fileSize int64) (*header, error) {
 	} else if h.compressionType != compressionDeflate {
 		return nil, formatErr(104, "compression_type", "non-deflate type %d without the incompatible bit", h.compressionType)
 	}
-	if h.cryptMethod != 0 {
-		return nil, fmt.Errorf("%w: encrypted image (crypt_method %d)", ErrUnsupported, h.cryptMethod)
+	switch h.cryptMethod {
+	case cryptNone, cryptLUKS:
+	case cryptAES:
+		return nil, fmt.Errorf("%w: legacy qcow AES encryption (crypt_method 1); convert it to LUKS with qemu-img convert", ErrUnsupported)
+	default:
+		return nil, formatErr(32, "crypt_method", "unknown method %d", h.cryptMethod)
 	}
 
 	// Tables must be aligned and inside the file.
@@ -225,7 +231,10 @@ func parseHeader(buf []byte, fileSize int64) (*header, error) {
 			h.hasBitmapsExt = true
 			h.otherExts = append(h.otherExts, headerExt{typ, append([]byte(nil), data...)})
 		case extFullDiskCrypto:
-			return nil, fmt.Errorf("%w: full disk encryption", ErrUnsupported)
+			if l != 16 {
+				return nil, formatErr(int64(off), "full disk encryption header extension", "length %d, want 16", l)
+			}
+			h.cryptOffset, h.cryptLength = be.Uint64(data), be.Uint64(data[8:])
 		case extDataFile:
 			return nil, fmt.Errorf("%w: external data file", ErrUnsupported)
 		case extFeatureNames:
@@ -247,6 +256,19 @@ func parseHeader(buf []byte, fileSize int64) (*header, error) {
 	}
 	if h.backingName == "" && h.backingFormat != "" {
 		h.backingFormat = ""
+	}
+	if h.cryptMethod == cryptLUKS {
+		if h.cryptLength == 0 {
+			return nil, formatErr(32, "crypt_method", "LUKS encryption without the full disk encryption header extension")
+		}
+		if h.cryptLength < luksPhdrLen || h.cryptLength > luksMaxRegion {
+			return nil, formatErr(-1, "full disk encryption header extension", "LUKS header length %d out of range %d..%d", h.cryptLength, luksPhdrLen, luksMaxRegion)
+		}
+		if err := checkTable(h.cryptOffset, h.cryptLength, cs, fileSize, -1, "LUKS header offset", luksMaxRegion); err != nil {
+			return nil, err
+		}
+	} else if h.cryptLength != 0 {
+		return nil, formatErr(32, "crypt_method", "full disk encryption header extension on an unencrypted image")
 	}
 	return h, nil
 }
@@ -298,6 +320,12 @@ func (h *header) encode(cs int) ([]byte, error) {
 	}
 	if h.backingName != "" && h.backingFormat != "" {
 		addExt(extBackingFormat, []byte(h.backingFormat))
+	}
+	if h.cryptMethod == cryptLUKS {
+		var d [16]byte
+		be.PutUint64(d[0:], h.cryptOffset)
+		be.PutUint64(d[8:], h.cryptLength)
+		addExt(extFullDiskCrypto, d[:])
 	}
 	for _, e := range h.otherExts {
 		addExt(e.typ, e.data)

@@ -62,6 +62,8 @@ type Info struct {
 	RefcountBits  int
 	Snapshots     int  // internal snapshots in the image
 	Bitmaps       bool // the image carries persistent bitmaps
+	Encrypted     bool // qcow2 with LUKS encryption (crypt_method 2)
+	Unlocked      bool // encrypted and opened with its key: data can be read and written
 }
 
 // State is what a guest range holds in one layer.
@@ -133,6 +135,11 @@ type OpenOptions struct {
 	// and later flushing a page-cache copy. Where the file system refuses
 	// O_DIRECT, writes go through the page cache.
 	DirectData bool
+	// Keys gives the passphrase of each encrypted layer of the chain. A layer
+	// with no key opens locked: Info, MapLayer and Check work, reading or
+	// writing its data fails with ErrKeyRequired. A wrong key fails the open
+	// with ErrBadKey.
+	Keys KeyFunc
 }
 
 // CreateOptions controls Create.
@@ -154,6 +161,11 @@ type CreateOptions struct {
 	// AllowedRoots is passed to Open when the backing chain is opened to check
 	// it and to take its size. Empty means the backing file's own directory.
 	AllowedRoots []string
+	// Encrypt makes the image LUKS-encrypted; nil makes a plain one.
+	Encrypt *Encryption
+	// Keys unlocks encrypted layers of the backing chain (Create opens the
+	// result with them).
+	Keys KeyFunc
 }
 
 // Layers lists img's chain from the top (index 0) down.

@@ -26,7 +26,7 @@ func Open(path string, opts OpenOptions) (Image, error) {
 		roots = []string{filepath.Dir(abs)}
 	}
 	c := chainOpener{maxDepth: opts.MaxDepth, seen: map[string]bool{}, noBacking: opts.NoBacking, noBarriers: opts.NoBarriers,
-		directData: opts.DirectData && !opts.ReadOnly}
+		directData: opts.DirectData && !opts.ReadOnly, keys: opts.Keys}
 	if c.maxDepth <= 0 {
 		c.maxDepth = DefaultMaxDepth
 	}
@@ -50,6 +50,7 @@ type chainOpener struct {
 	noBacking  bool
 	noBarriers bool
 	directData bool // the top's data writes (see OpenOptions.DirectData)
+	keys       KeyFunc
 }
 
 func (c *chainOpener) open(path string, format Format, readOnly bool, depth int) (Image, error) {
@@ -102,6 +103,16 @@ func (c *chainOpener) open(path string, format Format, readOnly bool, depth int)
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	q.barriers = !c.noBarriers
+	if q.encrypted() && c.keys != nil {
+		key, err := c.keys(path)
+		if err == nil && key != nil {
+			err = q.unlock(key)
+		}
+		if err != nil {
+			f.Close()
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
+	}
 	if c.directData && depth == 0 && !readOnly {
 		q.direct = openDirect(path) // nil where O_DIRECT is refused
 	}

@@ -59,6 +59,11 @@ type Qcow2 struct {
 
 	direct       *os.File // O_DIRECT descriptor for aligned data writes (OpenOptions.DirectData), or nil
 	directWrites int64    // writes that went through it
+
+	// crypt en/decrypts data clusters of a LUKS layer; nil for a plain layer
+	// and for an encrypted one opened without its key (then data access fails
+	// with ErrKeyRequired).
+	crypt *sectorCipher
 }
 
 var _ Image = (*Qcow2)(nil)
@@ -116,6 +121,29 @@ func newQcow2(f File, path string, size int64, readOnly bool) (*Qcow2, error) {
 	return q, nil
 }
 
+// unlock opens the LUKS key slots of an encrypted layer with pass.
+func (q *Qcow2) unlock(pass []byte) error {
+	region := q.h.cryptLength
+	hdr := make([]byte, luksPhdrLen)
+	if _, err := q.f.ReadAt(hdr, int64(q.h.cryptOffset)); err != nil {
+		return fmt.Errorf("read LUKS header at %#x: %w", q.h.cryptOffset, err)
+	}
+	lh, err := parseLUKS(hdr, int64(region))
+	if err != nil {
+		return err
+	}
+	c, err := lh.unlock(pass, func(off, n int64) ([]byte, error) {
+		b := make([]byte, n)
+		_, err := q.f.ReadAt(b, int64(q.h.cryptOffset)+off)
+		return b, err
+	})
+	if err != nil {
+		return err
+	}
+	q.crypt = c
+	return nil
+}
+
 func (q *Qcow2) loadTables() error {
 	h := q.h
 	buf := make([]byte, int64(h.l1Size)*8)
@@ -154,6 +182,7 @@ func (q *Qcow2) Info() Info {
 		ClusterSize: int(q.cs), BackingName: q.h.backingName, BackingFormat: Format(q.h.backingFormat),
 		FileSize: q.fileSize, ReadOnly: q.readOnly, Compression: comp, RefcountBits: int(q.refBits),
 		Snapshots: int(q.h.nbSnapshots), Bitmaps: q.h.hasBitmapsExt,
+		Encrypted: q.h.cryptMethod == cryptLUKS, Unlocked: q.crypt != nil,
 	}
 }
 
@@ -375,7 +404,7 @@ func (q *Qcow2) readAt(p []byte, off int64) (int, error) {
 		case kZero:
 			clear(dst)
 		case kNormal:
-			n, err := q.f.ReadAt(dst, runHost)
+			n, err := q.readData(dst, runHost)
 			if err != nil {
 				if errors.Is(err, io.EOF) {
 					// A cluster at the very end of a file that was not fully written.
@@ -469,6 +498,50 @@ func isZero(b []byte) bool {
 	return true
 }
 
+// encrypted reports whether the layer's data clusters are encrypted.
+func (q *Qcow2) encrypted() bool { return q.h.cryptMethod == cryptLUKS }
+
+// readData reads data cluster bytes at host offset off, decrypted.
+func (q *Qcow2) readData(dst []byte, off int64) (int, error) {
+	if !q.encrypted() {
+		return q.f.ReadAt(dst, off)
+	}
+	if q.crypt == nil {
+		return 0, fmt.Errorf("%s: %w", q.path, ErrKeyRequired)
+	}
+	if len(dst) == 0 {
+		return 0, nil
+	}
+	lo := off &^ (luksSector - 1)
+	hi := (off + int64(len(dst)) + luksSector - 1) &^ (luksSector - 1)
+	buf := dst
+	if lo != off || hi != off+int64(len(dst)) {
+		buf = make([]byte, hi-lo)
+	}
+	n, err := q.f.ReadAt(buf, lo)
+	if err != nil {
+		if !errors.Is(err, io.EOF) {
+			return 0, err
+		}
+		clear(buf[n:]) // a cluster at the end of a file not fully written
+	}
+	q.crypt.crypt(buf, buf, uint64(lo/luksSector), true)
+	if &buf[0] != &dst[0] {
+		copy(dst, buf[off-lo:])
+	}
+	return len(dst), nil
+}
+
+// alignedBuf is an n-byte buffer aligned for O_DIRECT.
+func alignedBuf(n int) []byte {
+	b := make([]byte, n+directAlign)
+	a := int(uintptr(unsafe.Pointer(unsafe.SliceData(b))) % directAlign)
+	if a != 0 {
+		a = directAlign - a
+	}
+	return b[a : a+n : a+n]
+}
+
 // directAlign is the alignment O_DIRECT asks of buffers, offsets and lengths
 // (the largest logical block size in use).
 const directAlign = 4096
@@ -477,6 +550,17 @@ const directAlign = 4096
 // descriptor when there is one and b and off are aligned for it, else through
 // the page cache.
 func (q *Qcow2) writeData(b []byte, off int64) error {
+	if q.encrypted() {
+		if q.crypt == nil {
+			return fmt.Errorf("%s: %w", q.path, ErrKeyRequired)
+		}
+		if off%luksSector != 0 || len(b)%luksSector != 0 {
+			return fmt.Errorf("internal: encrypted write of %d bytes at %#x is not sector-aligned", len(b), off)
+		}
+		enc := alignedBuf(len(b))
+		q.crypt.crypt(enc, b, uint64(off/luksSector), false)
+		b = enc
+	}
 	if q.direct != nil && len(b) > 0 && off%directAlign == 0 && len(b)%directAlign == 0 &&
 		uintptr(unsafe.Pointer(unsafe.SliceData(b)))%directAlign == 0 {
 		if _, err := q.direct.WriteAt(b, off); err == nil {

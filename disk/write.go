@@ -2,7 +2,9 @@ package disk
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
+	"io"
 )
 
 // maxBatch bounds the guest bytes one metadata batch covers.
@@ -16,6 +18,8 @@ func (q *Qcow2) writable() error {
 		return fmt.Errorf("%s: %w", q.path, ErrReadOnly)
 	case q.firstErr != nil:
 		return fmt.Errorf("%s: an earlier metadata write failed: %w", q.path, q.firstErr)
+	case q.encrypted() && q.crypt == nil:
+		return fmt.Errorf("%s: %w", q.path, ErrKeyRequired)
 	}
 	return nil
 }
@@ -168,6 +172,18 @@ func (q *Qcow2) release(e uint64) error {
 
 // writeBatch writes p at off; the range lies within maxBatch.
 func (q *Qcow2) writeBatch(p []byte, off int64) error {
+	if q.encrypted() && (off|int64(len(p)))&(luksSector-1) != 0 {
+		// Data is encrypted in whole sectors: widen to them with what the
+		// guest sees around the write.
+		lo := off &^ (luksSector - 1)
+		hi := (off + int64(len(p)) + luksSector - 1) &^ (luksSector - 1)
+		w := make([]byte, hi-lo)
+		if _, err := q.readAt(w, lo); err != nil && !errors.Is(err, io.EOF) {
+			return fmt.Errorf("read around an unaligned write at %d: %w", off, err)
+		}
+		copy(w[off-lo:], p)
+		p, off = w, lo
+	}
 	gc0 := off >> q.cb
 	gc1 := (off + int64(len(p)) - 1) >> q.cb
 	type clusterWrite struct {
@@ -334,7 +350,7 @@ func (q *Qcow2) oldCluster(gc int64, e uint64, k entryKind, buf []byte) error {
 		}
 		copy(buf, d)
 	case kNormal:
-		if _, err := q.f.ReadAt(buf, int64(e&l2OffsetMask)); err != nil {
+		if _, err := q.readData(buf, int64(e&l2OffsetMask)); err != nil {
 			return fmt.Errorf("read cluster %d for copy-on-write: %w", gc, err)
 		}
 	default:

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"strings"
@@ -66,7 +67,37 @@ func RunErr(name string, args ...string) (string, error) {
 // leaks (exit codes 2 and 3).
 func QemuCheck(t testing.TB, path string) {
 	t.Helper()
-	out, err := RunErr("qemu-img", "check", "--output=json", path)
+	qemuCheck(t, path, path)
+}
+
+// QemuCheckLUKS is QemuCheck of an encrypted qcow2 chain: keys[k] opens layer k
+// (0 the top), "" for a plain layer.
+func QemuCheckLUKS(t testing.TB, path string, keys ...string) {
+	t.Helper()
+	objs, spec := LUKSImageOpts(path, keys...)
+	qemuCheck(t, path, append(objs, "--image-opts", spec)...)
+}
+
+// LUKSImageOpts returns the --object arguments and the --image-opts spec with
+// which QEMU opens the qcow2 chain at path whose layer k (0 the top) is
+// encrypted with keys[k] ("" for a plain layer).
+func LUKSImageOpts(path string, keys ...string) (objects []string, spec string) {
+	spec = "driver=qcow2,file.filename=" + strings.ReplaceAll(path, ",", ",,")
+	prefix := ""
+	for k, key := range keys {
+		if key != "" {
+			id := fmt.Sprintf("sec%d", k)
+			objects = append(objects, "--object", "secret,id="+id+",data="+key)
+			spec += "," + prefix + "encrypt.key-secret=" + id
+		}
+		prefix += "backing."
+	}
+	return objects, spec
+}
+
+func qemuCheck(t testing.TB, path string, args ...string) {
+	t.Helper()
+	out, err := RunErr("qemu-img", append([]string{"check", "--output=json"}, args...)...)
 	if err != nil {
 		var ee *exec.ExitError
 		code := -1
