@@ -113,7 +113,7 @@ func RecordVersion(st *images.Store, name string, v images.Version, fresh bool) 
 func ResetTop(st *images.Store, rel, id string, size int64) error {
 	path := st.Path(rel)
 	tmp := filepath.Join(filepath.Dir(path), proc.TempPrefix()+randSuffix()+".qcow2")
-	co := disk.CreateOptions{Size: size, AllowedRoots: []string{st.Dir()}}
+	co := disk.CreateOptions{Size: size, AllowedRoots: []string{st.Dir()}, Encrypt: st.TopEncryption(rel)}
 	if id != "" {
 		l, err := st.Layer(id)
 		if err != nil {

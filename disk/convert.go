@@ -68,7 +68,7 @@ func Convert(ctx context.Context, src Image, dst string, opts ConvertOptions) (e
 		}
 		var keys KeyFunc
 		if opts.Encrypt != nil {
-			keys = func(string) ([]byte, error) { return opts.Encrypt.Key, nil }
+			keys = Keys(opts.Encrypt.Key)
 		}
 		// A new file removed on failure: one sync at the end is enough.
 		img, err := Open(dst, OpenOptions{Format: FormatQcow2, NoBarriers: true, Keys: keys})

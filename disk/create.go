@@ -27,12 +27,13 @@ func Create(path string, opts CreateOptions) (Image, error) {
 		if err != nil {
 			return nil, err
 		}
-		keys = func(p string) ([]byte, error) {
+		below := keysOr(opts.Keys)
+		keys = func(p string) ([][]byte, error) {
 			if p == self {
-				return opts.Encrypt.Key, nil
+				return [][]byte{opts.Encrypt.Key}, nil
 			}
-			if opts.Keys != nil {
-				return opts.Keys(p)
+			if below != nil {
+				return below(p)
 			}
 			return nil, nil
 		}

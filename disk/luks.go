@@ -63,14 +63,75 @@ type Encryption struct {
 	Iterations int
 }
 
-// KeyFunc returns the passphrase of the encrypted layer at path (as Open resolved
-// it), or nil when it has none: the layer then opens locked (its metadata can be
-// read, mapped and checked, its data cannot).
-type KeyFunc func(path string) ([]byte, error)
+// KeyFunc returns the passphrases that may open the encrypted layer at path (as
+// Open resolved it), tried in turn, or none: the layer then opens locked (its
+// metadata can be read, mapped and checked, its data cannot).
+type KeyFunc func(path string) ([][]byte, error)
 
 // KeyMap is a KeyFunc over a fixed map from absolute path to passphrase.
 func KeyMap(m map[string][]byte) KeyFunc {
-	return func(p string) ([]byte, error) { return m[p], nil }
+	return func(p string) ([][]byte, error) {
+		if k, ok := m[p]; ok {
+			return [][]byte{k}, nil
+		}
+		return nil, nil
+	}
+}
+
+// Keys is a KeyFunc that offers the same passphrases for every layer.
+func Keys(keys ...[]byte) KeyFunc {
+	return func(string) ([][]byte, error) { return keys, nil }
+}
+
+var (
+	keyringMu sync.RWMutex
+	keyrings  = map[int]KeyFunc{}
+	keyringN  int
+)
+
+// AddKeyring adds k to the keyring of every Open and Create that names no
+// KeyFunc: a process that holds the keys of many layers (a laptop with
+// encrypted copies) registers them once rather than threading them through
+// every caller. The candidates of every KeyFunc added are tried. The returned
+// function removes k.
+func AddKeyring(k KeyFunc) (remove func()) {
+	keyringMu.Lock()
+	defer keyringMu.Unlock()
+	keyringN++
+	id := keyringN
+	keyrings[id] = k
+	return func() {
+		keyringMu.Lock()
+		delete(keyrings, id)
+		keyringMu.Unlock()
+	}
+}
+
+// keysOr is k, or the process's keyring when k is nil.
+func keysOr(k KeyFunc) KeyFunc {
+	if k != nil {
+		return k
+	}
+	keyringMu.RLock()
+	defer keyringMu.RUnlock()
+	if len(keyrings) == 0 {
+		return nil
+	}
+	all := make([]KeyFunc, 0, len(keyrings))
+	for _, k := range keyrings {
+		all = append(all, k)
+	}
+	return func(p string) ([][]byte, error) {
+		var out [][]byte
+		for _, k := range all {
+			c, err := k(p)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, c...)
+		}
+		return out, nil
+	}
 }
 
 type luksSlot struct {

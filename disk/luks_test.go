@@ -135,9 +135,7 @@ func TestLUKSDifferential(t *testing.T) {
 				t.Fatal(err)
 			}
 			// Reopen: in-place rewrites of what was written, unaligned ones too.
-			both := func(p string) ([]byte, error) {
-				return map[string][]byte{base: []byte(lkBase), top: []byte(lkTop)}[p], nil
-			}
+			both := disk.KeyMap(map[string][]byte{base: []byte(lkBase), top: []byte(lkTop)})
 			img, err = disk.Open(top, disk.OpenOptions{Keys: both})
 			if err != nil {
 				t.Fatalf("reopen: %v", err)

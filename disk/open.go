@@ -26,7 +26,7 @@ func Open(path string, opts OpenOptions) (Image, error) {
 		roots = []string{filepath.Dir(abs)}
 	}
 	c := chainOpener{maxDepth: opts.MaxDepth, seen: map[string]bool{}, noBacking: opts.NoBacking, noBarriers: opts.NoBarriers,
-		directData: opts.DirectData && !opts.ReadOnly, keys: opts.Keys}
+		directData: opts.DirectData && !opts.ReadOnly, keys: keysOr(opts.Keys)}
 	if c.maxDepth <= 0 {
 		c.maxDepth = DefaultMaxDepth
 	}
@@ -104,9 +104,14 @@ func (c *chainOpener) open(path string, format Format, readOnly bool, depth int)
 	}
 	q.barriers = !c.noBarriers
 	if q.encrypted() && c.keys != nil {
-		key, err := c.keys(path)
-		if err == nil && key != nil {
-			err = q.unlock(key)
+		keys, err := c.keys(path)
+		if err == nil && len(keys) > 0 {
+			err = ErrBadKey
+			for _, k := range keys {
+				if err = q.unlock(k); !errors.Is(err, ErrBadKey) {
+					break
+				}
+			}
 		}
 		if err != nil {
 			f.Close()

@@ -16,6 +16,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cvd-project/cvd/disk"
+
 	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/internal/fsutil"
 	"github.com/cvd-project/cvd/internal/proc"
@@ -80,6 +82,31 @@ type Store struct {
 	// finds nothing left to do.
 	mu   sync.Mutex
 	done [][]byte
+
+	// topEncryption says how a new top at a store-relative path is encrypted
+	// (SetTopEncryption); nil makes plain tops.
+	topEncryption func(rel string) *disk.Encryption
+}
+
+// SetTopEncryption makes every writable top the store creates from now on (a
+// desktop's first tops, a reset after a check-in) encrypted as fn says for its
+// store-relative path; fn returns nil for a plain top. A laptop with
+// encrypted copies sets it; its keys open the layers through disk.UseKeyring.
+func (s *Store) SetTopEncryption(fn func(rel string) *disk.Encryption) {
+	s.mu.Lock()
+	s.topEncryption = fn
+	s.mu.Unlock()
+}
+
+// TopEncryption is how a new top at rel is encrypted (nil: plain).
+func (s *Store) TopEncryption(rel string) *disk.Encryption {
+	s.mu.Lock()
+	fn := s.topEncryption
+	s.mu.Unlock()
+	if fn == nil {
+		return nil
+	}
+	return fn(rel)
 }
 
 // storeConfig is the store's config file: the store's ID (also recorded in its

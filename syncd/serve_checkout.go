@@ -53,9 +53,21 @@ func (s *Server) handleCheckout(w http.ResponseWriter, r *http.Request, dev *Dev
 	if req.Stream {
 		ttl = min(ttl, s.opts.StreamLeaseTTL)
 	}
+	encrypt := req.Encrypt || s.opts.EncryptCopies
+	if encrypt && req.Stream {
+		return proto.BadRequest("an encrypted copy cannot stream: check it out whole")
+	}
 	m, err := s.Checkout(r.Context(), name, dev, ttl)
 	if err != nil {
 		return err
+	}
+	if encrypt {
+		if err := s.st.Update(func(tx *catalog.Tx) error {
+			m.Key, err = s.copyKey(tx, dev, name)
+			return err
+		}); err != nil {
+			return err
+		}
 	}
 	if err := s.rememberHave(m.Lease.ID, dev, req.Have); err != nil {
 		return err

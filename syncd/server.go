@@ -1,6 +1,7 @@
 package syncd
 
 import (
+	"crypto/cipher"
 	"cmp"
 	"context"
 	"encoding/json"
@@ -75,6 +76,13 @@ type ServerOptions struct {
 	// of the desktop's group may ask for the role (default 30 s; negative: no
 	// minimum): two devices do not thrash it.
 	MinRoleInterval time.Duration
+	// EncryptCopies gives every check-out an encrypted copy (a device may ask
+	// for one with CheckoutRequest.Encrypt in any case). MasterKeyFile holds the
+	// key that seals the escrowed copy keys in the catalog (default
+	// <store>/sync/master.key, made on first use; every server of a site needs
+	// the same one).
+	EncryptCopies bool
+	MasterKeyFile string
 }
 
 // Server is the data-center side: it serves the HTTP API over a store. It also
@@ -103,6 +111,9 @@ type Server struct {
 	fresh map[string]bool
 	// indexed holds the layers known to be in the cluster index.
 	indexed map[string]bool
+
+	masterMu sync.Mutex
+	master   cipher.AEAD // seals escrowed keys; loaded on first use
 
 	// failpoint, set by tests, can fail a step by name ("commit:catalog").
 	failpoint func(step string) error
@@ -387,6 +398,13 @@ func (s *Server) wrap(name string, h func(w http.ResponseWriter, r *http.Request
 			if err != nil {
 				s.m.authFailures.Add(float64(1))
 				return err
+			}
+			var gone bool
+			if err := s.st.View(func(tx *catalog.Tx) error { gone, err = wiped(tx, dev); return err }); err != nil {
+				return err
+			}
+			if gone {
+				return fmt.Errorf("device %s: %w: shred the encrypted copies", dev.Name, proto.ErrWiped)
 			}
 			return h(sw, r, dev)
 		}()

@@ -30,6 +30,7 @@ type checkoutOptions struct {
 	cache   string
 	pin     bool
 	timeout time.Duration
+	encrypt bool
 }
 
 func newCheckoutCommand(g *globalOptions) *cobra.Command {
@@ -53,10 +54,20 @@ which serves the guest's reads, fetching what is missing first, and fills the
 rest in the background: the working set other devices read at boot first.
 With --cache-size the local copy never exceeds the budget; cvd pin fetches
 everything before going offline. Once every layer has arrived the desktop
-switches to its local files at its next start, and checks in as usual.`,
+switches to its local files at its next start, and checks in as usual.
+
+With --encrypt (or a server run with --encrypt-copies) every layer and top the
+laptop writes is a LUKS-encrypted qcow2 (aes-256-xts, QEMU's own format) under a
+key the server makes and escrows; the laptop keeps it wrapped and bound to the
+lease, and shreds it with the files' key slots at the lease's expiry (offline
+too) or when the administrator wipes the device (cvd device wipe).
+
+Over https the server's certificate key is pinned at the first check-out: a
+later check-in, renewal or check-out refuses a server showing another key.`,
 		Example: `  cvd checkout alice --server https://cvd.example:8470 --token "$TOKEN" --store ~/cvd
   CVD_TOKEN=... cvd checkout alice --server http://127.0.0.1:8470 --json
-  cvd checkout alice --server http://127.0.0.1:8470 --stream --cache-size 256M`,
+  cvd checkout alice --server http://127.0.0.1:8470 --stream --cache-size 256M
+  cvd checkout alice --server https://cvd.example:8470 --ca-cert ca.pem --encrypt`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return runCheckout(cmd.Context(), g, opts, args[0], cmd.OutOrStdout(), cmd.ErrOrStderr())
@@ -71,6 +82,7 @@ switches to its local files at its next start, and checks in as usual.`,
 	f.BoolVar(&opts.stream, "stream", false, "return as soon as the desktop can start: its layers stream in behind it (see cvd stream)")
 	f.StringVar(&opts.cache, "cache-size", "", "with --stream: keep at most SIZE of the read-only layers here, e.g. 256M (least recently read go first)")
 	f.BoolVar(&opts.pin, "pin", false, "with --stream: fetch everything in the background (for offline use)")
+	f.BoolVar(&opts.encrypt, "encrypt", false, "encrypt the local copy (LUKS qcow2, its key tied to the lease: shredded at expiry or on a wipe)")
 	f.DurationVar(&opts.timeout, "read-timeout", 0, "with --stream: how long a guest read waits for a missing cluster before it fails (default 20s)")
 	return c
 }
@@ -91,9 +103,16 @@ func runCheckout(ctx context.Context, g *globalOptions, opts *checkoutOptions, d
 	if err != nil {
 		return err
 	}
-	c, err := laptop.NewClient(opts.server, opts.token, laptop.ClientOptions{CACert: opts.caCert, RateLimit: limit})
+	co := laptop.ClientOptions{CACert: opts.caCert, RateLimit: limit}
+	if prev, err := lp.Checkout(desktop); err == nil && prev.Pin != "" {
+		co.Pin = prev.Pin // the key seen at the first check-out
+	}
+	c, err := laptop.NewClient(opts.server, opts.token, co)
 	if err != nil {
 		return &exitError{code: exitUsage, err: err}
+	}
+	if opts.encrypt && opts.stream {
+		return &exitError{code: exitUsage, err: fmt.Errorf("--encrypt and --stream: an encrypted copy is checked out whole")}
 	}
 	if opts.stream {
 		return runStreamCheckout(ctx, g, lp, c, opts, desktop, out)
@@ -101,7 +120,7 @@ func runCheckout(ctx context.Context, g *globalOptions, opts *checkoutOptions, d
 	if opts.cache != "" || opts.pin || opts.timeout != 0 {
 		return &exitError{code: exitUsage, err: fmt.Errorf("--cache-size, --pin and --read-timeout go with --stream")}
 	}
-	rep, err := lp.CheckOut(ctx, c, desktop, laptop.CheckoutOptions{TTL: opts.ttl, CACert: opts.caCert})
+	rep, err := lp.CheckOut(ctx, c, desktop, laptop.CheckoutOptions{TTL: opts.ttl, CACert: opts.caCert, Encrypt: opts.encrypt})
 	if err != nil {
 		return storeError(err)
 	}

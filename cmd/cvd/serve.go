@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"time"
 
@@ -30,6 +31,9 @@ type serveOptions struct {
 	maxConns        int
 	progressTimeout time.Duration
 	minRole         time.Duration
+	insecure        bool
+	encryptCopies   bool
+	masterKey       string
 }
 
 func newServeCommand(g *globalOptions) *cobra.Command {
@@ -47,9 +51,13 @@ take effect at the server's next request.
 
 A desktop's server-side VM (the libvirt domain named after the desktop) is shut
 down before a check-out: gracefully, then forced after --stop-timeout. Without a
-reachable libvirtd this step is skipped.`,
+reachable libvirtd this step is skipped.
+
+HTTPS is the default off loopback: without --tls-cert, an address other than
+127.0.0.0/8, ::1 or localhost is refused unless --insecure is given.`,
 		Example: `  cvd serve --store /srv/cvd --listen 127.0.0.1:8470
-  cvd serve --listen :8471 --tls-cert server.crt --tls-key server.key`,
+  cvd serve --listen :8471 --tls-cert server.crt --tls-key server.key --encrypt-copies
+  cvd serve --listen 10.0.0.5:8470 --insecure   # plain HTTP on a trusted network`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return runServe(cmd.Context(), g, opts, cmd.OutOrStdout(), cmd.ErrOrStderr(), cmd.Flags().Changed("log-level"))
@@ -66,6 +74,9 @@ reachable libvirtd this step is skipped.`,
 	f.DurationVar(&opts.stopTimeout, "stop-timeout", time.Minute, "graceful VM shutdown time before a forced stop")
 	f.IntVar(&opts.maxConns, "max-conns", 4096, "connections open at once (more wait in the kernel's backlog)")
 	f.DurationVar(&opts.progressTimeout, "progress-timeout", time.Minute, "end a request whose body or stream moves no byte for this long")
+	f.BoolVar(&opts.insecure, "insecure", false, "serve plain HTTP on an address other than loopback (tokens and desktops in clear on the network)")
+	f.BoolVar(&opts.encryptCopies, "encrypt-copies", false, "give every check-out an encrypted copy (a device may ask with cvd checkout --encrypt in any case)")
+	f.StringVar(&opts.masterKey, "master-key", "", "file of the key sealing escrowed copy keys (default <store>/sync/master.key, made on first use; every server of a site needs the same)")
 	f.DurationVar(&opts.minRole, "min-role-interval", 30*time.Second, "how long a device stays active before another may ask for the role (negative: no minimum)")
 	return c
 }
@@ -83,6 +94,9 @@ func runServe(ctx context.Context, g *globalOptions, opts *serveOptions, out, er
 			return &exitError{code: exitUsage, err: fmt.Errorf("TLS key pair: %w", err)}
 		}
 		tlsConf = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}
+	if opts.tlsCert == "" && !opts.insecure && !loopback(opts.listen) {
+		return &exitError{code: exitUsage, err: fmt.Errorf("--listen %s without --tls-cert: tokens and desktops would cross the network in clear; give --tls-cert and --tls-key, or --insecure", opts.listen)}
 	}
 	if opts.maxConns < 1 {
 		return &exitError{code: exitUsage, err: fmt.Errorf("--max-conns %d: want at least 1", opts.maxConns)}
@@ -102,6 +116,7 @@ func runServe(ctx context.Context, g *globalOptions, opts *serveOptions, out, er
 	defer st.Close()
 	so := syncd.ServerOptions{LeaseTTL: opts.leaseTTL, MaxLeaseTTL: opts.maxLeaseTTL, StreamLeaseTTL: opts.streamLeaseTTL, StopTimeout: opts.stopTimeout, Logger: log,
 		MaxConns: opts.maxConns, ProgressTimeout: opts.progressTimeout, MinRoleInterval: cmp.Or(opts.minRole, -1),
+		EncryptCopies: opts.encryptCopies, MasterKeyFile: opts.masterKey,
 		BeforeCheckout: func(ctx context.Context, name string) error {
 			p, err := desktop.ApplySwitch(ctx, st, name)
 			if p != nil {
@@ -160,3 +175,17 @@ var (
 	_ syncd.VMStopper = (*vm.Desktops)(nil)
 	_ laptop.LocalVM  = (*vm.Desktops)(nil)
 )
+
+// loopback reports whether a listen address (HOST:PORT) is on the loopback
+// interface only.
+func loopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}

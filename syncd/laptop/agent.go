@@ -24,18 +24,24 @@ func (l *Laptop) Renew(ctx context.Context, name string, ttl time.Duration) (*pr
 		}
 		return nil, fmt.Errorf("desktop %s: %w at %s; it was purged", name, proto.ErrExpired, co.Lease.Expires.Format(time.RFC3339))
 	}
-	c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert})
+	c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert, Pin: co.Pin})
 	if err != nil {
 		return nil, err
 	}
 	// A copy that still streams is not fit for offline use: its lease is an
 	// online one until it has switched to local files.
 	lease, err := c.Renew(ctx, name, co.Lease.ID, ttl, co.Stream != nil)
+	if errors.Is(err, proto.ErrWiped) {
+		return nil, errors.Join(err, l.wiped(ctx, co.Server))
+	}
 	if err != nil {
 		return nil, err
 	}
 	co.Lease = *lease
 	co.LastRenew = l.now().UTC()
+	if err := l.rewrapKey(name, *lease); err != nil {
+		return nil, err
+	}
 	return lease, l.putCheckout(co)
 }
 
@@ -70,7 +76,7 @@ func (l *Laptop) Release(ctx context.Context, name string, discard bool) error {
 		}
 	}
 	if !co.Offline {
-		c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert})
+		c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert, Pin: co.Pin})
 		if err != nil {
 			return err
 		}
@@ -153,7 +159,7 @@ func (lp *Laptop) agentRound(ctx context.Context, co Checkout, opts AgentOptions
 		evs = append(evs, AgentEvent{Desktop: co.Desktop, Action: action, Detail: detail})
 	}
 	running := opts.Running != nil && opts.Running(ctx, co.Desktop)
-	c, cerr := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert})
+	c, cerr := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert, Pin: co.Pin})
 	if cerr == nil && !running {
 		// A server that cannot be reached is reported once, by the steps below.
 		if asked, console, err := lp.RunRequested(ctx, c, &co); err != nil && asked {
@@ -248,4 +254,22 @@ func lastSync(co *Checkout) time.Time {
 		return co.LastCheckin
 	}
 	return co.CheckedOut
+}
+
+// wiped carries out a wipe the server ordered: every copy checked out from it
+// is crypto-shredded and removed, changes not checked in included.
+func (l *Laptop) wiped(ctx context.Context, server string) error {
+	cos, err := l.Checkouts()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, c := range cos {
+		if c.Server != server {
+			continue
+		}
+		l.log.Warn("the server ordered this device wiped: removing the copy", "desktop", c.Desktop, "server", server)
+		errs = append(errs, l.removeCopy(ctx, &c))
+	}
+	return errors.Join(errs...)
 }

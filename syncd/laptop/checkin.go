@@ -125,7 +125,7 @@ func (l *Laptop) CheckIn(ctx context.Context, name string, opts CheckinOptions) 
 	if err := desktop.CheckNotInUse(l.store, d); err != nil {
 		return nil, err
 	}
-	c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert, RateLimit: opts.RateLimit})
+	c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert, Pin: co.Pin, RateLimit: opts.RateLimit})
 	if err != nil {
 		return nil, err
 	}

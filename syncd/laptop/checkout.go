@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/syncd/state"
 
 	"github.com/cvd-project/cvd/desktop"
@@ -21,6 +22,10 @@ type CheckoutOptions struct {
 	TTL time.Duration
 	// CACert is remembered with the record, for later check-ins.
 	CACert string
+	// Encrypt asks for an encrypted copy (the server may encrypt every copy
+	// in any case): every layer and top the laptop writes is LUKS qcow2 under
+	// the copy's key.
+	Encrypt bool
 }
 
 // CheckoutReport says what a check-out did.
@@ -81,9 +86,17 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 		return nil, err
 	}
 
-	m, err := l.takeLease(ctx, c, name, opts.TTL, false)
+	m, err := l.takeLease(ctx, c, name, opts.TTL, false, opts.Encrypt)
 	if err != nil {
 		return nil, err
+	}
+	if opts.Encrypt && m.Key == nil {
+		return nil, fmt.Errorf("desktop %s: the server sent no key for an encrypted copy", name)
+	}
+	if m.Key != nil {
+		if err := l.storeLeaseKey(name, m.Lease, m.Key); err != nil {
+			return nil, err
+		}
 	}
 	rep := &CheckoutReport{Desktop: name, Server: c.URL(), Version: m.Version, Lease: m.Lease, Sealed: m.Sealed,
 		VMStopped: m.VMStopped, LayersFetched: []string{}, LayersHeld: []string{}}
@@ -110,7 +123,11 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 	}
 
 	// The desktop over fresh tops on the manifest's layers.
-	co := &Checkout{Desktop: name, Server: c.URL(), Token: c.token, CACert: opts.CACert, Lease: m.Lease,
+	pin := c.PeerPin()
+	if prev != nil && prev.Pin != "" {
+		pin = prev.Pin
+	}
+	co := &Checkout{Desktop: name, Server: c.URL(), Token: c.token, CACert: opts.CACert, Pin: pin, Lease: m.Lease,
 		Version: m.Version, Layers: map[string]string{}, BlankSizes: map[string]int64{}, CheckedOut: l.now().UTC(),
 		Policy: m.Policy, Variant: m.Variant, boot: m.Boot}
 	if prev != nil {
@@ -140,7 +157,7 @@ func (l *Laptop) CheckOut(ctx context.Context, c *Client, name string, opts Chec
 
 // takeLease asks the server for the desktop's lease and manifest, saying which
 // layers the store holds (the streams may refer to them).
-func (l *Laptop) takeLease(ctx context.Context, c *Client, name string, ttl time.Duration, stream bool) (*proto.Manifest, error) {
+func (l *Laptop) takeLease(ctx context.Context, c *Client, name string, ttl time.Duration, stream, encrypt bool) (*proto.Manifest, error) {
 	var have []string
 	if ls, err := l.store.Layers(); err == nil {
 		for _, ly := range ls {
@@ -150,7 +167,7 @@ func (l *Laptop) takeLease(ctx context.Context, c *Client, name string, ttl time
 	if len(have) > proto.MaxHave {
 		have = have[len(have)-proto.MaxHave:]
 	}
-	return c.CheckoutWith(ctx, name, proto.CheckoutRequest{TTLSeconds: int64(ttl / time.Second), Have: have, Stream: stream})
+	return c.CheckoutWith(ctx, name, proto.CheckoutRequest{TTLSeconds: int64(ttl / time.Second), Have: have, Stream: stream, Encrypt: encrypt})
 }
 
 // fetchMissing fetches the layers of m's disks that the store lacks, parents
@@ -201,6 +218,17 @@ func (l *Laptop) fetchMissing(ctx context.Context, c *Client, m *proto.Manifest,
 	}()
 	refs := newLocalRefs(l.store)
 	defer refs.close()
+	var enc *disk.Encryption
+	if m.Key != nil {
+		kek, err := l.copyKey(m.Desktop)
+		if err != nil {
+			return err
+		}
+		if kek == nil {
+			return fmt.Errorf("desktop %s: the copy's key is not kept here", m.Desktop)
+		}
+		enc = &disk.Encryption{Key: kek}
+	}
 	var fetchErr error
 	for _, li := range need {
 		if li.NeedsParent() {
@@ -210,7 +238,7 @@ func (l *Laptop) fetchMissing(ctx context.Context, c *Client, m *proto.Manifest,
 			break
 		}
 		l.opts.Progress.Start("layer "+state.Short(li.ID), li.DataBytes)
-		f, n, err := l.fetchLayer(ctx, c, li, m.Lease.ID, refs)
+		f, n, err := l.fetchLayer(ctx, c, li, m.Lease.ID, refs, enc)
 		l.opts.Progress.Done()
 		rep.Bytes += n
 		if err != nil {

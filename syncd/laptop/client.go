@@ -3,9 +3,11 @@ package laptop
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -30,6 +32,9 @@ type Client struct {
 	// Sent and Received count the HTTP body bytes of every request and response
 	// (a client may serve several goroutines).
 	Sent, Received atomic.Int64
+	// peerPin is the SHA-256 of the public key of the https server's
+	// certificate, as the last handshake saw it.
+	peerPin atomic.Value
 }
 
 // ClientOptions controls NewClient.
@@ -43,7 +48,14 @@ type ClientOptions struct {
 	// RateLimit caps the bytes per second the client moves, both ways together
 	// (0: no cap).
 	RateLimit int64
+	// Pin, when set, is the hex SHA-256 of the public key (SubjectPublicKeyInfo)
+	// the https server's certificate must have: a server showing another key
+	// is refused (ErrPinMismatch), whatever CA signed it.
+	Pin string
 }
+
+// ErrPinMismatch: the server's certificate is not the one pinned at check-out.
+var ErrPinMismatch = errors.New("the server's certificate key changed since the check-out (pinned key mismatch)")
 
 // NewClient makes a client for the server at rawURL (http or https) with a device
 // token.
@@ -80,7 +92,32 @@ func NewClient(rawURL, token string, opts ClientOptions) (*Client, error) {
 		}
 		tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 	}
-	return &Client{base: u, token: token, hc: &http.Client{Transport: tr}}, nil
+	c := &Client{base: u, token: token, hc: &http.Client{Transport: tr}}
+	if u.Scheme == "https" {
+		if tr.TLSClientConfig == nil {
+			tr.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+		}
+		tr.TLSClientConfig.VerifyConnection = func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) == 0 {
+				return ErrPinMismatch
+			}
+			sum := sha256.Sum256(cs.PeerCertificates[0].RawSubjectPublicKeyInfo)
+			got := hex.EncodeToString(sum[:])
+			if opts.Pin != "" && got != opts.Pin {
+				return fmt.Errorf("%w: server %s shows key %s, pinned %s", ErrPinMismatch, u.Host, got[:16], opts.Pin[:min(16, len(opts.Pin))])
+			}
+			c.peerPin.Store(got)
+			return nil
+		}
+	}
+	return c, nil
+}
+
+// PeerPin is the SHA-256 of the https server's certificate key as the last
+// handshake saw it ("" before one, or over http): what a check-out pins.
+func (c *Client) PeerPin() string {
+	s, _ := c.peerPin.Load().(string)
+	return s
 }
 
 // URL is the server's base URL.

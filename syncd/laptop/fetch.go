@@ -52,7 +52,9 @@ type layerFetcher struct {
 	// lease asks for references to layers the laptop holds (resolved by refs);
 	// "" after a reference could not be read: the stream is asked again without.
 	lease string
-	refs  *localRefs
+	// enc encrypts the layer (an encrypted copy's), nil for a plain one.
+	enc  *disk.Encryption
+	refs *localRefs
 	// byRef counts the clusters that came as references.
 	byRef int64
 	// entries are the layer's entries as they arrived, when this process saw
@@ -128,7 +130,7 @@ func (r *localRefs) resolve(f proto.Frame, d proto.Digest, body, dst []byte) ([]
 // the layer has no zero clusters: the partial file is then written without its
 // backing chain (every write covers whole clusters). A zero cluster needs the
 // parent below it (without one it is the same as no cluster at all).
-func (l *Laptop) fetchLayer(ctx context.Context, c *Client, info proto.LayerInfo, lease string, refs *localRefs) (*layerFetcher, int64, error) {
+func (l *Laptop) fetchLayer(ctx context.Context, c *Client, info proto.LayerInfo, lease string, refs *localRefs, enc *disk.Encryption) (*layerFetcher, int64, error) {
 	if err := info.Validate(); err != nil {
 		return nil, 0, fmt.Errorf("server's manifest: %w", err)
 	}
@@ -136,7 +138,7 @@ func (l *Laptop) fetchLayer(ctx context.Context, c *Client, info proto.LayerInfo
 		return nil, 0, proto.NoSpace(err)
 	}
 	f := &layerFetcher{l: l, info: info, path: filepath.Join(l.fetchDir(), info.ID+".qcow2"),
-		ckptPath: filepath.Join(l.fetchDir(), info.ID+".ckpt"), lease: lease, refs: refs}
+		ckptPath: filepath.Join(l.fetchDir(), info.ID+".ckpt"), lease: lease, refs: refs, enc: enc}
 	if err := f.open(); err != nil {
 		return nil, 0, err
 	}
@@ -197,7 +199,7 @@ func (f *layerFetcher) open() error {
 	f.whole, f.entries = true, make([]proto.Entry, 0, f.info.Clusters)
 	// With the size and backing format given, the parent is not opened: it may
 	// still be on its way into the store.
-	co := disk.CreateOptions{Size: f.info.Size, ClusterSize: f.info.ClusterSize, AllowedRoots: []string{f.l.store.Dir()}}
+	co := disk.CreateOptions{Size: f.info.Size, ClusterSize: f.info.ClusterSize, AllowedRoots: []string{f.l.store.Dir()}, Encrypt: f.enc}
 	if f.info.Parent != "" {
 		co.BackingFile = f.l.store.LayerPath(f.info.Parent)
 		co.BackingFormat = disk.FormatQcow2
@@ -220,7 +222,14 @@ func (f *layerFetcher) open() error {
 // layer has zero clusters (the parent must be in the store then), alone otherwise.
 func (f *layerFetcher) openPartial() (disk.Image, error) {
 	alone := f.info.Parent == "" || f.info.Clusters == f.info.DataClusters
-	return disk.Open(f.path, disk.OpenOptions{NoBacking: alone, NoBarriers: true, DirectData: true, AllowedRoots: []string{f.l.store.Dir()}})
+	opts := disk.OpenOptions{NoBacking: alone, NoBarriers: true, DirectData: true, AllowedRoots: []string{f.l.store.Dir()}}
+	if f.enc != nil {
+		opts.Keys = disk.Keys(f.enc.Key)
+		if !alone {
+			opts.Keys = nil // the keyring opens the parent too
+		}
+	}
+	return disk.Open(f.path, opts)
 }
 
 // partialClean checks a partial layer left by an interrupted fetch: it is written

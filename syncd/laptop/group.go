@@ -502,7 +502,7 @@ func (l *Laptop) StepDown(ctx context.Context, name string) error {
 			}
 		}
 	}
-	c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert})
+	c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert, Pin: co.Pin})
 	if err != nil {
 		return err
 	}
@@ -632,7 +632,7 @@ func (l *Laptop) HandOver(ctx context.Context, name string) (asked bool, to stri
 	if err != nil || co.Follow || co.Offline {
 		return false, "", err
 	}
-	c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert})
+	c, err := NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert, Pin: co.Pin})
 	if err != nil {
 		return false, "", err
 	}

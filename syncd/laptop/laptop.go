@@ -22,11 +22,14 @@ import (
 
 // Checkout is a laptop's record of a checked-out desktop.
 type Checkout struct {
-	Desktop string      `json:"desktop"`
-	Server  string      `json:"server"`
-	Token   string      `json:"token"` // the device token (the state file is mode 0600)
-	CACert  string      `json:"ca_cert,omitempty"`
-	Lease   proto.Lease `json:"lease"`
+	Desktop string `json:"desktop"`
+	Server  string `json:"server"`
+	Token   string `json:"token"` // the device token (the state file is mode 0600)
+	CACert  string `json:"ca_cert,omitempty"`
+	// Pin is the https server's certificate key (hex SHA-256 of its
+	// SubjectPublicKeyInfo) seen at the check-out: later requests refuse another.
+	Pin   string      `json:"pin,omitempty"`
+	Lease proto.Lease `json:"lease"`
 	// Version is the server version the local tops stand on; Layers the layer
 	// each disk's top stands on ("" for a blank disk).
 	Version     int               `json:"version"`
@@ -125,6 +128,9 @@ type Laptop struct {
 	st    *state.State
 	opts  LaptopOptions
 	log   *slog.Logger
+	clock *clock
+	// dropKeyring takes the copies' keys out of the process's keyring.
+	dropKeyring func()
 }
 
 // OpenLaptop opens syncd's state in a local store.
@@ -143,13 +149,20 @@ func OpenLaptop(store *images.Store, opts LaptopOptions) (*Laptop, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Laptop{store: store, st: st, opts: opts, log: log}, nil
+	l := &Laptop{store: store, st: st, opts: opts, log: log, clock: newClock(st.Dir)}
+	l.dropKeyring = disk.AddKeyring(l.liveKeys)
+	store.SetTopEncryption(l.topEncryption)
+	return l, nil
 }
 
 // Close closes syncd's state (not the store).
-func (l *Laptop) Close() error { return l.st.Close() }
+func (l *Laptop) Close() error {
+	l.dropKeyring()
+	return l.st.Close()
+}
 
-func (l *Laptop) now() time.Time { return l.opts.Now() }
+// now is the laptop's clock: never before the latest time it saw.
+func (l *Laptop) now() time.Time { return l.clock.now(l.opts.Now()) }
 
 // Checkouts lists the desktops checked out to this store.
 func (l *Laptop) Checkouts() ([]Checkout, error) {
@@ -235,9 +248,14 @@ func (l *Laptop) removeCopy(ctx context.Context, c *Checkout) error {
 			return fmt.Errorf("purge desktop %s: %w", c.Desktop, err)
 		}
 	}
+	shredded, err := l.shredCopy(c.Desktop)
+	if err != nil {
+		return fmt.Errorf("purge desktop %s: shred its keys: %w", c.Desktop, err)
+	}
 	if _, _, err := l.store.RemoveDesktop(c.Desktop, true); err != nil && !errors.Is(err, images.ErrNotFound) {
 		return fmt.Errorf("purge desktop %s: %w", c.Desktop, err)
 	}
+	l.dropShredded(shredded)
 	os.Remove(l.seedPath(c.Desktop))
 	return l.st.Update(func(tx *catalog.Tx) error { return tx.Bucket(state.BucketCheckouts).Delete([]byte(c.Desktop)) })
 }
@@ -249,7 +267,7 @@ func (l *Laptop) removeCopy(ctx context.Context, c *Checkout) error {
 // store calls it first.
 func PurgeExpired(ctx context.Context, store *images.Store, opts LaptopOptions) ([]PurgeReport, error) {
 	var expired bool
-	now := time.Now()
+	now := laptopNow(store.Path(state.SyncDir))
 	err := store.Catalog().View(func(tx *catalog.Tx) error {
 		return tx.Bucket(state.BucketCheckouts).ForEach(func(k, v []byte) error {
 			var c Checkout

@@ -131,7 +131,7 @@ func (l *Laptop) CheckOutStream(ctx context.Context, c *Client, name string, opt
 	if _, err := l.store.Desktop(name); err == nil {
 		return nil, fmt.Errorf("desktop %s exists in this store: a streamed check-out needs a store without it (`cvd desktop rm %s`)", name, name)
 	}
-	m, err := l.takeLease(ctx, c, name, opts.TTL, true)
+	m, err := l.takeLease(ctx, c, name, opts.TTL, true, false)
 	if err != nil {
 		return nil, err
 	}
@@ -202,7 +202,7 @@ func (l *Laptop) CheckOutStream(ctx context.Context, c *Client, name string, opt
 	if err := waitBoot(); err != nil {
 		return nil, err
 	}
-	co := &Checkout{Desktop: name, Server: c.URL(), Token: c.token, CACert: opts.CACert, Lease: m.Lease, Version: m.Version,
+	co := &Checkout{Desktop: name, Server: c.URL(), Token: c.token, CACert: opts.CACert, Pin: c.PeerPin(), Lease: m.Lease, Version: m.Version,
 		Layers: map[string]string{}, BlankSizes: map[string]int64{}, CheckedOut: l.now().UTC(), Policy: m.Policy, Variant: m.Variant,
 		Stream: rec}
 	if prev != nil {
@@ -412,7 +412,7 @@ func (l *Laptop) ServeStream(ctx context.Context, name string, opts ServeOptions
 	}
 	cfg.Pinned = cfg.Pinned || rec.Pinned
 	newClient := func() (*Client, error) {
-		return NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert})
+		return NewClient(co.Server, co.Token, ClientOptions{CACert: co.CACert, Pin: co.Pin})
 	}
 	s, err := l.OpenStream(co, cfg, newClient)
 	if err != nil {

@@ -79,6 +79,19 @@ type Manifest struct {
 	Sealed int `json:"sealed,omitempty"`
 	// VMStopped says a running server-side VM was shut down for the check-out.
 	VMStopped bool `json:"vm_stopped,omitempty"`
+	// Key is the encrypted copy's key, when the check-out asked for one or the
+	// server encrypts every copy.
+	Key *LeaseKey `json:"key,omitempty"`
+}
+
+// LeaseKey is what a device gets to encrypt its copy of a desktop: KEK, the
+// passphrase of every LUKS layer it writes (escrowed by the server, the same
+// for the device and desktop across leases), and Wrap, fresh material for
+// this lease from which the device derives the key that wraps KEK at rest,
+// bound to the lease's ID and expiry.
+type LeaseKey struct {
+	KEK  string `json:"kek"`  // 64 hex digits
+	Wrap string `json:"wrap"` // 64 hex digits
 }
 
 // VariantChain says onto which base variant a device's system disk was
@@ -168,6 +181,8 @@ type CheckoutRequest struct {
 	// Stream says the copy streams in: it is not fit for offline use until
 	// every layer is local, so its lease is an online one (see ServerOptions).
 	Stream bool `json:"stream,omitempty"`
+	// Encrypt asks for an encrypted copy: the manifest carries its key.
+	Encrypt bool `json:"encrypt,omitempty"`
 }
 
 // LeaseRequest is the body of renew and release.

@@ -21,6 +21,9 @@ var (
 	// ErrLeaseHeld: another device holds the desktop's lease. The error is a
 	// *LeaseError that names the holder.
 	ErrLeaseHeld = errors.New("lease held by another device")
+	// ErrWiped: an administrator ordered the device wiped; it must shred its
+	// encrypted copies, and its token works no more.
+	ErrWiped = errors.New("device wiped by the administrator")
 	// ErrLeaseExpired: the caller's lease is past its expiry.
 	ErrLeaseExpired = errors.New("lease expired")
 	// ErrNoLease: the call needs a lease the caller does not hold.
@@ -83,6 +86,7 @@ var errorCodes = []struct {
 	{ErrForbidden, "forbidden", http.StatusForbidden},
 	{ErrLeaseHeld, "lease_held", http.StatusConflict},
 	{ErrLeaseExpired, "lease_expired", http.StatusConflict},
+	{ErrWiped, "wiped", http.StatusGone},
 	{ErrNoLease, "no_lease", http.StatusConflict},
 	{ErrDigestMismatch, "digest_mismatch", http.StatusBadRequest},
 	{ErrBadRequest, "bad_request", http.StatusBadRequest},

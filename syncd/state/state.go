@@ -31,6 +31,8 @@ var (
 	BucketHaves     = []byte(images.LegacySyncPrefix + "haves")     // server: lease → the layers its check-out said the laptop holds
 	BucketRemote    = []byte(images.LegacySyncPrefix + "remote")    // server: desktop → proto.RemoteOpen (a device asked to run it)
 	BucketWorking   = []byte(images.LegacySyncPrefix + "working")   // server: layer → proto.WorkingSet (clusters read at boot, merged across devices)
+	BucketKeys      = []byte(images.LegacySyncPrefix + "keys")      // server: device/desktop → the escrowed key of an encrypted copy
+	BucketWipes     = []byte(images.LegacySyncPrefix + "wipes")     // server: device id → when a wipe was ordered
 )
 
 // State is syncd's part of the store: its records in the store's catalog
