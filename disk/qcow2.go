@@ -63,7 +63,8 @@ type Qcow2 struct {
 	// crypt en/decrypts data clusters of a LUKS layer; nil for a plain layer
 	// and for an encrypted one opened without its key (then data access fails
 	// with ErrKeyRequired).
-	crypt *sectorCipher
+	crypt      *sectorCipher
+	passphrase []byte
 }
 
 var _ Image = (*Qcow2)(nil)
@@ -140,7 +141,17 @@ func (q *Qcow2) unlock(pass []byte) error {
 	if err != nil {
 		return err
 	}
-	q.crypt = c
+	q.crypt, q.passphrase = c, pass
+	return nil
+}
+
+// Passphrase is the key that unlocked img's encrypted layer (this layer only,
+// not the chain below), or nil for a plain or locked layer: what QEMU needs to
+// open it too.
+func Passphrase(img Image) []byte {
+	if q, ok := img.(*Qcow2); ok && q.crypt != nil {
+		return q.passphrase
+	}
 	return nil
 }
 

@@ -132,6 +132,9 @@ func (c *Conn) Define(ctx context.Context, spec DomainSpec) error {
 		}
 		return err
 	}
+	if err := c.defineSecrets(ctx, spec); err != nil {
+		return err
+	}
 	return c.DefineXML(ctx, spec.Name, x)
 }
 
@@ -174,6 +177,9 @@ func (c *Conn) DefineKeeping(ctx context.Context, spec DomainSpec) error {
 	out, err := cur.Marshal()
 	if err != nil {
 		return opErr(op, spec.Name, ErrInvalidSpec, "%v", err)
+	}
+	if err := c.defineSecrets(ctx, spec); err != nil {
+		return err
 	}
 	return c.DefineXML(ctx, spec.Name, out)
 }
@@ -399,7 +405,14 @@ func (c *Conn) Undefine(ctx context.Context, name string, flags UndefineFlags) e
 	if flags&UndefineNVRAM != 0 {
 		f |= libvirt.DomainUndefineNvram
 	}
-	return c.do(ctx, op, name, func() error { return c.l.DomainUndefineFlags(d, f) })
+	var x string
+	if err := c.do(ctx, op, name, func() (err error) { x, err = c.l.DomainGetXMLDesc(d, libvirt.DomainXMLInactive); return err }); err != nil {
+		return err
+	}
+	if err := c.do(ctx, op, name, func() error { return c.l.DomainUndefineFlags(d, f) }); err != nil {
+		return err
+	}
+	return c.undefineSecrets(ctx, name, x)
 }
 
 // DumpXML returns the domain's XML: the live one while it runs (with the backing

@@ -8,8 +8,10 @@ import (
 	"regexp"
 	"strings"
 
-	"github.com/cvd-project/cvd/disk"
+	"github.com/google/uuid"
 	"libvirt.org/go/libvirtxml"
+
+	"github.com/cvd-project/cvd/disk"
 )
 
 // MetadataNS is the XML namespace of cvd's element in a domain's <metadata>. A
@@ -73,6 +75,36 @@ type DiskSpec struct {
 	// NBD, when set, is the raw NBD export below the chain's last layer (a
 	// streamed desktop's read-only chain, served on a unix socket).
 	NBD *NBDSource
+	// Keys holds the LUKS passphrase of each encrypted layer (Keys[i] for
+	// Chain[i]; nil or missing for a plain one). Define hands them to libvirt
+	// as ephemeral, private secrets (SecretUUID names them) and the XML gives
+	// each such layer <encryption format='luks'> with its secret.
+	Keys [][]byte
+}
+
+// SecretUUID is the UUID of the libvirt secret that holds the key of the
+// encrypted layer at path (derived from the path: the same layer has the same
+// secret in every domain).
+func SecretUUID(path string) string {
+	return uuid.NewSHA1(secretNamespace, []byte(path)).String()
+}
+
+var secretNamespace = uuid.MustParse("6f1c6b4e-5a0d-4d8e-9d4b-2f6c1e0a7c31")
+
+// keyOf is layer i's key, or nil.
+func (ds DiskSpec) keyOf(i int) []byte {
+	if i < len(ds.Keys) {
+		return ds.Keys[i]
+	}
+	return nil
+}
+
+// encryption is the <encryption> of an encrypted layer at path, or nil.
+func encryption(key []byte, path string) *libvirtxml.DomainDiskEncryption {
+	if len(key) == 0 {
+		return nil
+	}
+	return &libvirtxml.DomainDiskEncryption{Format: "luks", Secrets: []libvirtxml.DomainDiskSecret{{Type: "passphrase", UUID: SecretUUID(path)}}}
 }
 
 // NBDSource is an NBD export on a unix socket.
@@ -354,14 +386,14 @@ func diskXML(ds DiskSpec) (libvirtxml.DomainDisk, error) {
 	for i := len(paths) - 1; i >= 1; i-- {
 		bs = &libvirtxml.DomainDiskBackingStore{
 			Format:       &libvirtxml.DomainDiskFormat{Type: fmts[i]},
-			Source:       &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: paths[i]}},
+			Source:       &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: paths[i]}, Encryption: encryption(ds.keyOf(i), paths[i])},
 			BackingStore: bs,
 		}
 	}
 	dd := libvirtxml.DomainDisk{
 		Device:       "disk",
 		Driver:       &libvirtxml.DomainDiskDriver{Name: "qemu", Type: fmts[0], Discard: "unmap"},
-		Source:       &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: paths[0]}},
+		Source:       &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: paths[0]}, Encryption: encryption(ds.keyOf(0), paths[0])},
 		BackingStore: bs,
 		Target:       &libvirtxml.DomainDiskTarget{Dev: ds.Target, Bus: "virtio"},
 	}

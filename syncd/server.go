@@ -1,9 +1,9 @@
 package syncd
 
 import (
-	"crypto/cipher"
 	"cmp"
 	"context"
+	"crypto/cipher"
 	"encoding/json"
 	"errors"
 	"fmt"

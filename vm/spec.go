@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/hypervisor"
@@ -108,11 +109,17 @@ func DesktopSpec(name, systemTop, userTop string) (hypervisor.DomainSpec, error)
 			return spec, err
 		}
 		var chain []disk.Info
+		var keys [][]byte
 		for _, l := range disk.Layers(img) {
 			chain = append(chain, l.Info())
+			keys = append(keys, disk.Passphrase(l)) // an encrypted copy's layers: libvirt gets their keys
 		}
 		img.Close()
-		spec.Disks = append(spec.Disks, hypervisor.DiskSpec{Chain: chain, Target: target})
+		ds := hypervisor.DiskSpec{Chain: chain, Target: target}
+		if slices.ContainsFunc(keys, func(k []byte) bool { return k != nil }) {
+			ds.Keys = keys
+		}
+		spec.Disks = append(spec.Disks, ds)
 	}
 	return spec, nil
 }
