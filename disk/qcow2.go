@@ -400,6 +400,9 @@ func (q *Qcow2) readAt(p []byte, off int64) (int, error) {
 		runStart int   // index in p
 		runHost  int64 // host offset of p[runStart] for kNormal
 		runLen   int
+		// sealed are the runs of an encrypted layer read as ciphertext, to
+		// decrypt together at the end (on every core).
+		sealed []cryptRun
 	)
 	flush := func() error {
 		if runLen == 0 {
@@ -415,6 +418,17 @@ func (q *Qcow2) readAt(p []byte, off int64) (int, error) {
 		case kZero:
 			clear(dst)
 		case kNormal:
+			if q.crypt != nil && (runHost|int64(len(dst)))&(luksSector-1) == 0 {
+				n, err := q.f.ReadAt(dst, runHost)
+				if err != nil {
+					if !errors.Is(err, io.EOF) {
+						return fmt.Errorf("read data at %#x: %w", runHost, err)
+					}
+					clear(dst[n:])
+				}
+				sealed = append(sealed, cryptRun{dst, uint64(runHost / luksSector)})
+				break
+			}
 			n, err := q.readData(dst, runHost)
 			if err != nil {
 				if errors.Is(err, io.EOF) {
@@ -466,6 +480,9 @@ func (q *Qcow2) readAt(p []byte, off int64) (int, error) {
 	}
 	if err := flush(); err != nil {
 		return 0, err
+	}
+	if len(sealed) > 0 {
+		q.crypt.decryptRuns(sealed)
 	}
 	if len(p) < len(want) {
 		return len(p), io.EOF

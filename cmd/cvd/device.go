@@ -28,7 +28,7 @@ runs: the server sees the change at its next request.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error { return cmd.Help() },
 	}
-	c.AddCommand(newDeviceAddCommand(g), newDeviceLsCommand(g), newDeviceRmCommand(g), newDeviceWipeCommand(g), newDeviceBindCommand(g), newDevicePolicyCommand(g),
+	c.AddCommand(newDeviceAddCommand(g), newDeviceLsCommand(g), newDeviceRmCommand(g), newDeviceWipeCommand(g), newDeviceKeyCommand(g), newDeviceBindCommand(g), newDevicePolicyCommand(g),
 		newDeviceLeasesCommand(g), newDeviceBreakLeaseCommand(g))
 	return c
 }

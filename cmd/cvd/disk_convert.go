@@ -19,6 +19,7 @@ type diskConvertOptions struct {
 	compress    string
 	clusterSize string
 	quiet       bool
+	encrypt     *disk.Encryption
 	allowRoots  []string
 	json        bool
 	// progress receives a progress bar; nil keeps the conversion quiet.
@@ -39,11 +40,17 @@ A progress bar is shown when stderr is a terminal, never in a pipe.`,
 		Example: `  cvd disk convert top.qcow2 flat.qcow2
   cvd disk convert -O raw top.qcow2 disk.raw
   cvd disk convert -c zstd top.qcow2 archive.qcow2
-  cvd disk convert --cluster-size 2M base.raw base.qcow2`,
+  cvd disk convert --cluster-size 2M base.raw base.qcow2
+  cvd disk --key-file key.txt convert --encrypt base.raw secret.qcow2`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			opts.allowRoots = allowRoots(cmd)
 			opts.json = g.json
+			enc, _ := cmd.Flags().GetBool("encrypt")
+			var err error
+			if opts.encrypt, err = encryptionOf(cmd, enc); err != nil {
+				return err
+			}
 			if !opts.quiet && !opts.json {
 				if f, ok := cmd.ErrOrStderr().(*os.File); ok && term.IsTerminal(int(f.Fd())) {
 					opts.progress = f
@@ -57,12 +64,13 @@ A progress bar is shown when stderr is a terminal, never in a pipe.`,
 	f.StringVarP(&opts.compress, "compress", "c", "", "compress DST's clusters: deflate or zstd (qcow2 only)")
 	f.StringVar(&opts.clusterSize, "cluster-size", "", "cluster size of DST (default: SRC's, or 64K)")
 	f.BoolVarP(&opts.quiet, "quiet", "q", false, "no progress bar")
+	f.Bool("encrypt", false, "encrypt DST (LUKS, aes-256-xts, as QEMU's encrypt.format=luks) with the first --key-file")
 	return c
 }
 
 func runDiskConvert(ctx context.Context, opts *diskConvertOptions, args []string, out io.Writer) (err error) {
 	srcPath, dstPath := args[0], args[1]
-	co := disk.ConvertOptions{}
+	co := disk.ConvertOptions{Encrypt: opts.encrypt}
 	if co.Format, err = parseFormat(opts.format); err != nil {
 		return err
 	}

@@ -15,6 +15,7 @@ type diskCreateOptions struct {
 	backingFormat string
 	clusterSize   string
 	compression   string
+	encrypt       *disk.Encryption
 	allowRoots    []string
 	json          bool
 }
@@ -35,11 +36,17 @@ with its format (the backing-format header extension QEMU and libvirt need).`,
   cvd disk create --cluster-size 2M big.qcow2 1T
   cvd disk create -b base.qcow2 top.qcow2
   cvd disk create -b base.raw -F raw top.qcow2 20G
-  cvd disk create --compression zstd layer.qcow2 10G`,
+  cvd disk create --compression zstd layer.qcow2 10G
+  cvd disk --key-file key.txt create --encrypt secret.qcow2 10G`,
 		Args: cobra.RangeArgs(1, 2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			opts.allowRoots = allowRoots(cmd)
 			opts.json = g.json
+			enc, _ := cmd.Flags().GetBool("encrypt")
+			var err error
+			if opts.encrypt, err = encryptionOf(cmd, enc); err != nil {
+				return err
+			}
 			return runDiskCreate(cmd.Context(), opts, args, cmd.OutOrStdout())
 		},
 	}
@@ -47,6 +54,7 @@ with its format (the backing-format header extension QEMU and libvirt need).`,
 	f.StringVarP(&opts.backing, "backing", "b", "", "backing image (overlay on it)")
 	f.StringVarP(&opts.backingFormat, "backing-format", "F", "", "format of the backing image: qcow2 or raw (probed when empty)")
 	f.StringVar(&opts.clusterSize, "cluster-size", "64K", "cluster size, a power of two from 512 to 2M")
+	f.Bool("encrypt", false, "encrypt the image (LUKS, aes-256-xts, as QEMU's encrypt.format=luks) with the first --key-file")
 	f.StringVar(&opts.compression, "compression", "", "compression type for compressed clusters: deflate (default) or zstd")
 	return c
 }
@@ -57,6 +65,7 @@ func runDiskCreate(ctx context.Context, opts *diskCreateOptions, args []string, 
 		BackingFile:  opts.backing,
 		Compression:  opts.compression,
 		AllowedRoots: opts.allowRoots,
+		Encrypt:      opts.encrypt,
 	}
 	if len(args) == 2 {
 		if co.Size, err = parseSize(args[1]); err != nil {

@@ -60,6 +60,7 @@ type diskLayerJSON struct {
 	Bitmaps             bool   `json:"bitmaps"`
 	ReadOnly            bool   `json:"read-only"`
 	Depth               *int   `json:"depth,omitempty"`
+	Encrypted           bool   `json:"encrypted"`
 }
 
 func layerJSON(i disk.Info) diskLayerJSON {
@@ -77,6 +78,7 @@ func layerJSON(i disk.Info) diskLayerJSON {
 		Snapshots:       i.Snapshots,
 		Bitmaps:         i.Bitmaps,
 		ReadOnly:        i.ReadOnly,
+		Encrypted:       i.Encrypted,
 	}
 }
 

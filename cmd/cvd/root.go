@@ -38,6 +38,7 @@ func newRootCommand() *cobra.Command { return newRootCommandWith(&globalOptions{
 // newRootCommandWith builds the command tree over g, which holds the global flags
 // once the command line is parsed.
 func newRootCommandWith(g *globalOptions) *cobra.Command {
+	cobra.EnableTraverseRunHooks = true // cvd disk's hook (keys) runs after the root's
 	root := &cobra.Command{
 		Use:   "cvd",
 		Short: "Block-level virtual disks and linked clones for virtual desktops",
