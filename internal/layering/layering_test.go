@@ -16,7 +16,7 @@ const module = "github.com/cvd-project/cvd/"
 var allowed = map[string][]string{
 	"cmd/cvd":           {"syncd", "syncd/laptop", "syncd/proto", "vm", "desktop", "overlay", "clone", "hypervisor", "images", "catalog", "disk", "internal/proc", "internal/ordered"},
 	"vm":                {"hypervisor", "images", "disk"},
-	"syncd/laptop":      {"syncd/state", "syncd/proto", "vm", "desktop", "clone", "images", "catalog", "disk", "nbd"},
+	"syncd/laptop":      {"syncd/state", "syncd/proto", "vm", "desktop", "clone", "images", "catalog", "disk", "nbd", "internal/fsutil"},
 	"syncd/proto":       {"desktop", "images", "internal/ordered"},
 	"syncd/state":       {"syncd/proto", "desktop", "images", "catalog", "disk"},
 	"syncd":             {"syncd/state", "syncd/proto", "desktop", "images", "catalog", "disk", "internal/proc", "internal/fsutil", "internal/ordered"},
