@@ -95,6 +95,7 @@ part store "The layer store: content IDs, a desktop, linked clones, seal, gc"
 part sync "Check-out to a laptop and check-in: only the changed clusters travel"
 part devices "One desktop on several devices: policies, a hardware-class base, the active role, staged updates"
 part stream "A streamed check-out: start before the download ends, fetch on demand, a cache budget"
+part crypt "An encrypted offline copy: LUKS layers, the key tied to the lease, shred at expiry and on a wipe; HTTPS pinned"
 part recompose "Recompose desktops onto a new app layer"
 part vm "Linked clones of the desktop booted under libvirt"
 for f in "$ROOT"/scripts/demo-*.sh; do
