@@ -86,7 +86,15 @@ func (ch *diskChanges) unchanged() bool {
 
 // CheckIn sends the changes of the desktop's tops to the server as a new version
 // and freezes the tops locally as that version (see the package documentation).
-func (l *Laptop) CheckIn(ctx context.Context, name string, opts CheckinOptions) (*CheckinReport, error) {
+func (l *Laptop) CheckIn(ctx context.Context, name string, opts CheckinOptions) (rep *CheckinReport, err error) {
+	defer func() {
+		// A device ordered wiped shreds its copies at this contact too.
+		if errors.Is(err, proto.ErrWiped) {
+			if co, cerr := l.Checkout(name); cerr == nil {
+				err = errors.Join(err, l.wiped(ctx, co.Server))
+			}
+		}
+	}()
 	start := time.Now()
 	if _, err := l.PurgeExpired(ctx); err != nil {
 		return nil, err
@@ -129,7 +137,7 @@ func (l *Laptop) CheckIn(ctx context.Context, name string, opts CheckinOptions) 
 	if err != nil {
 		return nil, err
 	}
-	rep := &CheckinReport{Desktop: name, Base: co.Version, Layers: map[string]string{}}
+	rep = &CheckinReport{Desktop: name, Base: co.Version, Layers: map[string]string{}}
 	var res *proto.CheckinResult
 	var changes []diskChanges // what the scan listed (none when resuming)
 	if co.Pending != nil && co.Pending.Result != nil {
