@@ -17,23 +17,11 @@ func SetBacking(path, name string, format Format) error {
 	if len(name) > maxBackingNameLen {
 		return fmt.Errorf("set backing of %s: name longer than %d bytes", path, maxBackingNameLen)
 	}
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	f, first, h, err := openHeader(path)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return err
-	}
-	first := make([]byte, min(fi.Size(), 2<<20))
-	if _, err := f.ReadAt(first, 0); err != nil {
-		return fmt.Errorf("read header of %s: %w", path, err)
-	}
-	h, err := parseHeader(first, fi.Size())
-	if err != nil {
-		return fmt.Errorf("%s: %w", path, err)
-	}
 	if h.incompat&incompatDirty != 0 {
 		return fmt.Errorf("%s: %w: image is dirty", path, ErrUnsupported)
 	}
@@ -55,4 +43,29 @@ func SetBacking(path, name string, format Format) error {
 		return fmt.Errorf("write header of %s: %w", path, err)
 	}
 	return f.Sync()
+}
+
+// openHeader opens the qcow2 file at path for writing its metadata in place,
+// with its first cluster (up to 2 MiB) and its parsed header.
+func openHeader(path string) (*os.File, []byte, *header, error) {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, nil, nil, err
+	}
+	first := make([]byte, min(fi.Size(), 2<<20))
+	if _, err := f.ReadAt(first, 0); err != nil {
+		f.Close()
+		return nil, nil, nil, fmt.Errorf("read header of %s: %w", path, err)
+	}
+	h, err := parseHeader(first, fi.Size())
+	if err != nil {
+		f.Close()
+		return nil, nil, nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return f, first, h, nil
 }

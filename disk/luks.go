@@ -14,8 +14,6 @@ import (
 	"errors"
 	"fmt"
 	"hash"
-	"io"
-	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -547,23 +545,11 @@ func buildLUKS(e *Encryption, stripes int) ([]byte, *sectorCipher, error) {
 // opens the layer (ErrBadKey), so its data is gone even if the file survives:
 // a crypto-shred. A plain layer gives an error wrapping ErrNotEncrypted.
 func ShredKeys(path string) error {
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	f, _, h, err := openHeader(path)
 	if err != nil {
-		return err
+		return fmt.Errorf("shred: %w", err)
 	}
 	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return err
-	}
-	first := make([]byte, min(fi.Size(), 64<<10))
-	if _, err := f.ReadAt(first, 0); err != nil && !errors.Is(err, io.EOF) {
-		return fmt.Errorf("shred %s: %w", path, err)
-	}
-	h, err := parseHeader(first, fi.Size())
-	if err != nil {
-		return fmt.Errorf("shred %s: %w", path, err)
-	}
 	if h.cryptMethod != cryptLUKS {
 		return fmt.Errorf("shred %s: %w", path, ErrNotEncrypted)
 	}

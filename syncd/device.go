@@ -294,14 +294,8 @@ func removeDevice(s *state.State, name string, now time.Time) (*Device, error) {
 		if d, err = deviceByName(tx, name); err != nil {
 			return err
 		}
-		held, err := queryLeases(tx, "device = ? AND state = 'active'", d.ID)
-		if err != nil {
+		if err := breakDeviceLeases(tx, d, now); err != nil {
 			return err
-		}
-		for i := range held {
-			if err := endLease(tx, &held[i], "broken", now); err != nil {
-				return err
-			}
 		}
 		if _, err := tx.Exec("DELETE FROM device_desktops WHERE device = ?", d.ID); err != nil {
 			return err
@@ -310,6 +304,20 @@ func removeDevice(s *state.State, name string, now time.Time) (*Device, error) {
 		return err
 	})
 	return d, err
+}
+
+// breakDeviceLeases ends every active lease the device holds.
+func breakDeviceLeases(tx *catalog.Tx, d *Device, now time.Time) error {
+	held, err := queryLeases(tx, "device = ? AND state = 'active'", d.ID)
+	if err != nil {
+		return err
+	}
+	for i := range held {
+		if err := endLease(tx, &held[i], "broken", now); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func devices(s *state.State) ([]Device, error) {

@@ -157,14 +157,8 @@ func (s *Server) WipeDevice(name string) (*Device, error) {
 		if d, err = deviceByName(tx, name); err != nil {
 			return err
 		}
-		held, err := queryLeases(tx, "device = ? AND state = 'active'", d.ID)
-		if err != nil {
+		if err := breakDeviceLeases(tx, d, now); err != nil {
 			return err
-		}
-		for i := range held {
-			if err := endLease(tx, &held[i], "broken", now); err != nil {
-				return err
-			}
 		}
 		return state.PutJSON(tx, state.BucketWipes, d.ID, now.UTC())
 	})

@@ -90,7 +90,7 @@ func (l *Laptop) saveKey(desktop string, lease proto.Lease, wrap string, kek []b
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return proto.NoSpace(err)
 	}
-	return proto.NoSpace(writeFileAtomic(l.keyPath(desktop), b, 0o600))
+	return proto.NoSpace(writeFileAtomic(l.keyPath(desktop), b))
 }
 
 // storeLeaseKey keeps the key a check-out's manifest carries.
@@ -319,7 +319,7 @@ func (c *clock) now(real time.Time) time.Time {
 	if t.Sub(c.persisted) >= time.Second {
 		var b [8]byte
 		binary.BigEndian.PutUint64(b[:], uint64(t.Unix()))
-		if writeFileAtomic(c.path, b[:], 0o600) == nil {
+		if writeFileAtomic(c.path, b[:]) == nil {
 			c.persisted = t
 		}
 	}
@@ -330,21 +330,11 @@ func (c *clock) now(real time.Time) time.Time {
 // before a Laptop is open).
 func laptopNow(syncDir string) time.Time { return newClock(syncDir).now(time.Now()) }
 
-// writeFileAtomic writes b to path through a synced temporary file renamed
-// over it.
-func writeFileAtomic(path string, b []byte, perm os.FileMode) error {
+// writeFileAtomic writes b to path (mode 0600) through a synced temporary file
+// renamed over it.
+func writeFileAtomic(path string, b []byte) error {
 	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, perm)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
+	err := writeFileSync(tmp, b)
 	if err == nil {
 		err = os.Rename(tmp, path)
 	}
