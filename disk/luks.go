@@ -43,7 +43,7 @@ const (
 	luksSector      = 512
 	luksSlotAlign   = 4096 // key material areas start on 4 KiB, as QEMU and cryptsetup place them
 	luksMaxRegion   = 64 << 20
-	luksMaxIter     = 1 << 26 // bounds the work a hostile header can ask of an open
+	luksMaxIter     = 1 << 24 // bounds the work a hostile header can ask of an open (QEMU calibrates 2 s: a few million)
 	luksDefaultIter = 1000    // the key is 256 random bits, not a password: no stretching needed
 
 	// parallelCrypt is the buffer size from which sectors are en/decrypted on
