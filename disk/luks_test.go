@@ -298,3 +298,67 @@ func TestLUKSKeys(t *testing.T) {
 		t.Fatalf("shred of a plain image: %v", err)
 	}
 }
+
+// Hostile encrypted images get ErrCorrupt or ErrUnsupported, quickly, before any
+// key work a header could make unbounded.
+func TestLUKSHostile(t *testing.T) {
+	dir := t.TempDir()
+	src := filepath.Join(dir, "src.qcow2")
+	img, err := disk.Create(src, disk.CreateOptions{Size: 4 * qdMiB, Encrypt: &disk.Encryption{Key: []byte(lkTop)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	img.Close()
+	good, err := os.ReadFile(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	luks := bytes.Index(good, []byte("LUKS\xba\xbe"))
+	if luks <= 0 {
+		t.Fatal("no LUKS header in the file")
+	}
+	ext := bytes.Index(good[:4096], []byte{0x05, 0x37, 0xbe, 0x77})
+	be := func(b []byte, off int, v uint64, n int) {
+		for i := n - 1; i >= 0; i-- {
+			b[off+i] = byte(v)
+			v >>= 8
+		}
+	}
+	tests := []struct {
+		name  string
+		patch func(b []byte)
+		want  error
+	}{
+		{"legacy AES crypt_method", func(b []byte) { be(b, 32, 1, 4) }, disk.ErrUnsupported},
+		{"unknown crypt_method", func(b []byte) { be(b, 32, 7, 4) }, disk.ErrCorrupt},
+		{"LUKS without the extension", func(b []byte) { be(b, ext, 0x12345678, 4) }, disk.ErrCorrupt},
+		{"LUKS header past the end", func(b []byte) { be(b, ext+8, 1<<40, 8) }, disk.ErrCorrupt},
+		{"LUKS header length huge", func(b []byte) { be(b, ext+16, 1<<40, 8) }, disk.ErrCorrupt},
+		{"no LUKS magic", func(b []byte) { b[luks] = 'X' }, disk.ErrCorrupt},
+		{"LUKS2", func(b []byte) { be(b, luks+6, 2, 2) }, disk.ErrUnsupported},
+		{"cipher serpent", func(b []byte) { copy(b[luks+8:], "serpent\x00") }, disk.ErrUnsupported},
+		{"digest iterations huge", func(b []byte) { be(b, luks+164, 1<<31, 4) }, disk.ErrCorrupt},
+		{"slot iterations huge", func(b []byte) { be(b, luks+208+4, 1<<31, 4) }, disk.ErrCorrupt},
+		{"slot key material outside", func(b []byte) { be(b, luks+208+40, 1<<30, 4) }, disk.ErrCorrupt},
+		{"slot stripes huge", func(b []byte) { be(b, luks+208+44, 1<<30, 4) }, disk.ErrCorrupt},
+		{"key bytes odd", func(b []byte) { be(b, luks+108, 17, 4) }, disk.ErrCorrupt},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			b := bytes.Clone(good)
+			tc.patch(b)
+			p := filepath.Join(t.TempDir(), "h.qcow2")
+			if err := os.WriteFile(p, b, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			img, err := disk.Open(p, disk.OpenOptions{ReadOnly: true, Keys: disk.Keys([]byte(lkTop))})
+			if err == nil {
+				img.Close()
+				t.Fatal("opened a hostile image")
+			}
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("error %v, want %v", err, tc.want)
+			}
+		})
+	}
+}
