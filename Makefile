@@ -52,7 +52,7 @@ test-short: build
 FUZZTIME ?= 30s
 FUZZMINTIME ?= 50x
 FUZZMINEXECS ?= 1000
-FUZZPKGS = ./disk ./syncd/proto ./nbd
+FUZZPKGS = ./disk ./syncd/proto ./nbd ./files
 fuzz:
 	@for p in $(FUZZPKGS); do \
 	  for t in $$($(GO) test -list '^Fuzz' $$p | grep '^Fuzz'); do \

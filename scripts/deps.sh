@@ -13,6 +13,9 @@ have tini                || need+=(tini)
 have rsync               || need+=(rsync)
 have cpio                || need+=(cpio)
 have xz                  || need+=(xz-utils)
+# File-level reading is checked against mkfs.ext4 -d, e2fsck and a loop mount.
+PATH="$PATH:/usr/sbin:/sbin" have mkfs.ext4 || need+=(e2fsprogs)
+PATH="$PATH:/usr/sbin:/sbin" have mount     || need+=(mount)
 # The load test puts its servers behind a real round-robin proxy.
 have haproxy             || need+=(haproxy)
 # The catalog tests run against a private PostgreSQL cluster (initdb, postgres).

@@ -26,7 +26,7 @@ history of versions: each records the sealed layers its disks stand on.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error { return cmd.Help() },
 	}
-	c.AddCommand(newDesktopCreateCommand(g), newDesktopLsCommand(g), newDesktopShowCommand(g), newDesktopRmCommand(g), newDesktopSquashCommand(g), newDesktopPruneCommand(g), newDesktopBootCommand(g))
+	c.AddCommand(newDesktopCreateCommand(g), newDesktopLsCommand(g), newDesktopShowCommand(g), newDesktopRmCommand(g), newDesktopSquashCommand(g), newDesktopPruneCommand(g), newDesktopBootCommand(g), newDesktopFilesCommand(g), newDesktopDiffCommand(g))
 	c.AddCommand(newDesktopSyncCommands(g)...)
 	return c
 }

@@ -14,13 +14,14 @@ const module = "github.com/cvd-project/cvd/"
 // (docs/ARCHITECTURE.md, "Packages"). A package not listed may import nothing of
 // the module but internal helpers.
 var allowed = map[string][]string{
-	"cmd/cvd":           {"syncd", "syncd/laptop", "syncd/proto", "vm", "desktop", "overlay", "clone", "hypervisor", "images", "catalog", "disk", "internal/proc", "internal/ordered"},
+	"cmd/cvd":           {"syncd", "syncd/laptop", "syncd/proto", "vm", "desktop", "overlay", "files", "clone", "hypervisor", "images", "catalog", "disk", "internal/proc", "internal/ordered"},
 	"vm":                {"hypervisor", "images", "disk"},
 	"syncd/laptop":      {"syncd/state", "syncd/proto", "vm", "desktop", "clone", "images", "catalog", "disk", "nbd", "internal/fsutil"},
 	"syncd/proto":       {"desktop", "images", "internal/ordered"},
 	"syncd/state":       {"syncd/proto", "desktop", "images", "catalog", "disk"},
 	"syncd":             {"syncd/state", "syncd/proto", "desktop", "images", "catalog", "disk", "internal/proc", "internal/fsutil", "internal/ordered"},
-	"desktop":           {"overlay", "images", "catalog", "disk", "internal/proc", "internal/fsutil"},
+	"desktop":           {"overlay", "files", "images", "catalog", "disk", "internal/proc", "internal/fsutil"},
+	"files":             {"disk"},
 	"overlay":           {"disk", "internal/proc", "internal/fsutil", "internal/ordered"},
 	"clone":             {"images", "disk", "internal/proc", "internal/fsutil"},
 	"hypervisor":        {"disk"},

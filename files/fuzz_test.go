@@ -1,0 +1,48 @@
+package files_test
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+
+	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/files"
+)
+
+// FuzzManifest reads arbitrary disks as file systems: nothing may panic or hang.
+func FuzzManifest(f *testing.F) {
+	dir := f.TempDir()
+	src := filepath.Join(dir, "tree")
+	os.MkdirAll(filepath.Join(src, "etc"), 0o755)
+	os.WriteFile(filepath.Join(src, "etc", "hostname"), []byte("fuzz\n"), 0o644)
+	seed := filepath.Join(dir, "seed.raw")
+	os.WriteFile(seed, nil, 0o644)
+	os.Truncate(seed, 256<<10)
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", "-d", src, seed).CombinedOutput(); err == nil {
+		if b, err := os.ReadFile(seed); err == nil {
+			f.Add(b)
+		}
+	} else {
+		f.Logf("mkfs.ext4: %v %s", err, out)
+	}
+	f.Add(make([]byte, 4096))
+	in := dir
+	if d, err := os.MkdirTemp("/dev/shm", "cvd-fuzz-"); err == nil {
+		in = d
+		f.Cleanup(func() { os.RemoveAll(d) })
+	}
+	p := filepath.Join(in, "input.raw")
+	f.Fuzz(func(t *testing.T, data []byte) {
+		if err := os.WriteFile(p, data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		img, err := disk.Open(p, disk.OpenOptions{ReadOnly: true, Format: disk.FormatRaw})
+		if err != nil {
+			return
+		}
+		defer img.Close()
+		files.Manifest(context.Background(), img)
+	})
+}

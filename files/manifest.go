@@ -1,0 +1,248 @@
+package files
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/diskfs/go-diskfs/filesystem/ext4"
+	"github.com/diskfs/go-diskfs/partition"
+
+	"github.com/cvd-project/cvd/disk"
+)
+
+// Errors. Test with errors.Is.
+var (
+	// ErrNoFileSystem: the disk holds no file system this package reads.
+	ErrNoFileSystem = errors.New("no ext4 file system found on the disk")
+	// ErrCorrupt: a file system that does not hold together (a directory
+	// loop, nesting beyond maxDepth, a structure the reader chokes on).
+	ErrCorrupt = errors.New("corrupt file system")
+)
+
+// maxDepth bounds the nesting of directories a walk follows.
+const maxDepth = 256
+
+// Entry is one file of a file system.
+type Entry struct {
+	Path   string    `json:"path"` // absolute, "/" for the root
+	Type   string    `json:"type"` // file, dir, symlink, other
+	Mode   string    `json:"mode"` // permission and special bits, octal: "0644", "1777"
+	UID    uint32    `json:"uid"`
+	GID    uint32    `json:"gid"`
+	Size   int64     `json:"size"`
+	MTime  time.Time `json:"mtime"`
+	SHA256 string    `json:"sha256,omitempty"` // regular files
+	Target string    `json:"target,omitempty"` // symbolic links
+}
+
+// FileSystem is one file system of a disk with its files, sorted by path.
+type FileSystem struct {
+	// Partition is the partition's number (1 up) in the disk's table, 0 for a
+	// file system on the whole disk.
+	Partition int     `json:"partition"`
+	Type      string  `json:"type"`
+	Label     string  `json:"label,omitempty"`
+	Start     int64   `json:"start"` // bytes into the disk
+	Size      int64   `json:"size"`
+	Files     []Entry `json:"files"`
+}
+
+// Manifest lists the files of every ext4 file system on the disk img: on the
+// whole disk, or in each partition of its GPT or MBR table.
+func Manifest(ctx context.Context, img disk.Image) (out []FileSystem, err error) {
+	defer func() {
+		// go-diskfs may panic on a malformed file system: an error, not a crash.
+		if p := recover(); p != nil {
+			out, err = nil, fmt.Errorf("%s: %w: %v", img.Info().Path, ErrCorrupt, p)
+		}
+	}()
+	st := newStorage(img)
+	type region struct {
+		n           int
+		start, size int64
+	}
+	regions := []region{{0, 0, img.Size()}}
+	if tbl, err := partition.Read(st, 512, 512); err == nil && tbl != nil {
+		regions = regions[:0]
+		for i, p := range tbl.GetPartitions() {
+			if p.GetSize() > 0 {
+				regions = append(regions, region{i + 1, p.GetStart(), p.GetSize()})
+			}
+		}
+	}
+	for _, r := range regions {
+		fsys, err := ext4.Read(st, r.size, r.start, 512)
+		if err != nil {
+			continue // not ext4 (or not a file system)
+		}
+		m := FileSystem{Partition: r.n, Type: "ext4", Label: fsys.Label(), Start: r.start, Size: r.size}
+		w := walker{fsys: fsys, seen: map[uint32]bool{}}
+		if err := w.walk(ctx, "/", 0, &m.Files); err != nil {
+			return nil, fmt.Errorf("partition %d: %w", r.n, err)
+		}
+		sort.Slice(m.Files, func(i, j int) bool { return m.Files[i].Path < m.Files[j].Path })
+		out = append(out, m)
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("%s: %w", img.Info().Path, ErrNoFileSystem)
+	}
+	return out, nil
+}
+
+// walker lists a file system's tree, each directory once.
+type walker struct {
+	fsys *ext4.FileSystem
+	seen map[uint32]bool // directory inodes listed
+}
+
+// walk lists dir and everything below it.
+func (w *walker) walk(ctx context.Context, dir string, depth int, out *[]Entry) error {
+	fsys := w.fsys
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if depth > maxDepth {
+		return fmt.Errorf("%w: %s nests deeper than %d directories", ErrCorrupt, dir, maxDepth)
+	}
+	if dir == "/" {
+		fi, err := fsys.Stat(".")
+		if err != nil {
+			return fmt.Errorf("stat /: %w", err)
+		}
+		*out = append(*out, entryOf("/", fi))
+	}
+	ents, err := fsys.ReadDir(fsPath(dir))
+	if err != nil {
+		return fmt.Errorf("read directory %s: %w", dir, err)
+	}
+	for _, de := range ents {
+		name := de.Name()
+		if name == "." || name == ".." {
+			continue
+		}
+		p := path.Join(dir, name)
+		// Stat, not the directory entry's Info: that one carries no permissions.
+		fi, err := fsys.Stat(fsPath(p))
+		if err != nil {
+			return fmt.Errorf("stat %s: %w", p, err)
+		}
+		e := entryOf(p, fi)
+		switch e.Type {
+		case "file":
+			if e.SHA256, err = hashFile(fsys, p); err != nil {
+				return err
+			}
+		case "dir":
+			*out = append(*out, e)
+			if st, ok := fi.Sys().(*ext4.StatT); ok && st != nil {
+				if w.seen[st.Ino] {
+					return fmt.Errorf("%w: directory %s (inode %d) is listed twice", ErrCorrupt, p, st.Ino)
+				}
+				w.seen[st.Ino] = true
+			}
+			if err := w.walk(ctx, p, depth+1, out); err != nil {
+				return err
+			}
+			continue
+		}
+		*out = append(*out, e)
+	}
+	return nil
+}
+
+// fsPath is an absolute path as go-diskfs takes it (io/fs style: "." for the
+// root, no leading slash).
+func fsPath(p string) string {
+	if p = strings.TrimPrefix(p, "/"); p == "" {
+		return "."
+	}
+	return p
+}
+
+func entryOf(p string, fi fs.FileInfo) Entry {
+	m := fi.Mode()
+	e := Entry{Path: p, Size: fi.Size(), MTime: fi.ModTime().UTC()}
+	switch {
+	case m.IsDir():
+		e.Type, e.Size = "dir", 0
+	case m&fs.ModeSymlink != 0:
+		e.Type = "symlink"
+	case m.IsRegular():
+		e.Type = "file"
+	default:
+		e.Type = "other"
+	}
+	perm := uint32(m.Perm())
+	if m&fs.ModeSetuid != 0 {
+		perm |= 0o4000
+	}
+	if m&fs.ModeSetgid != 0 {
+		perm |= 0o2000
+	}
+	if m&fs.ModeSticky != 0 {
+		perm |= 0o1000
+	}
+	e.Mode = fmt.Sprintf("%04o", perm)
+	if st, ok := fi.Sys().(*ext4.StatT); ok && st != nil {
+		e.UID, e.GID, e.Target = st.UID, st.GID, st.LinkTarget
+	}
+	return e
+}
+
+func hashFile(fsys *ext4.FileSystem, p string) (string, error) {
+	f, err := fsys.OpenFile(fsPath(p), os.O_RDONLY)
+	if err != nil {
+		return "", fmt.Errorf("open %s: %w", p, err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return "", fmt.Errorf("read %s: %w", p, err)
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// Change is one difference between two manifests.
+type Change struct {
+	Path string `json:"path"`
+	Kind string `json:"kind"` // added, removed, changed
+	Old  *Entry `json:"old,omitempty"`
+	New  *Entry `json:"new,omitempty"`
+}
+
+// Diff lists what changed from a to b (both sorted by path, as Manifest gives
+// them): files added, removed, and changed in type, content, mode, owner or
+// link target (a modification time alone is not a change).
+func Diff(a, b []Entry) []Change {
+	var out []Change
+	i, j := 0, 0
+	for i < len(a) || j < len(b) {
+		switch {
+		case j == len(b) || (i < len(a) && a[i].Path < b[j].Path):
+			out = append(out, Change{Path: a[i].Path, Kind: "removed", Old: &a[i]})
+			i++
+		case i == len(a) || b[j].Path < a[i].Path:
+			out = append(out, Change{Path: b[j].Path, Kind: "added", New: &b[j]})
+			j++
+		default:
+			x, y := a[i], b[j]
+			x.MTime, y.MTime = time.Time{}, time.Time{}
+			if x != y {
+				out = append(out, Change{Path: b[j].Path, Kind: "changed", Old: &a[i], New: &b[j]})
+			}
+			i++
+			j++
+		}
+	}
+	return out
+}

@@ -1,0 +1,78 @@
+package files
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"time"
+
+	"github.com/diskfs/go-diskfs/backend"
+
+	"github.com/cvd-project/cvd/disk"
+)
+
+// storage is a read-only go-diskfs backend over the guest view of a chain.
+type storage struct {
+	img disk.Image
+	off int64
+}
+
+var _ backend.Storage = (*storage)(nil)
+
+func newStorage(img disk.Image) *storage { return &storage{img: img} }
+
+func (s *storage) ReadAt(p []byte, off int64) (int, error) {
+	if off >= s.img.Size() {
+		return 0, io.EOF
+	}
+	n := min(int64(len(p)), s.img.Size()-off)
+	if err := disk.ReadView(s.img, p[:n], off); err != nil {
+		return 0, err
+	}
+	if n < int64(len(p)) {
+		return int(n), io.EOF
+	}
+	return len(p), nil
+}
+
+func (s *storage) Read(p []byte) (int, error) {
+	n, err := s.ReadAt(p, s.off)
+	s.off += int64(n)
+	return n, err
+}
+
+func (s *storage) Seek(off int64, whence int) (int64, error) {
+	switch whence {
+	case io.SeekStart:
+	case io.SeekCurrent:
+		off += s.off
+	case io.SeekEnd:
+		off += s.img.Size()
+	default:
+		return 0, fmt.Errorf("seek: whence %d", whence)
+	}
+	if off < 0 {
+		return 0, errors.New("seek before the start")
+	}
+	s.off = off
+	return off, nil
+}
+
+func (s *storage) Stat() (fs.FileInfo, error) { return storageInfo{s.img}, nil }
+func (s *storage) Close() error               { return nil }
+func (s *storage) Sys() (*os.File, error)     { return nil, backend.ErrNotSuitable }
+func (s *storage) Path() string               { return s.img.Info().Path }
+
+// Writable refuses: the chain is read, never written.
+func (s *storage) Writable() (backend.WritableFile, error) { return nil, backend.ErrIncorrectOpenMode }
+
+type storageInfo struct{ img disk.Image }
+
+func (i storageInfo) Name() string       { return i.img.Info().Path }
+func (i storageInfo) Size() int64        { return i.img.Size() }
+func (i storageInfo) Mode() fs.FileMode  { return 0o444 }
+func (i storageInfo) ModTime() time.Time { return time.Time{} }
+func (i storageInfo) IsDir() bool        { return false }
+func (i storageInfo) Sys() any           { return nil }
