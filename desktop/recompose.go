@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/files"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/overlay"
 )
@@ -66,6 +67,9 @@ type RecomposeSpec struct {
 	Policy Policy
 	// DryRun plans and reports without changing anything.
 	DryRun bool
+	// ForceCorruptingMetadata lets policy force move a desktop whose
+	// conflicts hold file-system metadata (which corrupts that file system).
+	ForceCorruptingMetadata bool
 	// InUse reports a desktop whose system top may be open (a running VM, a
 	// check-out): it is not moved now but marked to switch at its next start
 	// (Desktop.Switch, carried out by ApplySwitch). Nil means: a desktop with a
@@ -116,6 +120,17 @@ type DesktopPlan struct {
 	Conflicts        []overlay.Range `json:"conflicts"`
 	ConflictClusters int64           `json:"conflict-clusters"`
 	ConflictBytes    int64           `json:"conflict-bytes"`
+	// MetadataConflicts are the parts of the conflicts that hold ext4
+	// metadata (superblock, group descriptors, bitmaps, inode tables,
+	// journal) in the desktop's disk or the new layers: keeping the
+	// desktop's blocks over the new layer's there corrupts the file system.
+	// MetadataUnknown says a file system was found whose metadata could not
+	// be placed (then every conflict may be metadata).
+	MetadataConflicts     []files.Range `json:"metadata-conflicts,omitempty"`
+	MetadataConflictBytes int64         `json:"metadata-conflict-bytes,omitempty"`
+	MetadataUnknown       string        `json:"metadata-unknown,omitempty"`
+	// Refused says why policy force did not move the desktop.
+	Refused string `json:"refused,omitempty"`
 	// Cost of applying Action.
 	Cost   Cost   `json:"cost"`
 	Action string `json:"action"`
@@ -165,8 +180,11 @@ type planner struct {
 	st       *images.Store
 	newLower string
 	newImg   disk.Image // opened once, read-only, shared by the goroutines
-	mu       sync.Mutex
-	diffs    map[string]*lowerDiff // by old lower layer ID
+	// forceMeta: policy force moves desktops with metadata conflicts too.
+	forceMeta bool
+	newMeta   metaOnce // the new layers' file-system metadata
+	mu        sync.Mutex
+	diffs     map[string]*lowerDiff // by old lower layer ID
 }
 
 func (pl *planner) diff(ctx context.Context, oldLower disk.Image, oldID string) *lowerDiff {
@@ -308,11 +326,22 @@ func (pl *planner) plan(ctx context.Context, d *images.Desktop, policy Policy, i
 		p.ConflictBytes += r.Len
 		p.ConflictClusters += (r.Len + ld.g - 1) / ld.g
 	}
+	if len(conf) > 0 {
+		pl.metadataConflicts(ctx, dc.top, conf, p)
+	}
 	switch {
 	case policy == PolicyRefresh:
 		p.Action = ActionRefresh
 	case policy == PolicyKeep && p.ConflictClusters > 0:
 		p.Action = ActionConflict
+	case policy == PolicyForce && (len(p.MetadataConflicts) > 0 || p.MetadataUnknown != "") && !pl.forceMeta:
+		p.Action = ActionConflict
+		if p.MetadataUnknown != "" {
+			p.Refused = "policy force refused: cannot tell which conflicting clusters hold file-system metadata (" + p.MetadataUnknown + ")"
+		} else {
+			p.Refused = fmt.Sprintf("policy force refused: %d bytes of the conflicts hold file-system metadata (%s); forcing would corrupt the file system (refresh, or --force-corrupting-metadata)",
+				p.MetadataConflictBytes, metadataKinds(p.MetadataConflicts))
+		}
 	default:
 		p.Action = ActionMove
 	}
@@ -483,7 +512,7 @@ func Recompose(ctx context.Context, st *images.Store, spec RecomposeSpec) (*Reco
 		return nil, fmt.Errorf("recompose: open %s: %w", images.ShortID(newLower), err)
 	}
 	defer newImg.Close()
-	pl := &planner{st: st, newLower: newLower, newImg: newImg, diffs: map[string]*lowerDiff{}}
+	pl := &planner{st: st, newLower: newLower, newImg: newImg, diffs: map[string]*lowerDiff{}, forceMeta: spec.ForceCorruptingMetadata}
 	inUse := spec.InUse
 	if inUse == nil {
 		inUse = defaultInUse

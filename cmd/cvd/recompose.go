@@ -18,13 +18,14 @@ import (
 const exitConflicts = 3
 
 type recomposeOptions struct {
-	using   string
-	base    string
-	apps    []string
-	policy  string
-	dryRun  bool
-	workers int
-	json    bool
+	using     string
+	base      string
+	apps      []string
+	policy    string
+	dryRun    bool
+	forceMeta bool
+	workers   int
+	json      bool
 }
 
 func newRecomposeCommand(g *globalOptions) *cobra.Command {
@@ -49,7 +50,11 @@ Policies:
            a desktop with conflicts where it is and list it
   refresh  discard the system delta: an empty system top on the new layers
            (the user disk stays)
-  force    keep the delta over the new layers even where they collide
+  force    keep the delta over the new layers even where they collide; refused
+           for a desktop whose conflicts hold ext4 metadata (superblock, group
+           descriptors, bitmaps, inode tables, journal: a desktop that ever ran
+           has written them), since that corrupts its file system, unless
+           --force-corrupting-metadata
 
 Applying builds each desktop's new chain beside the old one and switches it in
 one store transaction, recorded as a new version; a crash leaves every desktop
@@ -85,6 +90,7 @@ Exit codes:
 	f.StringArrayVar(&opts.apps, "app", nil, "a new app layer, in order (repeatable)")
 	f.StringVar(&opts.policy, "policy", "keep", "what to do with each desktop's own delta: keep, refresh or force")
 	f.BoolVarP(&opts.dryRun, "dry-run", "n", false, "plan and report; change nothing")
+	f.BoolVar(&opts.forceMeta, "force-corrupting-metadata", false, "with --policy force: move desktops even where the conflicts hold file-system metadata (corrupts those file systems)")
 	f.IntVar(&opts.workers, "workers", 2, "desktops planned and applied at once")
 	return c
 }
@@ -100,7 +106,7 @@ func runRecompose(ctx context.Context, g *globalOptions, opts *recomposeOptions,
 	}
 	defer st.Close()
 	rep, rerr := desktop.Recompose(ctx, st, desktop.RecomposeSpec{Desktops: args, Using: opts.using,
-		Base: opts.base, Apps: opts.apps, Policy: policy, DryRun: opts.dryRun, Workers: opts.workers})
+		Base: opts.base, Apps: opts.apps, Policy: policy, DryRun: opts.dryRun, Workers: opts.workers, ForceCorruptingMetadata: opts.forceMeta})
 	if rep == nil {
 		return storeError(rerr)
 	}
@@ -148,6 +154,8 @@ func printRecompose(st *images.Store, rep *desktop.RecomposeReport, out io.Write
 			action = "failed: " + p.Error
 		case p.Applied:
 			action += fmt.Sprintf(" → version %d", p.NewVersion)
+		case p.Refused != "":
+			action += ": left on its chain (force refused: file-system metadata)"
 		case p.Action == desktop.ActionConflict:
 			action += ": left on its chain"
 		case p.Action == desktop.ActionMark:
@@ -182,5 +190,22 @@ func printRecompose(st *images.Store, rep *desktop.RecomposeReport, out io.Write
 			rs = append(rs, fmt.Sprintf("%s+%s", humanSize(r.Off), humanSize(r.Len)))
 		}
 		fmt.Fprintf(out, "conflicts of %s: %s\n", p.Desktop, strings.Join(rs, ", "))
+		if len(p.MetadataConflicts) > 0 {
+			var ms []string
+			for i, r := range p.MetadataConflicts {
+				if i == 8 {
+					ms = append(ms, fmt.Sprintf("… %d more", len(p.MetadataConflicts)-i))
+					break
+				}
+				ms = append(ms, fmt.Sprintf("%s %s+%s", r.What, humanSize(r.Off), humanSize(r.Len)))
+			}
+			fmt.Fprintf(out, "  of which file-system metadata: %s\n", strings.Join(ms, ", "))
+		}
+		if p.MetadataUnknown != "" {
+			fmt.Fprintf(out, "  file-system metadata not placed: %s\n", p.MetadataUnknown)
+		}
+		if p.Refused != "" {
+			fmt.Fprintf(out, "  %s\n", p.Refused)
+		}
 	}
 }

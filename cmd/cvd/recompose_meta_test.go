@@ -1,0 +1,108 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/cvd-project/cvd/desktop"
+	"github.com/cvd-project/cvd/internal/testutil"
+)
+
+// A desktop whose file system was written (as a guest does: through a mount)
+// over a base, and a new app layer written over the same base: their blocks
+// collide in the ext4 metadata. recompose --policy force refuses naming it;
+// --force-corrupting-metadata overrides; keep leaves the desktop with its
+// conflicts, of which the metadata ones are named.
+func TestRecomposeForceRefusesMetadataConflicts(t *testing.T) {
+	testutil.NeedQemu(t)
+	testutil.NeedTool(t, "e2fsprogs", "mkfs.ext4")
+	testutil.NeedTool(t, "loop", "mount", "umount")
+	dir := t.TempDir()
+	store := filepath.Join(dir, "store")
+	src := filepath.Join(dir, "tree")
+	os.MkdirAll(filepath.Join(src, "etc"), 0o755)
+	os.WriteFile(filepath.Join(src, "etc", "hostname"), []byte("desk\n"), 0o644)
+	base := filepath.Join(dir, "base.raw")
+	os.WriteFile(base, nil, 0o644)
+	os.Truncate(base, 128<<20)
+	testutil.Run(t, "mkfs.ext4", "-q", "-F", "-d", src, base)
+	baseQ := filepath.Join(dir, "base.qcow2")
+	testutil.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", base, baseQ)
+	mustCvd(t, store, "layer", "import", baseQ, "--kind", "base", "--name", "os:1")
+
+	// written makes a copy of the base, writes files through a mount, and
+	// returns the copy.
+	written := func(name string, fs map[string]string) string {
+		raw := filepath.Join(dir, name+".raw")
+		testutil.Run(t, "cp", "--sparse=always", base, raw)
+		mnt := t.TempDir()
+		testutil.Run(t, "mount", "-o", "loop", raw, mnt)
+		for p, s := range fs {
+			os.MkdirAll(filepath.Dir(filepath.Join(mnt, p)), 0o755)
+			os.WriteFile(filepath.Join(mnt, p), []byte(s), 0o644)
+		}
+		testutil.Run(t, "umount", mnt)
+		return raw
+	}
+	app := written("app", map[string]string{"opt/app/bin": strings.Repeat("app ", 50000)})
+	appQ := filepath.Join(dir, "app.qcow2")
+	testutil.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-B", baseQ, "-F", "qcow2", app, appQ)
+	mustCvd(t, store, "layer", "import", appQ, "--kind", "app", "--parent", "os:1", "--name", "app:1")
+
+	mustCvd(t, store, "desktop", "create", "d", "--base", "os:1")
+	var show struct {
+		System string `json:"system_path"`
+	}
+	json.Unmarshal([]byte(mustCvd(t, store, "--json", "desktop", "show", "d")), &show)
+	info := testutil.Run(t, "qemu-img", "info", "--output=json", show.System)
+	var bi struct {
+		Backing string `json:"backing-filename"`
+		Full    string `json:"full-backing-filename"`
+	}
+	json.Unmarshal([]byte(info), &bi)
+	user := written("user", map[string]string{"home/user/report.txt": strings.Repeat("mine ", 20000)})
+	os.Remove(show.System)
+	testutil.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-B", bi.Full, "-F", "qcow2", user, show.System)
+	testutil.Run(t, "qemu-img", "rebase", "-u", "-b", bi.Backing, "-F", "qcow2", show.System)
+
+	plan := func(args ...string) desktop.DesktopPlan {
+		t.Helper()
+		out, err := cvdIn(t, store, append([]string{"--json", "recompose", "d", "--app", "app:1", "--dry-run"}, args...)...)
+		var rep desktop.RecomposeReport
+		if jerr := json.Unmarshal([]byte(out), &rep); jerr != nil || len(rep.Desktops) != 1 {
+			t.Fatalf("recompose %v: %v %v\n%s", args, err, jerr, out)
+		}
+		var ee *exitError
+		if p := rep.Desktops[0]; p.Action == desktop.ActionConflict && (!errors.As(err, &ee) || ee.code != exitConflicts) {
+			t.Errorf("recompose %v left the desktop with conflicts, exit %v", args, err)
+		}
+		return rep.Desktops[0]
+	}
+	p := plan("--policy", "force")
+	if p.Action != desktop.ActionConflict || p.Refused == "" || len(p.MetadataConflicts) == 0 {
+		t.Fatalf("force on metadata conflicts: action %s, refused %q, %d metadata conflicts", p.Action, p.Refused, len(p.MetadataConflicts))
+	}
+	kinds := map[string]bool{}
+	for _, r := range p.MetadataConflicts {
+		kinds[r.What] = true
+	}
+	if !kinds["superblock"] || !strings.Contains(p.Refused, "superblock") {
+		t.Errorf("metadata conflicts %v, refusal %q: the superblock is not named", kinds, p.Refused)
+	}
+	t.Logf("force refused: %s; %d of %d conflicting bytes are metadata", p.Refused, p.MetadataConflictBytes, p.ConflictBytes)
+	if k := plan("--policy", "keep"); k.Action != desktop.ActionConflict || len(k.MetadataConflicts) == 0 || k.Refused != "" {
+		t.Errorf("keep: action %s, %d metadata conflicts, refused %q", k.Action, len(k.MetadataConflicts), k.Refused)
+	}
+	if f := plan("--policy", "force", "--force-corrupting-metadata"); f.Action != desktop.ActionMove {
+		t.Errorf("force with the override: action %s", f.Action)
+	}
+	// The text report names it too.
+	out, _ := cvdIn(t, store, "recompose", "d", "--app", "app:1", "--dry-run", "--policy", "force")
+	if !strings.Contains(out, "of which file-system metadata: superblock") || !strings.Contains(out, "force refused") {
+		t.Errorf("the report:\n%s", out)
+	}
+}

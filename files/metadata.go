@@ -1,0 +1,244 @@
+package files
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"sort"
+
+	"github.com/diskfs/go-diskfs/partition"
+
+	"github.com/cvd-project/cvd/disk"
+)
+
+// Range is a byte range of the disk that holds file-system metadata.
+type Range struct {
+	Off  int64  `json:"offset"`
+	Len  int64  `json:"length"`
+	What string `json:"what"` // superblock, group descriptors, block bitmap, inode bitmap, inode table, journal
+}
+
+// End is one past the range's last byte.
+func (r Range) End() int64 { return r.Off + r.Len }
+
+// ext4 superblock fields and feature bits.
+const (
+	ext4Magic         = 0xef53
+	compatHasJournal  = 0x4
+	incompat64Bit     = 0x80
+	incompatMetaBG    = 0x10
+	roCompatSparse    = 0x1
+	inodeExtentsFlag  = 0x80000
+	extentMagic       = 0xf30a
+	maxExtentDepth    = 5
+	maxGroupsMetadata = 1 << 22
+)
+
+// Metadata lists the byte ranges of the disk img that hold ext4 metadata: each
+// file system's superblock and its backups, group descriptors and the blocks
+// reserved for their growth, block and inode bitmaps, inode tables, and the
+// journal. A disk with no ext4 file system gives ErrNoFileSystem; a layout
+// this reader cannot place (meta_bg, a journal without extents) gives
+// ErrUnsupportedFS; a malformed one ErrCorrupt.
+func Metadata(ctx context.Context, img disk.Image) ([]Range, error) {
+	st := newStorage(img)
+	starts := []int64{0}
+	if tbl, err := partition.Read(st, 512, 512); err == nil && tbl != nil {
+		starts = starts[:0]
+		for _, p := range tbl.GetPartitions() {
+			if p.GetSize() > 0 {
+				starts = append(starts, p.GetStart())
+			}
+		}
+	}
+	var out []Range
+	found := false
+	for _, start := range starts {
+		rs, err := ext4Metadata(ctx, st, start)
+		if errors.Is(err, errNotExt4) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%s: file system at %d: %w", img.Info().Path, start, err)
+		}
+		found = true
+		out = append(out, rs...)
+	}
+	if !found {
+		return nil, fmt.Errorf("%s: %w", img.Info().Path, ErrNoFileSystem)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Off < out[j].Off })
+	return out, nil
+}
+
+var errNotExt4 = errors.New("not ext4")
+
+// ErrUnsupportedFS: an ext4 layout whose metadata this package does not place.
+var ErrUnsupportedFS = errors.New("unsupported file-system layout")
+
+func ext4Metadata(ctx context.Context, r io.ReaderAt, start int64) ([]Range, error) {
+	sb := make([]byte, 1024)
+	if _, err := r.ReadAt(sb, start+1024); err != nil {
+		return nil, errNotExt4
+	}
+	le := binary.LittleEndian
+	if le.Uint16(sb[0x38:]) != ext4Magic {
+		return nil, errNotExt4
+	}
+	logBS := le.Uint32(sb[0x18:])
+	if logBS > 6 {
+		return nil, fmt.Errorf("%w: block size 2^%d KiB", ErrCorrupt, logBS)
+	}
+	bs := int64(1024) << logBS
+	compat, incompat, roCompat := le.Uint32(sb[0x5c:]), le.Uint32(sb[0x60:]), le.Uint32(sb[0x64:])
+	blocks := int64(le.Uint32(sb[0x04:]))
+	descSize := int64(32)
+	if incompat&incompat64Bit != 0 {
+		blocks |= int64(le.Uint32(sb[0x150:])) << 32
+		descSize = int64(le.Uint16(sb[0xfe:]))
+		if descSize < 32 || descSize > 1024 || descSize&(descSize-1) != 0 {
+			return nil, fmt.Errorf("%w: descriptor size %d", ErrCorrupt, descSize)
+		}
+	}
+	if incompat&incompatMetaBG != 0 {
+		return nil, fmt.Errorf("%w: meta_bg", ErrUnsupportedFS)
+	}
+	first := int64(le.Uint32(sb[0x14:]))
+	bpg := int64(le.Uint32(sb[0x20:]))
+	ipg := int64(le.Uint32(sb[0x28:]))
+	inodeSize := int64(le.Uint16(sb[0x58:]))
+	if bpg == 0 || ipg == 0 || inodeSize < 128 || inodeSize > bs || blocks <= first {
+		return nil, fmt.Errorf("%w: superblock geometry", ErrCorrupt)
+	}
+	groups := (blocks - first + bpg - 1) / bpg
+	if groups > maxGroupsMetadata {
+		return nil, fmt.Errorf("%w: %d block groups", ErrCorrupt, groups)
+	}
+	gdtBlocks := (groups*descSize + bs - 1) / bs
+	reserved := int64(le.Uint16(sb[0xce:]))
+	var out []Range
+	add := func(block, n int64, what string) {
+		if n > 0 {
+			out = append(out, Range{Off: start + block*bs, Len: n * bs, What: what})
+		}
+	}
+	// The superblock itself lives at byte 1024 of block 0 (block 1 when
+	// blocks are 1 KiB).
+	out = append(out, Range{Off: start + 1024, Len: 1024, What: "superblock"})
+	for g := int64(0); g < groups; g++ {
+		if !hasSuperBackup(g, roCompat&roCompatSparse != 0) {
+			continue
+		}
+		b := first + g*bpg
+		if g > 0 {
+			add(b, 1, "superblock")
+		}
+		add(b+1, gdtBlocks, "group descriptors")
+		add(b+1+gdtBlocks, reserved, "reserved group descriptors")
+	}
+	gdt := make([]byte, gdtBlocks*bs)
+	if _, err := r.ReadAt(gdt, start+(first+1)*bs); err != nil {
+		return nil, fmt.Errorf("read group descriptors: %w", err)
+	}
+	itBlocks := (ipg*inodeSize + bs - 1) / bs
+	tables := make([]int64, groups)
+	for g := int64(0); g < groups; g++ {
+		if g%4096 == 0 && ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		d := gdt[g*descSize:]
+		bb, ib, it := int64(le.Uint32(d[0:])), int64(le.Uint32(d[4:])), int64(le.Uint32(d[8:]))
+		if descSize >= 64 {
+			bb |= int64(le.Uint32(d[0x20:])) << 32
+			ib |= int64(le.Uint32(d[0x24:])) << 32
+			it |= int64(le.Uint32(d[0x28:])) << 32
+		}
+		for _, b := range []int64{bb, ib, it} {
+			if b >= blocks {
+				return nil, fmt.Errorf("%w: group %d names block %d of %d", ErrCorrupt, g, b, blocks)
+			}
+		}
+		add(bb, 1, "block bitmap")
+		add(ib, 1, "inode bitmap")
+		add(it, itBlocks, "inode table")
+		tables[g] = it
+	}
+	if jino := int64(le.Uint32(sb[0xe0:])); compat&compatHasJournal != 0 && jino > 0 {
+		g, idx := (jino-1)/ipg, (jino-1)%ipg
+		if g >= groups {
+			return nil, fmt.Errorf("%w: journal inode %d", ErrCorrupt, jino)
+		}
+		in := make([]byte, inodeSize)
+		if _, err := r.ReadAt(in, start+tables[g]*bs+idx*inodeSize); err != nil {
+			return nil, fmt.Errorf("read the journal inode: %w", err)
+		}
+		if le.Uint32(in[0x20:])&inodeExtentsFlag == 0 {
+			return nil, fmt.Errorf("%w: a journal without extents", ErrUnsupportedFS)
+		}
+		var ext []Range
+		if err := extents(r, start, bs, blocks, in[0x28:0x28+60], 0, &ext); err != nil {
+			return nil, fmt.Errorf("journal: %w", err)
+		}
+		out = append(out, ext...)
+	}
+	return out, nil
+}
+
+// extents adds the blocks an extent tree node maps.
+func extents(r io.ReaderAt, start, bs, blocks int64, node []byte, depth int, out *[]Range) error {
+	le := binary.LittleEndian
+	if len(node) < 12 || le.Uint16(node) != extentMagic {
+		return fmt.Errorf("%w: extent header", ErrCorrupt)
+	}
+	n, d := int(le.Uint16(node[2:])), int(le.Uint16(node[6:]))
+	if depth > maxExtentDepth || d > maxExtentDepth || 12+n*12 > len(node) {
+		return fmt.Errorf("%w: extent node (%d entries, depth %d)", ErrCorrupt, n, d)
+	}
+	for i := 0; i < n; i++ {
+		e := node[12+i*12:]
+		if d == 0 {
+			l := int64(le.Uint16(e[4:]))
+			if l > 32768 {
+				l -= 32768 // an unwritten extent
+			}
+			b := int64(le.Uint16(e[6:]))<<32 | int64(le.Uint32(e[8:]))
+			if b+l > blocks {
+				return fmt.Errorf("%w: extent past the end", ErrCorrupt)
+			}
+			*out = append(*out, Range{Off: start + b*bs, Len: l * bs, What: "journal"})
+			continue
+		}
+		leaf := int64(le.Uint16(e[8:]))<<32 | int64(le.Uint32(e[4:]))
+		if leaf >= blocks {
+			return fmt.Errorf("%w: extent index past the end", ErrCorrupt)
+		}
+		child := make([]byte, bs)
+		if _, err := r.ReadAt(child, start+leaf*bs); err != nil {
+			return err
+		}
+		if err := extents(r, start, bs, blocks, child, depth+1, out); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// hasSuperBackup: group g holds a superblock copy (all groups without
+// sparse_super; else 0, 1 and the powers of 3, 5 and 7).
+func hasSuperBackup(g int64, sparse bool) bool {
+	if !sparse || g <= 1 {
+		return true
+	}
+	for _, p := range []int64{3, 5, 7} {
+		x := p
+		for x < g {
+			x *= p
+		}
+		if x == g {
+			return true
+		}
+	}
+	return false
+}
