@@ -11,7 +11,9 @@ import (
 	"github.com/cvd-project/cvd/files"
 )
 
-// FuzzManifest reads arbitrary disks as file systems: nothing may panic or hang.
+// FuzzManifest reads arbitrary disks as file systems (their files, and where
+// their metadata lies): nothing may panic or hang, and metadata ranges stay
+// inside the disk.
 func FuzzManifest(f *testing.F) {
 	dir := f.TempDir()
 	src := filepath.Join(dir, "tree")
@@ -44,5 +46,13 @@ func FuzzManifest(f *testing.F) {
 		}
 		defer img.Close()
 		files.Manifest(context.Background(), img)
+		rs, err := files.Metadata(context.Background(), img)
+		if err == nil {
+			for _, r := range rs {
+				if r.Off < 0 || r.Len <= 0 {
+					t.Fatalf("metadata range %+v", r)
+				}
+			}
+		}
 	})
 }

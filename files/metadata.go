@@ -44,19 +44,20 @@ const (
 // ErrUnsupportedFS; a malformed one ErrCorrupt.
 func Metadata(ctx context.Context, img disk.Image) ([]Range, error) {
 	st := newStorage(img)
-	starts := []int64{0}
+	regions := [][2]int64{{0, img.Size()}}
 	if tbl, err := partition.Read(st, 512, 512); err == nil && tbl != nil {
-		starts = starts[:0]
+		regions = regions[:0]
 		for _, p := range tbl.GetPartitions() {
-			if p.GetSize() > 0 {
-				starts = append(starts, p.GetStart())
+			if p.GetSize() > 0 && p.GetStart() >= 0 && p.GetStart() < img.Size() {
+				regions = append(regions, [2]int64{p.GetStart(), min(p.GetSize(), img.Size()-p.GetStart())})
 			}
 		}
 	}
 	var out []Range
 	found := false
-	for _, start := range starts {
-		rs, err := ext4Metadata(ctx, st, start)
+	for _, reg := range regions {
+		start := reg[0]
+		rs, err := ext4Metadata(ctx, st, start, reg[1])
 		if errors.Is(err, errNotExt4) {
 			continue
 		}
@@ -78,7 +79,7 @@ var errNotExt4 = errors.New("not ext4")
 // ErrUnsupportedFS: an ext4 layout whose metadata this package does not place.
 var ErrUnsupportedFS = errors.New("unsupported file-system layout")
 
-func ext4Metadata(ctx context.Context, r io.ReaderAt, start int64) ([]Range, error) {
+func ext4Metadata(ctx context.Context, r io.ReaderAt, start, size int64) ([]Range, error) {
 	sb := make([]byte, 1024)
 	if _, err := r.ReadAt(sb, start+1024); err != nil {
 		return nil, errNotExt4
@@ -111,6 +112,9 @@ func ext4Metadata(ctx context.Context, r io.ReaderAt, start int64) ([]Range, err
 	inodeSize := int64(le.Uint16(sb[0x58:]))
 	if bpg == 0 || ipg == 0 || inodeSize < 128 || inodeSize > bs || blocks <= first {
 		return nil, fmt.Errorf("%w: superblock geometry", ErrCorrupt)
+	}
+	if blocks > size/bs {
+		return nil, fmt.Errorf("%w: %d blocks of %d bytes do not fit in %d bytes", ErrCorrupt, blocks, bs, size)
 	}
 	groups := (blocks - first + bpg - 1) / bpg
 	if groups > maxGroupsMetadata {
@@ -156,7 +160,7 @@ func ext4Metadata(ctx context.Context, r io.ReaderAt, start int64) ([]Range, err
 			it |= int64(le.Uint32(d[0x28:])) << 32
 		}
 		for _, b := range []int64{bb, ib, it} {
-			if b >= blocks {
+			if b < 0 || b >= blocks || (b == it && it+itBlocks > blocks) {
 				return nil, fmt.Errorf("%w: group %d names block %d of %d", ErrCorrupt, g, b, blocks)
 			}
 		}
