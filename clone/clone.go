@@ -13,10 +13,12 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/files"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/internal/fsutil"
-	"golang.org/x/sys/unix"
 )
 
 // Options controls Create.
@@ -94,6 +96,10 @@ func Create(ctx context.Context, st *images.Store, source string, opts Options) 
 	if err != nil {
 		return nil, err
 	}
+	mid, err := machineIDOf(ctx, st, src.Layer)
+	if err != nil {
+		return nil, err
+	}
 	var userT *Template
 	if src.HasUser {
 		if userT, err = templateOn(st, dir, src.UserLayer, src.UserSize); err != nil {
@@ -108,6 +114,9 @@ func Create(ctx context.Context, st *images.Store, source string, opts Options) 
 		sys, user, seed := images.CloneFiles(n)
 		recs[i] = images.Clone{Name: n, UUID: ids[i].UUID, MAC: ids[i].MAC, Hostname: ids[i].Hostname,
 			Desktop: src.Desktop, Version: src.Version, Layer: src.Layer, Disk: sys, Created: now, Boot: opts.Boot}
+		if mid != nil {
+			recs[i].MachineID = strings.ReplaceAll(ids[i].UUID, "-", "")
+		}
 		files = append(files, sys)
 		if userT != nil {
 			recs[i].UserLayer, recs[i].UserDisk = src.UserLayer, user
@@ -138,7 +147,7 @@ func Create(ctx context.Context, st *images.Store, source string, opts Options) 
 
 	// The first clone is written alone and opened with its chain: a wrong template
 	// fails here, not a thousand times.
-	if err := writeClone(st, &recs[0], ids[0], sysT, userT, work, opts.FsyncEach); err != nil {
+	if err := writeClone(st, &recs[0], ids[0], sysT, userT, mid, work, opts.FsyncEach); err != nil {
 		return fail(err)
 	}
 	img, err := st.OpenTop(recs[0].Disk, true, false)
@@ -171,7 +180,7 @@ func Create(ctx context.Context, st *images.Store, source string, opts Options) 
 				}
 				err := ctx.Err()
 				if err == nil {
-					err = writeClone(st, &recs[i], ids[i], sysT, userT, work, opts.FsyncEach)
+					err = writeClone(st, &recs[i], ids[i], sysT, userT, mid, work, opts.FsyncEach)
 				}
 				if err != nil {
 					mu.Lock()
@@ -229,9 +238,14 @@ func templateOn(st *images.Store, dir, id string, size int64) (*Template, error)
 	return NewTemplate(dir, co)
 }
 
-func writeClone(st *images.Store, rec *images.Clone, id Identity, sysT, userT *Template, work string, fsync bool) error {
+func writeClone(st *images.Store, rec *images.Clone, id Identity, sysT, userT *Template, mid *files.Location, work string, fsync bool) error {
 	if err := sysT.Write(st.Path(rec.Disk), fsync); err != nil {
 		return fmt.Errorf("clone %s: %w", rec.Name, err)
+	}
+	if mid != nil {
+		if err := writeMachineID(st, rec, mid, fsync); err != nil {
+			return fmt.Errorf("clone %s: machine-id: %w", rec.Name, err)
+		}
 	}
 	if userT != nil {
 		if err := userT.Write(st.Path(rec.UserDisk), fsync); err != nil {

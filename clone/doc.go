@@ -15,8 +15,10 @@
 //     chain once, makes the template, and writes each top as the template's few
 //     non-zero 4 KiB blocks (the rest of the file is a hole).
 //   - Identity: a random version-4 UUID (also the cloud-init instance-id), a random
-//     locally administered unicast MAC 02:xx:xx:xx:xx:xx unique in the store, and a
-//     hostname made from the clone's name (RFC 1123 label).
+//     locally administered unicast MAC 02:xx:xx:xx:xx:xx unique in the store, a
+//     hostname made from the clone's name (RFC 1123 label), and, when the source's
+//     ext4 file system holds a machine-id (it has booted), the UUID's digits
+//     written over /etc/machine-id in the clone's own top.
 //   - Seed image: ISO 9660 made with go-diskfs, volume label "cidata", Rock Ridge
 //     and Joliet names, files meta-data (instance-id, local-hostname) and user-data
 //     (#cloud-config with the hostname), as cloud-init's NoCloud datasource reads.

@@ -79,7 +79,23 @@ var errNotExt4 = errors.New("not ext4")
 // ErrUnsupportedFS: an ext4 layout whose metadata this package does not place.
 var ErrUnsupportedFS = errors.New("unsupported file-system layout")
 
-func ext4Metadata(ctx context.Context, r io.ReaderAt, start, size int64) ([]Range, error) {
+// geometry is what an ext4 file system's superblock and group descriptors
+// say about where things are.
+type geometry struct {
+	r                     io.ReaderAt
+	start, bs, blocks     int64
+	first, bpg, ipg       int64
+	inodeSize, groups     int64
+	gdtBlocks, reserved   int64
+	itBlocks              int64
+	compat, roCompat      uint32
+	journalIno            int64
+	bitmaps, inodeBitmaps []int64
+	tables                []int64
+}
+
+// readGeometry reads the ext4 file system at start (size bytes at most).
+func readGeometry(ctx context.Context, r io.ReaderAt, start, size int64) (*geometry, error) {
 	sb := make([]byte, 1024)
 	if _, err := r.ReadAt(sb, start+1024); err != nil {
 		return nil, errNotExt4
@@ -92,12 +108,14 @@ func ext4Metadata(ctx context.Context, r io.ReaderAt, start, size int64) ([]Rang
 	if logBS > 6 {
 		return nil, fmt.Errorf("%w: block size 2^%d KiB", ErrCorrupt, logBS)
 	}
-	bs := int64(1024) << logBS
-	compat, incompat, roCompat := le.Uint32(sb[0x5c:]), le.Uint32(sb[0x60:]), le.Uint32(sb[0x64:])
-	blocks := int64(le.Uint32(sb[0x04:]))
+	g := &geometry{r: r, start: start, bs: int64(1024) << logBS}
+	bs := g.bs
+	var incompat uint32
+	g.compat, incompat, g.roCompat = le.Uint32(sb[0x5c:]), le.Uint32(sb[0x60:]), le.Uint32(sb[0x64:])
+	g.blocks = int64(le.Uint32(sb[0x04:]))
 	descSize := int64(32)
 	if incompat&incompat64Bit != 0 {
-		blocks |= int64(le.Uint32(sb[0x150:])) << 32
+		g.blocks |= int64(le.Uint32(sb[0x150:])) << 32
 		descSize = int64(le.Uint16(sb[0xfe:]))
 		if descSize < 32 || descSize > 1024 || descSize&(descSize-1) != 0 {
 			return nil, fmt.Errorf("%w: descriptor size %d", ErrCorrupt, descSize)
@@ -106,22 +124,89 @@ func ext4Metadata(ctx context.Context, r io.ReaderAt, start, size int64) ([]Rang
 	if incompat&incompatMetaBG != 0 {
 		return nil, fmt.Errorf("%w: meta_bg", ErrUnsupportedFS)
 	}
-	first := int64(le.Uint32(sb[0x14:]))
-	bpg := int64(le.Uint32(sb[0x20:]))
-	ipg := int64(le.Uint32(sb[0x28:]))
-	inodeSize := int64(le.Uint16(sb[0x58:]))
-	if bpg == 0 || ipg == 0 || inodeSize < 128 || inodeSize > bs || blocks <= first {
+	g.first = int64(le.Uint32(sb[0x14:]))
+	g.bpg = int64(le.Uint32(sb[0x20:]))
+	g.ipg = int64(le.Uint32(sb[0x28:]))
+	g.inodeSize = int64(le.Uint16(sb[0x58:]))
+	if g.bpg == 0 || g.ipg == 0 || g.inodeSize < 128 || g.inodeSize > bs || g.blocks <= g.first {
 		return nil, fmt.Errorf("%w: superblock geometry", ErrCorrupt)
 	}
-	if blocks > size/bs {
-		return nil, fmt.Errorf("%w: %d blocks of %d bytes do not fit in %d bytes", ErrCorrupt, blocks, bs, size)
+	if g.blocks > size/bs {
+		return nil, fmt.Errorf("%w: %d blocks of %d bytes do not fit in %d bytes", ErrCorrupt, g.blocks, bs, size)
 	}
-	groups := (blocks - first + bpg - 1) / bpg
-	if groups > maxGroupsMetadata {
-		return nil, fmt.Errorf("%w: %d block groups", ErrCorrupt, groups)
+	g.groups = (g.blocks - g.first + g.bpg - 1) / g.bpg
+	if g.groups > maxGroupsMetadata {
+		return nil, fmt.Errorf("%w: %d block groups", ErrCorrupt, g.groups)
 	}
-	gdtBlocks := (groups*descSize + bs - 1) / bs
-	reserved := int64(le.Uint16(sb[0xce:]))
+	g.gdtBlocks = (g.groups*descSize + bs - 1) / bs
+	g.reserved = int64(le.Uint16(sb[0xce:]))
+	g.journalIno = int64(le.Uint32(sb[0xe0:]))
+	gdt := make([]byte, g.gdtBlocks*bs)
+	if _, err := r.ReadAt(gdt, start+(g.first+1)*bs); err != nil {
+		return nil, fmt.Errorf("read group descriptors: %w", err)
+	}
+	g.itBlocks = (g.ipg*g.inodeSize + bs - 1) / bs
+	g.bitmaps, g.inodeBitmaps, g.tables = make([]int64, g.groups), make([]int64, g.groups), make([]int64, g.groups)
+	for i := int64(0); i < g.groups; i++ {
+		if i%4096 == 0 && ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		d := gdt[i*descSize:]
+		bb, ib, it := int64(le.Uint32(d[0:])), int64(le.Uint32(d[4:])), int64(le.Uint32(d[8:]))
+		if descSize >= 64 {
+			bb |= int64(le.Uint32(d[0x20:])) << 32
+			ib |= int64(le.Uint32(d[0x24:])) << 32
+			it |= int64(le.Uint32(d[0x28:])) << 32
+		}
+		for _, b := range []int64{bb, ib, it} {
+			if b < 0 || b >= g.blocks || (b == it && it+g.itBlocks > g.blocks) {
+				return nil, fmt.Errorf("%w: group %d names block %d of %d", ErrCorrupt, i, b, g.blocks)
+			}
+		}
+		g.bitmaps[i], g.inodeBitmaps[i], g.tables[i] = bb, ib, it
+	}
+	return g, nil
+}
+
+// inode reads inode number ino.
+func (g *geometry) inode(ino int64) ([]byte, error) {
+	grp, idx := (ino-1)/g.ipg, (ino-1)%g.ipg
+	if ino < 1 || grp >= g.groups {
+		return nil, fmt.Errorf("%w: inode %d", ErrCorrupt, ino)
+	}
+	in := make([]byte, g.inodeSize)
+	if _, err := g.r.ReadAt(in, g.start+g.tables[grp]*g.bs+idx*g.inodeSize); err != nil {
+		return nil, fmt.Errorf("read inode %d: %w", ino, err)
+	}
+	return in, nil
+}
+
+// fileExtents are the byte ranges of the disk that inode ino's data occupies,
+// in the order of the file.
+func (g *geometry) fileExtents(ino int64, what string) ([]Range, error) {
+	in, err := g.inode(ino)
+	if err != nil {
+		return nil, err
+	}
+	if binary.LittleEndian.Uint32(in[0x20:])&inodeExtentsFlag == 0 {
+		return nil, fmt.Errorf("%w: inode %d has no extent tree", ErrUnsupportedFS, ino)
+	}
+	var ext []Range
+	if err := extents(g.r, g.start, g.bs, g.blocks, in[0x28:0x28+60], 0, &ext); err != nil {
+		return nil, err
+	}
+	for i := range ext {
+		ext[i].What = what
+	}
+	return ext, nil
+}
+
+func ext4Metadata(ctx context.Context, r io.ReaderAt, start, size int64) ([]Range, error) {
+	g, err := readGeometry(ctx, r, start, size)
+	if err != nil {
+		return nil, err
+	}
+	bs := g.bs
 	var out []Range
 	add := func(block, n int64, what string) {
 		if n > 0 {
@@ -131,58 +216,25 @@ func ext4Metadata(ctx context.Context, r io.ReaderAt, start, size int64) ([]Rang
 	// The superblock itself lives at byte 1024 of block 0 (block 1 when
 	// blocks are 1 KiB).
 	out = append(out, Range{Off: start + 1024, Len: 1024, What: "superblock"})
-	for g := int64(0); g < groups; g++ {
-		if !hasSuperBackup(g, roCompat&roCompatSparse != 0) {
+	for i := int64(0); i < g.groups; i++ {
+		if !hasSuperBackup(i, g.roCompat&roCompatSparse != 0) {
 			continue
 		}
-		b := first + g*bpg
-		if g > 0 {
+		b := g.first + i*g.bpg
+		if i > 0 {
 			add(b, 1, "superblock")
 		}
-		add(b+1, gdtBlocks, "group descriptors")
-		add(b+1+gdtBlocks, reserved, "reserved group descriptors")
+		add(b+1, g.gdtBlocks, "group descriptors")
+		add(b+1+g.gdtBlocks, g.reserved, "reserved group descriptors")
 	}
-	gdt := make([]byte, gdtBlocks*bs)
-	if _, err := r.ReadAt(gdt, start+(first+1)*bs); err != nil {
-		return nil, fmt.Errorf("read group descriptors: %w", err)
+	for i := int64(0); i < g.groups; i++ {
+		add(g.bitmaps[i], 1, "block bitmap")
+		add(g.inodeBitmaps[i], 1, "inode bitmap")
+		add(g.tables[i], g.itBlocks, "inode table")
 	}
-	itBlocks := (ipg*inodeSize + bs - 1) / bs
-	tables := make([]int64, groups)
-	for g := int64(0); g < groups; g++ {
-		if g%4096 == 0 && ctx.Err() != nil {
-			return nil, ctx.Err()
-		}
-		d := gdt[g*descSize:]
-		bb, ib, it := int64(le.Uint32(d[0:])), int64(le.Uint32(d[4:])), int64(le.Uint32(d[8:]))
-		if descSize >= 64 {
-			bb |= int64(le.Uint32(d[0x20:])) << 32
-			ib |= int64(le.Uint32(d[0x24:])) << 32
-			it |= int64(le.Uint32(d[0x28:])) << 32
-		}
-		for _, b := range []int64{bb, ib, it} {
-			if b < 0 || b >= blocks || (b == it && it+itBlocks > blocks) {
-				return nil, fmt.Errorf("%w: group %d names block %d of %d", ErrCorrupt, g, b, blocks)
-			}
-		}
-		add(bb, 1, "block bitmap")
-		add(ib, 1, "inode bitmap")
-		add(it, itBlocks, "inode table")
-		tables[g] = it
-	}
-	if jino := int64(le.Uint32(sb[0xe0:])); compat&compatHasJournal != 0 && jino > 0 {
-		g, idx := (jino-1)/ipg, (jino-1)%ipg
-		if g >= groups {
-			return nil, fmt.Errorf("%w: journal inode %d", ErrCorrupt, jino)
-		}
-		in := make([]byte, inodeSize)
-		if _, err := r.ReadAt(in, start+tables[g]*bs+idx*inodeSize); err != nil {
-			return nil, fmt.Errorf("read the journal inode: %w", err)
-		}
-		if le.Uint32(in[0x20:])&inodeExtentsFlag == 0 {
-			return nil, fmt.Errorf("%w: a journal without extents", ErrUnsupportedFS)
-		}
-		var ext []Range
-		if err := extents(r, start, bs, blocks, in[0x28:0x28+60], 0, &ext); err != nil {
+	if g.compat&compatHasJournal != 0 && g.journalIno > 0 {
+		ext, err := g.fileExtents(g.journalIno, "journal")
+		if err != nil {
 			return nil, fmt.Errorf("journal: %w", err)
 		}
 		out = append(out, ext...)
@@ -211,7 +263,7 @@ func extents(r io.ReaderAt, start, bs, blocks int64, node []byte, depth int, out
 			if b+l > blocks {
 				return fmt.Errorf("%w: extent past the end", ErrCorrupt)
 			}
-			*out = append(*out, Range{Off: start + b*bs, Len: l * bs, What: "journal"})
+			*out = append(*out, Range{Off: start + b*bs, Len: l * bs})
 			continue
 		}
 		leaf := int64(le.Uint16(e[8:]))<<32 | int64(le.Uint32(e[4:]))

@@ -19,6 +19,10 @@ type Clone struct {
 	UUID     string `json:"uuid"`
 	MAC      string `json:"mac"`
 	Hostname string `json:"hostname"`
+	// MachineID is what the clone's /etc/machine-id holds, written into its own
+	// top when the source's file system had one ("" when it had none: the
+	// guest makes its own at its first boot).
+	MachineID string `json:"machine_id,omitempty"`
 	// Desktop and Version say which desktop version it was made from ("" and 0 for
 	// a clone of a layer).
 	Desktop string `json:"desktop,omitempty"`

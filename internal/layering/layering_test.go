@@ -23,7 +23,7 @@ var allowed = map[string][]string{
 	"desktop":           {"overlay", "files", "images", "catalog", "disk", "internal/proc", "internal/fsutil"},
 	"files":             {"disk"},
 	"overlay":           {"disk", "internal/proc", "internal/fsutil", "internal/ordered"},
-	"clone":             {"images", "disk", "internal/proc", "internal/fsutil"},
+	"clone":             {"files", "images", "disk", "internal/proc", "internal/fsutil"},
 	"hypervisor":        {"disk"},
 	"images":            {"catalog", "disk", "internal/proc", "internal/fsutil", "internal/ordered"},
 	"catalog":           {},

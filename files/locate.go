@@ -1,0 +1,97 @@
+package files
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/diskfs/go-diskfs/filesystem/ext4"
+	"github.com/diskfs/go-diskfs/partition"
+
+	"github.com/cvd-project/cvd/disk"
+)
+
+// ErrNotFound: the path is in no file system of the disk.
+var ErrNotFound = errors.New("file not found")
+
+// Location is where a regular file's bytes lie on a disk: its content is
+// the Len bytes at Off (one extent), so that writing Len bytes there
+// changes the file and nothing else of the file system.
+type Location struct {
+	Off     int64  `json:"offset"`
+	Len     int64  `json:"length"`
+	Content []byte `json:"-"`
+}
+
+// Locate finds the regular file at path in the first ext4 file system of img
+// that has it, and where its bytes lie. A file not stored in one extent
+// (fragmented, inline, empty) gives ErrUnsupportedFS.
+func Locate(ctx context.Context, img disk.Image, path string) (loc *Location, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			loc, err = nil, fmt.Errorf("%s: %w: %v", img.Info().Path, ErrCorrupt, p)
+		}
+	}()
+	st := newStorage(img)
+	regions := [][2]int64{{0, img.Size()}}
+	if tbl, err := partition.Read(st, 512, 512); err == nil && tbl != nil {
+		regions = regions[:0]
+		for _, p := range tbl.GetPartitions() {
+			if p.GetSize() > 0 && p.GetStart() >= 0 && p.GetStart() < img.Size() {
+				regions = append(regions, [2]int64{p.GetStart(), min(p.GetSize(), img.Size()-p.GetStart())})
+			}
+		}
+	}
+	for _, reg := range regions {
+		fsys, err := ext4.Read(st, reg[1], reg[0], 512)
+		if err != nil {
+			continue
+		}
+		fi, err := fsys.Stat(fsPath(path))
+		if err != nil {
+			continue
+		}
+		if !fi.Mode().IsRegular() {
+			return nil, fmt.Errorf("%s is not a regular file", path)
+		}
+		sys, ok := fi.Sys().(*ext4.StatT)
+		if !ok || sys == nil {
+			return nil, fmt.Errorf("%s: no inode", path)
+		}
+		if fi.Size() == 0 {
+			return nil, fmt.Errorf("%w: %s is empty", ErrUnsupportedFS, path)
+		}
+		g, err := readGeometry(ctx, st, reg[0], reg[1])
+		if err != nil {
+			return nil, err
+		}
+		ext, err := g.fileExtents(int64(sys.Ino), path)
+		if err != nil {
+			return nil, err
+		}
+		if len(ext) != 1 || ext[0].Len < fi.Size() {
+			return nil, fmt.Errorf("%w: %s is not stored in one extent", ErrUnsupportedFS, path)
+		}
+		f, err := fsys.OpenFile(fsPath(path), os.O_RDONLY)
+		if err != nil {
+			return nil, err
+		}
+		defer f.Close()
+		content, err := io.ReadAll(io.LimitReader(f, 1<<20))
+		if err != nil {
+			return nil, err
+		}
+		// The bytes at the extent must be the file's: what the write will replace.
+		on := make([]byte, fi.Size())
+		if err := disk.ReadView(img, on, ext[0].Off); err != nil {
+			return nil, err
+		}
+		if string(on) != string(content) {
+			return nil, fmt.Errorf("%w: %s's extent does not hold its content", ErrCorrupt, path)
+		}
+		return &Location{Off: ext[0].Off, Len: fi.Size(), Content: content}, nil
+	}
+	return nil, fmt.Errorf("%s: %s: %w", img.Info().Path, path, ErrNotFound)
+}
