@@ -8,7 +8,6 @@ import (
 	"os"
 
 	"github.com/diskfs/go-diskfs/filesystem/ext4"
-	"github.com/diskfs/go-diskfs/partition"
 
 	"github.com/cvd-project/cvd/disk"
 )
@@ -35,17 +34,8 @@ func Locate(ctx context.Context, img disk.Image, path string) (loc *Location, er
 		}
 	}()
 	st := newStorage(img)
-	regions := [][2]int64{{0, img.Size()}}
-	if tbl, err := partition.Read(st, 512, 512); err == nil && tbl != nil {
-		regions = regions[:0]
-		for _, p := range tbl.GetPartitions() {
-			if p.GetSize() > 0 && p.GetStart() >= 0 && p.GetStart() < img.Size() {
-				regions = append(regions, [2]int64{p.GetStart(), min(p.GetSize(), img.Size()-p.GetStart())})
-			}
-		}
-	}
-	for _, reg := range regions {
-		fsys, err := ext4.Read(st, reg[1], reg[0], 512)
+	for _, reg := range regions(st) {
+		fsys, err := ext4.Read(st, reg.size, reg.start, 512)
 		if err != nil {
 			continue
 		}
@@ -63,7 +53,7 @@ func Locate(ctx context.Context, img disk.Image, path string) (loc *Location, er
 		if fi.Size() == 0 {
 			return nil, fmt.Errorf("%w: %s is empty", ErrUnsupportedFS, path)
 		}
-		g, err := readGeometry(ctx, st, reg[0], reg[1])
+		g, err := readGeometry(ctx, st, reg.start, reg.size)
 		if err != nil {
 			return nil, err
 		}

@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"github.com/diskfs/go-diskfs/filesystem/ext4"
-	"github.com/diskfs/go-diskfs/partition"
 
 	"github.com/cvd-project/cvd/disk"
 )
@@ -67,20 +66,7 @@ func Manifest(ctx context.Context, img disk.Image) (out []FileSystem, err error)
 		}
 	}()
 	st := newStorage(img)
-	type region struct {
-		n           int
-		start, size int64
-	}
-	regions := []region{{0, 0, img.Size()}}
-	if tbl, err := partition.Read(st, 512, 512); err == nil && tbl != nil {
-		regions = regions[:0]
-		for i, p := range tbl.GetPartitions() {
-			if p.GetSize() > 0 {
-				regions = append(regions, region{i + 1, p.GetStart(), p.GetSize()})
-			}
-		}
-	}
-	for _, r := range regions {
+	for _, r := range regions(st) {
 		fsys, err := ext4.Read(st, r.size, r.start, 512)
 		if err != nil {
 			continue // not ext4 (or not a file system)

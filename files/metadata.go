@@ -8,8 +8,6 @@ import (
 	"io"
 	"sort"
 
-	"github.com/diskfs/go-diskfs/partition"
-
 	"github.com/cvd-project/cvd/disk"
 )
 
@@ -44,20 +42,11 @@ const (
 // ErrUnsupportedFS; a malformed one ErrCorrupt.
 func Metadata(ctx context.Context, img disk.Image) ([]Range, error) {
 	st := newStorage(img)
-	regions := [][2]int64{{0, img.Size()}}
-	if tbl, err := partition.Read(st, 512, 512); err == nil && tbl != nil {
-		regions = regions[:0]
-		for _, p := range tbl.GetPartitions() {
-			if p.GetSize() > 0 && p.GetStart() >= 0 && p.GetStart() < img.Size() {
-				regions = append(regions, [2]int64{p.GetStart(), min(p.GetSize(), img.Size()-p.GetStart())})
-			}
-		}
-	}
 	var out []Range
 	found := false
-	for _, reg := range regions {
-		start := reg[0]
-		rs, err := ext4Metadata(ctx, st, start, reg[1])
+	for _, reg := range regions(st) {
+		start := reg.start
+		rs, err := ext4Metadata(ctx, st, start, reg.size)
 		if errors.Is(err, errNotExt4) {
 			continue
 		}

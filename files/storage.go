@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/diskfs/go-diskfs/backend"
+	"github.com/diskfs/go-diskfs/partition"
 
 	"github.com/cvd-project/cvd/disk"
 )
@@ -76,3 +77,27 @@ func (i storageInfo) Mode() fs.FileMode  { return 0o444 }
 func (i storageInfo) ModTime() time.Time { return time.Time{} }
 func (i storageInfo) IsDir() bool        { return false }
 func (i storageInfo) Sys() any           { return nil }
+
+// regions are where file systems may start on the disk: each partition of its
+// GPT or MBR table (start and size in bytes, clipped to the disk), or the
+// whole disk when it has no table (partition 0).
+func regions(st *storage) []region {
+	size := st.img.Size()
+	tbl, err := partition.Read(st, 512, 512)
+	if err != nil || tbl == nil {
+		return []region{{0, 0, size}}
+	}
+	var out []region
+	for i, p := range tbl.GetPartitions() {
+		if p.GetSize() > 0 && p.GetStart() >= 0 && p.GetStart() < size {
+			out = append(out, region{i + 1, p.GetStart(), min(p.GetSize(), size-p.GetStart())})
+		}
+	}
+	return out
+}
+
+// region is a partition (n from 1) or the whole disk (n 0).
+type region struct {
+	n           int
+	start, size int64
+}
