@@ -25,10 +25,7 @@ func TestClonesGetTheirOwnMachineID(t *testing.T) {
 	os.MkdirAll(filepath.Join(src, "etc"), 0o755)
 	os.WriteFile(filepath.Join(src, "etc", "machine-id"), []byte("0123456789abcdef0123456789abcdef\n"), 0o444)
 	os.WriteFile(filepath.Join(src, "etc", "hostname"), []byte("golden\n"), 0o644)
-	raw := filepath.Join(dir, "fs.raw")
-	os.WriteFile(raw, nil, 0o644)
-	os.Truncate(raw, 64<<20)
-	testutil.Run(t, "mkfs.ext4", "-q", "-F", "-d", src, raw)
+	raw := testutil.MakeExt4(t, filepath.Join(dir, "fs.raw"), src, 64<<20)
 	q := filepath.Join(dir, "fs.qcow2")
 	testutil.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, q)
 
@@ -76,10 +73,7 @@ func TestClonesGetTheirOwnMachineID(t *testing.T) {
 
 	// A layer whose machine-id is empty (never booted): nothing is written.
 	os.WriteFile(filepath.Join(src, "etc", "machine-id"), nil, 0o444)
-	raw2 := filepath.Join(dir, "fs2.raw")
-	os.WriteFile(raw2, nil, 0o644)
-	os.Truncate(raw2, 64<<20)
-	testutil.Run(t, "mkfs.ext4", "-q", "-F", "-d", src, raw2)
+	raw2 := testutil.MakeExt4(t, filepath.Join(dir, "fs2.raw"), src, 64<<20)
 	q2 := filepath.Join(dir, "fs2.qcow2")
 	testutil.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw2, q2)
 	if _, _, err := st.Import(ctx, q2, images.ImportOptions{Kind: images.KindBase, Names: []string{"fresh:1"}}); err != nil {

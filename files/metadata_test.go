@@ -68,10 +68,9 @@ func TestMetadataAgreesWithDumpe2fs(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
-			raw := filepath.Join(dir, "fs.raw")
-			os.WriteFile(raw, nil, 0o644)
-			os.Truncate(raw, tc.size)
-			testutil.Run(t, "mkfs.ext4", append(append([]string{"-q", "-F"}, tc.args...), raw)...)
+			empty := filepath.Join(dir, "empty")
+			os.Mkdir(empty, 0o755)
+			raw := testutil.MakeExt4(t, filepath.Join(dir, "fs.raw"), empty, tc.size, tc.args...)
 			q := filepath.Join(dir, "fs.qcow2")
 			testutil.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, q)
 			img, err := disk.Open(q, disk.OpenOptions{ReadOnly: true})

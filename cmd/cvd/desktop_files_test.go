@@ -32,13 +32,7 @@ func TestDesktopFilesAndDiff(t *testing.T) {
 		for p, s := range tree {
 			write(filepath.Join(src, p), s)
 		}
-		raw := filepath.Join(dir, "r.raw")
-		os.Remove(raw)
-		if err := os.WriteFile(raw, nil, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		os.Truncate(raw, 32<<20)
-		testutil.Run(t, "mkfs.ext4", "-q", "-F", "-d", src, raw)
+		raw := testutil.MakeExt4(t, filepath.Join(dir, "r.raw"), src, 32<<20)
 		q := filepath.Join(dir, "v"+string(rune('1'+i))+".qcow2")
 		testutil.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, q)
 		mustCvd(t, store, "layer", "import", q, "--kind", "base", "--name", "os:"+string(rune('1'+i)))

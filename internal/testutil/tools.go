@@ -147,3 +147,20 @@ func QemuCompare(t testing.TB, a, b string, extra ...string) bool {
 	t.Fatalf("qemu-img compare %s %s: %v\n%s", a, b, err, out)
 	return false
 }
+
+// MakeExt4 makes a raw disk image of size bytes at path holding an ext4 file
+// system filled from the directory src (mkfs.ext4 -d), with extra mkfs.ext4
+// arguments, and returns path.
+func MakeExt4(t testing.TB, path, src string, size int64, extra ...string) string {
+	t.Helper()
+	NeedTool(t, "e2fsprogs", "mkfs.ext4")
+	os.Remove(path)
+	if err := os.WriteFile(path, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(path, size); err != nil {
+		t.Fatal(err)
+	}
+	Run(t, "mkfs.ext4", append(append([]string{"-q", "-F", "-d", src}, extra...), path)...)
+	return path
+}
