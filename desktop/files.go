@@ -2,8 +2,10 @@ package desktop
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 
+	"github.com/cvd-project/cvd/catalog"
 	"github.com/cvd-project/cvd/files"
 	"github.com/cvd-project/cvd/images"
 )
@@ -45,12 +47,51 @@ func VersionFiles(ctx context.Context, st *images.Store, name string, n int, dis
 	if layer == "" {
 		return nil, fmt.Errorf("desktop %s: version %d has no %s layer (a blank disk)", name, n, diskName)
 	}
-	img, err := st.OpenLayer(layer, false)
+	return layerManifest(ctx, st, layer)
+}
+
+// bucketManifests caches each layer's manifest (JSON) in the catalog: a
+// layer's ID names its content, so the entry never goes stale.
+var bucketManifests = []byte("files.manifests")
+
+// layerManifest is the manifest of the file systems on layer id's chain, from
+// the catalog's cache or read and then cached (when the store is writable).
+func layerManifest(ctx context.Context, st *images.Store, id string) ([]files.FileSystem, error) {
+	var cached []byte
+	if err := st.Catalog().View(func(tx *catalog.Tx) error {
+		cached = tx.Bucket(bucketManifests).Get([]byte(id))
+		return nil
+	}); err != nil {
+		return nil, err
+	}
+	var out []files.FileSystem
+	if cached != nil && json.Unmarshal(cached, &out) == nil {
+		return out, nil
+	}
+	img, err := st.OpenLayer(id, false)
 	if err != nil {
 		return nil, err
 	}
 	defer img.Close()
-	return files.Manifest(ctx, img)
+	out, err = files.Manifest(ctx, img)
+	if err != nil {
+		return nil, err
+	}
+	if b, err := json.Marshal(out); err == nil {
+		// A read-only store (or a full disk) just does not cache.
+		_ = st.Catalog().Update(func(tx *catalog.Tx) error { return tx.Bucket(bucketManifests).Put([]byte(id), b) })
+	}
+	return out, nil
+}
+
+// ManifestCached reports whether layer id's manifest is in the catalog.
+func ManifestCached(st *images.Store, id string) bool {
+	var ok bool
+	st.Catalog().View(func(tx *catalog.Tx) error {
+		ok = tx.Bucket(bucketManifests).Get([]byte(id)) != nil
+		return nil
+	})
+	return ok
 }
 
 // FileSystemDiff is what changed in one file system between two versions.

@@ -20,12 +20,13 @@ func newDesktopFilesCommand(g *globalOptions) *cobra.Command {
 		Long: `List the files of a version of the desktop (default: its head), read in process
 and read-only from the layer its disk stands on, through the whole chain: the
 partition table (GPT, MBR or none) and each ext4 file system on it. Regular files
-get their SHA-256.`,
+get their SHA-256. A layer's manifest is cached in the store's catalog (a layer's
+ID names its content): the next listing of a version on it reads no file system.`,
 		Example: `  cvd desktop files alice
   cvd desktop files alice --version 3 --disk user --json`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			st, err := openStore(g, true)
+			st, err := openStore(g, false) // writable: manifests are cached in the catalog
 			if err != nil {
 				return err
 			}
@@ -96,7 +97,7 @@ time alone is not a change), per file system of the disk.`,
 			if from == 0 || to == 0 {
 				return &exitError{code: exitUsage, err: fmt.Errorf("give --from and --to")}
 			}
-			st, err := openStore(g, true)
+			st, err := openStore(g, false)
 			if err != nil {
 				return err
 			}

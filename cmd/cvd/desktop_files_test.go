@@ -8,6 +8,7 @@ import (
 
 	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/files"
+	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/internal/testutil"
 )
 
@@ -51,6 +52,18 @@ func TestDesktopFilesAndDiff(t *testing.T) {
 	if got["/home/a.txt"] != "ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb" || got["/etc"] != "" {
 		t.Fatalf("version 1's files: %v", got)
 	}
+	st, err := images.Open(store, images.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := st.Desktop("d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !desktop.ManifestCached(st, d.Versions[0].System) {
+		t.Error("the listed version's manifest is not cached")
+	}
+	st.Close()
 	var ds []desktop.FileSystemDiff
 	if err := json.Unmarshal([]byte(mustCvd(t, store, "--json", "desktop", "diff", "d", "--files", "--from", "1", "--to", "2")), &ds); err != nil {
 		t.Fatal(err)
