@@ -113,7 +113,11 @@ func RecordVersion(st *images.Store, name string, v images.Version, fresh bool) 
 func ResetTop(st *images.Store, rel, id string, size int64) error {
 	path := st.Path(rel)
 	tmp := filepath.Join(filepath.Dir(path), proc.TempPrefix()+randSuffix()+".qcow2")
-	co := disk.CreateOptions{Size: size, AllowedRoots: []string{st.Dir()}, Encrypt: st.TopEncryption(rel)}
+	enc, err := st.TopEncryption(rel)
+	if err != nil {
+		return fmt.Errorf("create top %s: %w", filepath.Base(path), err)
+	}
+	co := disk.CreateOptions{Size: size, AllowedRoots: []string{st.Dir()}, Encrypt: enc}
 	if id != "" {
 		l, err := st.Layer(id)
 		if err != nil {

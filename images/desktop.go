@@ -290,7 +290,11 @@ func (s *Store) CreateDesktop(ctx context.Context, name string, spec DesktopSpec
 // createTop writes a writable top at the store-relative path rel: on layer id, or,
 // when id is "", a blank disk of size bytes.
 func (s *Store) createTop(rel, id string, size int64) error {
-	co := disk.CreateOptions{Size: size, AllowedRoots: []string{s.dir}, Encrypt: s.TopEncryption(rel)}
+	enc, err := s.TopEncryption(rel)
+	if err != nil {
+		return err
+	}
+	co := disk.CreateOptions{Size: size, AllowedRoots: []string{s.dir}, Encrypt: enc}
 	if id != "" {
 		co.BackingFile = s.LayerPath(id)
 		co.BackingFormat = disk.FormatQcow2

@@ -85,26 +85,28 @@ type Store struct {
 
 	// topEncryption says how a new top at a store-relative path is encrypted
 	// (SetTopEncryption); nil makes plain tops.
-	topEncryption func(rel string) *disk.Encryption
+	topEncryption func(rel string) (*disk.Encryption, error)
 }
 
 // SetTopEncryption makes every writable top the store creates from now on (a
 // desktop's first tops, a reset after a check-in) encrypted as fn says for its
-// store-relative path; fn returns nil for a plain top. A laptop with
-// encrypted copies sets it; its keys open the layers through disk.UseKeyring.
-func (s *Store) SetTopEncryption(fn func(rel string) *disk.Encryption) {
+// store-relative path; fn returns nil for a plain top, and an error when the
+// top must be encrypted and cannot be (no top is made then: never a plain one
+// by mistake). A laptop with encrypted copies sets it; its keys open the
+// layers through disk.AddKeyring.
+func (s *Store) SetTopEncryption(fn func(rel string) (*disk.Encryption, error)) {
 	s.mu.Lock()
 	s.topEncryption = fn
 	s.mu.Unlock()
 }
 
 // TopEncryption is how a new top at rel is encrypted (nil: plain).
-func (s *Store) TopEncryption(rel string) *disk.Encryption {
+func (s *Store) TopEncryption(rel string) (*disk.Encryption, error) {
 	s.mu.Lock()
 	fn := s.topEncryption
 	s.mu.Unlock()
 	if fn == nil {
-		return nil
+		return nil, nil
 	}
 	return fn(rel)
 }

@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cvd-project/cvd/hypervisor"
 	"github.com/cvd-project/cvd/internal/testutil"
 )
 
@@ -28,23 +27,7 @@ func TestEncryptedGuest(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
 
-	base := filepath.Join(work, "base.qcow2")
-	testutil.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "64M")
-	testutil.Run(t, "qemu-io", "-c", "write -P 0x11 0 4M", base)
-	mustCvd(t, srv, "layer", "import", base, "--kind", "base", "--name", "os:1")
-	mustCvd(t, srv, "desktop", "create", "desk", "--base", "os:1", "--user-size", "32M")
-	mustCvd(t, srv, "desktop", "boot", "desk", "--kernel", env.kernel, "--initrd", env.initrd, "--memory", "256",
-		"--cmdline", env.cmdline+" cvd.seed=/dev/vdc cvd.user=/dev/vdb cvd.pattern=0xc7")
-	p := startServeAt(t, bin, srv, "127.0.0.1:0")
-	conn, err := hypervisor.Connect(ctx, env.uri)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		conn.Destroy(context.Background(), "desk")
-		conn.Undefine(context.Background(), "desk", 0)
-		conn.Close()
-	})
+	p, conn := guestSite(ctx, t, env, bin, srv, "64M", "0xc7", "write -P 0x11 0 4M")
 	var added struct {
 		Token string `json:"token"`
 	}

@@ -30,23 +30,7 @@ func TestStreamedGuest(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 
-	base := filepath.Join(work, "base.qcow2")
-	testutil.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "256M")
-	testutil.Run(t, "qemu-io", "-c", "write -P 0x11 0 4M", "-c", "write -P 0x33 16M 60M", base)
-	mustCvd(t, srv, "layer", "import", base, "--kind", "base", "--name", "os:1")
-	mustCvd(t, srv, "desktop", "create", "desk", "--base", "os:1", "--user-size", "32M")
-	mustCvd(t, srv, "desktop", "boot", "desk", "--kernel", env.kernel, "--initrd", env.initrd, "--memory", "256",
-		"--cmdline", env.cmdline+" cvd.seed=/dev/vdc cvd.user=/dev/vdb cvd.pattern=0xa1")
-	p := startServeAt(t, bin, srv, "127.0.0.1:0")
-	conn, err := hypervisor.Connect(ctx, env.uri)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		conn.Destroy(context.Background(), "desk")
-		conn.Undefine(context.Background(), "desk", 0)
-		conn.Close()
-	})
+	p, conn := guestSite(ctx, t, env, bin, srv, "256M", "0xa1", "write -P 0x11 0 4M", "write -P 0x33 16M 60M")
 	device := func(name string) *groupDevice {
 		var added struct {
 			Token string `json:"token"`
@@ -127,4 +111,33 @@ func TestStreamedGuest(t *testing.T) {
 		t.Fatalf("second device: before %+v, after %+v (first: %+v)", before.StreamStats, stB.StreamStats, stA.StreamStats)
 	}
 	testutil.Run(t, "qemu-io", "-r", "-f", "qcow2", "-c", "read -P 0xa1 1M 4k", b.status().Stream.Disks["system"].Top)
+}
+
+// guestSite serves a store at srv whose desktop "desk" boots the tiny guest
+// (writing pattern) from a base of size written by the qemu-io commands, and
+// connects to the test's libvirtd; the desktop's domain goes at the end.
+func guestSite(ctx context.Context, t *testing.T, env *vmEnv, bin, srv, size, pattern string, writes ...string) (*serveProc, *hypervisor.Conn) {
+	t.Helper()
+	base := filepath.Join(t.TempDir(), "base.qcow2")
+	testutil.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", base, size)
+	var io []string
+	for _, w := range writes {
+		io = append(io, "-c", w)
+	}
+	testutil.Run(t, "qemu-io", append(io, base)...)
+	mustCvd(t, srv, "layer", "import", base, "--kind", "base", "--name", "os:1")
+	mustCvd(t, srv, "desktop", "create", "desk", "--base", "os:1", "--user-size", "32M")
+	mustCvd(t, srv, "desktop", "boot", "desk", "--kernel", env.kernel, "--initrd", env.initrd, "--memory", "256",
+		"--cmdline", env.cmdline+" cvd.seed=/dev/vdc cvd.user=/dev/vdb cvd.pattern="+pattern)
+	p := startServeAt(t, bin, srv, "127.0.0.1:0")
+	conn, err := hypervisor.Connect(ctx, env.uri)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		conn.Destroy(context.Background(), "desk")
+		conn.Undefine(context.Background(), "desk", 0)
+		conn.Close()
+	})
+	return p, conn
 }

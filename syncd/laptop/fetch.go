@@ -183,6 +183,11 @@ func (f *layerFetcher) open() error {
 	if b, err := os.ReadFile(f.ckptPath); err == nil {
 		if json.Unmarshal(b, &f.ck) == nil && f.ck.ID == f.info.ID && f.h.Restore(f.ck.Hash) == nil && partialClean(f.path) {
 			img, err := f.openPartial()
+			if err == nil && img.Info().Encrypted != (f.enc != nil) {
+				// Begun by a check-out of the other kind: start over.
+				img.Close()
+				err = errors.New("partial layer of the other kind")
+			}
 			if err == nil {
 				f.img = img
 				f.w = state.NewStageWriter(img, int64(f.info.ClusterSize))

@@ -174,17 +174,20 @@ func (l *Laptop) liveKeys(string) ([][]byte, error) {
 	return out, nil
 }
 
-// topEncryption encrypts the tops of a desktop whose copy has a key.
-func (l *Laptop) topEncryption(rel string) *disk.Encryption {
+// topEncryption encrypts the tops of a desktop whose copy has a key; a key
+// file that does not open (expired, altered) refuses the top rather than let
+// it be plain.
+func (l *Laptop) topEncryption(rel string) (*disk.Encryption, error) {
 	base, ok := strings.CutPrefix(rel, images.DesktopsDir+"/")
 	if !ok {
-		return nil
+		return nil, nil
 	}
 	name := strings.TrimSuffix(strings.TrimSuffix(base, ".qcow2"), filepath.Ext(strings.TrimSuffix(base, ".qcow2")))
-	if k, err := l.copyKey(name); err == nil && k != nil {
-		return &disk.Encryption{Key: k}
+	k, err := l.copyKey(name)
+	if err != nil || k == nil {
+		return nil, err
 	}
-	return nil
+	return &disk.Encryption{Key: k}, nil
 }
 
 // shredCopy crypto-shreds desktop's encrypted copy: it finds the files its key
