@@ -35,6 +35,9 @@ func Locate(ctx context.Context, img disk.Image, path string) (loc *Location, er
 	}()
 	st := newStorage(img)
 	for _, reg := range regions(st) {
+		if _, err := readGeometry(ctx, st, reg.start, reg.size); err != nil {
+			continue // not ext4, or one go-diskfs must not be given
+		}
 		fsys, err := ext4.Read(st, reg.size, reg.start, 512)
 		if err != nil {
 			continue

@@ -67,6 +67,13 @@ func Manifest(ctx context.Context, img disk.Image) (out []FileSystem, err error)
 	}()
 	st := newStorage(img)
 	for _, r := range regions(st) {
+		// cvd's own checks of the superblock and descriptors first: go-diskfs
+		// sizes its allocations from them unchecked.
+		if _, err := readGeometry(ctx, st, r.start, r.size); errors.Is(err, errNotExt4) {
+			continue
+		} else if err != nil {
+			return nil, fmt.Errorf("%s: partition %d: %w", img.Info().Path, r.n, err)
+		}
 		fsys, err := ext4.Read(st, r.size, r.start, 512)
 		if err != nil {
 			continue // not ext4 (or not a file system)

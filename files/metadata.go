@@ -32,6 +32,9 @@ const (
 	extentMagic       = 0xf30a
 	maxExtentDepth    = 5
 	maxGroupsMetadata = 1 << 22
+	// maxDescriptorBytes bounds the group descriptor table (64 TiB of 4 KiB
+	// blocks with 64-byte descriptors needs 32 MiB).
+	maxDescriptorBytes = 256 << 20
 )
 
 // Metadata lists the byte ranges of the disk img that hold ext4 metadata: each
@@ -126,6 +129,11 @@ func readGeometry(ctx context.Context, r io.ReaderAt, start, size int64) (*geome
 	g.groups = (g.blocks - g.first + g.bpg - 1) / g.bpg
 	if g.groups > maxGroupsMetadata {
 		return nil, fmt.Errorf("%w: %d block groups", ErrCorrupt, g.groups)
+	}
+	// go-diskfs allocates the descriptor table from these fields (and its own
+	// count of groups, blocks/bpg + 1 at most): bound it.
+	if gdt := descSize * (g.blocks/g.bpg + 1); gdt > maxDescriptorBytes || gdt > size {
+		return nil, fmt.Errorf("%w: a %d-byte group descriptor table", ErrCorrupt, gdt)
 	}
 	g.gdtBlocks = (g.groups*descSize + bs - 1) / bs
 	g.reserved = int64(le.Uint16(sb[0xce:]))
