@@ -335,7 +335,8 @@ func devices(s *state.State) ([]Device, error) {
 var dummyHash = hashToken("cvd1_0000000000000000_unknown-device-token-placeholder")
 
 // authenticate returns the device a bearer token belongs to. The comparison of
-// hashes takes constant time.
+// hashes takes constant time. A device ordered wiped gets ErrWiped (looked up
+// in the same read of the catalog).
 func authenticate(s *state.State, tok string) (*Device, error) {
 	id, ok := parseToken(tok)
 	h := hashToken(tok)
@@ -344,9 +345,13 @@ func authenticate(s *state.State, tok string) (*Device, error) {
 		return nil, fmt.Errorf("%w: malformed device token", proto.ErrUnauthorized)
 	}
 	var d *Device
+	var gone bool
 	err := s.View(func(tx *catalog.Tx) error {
 		var err error
-		d, err = oneDevice(tx, "id = ?", id)
+		if d, err = oneDevice(tx, "id = ?", id); err != nil || d == nil {
+			return err
+		}
+		gone, err = wiped(tx, d)
 		return err
 	})
 	if err != nil {
@@ -358,6 +363,9 @@ func authenticate(s *state.State, tok string) (*Device, error) {
 	}
 	if subtle.ConstantTimeCompare([]byte(h), []byte(want)) != 1 || d == nil {
 		return nil, fmt.Errorf("%w: wrong device token", proto.ErrUnauthorized)
+	}
+	if gone {
+		return nil, fmt.Errorf("device %s: %w: shred the encrypted copies", d.Name, proto.ErrWiped)
 	}
 	return d, nil
 }

@@ -83,21 +83,11 @@ func (s *Server) copyKey(tx *catalog.Tx, dev *Device, desktop string) (*proto.Le
 		return nil, err
 	}
 	id := dev.ID + "/" + desktop
-	var rec escrowedKey
-	ok, err := state.GetJSON(tx, state.BucketKeys, id, &rec)
+	kek, ok, err := unsealKey(tx, aead, id)
 	if err != nil {
 		return nil, err
 	}
-	var kek []byte
-	if ok {
-		ns := aead.NonceSize()
-		if len(rec.Sealed) < ns {
-			return nil, fmt.Errorf("escrowed key %s: truncated", id)
-		}
-		if kek, err = aead.Open(nil, rec.Sealed[:ns], rec.Sealed[ns:], []byte(id)); err != nil {
-			return nil, fmt.Errorf("escrowed key %s: the master key does not open it: %w", id, err)
-		}
-	} else {
+	if !ok {
 		kek = make([]byte, 32)
 		if _, err := rand.Read(kek); err != nil {
 			return nil, err
@@ -106,7 +96,7 @@ func (s *Server) copyKey(tx *catalog.Tx, dev *Device, desktop string) (*proto.Le
 		if _, err := rand.Read(nonce); err != nil {
 			return nil, err
 		}
-		rec = escrowedKey{Device: dev.ID, Desktop: desktop, Sealed: aead.Seal(nonce, nonce, kek, []byte(id)), Created: s.now().UTC()}
+		rec := escrowedKey{Device: dev.ID, Desktop: desktop, Sealed: aead.Seal(nonce, nonce, kek, []byte(id)), Created: s.now().UTC()}
 		if err := state.PutJSON(tx, state.BucketKeys, id, &rec); err != nil {
 			return nil, err
 		}
@@ -118,31 +108,45 @@ func (s *Server) copyKey(tx *catalog.Tx, dev *Device, desktop string) (*proto.Le
 	return &proto.LeaseKey{KEK: hex.EncodeToString(kek), Wrap: hex.EncodeToString(wrap)}, nil
 }
 
+// unsealKey opens the escrowed key id; ok is false when there is none.
+func unsealKey(tx *catalog.Tx, aead cipher.AEAD, id string) (kek []byte, ok bool, err error) {
+	var rec escrowedKey
+	if ok, err = state.GetJSON(tx, state.BucketKeys, id, &rec); err != nil || !ok {
+		return nil, false, err
+	}
+	ns := aead.NonceSize()
+	if len(rec.Sealed) < ns {
+		return nil, false, fmt.Errorf("escrowed key %s: truncated", id)
+	}
+	if kek, err = aead.Open(nil, rec.Sealed[:ns], rec.Sealed[ns:], []byte(id)); err != nil {
+		return nil, false, fmt.Errorf("escrowed key %s: the master key does not open it: %w", id, err)
+	}
+	return kek, true, nil
+}
+
 // EscrowedKey returns the escrowed key of device's encrypted copy of desktop
 // (for recovery by the administrator).
 func (s *Server) EscrowedKey(device, desktop string) (string, error) {
-	var out string
-	err := s.st.Update(func(tx *catalog.Tx) error {
+	aead, err := s.masterAEAD()
+	if err != nil {
+		return "", err
+	}
+	var kek []byte
+	err = s.st.View(func(tx *catalog.Tx) error {
 		d, err := deviceByName(tx, device)
 		if err != nil {
 			return err
 		}
-		var rec escrowedKey
-		ok, err := state.GetJSON(tx, state.BucketKeys, d.ID+"/"+desktop, &rec)
-		if err != nil {
+		var ok bool
+		if kek, ok, err = unsealKey(tx, aead, d.ID+"/"+desktop); err != nil {
 			return err
 		}
 		if !ok {
 			return fmt.Errorf("device %s, desktop %s: %w: no escrowed key", device, desktop, proto.ErrNotFound)
 		}
-		k, err := s.copyKey(tx, d, desktop)
-		if err != nil {
-			return err
-		}
-		out = k.KEK
 		return nil
 	})
-	return out, err
+	return hex.EncodeToString(kek), err
 }
 
 // WipeDevice orders the device wiped: its leases are broken, and its next

@@ -399,13 +399,6 @@ func (s *Server) wrap(name string, h func(w http.ResponseWriter, r *http.Request
 				s.m.authFailures.Add(float64(1))
 				return err
 			}
-			var gone bool
-			if err := s.st.View(func(tx *catalog.Tx) error { gone, err = wiped(tx, dev); return err }); err != nil {
-				return err
-			}
-			if gone {
-				return fmt.Errorf("device %s: %w: shred the encrypted copies", dev.Name, proto.ErrWiped)
-			}
 			return h(sw, r, dev)
 		}()
 		if err != nil {
