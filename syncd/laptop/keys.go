@@ -36,7 +36,7 @@ import (
 
 const (
 	keysDir   = "keys"
-	clockFile = "clock" // the clock's high-water mark (Unix seconds)
+	clockFile = "clock" // the clock's high-water mark (Unix nanoseconds, big-endian)
 )
 
 // keyFile is a copy's key at rest.
@@ -303,7 +303,7 @@ type clock struct {
 func newClock(dir string) *clock {
 	c := &clock{path: filepath.Join(dir, clockFile), opened: time.Now()}
 	if b, err := os.ReadFile(c.path); err == nil && len(b) == 8 {
-		c.hwm = time.Unix(int64(binary.BigEndian.Uint64(b)), 0)
+		c.hwm = time.Unix(0, int64(binary.BigEndian.Uint64(b)))
 		c.persisted = c.hwm
 	}
 	return c
@@ -321,7 +321,7 @@ func (c *clock) now(real time.Time) time.Time {
 	}
 	if t.Sub(c.persisted) >= time.Second {
 		var b [8]byte
-		binary.BigEndian.PutUint64(b[:], uint64(t.Unix()))
+		binary.BigEndian.PutUint64(b[:], uint64(t.UnixNano()))
 		if writeFileAtomic(c.path, b[:]) == nil {
 			c.persisted = t
 		}
