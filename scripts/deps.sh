@@ -16,6 +16,9 @@ have xz                  || need+=(xz-utils)
 # File-level reading is checked against mkfs.ext4 -d, e2fsck and a loop mount.
 PATH="$PATH:/usr/sbin:/sbin" have mkfs.ext4 || need+=(e2fsprogs)
 PATH="$PATH:/usr/sbin:/sbin" have mount     || need+=(mount)
+PATH="$PATH:/usr/sbin:/sbin" have losetup   || need+=(mount)
+# File-level merges write through qemu-storage-daemon's FUSE export and a loop mount.
+have qemu-storage-daemon || need+=(qemu-system-common)
 # The load test puts its servers behind a real round-robin proxy.
 have haproxy             || need+=(haproxy)
 # The catalog tests run against a private PostgreSQL cluster (initdb, postgres).
