@@ -30,6 +30,10 @@ const (
 	// PolicyForce keeps the delta over the new layers even where they collide:
 	// the delta's clusters win.
 	PolicyForce Policy = "force"
+	// PolicyMerge moves a desktop whose delta collides by files: its own file
+	// changes are written onto an empty top over the new layers (see
+	// FileMerge). A desktop without collisions moves by blocks, as with keep.
+	PolicyMerge Policy = "merge"
 )
 
 // ParsePolicy checks a policy name ("" is keep).
@@ -37,16 +41,17 @@ func ParsePolicy(s string) (Policy, error) {
 	switch Policy(s) {
 	case "":
 		return PolicyKeep, nil
-	case PolicyKeep, PolicyRefresh, PolicyForce:
+	case PolicyKeep, PolicyRefresh, PolicyForce, PolicyMerge:
 		return Policy(s), nil
 	}
-	return "", fmt.Errorf("%w: policy %q (use keep, refresh or force)", images.ErrInvalid, s)
+	return "", fmt.Errorf("%w: policy %q (use keep, refresh, force or merge)", images.ErrInvalid, s)
 }
 
 // Actions a recompose takes for a desktop.
 const (
 	ActionMove     = "move"     // onto the new layers with its delta
 	ActionRefresh  = "refresh"  // onto the new layers without its system delta
+	ActionMerge    = "merge"    // onto the new layers with its file changes (policy merge)
 	ActionConflict = "conflict" // left where it is: its delta collides (policy keep)
 	ActionMark     = "mark"     // in use: marked to switch at its next start (ApplySwitch)
 	ActionNone     = "none"     // already on the new layers
@@ -70,6 +75,9 @@ type RecomposeSpec struct {
 	// ForceCorruptingMetadata lets policy force move a desktop whose
 	// conflicts hold file-system metadata (which corrupts that file system).
 	ForceCorruptingMetadata bool
+	// Rules decide, for policy merge, whose version of a path both the
+	// desktop and the new layers changed wins (nil: files.DefaultRules).
+	Rules []files.Rule
 	// InUse reports a desktop whose system top may be open (a running VM, a
 	// check-out): it is not moved now but marked to switch at its next start
 	// (Desktop.Switch, carried out by ApplySwitch). Nil means: a desktop with a
@@ -129,8 +137,10 @@ type DesktopPlan struct {
 	MetadataConflicts     []files.Range `json:"metadata-conflicts,omitempty"`
 	MetadataConflictBytes int64         `json:"metadata-conflict-bytes,omitempty"`
 	MetadataUnknown       string        `json:"metadata-unknown,omitempty"`
-	// Refused says why policy force did not move the desktop.
+	// Refused says why policy force or merge did not move the desktop.
 	Refused string `json:"refused,omitempty"`
+	// Files is what policy merge writes, file system by file system.
+	Files []FileMerge `json:"files,omitempty"`
 	// Cost of applying Action.
 	Cost   Cost   `json:"cost"`
 	Action string `json:"action"`
@@ -154,6 +164,7 @@ type RecomposeReport struct {
 	LowerDiffs    int     `json:"lower-diffs"`
 	LowerDiffRead int64   `json:"lower-diff-bytes-read"`
 	Moved         int     `json:"moved"`
+	Merged        int     `json:"merged"`
 	Refreshed     int     `json:"refreshed"`
 	LeftConflicts int     `json:"left-with-conflicts"`
 	Marked        int     `json:"marked"`
@@ -182,6 +193,7 @@ type planner struct {
 	newImg   disk.Image // opened once, read-only, shared by the goroutines
 	// forceMeta: policy force moves desktops with metadata conflicts too.
 	forceMeta bool
+	rules     []files.Rule
 	newMeta   metaOnce // the new layers' file-system metadata
 	mu        sync.Mutex
 	diffs     map[string]*lowerDiff // by old lower layer ID
@@ -334,6 +346,14 @@ func (pl *planner) plan(ctx context.Context, d *images.Desktop, policy Policy, i
 		p.Action = ActionRefresh
 	case policy == PolicyKeep && p.ConflictClusters > 0:
 		p.Action = ActionConflict
+	case policy == PolicyMerge && p.ConflictClusters > 0:
+		if err := pl.planMerge(ctx, dc, p); err != nil {
+			return nil, fmt.Errorf("desktop %s: %w", d.Name, err)
+		}
+		p.Action = ActionMerge
+		if p.Refused != "" {
+			p.Action = ActionConflict
+		}
 	case policy == PolicyForce && (len(p.MetadataConflicts) > 0 || p.MetadataUnknown != "") && !pl.forceMeta:
 		p.Action = ActionConflict
 		if p.MetadataUnknown != "" {
@@ -345,10 +365,11 @@ func (pl *planner) plan(ctx context.Context, d *images.Desktop, policy Policy, i
 	default:
 		p.Action = ActionMove
 	}
-	if inUse && (p.Action == ActionMove || p.Action == ActionRefresh) {
+	merge := p.Action == ActionMerge
+	if inUse && (p.Action == ActionMove || p.Action == ActionRefresh || merge) {
 		p.Action = ActionMark
 	}
-	if p.Action == ActionMove || (p.Action == ActionMark && policy != PolicyRefresh) {
+	if !merge && (p.Action == ActionMove || (p.Action == ActionMark && policy != PolicyRefresh)) {
 		p.Cost = dc.moveCost()
 	}
 	return p, nil
@@ -512,7 +533,7 @@ func Recompose(ctx context.Context, st *images.Store, spec RecomposeSpec) (*Reco
 		return nil, fmt.Errorf("recompose: open %s: %w", images.ShortID(newLower), err)
 	}
 	defer newImg.Close()
-	pl := &planner{st: st, newLower: newLower, newImg: newImg, diffs: map[string]*lowerDiff{}, forceMeta: spec.ForceCorruptingMetadata}
+	pl := &planner{st: st, newLower: newLower, newImg: newImg, diffs: map[string]*lowerDiff{}, forceMeta: spec.ForceCorruptingMetadata, rules: spec.Rules}
 	inUse := spec.InUse
 	if inUse == nil {
 		inUse = defaultInUse
@@ -564,6 +585,8 @@ func Recompose(ctx context.Context, st *images.Store, spec RecomposeSpec) (*Reco
 			switch p.Action {
 			case ActionMove:
 				rep.Moved++
+			case ActionMerge:
+				rep.Merged++
 			case ActionRefresh:
 				rep.Refreshed++
 			case ActionConflict:
@@ -619,7 +642,7 @@ func run(ctx context.Context, n, workers int, fn func(i int)) {
 // apply carries out a desktop's plan.
 func apply(ctx context.Context, st *images.Store, pl *planner, p *DesktopPlan, policy Policy) error {
 	switch p.Action {
-	case ActionMove, ActionRefresh:
+	case ActionMove, ActionRefresh, ActionMerge:
 	case ActionMark:
 		if err := markSwitch(st, p, pl.newLower, policy); err != nil {
 			return err
@@ -636,7 +659,12 @@ func apply(ctx context.Context, st *images.Store, pl *planner, p *DesktopPlan, p
 	if d.Head != p.FromHead {
 		return fmt.Errorf("desktop %s: its head moved from %d to %d since the plan", d.Name, p.FromHead, d.Head)
 	}
-	b, err := build(ctx, st, d, pl.newLower, p.Action == ActionRefresh)
+	var b *built
+	if p.Action == ActionMerge {
+		b, err = buildMerge(ctx, st, d, pl.newLower, p)
+	} else {
+		b, err = build(ctx, st, d, pl.newLower, p.Action == ActionRefresh)
+	}
 	if err != nil {
 		return err
 	}

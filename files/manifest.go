@@ -48,12 +48,15 @@ type Entry struct {
 type FileSystem struct {
 	// Partition is the partition's number (1 up) in the disk's table, 0 for a
 	// file system on the whole disk.
-	Partition int     `json:"partition"`
-	Type      string  `json:"type"`
-	Label     string  `json:"label,omitempty"`
-	Start     int64   `json:"start"` // bytes into the disk
-	Size      int64   `json:"size"`
-	Files     []Entry `json:"files"`
+	Partition int    `json:"partition"`
+	Type      string `json:"type"`
+	Label     string `json:"label,omitempty"`
+	Start     int64  `json:"start"` // bytes into the disk
+	Size      int64  `json:"size"`
+	// NeedsRecovery: its journal holds changes not yet in place (the file
+	// system was not cleanly unmounted); the manifest shows it without them.
+	NeedsRecovery bool    `json:"needs-recovery,omitempty"`
+	Files         []Entry `json:"files"`
 }
 
 // Manifest lists the files of every ext4 file system on the disk img: on the
@@ -69,7 +72,8 @@ func Manifest(ctx context.Context, img disk.Image) (out []FileSystem, err error)
 	for _, r := range regions(st) {
 		// cvd's own checks of the superblock and descriptors first: go-diskfs
 		// sizes its allocations from them unchecked.
-		if _, err := readGeometry(ctx, st, r.start, r.size); errors.Is(err, errNotExt4) {
+		g, err := readGeometry(ctx, st, r.start, r.size)
+		if errors.Is(err, errNotExt4) {
 			continue
 		} else if err != nil {
 			return nil, fmt.Errorf("%s: partition %d: %w", img.Info().Path, r.n, err)
@@ -78,7 +82,7 @@ func Manifest(ctx context.Context, img disk.Image) (out []FileSystem, err error)
 		if err != nil {
 			continue // not ext4 (or not a file system)
 		}
-		m := FileSystem{Partition: r.n, Type: "ext4", Label: fsys.Label(), Start: r.start, Size: r.size}
+		m := FileSystem{Partition: r.n, Type: "ext4", Label: fsys.Label(), Start: r.start, Size: r.size, NeedsRecovery: g.recover}
 		w := walker{fsys: fsys, seen: map[uint32]bool{}}
 		if err := w.walk(ctx, "/", 0, &m.Files); err != nil {
 			return nil, fmt.Errorf("partition %d: %w", r.n, err)

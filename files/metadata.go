@@ -26,6 +26,7 @@ const (
 	ext4Magic         = 0xef53
 	compatHasJournal  = 0x4
 	incompat64Bit     = 0x80
+	incompatRecover   = 0x4
 	incompatMetaBG    = 0x10
 	roCompatSparse    = 0x1
 	inodeExtentsFlag  = 0x80000
@@ -81,6 +82,7 @@ type geometry struct {
 	gdtBlocks, reserved   int64
 	itBlocks              int64
 	compat, roCompat      uint32
+	recover               bool // the journal needs recovery (not cleanly unmounted)
 	journalIno            int64
 	bitmaps, inodeBitmaps []int64
 	tables                []int64
@@ -105,6 +107,7 @@ func readGeometry(ctx context.Context, r io.ReaderAt, start, size int64) (*geome
 	var incompat uint32
 	g.compat, incompat, g.roCompat = le.Uint32(sb[0x5c:]), le.Uint32(sb[0x60:]), le.Uint32(sb[0x64:])
 	g.blocks = int64(le.Uint32(sb[0x04:]))
+	g.recover = incompat&incompatRecover != 0
 	descSize := int64(32)
 	if incompat&incompat64Bit != 0 {
 		g.blocks |= int64(le.Uint32(sb[0x150:])) << 32

@@ -5,11 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 
 	"github.com/spf13/cobra"
 
 	"github.com/cvd-project/cvd/desktop"
+	"github.com/cvd-project/cvd/files"
 	"github.com/cvd-project/cvd/images"
 )
 
@@ -24,6 +26,7 @@ type recomposeOptions struct {
 	policy    string
 	dryRun    bool
 	forceMeta bool
+	rules     string
 	workers   int
 	json      bool
 }
@@ -55,12 +58,29 @@ Policies:
            descriptors, bitmaps, inode tables, journal: a desktop that ever ran
            has written them), since that corrupts its file system, unless
            --force-corrupting-metadata
+  merge    move a desktop whose delta collides by files: its own file changes
+           (its chain against its old base and apps, from ext4 manifests) are
+           written onto an empty top over the new layers by the host kernel's
+           ext4 (qemu-storage-daemon exports the new top, a loop device maps
+           it; needs root), and e2fsck -fn must find every written file system
+           clean. A path both the desktop and the new layers changed goes by
+           the rules: the desktop's version for user paths, the layer's for
+           system paths; each such file is listed. A desktop without
+           collisions moves by blocks, as with keep. Hard links are written
+           as separate files, extended attributes of written files are not
+           carried, special files are skipped (listed).
+
+Rules (--rules FILE), one a line, the first match wins, no match is system:
+  user /home/**        a directory and everything below it
+  user /root/**
+  system /**
+  user /etc/hostname   a path.Match pattern on the whole path
 
 Applying builds each desktop's new chain beside the old one and switches it in
 one store transaction, recorded as a new version; a crash leaves every desktop
 wholly on its old chain or wholly on its new one. Sealed layers are only read.
-A desktop in use (checked out) is not moved; marking it to switch at its next
-start needs a store flag that does not exist yet, so it is reported as failed.
+A desktop in use (checked out) is not moved: it is marked to switch at its next
+start (with the default rules for policy merge).
 
 Exit codes:
   0  done (or a dry run)
@@ -69,7 +89,8 @@ Exit codes:
   3  some desktops were left on their chains because of conflicts (keep)`,
 		Example: `  cvd recompose --using office:2026-11 --app office:2026-12 --dry-run
   cvd recompose alice bob --base win11:2026-12 --app office:2026-12
-  cvd recompose --using win11:2026-11 --base win11:2026-12 --policy refresh --json`,
+  cvd recompose --using win11:2026-11 --base win11:2026-12 --policy refresh --json
+  cvd recompose alice --app office:2026-12 --policy merge --rules rules.txt --dry-run`,
 		Args: func(cmd *cobra.Command, args []string) error {
 			if (len(args) > 0) == (opts.using != "") {
 				return &exitError{code: exitUsage, err: errors.New("name the desktops, or select them with --using LAYER (not both)")}
@@ -88,7 +109,8 @@ Exit codes:
 	f.StringVar(&opts.using, "using", "", "recompose every desktop whose system chain holds this layer")
 	f.StringVar(&opts.base, "base", "", "the new base layer")
 	f.StringArrayVar(&opts.apps, "app", nil, "a new app layer, in order (repeatable)")
-	f.StringVar(&opts.policy, "policy", "keep", "what to do with each desktop's own delta: keep, refresh or force")
+	f.StringVar(&opts.policy, "policy", "keep", "what to do with each desktop's own delta: keep, refresh, force or merge")
+	f.StringVar(&opts.rules, "rules", "", "with --policy merge: the file of rules deciding user and system paths")
 	f.BoolVarP(&opts.dryRun, "dry-run", "n", false, "plan and report; change nothing")
 	f.BoolVar(&opts.forceMeta, "force-corrupting-metadata", false, "with --policy force: move desktops even where the conflicts hold file-system metadata (corrupts those file systems)")
 	f.IntVar(&opts.workers, "workers", 2, "desktops planned and applied at once")
@@ -100,12 +122,27 @@ func runRecompose(ctx context.Context, g *globalOptions, opts *recomposeOptions,
 	if err != nil {
 		return &exitError{code: exitUsage, err: err}
 	}
+	var rules []files.Rule
+	if opts.rules != "" {
+		if policy != desktop.PolicyMerge {
+			return &exitError{code: exitUsage, err: errors.New("--rules goes with --policy merge")}
+		}
+		f, err := os.Open(opts.rules)
+		if err != nil {
+			return &exitError{code: exitUsage, err: err}
+		}
+		rules, err = files.ParseRules(io.LimitReader(f, 16<<20))
+		f.Close()
+		if err != nil {
+			return &exitError{code: exitUsage, err: err}
+		}
+	}
 	st, err := openStore(g, opts.dryRun)
 	if err != nil {
 		return err
 	}
 	defer st.Close()
-	rep, rerr := desktop.Recompose(ctx, st, desktop.RecomposeSpec{Desktops: args, Using: opts.using,
+	rep, rerr := desktop.Recompose(ctx, st, desktop.RecomposeSpec{Desktops: args, Using: opts.using, Rules: rules,
 		Base: opts.base, Apps: opts.apps, Policy: policy, DryRun: opts.dryRun, Workers: opts.workers, ForceCorruptingMetadata: opts.forceMeta})
 	if rep == nil {
 		return storeError(rerr)
@@ -154,6 +191,8 @@ func printRecompose(st *images.Store, rep *desktop.RecomposeReport, out io.Write
 			action = "failed: " + p.Error
 		case p.Applied:
 			action += fmt.Sprintf(" → version %d", p.NewVersion)
+		case p.Refused != "" && rep.Policy == desktop.PolicyMerge:
+			action += ": left on its chain (merge refused)"
 		case p.Refused != "":
 			action += ": left on its chain (force refused: file-system metadata)"
 		case p.Action == desktop.ActionConflict:
@@ -173,11 +212,12 @@ func printRecompose(st *images.Store, rep *desktop.RecomposeReport, out io.Write
 			humanSize(p.LowerDiffBytes), humanSize(p.DeltaBytes), conf, cost, action)
 	}
 	tw.Flush()
-	fmt.Fprintf(out, "\n%d to move, %d to refresh, %d left with conflicts, %d in use, %d already there, %d failed",
-		rep.Moved, rep.Refreshed, rep.LeftConflicts, rep.Marked, rep.Unchanged, rep.Failed)
+	fmt.Fprintf(out, "\n%d to move, %d to merge by files, %d to refresh, %d left with conflicts, %d in use, %d already there, %d failed",
+		rep.Moved, rep.Merged, rep.Refreshed, rep.LeftConflicts, rep.Marked, rep.Unchanged, rep.Failed)
 	fmt.Fprintf(out, "; cost %s read, %s written (plan %.2fs, apply %.2fs)\n",
 		humanSize(rep.Cost.ReadBytes), humanSize(rep.Cost.WriteBytes), rep.PlanSeconds, rep.ApplySeconds)
 	for _, p := range rep.Desktops {
+		printFileMerge(out, p)
 		if p.Action != desktop.ActionConflict || len(p.Conflicts) == 0 {
 			continue
 		}
@@ -207,5 +247,35 @@ func printRecompose(st *images.Store, rep *desktop.RecomposeReport, out io.Write
 		if p.Refused != "" {
 			fmt.Fprintf(out, "  %s\n", p.Refused)
 		}
+	}
+}
+
+// printFileMerge lists what policy merge writes into a desktop, and every file
+// whose version the rules chose.
+func printFileMerge(out io.Writer, p desktop.DesktopPlan) {
+	for _, fm := range p.Files {
+		fmt.Fprintf(out, "files of %s, partition %d: %d written (%s), %d directories and links made, %d removed, %d already in the new layers",
+			p.Desktop, fm.Partition, fm.Writes, humanSize(fm.Bytes), fm.Makes, fm.Removes, fm.SameInBoth)
+		if fm.Applied != nil {
+			fmt.Fprintf(out, "; e2fsck: %s", fm.Applied.Fsck)
+		}
+		fmt.Fprintln(out)
+		for _, o := range fm.Overridden {
+			loser := "the desktop's"
+			if o.Winner == "desktop" {
+				loser = "the layer's"
+			}
+			fmt.Fprintf(out, "  both changed %s (%s path, rule %q): the %s version kept, %s overridden\n", o.Path, o.Class, o.Rule, o.Winner, loser)
+		}
+		skipped := fm.Skipped
+		if fm.Applied != nil {
+			skipped = append(skipped, fm.Applied.Skipped...)
+		}
+		for _, sk := range skipped {
+			fmt.Fprintf(out, "  not written %s: %s\n", sk.Path, sk.Why)
+		}
+	}
+	if p.Refused != "" && p.Action == desktop.ActionConflict && len(p.Conflicts) == 0 {
+		fmt.Fprintf(out, "%s: %s\n", p.Desktop, p.Refused)
 	}
 }

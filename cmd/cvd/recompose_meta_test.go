@@ -1,6 +1,9 @@
 package main
 
 import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"os"
@@ -9,6 +12,8 @@ import (
 	"testing"
 
 	"github.com/cvd-project/cvd/desktop"
+	"github.com/cvd-project/cvd/disk"
+	"github.com/cvd-project/cvd/files"
 	"github.com/cvd-project/cvd/internal/testutil"
 )
 
@@ -101,5 +106,41 @@ func TestRecomposeForceRefusesMetadataConflicts(t *testing.T) {
 	out, _ := cvdIn(t, store, "recompose", "d", "--app", "app:1", "--dry-run", "--policy", "force")
 	if !strings.Contains(out, "of which file-system metadata: superblock") || !strings.Contains(out, "force refused") {
 		t.Errorf("the report:\n%s", out)
+	}
+
+	// Policy merge moves it by files: the desktop's file onto the app layer.
+	m := plan("--policy", "merge")
+	if m.Action != desktop.ActionMerge || len(m.Files) != 1 || m.Files[0].Writes != 1 || m.Refused != "" {
+		t.Fatalf("merge plan: action %s, refused %q, files %+v", m.Action, m.Refused, m.Files)
+	}
+	var rep desktop.RecomposeReport
+	if err := json.Unmarshal([]byte(mustCvd(t, store, "--json", "recompose", "d", "--app", "app:1", "--policy", "merge")), &rep); err != nil {
+		t.Fatal(err)
+	}
+	if rep.Merged != 1 || !rep.Desktops[0].Applied || rep.Desktops[0].Files[0].Applied == nil {
+		t.Fatalf("merge: %+v", rep)
+	}
+	t.Logf("merged: %+v; e2fsck: %s", rep.Desktops[0].Files[0], rep.Desktops[0].Files[0].Applied.Fsck)
+	json.Unmarshal([]byte(mustCvd(t, store, "--json", "desktop", "show", "d")), &show)
+	raw := filepath.Join(dir, "merged.raw")
+	testutil.Run(t, "qemu-img", "convert", "-O", "raw", show.System, raw)
+	testutil.Run(t, "e2fsck", "-fn", raw)
+	img, err := disk.Open(show.System, disk.OpenOptions{ReadOnly: true, AllowedRoots: []string{store}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	fss, err := files.Manifest(context.Background(), img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]string{}
+	for _, e := range fss[0].Files {
+		got[e.Path] = e.SHA256
+	}
+	for p, s := range map[string]string{"/opt/app/bin": strings.Repeat("app ", 50000), "/home/user/report.txt": strings.Repeat("mine ", 20000), "/etc/hostname": "desk\n"} {
+		if h := sha256.Sum256([]byte(s)); got[p] != hex.EncodeToString(h[:]) {
+			t.Errorf("after the merge %s: sha256 %q", p, got[p])
+		}
 	}
 }
