@@ -4,16 +4,20 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 
+	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/files"
 	"github.com/cvd-project/cvd/images"
+	"github.com/cvd-project/cvd/internal/proc"
 )
 
 // Recompose by files (policy merge). Blocks cannot tell a desktop's changes
 // from the file-system bookkeeping every boot writes, so a desktop that ever
 // ran always conflicts at block level. Policy merge compares manifests
 // instead: the desktop's own file changes (its chain against its old base
-// and apps) are applied by files.Apply onto an empty top over the new layers.
+// and apps) are written by files.Apply over the new layers into a new version
+// layer (the merged tree), under an empty top.
 // A path the new layers changed too goes by the rules (files.RecomposeMerge).
 // The desktop's old chain stays as its previous version: nothing it held is
 // lost, and every overridden file is in the report.
@@ -114,32 +118,35 @@ func (pl *planner) planMerge(ctx context.Context, dc *desktopChain, p *DesktopPl
 	return nil
 }
 
-// buildMerge makes a desktop's new chain for policy merge: an empty top on
-// the new layers, with the planned file changes written into it. Every file
-// system is judged by e2fsck before the chain is used.
-func buildMerge(ctx context.Context, st *images.Store, d *images.Desktop, newLower string, p *DesktopPlan) (b *built, err error) {
-	b, err = build(ctx, st, d, newLower, true)
-	if err != nil {
-		return nil, err
-	}
-	defer func() {
-		if err != nil {
-			b.p.Abort()
-		}
-	}()
+// buildMerge makes a desktop's new chain for policy merge: the planned file
+// changes written over the new layers into a new version layer (the merged
+// tree, judged file system by file system by e2fsck before it is sealed), and
+// an empty top on it.
+func buildMerge(ctx context.Context, st *images.Store, d *images.Desktop, newLower string, p *DesktopPlan) (*built, error) {
 	dc, err := openDesktopChain(st, d)
 	if err != nil {
 		return nil, err
 	}
 	defer dc.Close()
+	tmp := st.Path(images.DesktopsDir + "/" + proc.TempPrefix() + "files-" + randSuffix() + ".qcow2")
+	defer os.Remove(tmp)
+	info := dc.top.Info()
+	if err := disk.CreateFile(tmp, disk.CreateOptions{Size: dc.top.Size(), ClusterSize: info.ClusterSize,
+		BackingFile: st.LayerPath(newLower), BackingFormat: disk.FormatQcow2, AllowedRoots: []string{st.Dir()}}); err != nil {
+		return nil, fmt.Errorf("desktop %s: merge layer: %w", d.Name, err)
+	}
 	for i := range p.Files {
 		fm := &p.Files[i]
 		rep, err := files.Apply(ctx, files.Source{Img: dc.top, Start: fm.SourceStart, Size: fm.SourceSize},
-			files.Target{Path: st.Path(b.topRel), Start: fm.Start, Size: fm.Size}, fm.ops)
+			files.Target{Path: tmp, Start: fm.Start, Size: fm.Size}, fm.ops)
 		if err != nil {
 			return nil, fmt.Errorf("desktop %s: partition %d: %w", d.Name, fm.Partition, err)
 		}
 		fm.Applied = rep
 	}
-	return b, nil
+	l, _, err := st.Seal(ctx, tmp, images.ImportOptions{Kind: images.KindVersion})
+	if err != nil {
+		return nil, fmt.Errorf("desktop %s: seal the merged tree: %w", d.Name, err)
+	}
+	return build(ctx, st, d, l.ID, true)
 }

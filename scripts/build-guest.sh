@@ -23,9 +23,10 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 out=${CVD_GUEST_DIR:-$root/.cache/guest}
 init=$root/guest/init
 # Modules the guest loads, in load order (dependencies first): virtio block devices,
-# ISO9660 for the seed, evdev and the ACPI button for the cvd.acpi=1 mode.
+# ISO9660 for the seed, evdev and the ACPI button for the cvd.acpi=1 mode, ext4 (with
+# its checksums) for the cvd.fs=1 mode.
 modules=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk
-	cdrom isofs evdev button)
+	cdrom isofs evdev button crc16 crc32c_generic mbcache jbd2 ext4)
 
 log() { echo "build-guest: $*" >&2; }
 die() { log "error: $*"; exit 1; }

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -12,7 +11,6 @@ import (
 	"testing"
 
 	"github.com/cvd-project/cvd/desktop"
-	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/files"
 	"github.com/cvd-project/cvd/internal/testutil"
 )
@@ -125,14 +123,10 @@ func TestRecomposeForceRefusesMetadataConflicts(t *testing.T) {
 	raw := filepath.Join(dir, "merged.raw")
 	testutil.Run(t, "qemu-img", "convert", "-O", "raw", show.System, raw)
 	testutil.Run(t, "e2fsck", "-fn", raw)
-	img, err := disk.Open(show.System, disk.OpenOptions{ReadOnly: true, AllowedRoots: []string{store}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer img.Close()
-	fss, err := files.Manifest(context.Background(), img)
-	if err != nil {
-		t.Fatal(err)
+	// The merged tree is the new head version's layer.
+	var fss []files.FileSystem
+	if err := json.Unmarshal([]byte(mustCvd(t, store, "--json", "desktop", "files", "d")), &fss); err != nil || len(fss) != 1 {
+		t.Fatalf("desktop files: %v %+v", err, fss)
 	}
 	got := map[string]string{}
 	for _, e := range fss[0].Files {
