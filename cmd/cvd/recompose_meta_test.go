@@ -19,7 +19,7 @@ import (
 // over a base, and a new app layer written over the same base: their blocks
 // collide in the ext4 metadata. recompose --policy force refuses naming it;
 // --force-corrupting-metadata overrides; keep leaves the desktop with its
-// conflicts, of which the metadata ones are named.
+// conflicts, of which the metadata ones are named; merge moves it by files.
 func TestRecomposeForceRefusesMetadataConflicts(t *testing.T) {
 	testutil.NeedQemu(t)
 	testutil.NeedTool(t, "e2fsprogs", "mkfs.ext4")
@@ -34,19 +34,8 @@ func TestRecomposeForceRefusesMetadataConflicts(t *testing.T) {
 	testutil.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", base, baseQ)
 	mustCvd(t, store, "layer", "import", baseQ, "--kind", "base", "--name", "os:1")
 
-	// written makes a copy of the base, writes files through a mount, and
-	// returns the copy.
 	written := func(name string, fs map[string]string) string {
-		raw := filepath.Join(dir, name+".raw")
-		testutil.Run(t, "cp", "--sparse=always", base, raw)
-		mnt := t.TempDir()
-		testutil.Run(t, "mount", "-o", "loop", raw, mnt)
-		for p, s := range fs {
-			os.MkdirAll(filepath.Dir(filepath.Join(mnt, p)), 0o755)
-			os.WriteFile(filepath.Join(mnt, p), []byte(s), 0o644)
-		}
-		testutil.Run(t, "umount", mnt)
-		return raw
+		return ext4Written(t, base, filepath.Join(dir, name+".raw"), fs)
 	}
 	app := written("app", map[string]string{"opt/app/bin": strings.Repeat("app ", 50000)})
 	appQ := filepath.Join(dir, "app.qcow2")
@@ -137,4 +126,27 @@ func TestRecomposeForceRefusesMetadataConflicts(t *testing.T) {
 			t.Errorf("after the merge %s: sha256 %q", p, got[p])
 		}
 	}
+}
+
+// ext4Written copies the raw ext4 image base to out, writes files (path →
+// content) into the copy through a loop mount (the kernel writes, as a guest
+// does) and removes the paths rm.
+func ext4Written(t *testing.T, base, out string, fs map[string]string, rm ...string) string {
+	t.Helper()
+	testutil.Run(t, "cp", "--sparse=always", base, out)
+	mnt := t.TempDir()
+	testutil.Run(t, "mount", "-o", "loop", out, mnt)
+	defer testutil.Run(t, "umount", mnt)
+	for p, s := range fs {
+		os.MkdirAll(filepath.Dir(filepath.Join(mnt, p)), 0o755)
+		if err := os.WriteFile(filepath.Join(mnt, p), []byte(s), 0o644); err != nil {
+			t.Error(err)
+		}
+	}
+	for _, p := range rm {
+		if err := os.Remove(filepath.Join(mnt, p)); err != nil {
+			t.Error(err)
+		}
+	}
+	return out
 }
