@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"time"
 
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/files"
@@ -149,4 +150,82 @@ func buildMerge(ctx context.Context, st *images.Store, d *images.Desktop, newLow
 		return nil, fmt.Errorf("desktop %s: seal the merged tree: %w", d.Name, err)
 	}
 	return build(ctx, st, d, l.ID, true)
+}
+
+// UserMerge is a file-level merge of two devices' user disks (SyncMergeLayers).
+type UserMerge struct {
+	// Layer is the merged tree, a new version layer on the here layer.
+	Layer string           `json:"layer"`
+	Plans []FileSystemSync `json:"file-systems"`
+}
+
+// FileSystemSync is the Table 1 merge of one file system.
+type FileSystemSync struct {
+	Partition int                `json:"partition"`
+	Plan      *files.SyncPlan    `json:"plan"`
+	Applied   *files.ApplyReport `json:"applied"`
+}
+
+// SyncMergeLayers merges by files what changed from layer base to layer
+// there (another device's check-in) into layer here (this device's), by the
+// seed's Table 1 (files.SyncMerge): the result is sealed as a new version
+// layer on here. Conflicted copies are named for device at when. Every file
+// system of here must be an ext4 file system that base and there hold at the
+// same partition (else files.ErrNoFileSystem, and nothing is made); each
+// written one is judged by e2fsck.
+func SyncMergeLayers(ctx context.Context, st *images.Store, base, here, there, device string, when time.Time) (*UserMerge, error) {
+	var ms [3][]files.FileSystem
+	for i, id := range []string{base, here, there} {
+		m, err := layerManifest(ctx, st, id)
+		if err != nil {
+			return nil, fmt.Errorf("manifest of %s: %w", images.ShortID(id), err)
+		}
+		ms[i] = m
+	}
+	find := func(fss []files.FileSystem, n int) *files.FileSystem {
+		for i := range fss {
+			if fss[i].Partition == n {
+				return &fss[i]
+			}
+		}
+		return nil
+	}
+	um := &UserMerge{}
+	for _, h := range ms[1] {
+		b, t := find(ms[0], h.Partition), find(ms[2], h.Partition)
+		if b == nil || t == nil {
+			return nil, fmt.Errorf("partition %d: %w in every version", h.Partition, files.ErrNoFileSystem)
+		}
+		if h.NeedsRecovery || t.NeedsRecovery {
+			return nil, fmt.Errorf("partition %d: %w: a file system whose journal needs recovery", h.Partition, files.ErrCorrupt)
+		}
+		um.Plans = append(um.Plans, FileSystemSync{Partition: h.Partition, Plan: files.SyncMerge(b.Files, h.Files, t.Files, device, when)})
+	}
+	src, err := st.OpenLayer(there, false)
+	if err != nil {
+		return nil, err
+	}
+	defer src.Close()
+	tmp := st.Path(images.DesktopsDir + "/" + proc.TempPrefix() + "user-merge-" + randSuffix() + ".qcow2")
+	defer os.Remove(tmp)
+	info := src.Info()
+	if err := disk.CreateFile(tmp, disk.CreateOptions{Size: src.Size(), ClusterSize: info.ClusterSize,
+		BackingFile: st.LayerPath(here), BackingFormat: disk.FormatQcow2, AllowedRoots: []string{st.Dir()}}); err != nil {
+		return nil, fmt.Errorf("merge layer: %w", err)
+	}
+	for i, p := range um.Plans {
+		h, t := find(ms[1], p.Partition), find(ms[2], p.Partition)
+		rep, err := files.Apply(ctx, files.Source{Img: src, Start: t.Start, Size: t.Size},
+			files.Target{Path: tmp, Start: h.Start, Size: h.Size}, p.Plan.Ops)
+		if err != nil {
+			return nil, fmt.Errorf("partition %d: %w", p.Partition, err)
+		}
+		um.Plans[i].Applied = rep
+	}
+	l, _, err := st.Seal(ctx, tmp, images.ImportOptions{Kind: images.KindVersion})
+	if err != nil {
+		return nil, fmt.Errorf("seal the merged tree: %w", err)
+	}
+	um.Layer = l.ID
+	return um, nil
 }

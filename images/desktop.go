@@ -28,6 +28,7 @@ const (
 	VersionSquash    VersionKind = "squash"    // a version whose layers a squash merged
 	VersionImport    VersionKind = "import"    // a copy's version taken from a server or a bundle
 	VersionSnapshot  VersionKind = "snapshot"  // a device's state as it became active, kept beside the head
+	VersionMerge     VersionKind = "merge"     // two devices' user files merged (the seed's Table 1)
 )
 
 // kindFromNote gives the kind of a version recorded before versions carried one.

@@ -146,6 +146,16 @@ func (s *Server) commit(ctx context.Context, se *Session, dev *Device) (*proto.C
 	conflict = v.Conflict
 	res.Layers = resultLayers(se, v)
 	res.Version, res.Head, res.Conflict, res.Committed = v.N, dv.Head, conflict, s.now().UTC()
+	if conflict && !se.Snapshot {
+		mr, err := s.mergeUserFiles(ctx, se.Desktop, dev, v, push)
+		switch {
+		case err != nil:
+			s.log.Warn("check-in: the user files were not merged; the check-in stays a conflict version",
+				"desktop", se.Desktop, "device", dev.Name, "version", v.N, "err", err)
+		case mr != nil:
+			res.Merge, res.Head = mr, mr.Version
+		}
+	}
 	if s.failpoint != nil {
 		if err := s.failpoint("commit:catalog"); err != nil {
 			return nil, err

@@ -19,7 +19,7 @@ var allowed = map[string][]string{
 	"syncd/laptop":      {"syncd/state", "syncd/proto", "vm", "desktop", "clone", "images", "catalog", "disk", "nbd", "internal/fsutil"},
 	"syncd/proto":       {"desktop", "images", "internal/ordered"},
 	"syncd/state":       {"syncd/proto", "desktop", "images", "catalog", "disk"},
-	"syncd":             {"syncd/state", "syncd/proto", "desktop", "images", "catalog", "disk", "internal/proc", "internal/fsutil", "internal/ordered"},
+	"syncd":             {"syncd/state", "syncd/proto", "desktop", "files", "images", "catalog", "disk", "internal/proc", "internal/fsutil", "internal/ordered"},
 	"desktop":           {"overlay", "files", "images", "catalog", "disk", "internal/proc", "internal/fsutil"},
 	"files":             {"disk"},
 	"overlay":           {"disk", "internal/proc", "internal/fsutil", "internal/ordered"},

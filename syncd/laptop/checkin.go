@@ -58,8 +58,11 @@ type CheckinReport struct {
 	Released     bool              `json:"released,omitempty"`
 	Resumed      bool              `json:"resumed,omitempty"`
 	NoChanges    bool              `json:"no_changes,omitempty"`
-	Took         float64           `json:"seconds"`
-	TookUpload   float64           `json:"upload_seconds"`
+	// Merge: the server merged this check-in's user files with the head's
+	// (it was a conflict on the user disk); the merged version is the head.
+	Merge      *proto.MergeResult `json:"merge,omitempty"`
+	Took       float64            `json:"seconds"`
+	TookUpload float64            `json:"upload_seconds"`
 }
 
 // diskChanges is what one top holds.
@@ -212,6 +215,7 @@ func (l *Laptop) CheckIn(ctx context.Context, name string, opts CheckinOptions) 
 		l.defineVM(ctx, name) // the chains changed: declare them again
 	}
 	rep.Version, rep.Head, rep.Conflict, rep.Deduplicated, rep.Released = res.Version, res.Head, res.Conflict, res.Deduplicated, release
+	rep.Merge = res.Merge
 	for k, v := range res.Layers {
 		rep.Layers[k] = v
 	}

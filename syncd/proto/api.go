@@ -273,6 +273,27 @@ type CheckinResult struct {
 	// ServerSealed is a version made first from server-side changes found on the
 	// server's tops (they made this check-in a conflict).
 	ServerSealed int `json:"server_sealed,omitempty"`
+	// Merge is set when the check-in was a conflict on the user disk that the
+	// server merged by files with the head (the seed's Table 1): the merged
+	// version is the new head.
+	Merge *MergeResult `json:"merge,omitempty"`
+}
+
+// MergeResult is a file-level merge of a check-in's user disk with the head's.
+type MergeResult struct {
+	Version int `json:"version"` // the merged version (the new head)
+	// Resolutions: how each path either side changed was settled.
+	Resolutions []MergeResolution `json:"resolutions"`
+	Fsck        []string          `json:"fsck"` // e2fsck's verdict per file system
+}
+
+// MergeResolution is how one path was settled: Case and Action are the
+// table's words; Copy names a kept conflicted copy.
+type MergeResolution struct {
+	Path   string `json:"path"`
+	Case   string `json:"case"`
+	Action string `json:"action"`
+	Copy   string `json:"copy,omitempty"`
 }
 
 // UploadResult answers POST /v1/checkins/{id}/clusters.
