@@ -1,10 +1,12 @@
 package files_test
 
 import (
+	"bytes"
 	"context"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/cvd-project/cvd/disk"
@@ -53,6 +55,31 @@ func FuzzManifest(f *testing.F) {
 					t.Fatalf("metadata range %+v", r)
 				}
 			}
+		}
+	})
+}
+
+// FuzzParseRules reads arbitrary rule lists: nothing panics, a list that
+// parses holds only user and system rules with absolute patterns, and a path
+// is classified by it.
+func FuzzParseRules(f *testing.F) {
+	f.Add([]byte("user /home/**\nuser /root/**\nsystem /**\n"), "/home/u/a.txt")
+	f.Add([]byte("# comment\n\nsystem /etc/*.conf\nuser /etc/hostname\n"), "/etc/hostname")
+	f.Add([]byte("user /[a-\n"), "/x")
+	f.Add([]byte("admin /x\n"), "/x")
+	f.Fuzz(func(t *testing.T, b []byte, p string) {
+		rules, err := files.ParseRules(bytes.NewReader(b))
+		if err != nil {
+			return
+		}
+		for _, r := range rules {
+			if (r.Class != files.ClassUser && r.Class != files.ClassSystem) || !strings.HasPrefix(r.Pattern, "/") {
+				t.Fatalf("rule %+v parsed", r)
+			}
+		}
+		class, _ := files.Classify(rules, p)
+		if class != files.ClassUser && class != files.ClassSystem {
+			t.Fatalf("class %q", class)
 		}
 	})
 }

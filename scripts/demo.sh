@@ -97,6 +97,7 @@ part devices "One desktop on several devices: policies, a hardware-class base, t
 part stream "A streamed check-out: start before the download ends, fetch on demand, a cache budget"
 part crypt "An encrypted offline copy: LUKS layers, the key tied to the lease, shred at expiry and on a wipe; HTTPS pinned"
 part recompose "Recompose desktops onto a new app layer"
+part files "File-level composition: a desktop that ran recomposed by files; two devices' user files merged (Table 1)"
 part vm "Linked clones of the desktop booted under libvirt"
 for f in "$ROOT"/scripts/demo-*.sh; do
   [ -e "$f" ] || continue
