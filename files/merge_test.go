@@ -199,3 +199,108 @@ func TestSyncMergeTable1(t *testing.T) {
 		})
 	}
 }
+
+func TestClassify(t *testing.T) {
+	rules, err := files.ParseRules(strings.NewReader("# the defaults, and two more\nsystem /home/*/.cache/**\nuser /home/**\nuser /etc/host*\nsystem /**\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct{ path, class, rule string }{
+		{"/home/u/a.txt", files.ClassUser, "/home/**"},
+		{"/home", files.ClassUser, "/home/**"},
+		{"/home/u/.cache/x", files.ClassSystem, "/home/*/.cache/**"},
+		{"/home/u/.cache", files.ClassSystem, "/home/*/.cache/**"},
+		{"/homework", files.ClassSystem, "/**"},
+		{"/etc/hostname", files.ClassUser, "/etc/host*"},
+		{"/etc/hosts/x", files.ClassSystem, "/**"},
+	} {
+		class, rule := files.Classify(rules, c.path)
+		if class != c.class || rule.Pattern != c.rule {
+			t.Errorf("%s: %s by %q, want %s by %q", c.path, class, rule.Pattern, c.class, c.rule)
+		}
+	}
+	if class, _ := files.Classify(nil, "/home/u"); class != files.ClassSystem {
+		t.Errorf("no rules: %s", class)
+	}
+	for _, bad := range []string{"owner /x\n", "user x\n", "user /[\n", "user /a /b\n"} {
+		if _, err := files.ParseRules(strings.NewReader(bad)); err == nil {
+			t.Errorf("rules %q parsed", bad)
+		}
+	}
+}
+
+// TestApplyHostile: the writer never leaves the target file system. A new
+// layer whose /home/user is a symbolic link to / (or ../..) gets no write
+// through it (skipped, named); an op with a path that is not clean and
+// absolute is refused; a write whose source does not match its manifest
+// SHA-256 fails. The target stays e2fsck-clean and the host untouched.
+func TestApplyHostile(t *testing.T) {
+	needWriter(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	tree := filepath.Join(dir, "tree")
+	os.MkdirAll(filepath.Join(tree, "home"), 0o755)
+	os.MkdirAll(filepath.Join(tree, "srv"), 0o755)
+	os.Symlink("/", filepath.Join(tree, "home", "user"))
+	os.Symlink("../..", filepath.Join(tree, "srv", "up"))
+	base := testutil.MakeExt4(t, filepath.Join(dir, "base.raw"), tree, 32<<20)
+	baseQ := filepath.Join(dir, "base.qcow2")
+	testutil.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", base, baseQ)
+	src := edited(t, dir, "src", base, baseQ, fsEdit{write: map[string]string{"/data.txt": "payload"}})
+	fs := oneFS(t, src)
+	var data *files.Entry
+	for i := range fs.Files {
+		if fs.Files[i].Path == "/data.txt" {
+			data = &fs.Files[i]
+		}
+	}
+	img, err := disk.Open(src, disk.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	marker := "cvd-hostile-" + filepath.Base(dir)
+	apply := func(ops ...files.Op) (*files.ApplyReport, error) {
+		top := filepath.Join(dir, "top.qcow2")
+		os.Remove(top)
+		testutil.Run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", baseQ, "-F", "qcow2", top)
+		return files.Apply(ctx, files.Source{Img: img, Start: fs.Start, Size: fs.Size},
+			files.Target{Path: top, Start: fs.Start, Size: fs.Size, TempDir: dir}, ops)
+	}
+	from := func(p string) files.Op {
+		e := *data
+		e.Path = p
+		return files.Op{Kind: files.OpWrite, Path: p, Entry: &e, From: "/data.txt"}
+	}
+	rep, err := apply(from("/home/user/"+marker), from("/srv/up/"+marker), from("/srv/up/tmp/"+marker))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Skipped) != 3 || rep.Written != 0 {
+		t.Fatalf("writes through links: %+v", rep)
+	}
+	for _, p := range []string{"/" + marker, "/tmp/" + marker} {
+		if _, err := os.Lstat(p); err == nil {
+			os.Remove(p)
+			t.Fatalf("the writer wrote %s on the host", p)
+		}
+	}
+	t.Logf("skipped: %+v; e2fsck: %s", rep.Skipped, rep.Fsck)
+	for _, p := range []string{"/a/../b", "relative", "/a//b"} {
+		if _, err := apply(files.Op{Kind: files.OpRemove, Path: p}); err == nil || !strings.Contains(err.Error(), "not a clean absolute path") {
+			t.Errorf("op on %q: %v", p, err)
+		}
+	}
+	bad := from("/copy.txt")
+	bad.Entry.SHA256 = strings.Repeat("0", 64)
+	if _, err := apply(bad); err == nil || !strings.Contains(err.Error(), "the manifest says") {
+		t.Errorf("a source that does not match its manifest: %v", err)
+	}
+	// Nothing is left mounted or attached.
+	if b, _ := os.ReadFile("/proc/self/mountinfo"); strings.Contains(string(b), dir) {
+		t.Errorf("a mount is left under %s", dir)
+	}
+	if out, _ := exec.Command("losetup", "-a").Output(); strings.Contains(string(out), dir) {
+		t.Errorf("loop devices left: %s", out)
+	}
+}

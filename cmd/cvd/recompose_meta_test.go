@@ -95,6 +95,20 @@ func TestRecomposeForceRefusesMetadataConflicts(t *testing.T) {
 		t.Errorf("the report:\n%s", out)
 	}
 
+	// A file system whose journal needs recovery (a desktop not shut down
+	// cleanly) is not merged: its manifest would miss what the journal holds.
+	dirty := filepath.Join(dir, "dirty.raw")
+	testutil.Run(t, "cp", "--sparse=always", user, dirty)
+	testutil.Run(t, "debugfs", "-w", "-R", "feature needs_recovery", dirty)
+	saved := show.System + ".saved"
+	os.Rename(show.System, saved)
+	testutil.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-B", bi.Full, "-F", "qcow2", dirty, show.System)
+	testutil.Run(t, "qemu-img", "rebase", "-u", "-b", bi.Backing, "-F", "qcow2", show.System)
+	if r := plan("--policy", "merge"); r.Action != desktop.ActionConflict || !strings.Contains(r.Refused, "not cleanly unmounted") {
+		t.Errorf("merge of a file system that needs recovery: action %s, refused %q", r.Action, r.Refused)
+	}
+	os.Rename(saved, show.System)
+
 	// Policy merge moves it by files: the desktop's file onto the app layer.
 	m := plan("--policy", "merge")
 	if m.Action != desktop.ActionMerge || len(m.Files) != 1 || m.Files[0].Writes != 1 || m.Refused != "" {
