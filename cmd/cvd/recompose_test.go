@@ -121,7 +121,8 @@ func TestRecomposeUsage(t *testing.T) {
 		{"recompose", "--app", "x"},
 		{"recompose", "a", "--using", "l", "--app", "x"},
 		{"recompose", "a"},
-		{"recompose", "a", "--app", "x", "--policy", "merge"},
+		{"recompose", "a", "--app", "x", "--policy", "rebase"},
+		{"recompose", "a", "--app", "x", "--rules", "r.txt"},
 		{"desktop", "squash", "a", "--keep", "-1"},
 		{"desktop", "squash"},
 	} {
