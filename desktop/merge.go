@@ -66,14 +66,6 @@ func (pl *planner) planMerge(ctx context.Context, dc *desktopChain, p *DesktopPl
 	if err != nil {
 		return fmt.Errorf("manifest of the desktop: %w", err)
 	}
-	byPart := func(fss []files.FileSystem, n int) *files.FileSystem {
-		for i := range fss {
-			if fss[i].Partition == n {
-				return &fss[i]
-			}
-		}
-		return nil
-	}
 	rules := pl.rules
 	if rules == nil {
 		rules = files.DefaultRules()
@@ -84,14 +76,14 @@ func (pl *planner) planMerge(ctx context.Context, dc *desktopChain, p *DesktopPl
 			p.Files = nil
 			return nil
 		}
-		n := byPart(neu, fs.Partition)
+		n := fsAt(neu, fs.Partition)
 		if n == nil {
 			p.Refused = fmt.Sprintf("policy merge refused: the new layers have no ext4 file system at partition %d", fs.Partition)
 			p.Files = nil
 			return nil
 		}
 		var base []files.Entry
-		if o := byPart(old, fs.Partition); o != nil {
+		if o := fsAt(old, fs.Partition); o != nil {
 			base = o.Files
 		}
 		mp := files.RecomposeMerge(base, fs.Files, n.Files, rules)
@@ -182,17 +174,9 @@ func SyncMergeLayers(ctx context.Context, st *images.Store, base, here, there, d
 		}
 		ms[i] = m
 	}
-	find := func(fss []files.FileSystem, n int) *files.FileSystem {
-		for i := range fss {
-			if fss[i].Partition == n {
-				return &fss[i]
-			}
-		}
-		return nil
-	}
 	um := &UserMerge{}
 	for _, h := range ms[1] {
-		b, t := find(ms[0], h.Partition), find(ms[2], h.Partition)
+		b, t := fsAt(ms[0], h.Partition), fsAt(ms[2], h.Partition)
 		if b == nil || t == nil {
 			return nil, fmt.Errorf("partition %d: %w in every version", h.Partition, files.ErrNoFileSystem)
 		}
@@ -214,7 +198,7 @@ func SyncMergeLayers(ctx context.Context, st *images.Store, base, here, there, d
 		return nil, fmt.Errorf("merge layer: %w", err)
 	}
 	for i, p := range um.Plans {
-		h, t := find(ms[1], p.Partition), find(ms[2], p.Partition)
+		h, t := fsAt(ms[1], p.Partition), fsAt(ms[2], p.Partition)
 		rep, err := files.Apply(ctx, files.Source{Img: src, Start: t.Start, Size: t.Size},
 			files.Target{Path: tmp, Start: h.Start, Size: h.Size}, p.Plan.Ops)
 		if err != nil {
@@ -228,4 +212,14 @@ func SyncMergeLayers(ctx context.Context, st *images.Store, base, here, there, d
 	}
 	um.Layer = l.ID
 	return um, nil
+}
+
+// fsAt is the file system of partition n in fss (nil if none).
+func fsAt(fss []files.FileSystem, n int) *files.FileSystem {
+	for i := range fss {
+		if fss[i].Partition == n {
+			return &fss[i]
+		}
+	}
+	return nil
 }

@@ -16,21 +16,6 @@ import (
 	"github.com/cvd-project/cvd/internal/testutil"
 )
 
-// needWriter fails (CI) or skips when files.Apply cannot run here.
-func needWriter(t *testing.T) {
-	t.Helper()
-	testutil.NeedQemu(t)
-	testutil.NeedTool(t, "e2fsprogs", "mkfs.ext4", "e2fsck")
-	testutil.NeedTool(t, "loop", "mount", "umount", "losetup")
-	testutil.NeedTool(t, "qemu", "qemu-storage-daemon")
-	if os.Geteuid() != 0 {
-		if testutil.Required("loop") {
-			t.Fatal("loop required (CVD_TEST_REQUIRE) but not root")
-		}
-		t.Skip("the writer loop-mounts: needs root")
-	}
-}
-
 // fsEdit is what a device does to its user disk: files written (path →
 // content) and removed.
 type fsEdit struct {
@@ -88,7 +73,7 @@ func sum(s string) string {
 // case's resolution is the table's action, `e2fsck -fn` is clean on the
 // merged disk, and its files (paths and SHA-256) are the model's.
 func TestSyncMergeTable1(t *testing.T) {
-	needWriter(t)
+	testutil.NeedFileWriter(t)
 	const f = "/home/user/doc.txt"
 	const dev = "lap-b"
 	when := time.Date(2026, 11, 28, 9, 30, 0, 0, time.UTC)
@@ -235,7 +220,7 @@ func TestClassify(t *testing.T) {
 // absolute is refused; a write whose source does not match its manifest
 // SHA-256 fails. The target stays e2fsck-clean and the host untouched.
 func TestApplyHostile(t *testing.T) {
-	needWriter(t)
+	testutil.NeedFileWriter(t)
 	ctx := context.Background()
 	dir := t.TempDir()
 	tree := filepath.Join(dir, "tree")

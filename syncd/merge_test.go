@@ -67,15 +67,7 @@ func (l *testLaptop) editUserFiles(name string, put map[string]string, remove ..
 // the table's, e2fsck -fn is clean on the merged disk, its files match the
 // model, and both devices' versions stay in the history (nothing is lost).
 func TestUserFilesMerged(t *testing.T) {
-	testutil.NeedTool(t, "e2fsprogs", "mkfs.ext4", "e2fsck")
-	testutil.NeedTool(t, "loop", "mount", "umount", "losetup")
-	testutil.NeedTool(t, "qemu", "qemu-storage-daemon")
-	if os.Geteuid() != 0 {
-		if testutil.Required("loop") {
-			t.Fatal("loop required (CVD_TEST_REQUIRE) but not root")
-		}
-		t.Skip("the merge loop-mounts: needs root")
-	}
+	testutil.NeedFileWriter(t)
 	ctx := context.Background()
 	dir := t.TempDir()
 	tree := filepath.Join(dir, "tree")

@@ -179,15 +179,7 @@ func TestDeviceGroupVMs(t *testing.T) {
 			args = append(args, "--host")
 		}
 		json.Unmarshal([]byte(mustCvd(t, srv, args...)), &added)
-		conn, err := hypervisor.Connect(ctx, d.uri)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			conn.Destroy(context.Background(), "desk")
-			conn.Undefine(context.Background(), "desk", 0)
-			conn.Close()
-		})
+		conn := deskConn(ctx, t, d.uri)
 		devs[d.name] = &groupDevice{t: t, bin: bin, store: filepath.Join(work, d.name), uri: d.uri, token: added.Token, conn: conn}
 	}
 	a, b, dc := devs["lap-a"], devs["pc-b"], devs["dc"]

@@ -15,7 +15,6 @@ import (
 
 	"github.com/cvd-project/cvd/desktop"
 	"github.com/cvd-project/cvd/files"
-	"github.com/cvd-project/cvd/hypervisor"
 	"github.com/cvd-project/cvd/internal/testutil"
 )
 
@@ -30,9 +29,7 @@ import (
 // desktop for /home).
 func TestMergeGuest(t *testing.T) {
 	env := setupVMEnv(t)
-	testutil.NeedTool(t, "e2fsprogs", "mkfs.ext4", "e2fsck")
-	testutil.NeedTool(t, "loop", "mount", "umount", "losetup")
-	testutil.NeedTool(t, "qemu", "qemu-storage-daemon")
+	testutil.NeedFileWriter(t)
 	bin := buildCvd(t)
 	work := t.TempDir()
 	srv := filepath.Join(work, "server")
@@ -66,15 +63,7 @@ func TestMergeGuest(t *testing.T) {
 		"--cmdline", env.cmdline+" cvd.seed=/dev/vdc cvd.fs=1 cvd.fs_show="+strings.Join(show, ",")+
 			" cvd.fs_write="+strings.Join(write, ",")+" cvd.fs_rm=/opt/app/old.txt")
 	p := startServeAt(t, bin, srv, "127.0.0.1:0")
-	conn, err := hypervisor.Connect(ctx, env.uri)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		conn.Destroy(context.Background(), "desk")
-		conn.Undefine(context.Background(), "desk", 0)
-		conn.Close()
-	})
+	conn := deskConn(ctx, t, env.uri)
 	var added struct {
 		Token string `json:"token"`
 	}

@@ -130,7 +130,14 @@ func guestSite(ctx context.Context, t *testing.T, env *vmEnv, bin, srv, size, pa
 	mustCvd(t, srv, "desktop", "boot", "desk", "--kernel", env.kernel, "--initrd", env.initrd, "--memory", "256",
 		"--cmdline", env.cmdline+" cvd.seed=/dev/vdc cvd.user=/dev/vdb cvd.pattern="+pattern)
 	p := startServeAt(t, bin, srv, "127.0.0.1:0")
-	conn, err := hypervisor.Connect(ctx, env.uri)
+	return p, deskConn(ctx, t, env.uri)
+}
+
+// deskConn connects to libvirtd at uri; the domain "desk" is destroyed and
+// undefined when the test ends.
+func deskConn(ctx context.Context, t *testing.T, uri string) *hypervisor.Conn {
+	t.Helper()
+	conn, err := hypervisor.Connect(ctx, uri)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -139,5 +146,5 @@ func guestSite(ctx context.Context, t *testing.T, env *vmEnv, bin, srv, size, pa
 		conn.Undefine(context.Background(), "desk", 0)
 		conn.Close()
 	})
-	return p, conn
+	return conn
 }

@@ -164,3 +164,20 @@ func MakeExt4(t testing.TB, path, src string, size int64, extra ...string) strin
 	Run(t, "mkfs.ext4", append(append([]string{"-q", "-F", "-d", src}, extra...), path)...)
 	return path
 }
+
+// NeedFileWriter fails (when CI requires loop mounts) or skips unless
+// files.Apply can run here: root, e2fsprogs, losetup and mount, and
+// qemu-storage-daemon.
+func NeedFileWriter(t testing.TB) {
+	t.Helper()
+	NeedQemu(t)
+	NeedTool(t, "e2fsprogs", "mkfs.ext4", "e2fsck")
+	NeedTool(t, "loop", "mount", "umount", "losetup")
+	NeedTool(t, "qemu", "qemu-storage-daemon")
+	if os.Geteuid() != 0 {
+		if Required("loop") {
+			t.Fatal("loop required (CVD_TEST_REQUIRE) but not root")
+		}
+		t.Skip("the file writer loop-mounts: needs root")
+	}
+}
