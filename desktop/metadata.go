@@ -3,6 +3,7 @@ package desktop
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sort"
 	"strings"
 	"sync"
@@ -76,4 +77,50 @@ func metadataKinds(rs []files.Range) string {
 		}
 	}
 	return strings.Join(out, ", ")
+}
+
+// ConflictFile is a file whose blocks lie in a desktop's conflicts: in its
+// own disk, in the new layers, or both (the bytes on each side).
+type ConflictFile struct {
+	Partition    int    `json:"partition"`
+	Path         string `json:"path"`
+	Type         string `json:"type"`
+	DesktopBytes int64  `json:"desktop-bytes,omitempty"`
+	LayerBytes   int64  `json:"layer-bytes,omitempty"`
+}
+
+// conflictFiles fills p's conflicts as files: those of the desktop's disk
+// (top, the whole chain) and of the new layers whose blocks the conflicts
+// hold. A disk whose files cannot be read names none (the metadata report
+// says why).
+func (pl *planner) conflictFiles(ctx context.Context, top disk.Image, conf overlay.RangeSet, p *DesktopPlan) {
+	rs := make([]files.Range, len(conf))
+	for i, c := range conf {
+		rs[i] = files.Range{Off: c.Off, Len: c.Len}
+	}
+	byPath := map[string]*ConflictFile{}
+	var order []string
+	for side, img := range []disk.Image{top, pl.newImg} {
+		hits, err := files.FilesIn(ctx, img, rs)
+		if err != nil {
+			continue
+		}
+		for _, h := range hits {
+			k := fmt.Sprint(h.Partition) + h.Path
+			f := byPath[k]
+			if f == nil {
+				f = &ConflictFile{Partition: h.Partition, Path: h.Path, Type: h.Type}
+				byPath[k] = f
+				order = append(order, k)
+			}
+			if side == 0 {
+				f.DesktopBytes += h.Bytes
+			} else {
+				f.LayerBytes += h.Bytes
+			}
+		}
+	}
+	for _, k := range order {
+		p.ConflictFiles = append(p.ConflictFiles, *byPath[k])
+	}
 }

@@ -137,6 +137,9 @@ type DesktopPlan struct {
 	MetadataConflicts     []files.Range `json:"metadata-conflicts,omitempty"`
 	MetadataConflictBytes int64         `json:"metadata-conflict-bytes,omitempty"`
 	MetadataUnknown       string        `json:"metadata-unknown,omitempty"`
+	// ConflictFiles are the conflicts as files: those of the desktop's disk
+	// and of the new layers whose blocks the conflicts hold.
+	ConflictFiles []ConflictFile `json:"conflict-files,omitempty"`
 	// Refused says why policy force or merge did not move the desktop.
 	Refused string `json:"refused,omitempty"`
 	// Files is what policy merge writes, file system by file system.
@@ -340,6 +343,9 @@ func (pl *planner) plan(ctx context.Context, d *images.Desktop, policy Policy, i
 	}
 	if len(conf) > 0 {
 		pl.metadataConflicts(ctx, dc.top, conf, p)
+		if policy != PolicyRefresh {
+			pl.conflictFiles(ctx, dc.top, conf, p)
+		}
 	}
 	switch {
 	case policy == PolicyRefresh:

@@ -13,9 +13,9 @@ import (
 	"github.com/cvd-project/cvd/files"
 )
 
-// FuzzManifest reads arbitrary disks as file systems (their files, and where
-// their metadata lies): nothing may panic or hang, and metadata ranges stay
-// inside the disk.
+// FuzzManifest reads arbitrary disks as file systems (their files, the files
+// in given blocks, and where their metadata lies): nothing may panic or hang,
+// and ranges and byte counts stay inside the disk.
 func FuzzManifest(f *testing.F) {
 	dir := f.TempDir()
 	src := filepath.Join(dir, "tree")
@@ -48,6 +48,12 @@ func FuzzManifest(f *testing.F) {
 		}
 		defer img.Close()
 		files.Manifest(context.Background(), img)
+		hits, err := files.FilesIn(context.Background(), img, []files.Range{{Off: 0, Len: img.Size()}})
+		for _, h := range hits {
+			if h.Bytes <= 0 || h.Bytes > img.Size() {
+				t.Fatalf("file hit %+v on a %d-byte disk", h, img.Size())
+			}
+		}
 		rs, err := files.Metadata(context.Background(), img)
 		if err == nil {
 			for _, r := range rs {

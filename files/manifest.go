@@ -100,6 +100,9 @@ func Manifest(ctx context.Context, img disk.Image) (out []FileSystem, err error)
 type walker struct {
 	fsys *ext4.FileSystem
 	seen map[uint32]bool // directory inodes listed
+	// inodes, when set, gets each path's inode number and files are not
+	// hashed (FilesIn).
+	inodes map[string]uint32
 }
 
 // walk lists dir and everything below it.
@@ -134,8 +137,14 @@ func (w *walker) walk(ctx context.Context, dir string, depth int, out *[]Entry) 
 			return fmt.Errorf("stat %s: %w", p, err)
 		}
 		e := entryOf(p, fi)
+		if st, ok := fi.Sys().(*ext4.StatT); ok && st != nil && w.inodes != nil {
+			w.inodes[p] = st.Ino
+		}
 		switch e.Type {
 		case "file":
+			if w.inodes != nil {
+				break
+			}
 			if e.SHA256, err = hashFile(fsys, p); err != nil {
 				return err
 			}

@@ -244,6 +244,24 @@ func printRecompose(st *images.Store, rep *desktop.RecomposeReport, out io.Write
 		if p.MetadataUnknown != "" {
 			fmt.Fprintf(out, "  file-system metadata not placed: %s\n", p.MetadataUnknown)
 		}
+		if len(p.ConflictFiles) > 0 {
+			var fs []string
+			for i, f := range p.ConflictFiles {
+				if i == 8 {
+					fs = append(fs, fmt.Sprintf("… %d more", len(p.ConflictFiles)-i))
+					break
+				}
+				var sides []string
+				if f.DesktopBytes > 0 {
+					sides = append(sides, "desktop "+humanSize(f.DesktopBytes))
+				}
+				if f.LayerBytes > 0 {
+					sides = append(sides, "new layers "+humanSize(f.LayerBytes))
+				}
+				fs = append(fs, fmt.Sprintf("%s (%s)", f.Path, strings.Join(sides, ", ")))
+			}
+			fmt.Fprintf(out, "  as files: %s\n", strings.Join(fs, ", "))
+		}
 		if p.Refused != "" {
 			fmt.Fprintf(out, "  %s\n", p.Refused)
 		}

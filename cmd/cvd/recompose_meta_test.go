@@ -86,12 +86,23 @@ func TestRecomposeForceRefusesMetadataConflicts(t *testing.T) {
 	if k := plan("--policy", "keep"); k.Action != desktop.ActionConflict || len(k.MetadataConflicts) == 0 || k.Refused != "" {
 		t.Errorf("keep: action %s, %d metadata conflicts, refused %q", k.Action, len(k.MetadataConflicts), k.Refused)
 	}
+	// The conflicts as files: the desktop's file and the app's, whose blocks
+	// the same clusters hold.
+	cf := map[string]desktop.ConflictFile{}
+	for _, f := range p.ConflictFiles {
+		cf[f.Path] = f
+	}
+	if cf["/home/user/report.txt"].DesktopBytes == 0 || cf["/opt/app/bin"].LayerBytes == 0 {
+		t.Errorf("conflicts as files: %+v", p.ConflictFiles)
+	}
+	t.Logf("conflicts as files: %+v", p.ConflictFiles)
 	if f := plan("--policy", "force", "--force-corrupting-metadata"); f.Action != desktop.ActionMove {
 		t.Errorf("force with the override: action %s", f.Action)
 	}
 	// The text report names it too.
 	out, _ := cvdIn(t, store, "recompose", "d", "--app", "app:1", "--dry-run", "--policy", "force")
-	if !strings.Contains(out, "of which file-system metadata: superblock") || !strings.Contains(out, "force refused") {
+	if !strings.Contains(out, "of which file-system metadata: superblock") || !strings.Contains(out, "force refused") ||
+		!strings.Contains(out, "as files: ") || !strings.Contains(out, "/home/user/report.txt (desktop ") {
 		t.Errorf("the report:\n%s", out)
 	}
 
