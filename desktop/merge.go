@@ -86,6 +86,18 @@ func (pl *planner) planMerge(ctx context.Context, dc *desktopChain, p *DesktopPl
 		if o := fsAt(old, fs.Partition); o != nil {
 			base = o.Files
 		}
+		if fs.Type != "ext4" || n.Type != "ext4" {
+			// The writer writes ext4: the new layers' file system stays as it
+			// is; what the desktop changed there is listed, not carried.
+			fm := FileMerge{Partition: fs.Partition, SourceStart: fs.Start, SourceSize: fs.Size, Start: n.Start, Size: n.Size}
+			for _, c := range files.Diff(base, fs.Files) {
+				fm.Skipped = append(fm.Skipped, files.Skip{Path: c.Path, Why: "changed by the desktop on a " + fs.Type + " file system: the new layers' version is kept (the merge writes ext4 only)"})
+			}
+			if len(fm.Skipped) > 0 {
+				p.Files = append(p.Files, fm)
+			}
+			continue
+		}
 		mp := files.RecomposeMerge(base, fs.Files, n.Files, rules)
 		fm := FileMerge{Partition: fs.Partition, SourceStart: fs.Start, SourceSize: fs.Size, Start: n.Start, Size: n.Size,
 			SameInBoth: mp.Unchanged, Overridden: mp.Overridden, Skipped: mp.Skipped, ops: mp.Ops}
@@ -130,6 +142,9 @@ func buildMerge(ctx context.Context, st *images.Store, d *images.Desktop, newLow
 	}
 	for i := range p.Files {
 		fm := &p.Files[i]
+		if len(fm.ops) == 0 {
+			continue
+		}
 		rep, err := files.Apply(ctx, files.Source{Img: dc.top, Start: fm.SourceStart, Size: fm.SourceSize},
 			files.Target{Path: tmp, Start: fm.Start, Size: fm.Size}, fm.ops)
 		if err != nil {
@@ -179,6 +194,9 @@ func SyncMergeLayers(ctx context.Context, st *images.Store, base, here, there, d
 		b, t := fsAt(ms[0], h.Partition), fsAt(ms[2], h.Partition)
 		if b == nil || t == nil {
 			return nil, fmt.Errorf("partition %d: %w in every version", h.Partition, files.ErrNoFileSystem)
+		}
+		if h.Type != "ext4" || b.Type != "ext4" || t.Type != "ext4" {
+			return nil, fmt.Errorf("partition %d: a %s file system: %w (the merge writes ext4 only)", h.Partition, h.Type, files.ErrNoFileSystem)
 		}
 		if h.NeedsRecovery || t.NeedsRecovery {
 			return nil, fmt.Errorf("partition %d: %w: a file system whose journal needs recovery", h.Partition, files.ErrCorrupt)

@@ -103,7 +103,7 @@ func Apply(ctx context.Context, src Source, dst Target, ops []Op) (rep *ApplyRep
 	if err := writerReady(); err != nil {
 		return nil, err
 	}
-	var fsys *ext4.FileSystem
+	var fsys tree
 	if needsSource(ops) {
 		if fsys, err = openExt4(ctx, newStorage(src.Img), src.Start, src.Size); err != nil {
 			return nil, fmt.Errorf("source %s: %w", src.Img.Info().Path, err)
@@ -344,7 +344,7 @@ func lastLine(s string) string {
 // applier carries out ops on a mounted file system.
 type applier struct {
 	root *os.Root
-	src  *ext4.FileSystem
+	src  tree
 	rep  *ApplyReport
 }
 

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/diskfs/go-diskfs/filesystem"
 	"github.com/diskfs/go-diskfs/filesystem/ext4"
 
 	"github.com/cvd-project/cvd/disk"
@@ -59,8 +60,8 @@ type FileSystem struct {
 	Files         []Entry `json:"files"`
 }
 
-// Manifest lists the files of every ext4 file system on the disk img: on the
-// whole disk, or in each partition of its GPT or MBR table.
+// Manifest lists the files of every ext4 and FAT32 file system on the disk
+// img: on the whole disk, or in each partition of its GPT or MBR table.
 func Manifest(ctx context.Context, img disk.Image) (out []FileSystem, err error) {
 	defer func() {
 		// go-diskfs may panic on a malformed file system: an error, not a crash.
@@ -74,6 +75,13 @@ func Manifest(ctx context.Context, img disk.Image) (out []FileSystem, err error)
 		// sizes its allocations from them unchecked.
 		g, err := readGeometry(ctx, st, r.start, r.size)
 		if errors.Is(err, errNotExt4) {
+			m, err := fatManifest(ctx, st, r)
+			if errors.Is(err, errNotFAT) {
+				continue
+			} else if err != nil {
+				return nil, fmt.Errorf("%s: partition %d: %w", img.Info().Path, r.n, err)
+			}
+			out = append(out, *m)
 			continue
 		} else if err != nil {
 			return nil, fmt.Errorf("%s: partition %d: %w", img.Info().Path, r.n, err)
@@ -98,12 +106,31 @@ func Manifest(ctx context.Context, img disk.Image) (out []FileSystem, err error)
 
 // walker lists a file system's tree, each directory once.
 type walker struct {
-	fsys *ext4.FileSystem
+	fsys tree
 	seen map[uint32]bool // directory inodes listed
 	// inodes, when set, gets each path's inode number and files are not
 	// hashed (FilesIn).
 	inodes map[string]uint32
+	// entries counts what the walk listed (bounded: a FAT directory may name
+	// an ancestor, which no inode number betrays); maxSize bounds a file's
+	// size (the file system's).
+	entries int
+	maxSize int64
 }
+
+// tree is what a walk reads of a file system (go-diskfs's ext4 and FAT32
+// both have it).
+type tree interface {
+	ReadDir(p string) ([]fs.DirEntry, error)
+	Stat(p string) (fs.FileInfo, error)
+	OpenFile(p string, flag int) (filesystem.File, error)
+}
+
+// emptySHA256 is the SHA-256 of no bytes.
+const emptySHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+// maxEntries bounds the files one walk lists.
+const maxEntries = 4 << 20
 
 // walk lists dir and everything below it.
 func (w *walker) walk(ctx context.Context, dir string, depth int, out *[]Entry) error {
@@ -137,12 +164,23 @@ func (w *walker) walk(ctx context.Context, dir string, depth int, out *[]Entry) 
 			return fmt.Errorf("stat %s: %w", p, err)
 		}
 		e := entryOf(p, fi)
+		if w.entries++; w.entries > maxEntries {
+			return fmt.Errorf("%w: more than %d files", ErrCorrupt, maxEntries)
+		}
+		if w.maxSize > 0 && e.Size > w.maxSize {
+			return fmt.Errorf("%w: %s claims %d bytes in a %d-byte file system", ErrCorrupt, p, e.Size, w.maxSize)
+		}
 		if st, ok := fi.Sys().(*ext4.StatT); ok && st != nil && w.inodes != nil {
 			w.inodes[p] = st.Ino
 		}
 		switch e.Type {
 		case "file":
 			if w.inodes != nil {
+				break
+			}
+			if e.Size == 0 {
+				// (FAT keeps no cluster for an empty file: nothing to open.)
+				e.SHA256 = emptySHA256
 				break
 			}
 			if e.SHA256, err = hashFile(fsys, p); err != nil {
@@ -179,7 +217,7 @@ func entryOf(p string, fi fs.FileInfo) Entry {
 	m := fi.Mode()
 	e := Entry{Path: p, Size: fi.Size(), MTime: fi.ModTime().UTC()}
 	switch {
-	case m.IsDir():
+	case m.IsDir() || fi.IsDir():
 		e.Type, e.Size = "dir", 0
 	case m&fs.ModeSymlink != 0:
 		e.Type = "symlink"
@@ -205,7 +243,7 @@ func entryOf(p string, fi fs.FileInfo) Entry {
 	return e
 }
 
-func hashFile(fsys *ext4.FileSystem, p string) (string, error) {
+func hashFile(fsys tree, p string) (string, error) {
 	f, err := fsys.OpenFile(fsPath(p), os.O_RDONLY)
 	if err != nil {
 		return "", fmt.Errorf("open %s: %w", p, err)

@@ -41,7 +41,8 @@ const (
 // Metadata lists the byte ranges of the disk img that hold ext4 metadata: each
 // file system's superblock and its backups, group descriptors and the blocks
 // reserved for their growth, block and inode bitmaps, inode tables, and the
-// journal. A disk with no ext4 file system gives ErrNoFileSystem; a layout
+// journal; and of a FAT32 file system, its boot sector, reserved sectors and
+// tables (its directories are not placed). A disk with no ext4 file system gives ErrNoFileSystem; a layout
 // this reader cannot place (meta_bg, a journal without extents) gives
 // ErrUnsupportedFS; a malformed one ErrCorrupt.
 func Metadata(ctx context.Context, img disk.Image) ([]Range, error) {
@@ -52,6 +53,11 @@ func Metadata(ctx context.Context, img disk.Image) ([]Range, error) {
 		start := reg.start
 		rs, err := ext4Metadata(ctx, st, start, reg.size)
 		if errors.Is(err, errNotExt4) {
+			// A FAT32 file system: its boot sector, reserved sectors and FATs.
+			if n, err := checkFAT32(st, start, reg.size); err == nil {
+				found = true
+				out = append(out, Range{Off: start, Len: n, What: "FAT boot sector and tables"})
+			}
 			continue
 		}
 		if err != nil {

@@ -83,6 +83,13 @@ func (i storageInfo) Sys() any           { return nil }
 // whole disk when it has no table (partition 0).
 func regions(st *storage) []region {
 	size := st.img.Size()
+	// A FAT boot sector ends in 0x55aa too, which the MBR reader would take
+	// for a partition table: a disk that starts with one is a whole-disk file
+	// system.
+	b := make([]byte, 512)
+	if _, err := st.ReadAt(b, 0); err == nil && (string(b[82:87]) == "FAT32" || string(b[54:57]) == "FAT") {
+		return []region{{0, 0, size}}
+	}
 	tbl, err := partition.Read(st, 512, 512)
 	if err != nil || tbl == nil {
 		return []region{{0, 0, size}}

@@ -17,6 +17,9 @@ have xz                  || need+=(xz-utils)
 PATH="$PATH:/usr/sbin:/sbin" have mkfs.ext4 || need+=(e2fsprogs)
 PATH="$PATH:/usr/sbin:/sbin" have mount     || need+=(mount)
 PATH="$PATH:/usr/sbin:/sbin" have losetup   || need+=(mount)
+# FAT32 (EFI system partitions) is checked against mkfs.vfat and mtools' mcopy.
+PATH="$PATH:/usr/sbin:/sbin" have mkfs.vfat || need+=(dosfstools)
+have mcopy               || need+=(mtools)
 # File-level merges write through qemu-storage-daemon's FUSE export and a loop mount.
 have qemu-storage-daemon || need+=(qemu-system-common)
 # The load test puts its servers behind a real round-robin proxy.
