@@ -16,7 +16,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/cvd-project/cvd/disk"
-	"github.com/cvd-project/cvd/files"
 	"github.com/cvd-project/cvd/images"
 	"github.com/cvd-project/cvd/internal/fsutil"
 )
@@ -96,7 +95,7 @@ func Create(ctx context.Context, st *images.Store, source string, opts Options) 
 	if err != nil {
 		return nil, err
 	}
-	mid, err := machineIDOf(ctx, st, src.Layer)
+	mid, err := identityOf(ctx, st, src.Layer)
 	if err != nil {
 		return nil, err
 	}
@@ -238,13 +237,13 @@ func templateOn(st *images.Store, dir, id string, size int64) (*Template, error)
 	return NewTemplate(dir, co)
 }
 
-func writeClone(st *images.Store, rec *images.Clone, id Identity, sysT, userT *Template, mid *files.Location, work string, fsync bool) error {
+func writeClone(st *images.Store, rec *images.Clone, id Identity, sysT, userT *Template, mid *guestIdentity, work string, fsync bool) error {
 	if err := sysT.Write(st.Path(rec.Disk), fsync); err != nil {
 		return fmt.Errorf("clone %s: %w", rec.Name, err)
 	}
 	if mid != nil {
-		if err := writeMachineID(st, rec, mid, fsync); err != nil {
-			return fmt.Errorf("clone %s: machine-id: %w", rec.Name, err)
+		if err := writeIdentity(st, rec, mid, fsync); err != nil {
+			return fmt.Errorf("clone %s: identity: %w", rec.Name, err)
 		}
 	}
 	if userT != nil {

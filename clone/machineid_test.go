@@ -14,7 +14,9 @@ import (
 )
 
 // Ten clones of a desktop whose file system holds a machine-id (it has booted)
-// come up with ten distinct ones, each its UUID's digits, in its own top; every
+// come up with ten distinct ones, each its UUID's digits, and their own
+// hostnames (longer than the layer's: the inode's size and checksum change),
+// in their own tops; every
 // clone's file system passes e2fsck -fn and the layer is unchanged. A layer
 // without a machine-id gets none written.
 func TestClonesGetTheirOwnMachineID(t *testing.T) {
@@ -51,10 +53,14 @@ func TestClonesGetTheirOwnMachineID(t *testing.T) {
 			t.Fatal(err)
 		}
 		loc, err := files.Locate(ctx, img, "/etc/machine-id")
-		img.Close()
 		if err != nil {
 			t.Fatal(err)
 		}
+		host, err := files.Locate(ctx, img, "/etc/hostname")
+		if err != nil || string(host.Content) != r.Hostname+"\n" {
+			t.Fatalf("clone %s: hostname file %q (%v), want %q", r.Name, host.Content, err, r.Hostname)
+		}
+		img.Close()
 		id := strings.TrimSpace(string(loc.Content))
 		if id != r.MachineID || id != strings.ReplaceAll(r.UUID, "-", "") || seen[id] {
 			t.Fatalf("clone %s: machine-id %q, record %q, uuid %s (seen before: %v)", r.Name, id, r.MachineID, r.UUID, seen[id])

@@ -2,6 +2,7 @@ package files
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -22,6 +23,58 @@ type Location struct {
 	Off     int64  `json:"offset"`
 	Len     int64  `json:"length"`
 	Content []byte `json:"-"`
+	// Room is what the extent holds (whole blocks): content up to Room bytes
+	// can be rewritten in place (Rewrite).
+	Room  int64 `json:"room"`
+	inode *inodeRef
+}
+
+// inodeRef is a located file's inode: where it lies and its bytes, and the
+// file system's checksum scheme.
+type inodeRef struct {
+	ino uint32
+	off int64
+	raw []byte
+	g   *geometry
+}
+
+// Write is bytes to write at an offset of the disk.
+type Write struct {
+	Off  int64
+	Data []byte
+}
+
+// Rewrite gives the writes that make the located file hold content instead:
+// the data in its extent (content, zero-padded over the old length) and,
+// when the length changes, its inode with the new size and, on a
+// metadata_csum file system, the new checksum. Content longer than Room, or
+// an inode whose stored checksum cvd does not reproduce, is
+// ErrUnsupportedFS: nothing is written then.
+func (l *Location) Rewrite(content []byte) ([]Write, error) {
+	if int64(len(content)) > l.Room {
+		return nil, fmt.Errorf("%w: %d bytes do not fit the file's %d-byte extent", ErrUnsupportedFS, len(content), l.Room)
+	}
+	data := make([]byte, max(int64(len(content)), l.Len))
+	copy(data, content)
+	ws := []Write{{Off: l.Off, Data: data}}
+	if int64(len(content)) == l.Len {
+		return ws, nil
+	}
+	in := l.inode
+	if in == nil {
+		return nil, fmt.Errorf("%w: no inode located", ErrUnsupportedFS)
+	}
+	raw := append([]byte{}, in.raw...)
+	if in.g.csum && in.g.inodeChecksum(in.ino, raw) != storedInodeChecksum(raw) {
+		return nil, fmt.Errorf("%w: inode %d's checksum is not the one cvd computes", ErrUnsupportedFS, in.ino)
+	}
+	le := binary.LittleEndian
+	le.PutUint32(raw[0x4:], uint32(len(content)))
+	le.PutUint32(raw[0x6c:], 0) // i_size_high
+	if in.g.csum {
+		in.g.setInodeChecksum(in.ino, raw)
+	}
+	return append(ws, Write{Off: in.off, Data: raw}), nil
 }
 
 // Locate finds the regular file at path in the first ext4 file system of img
@@ -84,7 +137,13 @@ func Locate(ctx context.Context, img disk.Image, path string) (loc *Location, er
 		if string(on) != string(content) {
 			return nil, fmt.Errorf("%w: %s's extent does not hold its content", ErrCorrupt, path)
 		}
-		return &Location{Off: ext[0].Off, Len: fi.Size(), Content: content}, nil
+		raw, err := g.inode(int64(sys.Ino))
+		if err != nil {
+			return nil, err
+		}
+		ioff, _ := g.inodeOff(int64(sys.Ino))
+		return &Location{Off: ext[0].Off, Len: fi.Size(), Content: content, Room: ext[0].Len,
+			inode: &inodeRef{ino: sys.Ino, off: ioff, raw: raw, g: g}}, nil
 	}
 	return nil, fmt.Errorf("%s: %s: %w", img.Info().Path, path, ErrNotFound)
 }

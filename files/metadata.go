@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"sort"
 
@@ -23,16 +24,18 @@ func (r Range) End() int64 { return r.Off + r.Len }
 
 // ext4 superblock fields and feature bits.
 const (
-	ext4Magic         = 0xef53
-	compatHasJournal  = 0x4
-	incompat64Bit     = 0x80
-	incompatRecover   = 0x4
-	incompatMetaBG    = 0x10
-	roCompatSparse    = 0x1
-	inodeExtentsFlag  = 0x80000
-	extentMagic       = 0xf30a
-	maxExtentDepth    = 5
-	maxGroupsMetadata = 1 << 22
+	ext4Magic            = 0xef53
+	compatHasJournal     = 0x4
+	incompat64Bit        = 0x80
+	incompatRecover      = 0x4
+	incompatCsumSeed     = 0x2000
+	roCompatMetadataCsum = 0x400
+	incompatMetaBG       = 0x10
+	roCompatSparse       = 0x1
+	inodeExtentsFlag     = 0x80000
+	extentMagic          = 0xf30a
+	maxExtentDepth       = 5
+	maxGroupsMetadata    = 1 << 22
 	// maxDescriptorBytes bounds the group descriptor table (64 TiB of 4 KiB
 	// blocks with 64-byte descriptors needs 32 MiB).
 	maxDescriptorBytes = 256 << 20
@@ -88,7 +91,9 @@ type geometry struct {
 	gdtBlocks, reserved   int64
 	itBlocks              int64
 	compat, roCompat      uint32
-	recover               bool // the journal needs recovery (not cleanly unmounted)
+	recover               bool   // the journal needs recovery (not cleanly unmounted)
+	csum                  bool   // metadata_csum: inodes carry a crc32c
+	csumSeed              uint32 // the checksum seed (from the UUID, or stored)
 	journalIno            int64
 	bitmaps, inodeBitmaps []int64
 	tables                []int64
@@ -114,6 +119,13 @@ func readGeometry(ctx context.Context, r io.ReaderAt, start, size int64) (*geome
 	g.compat, incompat, g.roCompat = le.Uint32(sb[0x5c:]), le.Uint32(sb[0x60:]), le.Uint32(sb[0x64:])
 	g.blocks = int64(le.Uint32(sb[0x04:]))
 	g.recover = incompat&incompatRecover != 0
+	if g.csum = le.Uint32(sb[0x64:])&roCompatMetadataCsum != 0; g.csum {
+		if incompat&incompatCsumSeed != 0 {
+			g.csumSeed = le.Uint32(sb[0x270:])
+		} else {
+			g.csumSeed = crc32cRaw(0xffffffff, sb[0x68:0x78])
+		}
+	}
 	descSize := int64(32)
 	if incompat&incompat64Bit != 0 {
 		g.blocks |= int64(le.Uint32(sb[0x150:])) << 32
@@ -176,15 +188,73 @@ func readGeometry(ctx context.Context, r io.ReaderAt, start, size int64) (*geome
 
 // inode reads inode number ino.
 func (g *geometry) inode(ino int64) ([]byte, error) {
-	grp, idx := (ino-1)/g.ipg, (ino-1)%g.ipg
-	if ino < 1 || grp >= g.groups {
-		return nil, fmt.Errorf("%w: inode %d", ErrCorrupt, ino)
+	off, err := g.inodeOff(ino)
+	if err != nil {
+		return nil, err
 	}
 	in := make([]byte, g.inodeSize)
-	if _, err := g.r.ReadAt(in, g.start+g.tables[grp]*g.bs+idx*g.inodeSize); err != nil {
+	if _, err := g.r.ReadAt(in, off); err != nil {
 		return nil, fmt.Errorf("read inode %d: %w", ino, err)
 	}
 	return in, nil
+}
+
+// inodeOff is where inode ino lies on the disk.
+func (g *geometry) inodeOff(ino int64) (int64, error) {
+	grp, idx := (ino-1)/g.ipg, (ino-1)%g.ipg
+	if ino < 1 || grp >= g.groups {
+		return 0, fmt.Errorf("%w: inode %d", ErrCorrupt, ino)
+	}
+	return g.start + g.tables[grp]*g.bs + idx*g.inodeSize, nil
+}
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// crc32cRaw is the kernel's crc32c: no inversion before or after.
+func crc32cRaw(crc uint32, p []byte) uint32 { return ^crc32.Update(^crc, castagnoli, p) }
+
+// inodeChecksum is the metadata_csum checksum of inode ino (its bytes in
+// raw, the checksum fields taken as zero), as the kernel computes it.
+func (g *geometry) inodeChecksum(ino uint32, raw []byte) uint32 {
+	le := binary.LittleEndian
+	var b4 [4]byte
+	le.PutUint32(b4[:], ino)
+	c := crc32cRaw(g.csumSeed, b4[:])
+	c = crc32cRaw(c, raw[0x64:0x68]) // i_generation
+	zero := []byte{0, 0}
+	c = crc32cRaw(c, raw[:0x7c])
+	c = crc32cRaw(c, zero)
+	c = crc32cRaw(c, raw[0x7e:128])
+	if len(raw) > 128 {
+		c = crc32cRaw(c, raw[128:0x82])
+		off := 0x82
+		if int(le.Uint16(raw[0x80:])) >= 4 {
+			c = crc32cRaw(c, zero)
+			off += 2
+		}
+		c = crc32cRaw(c, raw[off:])
+	}
+	return c
+}
+
+// setInodeChecksum stores inode ino's checksum in raw.
+func (g *geometry) setInodeChecksum(ino uint32, raw []byte) {
+	c := g.inodeChecksum(ino, raw)
+	le := binary.LittleEndian
+	le.PutUint16(raw[0x7c:], uint16(c))
+	if len(raw) > 128 && int(le.Uint16(raw[0x80:])) >= 4 {
+		le.PutUint16(raw[0x82:], uint16(c>>16))
+	}
+}
+
+// storedInodeChecksum is the checksum raw carries.
+func storedInodeChecksum(raw []byte) uint32 {
+	le := binary.LittleEndian
+	c := uint32(le.Uint16(raw[0x7c:]))
+	if len(raw) > 128 && int(le.Uint16(raw[0x80:])) >= 4 {
+		c |= uint32(le.Uint16(raw[0x82:])) << 16
+	}
+	return c
 }
 
 // fileExtents are the byte ranges of the disk that inode ino's data occupies,
