@@ -16,7 +16,7 @@ import (
 // VM's UUID into the empty /etc/machine-id); its disk is sealed as a layer;
 // ten clones of a desktop on that layer boot under libvirt and each reads a
 // machine-id of its own (its UUID's, written by cvd into its top), none the
-// golden one's.
+// golden one's, and its own hostname in /etc/hostname.
 func TestClonesBootWithTheirOwnMachineID(t *testing.T) {
 	env := setupVMEnv(t)
 	testutil.NeedTool(t, "e2fsprogs", "mkfs.ext4")
@@ -63,7 +63,7 @@ func TestClonesBootWithTheirOwnMachineID(t *testing.T) {
 	s.must("layer", "seal", g, "--kind", "app", "--name", "os:booted")
 	s.must("desktop", "create", "booted", "--app", "os:booted")
 
-	rep := provision("booted", "pc", 10, "cvd.fs_cat=/etc/machine-id")
+	rep := provision("booted", "pc", 10, "cvd.fs_cat=/etc/machine-id,/etc/hostname")
 	seen := map[string]string{}
 	re := regexp.MustCompile(`cvd-guest: cat /etc/machine-id ([0-9a-f]*)`)
 	for _, c := range rep.Clones {
@@ -74,6 +74,9 @@ func TestClonesBootWithTheirOwnMachineID(t *testing.T) {
 		}
 		id := m[1]
 		rec := s.clone(c.Name)
+		if !strings.Contains(log, "cvd-guest: cat /etc/hostname "+rec.Hostname+"\n") && !strings.Contains(log, "cvd-guest: cat /etc/hostname "+rec.Hostname+"\r") {
+			t.Errorf("%s does not read its hostname %s in /etc/hostname:\n%s", c.Name, rec.Hostname, log)
+		}
 		if id == golden || id != strings.ReplaceAll(rec.UUID, "-", "") || seen[id] != "" {
 			t.Errorf("%s reads machine-id %q (uuid %s, golden %s, also %s's)", c.Name, id, rec.UUID, golden, seen[id])
 		}
