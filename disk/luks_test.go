@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/cvd-project/cvd/disk"
 	"github.com/cvd-project/cvd/internal/testutil"
@@ -71,10 +72,11 @@ func lkQemuCreate(t testing.TB, path string, cs, size int64, key string, backing
 		if err == nil {
 			return
 		}
-		if try == 5 || !strings.Contains(out, "accurate CPU usage") {
-			t.Fatalf("qemu-img %s: %v\n%s", strings.Join(args, " "), err, out)
+		if try == 10 || !strings.Contains(out, "accurate CPU usage") {
+			t.Fatalf("qemu-img %s: %v (try %d)\n%s", strings.Join(args, " "), err, try+1, out)
 		}
 		os.Remove(path)
+		time.Sleep(time.Duration(try+1) * 300 * time.Millisecond)
 	}
 }
 

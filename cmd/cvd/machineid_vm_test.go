@@ -46,11 +46,11 @@ func TestClonesBootWithTheirOwnMachineID(t *testing.T) {
 		if len(rep.Clones) != count || rep.Failed != 0 {
 			t.Fatalf("provision %s: %+v", name, rep)
 		}
-		names := []string{"vm", "wait", "--connect", env.uri}
+		// One wait each (each command has its own few minutes): ten guests
+		// under TCG on a busy 2-core machine take a while.
 		for _, c := range rep.Clones {
-			names = append(names, c.Name)
+			s.must("vm", "wait", "--connect", env.uri, "--timeout", "170s", c.Name)
 		}
-		s.must(names...)
 		return rep
 	}
 	g := provision("golden", "g", 1, "cvd.fs_machineid=1").Clones[0].Name
