@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"strings"
 	"time"
 
 	"github.com/cvd-project/cvd/syncd/laptop"
@@ -36,7 +37,13 @@ as the same version and starts fresh ones, so the next check-in is incremental.
 
 An interrupted check-in resumes when run again and sends only what is missing.
 A check-in that does not start from the server's head (a broken lease, a
-rollback) is kept as a conflict version beside the head.
+rollback) is kept as a conflict version beside the head. When its user disk
+changed on another layer than the head's (another device checked in since) and
+the user disks hold ext4, the server then merges the user files by the table:
+added or changed elsewhere → taken, deleted elsewhere and unchanged here →
+deleted, changed differently → both kept (the other's as "NAME (conflicted copy
+DEVICE DATE)"), changed here and deleted elsewhere → kept; the merged version is
+the new head and the report lists each path.
 
 On a device that is not the desktop's active one (cvd follow), the server takes
 the user disk's changes only: --user-only sends them and keeps the system disk's
@@ -101,6 +108,16 @@ func printCheckinReport(out io.Writer, rep *laptop.CheckinReport) {
 	for _, dn := range []string{proto.DiskSystem, proto.DiskUser} {
 		if id := rep.Layers[dn]; id != "" {
 			fmt.Fprintf(out, "  %s disk: layer %s\n", dn, images.ShortID(id))
+		}
+	}
+	if m := rep.Merge; m != nil {
+		fmt.Fprintf(out, "  user files merged with the head: version %d is the new head (e2fsck: %s)\n", m.Version, strings.Join(m.Fsck, "; "))
+		for _, r := range m.Resolutions {
+			line := fmt.Sprintf("    %s: %s → %s", r.Path, r.Case, r.Action)
+			if r.Copy != "" {
+				line += " (the other's kept as " + r.Copy + ")"
+			}
+			fmt.Fprintln(out, line)
 		}
 	}
 	if rep.Released {
