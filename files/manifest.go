@@ -3,6 +3,7 @@ package files
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -91,7 +92,7 @@ func Manifest(ctx context.Context, img disk.Image) (out []FileSystem, err error)
 			continue // not ext4 (or not a file system)
 		}
 		m := FileSystem{Partition: r.n, Type: "ext4", Label: fsys.Label(), Start: r.start, Size: r.size, NeedsRecovery: g.recover}
-		w := walker{fsys: fsys, seen: map[uint32]bool{}}
+		w := walker{fsys: fsys, seen: map[uint32]bool{}, g: g}
 		if err := w.walk(ctx, "/", 0, &m.Files); err != nil {
 			return nil, fmt.Errorf("partition %d: %w", r.n, err)
 		}
@@ -116,6 +117,10 @@ type walker struct {
 	// size (the file system's).
 	entries int
 	maxSize int64
+	// g, on ext4, reads inodes and file contents directly (cvd's parser)
+	// instead of a path lookup per file.
+	g   *geometry
+	buf []byte // hashInode's
 }
 
 // tree is what a walk reads of a file system (go-diskfs's ext4 and FAT32
@@ -158,12 +163,28 @@ func (w *walker) walk(ctx context.Context, dir string, depth int, out *[]Entry) 
 			continue
 		}
 		p := path.Join(dir, name)
-		// Stat, not the directory entry's Info: that one carries no permissions.
-		fi, err := fsys.Stat(fsPath(p))
+		var fi fs.FileInfo
+		var raw []byte // the inode, on ext4 with cvd's geometry
+		if w.g != nil {
+			// The entry's info (no path lookup), and its inode's permissions.
+			fi, err = de.Info()
+		} else {
+			fi, err = fsys.Stat(fsPath(p))
+		}
 		if err != nil {
 			return fmt.Errorf("stat %s: %w", p, err)
 		}
 		e := entryOf(p, fi)
+		if w.g != nil {
+			st, ok := fi.Sys().(*ext4.StatT)
+			if !ok || st == nil {
+				return fmt.Errorf("%w: %s has no inode", ErrCorrupt, p)
+			}
+			if raw, err = w.g.inode(int64(st.Ino)); err != nil {
+				return fmt.Errorf("%s: %w", p, err)
+			}
+			e.Mode = fmt.Sprintf("%04o", binary.LittleEndian.Uint16(raw)&0o7777)
+		}
 		if w.entries++; w.entries > maxEntries {
 			return fmt.Errorf("%w: more than %d files", ErrCorrupt, maxEntries)
 		}
@@ -182,6 +203,18 @@ func (w *walker) walk(ctx context.Context, dir string, depth int, out *[]Entry) 
 				// (FAT keeps no cluster for an empty file: nothing to open.)
 				e.SHA256 = emptySHA256
 				break
+			}
+			if raw != nil {
+				if w.buf == nil {
+					w.buf = make([]byte, 1<<20)
+				}
+				e.SHA256, err = w.g.hashInode(raw, e.Size, w.buf)
+				if err == nil {
+					break
+				}
+				if !errors.Is(err, ErrUnsupportedFS) {
+					return fmt.Errorf("%s: %w", p, err)
+				}
 			}
 			if e.SHA256, err = hashFile(fsys, p); err != nil {
 				return err
@@ -241,6 +274,71 @@ func entryOf(p string, fi fs.FileInfo) Entry {
 		e.UID, e.GID, e.Target = st.UID, st.GID, st.LinkTarget
 	}
 	return e
+}
+
+// maxHoles is the most a file's holes may add up to for hashInode (and no
+// more than the file system's size): a sparser file is hashed through
+// go-diskfs.
+const maxHoles = 1 << 30
+
+// hashInode is the SHA-256 of the size bytes of the file whose inode is raw,
+// read through its extent tree (holes and unwritten extents as zeros).
+// ErrUnsupportedFS: a file without an extent tree (inline, block-mapped) or
+// with more than maxHoles of holes.
+func (g *geometry) hashInode(raw []byte, size int64, buf []byte) (string, error) {
+	le := binary.LittleEndian
+	if le.Uint32(raw[0x20:])&inodeInlineDataFlag != 0 {
+		return "", ErrUnsupportedFS
+	}
+	m, err := g.extentMap(0, raw)
+	if err != nil {
+		return "", err
+	}
+	sort.Slice(m, func(i, j int) bool { return m[i].logical < m[j].logical })
+	var covered int64
+	for _, e := range m {
+		covered += e.blocks * g.bs
+	}
+	if size-covered > min(maxHoles, g.blocks*g.bs) {
+		return "", ErrUnsupportedFS
+	}
+	h := sha256.New()
+	zeros := func(n int64) {
+		clear(buf)
+		for n > 0 {
+			k := min(n, int64(len(buf)))
+			h.Write(buf[:k])
+			n -= k
+		}
+	}
+	var pos int64
+	for _, e := range m {
+		lo := e.logical * g.bs
+		if lo >= size {
+			break
+		}
+		if lo < pos {
+			return "", fmt.Errorf("%w: overlapping extents", ErrCorrupt)
+		}
+		zeros(lo - pos)
+		n := min(e.blocks*g.bs, size-lo)
+		if e.unwritten {
+			zeros(n)
+		} else {
+			off := g.start + e.phys*g.bs
+			for done := int64(0); done < n; {
+				k := min(n-done, int64(len(buf)))
+				if _, err := g.r.ReadAt(buf[:k], off+done); err != nil {
+					return "", err
+				}
+				h.Write(buf[:k])
+				done += k
+			}
+		}
+		pos = lo + n
+	}
+	zeros(size - pos)
+	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
 func hashFile(fsys tree, p string) (string, error) {

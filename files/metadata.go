@@ -33,6 +33,7 @@ const (
 	incompatMetaBG       = 0x10
 	roCompatSparse       = 0x1
 	inodeExtentsFlag     = 0x80000
+	inodeInlineDataFlag  = 0x10000000
 	extentMagic          = 0xf30a
 	maxExtentDepth       = 5
 	maxGroupsMetadata    = 1 << 22
@@ -264,17 +265,42 @@ func (g *geometry) fileExtents(ino int64, what string) ([]Range, error) {
 	if err != nil {
 		return nil, err
 	}
-	if binary.LittleEndian.Uint32(in[0x20:])&inodeExtentsFlag == 0 {
-		return nil, fmt.Errorf("%w: inode %d has no extent tree", ErrUnsupportedFS, ino)
-	}
-	var ext []Range
-	if err := extents(g.r, g.start, g.bs, g.blocks, in[0x28:0x28+60], 0, &ext); err != nil {
+	m, err := g.extentMap(ino, in)
+	if err != nil {
 		return nil, err
 	}
-	for i := range ext {
-		ext[i].What = what
+	ext := make([]Range, len(m))
+	for i, e := range m {
+		ext[i] = Range{Off: g.start + e.phys*g.bs, Len: e.blocks * g.bs, What: what}
 	}
 	return ext, nil
+}
+
+// mapped is one extent of a file: blocks from its logical block, at physical
+// block phys; unwritten extents read as zeros.
+type mapped struct {
+	logical, phys, blocks int64
+	unwritten             bool
+}
+
+// extentMap reads the extent tree of inode ino (raw: its bytes).
+func (g *geometry) extentMap(ino int64, raw []byte) ([]mapped, error) {
+	if binary.LittleEndian.Uint32(raw[0x20:])&inodeExtentsFlag == 0 {
+		return nil, fmt.Errorf("%w: inode %d has no extent tree", ErrUnsupportedFS, ino)
+	}
+	var m []mapped
+	budget := g.blocks // a valid tree has no more nodes than the file system blocks
+	if err := extents(g.r, g.start, g.bs, g.blocks, raw[0x28:0x28+60], 0, &m, &budget); err != nil {
+		return nil, err
+	}
+	var covered int64
+	for _, e := range m {
+		covered += e.blocks
+	}
+	if covered > g.blocks {
+		return nil, fmt.Errorf("%w: inode %d maps %d blocks of %d", ErrCorrupt, ino, covered, g.blocks)
+	}
+	return m, nil
 }
 
 func ext4Metadata(ctx context.Context, r io.ReaderAt, start, size int64) ([]Range, error) {
@@ -319,8 +345,11 @@ func ext4Metadata(ctx context.Context, r io.ReaderAt, start, size int64) ([]Rang
 }
 
 // extents adds the blocks an extent tree node maps.
-func extents(r io.ReaderAt, start, bs, blocks int64, node []byte, depth int, out *[]Range) error {
+func extents(r io.ReaderAt, start, bs, blocks int64, node []byte, depth int, out *[]mapped, budget *int64) error {
 	le := binary.LittleEndian
+	if *budget--; *budget < 0 {
+		return fmt.Errorf("%w: an extent tree larger than the file system", ErrCorrupt)
+	}
 	if len(node) < 12 || le.Uint16(node) != extentMagic {
 		return fmt.Errorf("%w: extent header", ErrCorrupt)
 	}
@@ -332,14 +361,18 @@ func extents(r io.ReaderAt, start, bs, blocks int64, node []byte, depth int, out
 		e := node[12+i*12:]
 		if d == 0 {
 			l := int64(le.Uint16(e[4:]))
-			if l > 32768 {
-				l -= 32768 // an unwritten extent
+			unwritten := l > 32768
+			if unwritten {
+				l -= 32768
 			}
 			b := int64(le.Uint16(e[6:]))<<32 | int64(le.Uint32(e[8:]))
 			if b+l > blocks {
 				return fmt.Errorf("%w: extent past the end", ErrCorrupt)
 			}
-			*out = append(*out, Range{Off: start + b*bs, Len: l * bs})
+			if int64(len(*out)) >= blocks {
+				return fmt.Errorf("%w: more extents than blocks", ErrCorrupt)
+			}
+			*out = append(*out, mapped{logical: int64(le.Uint32(e[0:])), phys: b, blocks: l, unwritten: unwritten})
 			continue
 		}
 		leaf := int64(le.Uint16(e[8:]))<<32 | int64(le.Uint32(e[4:]))
@@ -350,7 +383,7 @@ func extents(r io.ReaderAt, start, bs, blocks int64, node []byte, depth int, out
 		if _, err := r.ReadAt(child, start+leaf*bs); err != nil {
 			return err
 		}
-		if err := extents(r, start, bs, blocks, child, depth+1, out); err != nil {
+		if err := extents(r, start, bs, blocks, child, depth+1, out, budget); err != nil {
 			return err
 		}
 	}

@@ -47,7 +47,7 @@ func FilesIn(ctx context.Context, img disk.Image, ranges []Range) (out []FileHit
 			continue
 		}
 		found = true
-		w := walker{fsys: fsys, seen: map[uint32]bool{}, inodes: map[string]uint32{}}
+		w := walker{fsys: fsys, seen: map[uint32]bool{}, inodes: map[string]uint32{}, g: g}
 		var ents []Entry
 		if err := w.walk(ctx, "/", 0, &ents); err != nil {
 			return nil, fmt.Errorf("partition %d: %w", r.n, err)
