@@ -221,36 +221,21 @@ func printRecompose(st *images.Store, rep *desktop.RecomposeReport, out io.Write
 		if p.Action != desktop.ActionConflict || len(p.Conflicts) == 0 {
 			continue
 		}
-		var rs []string
-		for i, r := range p.Conflicts {
-			if i == 8 {
-				rs = append(rs, fmt.Sprintf("… %d more", len(p.Conflicts)-i))
-				break
-			}
-			rs = append(rs, fmt.Sprintf("%s+%s", humanSize(r.Off), humanSize(r.Len)))
-		}
-		fmt.Fprintf(out, "conflicts of %s: %s\n", p.Desktop, strings.Join(rs, ", "))
+		fmt.Fprintf(out, "conflicts of %s: %s\n", p.Desktop, firstOf(len(p.Conflicts), func(i int) string {
+			return fmt.Sprintf("%s+%s", humanSize(p.Conflicts[i].Off), humanSize(p.Conflicts[i].Len))
+		}))
 		if len(p.MetadataConflicts) > 0 {
-			var ms []string
-			for i, r := range p.MetadataConflicts {
-				if i == 8 {
-					ms = append(ms, fmt.Sprintf("… %d more", len(p.MetadataConflicts)-i))
-					break
-				}
-				ms = append(ms, fmt.Sprintf("%s %s+%s", r.What, humanSize(r.Off), humanSize(r.Len)))
-			}
-			fmt.Fprintf(out, "  of which file-system metadata: %s\n", strings.Join(ms, ", "))
+			fmt.Fprintf(out, "  of which file-system metadata: %s\n", firstOf(len(p.MetadataConflicts), func(i int) string {
+				r := p.MetadataConflicts[i]
+				return fmt.Sprintf("%s %s+%s", r.What, humanSize(r.Off), humanSize(r.Len))
+			}))
 		}
 		if p.MetadataUnknown != "" {
 			fmt.Fprintf(out, "  file-system metadata not placed: %s\n", p.MetadataUnknown)
 		}
 		if len(p.ConflictFiles) > 0 {
-			var fs []string
-			for i, f := range p.ConflictFiles {
-				if i == 8 {
-					fs = append(fs, fmt.Sprintf("… %d more", len(p.ConflictFiles)-i))
-					break
-				}
+			fmt.Fprintf(out, "  as files: %s\n", firstOf(len(p.ConflictFiles), func(i int) string {
+				f := p.ConflictFiles[i]
 				var sides []string
 				if f.DesktopBytes > 0 {
 					sides = append(sides, "desktop "+humanSize(f.DesktopBytes))
@@ -258,9 +243,8 @@ func printRecompose(st *images.Store, rep *desktop.RecomposeReport, out io.Write
 				if f.LayerBytes > 0 {
 					sides = append(sides, "new layers "+humanSize(f.LayerBytes))
 				}
-				fs = append(fs, fmt.Sprintf("%s (%s)", f.Path, strings.Join(sides, ", ")))
-			}
-			fmt.Fprintf(out, "  as files: %s\n", strings.Join(fs, ", "))
+				return fmt.Sprintf("%s (%s)", f.Path, strings.Join(sides, ", "))
+			}))
 		}
 		if p.Refused != "" {
 			fmt.Fprintf(out, "  %s\n", p.Refused)
@@ -296,4 +280,18 @@ func printFileMerge(out io.Writer, p desktop.DesktopPlan) {
 	if p.Refused != "" && p.Action == desktop.ActionConflict && len(p.Conflicts) == 0 {
 		fmt.Fprintf(out, "%s: %s\n", p.Desktop, p.Refused)
 	}
+}
+
+// firstOf joins the first 8 of n items (item(i) each) and says how many more
+// there are.
+func firstOf(n int, item func(i int) string) string {
+	var out []string
+	for i := 0; i < n; i++ {
+		if i == 8 {
+			out = append(out, fmt.Sprintf("… %d more", n-i))
+			break
+		}
+		out = append(out, item(i))
+	}
+	return strings.Join(out, ", ")
 }
