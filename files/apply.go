@@ -114,7 +114,8 @@ func Apply(ctx context.Context, src Source, dst Target, ops []Op) (rep *ApplyRep
 		return nil, err
 	}
 	defer func() {
-		if cerr := m.close(ctx, err == nil); err == nil && cerr != nil {
+		// Undone even when ctx ended: a mount must not be left behind.
+		if cerr := m.close(context.WithoutCancel(ctx), err == nil); err == nil && cerr != nil {
 			err = cerr
 		}
 		if err == nil {
